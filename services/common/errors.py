@@ -1,0 +1,18 @@
+"""Domain errors that every service maps to gRPC status codes in one place
+(services/common/grpc_server.py), so that domain code never touches grpc."""
+
+
+class InvalidArgumentError(ValueError):
+    """Bad input. The message names the field and the limit it broke."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ResourceExhaustedError(RuntimeError):
+    """The server is full right now; the caller may retry later."""
+
+
+class UnavailableError(RuntimeError):
+    """A peer the request depends on is not reachable or failed."""
