@@ -1,0 +1,94 @@
+"""What the public API's handlers do before and after talking to the scheduler, as plain
+methods over protobuf messages, so that the servicer only forwards calls."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from pagedserve.v1 import common_pb2, generation_pb2
+from services.common.errors import InvalidArgumentError
+from services.tokenizer.detokenizer import IncrementalDetokenizer
+from services.tokenizer.tokenizer import TextTokenizer
+from services.tokenizer.validation import (
+    ChatPrompt,
+    SamplingLimits,
+    TextPrompt,
+    check_prompt_length,
+    check_request_id,
+    check_token_ids,
+    prompt_source,
+    validate_sampling,
+)
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    # Longest sequence, prompt and completion together, in tokens.
+    max_model_len: int
+    # Valid token ids are [0, vocab_size): the rows of the model's embedding, which may
+    # exceed the tokenizer's vocabulary.
+    vocab_size: int
+    sampling_limits: SamplingLimits = field(default_factory=SamplingLimits)
+    max_request_id_chars: int = 256
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated Generate request, ready for the scheduler."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    # The request's sampling with max_tokens always set, to the number of tokens the
+    # request may actually generate.
+    sampling: common_pb2.SamplingParams
+
+
+class RequestFrontend:
+    def __init__(self, tokenizer: TextTokenizer, config: FrontendConfig) -> None:
+        self._tokenizer = tokenizer
+        self._config = config
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self._tokenizer
+
+    def prepare_generate(self, request: generation_pb2.GenerateRequest) -> PreparedRequest:
+        """Validates the request and tokenizes its prompt; raises InvalidArgumentError."""
+        request_id = request.request_id if request.request_id else uuid.uuid4().hex
+        check_request_id(request_id, self._config.max_request_id_chars)
+        source = prompt_source(request)
+        validate_sampling(request.sampling, self._config.vocab_size, self._config.sampling_limits)
+        if isinstance(source, TextPrompt):
+            prompt_token_ids = self._tokenizer.encode(source.text)
+        elif isinstance(source, ChatPrompt):
+            prompt_token_ids = self._tokenizer.encode(self._tokenizer.render_chat(source.messages))
+        else:
+            check_token_ids(source.token_ids, self._config.vocab_size, source.field)
+            prompt_token_ids = list(source.token_ids)
+        max_tokens = check_prompt_length(
+            len(prompt_token_ids), request.sampling, self._config.max_model_len, source.field
+        )
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        sampling.max_tokens = max_tokens
+        return PreparedRequest(request_id, prompt_token_ids, sampling)
+
+    def new_detokenizer(self, sampling: common_pb2.SamplingParams) -> IncrementalDetokenizer:
+        """Turns one request's generated ids into text, cut at its stop strings."""
+        return IncrementalDetokenizer(self._tokenizer, skip_special_tokens=True, stop=tuple(sampling.stop))
+
+    def tokenize(self, request: generation_pb2.TokenizeRequest) -> generation_pb2.TokenizeResponse:
+        if request.text and request.messages:
+            raise InvalidArgumentError("messages", "only one of text and messages may be given")
+        if request.messages:
+            text = self._tokenizer.render_chat([(message.role, message.content) for message in request.messages])
+        else:
+            text = request.text
+        return generation_pb2.TokenizeResponse(token_ids=self._tokenizer.encode(text), text=text)
+
+    def detokenize(self, request: generation_pb2.DetokenizeRequest) -> generation_pb2.DetokenizeResponse:
+        check_token_ids(request.token_ids, self._config.vocab_size, "token_ids")
+        skip_special_tokens = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        text = self._tokenizer.decode(request.token_ids, skip_special_tokens=skip_special_tokens)
+        return generation_pb2.DetokenizeResponse(text=text)

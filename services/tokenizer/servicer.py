@@ -1,0 +1,63 @@
+"""The public API's gRPC face: decode, call the frontend and the scheduler, encode."""
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from services.common.errors import UnavailableError
+from services.tokenizer.completion import Completion
+from services.tokenizer.frontend import RequestFrontend
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerStub) -> None:
+        self._scheduler = scheduler
+        # Set once the scheduler has told what model it serves.
+        self.frontend: RequestFrontend | None = None
+        self.model = common_pb2.ModelInfo()
+
+    @property
+    def _frontend(self) -> RequestFrontend:
+        if self.frontend is None:
+            raise UnavailableError("waiting for the scheduler to report its model")
+        return self.frontend
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        prepared = self._frontend.prepare_generate(request)
+        completion = Completion(
+            request_id=prepared.request_id,
+            num_prompt_tokens=len(prepared.prompt_token_ids),
+            detokenizer=self._frontend.new_detokenizer(prepared.sampling),
+        )
+        submit = scheduler_pb2.SubmitRequest(
+            request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids, sampling=prepared.sampling
+        )
+        call = self._scheduler.Submit(submit, timeout=context.time_remaining())
+        try:
+            async for response in call:
+                yield completion.on_tokens(response)
+                if completion.finished:
+                    return
+        finally:
+            # Ends the scheduler's stream when the client went away or a stop string
+            # finished the request early; the scheduler then frees its blocks.
+            call.cancel()
+
+    async def Tokenize(
+        self, request: generation_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.TokenizeResponse:
+        return self._frontend.tokenize(request)
+
+    async def Detokenize(
+        self, request: generation_pb2.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.DetokenizeResponse:
+        return self._frontend.detokenize(request)
+
+    async def GetModelInfo(
+        self, request: common_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelInfo:
+        self._frontend
+        return self.model

@@ -1,0 +1,157 @@
+"""Checks of public requests against the model's and the server's limits. Each failure
+raises InvalidArgumentError naming the field and the limit it broke, which the server
+turns into INVALID_ARGUMENT.
+
+Text fields need no UTF-8 check here: protobuf `string` fields must hold valid UTF-8,
+and the gRPC server rejects a message that breaks this while parsing it, before any
+handler runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pagedserve.v1 import common_pb2, generation_pb2
+from services.common.errors import InvalidArgumentError
+
+PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """Bounds that protect the server rather than follow from the model."""
+
+    max_stop_strings: int = 16
+    # Text that may begin a stop string is held back from the client, so a long stop
+    # string delays streaming by up to its length.
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    text: str
+    field: str = "prompt"
+
+
+@dataclass(frozen=True)
+class TokenIdsPrompt:
+    token_ids: tuple[int, ...]
+    field: str = "prompt_token_ids"
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    field: str = "messages"
+
+
+PromptSource = TextPrompt | TokenIdsPrompt | ChatPrompt
+
+
+def prompt_source(request: generation_pb2.GenerateRequest) -> PromptSource:
+    """The one prompt form the request uses. proto3 cannot tell an empty prompt or list
+    from an absent one, so empty counts as not given."""
+    given = [
+        name
+        for name, present in zip(
+            PROMPT_FIELDS, (bool(request.prompt), bool(request.prompt_token_ids), bool(request.messages))
+        )
+        if present
+    ]
+    if not given:
+        raise InvalidArgumentError("prompt", "one of prompt, prompt_token_ids or messages is required")
+    if len(given) > 1:
+        raise InvalidArgumentError(
+            given[1], f"only one of prompt, prompt_token_ids and messages may be given; got {_join_names(given)}"
+        )
+    if given[0] == "prompt":
+        return TextPrompt(request.prompt)
+    if given[0] == "prompt_token_ids":
+        return TokenIdsPrompt(tuple(request.prompt_token_ids))
+    return ChatPrompt(tuple((message.role, message.content) for message in request.messages))
+
+
+def validate_sampling(
+    sampling: common_pb2.SamplingParams, vocab_size: int, limits: SamplingLimits = SamplingLimits()
+) -> None:
+    if sampling.HasField("temperature"):
+        temperature = sampling.temperature
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InvalidArgumentError("sampling.temperature", f"must be a finite number >= 0, got {temperature:g}")
+    if sampling.HasField("top_p"):
+        top_p = sampling.top_p
+        # Written so that NaN fails too.
+        if not 0 < top_p <= 1:
+            raise InvalidArgumentError("sampling.top_p", f"must be in (0, 1], got {top_p:g}")
+    if sampling.top_k < -1:
+        raise InvalidArgumentError("sampling.top_k", f"must be -1 or 0 (off) or positive, got {sampling.top_k}")
+    if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
+        raise InvalidArgumentError("sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}")
+    _validate_stop_strings(sampling.stop, limits)
+    if len(sampling.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidArgumentError(
+            "sampling.stop_token_ids",
+            f"at most {limits.max_stop_token_ids} stop token ids are allowed, got {len(sampling.stop_token_ids)}",
+        )
+    check_token_ids(sampling.stop_token_ids, vocab_size, "sampling.stop_token_ids")
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
+    """Every id must lie in [0, vocab_size); the error names the first one that does not."""
+    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
+        return
+    for index, token_id in enumerate(ids):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidArgumentError(f"{field}[{index}]", f"must be in [0, {vocab_size}), got {token_id}")
+
+
+def check_prompt_length(
+    num_prompt_tokens: int, sampling: common_pb2.SamplingParams, max_model_len: int, prompt_field: str = "prompt"
+) -> int:
+    """The number of tokens the request may generate: max_tokens when given, else all
+    the room the model's maximum length leaves after the prompt."""
+    if num_prompt_tokens == 0:
+        raise InvalidArgumentError(prompt_field, "is empty after tokenization")
+    if num_prompt_tokens >= max_model_len:
+        raise InvalidArgumentError(
+            prompt_field,
+            f"has {num_prompt_tokens} tokens, but the model's maximum length is {max_model_len} tokens "
+            "(prompt and completion together), which leaves no room to generate",
+        )
+    if not sampling.HasField("max_tokens"):
+        return max_model_len - num_prompt_tokens
+    total = num_prompt_tokens + sampling.max_tokens
+    if total > max_model_len:
+        raise InvalidArgumentError(
+            "sampling.max_tokens",
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds the "
+            f"model's maximum length of {max_model_len} tokens; at most {max_model_len - num_prompt_tokens} "
+            "tokens can be generated",
+        )
+    return sampling.max_tokens
+
+
+def check_request_id(request_id: str, max_chars: int) -> None:
+    if len(request_id) > max_chars:
+        raise InvalidArgumentError("request_id", f"must be at most {max_chars} characters, got {len(request_id)}")
+
+
+def _validate_stop_strings(stop: Sequence[str], limits: SamplingLimits) -> None:
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidArgumentError(
+            "sampling.stop", f"at most {limits.max_stop_strings} stop strings are allowed, got {len(stop)}"
+        )
+    for index, stop_string in enumerate(stop):
+        if not stop_string:
+            raise InvalidArgumentError(f"sampling.stop[{index}]", "must not be empty")
+        if len(stop_string) > limits.max_stop_string_chars:
+            raise InvalidArgumentError(
+                f"sampling.stop[{index}]",
+                f"must be at most {limits.max_stop_string_chars} characters, got {len(stop_string)}",
+            )
+
+
+def _join_names(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
