@@ -10,10 +10,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from services.common.channels import MESSAGE_SIZE_OPTIONS
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from services.common.wire import find_invalid_utf8_field
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,37 @@ async def _abort_with(context: grpc.aio.ServicerContext, error: Exception) -> No
     await context.abort(code, str(error))
 
 
+@dataclass(frozen=True)
+class _UndecodableRequest:
+    error: InvalidArgumentError
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that hands an undecodable request to the handler wrapper instead of
+    failing inside gRPC, where the client would only see INTERNAL."""
+    if deserializer is None:
+        return None
+    message_type = getattr(deserializer, "__self__", None)
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            field = None
+            if message_type is not None:
+                field = find_invalid_utf8_field(message_type.DESCRIPTOR, data)
+            if field is not None:
+                return _UndecodableRequest(InvalidArgumentError(field, "must be valid UTF-8"))
+            return _UndecodableRequest(InvalidArgumentError("request", "could not be parsed"))
+
+    return deserialize
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _UndecodableRequest):
+                raise request.error
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -57,6 +87,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
+            if isinstance(request, _UndecodableRequest):
+                raise request.error
             async for response in behavior(request, context):
                 yield response
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -83,6 +115,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        if handler.unary_unary or handler.unary_stream:
+            codec["request_deserializer"] = _lenient(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), **codec)
         if handler.unary_stream:

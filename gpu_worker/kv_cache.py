@@ -1,0 +1,101 @@
+"""Sizing and allocation of the paged KV cache.
+
+One allocation holds every layer's keys and values, shaped
+[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; each layer's key and value
+caches are contiguous views [num_blocks, block_size, num_kv_heads, head_dim] of it (the
+layout kernels/paged_attention.py documents). Block ids are shared by all layers: block b
+of a sequence holds its tokens' KV in every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpu_worker.config import WorkerConfig
+from gpu_worker.model.attention import PagedAttention
+from gpu_worker.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KVCache:
+    storage: torch.Tensor
+    num_blocks: int
+    block_size: int
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        return self.storage[layer, 0]
+
+    def value_cache(self, layer: int) -> torch.Tensor:
+        return self.storage[layer, 1]
+
+
+def bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return (
+        model_config.num_hidden_layers
+        * 2
+        * block_size
+        * model_config.num_key_value_heads
+        * model_config.head_dim
+        * element_size
+    )
+
+
+def kv_cache_budget_bytes(config: WorkerConfig, device: torch.device) -> int:
+    """Memory the cache may take. Call after the weights are loaded.
+
+    On CUDA: what remains of gpu_memory_utilization * total after everything already on the
+    device (our weights, other processes). Activations are not profiled yet; the
+    (1 - gpu_memory_utilization) share of the device is what is left for them.
+    """
+    if device.type != "cuda":
+        return config.kv_cache_memory_bytes
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    return int(free_bytes - (1.0 - config.gpu_memory_utilization) * total_bytes)
+
+
+def determine_num_kv_blocks(
+    config: WorkerConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> int:
+    budget = kv_cache_budget_bytes(config, device)
+    num_blocks = max(budget, 0) // bytes_per_block(model_config, config.block_size, dtype)
+    if config.num_kv_blocks is not None:
+        num_blocks = min(num_blocks, config.num_kv_blocks)
+    if num_blocks <= 0:
+        raise RuntimeError(
+            f"no memory left for the KV cache on {device} (budget {budget} bytes); "
+            "raise gpu_memory_utilization / kv_cache_memory_bytes or use a smaller model"
+        )
+    return int(num_blocks)
+
+
+def allocate_kv_cache(
+    model_config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> KVCache:
+    # The reference attention reads only written slots, so CPU memory stays untouched until
+    # used; on CUDA a memset is nearly free and keeps NaN garbage away from kernels that
+    # load whole blocks and mask afterwards.
+    allocate = torch.zeros if device.type == "cuda" else torch.empty
+    storage = allocate(
+        model_config.num_hidden_layers,
+        2,
+        num_blocks,
+        block_size,
+        model_config.num_key_value_heads,
+        model_config.head_dim,
+        dtype=dtype,
+        device=device,
+    )
+    return KVCache(storage=storage, num_blocks=num_blocks, block_size=block_size)
+
+
+def bind_kv_cache(attention_layers: list[PagedAttention], kv_cache: KVCache) -> None:
+    assert len(attention_layers) == kv_cache.storage.shape[0], "one cache per attention layer"
+    for layer_index, layer in enumerate(attention_layers):
+        layer.bind_kv_cache(kv_cache.key_cache(layer_index), kv_cache.value_cache(layer_index))

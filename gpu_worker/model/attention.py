@@ -1,0 +1,93 @@
+"""The per-step attention context and the attention layer that reads it.
+
+The model's forward signature stays (input_ids, positions) for every kind of batch; what
+differs between steps (where each token's KV goes, which blocks each sequence owns) is set
+once per step by the runner in an attention context that the attention layers read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.paged_attention import paged_attention, store_kv
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """What every attention layer needs to know about the flattened batch of one step."""
+
+    # [num_tokens] cache slot of each token's key and value (-1: padding, not stored).
+    slot_mapping: torch.Tensor
+    # [num_seqs + 1] offsets of each sequence's tokens in the flattened batch.
+    query_start_loc: torch.Tensor
+    # [num_seqs] tokens in each sequence's context after this step (cached + new).
+    seq_lens: torch.Tensor
+    # [num_seqs, max_blocks_per_seq] block ids, padded with 0 past each sequence's blocks.
+    block_tables: torch.Tensor
+    # Largest query and context lengths of the batch, for kernels' launch grids.
+    max_query_len: int
+    max_seq_len: int
+
+
+_current_metadata: ContextVar[AttentionMetadata | None] = ContextVar(
+    "attention_metadata", default=None
+)
+
+
+@contextmanager
+def attention_context(metadata: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    """Makes `metadata` visible to the attention layers for the duration of one forward."""
+    token = _current_metadata.set(metadata)
+    try:
+        yield metadata
+    finally:
+        # Reset even when the forward raises, so that no later call sees stale slots.
+        _current_metadata.reset(token)
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    metadata = _current_metadata.get()
+    if metadata is None:
+        raise RuntimeError("attention layers run only inside attention_context(...)")
+    return metadata
+
+
+class PagedAttention(nn.Module):
+    """Stores the step's keys and values in the paged cache, then attends over it."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        # Plain attributes rather than buffers: the cache is not part of the weights.
+        self.key_cache: torch.Tensor | None = None
+        self.value_cache: torch.Tensor | None = None
+
+    def bind_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+        self.key_cache = key_cache
+        self.value_cache = value_cache
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """query: [T, num_heads, head_dim]; key, value: [T, num_kv_heads, head_dim]."""
+        if self.key_cache is None or self.value_cache is None:
+            raise RuntimeError("no KV cache bound to this attention layer")
+        metadata = get_attention_metadata()
+        store_kv(key, value, self.key_cache, self.value_cache, metadata.slot_mapping)
+        output = paged_attention(
+            query,
+            self.key_cache,
+            self.value_cache,
+            metadata.block_tables,
+            metadata.query_start_loc,
+            metadata.seq_lens,
+            self.scale,
+        )
+        return output.reshape(output.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,200 @@
+"""The engine's own building blocks for decoder-only transformers.
+
+Every parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that copies
+a checkpoint tensor into it. Fused projections (q/k/v, gate/up) load each checkpoint tensor
+into their own slice this way, and tensor-parallel variants will load their shard of it the
+same way, so the checkpoint loader never needs to know a layer's internal layout.
+
+Parameters are created uninitialized (torch.empty) on the current default device and dtype:
+the loader fills every one and checks that none was missed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_worker.model.config import RopeScaling
+
+
+def default_weight_loader(
+    param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
+) -> None:
+    if shard_id is not None:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
+    if param.shape != loaded_weight.shape:
+        raise ValueError(
+            f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded_weight.shape)}"
+        )
+    param.data.copy_(loaded_weight)
+
+
+WeightLoader = Callable[..., None]
+
+
+def _new_parameter(*shape: int, weight_loader: WeightLoader = default_weight_loader) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = weight_loader
+    return param
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W stored as [output_size, input_size] like the checkpoints."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.weight = _new_parameter(output_size, input_size)
+        self.bias = _new_parameter(output_size) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input fused into one matmul (q/k/v, gate/up).
+
+    `shards` names each projection and its output size, in output order; the checkpoint
+    holds them separately and each is loaded into its rows by shard id.
+    """
+
+    def __init__(self, input_size: int, shards: Sequence[tuple[str, int]], bias: bool = False) -> None:
+        super().__init__(input_size, sum(size for _, size in shards), bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for shard_id, size in shards:
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load_shard
+                param.shard_ids = tuple(self.shard_offsets)
+
+    def _load_shard(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
+    ) -> None:
+        if shard_id not in self.shard_offsets:
+            raise ValueError(f"unknown shard {shard_id!r}; expected one of {list(self.shard_offsets)}")
+        offset, size = self.shard_offsets[shard_id]
+        destination = param.data.narrow(0, offset, size)
+        if destination.shape != loaded_weight.shape:
+            raise ValueError(
+                f"shard {shard_id!r}: expected {tuple(destination.shape)}, "
+                f"checkpoint has {tuple(loaded_weight.shape)}"
+            )
+        destination.copy_(loaded_weight)
+
+    def split(self, output: torch.Tensor) -> list[torch.Tensor]:
+        return list(output.split([size for _, size in self.shard_offsets.values()], dim=-1))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _new_parameter(hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 whatever the activation dtype, as the models were trained.
+        input_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(input_dtype)
+
+
+def rope_inverse_frequencies(
+    head_dim: int, base: float, scaling: RopeScaling | None
+) -> torch.Tensor:
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low frequencies by `factor`, and blend
+        # smoothly in between, measured by wavelength against the original context.
+        old_context = scaling.original_max_position_embeddings
+        low_freq_wavelen = old_context / scaling.low_freq_factor
+        high_freq_wavelen = old_context / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope scaling {scaling.rope_type!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the rotate-half (GPT-NeoX) layout used by Llama/Qwen."""
+
+    def __init__(
+        self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = rope_inverse_frequencies(head_dim, base, scaling)
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq.to(positions.device))
+        # fp32 whatever the model dtype: bf16 cos/sin lose precision at large positions.
+        cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T]; query: [T, num_heads, head_dim]; key: [T, num_kv_heads, head_dim]."""
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return rotated.to(x.dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(
+            hidden_size, [("gate", intermediate_size), ("up", intermediate_size)], bias=bias
+        )
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = _new_parameter(vocab_size, hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """Projects hidden states to vocabulary logits; may share the embedding's weight."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
+        super().__init__()
+        if tied_to is not None:
+            self.weight = tied_to.weight
+        else:
+            self.weight = _new_parameter(vocab_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, self.weight)

@@ -1,0 +1,104 @@
+"""Builds a model and fills it from the *.safetensors files of a Hugging Face directory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from gpu_worker.model import model_class_for
+from gpu_worker.model.config import ModelConfig
+
+# Checkpoint module name -> (fused module name, shard id) for projections the engine fuses.
+STACKED_PARAMS: dict[str, tuple[str, str]] = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+
+# Checkpoint tensors that are derived state, recomputed by the engine.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_model(
+    model_dir: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_position: int,
+) -> nn.Module:
+    """Builds the model directly on `device` in `dtype` and loads every weight into it."""
+    model_class = model_class_for(config)
+    with _default_dtype(dtype), torch.device(device):
+        model = model_class(config, max_position)
+    load_weights(model, iter_safetensors(Path(model_dir)))
+    return model.eval()
+
+
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Routes each checkpoint tensor to its parameter's weight_loader, then checks that every
+    parameter (and every shard of a fused one) was filled exactly once."""
+    params = dict(model.named_parameters())
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    loaded: dict[str, set[str | None]] = {name: set() for name in params}
+    for checkpoint_name, tensor in weights:
+        if checkpoint_name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if tied and checkpoint_name == "lm_head.weight":
+            # Some tied checkpoints still store a copy of the embedding.
+            continue
+        param_name, shard_id = _map_name(checkpoint_name)
+        if param_name not in params:
+            raise KeyError(f"checkpoint tensor {checkpoint_name!r} has no parameter in the model")
+        if shard_id in loaded[param_name]:
+            raise ValueError(f"checkpoint tensor {checkpoint_name!r} appears twice")
+        param = params[param_name]
+        with torch.no_grad():
+            if shard_id is None:
+                param.weight_loader(param, tensor)
+            else:
+                param.weight_loader(param, tensor, shard_id)
+        loaded[param_name].add(shard_id)
+
+    missing = []
+    for name, param in params.items():
+        expected = set(getattr(param, "shard_ids", (None,)))
+        missing.extend(f"{name}[{shard}]" if shard else name for shard in expected - loaded[name])
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing))}")
+
+
+def _map_name(checkpoint_name: str) -> tuple[str, str | None]:
+    parts = checkpoint_name.split(".")
+    for index, part in enumerate(parts):
+        if part in STACKED_PARAMS:
+            fused_name, shard_id = STACKED_PARAMS[part]
+            parts[index] = fused_name
+            return ".".join(parts), shard_id
+    return checkpoint_name, None
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,33 @@
+"""Runs one GPU worker process: `pagedserve worker --model DIR --port N`."""
+
+import asyncio
+import logging
+
+from gpu_worker.config import WorkerConfig
+from gpu_worker.model_runner import ModelRunner
+from gpu_worker.servicer import WorkerServicer
+from pagedserve.v1 import worker_pb2, worker_pb2_grpc
+from services.common.grpc_server import ServerConfig, ServiceHost
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+
+
+async def serve_worker(server_config: ServerConfig, worker_config: WorkerConfig) -> None:
+    host = ServiceHost(server_config, [SERVICE_NAME])
+    servicer = WorkerServicer()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, host.server)
+    port = await host.start()
+    log.info("worker listening on port %d, loading %s", port, worker_config.model_path)
+    # Health answers NOT_SERVING while the weights load, so probes can tell "starting"
+    # from "dead".
+    await servicer.load(lambda: ModelRunner(worker_config))
+    info = servicer.runner.info()
+    log.info("worker ready: %d KV blocks of %d tokens on %s", info.num_kv_blocks, info.block_size, info.device)
+    await host.set_serving()
+    await host.serve_until_signal()
+
+
+def run_worker(server_config: ServerConfig, worker_config: WorkerConfig) -> None:
+    asyncio.run(serve_worker(server_config, worker_config))

@@ -1,0 +1,49 @@
+"""The worker's gRPC face: thin, every step runs on one dedicated thread so that the
+event loop never blocks on the model and steps keep their order."""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from gpu_worker.model_runner import ModelRunner
+from pagedserve.v1 import worker_pb2, worker_pb2_grpc
+from services.common.errors import UnavailableError
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self) -> None:
+        self.runner: ModelRunner | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._stream_open = False
+
+    async def load(self, load_runner: Callable[[], ModelRunner]) -> None:
+        self.runner = await asyncio.get_running_loop().run_in_executor(self._executor, load_runner)
+
+    def _ready_runner(self) -> ModelRunner:
+        if self.runner is None:
+            raise UnavailableError("the model is still loading")
+        return self.runner
+
+    async def Describe(
+        self, request: worker_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
+        return self._ready_runner().info()
+
+    async def Steps(
+        self, request_iterator: AsyncIterator[worker_pb2.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.StepResult]:
+        runner = self._ready_runner()
+        if self._stream_open:
+            # Per-sequence state on the worker belongs to exactly one scheduler stream.
+            raise UnavailableError("another scheduler already holds this worker's step stream")
+        self._stream_open = True
+        loop = asyncio.get_running_loop()
+        try:
+            async for step in request_iterator:
+                yield await loop.run_in_executor(self._executor, runner.execute_step, step)
+        finally:
+            self._stream_open = False
+            # A new stream starts from scratch: sequences of the old one are gone.
+            await loop.run_in_executor(self._executor, runner.reset)

@@ -1,0 +1,103 @@
+"""Plain PyTorch reference of the paged KV cache store and of paged attention.
+
+These functions define what the fused kernels must compute; they favour clarity over
+speed and are the CPU path.
+
+KV cache layout, per layer and separately for keys and values:
+
+    [num_blocks, block_size, num_kv_heads, head_dim]
+
+Token slot s lives at block s // block_size, offset s % block_size, so a flat view
+[num_blocks * block_size, num_kv_heads, head_dim] is indexed directly by slot. One token's
+heads are contiguous, which suits both the per-token store and kernels that load a whole
+block of keys for one head group at a time.
+
+A batch is flattened: the query tokens of all sequences are concatenated, and
+`query_start_loc` (length num_seqs + 1, starting at 0) marks where each sequence's tokens
+begin. A sequence with `seq_len` tokens in its context and `q_len` query tokens computes
+positions [seq_len - q_len, seq_len): prefill, a chunk of prefill over a cached prefix and
+decode (q_len == 1) are the same case.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Slot value marking a padding token whose key and value must not be stored.
+PADDING_SLOT = -1
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes each token's key and value into its cache slot.
+
+    key, value: [num_tokens, num_kv_heads, head_dim].
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+    slot_mapping: [num_tokens] integer slots; PADDING_SLOT entries are skipped.
+    """
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    flat_key_cache = key_cache.view(-1, num_kv_heads, head_dim)
+    flat_value_cache = value_cache.view(-1, num_kv_heads, head_dim)
+    slots = slot_mapping.long()
+    valid = slots != PADDING_SLOT
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[valid], value[valid]
+    flat_key_cache.index_copy_(0, slots, key.to(key_cache.dtype))
+    flat_value_cache.index_copy_(0, slots, value.to(value_cache.dtype))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a flattened mixed batch over its paged KV cache.
+
+    query: [num_tokens, num_heads, head_dim]; num_heads is a multiple of num_kv_heads
+        (grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads)).
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]; the keys and
+        values of the query tokens themselves must already be stored.
+    block_tables: [num_seqs, max_blocks_per_seq] block ids; entries past a sequence's
+        last block are padding and never read.
+    query_start_loc: [num_seqs + 1] offsets of each sequence's query tokens in `query`.
+    seq_lens: [num_seqs] context length of each sequence, its query tokens included.
+    Returns [num_tokens, num_heads, head_dim] in the query's dtype; the arithmetic is fp32.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
+    group_size = num_heads // num_kv_heads
+    output = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    for seq_index, seq_len in enumerate(lengths):
+        q_start, q_end = starts[seq_index], starts[seq_index + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        assert q_len <= seq_len, "a sequence cannot have more query tokens than context"
+        num_blocks = (seq_len + block_size - 1) // block_size
+        blocks = block_tables[seq_index, :num_blocks].long()
+        keys = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        values = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        keys = keys.float().repeat_interleave(group_size, dim=1)
+        values = values.float().repeat_interleave(group_size, dim=1)
+
+        q = query[q_start:q_end].float()
+        scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
+        query_positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        key_positions = torch.arange(seq_len, device=query.device)
+        future = key_positions[None, :] > query_positions[:, None]
+        scores.masked_fill_(future, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        output[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, values).to(query.dtype)
+    return output
