@@ -1,0 +1,165 @@
+"""The `pagedserve` command.
+
+  pagedserve serve       the whole stack on this machine, one process per service
+  pagedserve tokenizer   the public front door (tokenizer / detokenizer service)
+  pagedserve scheduler   the continuous-batching scheduler of one model replica
+  pagedserve worker      a GPU worker (model, KV cache, sampler)
+  pagedserve generate    stream a completion from a running server
+  pagedserve materialize convert the embedded default model into a model directory
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from services.common.grpc_server import ServerConfig
+
+
+def _model_dir(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    from services.common.embedded_model import materialize_default_model
+
+    return materialize_default_model()
+
+
+def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--port", type=int, default=default_port, help="port to listen on")
+    parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
+
+
+def add_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory (config.json, *.safetensors, tokenizer.json); "
+                        "default: the embedded SmolLM2-135M-Instruct")
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: "
+                        "float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--max-model-len", type=int, default=None, help="longest sequence; default: the model's")
+
+
+def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="most tokens in one step")
+
+
+def add_kv_blocks_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="cap on the KV pool in blocks (for tests and small machines)")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(host=args.host, port=args.port, shutdown_grace_s=args.shutdown_grace)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from gpu_worker.config import WorkerConfig
+    from gpu_worker.server import run_worker
+
+    config = WorkerConfig(
+        model_path=_model_dir(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+    )
+    run_worker(server_config(args), config)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> None:
+    from services.scheduler.config import SchedulerConfig
+    from services.scheduler.server import SchedulerServiceConfig, run_scheduler
+
+    scheduling = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks,
+    )
+    run_scheduler(server_config(args), SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduling))
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from services.tokenizer.server import TokenizerServiceConfig, run_tokenizer
+
+    config = TokenizerServiceConfig(model_path=_model_dir(args.model), scheduler_address=args.scheduler)
+    run_tokenizer(server_config(args), config)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from services.launcher import serve_all
+
+    sys.exit(serve_all(args, _model_dir(args.model)))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from services.client import generate_to_stdout
+
+    sys.exit(generate_to_stdout(args))
+
+
+def cmd_materialize(args: argparse.Namespace) -> None:
+    print(_model_dir(None))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run tokenizer, scheduler and worker on this machine")
+    add_server_args(serve, default_port=50051)
+    add_model_arg(serve)
+    add_worker_args(serve)
+    add_scheduler_args(serve)
+    add_kv_blocks_arg(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+    tokenizer = commands.add_parser("tokenizer", help="run the tokenizer service (public API)")
+    add_server_args(tokenizer, default_port=50051)
+    add_model_arg(tokenizer)
+    tokenizer.add_argument("--scheduler", required=True, help="scheduler address, host:port")
+    tokenizer.set_defaults(handler=cmd_tokenizer)
+
+    scheduler = commands.add_parser("scheduler", help="run the scheduler service")
+    add_server_args(scheduler, default_port=50052)
+    scheduler.add_argument("--worker", required=True, help="worker address, host:port")
+    add_scheduler_args(scheduler)
+    add_kv_blocks_arg(scheduler)
+    scheduler.set_defaults(handler=cmd_scheduler)
+
+    worker = commands.add_parser("worker", help="run a GPU worker")
+    add_server_args(worker, default_port=50053)
+    add_model_arg(worker)
+    add_worker_args(worker)
+    add_kv_blocks_arg(worker)
+    worker.set_defaults(handler=cmd_worker)
+
+    generate = commands.add_parser("generate", help="stream a completion from a running server")
+    generate.add_argument("prompt", help="prompt text (a user message with --chat)")
+    generate.add_argument("--address", default="localhost:50051")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
+    generate.add_argument("--max-tokens", type=int, default=None)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.set_defaults(handler=cmd_generate)
+
+    materialize = commands.add_parser("materialize", help="convert the embedded model, print its directory")
+    materialize.set_defaults(handler=cmd_materialize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""`pagedserve generate`: streams one completion from a running server to stdout."""
+
+import argparse
+import sys
+import uuid
+
+import grpc
+
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+
+def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams()
+    if args.max_tokens is not None:
+        sampling.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        sampling.temperature = args.temperature
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = generation_pb2.GenerateRequest(request_id=f"cli-{uuid.uuid4().hex[:12]}", sampling=sampling)
+    if args.chat:
+        request.messages.add(role="user", content=args.prompt)
+    else:
+        request.prompt = args.prompt
+    return request
+
+
+def generate_to_stdout(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        try:
+            for response in stub.Generate(build_request(args)):
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+                if response.finish_reason:
+                    reason = common_pb2.FinishReason.Name(response.finish_reason)
+                    usage = response.usage
+                    print(f"\n[{reason}; prompt {usage.prompt_tokens} tokens, "
+                          f"completion {usage.completion_tokens} tokens]", file=sys.stderr)
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,115 @@
+"""`pagedserve serve`: the three services as separate processes on this machine, the
+worker and scheduler on loopback ports, the public API on --port."""
+
+import argparse
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 600.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _optional(flag: str, value: object) -> list[str]:
+    return [] if value is None else [flag, str(value)]
+
+
+def service_commands(args: argparse.Namespace, model_dir: Path, worker_port: int,
+                     scheduler_port: int) -> dict[str, list[str]]:
+    cli = [sys.executable, "-m", "services.cli", "--log-level", args.log_level]
+    grace = ["--shutdown-grace", str(args.shutdown_grace)]
+    kv_cap = _optional("--num-kv-blocks", args.num_kv_blocks)
+    return {
+        "worker": [
+            *cli, "worker", "--host", "127.0.0.1", "--port", str(worker_port), *grace,
+            "--model", str(model_dir), "--device", args.device, "--block-size", str(args.block_size),
+            *_optional("--dtype", args.dtype), *_optional("--max-model-len", args.max_model_len), *kv_cap,
+        ],
+        "scheduler": [
+            *cli, "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port), *grace,
+            "--worker", f"127.0.0.1:{worker_port}",
+            "--max-num-seqs", str(args.max_num_seqs),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens), *kv_cap,
+        ],
+        "tokenizer": [
+            *cli, "tokenizer", "--host", args.host, "--port", str(args.port), *grace,
+            "--model", str(model_dir), "--scheduler", f"127.0.0.1:{scheduler_port}",
+        ],
+    }
+
+
+def _stop(processes: dict[str, subprocess.Popen], grace_s: float) -> None:
+    # Front door first, so that no new work arrives while the others drain.
+    for name in ("tokenizer", "scheduler", "worker"):
+        process = processes.get(name)
+        if process is None or process.poll() is not None:
+            continue
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace_s + 5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
+    worker_port, scheduler_port = free_port(), free_port()
+    commands = service_commands(args, model_dir, worker_port, scheduler_port)
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    # Children ignore the terminal's Ctrl-C (own process group); the launcher stops them
+    # in order instead.
+    processes = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}
+    addresses = {"worker": f"127.0.0.1:{worker_port}", "scheduler": f"127.0.0.1:{scheduler_port}",
+                 "tokenizer": f"127.0.0.1:{args.port}"}
+    ready: set[str] = set()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    exit_code = 0
+    try:
+        while not stop_requested:
+            dead = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
+            if dead:
+                log.error("service exited: %s", dead)
+                exit_code = 1
+                break
+            for name in addresses.keys() - ready:
+                if is_serving(addresses[name]):
+                    ready.add(name)
+                    if len(ready) == len(addresses):
+                        print(f"pagedserve serving on port {args.port}", flush=True)
+            if len(ready) < len(addresses) and time.monotonic() > deadline:
+                log.error("services not ready after %.0fs: %s", STARTUP_TIMEOUT_S, addresses.keys() - ready)
+                exit_code = 1
+                break
+            time.sleep(0.25)
+    finally:
+        _stop(processes, args.shutdown_grace)
+    return exit_code

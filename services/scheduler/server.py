@@ -1,0 +1,70 @@
+"""Runs the scheduler process: `pagedserve scheduler --worker ADDRESS --port N`."""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.channels import insecure_channel
+from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.engine import Engine
+from services.scheduler.scheduler import Scheduler
+from services.scheduler.servicer import SchedulerServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+@dataclass(frozen=True)
+class SchedulerServiceConfig:
+    worker_address: str
+    scheduling: SchedulerConfig
+    # Model loads can take minutes; the scheduler waits for its worker that long.
+    worker_startup_timeout_s: float = 600.0
+
+
+def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Scheduler:
+    num_blocks = info.num_kv_blocks
+    if config.num_kv_blocks is not None:
+        num_blocks = min(num_blocks, config.num_kv_blocks)
+    return Scheduler(
+        config,
+        num_blocks=num_blocks,
+        block_size=info.block_size,
+        max_model_len=info.model.max_model_len,
+        eos_token_ids=list(info.model.eos_token_ids),
+    )
+
+
+async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceConfig) -> None:
+    host = ServiceHost(server_config, [SERVICE_NAME])
+    servicer = SchedulerServicer()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
+    port = await host.start()
+    log.info("scheduler listening on port %d, waiting for worker at %s", port, config.worker_address)
+
+    channel = insecure_channel(config.worker_address)
+    await wait_for_serving(channel, config.worker_startup_timeout_s)
+    worker = worker_pb2_grpc.WorkerStub(channel)
+    info = await worker.Describe(worker_pb2.DescribeRequest())
+    engine = Engine(build_scheduler(config.scheduling, info), worker)
+    servicer.model.CopyFrom(info.model)
+    # The pool may hold fewer tokens than the model's context: callers see the real limit.
+    servicer.model.max_model_len = engine.scheduler.max_model_len
+    servicer.engine = engine
+    loop_task = asyncio.create_task(engine.run())
+    log.info("scheduler ready: %s, %d KV blocks", info.model.model_name, engine.scheduler.stats().num_total_blocks)
+    await host.set_serving()
+    try:
+        await host.serve_until_signal()
+    finally:
+        loop_task.cancel()
+        await channel.close()
+
+
+def run_scheduler(server_config: ServerConfig, config: SchedulerServiceConfig) -> None:
+    asyncio.run(serve_scheduler(server_config, config))
