@@ -20,13 +20,13 @@ async def serve_worker(server_config: ServerConfig, worker_config: WorkerConfig)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, host.server)
     port = await host.start()
     log.info("worker listening on port %d, loading %s", port, worker_config.model_path)
-    # Health answers NOT_SERVING while the weights load, so probes can tell "starting"
-    # from "dead".
-    await servicer.load(lambda: ModelRunner(worker_config))
-    info = servicer.runner.info()
-    log.info("worker ready: %d KV blocks of %d tokens on %s", info.num_kv_blocks, info.block_size, info.device)
-    await host.set_serving()
-    await host.serve_until_signal()
+
+    async def load_model() -> None:
+        await servicer.load(lambda: ModelRunner(worker_config))
+        info = servicer.runner.info()
+        log.info("worker ready: %d KV blocks of %d tokens on %s", info.num_kv_blocks, info.block_size, info.device)
+
+    await host.run(prepare=load_model)
 
 
 def run_worker(server_config: ServerConfig, worker_config: WorkerConfig) -> None:

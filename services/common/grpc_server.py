@@ -165,20 +165,30 @@ class ServiceHost:
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
 
-    async def serve_until_signal(self, on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Serves until SIGTERM or SIGINT, then stops admitting (health NOT_SERVING), lets
-        calls in flight finish within the grace period and stops."""
+    async def run(self, prepare: Callable[[], Awaitable[None]],
+                  on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Runs `prepare` (load a model, wait for a peer) while health says NOT_SERVING,
+        then serves until SIGTERM or SIGINT. A signal during `prepare` ends it too. On the
+        way out: stop admitting, let calls in flight finish within the grace period."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down: draining for up to %.0fs", self.config.shutdown_grace_s)
-        await self.health.enter_graceful_shutdown()
+        preparing = asyncio.create_task(prepare())
+        stopping = asyncio.create_task(stop.wait())
         try:
+            await asyncio.wait({preparing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if preparing.done():
+                preparing.result()
+                await self.set_serving()
+                await stopping
+            log.info("shutting down: draining for up to %.0fs", self.config.shutdown_grace_s)
+            await self.health.enter_graceful_shutdown()
             if on_shutdown is not None:
                 await on_shutdown()
         finally:
+            preparing.cancel()
+            stopping.cancel()
             await self.server.stop(self.config.shutdown_grace_s)
 
 

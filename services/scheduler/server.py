@@ -46,23 +46,26 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
     port = await host.start()
     log.info("scheduler listening on port %d, waiting for worker at %s", port, config.worker_address)
-
     channel = insecure_channel(config.worker_address)
-    await wait_for_serving(channel, config.worker_startup_timeout_s)
-    worker = worker_pb2_grpc.WorkerStub(channel)
-    info = await worker.Describe(worker_pb2.DescribeRequest())
-    engine = Engine(build_scheduler(config.scheduling, info), worker)
-    servicer.model.CopyFrom(info.model)
-    # The pool may hold fewer tokens than the model's context: callers see the real limit.
-    servicer.model.max_model_len = engine.scheduler.max_model_len
-    servicer.engine = engine
-    loop_task = asyncio.create_task(engine.run())
-    log.info("scheduler ready: %s, %d KV blocks", info.model.model_name, engine.scheduler.stats().num_total_blocks)
-    await host.set_serving()
+    background: list[asyncio.Task] = []
+
+    async def connect_worker() -> None:
+        await wait_for_serving(channel, config.worker_startup_timeout_s)
+        worker = worker_pb2_grpc.WorkerStub(channel)
+        info = await worker.Describe(worker_pb2.DescribeRequest())
+        engine = Engine(build_scheduler(config.scheduling, info), worker)
+        servicer.model.CopyFrom(info.model)
+        # The pool may hold fewer tokens than the model's context: callers see the real limit.
+        servicer.model.max_model_len = engine.scheduler.max_model_len
+        servicer.engine = engine
+        background.append(asyncio.create_task(engine.run()))
+        log.info("scheduler ready: %s, %d KV blocks", info.model.model_name, engine.scheduler.stats().num_total_blocks)
+
     try:
-        await host.serve_until_signal()
+        await host.run(prepare=connect_worker)
     finally:
-        loop_task.cancel()
+        for task in background:
+            task.cancel()
         await channel.close()
 
 

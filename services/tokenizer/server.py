@@ -36,16 +36,17 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
     port = await host.start()
     log.info("tokenizer listening on port %d, waiting for scheduler at %s", port, config.scheduler_address)
 
-    await wait_for_serving(channel, config.scheduler_startup_timeout_s)
-    model = await scheduler.GetModelInfo(common_pb2.GetModelInfoRequest())
-    servicer.model = model
-    servicer.frontend = RequestFrontend(
-        tokenizer, FrontendConfig(max_model_len=model.max_model_len, vocab_size=model.vocab_size)
-    )
-    await host.set_serving()
-    log.info("tokenizer serving %s", model.model_name)
+    async def connect_scheduler() -> None:
+        await wait_for_serving(channel, config.scheduler_startup_timeout_s)
+        model = await scheduler.GetModelInfo(common_pb2.GetModelInfoRequest())
+        servicer.model = model
+        servicer.frontend = RequestFrontend(
+            tokenizer, FrontendConfig(max_model_len=model.max_model_len, vocab_size=model.vocab_size)
+        )
+        log.info("tokenizer serving %s", model.model_name)
+
     try:
-        await host.serve_until_signal()
+        await host.run(prepare=connect_scheduler)
     finally:
         await channel.close()
 
