@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from services.cli import build_parser
+from services.common.grpc_server import LIVENESS_SERVICE
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "pagedserve"
@@ -157,6 +158,9 @@ def test_every_container_has_grpc_probes_on_its_own_port(value_set):
         assert port in {p["containerPort"] for p in container["ports"]}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["grpc"]["port"] == port, (container["name"], probe)
+        # Readiness follows the model and the peers; liveness only that the process answers.
+        assert "service" not in container["readinessProbe"]["grpc"]
+        assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
 
 
 @value_sets

@@ -55,6 +55,8 @@ def test_front_door_waits_not_serving_then_drains(embedded_model_dir: Path) -> N
             health = health_pb2_grpc.HealthStub(channel)
             reply = health.Check(health_pb2.HealthCheckRequest(), timeout=30, wait_for_ready=True)
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            alive = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+            assert alive.status == health_pb2.HealthCheckResponse.SERVING
             generation = generation_pb2_grpc_stub(channel)
             with pytest.raises(grpc.RpcError) as raised:
                 list(generation.Generate(generation_pb2.GenerateRequest(prompt="hi"), timeout=10))

@@ -126,6 +126,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream), **codec)
 
 
+LIVENESS_SERVICE = "liveness"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -155,6 +158,9 @@ class ServiceHost:
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Liveness: the process answers. Readiness ("" and each service) waits for the
+        # model or the peers.
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def set_serving(self) -> None:

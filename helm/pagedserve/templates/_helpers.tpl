@@ -68,8 +68,10 @@ resolves by itself. Call sites render them with `with`, so that empty leaves no 
   mountPath: /home/pagedserve
 {{- end -}}
 
-{{/* Kubelet gRPC probes ask the standard health service for the whole server (""),
-which reports NOT_SERVING until the model or the peer is ready and again while draining.
+{{/* Kubelet gRPC probes ask the standard health service. Startup and readiness ask for
+the whole server (""), which reports NOT_SERVING until the model or the peer is ready and
+again while draining; liveness asks for "liveness", SERVING whenever the process answers,
+so that a frontend waiting for its scheduler is not restarted.
 Pass (dict "port" N "startup" .Values.startupProbe). */}}
 {{- define "pagedserve.probes" -}}
 startupProbe:
@@ -83,7 +85,7 @@ readinessProbe:
   failureThreshold: 2
   timeoutSeconds: 5
 livenessProbe:
-  grpc: {port: {{ .port }}}
+  grpc: {port: {{ .port }}, service: liveness}
   periodSeconds: 10
   failureThreshold: 6
   timeoutSeconds: 5
