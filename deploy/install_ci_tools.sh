@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Debian packages that the deployment tests need and pip cannot provide:
-# docker-compose (1.29) for tests/test_deploy_compose.py. Safe to run again: installs only
-# what is missing, and refreshes the package lists only when it has to install.
+#   docker-compose (1.29)   tests/test_deploy_compose.py, and the stack of the smoke test
+#   docker.io               the engine (dockerd 20.10) that deploy/ci_container_stack.sh
+#                           starts privately for tests/test_deploy_container.py
+#   debootstrap             builds that test's Debian base image: no registry is reachable
+#   debian-archive-keyring  what debootstrap checks the archive with (usually there)
+# Safe to run again: installs only what is missing, and refreshes the package lists only
+# when it has to install. The smoke test starts a daemon of its own; no Docker service
+# needs to run.
 set -euo pipefail
 
-packages=(docker-compose)
+packages=(docker-compose docker.io debootstrap debian-archive-keyring)
 
 missing=()
 for package in "${packages[@]}"; do
@@ -16,5 +22,6 @@ sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -q
-# Without recommends: docker-compose would otherwise pull in the whole Docker engine.
+# Without recommends: docker.io's (git, apparmor, needrestart...) and debootstrap's
+# (gnupg, arch-test) are not needed to build and run the images here.
 "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
