@@ -33,19 +33,32 @@ class WorkerConfig:
     num_kv_blocks: int | None = None
     # KV cache budget on CPU, where there is no device memory to measure.
     kv_cache_memory_bytes: int = 1 << 30
+    # Host memory for the CPU swap pool that preempted sequences' KV moves to
+    # (--swap-space); 0 turns swapping off. Allocated up front, pinned on CUDA.
+    swap_space_bytes: int = 4 << 30
     # Fraction of the GPU's total memory the worker may use (weights + KV cache + activations).
     gpu_memory_utilization: float = 0.9
     # Longest sequence served; None means the model's max_position_embeddings.
     max_model_len: int | None = None
-    # Seed of the shared random stream used by requests that bring no seed of their own;
-    # None draws one at random.
+    # Keys the random draws of sequences that come without a seed (the scheduler always
+    # sends one); None draws it at random.
     seed: int | None = 0
+    # Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
+    enforce_eager: bool = False
+    # Largest decode batch captured in a CUDA graph; larger ones run eagerly. Match the
+    # scheduler's max_num_seqs.
+    max_num_seqs: int = 256
+    # Largest step the scheduler sends, in tokens: the forward profiled on CUDA to reserve
+    # activation memory before the KV cache takes the rest. Match the scheduler's setting.
+    max_num_batched_tokens: int = 8192
 
     def __post_init__(self) -> None:
         # Accept plain strings (CLI, YAML) for the path.
         object.__setattr__(self, "model_path", Path(self.model_path))
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -5,10 +5,15 @@ One allocation holds every layer's keys and values, shaped
 caches are contiguous views [num_blocks, block_size, num_kv_heads, head_dim] of it (the
 layout kernels/paged_attention.py documents). Block ids are shared by all layers: block b
 of a sequence holds its tokens' KV in every layer.
+
+The CPU swap pool has the same layout in host memory (pinned when the cache is on CUDA).
+A step's block operations move whole blocks, all layers at once: swap-out (device -> CPU),
+swap-in (CPU -> device) and copies within the device (copy on write), in that order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +21,7 @@ import torch
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
+from pagedserve.v1 import worker_pb2
 
 
 @dataclass(frozen=True)
@@ -99,3 +105,43 @@ def bind_kv_cache(attention_layers: list[PagedAttention], kv_cache: KVCache) -> 
     assert len(attention_layers) == kv_cache.storage.shape[0], "one cache per attention layer"
     for layer_index, layer in enumerate(attention_layers):
         layer.bind_kv_cache(kv_cache.key_cache(layer_index), kv_cache.value_cache(layer_index))
+
+
+def num_cpu_blocks(config: WorkerConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
+    return config.swap_space_bytes // bytes_per_block(model_config, config.block_size, dtype)
+
+
+def allocate_cpu_kv_cache(
+    model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+) -> KVCache:
+    """The swap pool for a cache on `device`: pinned host memory when that is CUDA, so that
+    copies to and from it are DMA transfers. Untouched pages cost nothing until a swap."""
+    storage = torch.empty(
+        model_config.num_hidden_layers,
+        2,
+        num_blocks,
+        block_size,
+        model_config.num_key_value_heads,
+        model_config.head_dim,
+        dtype=dtype,
+        pin_memory=device.type == "cuda" and num_blocks > 0,
+    )
+    return KVCache(storage=storage, num_blocks=num_blocks, block_size=block_size)
+
+
+def _copy_blocks(source: KVCache, destination: KVCache, pairs: Sequence[worker_pb2.BlockCopy]) -> None:
+    if not pairs:
+        return
+    src = torch.tensor([p.src_block_id for p in pairs], dtype=torch.int64, device=source.storage.device)
+    dst = torch.tensor([p.dst_block_id for p in pairs], dtype=torch.int64, device=destination.storage.device)
+    # Gathered first, then scattered: no pair reads a block another pair of the same kind
+    # writes, and swap-out finishes reading before swap-in overwrites a block.
+    blocks = source.storage.index_select(2, src).to(destination.storage.device)
+    destination.storage.index_copy_(2, dst, blocks)
+
+
+def apply_block_ops(device_cache: KVCache, cpu_cache: KVCache, step: worker_pb2.StepRequest) -> None:
+    """A step's block operations, in the protocol's order, before its forward runs."""
+    _copy_blocks(device_cache, cpu_cache, step.swap_out)
+    _copy_blocks(cpu_cache, device_cache, step.swap_in)
+    _copy_blocks(device_cache, device_cache, step.copy_blocks)

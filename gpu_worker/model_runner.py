@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from gpu_worker.config import WorkerConfig
-from gpu_worker.kv_cache import allocate_kv_cache, bind_kv_cache, determine_num_kv_blocks
+from gpu_worker.cuda_graphs import DecodeGraphs
+from gpu_worker.input_batch import StepInputBuilder, StepInputs
+from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_activation_bytes
+from gpu_worker.kv_cache import (
+    allocate_cpu_kv_cache,
+    allocate_kv_cache,
+    apply_block_ops,
+    bind_kv_cache,
+    determine_num_kv_blocks,
+    num_cpu_blocks,
+)
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
-from gpu_worker.sampler import Sampler, make_generator
+from gpu_worker.sampler import Sampler, SequenceSampling
 from pagedserve.v1 import common_pb2, worker_pb2
 
 
@@ -26,19 +37,12 @@ from pagedserve.v1 import common_pb2, worker_pb2
 class SequenceState:
     token_ids: list[int]
     num_computed_tokens: int
-    sampling: common_pb2.SamplingParams
-    generator: torch.Generator | None
+    sampling: SequenceSampling
     block_table: list[int] = field(default_factory=list)
 
 
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    metadata: AttentionMetadata
-    # Rows of the flattened batch whose logits are sampled, and the sequences they belong to.
-    sample_rows: torch.Tensor
-    sample_seq_ids: list[int]
+# What one step feeds the model and the sampler (built by gpu_worker.input_batch).
+_Batch = StepInputs
 
 
 class ModelRunner:
@@ -56,14 +60,35 @@ class ModelRunner:
         self.model = load_model(
             config.model_path, self.model_config, self.device, self.dtype, self.max_model_len
         )
-        # Sized after the weights are on the device, from what memory is left.
-        num_blocks = determine_num_kv_blocks(config, self.model_config, self.device, self.dtype)
+        # Sized after the weights are on the device, from what memory is left once the
+        # largest step's activations (measured on CUDA) are set aside.
+        reserved_bytes = 0
+        if self.device.type == "cuda":
+            reserved_bytes = GRAPH_MARGIN_BYTES + profile_activation_bytes(
+                self.model, self.model_config, config, self.max_model_len, self.device, self.dtype
+            )
+        with memory_held(reserved_bytes, self.device) if reserved_bytes else nullcontext():
+            num_blocks = determine_num_kv_blocks(config, self.model_config, self.device, self.dtype)
         self.kv_cache = allocate_kv_cache(
             self.model_config, num_blocks, config.block_size, self.device, self.dtype
         )
         bind_kv_cache(self.model.attention_layers(), self.kv_cache)
+        # Where preempted sequences' KV waits to be swapped back in.
+        self.cpu_kv_cache = allocate_cpu_kv_cache(
+            self.model_config, num_cpu_blocks(config, self.model_config, self.dtype),
+            config.block_size, self.device, self.dtype,
+        )
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(
+                self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device
+            )
+            self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed)
         self.sequences: dict[int, SequenceState] = {}
+        self.step_inputs = StepInputBuilder(
+            -(-self.max_model_len // config.block_size), config.block_size, self.device
+        )
 
     def info(self) -> worker_pb2.WorkerInfo:
         model = common_pb2.ModelInfo(
@@ -79,101 +104,60 @@ class ModelRunner:
             block_size=self.kv_cache.block_size,
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
+            num_cpu_blocks=self.cpu_kv_cache.num_blocks,
         )
 
     def reset(self) -> None:
         """Forgets every sequence, as when a new scheduler stream starts from scratch."""
         self.sequences.clear()
+        self.step_inputs.clear()
 
     @torch.inference_mode()
     def execute_step(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
         start_ns = time.perf_counter_ns()
         for seq_id in step.finished_seq_ids:
             self.sequences.pop(seq_id, None)
+            self.step_inputs.remove(seq_id)
         for new in step.new_sequences:
-            # A copy, so that the state does not keep the whole step message alive.
-            sampling = common_pb2.SamplingParams()
-            sampling.CopyFrom(new.sampling)
+            # A new sequence brings its whole block table in this step's scheduled entry.
+            self.step_inputs.remove(new.seq_id)
             self.sequences[new.seq_id] = SequenceState(
                 token_ids=list(new.token_ids),
                 num_computed_tokens=new.num_computed_tokens,
-                sampling=sampling,
-                generator=make_generator(sampling, self.device),
+                sampling=SequenceSampling.from_proto(
+                    new.sampling, new.index, self.sampler.fallback_seed(new.seq_id)
+                ),
             )
+        apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
         result = worker_pb2.StepResult(step_id=step.step_id)
         if not step.scheduled:
             result.execute_ns = time.perf_counter_ns() - start_ns
             return result
 
         batch = self._prepare_batch(step.scheduled)
-        with attention_context(batch.metadata):
-            hidden_states = self.model(batch.input_ids, batch.positions)
-        sampled_tokens: list[int] = []
+        hidden_states = self._forward(batch)
         if batch.sample_seq_ids:
             logits = self.model.compute_logits(hidden_states[batch.sample_rows])
             states = [self.sequences[seq_id] for seq_id in batch.sample_seq_ids]
-            sampled_tokens = self.sampler.sample(
-                logits, [s.sampling for s in states], [s.generator for s in states]
-            ).tolist()
-            for state, token_id in zip(states, sampled_tokens):
-                state.token_ids.append(token_id)
-
-        result.seq_ids.extend(batch.sample_seq_ids)
-        result.token_ids.extend(sampled_tokens)
-        # tolist() above waited for the device, so this covers the whole step.
+            draws = self.sampler.sample(
+                logits, [s.sampling for s in states], [len(s.token_ids) for s in states]
+            )
+            # A sequence that drew n tokens (its request's first sample) continues with the
+            # one of its own completion index; the scheduler forks the others.
+            for seq_id, state, tokens in zip(batch.sample_seq_ids, states, draws):
+                state.token_ids.append(tokens[0])
+                state.sampling = state.sampling.after_sample()
+                result.seq_ids.extend([seq_id] * len(tokens))
+                result.token_ids.extend(tokens)
+        # Sampling waited for the device, so this covers the whole step.
         result.execute_ns = time.perf_counter_ns() - start_ns
         return result
 
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch.metadata):
+            return self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
+        with attention_context(batch.metadata):
+            return self.model(batch.input_ids, batch.positions)
+
     def _prepare_batch(self, scheduled: Sequence[worker_pb2.ScheduledSequence]) -> _Batch:
-        block_size = self.kv_cache.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        block_tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        sample_seq_ids: list[int] = []
-        for entry in scheduled:
-            state = self.sequences[entry.seq_id]
-            state.block_table.extend(entry.new_block_ids)
-            start = state.num_computed_tokens
-            end = start + entry.num_new_tokens
-            assert entry.num_new_tokens > 0, f"seq {entry.seq_id}: nothing to compute"
-            assert end <= len(state.token_ids), f"seq {entry.seq_id}: computing past its tokens"
-            assert end <= len(state.block_table) * block_size, f"seq {entry.seq_id}: too few blocks"
-            input_ids.extend(state.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = state.block_table
-            slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + entry.num_new_tokens)
-            seq_lens.append(end)
-            block_tables.append(table)
-            state.num_computed_tokens = end
-            # A sequence samples once its known tokens are all computed; a partial prefill
-            # chunk only fills the cache.
-            if end == len(state.token_ids):
-                sample_rows.append(query_start_loc[-1] - 1)
-                sample_seq_ids.append(entry.seq_id)
-
-        max_blocks = max(len(table) for table in block_tables)
-        padded_tables = [table + [0] * (max_blocks - len(table)) for table in block_tables]
-
-        def to_device(values, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        metadata = AttentionMetadata(
-            slot_mapping=to_device(slot_mapping, torch.int64),
-            query_start_loc=to_device(query_start_loc, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32),
-            block_tables=to_device(padded_tables, torch.int32),
-            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
-            max_seq_len=max(seq_lens),
-        )
-        return _Batch(
-            input_ids=to_device(input_ids, torch.int64),
-            positions=to_device(positions, torch.int64),
-            metadata=metadata,
-            sample_rows=to_device(sample_rows, torch.int64),
-            sample_seq_ids=sample_seq_ids,
-        )
+        return self.step_inputs.build(scheduled, self.sequences)

@@ -1,15 +1,23 @@
-"""Turns one step's logits into one token per sampled sequence.
+"""Turns one step's logits into tokens.
 
-Rows with temperature 0 take the exact argmax of their logits. The other rows are scaled
-by temperature, filtered by top-k then top-p, and sampled with the exponential race
-(argmax of p / E with E ~ Exp(1)), which draws exactly from p and needs one batched
-noise tensor instead of a per-row multinomial. A sequence with its own seed draws its noise
-from its own generator, so its tokens do not depend on what else shares the batch.
+Rows with temperature 0 take the exact argmax of their logits. The other rows are scaled by
+temperature, filtered by top-k then top-p, and sampled with the exponential race
+(argmax of p / E with E ~ Exp(1)), which draws exactly from p.
+
+The noise E of a row at vocabulary entry v is a pure function of (the request's seed, the
+position of the token being sampled, the completion index, v): a counter-based hash computed
+with batched integer tensor ops, no generator state. So a sequence's tokens do not depend on
+what shares its batch, how its prompt was chunked, or whether it was preempted and resumed
+(by recompute or swap): the same seed gives the same tokens. Completion 0 of an n-completion
+request draws what an n = 1 request with the same seed draws.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,58 +26,148 @@ from pagedserve.v1 import common_pb2
 # Temperatures at or below this are greedy: dividing by them would overflow anyway.
 _GREEDY_TEMPERATURE = 1e-5
 
+_UINT64 = 1 << 64
+# Odd 64-bit constants of the SplitMix64 generator (Steele, Lea, Flood 2014): the golden
+# ratio increment and the two multipliers of its finalizer.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX_1 = 0xBF58476D1CE4E5B9
+_MIX_2 = 0x94D049BB133111EB
+# Uniforms take 24 bits: exactly representable in float32.
+_UNIFORM_BITS = 24
 
-def make_generator(sampling: common_pb2.SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A private random stream for a request that brings a seed; None means the shared one."""
-    if not sampling.HasField("seed"):
-        return None
-    generator = torch.Generator(device=device)
-    # torch seeds are signed 64-bit; keep the low 63 bits of the request's uint64.
-    generator.manual_seed(sampling.seed & ((1 << 63) - 1))
-    return generator
+
+def _as_int64(value: int) -> int:
+    """The two's-complement int64 with the same 64 bits as the uint64 `value`."""
+    value %= _UINT64
+    return value - _UINT64 if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors read as uint64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer on int64 tensors: multiplication wraps modulo 2**64."""
+    x = (x ^ _shift_right(x, 30)) * _as_int64(_MIX_1)
+    x = (x ^ _shift_right(x, 27)) * _as_int64(_MIX_2)
+    return x ^ _shift_right(x, 31)
+
+
+def exponential_noise(
+    seeds: torch.Tensor, positions: torch.Tensor, indices: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """[rows, vocab_size] float32 Exp(1) draws; row r is a function of (seeds[r],
+    positions[r], indices[r]) and the vocabulary index only. Inputs: [rows] int64."""
+    golden = _as_int64(_GOLDEN)
+    key = _mix64(seeds + golden)
+    key = _mix64(key + positions * golden)
+    key = _mix64(key + indices * golden)
+    vocab = torch.arange(1, vocab_size + 1, device=seeds.device, dtype=torch.int64) * golden
+    bits = _shift_right(_mix64(key[:, None] + vocab[None, :]), 64 - _UNIFORM_BITS)
+    # (bits + 0.5) / 2**24 lies strictly inside (0, 1): the log is finite and E > 0.
+    uniform = (bits.float() + 0.5) * (1.0 / (1 << _UNIFORM_BITS))
+    return -torch.log(uniform)
+
+
+@dataclass(frozen=True)
+class SequenceSampling:
+    """How one sequence samples, read once from its SamplingParams."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    # As int64 bits (the request's uint64 seed).
+    seed: int
+    # Which completion of its request the sequence is.
+    index: int
+    # Tokens its next sample draws: n for the first sample of an n-completion request
+    # (completion indices 0..n-1 from the same logits), then 1.
+    num_samples: int = 1
+
+    @classmethod
+    def from_proto(
+        cls, sampling: common_pb2.SamplingParams, index: int, fallback_seed: int
+    ) -> SequenceSampling:
+        return cls(
+            temperature=sampling.temperature if sampling.HasField("temperature") else 1.0,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
+            seed=_as_int64(sampling.seed if sampling.HasField("seed") else fallback_seed),
+            index=index,
+            num_samples=sampling.n if sampling.HasField("n") and sampling.n > 1 else 1,
+        )
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= _GREEDY_TEMPERATURE
+
+    def after_sample(self) -> SequenceSampling:
+        return self if self.num_samples == 1 else dataclasses.replace(self, num_samples=1)
 
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int | None = None) -> None:
         self.device = device
-        self.shared_generator = torch.Generator(device=device)
-        if seed is None:
-            self.shared_generator.seed()
-        else:
-            self.shared_generator.manual_seed(seed)
+        # Keys the seeds of sequences that come without one (the scheduler always sends
+        # one; this covers other callers).
+        self._fallback_base = random.getrandbits(64) if seed is None else seed
+
+    def fallback_seed(self, seq_id: int) -> int:
+        return (self._fallback_base * _GOLDEN + seq_id) % _UINT64
 
     def sample(
-        self,
-        logits: torch.Tensor,
-        params: Sequence[common_pb2.SamplingParams],
-        generators: Sequence[torch.Generator | None],
+        self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int]
+    ) -> list[list[int]]:
+        """logits: [len(rows), vocab]; positions: where each row's next token goes. Returns
+        each row's tokens: num_samples of them, in completion index order."""
+        assert logits.shape[0] == len(rows) == len(positions)
+        # A row that draws n tokens becomes n rows of the same logits.
+        repeats = [row.num_samples for row in rows]
+        expanded = [row for row in rows for _ in range(row.num_samples)]
+        if len(expanded) != len(rows):
+            logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
+            positions = [p for p, k in zip(positions, repeats) for _ in range(k)]
+        indices = [i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])]
+        tokens = self._sample_rows(logits, expanded, positions, indices).tolist()
+        grouped, start = [], 0
+        for count in repeats:
+            grouped.append(tokens[start:start + count])
+            start += count
+        return grouped
+
+    def _sample_rows(
+        self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int],
+        indices: Sequence[int],
     ) -> torch.Tensor:
-        """logits: [num_rows, vocab]; params and generators: one per row. Returns [num_rows] int64."""
-        assert logits.shape[0] == len(params) == len(generators)
         logits = logits.float()
         tokens = logits.argmax(dim=-1)
-        temperatures = [p.temperature if p.HasField("temperature") else 1.0 for p in params]
-        random_rows = [i for i, t in enumerate(temperatures) if t > _GREEDY_TEMPERATURE]
+        random_rows = [i for i, row in enumerate(rows) if not row.is_greedy]
         if not random_rows:
             return tokens
 
-        row_index = torch.tensor(random_rows, device=logits.device)
-        scaled = logits[row_index] / torch.tensor(
-            [temperatures[i] for i in random_rows], device=logits.device
-        ).unsqueeze(1)
-        scaled = self._filter_top_k_top_p(scaled, [params[i] for i in random_rows])
+        def column(values: Sequence, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, device=logits.device, dtype=dtype)
+
+        picked = [rows[i] for i in random_rows]
+        row_index = column(random_rows, torch.int64)
+        scaled = logits[row_index] / column([r.temperature for r in picked], torch.float32).unsqueeze(1)
+        scaled = self._filter_top_k_top_p(scaled, picked)
         probs = torch.softmax(scaled, dim=-1)
-        noise = self._exponential_noise(probs.shape, [generators[i] for i in random_rows])
+        noise = exponential_noise(
+            column([r.seed for r in picked], torch.int64),
+            column([positions[i] for i in random_rows], torch.int64),
+            column([indices[i] for i in random_rows], torch.int64),
+            probs.shape[-1],
+        )
         tokens[row_index] = (probs / noise).argmax(dim=-1)
         return tokens
 
     @staticmethod
-    def _filter_top_k_top_p(
-        logits: torch.Tensor, params: Sequence[common_pb2.SamplingParams]
-    ) -> torch.Tensor:
+    def _filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SequenceSampling]) -> torch.Tensor:
         vocab_size = logits.shape[-1]
-        top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-        top_p = [p.top_p if p.HasField("top_p") else 1.0 for p in params]
+        top_k = [r.top_k if 0 < r.top_k < vocab_size else vocab_size for r in rows]
+        top_p = [r.top_p for r in rows]
         if all(k == vocab_size for k in top_k) and all(p >= 1.0 for p in top_p):
             return logits  # skip the vocabulary sort when no row filters
 
@@ -86,14 +184,3 @@ class Sampler:
         outside_nucleus[:, 0] = False
         sorted_logits.masked_fill_(outside_nucleus, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, sorted_index, sorted_logits)
-
-    def _exponential_noise(
-        self, shape: torch.Size, generators: Sequence[torch.Generator | None]
-    ) -> torch.Tensor:
-        noise = torch.empty(shape, device=self.device)
-        noise.exponential_(generator=self.shared_generator)
-        for row, generator in enumerate(generators):
-            if generator is not None:
-                noise[row].exponential_(generator=generator)
-        # A zero draw would make 0 / 0 = NaN for a filtered-out token.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)

@@ -41,11 +41,23 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
                         "float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--max-model-len", type=int, default=None, help="longest sequence; default: the model's")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory for weights, activations and KV cache")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    parser.add_argument("--swap-space", type=float, default=4.0,
+                        help="GiB of host memory for the CPU swap pool (--preemption-mode swap); 0: none")
 
 
 def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="most tokens in one step")
+    parser.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute",
+                        help="what a preempted request's KV becomes: dropped and recomputed, or swapped "
+                        "to the worker's CPU pool (--swap-space)")
+    parser.add_argument("--max-waiting-requests", type=int, default=None,
+                        help="queued requests past which new ones get RESOURCE_EXHAUSTED; default: no limit")
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                        help="compute every prompt in full instead of reusing cached KV blocks")
 
 
 def add_kv_blocks_arg(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +80,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        swap_space_bytes=int(args.swap_space * (1 << 30)),
     )
     run_worker(server_config(args), config)
 
@@ -80,6 +97,9 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+        preemption_mode=args.preemption_mode,
+        max_waiting_requests=args.max_waiting_requests,
     )
     run_scheduler(server_config(args), SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduling))
 
@@ -138,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(worker, default_port=50053)
     add_model_arg(worker)
     add_worker_args(worker)
+    worker.add_argument("--max-num-seqs", type=int, default=256,
+                        help="largest decode batch captured in a CUDA graph (the scheduler's)")
+    worker.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                        help="largest step in tokens, profiled to size the KV cache (the scheduler's)")
     add_kv_blocks_arg(worker)
     worker.set_defaults(handler=cmd_worker)
 

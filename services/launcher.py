@@ -42,17 +42,22 @@ def service_commands(args: argparse.Namespace, model_dir: Path, worker_port: int
     cli = [sys.executable, "-m", "services.cli", "--log-level", args.log_level]
     grace = ["--shutdown-grace", str(args.shutdown_grace)]
     kv_cap = _optional("--num-kv-blocks", args.num_kv_blocks)
+    # The worker sizes its CUDA graphs and activation memory by the scheduler's batches.
+    batch_shape = ["--max-num-seqs", str(args.max_num_seqs),
+                   "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     return {
         "worker": [
             *cli, "worker", "--host", "127.0.0.1", "--port", str(worker_port), *grace,
             "--model", str(model_dir), "--device", args.device, "--block-size", str(args.block_size),
             *_optional("--dtype", args.dtype), *_optional("--max-model-len", args.max_model_len), *kv_cap,
+            "--swap-space", str(args.swap_space), *batch_shape,
         ],
         "scheduler": [
             *cli, "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port), *grace,
-            "--worker", f"127.0.0.1:{worker_port}",
-            "--max-num-seqs", str(args.max_num_seqs),
-            "--max-num-batched-tokens", str(args.max_num_batched_tokens), *kv_cap,
+            "--worker", f"127.0.0.1:{worker_port}", *batch_shape, *kv_cap,
+            "--preemption-mode", args.preemption_mode,
+            *_optional("--max-waiting-requests", args.max_waiting_requests),
+            *([] if args.enable_prefix_caching else ["--no-prefix-caching"]),
         ],
         "tokenizer": [
             *cli, "tokenizer", "--host", args.host, "--port", str(args.port), *grace,

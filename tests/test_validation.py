@@ -92,6 +92,8 @@ def test_default_sampling_is_valid() -> None:
         ({"stop_token_ids": [5, 1000]}, "sampling.stop_token_ids[1]: must be in [0, 1000), got 1000"),
         ({"stop_token_ids": [-1]}, "sampling.stop_token_ids[0]: must be in [0, 1000), got -1"),
         ({"stop_token_ids": [1] * 65}, "sampling.stop_token_ids: at most 64 stop token ids are allowed, got 65"),
+        ({"n": 0}, "sampling.n: must be in [1, 16], got 0"),
+        ({"n": 17}, "sampling.n: must be in [1, 16], got 17"),
     ],
 )
 def test_bad_sampling_names_field_and_limit(sampling: dict, expected: str) -> None:

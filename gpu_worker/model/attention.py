@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.paged_attention import paged_attention, store_kv
+from kernels.attention_backend import attention, store_kv_any
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class AttentionMetadata:
     # Largest query and context lengths of the batch, for kernels' launch grids.
     max_query_len: int
     max_seq_len: int
+    # Every sequence's context is exactly its new tokens (fresh prefills only), so attention
+    # may read this step's keys and values directly instead of the cache.
+    no_cached_context: bool = False
 
 
 _current_metadata: ContextVar[AttentionMetadata | None] = ContextVar(
@@ -80,14 +83,18 @@ class PagedAttention(nn.Module):
         if self.key_cache is None or self.value_cache is None:
             raise RuntimeError("no KV cache bound to this attention layer")
         metadata = get_attention_metadata()
-        store_kv(key, value, self.key_cache, self.value_cache, metadata.slot_mapping)
-        output = paged_attention(
+        store_kv_any(key, value, self.key_cache, self.value_cache, metadata.slot_mapping)
+        output = attention(
             query,
+            key,
+            value,
             self.key_cache,
             self.value_cache,
             metadata.block_tables,
             metadata.query_start_loc,
             metadata.seq_lens,
+            metadata.max_query_len,
+            metadata.no_cached_context,
             self.scale,
         )
         return output.reshape(output.shape[0], self.num_heads * self.head_dim)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.model.config import RopeScaling
+from kernels.elementwise import add_rms_norm, qk_norm_rope, silu_and_mul
 
 
 def default_weight_loader(
@@ -101,10 +102,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 whatever the activation dtype, as the models were trained.
-        input_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(input_dtype)
+        return add_rms_norm(x, None, self.weight, self.eps)[0]
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (norm(x + residual), x + residual) in one pass over the activations."""
+        out, residual = add_rms_norm(x, residual, self.weight, self.eps)
+        assert residual is not None
+        return out, residual
 
 
 def rope_inverse_frequencies(
@@ -149,17 +153,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; query: [T, num_heads, head_dim]; key: [T, num_kv_heads, head_dim]."""
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+        """positions: [T]; query: [T, num_heads, head_dim]; key: [T, num_kv_heads, head_dim].
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return rotated.to(x.dtype)
+        With q_norm and k_norm (Qwen3), each head is RMS-normalized first, in the same pass.
+        """
+        if q_norm is not None and k_norm is not None:
+            return qk_norm_rope(
+                positions, query, key, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps
+            )
+        return qk_norm_rope(positions, query, key, self.cos_sin_cache, None, None, 0.0)
 
 
 class SwiGLUMLP(nn.Module):
@@ -173,8 +182,7 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class VocabEmbedding(nn.Module):

@@ -10,7 +10,14 @@ MESSAGE_SIZE_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
 
-CHANNEL_OPTIONS = [*MESSAGE_SIZE_OPTIONS, ("grpc.keepalive_time_ms", 30_000)]
+KEEPALIVE_TIME_MS = 30_000
+
+CHANNEL_OPTIONS = [*MESSAGE_SIZE_OPTIONS, ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS)]
+
+# Servers accept those keepalive pings on a stream that carries no data for a while (the
+# scheduler's step stream to an idle worker). By default a server allows one every five
+# minutes and answers more with GOAWAY "too_many_pings", which breaks the stream.
+SERVER_KEEPALIVE_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2)]
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
-from services.common.channels import MESSAGE_SIZE_OPTIONS
+from services.common.channels import MESSAGE_SIZE_OPTIONS, SERVER_KEEPALIVE_OPTIONS
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.common.wire import find_invalid_utf8_field
 
@@ -144,7 +144,7 @@ class ServiceHost:
         self.config = config
         self.server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
-            options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS],
+            options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *SERVER_KEEPALIVE_OPTIONS],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

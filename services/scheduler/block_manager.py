@@ -1,12 +1,27 @@
-"""The KV block pool: which block ids are free, and how many block tables hold each one.
+"""The KV block pool: which block ids are free, how many block tables hold each one, and
+the prefix cache of full blocks.
 
-Block tables themselves belong to the sequences; this class only hands out and takes back
-ids. Blocks are reference counted so that a later prefix cache can share one block between
-several sequences: a block is free exactly when its ref count is 0.
+Block tables belong to the sequences; this class hands out and takes back ids. The books
+it keeps (tests/test_block_manager.py checks them after every operation):
+
+- A block's ref count is the number of block tables holding it. The prefix cache holds no
+  reference: a block is free, that is allocatable, exactly when its ref count is 0.
+- A cached block (hash -> block) may be free: its KV stays valid until the block is handed
+  out again, which evicts it. Free blocks without cached KV are handed out first, then
+  cached ones, least recently freed first.
+- Only full blocks whose every token's KV is computed are cached. Nobody writes them again:
+  a sequence writes only past its computed tokens, and every holder of a cached block has
+  computed all of it.
+- A block that several tables hold is never written: a sequence about to write into a
+  shared block gets a private copy first (copy on write, see `allocate_slots`).
 """
 
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
+
+from services.scheduler.block_hash import BlockHash
 
 
 class HoldsBlocks(Protocol):
@@ -20,6 +35,20 @@ def cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
+@dataclass(frozen=True)
+class SlotAllocation:
+    # Block ids appended to the sequence's table.
+    new_block_ids: tuple[int, ...]
+    # (shared block, private copy) pairs: shared blocks that the sequence is about to write
+    # into, replaced in its table by copies it alone holds. The caller has the worker copy
+    # the KV before the step writes.
+    copies: tuple[tuple[int, int], ...] = ()
+
+
+# What most decode steps get: room left in a block the sequence owns alone.
+_NOTHING_NEW = SlotAllocation(())
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -27,18 +56,30 @@ class BlockManager:
         self.num_total_blocks = num_blocks
         self.block_size = block_size
         self._ref_counts = [0] * num_blocks
-        self._free_block_ids: deque[int] = deque(range(num_blocks))
+        # Free blocks in the order they are handed out; OrderedDicts as ordered sets, so
+        # that a cache hit takes a block out of the middle in O(1).
+        self._free_uncached: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self._hash_of_block: list[BlockHash | None] = [None] * num_blocks
+        self._block_of_hash: dict[BlockHash, int] = {}
+
+    # --- the books -----------------------------------------------------------------------
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_block_ids)
+        return len(self._free_uncached) + len(self._free_cached)
 
     @property
     def free_block_ids(self) -> list[int]:
-        return list(self._free_block_ids)
+        return [*self._free_uncached, *self._free_cached]
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
+
+    @property
+    def cached_blocks(self) -> dict[BlockHash, int]:
+        """A copy of the prefix cache: hash -> block id."""
+        return dict(self._block_of_hash)
 
     def num_blocks_to_hold(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -47,29 +88,138 @@ class BlockManager:
         needed = self.num_blocks_to_hold(seq.num_computed_tokens + num_new_tokens)
         return max(0, needed - len(seq.block_table))
 
-    def allocate_slots(self, seq: HoldsBlocks, num_new_tokens: int) -> list[int] | None:
-        """Grow `seq.block_table` so that it holds num_computed_tokens + num_new_tokens tokens.
+    # --- the prefix cache ----------------------------------------------------------------
 
-        Returns the block ids added (possibly none), or None when the pool has too few free
-        blocks; then nothing is allocated and the caller decides whom to preempt.
+    def cached_prefix(self, block_hashes: Sequence[BlockHash]) -> list[int]:
+        """The cached blocks of the longest leading run of `block_hashes`."""
+        blocks = []
+        for block_hash in block_hashes:
+            block_id = self._block_of_hash.get(block_hash)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        return blocks
+
+    def cache_full_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[BlockHash]) -> None:
+        """Offers blocks whose tokens' KV is all computed to the cache, each under the
+        chained hash of its tokens (aligned lists)."""
+        for block_id, block_hash in zip(block_ids, block_hashes, strict=True):
+            assert self._ref_counts[block_id] > 0, f"block {block_id} is cached while nobody holds it"
+            known = self._hash_of_block[block_id]
+            if known is not None:
+                assert known == block_hash, f"block {block_id} changed its tokens"
+                continue
+            # The same tokens computed twice (two requests prefilled the same prefix at
+            # once): the first copy serves later hits, this one stays private.
+            if block_hash not in self._block_of_hash:
+                self._block_of_hash[block_hash] = block_id
+                self._hash_of_block[block_id] = block_hash
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached block, as when the worker that held their KV is gone."""
+        for block_id in self._block_of_hash.values():
+            self._hash_of_block[block_id] = None
+        self._block_of_hash.clear()
+        self._free_uncached.update(self._free_cached)
+        self._free_cached.clear()
+
+    # --- holding blocks ------------------------------------------------------------------
+
+    def allocate_slots(
+        self, seq: HoldsBlocks, num_new_tokens: int, cached_blocks: Sequence[int] = ()
+    ) -> SlotAllocation | None:
+        """Makes `seq.block_table` hold num_computed_tokens + num_new_tokens tokens, every
+        block the new tokens go to owned by `seq` alone.
+
+        `cached_blocks` (found by `cached_prefix`) are appended first and count as computed:
+        the caller moves num_computed_tokens past them once this succeeds. Returns None when
+        the pool has too few free blocks; then nothing changes and the caller decides whom
+        to preempt.
         """
-        num_needed = self.num_new_blocks_needed(seq, num_new_tokens)
-        if num_needed > len(self._free_block_ids):
+        block_size = self.block_size
+        table = seq.block_table
+        end = seq.num_computed_tokens + num_new_tokens
+        if (
+            not cached_blocks
+            and (len(table) - 1) * block_size <= seq.num_computed_tokens < end <= len(table) * block_size
+            and self._ref_counts[table[-1]] == 1
+        ):
+            return _NOTHING_NEW  # writes only into its last block, which it owns alone
+        if cached_blocks:
+            assert seq.num_computed_tokens == len(table) * block_size, "cache hits follow whole blocks"
+        num_computed = seq.num_computed_tokens + len(cached_blocks) * block_size
+        num_new = max(0, cdiv(num_computed + num_new_tokens, block_size) - len(table) - len(cached_blocks))
+        # Cached blocks lie before the first token written, so only the table's own blocks
+        # from there on may need a copy.
+        first_written = num_computed // block_size if num_new_tokens > 0 else len(table)
+        shared = [i for i in range(first_written, len(table)) if self._ref_counts[table[i]] > 1]
+        num_revived = sum(1 for block_id in cached_blocks if self._ref_counts[block_id] == 0)
+        if num_new + len(shared) + num_revived > self.num_free_blocks:
             return None
-        new_block_ids = [self._free_block_ids.popleft() for _ in range(num_needed)]
-        for block_id in new_block_ids:
-            assert self._ref_counts[block_id] == 0, f"block {block_id} was free but referenced"
-            self._ref_counts[block_id] = 1
-        seq.block_table.extend(new_block_ids)
-        return new_block_ids
+
+        # Holds on cached blocks first, so that the blocks handed out below are not them.
+        for block_id in cached_blocks:
+            self._hold(block_id)
+        table.extend(cached_blocks)
+        copies = []
+        for i in shared:
+            copy = self._take_free_block()
+            self._ref_counts[table[i]] -= 1
+            copies.append((table[i], copy))
+            table[i] = copy
+        new_block_ids = tuple(self._take_free_block() for _ in range(num_new))
+        table.extend(new_block_ids)
+        return SlotAllocation(new_block_ids, tuple(copies))
+
+    def allocate_blocks(self, num_blocks: int) -> list[int] | None:
+        """Fresh blocks outside any table (to swap KV into), or None if too few are free."""
+        if num_blocks > self.num_free_blocks:
+            return None
+        return [self._take_free_block() for _ in range(num_blocks)]
+
+    def fork(self, parent: HoldsBlocks, child: HoldsBlocks) -> None:
+        """The child holds all of the parent's blocks too."""
+        assert not child.block_table, "a fork starts with no blocks of its own"
+        for block_id in parent.block_table:
+            self._hold(block_id)
+        child.block_table.extend(parent.block_table)
 
     def free(self, seq: HoldsBlocks) -> None:
         """Drop the sequence's hold on all its blocks and empty its block table."""
-        # Tail blocks go back first so that, once blocks are shared by prefix, the blocks
-        # most likely to be reused (a sequence's leading ones) are the last to be handed out.
+        # Tail blocks go back first, so that a sequence's leading blocks, the likeliest to
+        # be shared by a later prompt, are the last of its blocks to be evicted.
         for block_id in reversed(seq.block_table):
-            assert self._ref_counts[block_id] > 0, f"block {block_id} freed twice"
-            self._ref_counts[block_id] -= 1
-            if self._ref_counts[block_id] == 0:
-                self._free_block_ids.append(block_id)
+            self._release(block_id)
         seq.block_table.clear()
+
+    def free_blocks(self, block_ids: Sequence[int]) -> None:
+        """Releases blocks taken with `allocate_blocks` and not put into a table."""
+        for block_id in block_ids:
+            self._release(block_id)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _hold(self, block_id: int) -> None:
+        if self._ref_counts[block_id] == 0:
+            del self._free_cached[block_id]  # only cached blocks are held while free
+        self._ref_counts[block_id] += 1
+
+    def _release(self, block_id: int) -> None:
+        assert self._ref_counts[block_id] > 0, f"block {block_id} freed twice"
+        self._ref_counts[block_id] -= 1
+        if self._ref_counts[block_id] == 0:
+            free = self._free_uncached if self._hash_of_block[block_id] is None else self._free_cached
+            free[block_id] = None
+
+    def _take_free_block(self) -> int:
+        if self._free_uncached:
+            block_id, _ = self._free_uncached.popitem(last=False)
+        else:
+            block_id, _ = self._free_cached.popitem(last=False)
+            evicted = self._hash_of_block[block_id]
+            assert evicted is not None
+            del self._block_of_hash[evicted]
+            self._hash_of_block[block_id] = None
+        assert self._ref_counts[block_id] == 0, f"block {block_id} was free but referenced"
+        self._ref_counts[block_id] = 1
+        return block_id

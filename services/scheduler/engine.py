@@ -30,19 +30,24 @@ class Engine:
         self._has_work = asyncio.Event()
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling: common_pb2.SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: common_pb2.SamplingParams,
+        priority: int = 0,
     ) -> RequestStream:
-        self.scheduler.add_request(request_id, prompt_token_ids, sampling)
+        self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority)
         stream = RequestStream(outputs=asyncio.Queue())
         self._streams[request_id] = stream
         self._has_work.set()
         return stream
 
     def abort_request(self, request_id: str) -> bool:
-        output = self.scheduler.abort_request(request_id)
-        if output is None:
+        outputs = self.scheduler.abort_request(request_id)
+        if outputs is None:
             return False
-        self._deliver(output)
+        for output in outputs:
+            self._deliver(output)
         return True
 
     def _deliver(self, output: RequestOutput) -> None:
@@ -50,7 +55,7 @@ class Engine:
         if stream is None:
             return
         stream.outputs.put_nowait(output)
-        if output.finished:
+        if output.request_finished:
             stream.finished = True
             del self._streams[output.request_id]
 
@@ -77,15 +82,34 @@ class Engine:
                 call.cancel()
 
     async def _run_steps(self, call: grpc.aio.StreamStreamCall) -> None:
-        while True:
-            scheduled = self.scheduler.schedule()
-            if scheduled is None:
-                self._has_work.clear()
-                await self._has_work.wait()
-                continue
-            await call.write(scheduled.to_proto())
-            result = await call.read()
-            if result is grpc.aio.EOF:
-                raise UnavailableError("worker closed the step stream")
-            for output in self.scheduler.update_from_output(scheduled, result):
-                self._deliver(output)
+        # The read of the next result is always pending, also while idle: see _idle.
+        next_result = asyncio.ensure_future(call.read())
+        try:
+            while True:
+                scheduled = self.scheduler.schedule()
+                if scheduled is None:
+                    self._has_work.clear()
+                    await self._idle(next_result)
+                    continue
+                await call.write(scheduled.to_proto())
+                result = await next_result
+                if result is grpc.aio.EOF:
+                    raise UnavailableError("worker closed the step stream")
+                next_result = asyncio.ensure_future(call.read())
+                for output in self.scheduler.update_from_output(scheduled, result):
+                    self._deliver(output)
+        finally:
+            next_result.cancel()
+
+    async def _idle(self, next_result: asyncio.Future) -> None:
+        """Waits for work. The worker sends nothing unasked, so a read that completes
+        meanwhile means the stream ended (a dropped connection, a restarted worker): it is
+        replaced before any request depends on it."""
+        work = asyncio.ensure_future(self._has_work.wait())
+        try:
+            await asyncio.wait({work, next_result}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            work.cancel()
+        if next_result.done():
+            next_result.result()  # raises the stream's error, if it failed
+            raise UnavailableError("worker closed the step stream")

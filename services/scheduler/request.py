@@ -1,37 +1,113 @@
-"""A request as the scheduler sees it: its tokens, how many have KV, and its blocks."""
+"""What the scheduler tracks: a Request is what a caller submitted; each of its n
+completions is a Sequence, the unit that is scheduled, holds blocks and can be preempted."""
+
+from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2
+from services.scheduler.block_hash import BlockHash, extend_block_hashes
 
 
-class RequestStatus(enum.Enum):
-    WAITING = enum.auto()  # queued, holds no blocks (new, or preempted)
-    RUNNING = enum.auto()  # holds blocks and is known to the worker under seq_id
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()  # queued, holds no blocks (new, or preempted to recompute)
+    RUNNING = enum.auto()  # holds device blocks and advances each step it is scheduled
+    SWAPPED = enum.auto()  # its KV waits in CPU blocks of the workers' swap pool
     FINISHED = enum.auto()
 
 
 @dataclass(eq=False)
 class Request:
     request_id: str
-    # Prompt followed by every generated token, kept across preemptions.
-    token_ids: list[int]
-    num_prompt_tokens: int
+    prompt_token_ids: tuple[int, ...]
+    # Always carries a seed, so that every completion's random draws survive preemption.
     sampling: common_pb2.SamplingParams
-    # Order of arrival; both queues are kept sorted by it.
+    # Lower runs first.
+    priority: int
+    # Order of arrival: first come, first served within a priority.
     arrival_index: int
-    # Leading tokens whose KV is in block_table's blocks.
-    num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
-    # The worker's handle; a fresh one each time the request is (re)introduced to it.
-    seq_id: int | None = None
-    status: RequestStatus = RequestStatus.WAITING
-    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    # Index order; holds only the first until it samples the first token, then all n.
+    sequences: list[Sequence] = field(default_factory=list)
+    # Prompt tokens whose KV came from the prefix cache; None until first admitted.
+    num_cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        self._stop_token_ids = frozenset(self.sampling.stop_token_ids)
-        self._max_tokens = self.sampling.max_tokens if self.sampling.HasField("max_tokens") else None
+        self.n = self.sampling.n if self.sampling.HasField("n") else 1
+        self.stop_token_ids = frozenset(self.sampling.stop_token_ids)
+        self.max_tokens = self.sampling.max_tokens if self.sampling.HasField("max_tokens") else None
+        # What every sequence but a first one awaiting its fork samples with: one token.
+        self.sampling_after_fork = common_pb2.SamplingParams()
+        self.sampling_after_fork.CopyFrom(self.sampling)
+        self.sampling_after_fork.ClearField("n")
+
+    @classmethod
+    def new(
+        cls, request_id: str, prompt_token_ids: list[int], sampling: common_pb2.SamplingParams,
+        priority: int, arrival_index: int, seed_if_unset: int,
+    ) -> Request:
+        """A request with its first completion, waiting."""
+        own_sampling = common_pb2.SamplingParams()
+        own_sampling.CopyFrom(sampling)
+        if not own_sampling.HasField("seed"):
+            own_sampling.seed = seed_if_unset
+        request = cls(request_id, tuple(prompt_token_ids), own_sampling, priority, arrival_index)
+        request.sequences.append(Sequence(request, index=0, token_ids=list(prompt_token_ids)))
+        return request
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def end_unforked_completions(self, finish_reason: int) -> None:
+        """Completions 1..n-1 that were never forked end too, each with its own record."""
+        for index in range(len(self.sequences), self.n):
+            self.sequences.append(
+                Sequence(self, index, list(self.prompt_token_ids), status=SequenceStatus.FINISHED,
+                         finish_reason=finish_reason)
+            )
+
+    @property
+    def finished(self) -> bool:
+        return len(self.sequences) == self.n and all(
+            s.status is SequenceStatus.FINISHED for s in self.sequences
+        )
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    # Which of the request's completions this is, in [0, n).
+    index: int
+    # Prompt followed by every generated token, kept across preemptions.
+    token_ids: list[int]
+    # Leading tokens whose KV is in block_table's blocks (or, while swapped, in
+    # cpu_block_table's).
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    cpu_block_table: list[int] = field(default_factory=list)
+    # The worker's handle; a fresh one each time the sequence is (re)introduced to it.
+    seq_id: int | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    # Leading blocks already offered to the prefix cache.
+    num_registered_blocks: int = 0
+    # Chained hashes of leading full blocks, computed as needed; the tokens only grow, so
+    # they never go stale.
+    block_hashes: list[BlockHash] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def sort_key(self) -> tuple[int, int, int]:
+        """Scheduling order: priority, then arrival, then completion index."""
+        return (self.request.priority, self.request.arrival_index, self.index)
 
     @property
     def num_tokens(self) -> int:
@@ -39,21 +115,56 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self.request.num_prompt_tokens
 
     @property
     def num_tokens_to_compute(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
+    @property
+    def awaits_fork(self) -> bool:
+        """The first completion of an n > 1 request before its first sample, which draws
+        the first token of every completion."""
+        return self.request.n > 1 and len(self.request.sequences) == 1
+
+    @property
+    def worker_sampling(self) -> common_pb2.SamplingParams:
+        """The sampling the worker gets with the sequence: n only while it awaits its fork."""
+        return self.request.sampling if self.awaits_fork else self.request.sampling_after_fork
+
+    @property
+    def num_seats(self) -> int:
+        """Seats in the running batch this sequence will take (max_num_seqs)."""
+        return self.request.n if self.awaits_fork else 1
+
+    def fork(self, index: int, first_token_id: int) -> Sequence:
+        """Completion `index` of this first completion's request, which has computed the
+        prompt (and nothing after it) and sampled `first_token_id` for it. It holds no
+        blocks yet; the caller shares this sequence's with it."""
+        assert self.num_tokens == self.num_computed_tokens == self.request.num_prompt_tokens
+        return Sequence(
+            self.request,
+            index,
+            token_ids=[*self.token_ids, first_token_id],
+            num_computed_tokens=self.num_computed_tokens,
+            status=self.status,
+            num_registered_blocks=self.num_registered_blocks,
+            block_hashes=list(self.block_hashes),
+        )
+
+    def hashes_of_full_blocks(self, num_blocks: int, block_size: int) -> list[BlockHash]:
+        return extend_block_hashes(self.block_hashes, self.token_ids, block_size, num_blocks)[:num_blocks]
+
     def stop_reason(self, eos_token_ids: frozenset[int], max_model_len: int) -> int:
-        """Why the request must stop after its last token, or FINISH_REASON_UNSPECIFIED."""
+        """Why the sequence must stop after its last token, or FINISH_REASON_UNSPECIFIED."""
         # A stop token wins over a length limit reached by the same token: the model did end.
         last_token = self.token_ids[-1]
-        if last_token in self._stop_token_ids:
+        request = self.request
+        if last_token in request.stop_token_ids:
             return common_pb2.FINISH_REASON_STOP
-        if not self.sampling.ignore_eos and last_token in eos_token_ids:
+        if not request.sampling.ignore_eos and last_token in eos_token_ids:
             return common_pb2.FINISH_REASON_STOP
-        if self._max_tokens is not None and self.num_output_tokens >= self._max_tokens:
+        if request.max_tokens is not None and self.num_output_tokens >= request.max_tokens:
             return common_pb2.FINISH_REASON_LENGTH
         if self.num_tokens >= max_model_len:
             return common_pb2.FINISH_REASON_LENGTH

@@ -37,6 +37,7 @@ def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Sch
         block_size=info.block_size,
         max_model_len=info.model.max_model_len,
         eos_token_ids=list(info.model.eos_token_ids),
+        num_cpu_blocks=info.num_cpu_blocks,
     )
 
 
@@ -59,7 +60,9 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
         servicer.model.max_model_len = engine.scheduler.max_model_len
         servicer.engine = engine
         background.append(asyncio.create_task(engine.run()))
-        log.info("scheduler ready: %s, %d KV blocks", info.model.model_name, engine.scheduler.stats().num_total_blocks)
+        stats = engine.scheduler.stats()
+        log.info("scheduler ready: %s, %d KV blocks, %d CPU swap blocks", info.model.model_name,
+                 stats.num_total_blocks, stats.num_total_cpu_blocks)
 
     try:
         await host.run(prepare=connect_worker)

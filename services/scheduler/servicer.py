@@ -41,14 +41,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         engine = self._ready_engine()
         prompt = list(request.prompt_token_ids)
         check_prompt(prompt, self.model)
-        stream = engine.add_request(request.request_id, prompt, request.sampling)
+        stream = engine.add_request(request.request_id, prompt, request.sampling, request.priority)
         try:
             while True:
                 output = await stream.outputs.get()
                 if isinstance(output, Exception):
                     raise output
                 yield output.to_proto()
-                if output.finished:
+                if output.request_finished:
                     return
         finally:
             # The caller went away (cancel, deadline) before the request finished: its

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, generation_pb2
 from services.common.errors import InvalidArgumentError
+from services.tokenizer.completion import Completions
 from services.tokenizer.detokenizer import IncrementalDetokenizer
 from services.tokenizer.tokenizer import TextTokenizer
 from services.tokenizer.validation import (
@@ -75,8 +76,16 @@ class RequestFrontend:
         return PreparedRequest(request_id, prompt_token_ids, sampling)
 
     def new_detokenizer(self, sampling: common_pb2.SamplingParams) -> IncrementalDetokenizer:
-        """Turns one request's generated ids into text, cut at its stop strings."""
+        """Turns one completion's generated ids into text, cut at its stop strings."""
         return IncrementalDetokenizer(self._tokenizer, skip_special_tokens=True, stop=tuple(sampling.stop))
+
+    def new_completions(self, prepared: PreparedRequest) -> Completions:
+        """Text streams for each of the request's n completions."""
+        n = prepared.sampling.n if prepared.sampling.HasField("n") else 1
+        return Completions(
+            prepared.request_id, len(prepared.prompt_token_ids), n,
+            lambda: self.new_detokenizer(prepared.sampling),
+        )
 
     def tokenize(self, request: generation_pb2.TokenizeRequest) -> generation_pb2.TokenizeResponse:
         if request.text and request.messages:

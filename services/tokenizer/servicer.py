@@ -6,7 +6,6 @@ import grpc
 
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common.errors import UnavailableError
-from services.tokenizer.completion import Completion
 from services.tokenizer.frontend import RequestFrontend
 
 
@@ -27,22 +26,22 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         prepared = self._frontend.prepare_generate(request)
-        completion = Completion(
-            request_id=prepared.request_id,
-            num_prompt_tokens=len(prepared.prompt_token_ids),
-            detokenizer=self._frontend.new_detokenizer(prepared.sampling),
-        )
+        completions = self._frontend.new_completions(prepared)
         submit = scheduler_pb2.SubmitRequest(
-            request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids, sampling=prepared.sampling
+            request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids, sampling=prepared.sampling,
+            priority=request.priority,
         )
+        # The client's deadline travels on: when it expires the scheduler aborts the request.
         call = self._scheduler.Submit(submit, timeout=context.time_remaining())
         try:
             async for response in call:
-                yield completion.on_tokens(response)
-                if completion.finished:
+                message = completions.on_tokens(response)
+                if message is not None:
+                    yield message
+                if completions.finished:
                     return
         finally:
-            # Ends the scheduler's stream when the client went away or a stop string
+            # Ends the scheduler's stream when the client went away or stop strings
             # finished the request early; the scheduler then frees its blocks.
             call.cancel()
 

@@ -27,6 +27,8 @@ class SamplingLimits:
     # string delays streaming by up to its length.
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
+    # Completions per request: each takes a seat in the scheduler's batch.
+    max_n: int = 16
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def validate_sampling(
         raise InvalidArgumentError("sampling.top_k", f"must be -1 or 0 (off) or positive, got {sampling.top_k}")
     if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
         raise InvalidArgumentError("sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}")
+    if sampling.HasField("n") and not 1 <= sampling.n <= limits.max_n:
+        raise InvalidArgumentError("sampling.n", f"must be in [1, {limits.max_n}], got {sampling.n}")
     _validate_stop_strings(sampling.stop, limits)
     if len(sampling.stop_token_ids) > limits.max_stop_token_ids:
         raise InvalidArgumentError(

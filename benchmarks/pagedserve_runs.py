@@ -1,0 +1,254 @@
+"""pagedserve on the benchmark workload: in one process (scheduler and model runner driven
+by a plain loop), and as the three gRPC services on loopback with clients in their own
+processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from benchmarks.workload import Workload
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from services.launcher import free_port, is_serving
+
+STARTUP_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    device: str
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    block_size: int = 16
+
+
+@dataclass
+class RunResult:
+    name: str
+    seconds: float
+    output_tokens: int
+    # Token ids generated per request, in workload order.
+    outputs: list[list[int]] = field(default_factory=list)
+    # Where the time went, when the run can tell.
+    profile: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _sampling(max_tokens: int) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=0)
+
+
+def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings) -> RunResult:
+    import torch
+
+    from gpu_worker.config import WorkerConfig
+    from gpu_worker.model_runner import ModelRunner
+    from services.scheduler.scheduler import Scheduler, SchedulerConfig
+
+    runner = ModelRunner(
+        WorkerConfig(
+            model_path=model_dir,
+            device=settings.device,
+            block_size=settings.block_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len,
+            enforce_eager=settings.enforce_eager,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+        )
+    )
+    info = runner.info()
+
+    def new_scheduler() -> Scheduler:
+        return Scheduler(
+            SchedulerConfig(
+                max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens
+            ),
+            num_blocks=info.num_kv_blocks,
+            block_size=info.block_size,
+            max_model_len=info.model.max_model_len,
+            eos_token_ids=list(info.model.eos_token_ids),
+        )
+
+    def drive(scheduler: Scheduler, requests: Workload, profile: dict[str, float]) -> list[list[int]]:
+        outputs: dict[str, list[int]] = {}
+        for index, (prompt, num_out) in enumerate(zip(requests.prompts, requests.output_lengths)):
+            scheduler.add_request(f"r{index}", prompt, _sampling(num_out))
+            outputs[f"r{index}"] = []
+        while scheduler.has_unfinished_requests():
+            t0 = time.perf_counter()
+            step = scheduler.schedule()
+            if step is None:
+                raise RuntimeError("scheduler has unfinished requests but nothing to schedule")
+            message = step.to_proto()
+            t1 = time.perf_counter()
+            result = runner.execute_step(message)
+            t2 = time.perf_counter()
+            for output in scheduler.update_from_output(step, result):
+                outputs[output.request_id].extend(output.new_token_ids)
+            t3 = time.perf_counter()
+            profile["schedule_s"] += t1 - t0
+            profile["execute_s"] += t2 - t1
+            profile["update_s"] += t3 - t2
+            profile["worker_execute_s"] += result.execute_ns / 1e9
+            profile["steps"] += 1
+            if all(entry.num_new_tokens == 1 for entry in message.scheduled):
+                profile["decode_steps"] += 1
+                profile["decode_execute_s"] += t2 - t1
+        return [outputs[f"r{i}"] for i in range(len(requests.prompts))]
+
+    # Warm-up outside the timing: first prefill and decode shapes compile their kernels.
+    drive(new_scheduler(), Workload([[1] * 40, [2] * 70], [8, 8]), _empty_profile())
+    runner.reset()
+    scheduler = new_scheduler()
+    profile = _empty_profile()
+    _synchronize(torch, settings.device)
+    start = time.perf_counter()
+    outputs = drive(scheduler, workload, profile)
+    _synchronize(torch, settings.device)
+    seconds = time.perf_counter() - start
+    profile["num_kv_blocks"] = float(info.num_kv_blocks)
+    profile["cuda_graphs"] = float(runner.decode_graphs is not None)
+    del runner
+    _release_memory(torch, settings.device)
+    return RunResult("pagedserve in-process", seconds, sum(len(o) for o in outputs), outputs, profile)
+
+
+def _empty_profile() -> dict[str, float]:
+    return dict.fromkeys(
+        ("schedule_s", "execute_s", "update_s", "worker_execute_s", "steps", "decode_steps", "decode_execute_s"), 0.0
+    )
+
+
+def _synchronize(torch_module, device: str) -> None:
+    if device.startswith("cuda"):
+        torch_module.cuda.synchronize()
+
+
+def _release_memory(torch_module, device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch_module.cuda.empty_cache()
+
+
+# --- the three services -------------------------------------------------------------------
+
+
+def _service_commands(model_dir: Path, settings: EngineSettings, ports: dict[str, int]) -> dict[str, list[str]]:
+    cli = [sys.executable, "-m", "services.cli", "--log-level", "WARNING"]
+    common = ["--host", "127.0.0.1", "--shutdown-grace", "5"]
+    limits = ["--max-num-seqs", str(settings.max_num_seqs), "--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
+    worker = [
+        *cli, "worker", *common, "--port", str(ports["worker"]), "--model", str(model_dir),
+        "--device", settings.device, "--block-size", str(settings.block_size),
+        "--gpu-memory-utilization", str(settings.gpu_memory_utilization), *limits,
+    ]
+    if settings.max_model_len is not None:
+        worker += ["--max-model-len", str(settings.max_model_len)]
+    if settings.enforce_eager:
+        worker.append("--enforce-eager")
+    return {
+        "worker": worker,
+        "scheduler": [*cli, "scheduler", *common, "--port", str(ports["scheduler"]),
+                      "--worker", f"127.0.0.1:{ports['worker']}", *limits],
+        "tokenizer": [*cli, "tokenizer", *common, "--port", str(ports["tokenizer"]), "--model", str(model_dir),
+                      "--scheduler", f"127.0.0.1:{ports['scheduler']}"],
+    }
+
+
+def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_dir: Path,
+             num_clients: int = 4) -> RunResult:
+    ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for name, command in _service_commands(model_dir, settings, ports).items():
+            log = open(log_dir / f"{name}.log", "w")
+            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        address = f"127.0.0.1:{ports['tokenizer']}"
+        _wait_serving(processes, {n: f"127.0.0.1:{p}" for n, p in ports.items()}, log_dir)
+        # Warm-up: kernels of the first prefill and decode shapes compile in the worker.
+        asyncio.run(_generate_all(address, [(f"w{i}", [1 + i] * 50, 8) for i in range(2)]))
+        requests = [
+            (f"r{i}", prompt, num_out)
+            for i, (prompt, num_out) in enumerate(zip(workload.prompts, workload.output_lengths))
+        ]
+        shares = [requests[i::num_clients] for i in range(num_clients)]
+        start_at = time.time() + 2.0
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(num_clients) as pool:
+            results = pool.starmap(_client_process, [(address, share, start_at) for share in shares])
+        seconds = max(finish for _, finish in results) - start_at
+        outputs: dict[str, list[int]] = {}
+        for share_outputs, _ in results:
+            outputs.update(share_outputs)
+        ordered = [outputs[f"r{i}"] for i in range(len(requests))]
+    finally:
+        for name in ("tokenizer", "scheduler", "worker"):
+            process = processes.get(name)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    note = f"{num_clients} client processes"
+    return RunResult("pagedserve gRPC (3 services)", seconds, sum(len(o) for o in ordered), ordered, note=note)
+
+
+def _wait_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, str], log_dir: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    pending = set(addresses)
+    while pending:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                log = (log_dir / f"{name}.log").read_text()
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log[-4000:]}")
+        pending = {name for name in pending if not is_serving(addresses[name])}
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not serving after {STARTUP_TIMEOUT_S}s: {pending}")
+        time.sleep(0.2)
+
+
+def _client_process(address: str, requests: list[tuple[str, list[int], int]], start_at: float):
+    time.sleep(max(0.0, start_at - time.time()))
+    outputs = asyncio.run(_generate_all(address, requests))
+    return outputs, time.time()
+
+
+async def _generate_all(address: str, requests: list[tuple[str, list[int], int]]) -> dict[str, list[int]]:
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+
+        async def generate(request_id: str, prompt: list[int], num_out: int) -> tuple[str, list[int]]:
+            request = generation_pb2.GenerateRequest(
+                request_id=request_id, prompt_token_ids=prompt, sampling=_sampling(num_out)
+            )
+            tokens: list[int] = []
+            async for response in stub.Generate(request):
+                tokens.extend(response.token_ids)
+            return request_id, tokens
+
+        pairs = await asyncio.gather(*(generate(*r) for r in requests))
+    return dict(pairs)

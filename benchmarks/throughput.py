@@ -1,0 +1,228 @@
+"""The nano-vllm throughput benchmark, side by side in one process on one device.
+
+    python -m benchmarks.throughput --device cuda --json results.json            # H200 run
+    python -m benchmarks.throughput --device cpu --num-seqs 4 --min-len 8 --max-len 16
+
+Workload (DESIGN.md, "How performance is measured"): random.seed(0); 256 prompts of
+randint(100, 1024) token ids in [0, 10000], then one randint(100, 1024) output length
+each; greedy, ignore_eos; output tokens per second. On CUDA the model is Qwen3-0.6B's
+architecture (benchmarks/configs/qwen3-0.6b.json) with seeded random bf16 weights; on CPU
+the embedded default model.
+
+Runs: pagedserve in-process, pagedserve through the three gRPC services, HF transformers'
+continuous batching (generate_batch's manager, paged|sdpa) and HF generate() on static
+batches. The HF runs may take a subset of the sequences (--hf-num-seqs), since they are
+tens of times slower; their tok/s is for that subset, which the table says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from benchmarks.pagedserve_runs import EngineSettings, RunResult, run_grpc, run_in_process
+from benchmarks.workload import (
+    Workload,
+    kv_bytes_per_token,
+    model_weight_bytes,
+    nano_vllm_workload,
+    roofline_seconds,
+    write_random_model,
+)
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
+# Device-to-device copy on an H200, bytes read + written per second (DESIGN.md).
+H200_COPY_BANDWIDTH = 4.25e12
+RUN_NAMES = ("inprocess", "grpc", "hf_cb", "hf_static")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model directory; default: random weights for --model-config on CUDA, "
+                        "the embedded model on CPU")
+    parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--max-token-id", type=int, default=10000)
+    parser.add_argument("--runs", default=",".join(RUN_NAMES), help=f"comma-separated subset of {RUN_NAMES}")
+    parser.add_argument("--hf-num-seqs", type=int, default=None, help="sequences for the HF runs; default: all")
+    parser.add_argument("--hf-static-batch", type=int, default=64)
+    parser.add_argument("--grpc-clients", type=int, default=4, help="client processes for the gRPC run")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH,
+                        help="measured copy bandwidth (bytes/s) for the roofline")
+    parser.add_argument("--json", type=Path, default=Path("throughput.json"))
+    parser.add_argument("--log-dir", type=Path, default=None, help="service logs of the gRPC run")
+    return parser.parse_args(argv)
+
+
+def resolve_model(args: argparse.Namespace, scratch: Path) -> Path:
+    if args.model is not None:
+        return args.model
+    if args.device.startswith("cuda"):
+        return write_random_model(args.model_config, scratch / "model")
+    from services.common.embedded_model import materialize_default_model
+
+    return materialize_default_model()
+
+
+def run_all(args: argparse.Namespace, model_dir: Path, workload: Workload, scratch: Path) -> list[RunResult]:
+    import torch
+
+    runs = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = set(runs) - set(RUN_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {RUN_NAMES}")
+    settings = EngineSettings(
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+    )
+    hf_workload = workload.subset(args.hf_num_seqs or len(workload.prompts))
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    results: list[RunResult] = []
+    for name in runs:
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        try:
+            results.append(_run_one(name, args, model_dir, workload, hf_workload, settings, dtype, scratch))
+        except Exception as error:  # one broken run must not lose the others' numbers
+            traceback.print_exc()
+            results.append(RunResult(name, 0.0, 0, note=f"failed: {type(error).__name__}: {error}"[:300]))
+            continue
+        result = results[-1]
+        num_seqs = len(result.outputs)
+        if num_seqs < len(workload.prompts):
+            result.note = (result.note + "; " if result.note else "") + f"first {num_seqs} sequences"
+        print(f"  {result.name}: {result.tokens_per_second:,.0f} tok/s", file=sys.stderr, flush=True)
+    return results
+
+
+def _run_one(name: str, args: argparse.Namespace, model_dir: Path, workload: Workload, hf_workload: Workload,
+             settings: EngineSettings, dtype, scratch: Path) -> RunResult:
+    if name == "inprocess":
+        return run_in_process(model_dir, workload, settings)
+    if name == "grpc":
+        return run_grpc(model_dir, workload, settings, args.log_dir or scratch / "logs", args.grpc_clients)
+    if name == "hf_cb":
+        from benchmarks.hf_runs import run_hf_continuous_batching
+
+        return run_hf_continuous_batching(model_dir, hf_workload, args.device, dtype)
+    from benchmarks.hf_runs import run_hf_static
+
+    return run_hf_static(model_dir, hf_workload, args.device, dtype, args.hf_static_batch)
+
+
+def summarize(args: argparse.Namespace, model_dir: Path, workload: Workload, results: list[RunResult]) -> dict:
+    on_cuda = args.device.startswith("cuda")
+    dtype_bytes = 2 if on_cuda else 4
+    weight_bytes = model_weight_bytes(model_dir, dtype_bytes)
+    kv_token_bytes = kv_bytes_per_token(model_dir, dtype_bytes)
+    reference = next((r for r in results if r.name == "pagedserve in-process"), None)
+    inprocess_outputs = reference.outputs if reference else None
+    runs = {}
+    for result in results:
+        subset = workload.subset(len(result.outputs) or len(workload.prompts))
+        roofline_tps = subset.num_output_tokens / roofline_seconds(subset, weight_bytes, kv_token_bytes, args.bandwidth)
+        entry = {
+            "name": result.name,
+            "seconds": result.seconds,
+            "output_tokens": result.output_tokens,
+            "num_seqs": len(result.outputs),
+            "tokens_per_second": result.tokens_per_second,
+            "ratio_to_pagedserve": result.tokens_per_second / reference.tokens_per_second if reference else None,
+            "roofline_tokens_per_second": roofline_tps if on_cuda else None,
+            "roofline_fraction": result.tokens_per_second / roofline_tps if on_cuda else None,
+            "note": result.note,
+        }
+        if result.profile:
+            entry["profile"] = result.profile
+        if inprocess_outputs is not None and result is not reference:
+            entry["greedy_prefix_match"] = _prefix_match(inprocess_outputs, result.outputs)
+        runs[result.name] = entry
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": _device_name(args.device),
+        "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]]),
+        "model_dir": str(model_dir),
+        "workload": {
+            "num_seqs": len(workload.prompts),
+            "prompt_tokens": workload.num_prompt_tokens,
+            "output_tokens": workload.num_output_tokens,
+        },
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_token": kv_token_bytes,
+        "bandwidth": args.bandwidth,
+        "runs": runs,
+    }
+
+
+def _prefix_match(expected: list[list[int]], actual: list[list[int]]) -> dict:
+    """How many leading tokens of each sequence agree (greedy runs; bf16 near-ties end it)."""
+    prefixes, identical = [], 0
+    for want, got in zip(expected, actual):
+        length = 0
+        while length < min(len(want), len(got)) and want[length] == got[length]:
+            length += 1
+        prefixes.append(length)
+        identical += want == got
+    prefixes.sort()
+    return {
+        "sequences": len(prefixes),
+        "identical": identical,
+        "min_prefix": prefixes[0] if prefixes else 0,
+        "median_prefix": prefixes[len(prefixes) // 2] if prefixes else 0,
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+def print_table(summary: dict) -> None:
+    print(f"\n{summary['device']}: {summary['workload']['num_seqs']} seqs, "
+          f"{summary['workload']['prompt_tokens']:,} prompt / {summary['workload']['output_tokens']:,} output tokens")
+    header = f"{'run':42} {'tok/s':>10} {'ratio':>7} {'roofline':>9} {'seconds':>8}  note"
+    print(header)
+    print("-" * len(header))
+    for entry in summary["runs"].values():
+        ratio = f"{entry['ratio_to_pagedserve']:.3f}" if entry["ratio_to_pagedserve"] is not None else "-"
+        roofline = f"{entry['roofline_fraction']:.1%}" if entry["roofline_fraction"] is not None else "-"
+        print(f"{entry['name']:42} {entry['tokens_per_second']:>10,.0f} {ratio:>7} {roofline:>9} "
+              f"{entry['seconds']:>8.2f}  {entry['note']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    workload = nano_vllm_workload(args.num_seqs, args.min_len, args.max_len, args.max_token_id)
+    with tempfile.TemporaryDirectory(prefix="pagedserve-bench-") as scratch_name:
+        scratch = Path(scratch_name)
+        model_dir = resolve_model(args, scratch)
+        results = run_all(args, model_dir, workload, scratch)
+        summary = summarize(args, model_dir, workload, results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(summary, indent=2))
+    print_table(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The benchmark's inputs: the nano-vllm workload, and model directories to run it on.
+
+GPU runs use a real architecture's config with seeded random weights (speed does not
+depend on weight values), saved as a Hugging Face directory that both pagedserve and HF
+transformers load. Its tokenizer.json is a word-level vocabulary with one word per id, so
+that the tokenizer service can turn any generated id into text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from gpu_worker.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lengths: list[int]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lengths)
+
+    def subset(self, num_seqs: int) -> Workload:
+        return Workload(self.prompts[:num_seqs], self.output_lengths[:num_seqs])
+
+
+def nano_vllm_workload(
+    num_seqs: int = 256, min_len: int = 100, max_len: int = 1024, max_token_id: int = 10000, seed: int = 0
+) -> Workload:
+    """Exactly nano-vllm's bench.py draw: all prompts first, then one output length each."""
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randint(0, max_token_id) for _ in range(rng.randint(min_len, max_len))] for _ in range(num_seqs)
+    ]
+    output_lengths = [rng.randint(min_len, max_len) for _ in range(num_seqs)]
+    return Workload(prompts, output_lengths)
+
+
+def write_random_model(config_path: Path, out_dir: Path, seed: int = 0, std: float = 0.02) -> Path:
+    """A model directory with `config_path`'s architecture and seeded random bf16 weights."""
+    raw = json.loads(Path(config_path).read_text())
+    config = ModelConfig.from_dicts(raw)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * std).to(torch.bfloat16)
+
+    def ones(size: int) -> torch.Tensor:
+        return torch.ones(size, dtype=torch.bfloat16)
+
+    hidden, heads, kv_heads, head_dim = (
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+    )
+    tensors = {"model.embed_tokens.weight": normal(config.vocab_size, hidden), "model.norm.weight": ones(hidden)}
+    if not config.tie_word_embeddings:
+        tensors["lm_head.weight"] = normal(config.vocab_size, hidden)
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        tensors |= {
+            prefix + "input_layernorm.weight": ones(hidden),
+            prefix + "post_attention_layernorm.weight": ones(hidden),
+            prefix + "self_attn.q_proj.weight": normal(heads * head_dim, hidden),
+            prefix + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
+            prefix + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
+            prefix + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
+            prefix + "mlp.gate_proj.weight": normal(config.intermediate_size, hidden),
+            prefix + "mlp.up_proj.weight": normal(config.intermediate_size, hidden),
+            prefix + "mlp.down_proj.weight": normal(hidden, config.intermediate_size),
+        }
+        if config.use_qk_norm:
+            tensors[prefix + "self_attn.q_norm.weight"] = ones(head_dim)
+            tensors[prefix + "self_attn.k_norm.weight"] = ones(head_dim)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    _write_word_level_tokenizer(out_dir, config.vocab_size)
+    return out_dir
+
+
+def _write_word_level_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+
+
+def model_weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
+    """Bytes of weights a decode step reads: every parameter once (the embedding as the
+    tied LM head; the lookup itself reads only a few rows)."""
+    config = ModelConfig.from_model_dir(model_dir)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden
+    if config.use_qk_norm:
+        per_layer += 2 * config.head_dim
+    lm_head = config.vocab_size * hidden
+    return (config.num_hidden_layers * per_layer + lm_head + hidden) * dtype_bytes
+
+
+def kv_bytes_per_token(model_dir: Path, dtype_bytes: int) -> int:
+    config = ModelConfig.from_model_dir(model_dir)
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+
+
+def roofline_seconds(workload: Workload, weight_bytes: int, kv_token_bytes: int, bandwidth: float) -> float:
+    """Time to read what the workload's decode must read at `bandwidth` bytes/s, with every
+    sequence in the batch from the start: each step reads the weights once, and each
+    running sequence's whole context (prompt + tokens so far) from the KV cache."""
+    num_steps = max(workload.output_lengths)
+    kv_token_reads = 0
+    for prompt, num_out in zip(workload.prompts, workload.output_lengths):
+        # Token k (k >= 1) is sampled from a forward over a context of len(prompt) + k.
+        kv_token_reads += sum(len(prompt) + k for k in range(1, num_out))
+    return (num_steps * weight_bytes + kv_token_reads * kv_token_bytes) / bandwidth

@@ -1,0 +1,126 @@
+"""Which implementation computes a step's KV store and attention: the one place that
+chooses.
+
+- CPU (or any non-CUDA device): the PyTorch references in kernels/paged_attention.py.
+- CUDA, decode-only step (one query token per sequence): the Triton split-context decode
+  kernel, whose launch depends on the batch size alone (CUDA-graph safe).
+- CUDA, a step of fresh prefills only (no sequence has cached context): flash-attn's varlen
+  kernel if it is installed, else PyTorch's FlashAttention-2 varlen kernel if this torch has
+  it, over the step's own keys and values.
+- CUDA, anything else (chunked prefill over a cached prefix, prefix-cache hits, prefills
+  mixed with decodes): the Triton paged prefill kernel, which reads the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+
+import torch
+
+from kernels.paged_attention import paged_attention, store_kv
+
+log = logging.getLogger(__name__)
+
+FreshPrefill = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+
+
+def store_kv_any(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if key.is_cuda:
+        from kernels.triton_kv_store import store_kv_triton
+
+        store_kv_triton(key, value, key_cache, value_cache, slot_mapping)
+    else:
+        store_kv(key, value, key_cache, value_cache, slot_mapping)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    no_cached_context: bool,
+    scale: float,
+) -> torch.Tensor:
+    """query: [T, H, D]; key, value: this step's [T, H_kv, D], already stored in the cache.
+    Returns [T, H, D]."""
+    if not query.is_cuda:
+        return paged_attention(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale)
+    if max_query_len == 1:
+        from kernels.triton_decode_attention import decode_attention_triton
+
+        return decode_attention_triton(query, key_cache, value_cache, block_tables, seq_lens, scale)
+    fresh_prefill = fresh_prefill_kernel()
+    if no_cached_context and fresh_prefill is not None and not _fresh_prefill_failed:
+        try:
+            return fresh_prefill(query, key, value, query_start_loc, max_query_len, scale)
+        except (RuntimeError, TypeError, ValueError) as error:
+            # A varlen kernel that rejects this build's arguments or dtypes is not worth a
+            # failed step: the paged kernel computes the same thing.
+            _disable_fresh_prefill(error)
+    from kernels.triton_prefill_attention import prefill_attention_triton
+
+    return prefill_attention_triton(
+        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len
+    )
+
+
+_fresh_prefill_failed = False
+
+
+def _disable_fresh_prefill(error: Exception) -> None:
+    global _fresh_prefill_failed
+    _fresh_prefill_failed = True
+    log.warning("varlen prefill kernel failed (%s); using the Triton paged prefill kernel", error)
+
+
+@functools.cache
+def fresh_prefill_kernel() -> FreshPrefill | None:
+    """Causal varlen attention over contiguous keys/values (cu_seqlens_k == cu_seqlens_q)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
+    if flash_attn_varlen_func is not None:
+
+        def flash_attn_prefill(query, key, value, cu_seqlens, max_len, scale):
+            return flash_attn_varlen_func(
+                query, key, value.contiguous(), cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True
+            )
+
+        return flash_attn_prefill
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    if "window_size" not in parameters and "is_causal" not in parameters:
+        return None
+    native_gqa = "enable_gqa" in parameters
+
+    def torch_varlen_prefill(query, key, value, cu_seqlens, max_len, scale):
+        if native_gqa:
+            extra = {"enable_gqa": True}
+        else:
+            group = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+            extra = {}
+        value = value.contiguous()
+        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **causal, **extra)
+
+    return torch_varlen_prefill
+

@@ -1,0 +1,94 @@
+"""Per-token ops of the decoder, as plain PyTorch references and device dispatch.
+
+The references define the arithmetic (fp32 statistics, rounding to the activation dtype
+where Hugging Face's modeling code rounds) and are the CPU path. On CUDA each call goes to
+its Triton kernel in kernels/triton_elementwise.py, imported only there so that the CPU
+path needs no Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (rms_norm(x + residual) * weight, x + residual); without a residual, the
+    plain norm of x and None."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype), residual
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if _use_triton(x) and x.dim() == 2:
+        from kernels.triton_elementwise import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps)
+    return add_rms_norm_reference(x, residual, weight, eps)
+
+
+def qk_norm_rope_reference(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optional per-head RMSNorm (Qwen3), then rotary embedding in the rotate-half layout.
+
+    query: [T, H, D]; key: [T, H_kv, D]; cos_sin_cache: [max_position, D] fp32 holding
+    cos(position * inv_freq) then sin(position * inv_freq).
+    """
+    if q_weight is not None and k_weight is not None:
+        query, _ = add_rms_norm_reference(query, None, q_weight, eps)
+        key, _ = add_rms_norm_reference(key, None, k_weight, eps)
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def qk_norm_rope(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(query):
+        from kernels.triton_elementwise import qk_norm_rope_triton
+
+        return qk_norm_rope_triton(positions, query, key, cos_sin_cache, q_weight, k_weight, eps)
+    return qk_norm_rope_reference(positions, query, key, cos_sin_cache, q_weight, k_weight, eps)
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _use_triton(x):
+        from kernels.triton_elementwise import silu_and_mul_triton
+
+        return silu_and_mul_triton(x)
+    return silu_and_mul_reference(x)

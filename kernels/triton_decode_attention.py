@@ -1,0 +1,225 @@
+"""Triton paged attention for decode steps (one query token per sequence), GQA-aware and
+split along the context.
+
+Computes what kernels.paged_attention.paged_attention computes when every sequence has
+exactly one query token. One program handles one (sequence, KV head, context split): it
+loads each KV tile once for all the query heads that share it (the group is padded to the
+16 rows a tensor-core dot needs), and keeps an online softmax. When there is more than one
+split, each writes its partial output and log-sum-exp and a second kernel merges them.
+
+Everything that shapes the launch depends only on the batch size, never on context
+lengths (each program reads its sequence's length from device memory), so a launch can be
+captured once in a CUDA graph and replayed for any contexts. A sequence of length 0 is a
+padding row: its output is zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Enough programs to occupy every multiprocessor about twice is where splitting stops
+# paying; more splits only add merge work.
+_TARGET_PROGRAMS = 264
+_MAX_SPLITS = 16
+_LOG2E = 1.4426950408889634
+
+
+# Eager steps pass a block table as wide as the batch's longest sequence needs, which
+# changes from step to step; specializing on it would compile a new variant mid-run.
+@triton.jit(do_not_specialize=["block_table_stride"])
+def _decode_kernel(
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    output_ptr,
+    partial_output_ptr,
+    partial_lse_ptr,
+    scale_log2,
+    query_token_stride,
+    query_head_stride,
+    block_table_stride,
+    output_token_stride,
+    output_head_stride,
+    cache_block_stride,
+    cache_slot_stride,
+    cache_head_stride,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    group_rows = tl.arange(0, GROUP_PAD)
+    row_valid = group_rows < GROUP
+    heads = kv_head * GROUP + group_rows
+    dims = tl.arange(0, HEAD_DIM)
+    query = tl.load(
+        query_ptr + seq * query_token_stride + heads[:, None] * query_head_stride + dims[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+    )
+
+    row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    row_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    for tile_start in range(start, end, BLOCK_N):
+        positions = tile_start + tl.arange(0, BLOCK_N)
+        valid = positions < end
+        block_ids = tl.load(block_table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offsets = (
+            block_ids * cache_block_stride
+            + (positions % BLOCK_SIZE) * cache_slot_stride
+            + kv_head * cache_head_stride
+        )
+        keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        values = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        probs = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(probs, axis=1)
+        acc = acc * correction[:, None] + tl.dot(probs.to(values.dtype), values).to(tl.float32)
+        row_max = new_max
+
+    # An empty split (or a padding row) leaves row_sum at 0: its output is 0, its weight 0.
+    safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(
+            output_ptr + seq * output_token_stride + heads[:, None] * output_head_stride + dims[None, :],
+            out.to(output_ptr.dtype.element_ty),
+            mask=row_valid[:, None],
+        )
+    else:
+        # Partial results are [num_seqs, num_heads, NUM_SPLITS, (HEAD_DIM)], fp32.
+        lse = tl.where(row_sum > 0, row_max + tl.log2(safe_sum), float("-inf"))
+        partial_rows = (seq * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split
+        tl.store(
+            partial_output_ptr + partial_rows[:, None] * HEAD_DIM + dims[None, :],
+            out,
+            mask=row_valid[:, None],
+        )
+        tl.store(partial_lse_ptr + partial_rows, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_output_ptr,
+    partial_lse_ptr,
+    output_ptr,
+    output_token_stride,
+    output_head_stride,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + splits)
+    max_lse = tl.max(lse, axis=0)
+    # All splits empty (padding row): every weight is 0 and so is the output.
+    safe_max = tl.where(max_lse == float("-inf"), 0.0, max_lse)
+    weights = tl.exp2(lse - safe_max)
+    total = tl.sum(weights, axis=0)
+    weights = weights / tl.where(total > 0, total, 1.0)
+    partial = tl.load(partial_output_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :])
+    out = tl.sum(partial * weights[:, None], axis=0)
+    tl.store(
+        output_ptr + seq * output_token_stride + head * output_head_stride + dims,
+        out.to(output_ptr.dtype.element_ty),
+    )
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int) -> int:
+    """Splits per sequence: a function of the batch shape alone, so graphs stay valid."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    splits = triton.cdiv(_TARGET_PROGRAMS, programs)
+    return min(triton.next_power_of_2(splits), _MAX_SPLITS)
+
+
+def decode_attention_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """query: [num_seqs, num_heads, head_dim], one token per sequence; the caches, block
+    tables and seq_lens as in kernels.paged_attention. Returns [num_seqs, num_heads, head_dim]."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
+    assert cache_head_dim == head_dim and num_heads % num_kv_heads == 0
+    assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
+    assert query.stride(2) == 1 and block_tables.stride(1) == 1
+    assert key_cache.stride() == value_cache.stride()
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads)
+    output = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if num_seqs == 0:
+        return output
+    if num_splits > 1:
+        partial_output = torch.empty(
+            num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device
+        )
+        partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    else:
+        partial_output = partial_lse = output  # unused
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        output,
+        partial_output,
+        partial_lse,
+        scale * _LOG2E,
+        query.stride(0),
+        query.stride(1),
+        block_tables.stride(0),
+        output.stride(0),
+        output.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            partial_output,
+            partial_lse,
+            output,
+            output.stride(0),
+            output.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+        )
+    return output

@@ -1,0 +1,168 @@
+"""Triton paged attention for any mixed batch: prefills, chunks of prefill over a cached
+prefix, and decodes, all reading keys and values from the paged cache.
+
+Computes exactly kernels.paged_attention.paged_attention. One program handles BLOCK_M query
+tokens of one sequence for all the query heads of one KV head: the rows of its tile are
+(token, head-in-group) pairs, so each KV tile is loaded once per group rather than once per
+query head. Query token i of a sequence with q_len new tokens and seq_len in its context
+sits at position seq_len - q_len + i and sees keys [0, position].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+# The block table's width changes from step to step; specializing on it would compile a
+# new variant mid-run.
+@triton.jit(do_not_specialize=["block_table_stride"])
+def _prefill_kernel(
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    output_ptr,
+    scale_log2,
+    query_token_stride,
+    query_head_stride,
+    output_token_stride,
+    output_head_stride,
+    block_table_stride,
+    cache_block_stride,
+    cache_slot_stride,
+    cache_head_stride,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    query_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
+    first_token = tile * BLOCK_M
+    if first_token >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - query_len
+
+    ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
+    rows = tl.arange(0, ROWS)
+    tokens = first_token + rows // GROUP_PAD
+    group_index = rows % GROUP_PAD
+    row_valid = (tokens < query_len) & (group_index < GROUP)
+    heads = kv_head * GROUP + group_index
+    query_positions = context_len + tokens
+    dims = tl.arange(0, HEAD_DIM)
+    token_rows = (query_start + tokens).to(tl.int64)
+    query = tl.load(
+        query_ptr + token_rows[:, None] * query_token_stride + heads[:, None] * query_head_stride + dims[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+    )
+
+    row_max = tl.full([ROWS], float("-inf"), tl.float32)
+    row_sum = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    # Keys past the tile's last query position are masked for every row of the tile.
+    key_end = tl.minimum(seq_len, context_len + first_token + BLOCK_M)
+    for tile_start in range(0, key_end, BLOCK_N):
+        key_positions = tile_start + tl.arange(0, BLOCK_N)
+        key_valid = key_positions < key_end
+        block_ids = tl.load(block_table + key_positions // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        offsets = (
+            block_ids * cache_block_stride
+            + (key_positions % BLOCK_SIZE) * cache_slot_stride
+            + kv_head * cache_head_stride
+        )
+        keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
+        values = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
+        scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
+        visible = key_valid[None, :] & (key_positions[None, :] <= query_positions[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # Rows that have seen no visible key yet (padding rows) keep a finite reference.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        correction = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * correction + tl.sum(probs, axis=1)
+        acc = acc * correction[:, None] + tl.dot(probs.to(values.dtype), values).to(tl.float32)
+        row_max = new_max
+
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    tl.store(
+        output_ptr + token_rows[:, None] * output_token_stride + heads[:, None] * output_head_stride + dims[None, :],
+        out.to(output_ptr.dtype.element_ty),
+        mask=row_valid[:, None],
+    )
+
+
+def prefill_attention_triton(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    block_m: int | None = None,
+    block_n: int = 64,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Same contract as kernels.paged_attention.paged_attention, plus the batch's largest
+    query length (known on the host) to size the launch grid."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    assert num_heads % num_kv_heads == 0 and query.stride(2) == 1 and block_tables.stride(1) == 1
+    assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
+    assert key_cache.stride() == value_cache.stride()
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    if block_m is None:
+        # About 128 (token, head) rows per tile, whatever the batch: one compiled variant
+        # per model, so no step compiles a new one.
+        block_m = max(1, 128 // group_pad)
+    output = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return output
+    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        output,
+        scale * _LOG2E,
+        query.stride(0),
+        query.stride(1),
+        output.stride(0),
+        output.stride(1),
+        block_tables.stride(0),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=num_warps or (4 if block_m * group_pad <= 64 else 8),
+        num_stages=num_stages,
+    )
+    return output

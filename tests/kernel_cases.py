@@ -1,0 +1,232 @@
+"""Triton kernels against their PyTorch references (run by tests/test_kernels.py).
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors (fp32,
+small shapes); with CUDA they are compiled and run in bf16 at model-like shapes. Triton
+fixes interpreter or compiler for each function when it is defined, its own library
+included, so TRITON_INTERPRET must be set before triton is first imported:
+tests/test_kernels.py runs this file in a fresh interpreter with it set. Run directly,
+this module sets it itself (before importing triton) and restores it after its tests.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+_previous_interpret = os.environ.get("TRITON_INTERPRET")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    from kernels.triton_decode_attention import decode_attention_triton
+    from kernels.triton_elementwise import add_rms_norm_triton, qk_norm_rope_triton, silu_and_mul_triton
+    from kernels.triton_kv_store import store_kv_triton
+    from kernels.triton_prefill_attention import prefill_attention_triton
+finally:
+    if _previous_interpret is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous_interpret
+
+from kernels.attention_backend import fresh_prefill_kernel  # noqa: E402
+from kernels.elementwise import (  # noqa: E402
+    add_rms_norm_reference,
+    qk_norm_rope_reference,
+    silu_and_mul_reference,
+)
+from kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+HEAD_DIM = 128 if ON_GPU else 16
+BLOCK_SIZE = 16 if ON_GPU else 4
+# bf16 inputs against an fp32 reference of the same inputs; fp32 against fp32.
+TOLERANCE = dict(atol=2e-2, rtol=2e-2) if ON_GPU else dict(atol=1e-4, rtol=1e-4)
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element array there) into a Python int
+    with int(array), which NumPy 2.4 refuses; loops with run-time bounds need it."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "scalar_index_patched", False):
+        return
+
+    def patch_lang_tensor(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor.scalar_index_patched = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_interpreter_on_cpu():
+    if ON_GPU:
+        yield
+        return
+    _patch_interpreter_scalar_index()
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12))
+
+
+class PagedBatch:
+    """A random paged KV cache holding `seq_lens` contexts in shuffled blocks, with the
+    batch's last `query_lens` tokens of each sequence as queries."""
+
+    def __init__(self, seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        num_blocks = sum(-(-n // BLOCK_SIZE) for n in seq_lens) + 3
+        shape = (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+        # NaN in every slot nobody writes: a kernel reading one poisons its output.
+        self.key_cache = torch.full(shape, float("nan"), dtype=DTYPE, device=DEVICE)
+        self.value_cache = torch.full(shape, float("nan"), dtype=DTYPE, device=DEVICE)
+        free_blocks = list(range(num_blocks))
+        random.Random(seed).shuffle(free_blocks)
+        tables, slots = [], []
+        for seq_len in seq_lens:
+            blocks = [free_blocks.pop() for _ in range(-(-seq_len // BLOCK_SIZE))]
+            tables.append(blocks)
+            slots.extend(blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(seq_len))
+        keys = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
+        values = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
+        store_kv(keys, values, self.key_cache, self.value_cache, torch.tensor(slots, device=DEVICE))
+        width = max(max(len(t) for t in tables), 1) + 2
+        self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+        self.query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32, device=DEVICE).cumsum(0).to(torch.int32)
+        self.query = torch.randn(sum(query_lens), num_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
+        self.scale = HEAD_DIM**-0.5
+
+    def reference(self) -> torch.Tensor:
+        return paged_attention(
+            self.query, self.key_cache, self.value_cache, self.block_tables,
+            self.query_start_loc, self.seq_lens, self.scale,
+        )
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (16, 8)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_matches_reference(num_heads: int, num_kv_heads: int, num_splits: int) -> None:
+    seq_lens = [1, 7, BLOCK_SIZE, 3 * BLOCK_SIZE + 1, 70] if not ON_GPU else [1, 17, 300, 1024, 2000, 64]
+    batch = PagedBatch(seq_lens, [1] * len(seq_lens), num_heads, num_kv_heads, seed=num_heads + num_splits)
+    output = decode_attention_triton(
+        batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
+        batch.scale, num_splits=num_splits, block_n=16 if not ON_GPU else 64,
+    )
+    assert not output.isnan().any()
+    torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
+
+
+def test_decode_attention_padding_rows_are_zero() -> None:
+    batch = PagedBatch([5, 9], [1, 1], 4, 2, seed=3)
+    seq_lens = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
+    for num_splits in (1, 2):
+        output = decode_attention_triton(
+            batch.query, batch.key_cache, batch.value_cache, batch.block_tables, seq_lens, batch.scale,
+            num_splits=num_splits, block_n=16,
+        )
+        assert (output[1] == 0).all()
+        torch.testing.assert_close(output[0].float(), batch.reference()[0].float(), **TOLERANCE)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (4, 4)])
+def test_prefill_attention_matches_reference_on_mixed_batch(num_heads: int, num_kv_heads: int) -> None:
+    # Full prefill, a chunk over a cached prefix, decodes, a chunk longer than one tile.
+    if ON_GPU:
+        shapes = [(700, 700), (1500, 333), (900, 1), (17, 1), (128, 128), (2000, 1000)]
+    else:
+        shapes = [(7, 7), (13, 5), (9, 1), (1, 1), (40, 37)]
+    batch = PagedBatch([s for s, _ in shapes], [q for _, q in shapes], num_heads, num_kv_heads, seed=num_heads)
+    max_query_len = max(q for _, q in shapes)
+    output = prefill_attention_triton(
+        batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.query_start_loc,
+        batch.seq_lens, batch.scale, max_query_len, block_n=16 if not ON_GPU else 64,
+    )
+    assert not output.isnan().any()
+    torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
+
+
+def test_store_kv_matches_reference_and_skips_padding() -> None:
+    num_kv_heads, num_tokens = 2, 9
+    fused = torch.randn(num_tokens, 3 * num_kv_heads * HEAD_DIM, device=DEVICE).to(DTYPE)
+    # Strided views, as the k and v slices of a fused qkv projection are.
+    key = fused[:, : num_kv_heads * HEAD_DIM].view(num_tokens, num_kv_heads, HEAD_DIM)
+    value = fused[:, num_kv_heads * HEAD_DIM : 2 * num_kv_heads * HEAD_DIM].view(num_tokens, num_kv_heads, HEAD_DIM)
+    slots = torch.tensor([5, PADDING_SLOT, 0, 17, 3, PADDING_SLOT, 30, 31, 8], device=DEVICE)
+    shape = (8, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+    expected_k = torch.randn(shape, device=DEVICE).to(DTYPE)
+    expected_v = torch.randn(shape, device=DEVICE).to(DTYPE)
+    actual_k, actual_v = expected_k.clone(), expected_v.clone()
+    store_kv(key, value, expected_k, expected_v, slots)
+    store_kv_triton(key, value, actual_k, actual_v, slots)
+    assert torch.equal(actual_k, expected_k) and torch.equal(actual_v, expected_v)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_reference(with_residual: bool) -> None:
+    hidden = 1024 if ON_GPU else 48
+    x = torch.randn(7, hidden, device=DEVICE).to(DTYPE)
+    residual = torch.randn(7, hidden, device=DEVICE).to(DTYPE) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(DTYPE)
+    out, new_residual = add_rms_norm_triton(x, residual, weight, 1e-6)
+    expected, expected_residual = add_rms_norm_reference(x, residual, weight, 1e-6)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    if with_residual:
+        assert torch.equal(new_residual, expected_residual)
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_qk_norm_rope_matches_reference(with_norm: bool) -> None:
+    num_tokens, num_heads, num_kv_heads = 5, 4, 2
+    fused = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM, device=DEVICE).to(DTYPE)
+    query = fused[:, : num_heads * HEAD_DIM].view(num_tokens, num_heads, HEAD_DIM)
+    key = fused[:, num_heads * HEAD_DIM : (num_heads + num_kv_heads) * HEAD_DIM].view(num_tokens, num_kv_heads, HEAD_DIM)
+    positions = torch.tensor([0, 3, 17, 4000, 9], device=DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
+    freqs = torch.outer(torch.arange(4096 + 8, device=DEVICE).float(), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()
+    weights = [(1 + 0.1 * torch.randn(HEAD_DIM, device=DEVICE)).to(DTYPE) for _ in range(2)] if with_norm else [None, None]
+    actual = qk_norm_rope_triton(positions, query, key, cos_sin, *weights, 1e-6)
+    expected = qk_norm_rope_reference(positions, query, key, cos_sin, *weights, 1e-6)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **TOLERANCE)
+
+
+def test_silu_and_mul_matches_reference() -> None:
+    x = torch.randn(6, 2 * (3072 if ON_GPU else 40), device=DEVICE).to(DTYPE)
+    torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_reference(x), **TOLERANCE)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="flash-attn / PyTorch varlen attention need CUDA")
+def test_fresh_prefill_kernel_matches_reference() -> None:
+    kernel = fresh_prefill_kernel()
+    if kernel is None:
+        pytest.skip("no varlen attention kernel in this environment")
+    query_lens = [300, 1, 1024, 77]
+    batch = PagedBatch(query_lens, query_lens, 16, 8, seed=5)
+    slots_keys = []
+    for index, n in enumerate(query_lens):
+        blocks = batch.block_tables[index].tolist()
+        slots_keys.extend(blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n))
+    slots = torch.tensor(slots_keys, device=DEVICE)
+    key = batch.key_cache.view(-1, 8, HEAD_DIM)[slots]
+    value = batch.value_cache.view(-1, 8, HEAD_DIM)[slots]
+    output = kernel(batch.query, key, value, batch.query_start_loc, max(query_lens), batch.scale)
+    assert _relative_error(output, batch.reference()) < 2e-2

@@ -1,0 +1,307 @@
+"""The scheduler driven by a fake worker that keeps per-sequence state from the step
+messages alone, as a real worker does, and checks that the messages are consistent.
+
+The fake worker's KV slots remember which position they hold and the whole context up to
+it (a real token's KV depends on every token before it), so that a sequence reading a slot
+through a wrong, shared, stale or evicted block fails loudly."""
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pagedserve.v1 import common_pb2, worker_pb2
+from services.scheduler.block_hash import chained_hashes
+from services.scheduler.block_manager import cdiv
+from services.scheduler.config import PreemptionMode, SchedulerConfig
+from services.scheduler.outputs import RequestOutput, SchedulerOutput
+from services.scheduler.request import SequenceStatus
+from services.scheduler.scheduler import Scheduler
+
+STOP = common_pb2.FINISH_REASON_STOP
+LENGTH = common_pb2.FINISH_REASON_LENGTH
+ABORT = common_pb2.FINISH_REASON_ABORT
+
+VOCAB = 32
+EOS_TOKEN_IDS = (0, 1)
+
+# A sampler stands in for the model: the next token of (context, completion index).
+Sampler = Callable[[Sequence[int], int], int]
+# What a KV slot holds: its position and the tokens up to and including it.
+Slot = tuple[int, tuple[int, ...]]
+
+
+def hash_sampler(token_ids: Sequence[int], index: int = 0) -> int:
+    """Deterministic; the next token depends on the whole context and the completion."""
+    h = 17 + 7919 * index
+    for t in token_ids:
+        h = (h * 31 + t + 1) % 1_000_003
+    return h % VOCAB
+
+
+def sampling(
+    max_tokens: int | None = None, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
+    n: int | None = None,
+) -> common_pb2.SamplingParams:
+    params = common_pb2.SamplingParams(ignore_eos=ignore_eos, stop_token_ids=stop_token_ids)
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    if n is not None:
+        params.n = n
+    return params
+
+
+@dataclass
+class WorkerSeq:
+    token_ids: list[int]
+    num_computed_tokens: int
+    index: int
+    num_samples: int
+    block_table: list[int] = field(default_factory=list)
+
+
+class FakeWorker:
+    def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0,
+                 sampler: Sampler = hash_sampler) -> None:
+        self.block_size = block_size
+        self.sampler = sampler
+        self.kv: list[list[Slot | None]] = [[None] * block_size for _ in range(num_blocks)]
+        self.cpu_kv: list[list[Slot | None]] = [[None] * block_size for _ in range(num_cpu_blocks)]
+        self.seqs: dict[int, WorkerSeq] = {}
+        self.seen_seq_ids: set[int] = set()
+        self.next_step_id = 1
+
+    def slot(self, seq: WorkerSeq, pos: int) -> Slot | None:
+        return self.kv[seq.block_table[pos // self.block_size]][pos % self.block_size]
+
+    def check_context(self, seq_id: int, seq: WorkerSeq, end: int) -> None:
+        for pos in range(end):
+            expected = (pos, tuple(seq.token_ids[: pos + 1]))
+            assert self.slot(seq, pos) == expected, f"seq {seq_id}: KV at {pos} is not its own"
+
+    def step(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
+        step = worker_pb2.StepRequest.FromString(step.SerializeToString())
+        assert step.step_id == self.next_step_id
+        self.next_step_id += 1
+        for seq_id in step.finished_seq_ids:
+            del self.seqs[seq_id]
+        # Block operations, in the order the protocol gives them, before anything runs.
+        for op in step.swap_out:
+            self.cpu_kv[op.dst_block_id] = list(self.kv[op.src_block_id])
+        for op in step.swap_in:
+            self.kv[op.dst_block_id] = list(self.cpu_kv[op.src_block_id])
+        for op in step.copy_blocks:
+            self.kv[op.dst_block_id] = list(self.kv[op.src_block_id])
+        for new in step.new_sequences:
+            assert new.seq_id not in self.seen_seq_ids, "seq_id introduced twice"
+            assert new.sampling.HasField("seed"), "the scheduler always sets a seed"
+            self.seen_seq_ids.add(new.seq_id)
+            num_samples = new.sampling.n if new.sampling.HasField("n") else 1
+            self.seqs[new.seq_id] = WorkerSeq(list(new.token_ids), new.num_computed_tokens, new.index, num_samples)
+        new_ids = {new.seq_id for new in step.new_sequences}
+        scheduled_ids = [s.seq_id for s in step.scheduled]
+        assert len(scheduled_ids) == len(set(scheduled_ids))
+        assert new_ids <= set(scheduled_ids)
+        for item in step.scheduled:
+            self.seqs[item.seq_id].block_table.extend(item.new_block_ids)
+        # KV said to be computed already (cache hits, swap-ins, forks) must be there.
+        for seq_id in new_ids:
+            seq = self.seqs[seq_id]
+            self.check_context(seq_id, seq, seq.num_computed_tokens)
+
+        result = worker_pb2.StepResult(step_id=step.step_id)
+        writer_of_block: dict[int, int] = {}
+        for item in step.scheduled:
+            seq = self.seqs[item.seq_id]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + item.num_new_tokens
+            assert item.num_new_tokens >= 1 and end <= len(seq.token_ids)
+            assert len(seq.block_table) == cdiv(end, self.block_size), "blocks do not match the tokens"
+            for pos in range(start, end):
+                block_id = seq.block_table[pos // self.block_size]
+                assert writer_of_block.setdefault(block_id, item.seq_id) == item.seq_id, "two writers, one block"
+                self.kv[block_id][pos % self.block_size] = (pos, tuple(seq.token_ids[: pos + 1]))
+            seq.num_computed_tokens = end
+            if end == len(seq.token_ids):
+                self.check_context(item.seq_id, seq, end)
+                indices = range(seq.num_samples) if seq.num_samples > 1 else [seq.index]
+                tokens = [self.sampler(seq.token_ids, index) for index in indices]
+                seq.token_ids.append(tokens[0])
+                seq.num_samples = 1
+                result.seq_ids.extend([item.seq_id] * len(tokens))
+                result.token_ids.extend(tokens)
+        return result
+
+
+def reference_output(
+    prompt: Sequence[int], params: common_pb2.SamplingParams, max_model_len: int,
+    sampler: Sampler = hash_sampler, index: int = 0,
+) -> tuple[list[int], int]:
+    """What a completion yields run alone, with no batching, chunking or preemption."""
+    tokens, generated = list(prompt), []
+    while True:
+        token = sampler(tokens, index)
+        tokens.append(token)
+        generated.append(token)
+        if token in params.stop_token_ids or (not params.ignore_eos and token in EOS_TOKEN_IDS):
+            return generated, STOP
+        if params.HasField("max_tokens") and len(generated) >= params.max_tokens:
+            return generated, LENGTH
+        if len(tokens) >= max_model_len:
+            return generated, LENGTH
+
+
+class Harness:
+    def __init__(
+        self, *, num_blocks: int, block_size: int, max_model_len: int = 1024, max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192, sampler: Sampler = hash_sampler, num_cpu_blocks: int = 0,
+        enable_prefix_caching: bool = True, preemption_mode: str = "recompute",
+        max_waiting_requests: int | None = None,
+    ) -> None:
+        self.config = SchedulerConfig(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching, preemption_mode=PreemptionMode(preemption_mode),
+            max_waiting_requests=max_waiting_requests, seed=0,
+        )
+        self.scheduler = Scheduler(self.config, num_blocks, block_size, max_model_len, EOS_TOKEN_IDS,
+                                   num_cpu_blocks=num_cpu_blocks)
+        self.worker = FakeWorker(num_blocks, block_size, num_cpu_blocks, sampler)
+        # (request_id, index) -> tokens streamed so far / last output.
+        self.tokens: dict[tuple[str, int], list[int]] = {}
+        self.finals: dict[tuple[str, int], RequestOutput] = {}
+        self.finished_requests: set[str] = set()
+        self.steps: list[worker_pb2.StepRequest] = []
+        self.in_flight: SchedulerOutput | None = None
+
+    def add(self, request_id: str, prompt: list[int], params: common_pb2.SamplingParams,
+            priority: int = 0) -> None:
+        self.scheduler.add_request(request_id, prompt, params, priority)
+        n = params.n if params.HasField("n") else 1
+        for index in range(n):
+            self.tokens[(request_id, index)] = []
+            self.finals.pop((request_id, index), None)
+        self.finished_requests.discard(request_id)
+
+    def collect(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            key = (out.request_id, out.index)
+            assert key not in self.finals, "output after the completion finished"
+            assert out.request_id not in self.finished_requests, "output after the request finished"
+            self.tokens[key].extend(out.new_token_ids)
+            assert out.num_output_tokens == len(self.tokens[key])
+            if out.finished:
+                self.finals[key] = out
+            if out.request_finished:
+                self.finished_requests.add(out.request_id)
+                assert all(self.finals.get((out.request_id, i)) for i in range(self.n_of(out.request_id)))
+
+    def n_of(self, request_id: str) -> int:
+        return sum(1 for rid, _ in self.tokens if rid == request_id)
+
+    def schedule(self) -> SchedulerOutput | None:
+        scheduled = self.scheduler.schedule()
+        if scheduled is not None:
+            assert 0 < scheduled.num_scheduled_tokens <= self.config.max_num_batched_tokens
+            assert len(scheduled.scheduled) <= self.config.max_num_seqs
+            check_writes_are_private(self.scheduler, scheduled)
+            self.steps.append(scheduled.to_proto())
+            self.in_flight = scheduled
+        return scheduled
+
+    def finish_step(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+        outputs = self.scheduler.update_from_output(scheduled, self.worker.step(self.steps[-1]))
+        self.in_flight = None
+        self.collect(outputs)
+        check_invariants(self.scheduler, self.worker)
+        return outputs
+
+    def step(self) -> list[RequestOutput] | None:
+        scheduled = self.schedule()
+        return None if scheduled is None else self.finish_step(scheduled)
+
+    def abort(self, request_id: str) -> list[RequestOutput] | None:
+        outputs = self.scheduler.abort_request(request_id)
+        if outputs is not None:
+            self.collect(outputs)
+        check_invariants(self.scheduler, self.worker, mid_step=self.in_flight is not None)
+        return outputs
+
+    def preempt(self, which: int, mode: PreemptionMode) -> bool:
+        """Preempts the running sequence at position `which` (modulo); False if none runs."""
+        if not self.scheduler.running:
+            return False
+        self.scheduler.preempt(self.scheduler.running[which % len(self.scheduler.running)], mode)
+        check_invariants(self.scheduler, self.worker)
+        return True
+
+    def drain(self, max_steps: int = 5000) -> None:
+        for _ in range(max_steps):
+            if self.step() is None:
+                break
+        scheduler = self.scheduler
+        assert not scheduler.has_unfinished_requests()
+        assert not (scheduler.running or scheduler.waiting or scheduler.swapped)
+        assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_total_blocks
+        assert scheduler.cpu_pool.num_free_blocks == scheduler.cpu_pool.num_total_blocks
+
+
+def check_writes_are_private(scheduler: Scheduler, scheduled: SchedulerOutput) -> None:
+    """Every block a step writes is held by the writing sequence alone."""
+    manager = scheduler.block_manager
+    for item in scheduled.scheduled:
+        sequence = item.sequence
+        start = sequence.num_computed_tokens
+        for block_index in range(start // manager.block_size, cdiv(start + item.num_new_tokens, manager.block_size)):
+            assert manager.ref_count(sequence.block_table[block_index]) == 1, "a shared block is written"
+
+
+def check_invariants(scheduler: Scheduler, worker: FakeWorker | None = None, mid_step: bool = False) -> None:
+    manager, cpu_pool = scheduler.block_manager, scheduler.cpu_pool
+    block_size = manager.block_size
+
+    # Device blocks: free exactly when no table holds them; ref count = number of tables.
+    free = manager.free_block_ids
+    holders = Counter(b for s in scheduler.running for b in s.block_table)
+    assert len(free) == len(set(free))
+    assert set(free).isdisjoint(holders)
+    assert all(manager.ref_count(b) == holders[b] for b in range(manager.num_total_blocks))
+    assert len(free) + len(holders) == manager.num_total_blocks
+    for s in scheduler.running:
+        assert len(s.block_table) == len(set(s.block_table))
+
+    # CPU blocks: each held by one swapped sequence, or free.
+    cpu_held = [b for s in scheduler.swapped for b in s.cpu_block_table]
+    cpu_free = cpu_pool.free_block_ids
+    assert len(cpu_held) == len(set(cpu_held)) and set(cpu_held).isdisjoint(cpu_free)
+    assert len(cpu_held) + len(cpu_free) == cpu_pool.num_total_blocks
+
+    # The prefix cache: each hash names a full block whose KV was computed from exactly the
+    # tokens that produce that hash.
+    if worker is not None and not mid_step:
+        for block_hash, block_id in manager.cached_blocks.items():
+            slots = worker.kv[block_id]
+            assert all(slot is not None for slot in slots), f"cached block {block_id} is not full"
+            last_position, context = slots[-1]
+            assert (last_position + 1) % block_size == 0 and len(context) == last_position + 1
+            assert chained_hashes(context, block_size)[-1] == block_hash, f"block {block_id} lost its tokens"
+
+    for s in scheduler.waiting:
+        assert s.status is SequenceStatus.WAITING
+        assert s.block_table == [] and s.cpu_block_table == [] and s.num_computed_tokens == 0 and s.seq_id is None
+    for s in scheduler.swapped:
+        assert s.status is SequenceStatus.SWAPPED and s.block_table == [] and s.seq_id is None
+        assert len(s.cpu_block_table) == cdiv(s.num_computed_tokens, block_size)
+    for s in scheduler.running:
+        assert s.status is SequenceStatus.RUNNING and s.cpu_block_table == []
+        # Mid-step, blocks for the tokens being computed are held but not yet counted.
+        holds_computed = cdiv(s.num_computed_tokens, block_size)
+        assert len(s.block_table) >= holds_computed if mid_step else len(s.block_table) == holds_computed
+        assert s.num_computed_tokens < s.num_tokens
+    assert sum(s.num_seats for s in scheduler.running) <= scheduler.config.max_num_seqs
+    for queue in (scheduler.waiting, scheduler.running, scheduler.swapped):
+        assert [s.sort_key for s in queue] == sorted(s.sort_key for s in queue)
+
+    # Every unfinished completion of a request in flight is in exactly one queue.
+    queued = [s for queue in (scheduler.waiting, scheduler.running, scheduler.swapped) for s in queue]
+    assert len(queued) == len(set(map(id, queued)))
+    unfinished = [s for r in scheduler.requests.values() for s in r.sequences if s.status is not SequenceStatus.FINISHED]
+    assert set(map(id, unfinished)) == set(map(id, queued))
+    assert all(not r.finished for r in scheduler.requests.values())

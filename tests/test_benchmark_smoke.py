@@ -1,0 +1,47 @@
+"""The throughput benchmark end to end on CPU with the embedded model and a tiny workload:
+every run reports sane numbers, and the gRPC stack generates exactly the in-process tokens."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.workload import nano_vllm_workload
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_SEQS, MIN_LEN, MAX_LEN = 2, 4, 8
+
+
+def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    command = [
+        sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--model", str(embedded_model_dir),
+        "--num-seqs", str(NUM_SEQS), "--min-len", str(MIN_LEN), "--max-len", str(MAX_LEN),
+        "--grpc-clients", "1", "--hf-static-batch", "2", "--json", str(out), "--log-dir", str(tmp_path / "logs"),
+    ]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(out.read_text())
+
+    expected_tokens = nano_vllm_workload(NUM_SEQS, MIN_LEN, MAX_LEN).num_output_tokens
+    assert summary["workload"]["output_tokens"] == expected_tokens
+    runs = summary["runs"]
+    assert set(runs) == {
+        "pagedserve in-process",
+        "pagedserve gRPC (3 services)",
+        "HF generate_batch (paged|sdpa)",
+        "HF generate (static batches of 2)",
+    }, [run["note"] for run in runs.values()]
+    for run in runs.values():
+        assert run["seconds"] > 0 and run["tokens_per_second"] > 0, run
+        assert run["num_seqs"] == NUM_SEQS, run
+    for name in ("pagedserve in-process", "pagedserve gRPC (3 services)", "HF generate (static batches of 2)"):
+        # ignore_eos (min_new_tokens for HF generate): every sequence runs to its length.
+        assert runs[name]["output_tokens"] == expected_tokens, runs[name]
+    assert runs["pagedserve in-process"]["ratio_to_pagedserve"] == 1.0
+    # Greedy in fp32: the services generate exactly what the in-process engine does.
+    match = runs["pagedserve gRPC (3 services)"]["greedy_prefix_match"]
+    assert match["identical"] == match["sequences"] == NUM_SEQS, match
+    assert "pagedserve in-process" in completed.stdout  # the printed table

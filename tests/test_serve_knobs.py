@@ -1,0 +1,44 @@
+"""`pagedserve serve` hands each scheduling knob to the service that owns it."""
+
+from pathlib import Path
+
+from services.cli import build_parser
+from services.launcher import service_commands
+
+
+def _commands(*flags: str) -> dict[str, list[str]]:
+    args = build_parser().parse_args(["serve", "--model", "/models/m", *flags])
+    return service_commands(args, Path("/models/m"), worker_port=1, scheduler_port=2)
+
+
+def _value(command: list[str], flag: str) -> str:
+    return command[command.index(flag) + 1]
+
+
+def test_knobs_reach_their_services() -> None:
+    commands = _commands(
+        "--block-size", "32", "--num-kv-blocks", "100", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+        "--preemption-mode", "swap", "--swap-space", "0.5", "--max-waiting-requests", "3", "--no-prefix-caching",
+    )
+    worker, scheduler = commands["worker"], commands["scheduler"]
+    assert (_value(worker, "--block-size"), _value(worker, "--swap-space")) == ("32", "0.5")
+    assert _value(worker, "--num-kv-blocks") == _value(scheduler, "--num-kv-blocks") == "100"
+    assert _value(scheduler, "--max-num-seqs") == "8" and _value(scheduler, "--max-num-batched-tokens") == "64"
+    assert _value(scheduler, "--preemption-mode") == "swap"
+    assert _value(scheduler, "--max-waiting-requests") == "3"
+    assert "--no-prefix-caching" in scheduler
+    # Each service's own parser accepts what it is given.
+    parser = build_parser()
+    for name in ("worker", "scheduler"):
+        command = commands[name]
+        parser.parse_args(command[command.index(name):])
+
+
+def test_defaults() -> None:
+    commands = _commands()
+    scheduler = commands["scheduler"]
+    assert _value(scheduler, "--preemption-mode") == "recompute"
+    assert "--no-prefix-caching" not in scheduler and "--max-waiting-requests" not in scheduler
+    args = build_parser().parse_args(["scheduler", "--worker", "w:1"])
+    assert args.enable_prefix_caching and args.max_waiting_requests is None
+    assert build_parser().parse_args(["worker"]).swap_space == 4.0
