@@ -5,12 +5,13 @@
 #                           starts privately for tests/test_deploy_container.py
 #   debootstrap             builds that test's Debian base image: no registry is reachable
 #   debian-archive-keyring  what debootstrap checks the archive with (usually there)
+#   prometheus              promtool, for tests/test_deploy_alerts.py
 # Safe to run again: installs only what is missing, and refreshes the package lists only
 # when it has to install. The smoke test starts a daemon of its own; no Docker service
 # needs to run.
 set -euo pipefail
 
-packages=(docker-compose docker.io debootstrap debian-archive-keyring)
+packages=(docker-compose docker.io debootstrap debian-archive-keyring prometheus)
 
 missing=()
 for package in "${packages[@]}"; do

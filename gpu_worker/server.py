@@ -6,6 +6,7 @@ import logging
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model_runner import ModelRunner
 from gpu_worker.servicer import WorkerServicer
+from gpu_worker.step_telemetry import StepTelemetry
 from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from services.common.grpc_server import ServerConfig, ServiceHost
 
@@ -16,7 +17,7 @@ SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 async def serve_worker(server_config: ServerConfig, worker_config: WorkerConfig) -> None:
     host = ServiceHost(server_config, [SERVICE_NAME])
-    servicer = WorkerServicer()
+    servicer = WorkerServicer(StepTelemetry(host.registry))
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, host.server)
     port = await host.start()
     log.info("worker listening on port %d, loading %s", port, worker_config.model_path)

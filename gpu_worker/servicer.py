@@ -8,12 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from gpu_worker.model_runner import ModelRunner
+from gpu_worker.step_telemetry import StepTelemetry
 from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import UnavailableError
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self) -> None:
+    def __init__(self, telemetry: StepTelemetry) -> None:
+        self.telemetry = telemetry
         self.runner: ModelRunner | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._stream_open = False
@@ -42,7 +44,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         try:
             async for step in request_iterator:
-                yield await loop.run_in_executor(self._executor, runner.execute_step, step)
+                with self.telemetry.step(step, cuda_graphs=runner.decode_graphs is not None):
+                    result = await loop.run_in_executor(self._executor, runner.execute_step, step)
+                yield result
         finally:
             self._stream_open = False
             # A new stream starts from scratch: sequences of the old one are gone.

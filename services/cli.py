@@ -10,10 +10,12 @@
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from services.common.grpc_server import ServerConfig
+from services.common.telemetry import setup_tracing
 
 
 def _model_dir(model: str | None) -> Path:
@@ -28,6 +30,7 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--port", type=int, default=default_port, help="port to listen on")
     parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +69,8 @@ def add_kv_blocks_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=args.port, shutdown_grace_s=args.shutdown_grace)
+    return ServerConfig(host=args.host, port=args.port, shutdown_grace_s=args.shutdown_grace,
+                        metrics_port=args.metrics_port)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -86,6 +90,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         swap_space_bytes=int(args.swap_space * (1 << 30)),
     )
+    setup_tracing("pagedserve-worker", os.environ, {"pagedserve.worker.rank": 0})
     run_worker(server_config(args), config)
 
 
@@ -101,6 +106,7 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
         preemption_mode=args.preemption_mode,
         max_waiting_requests=args.max_waiting_requests,
     )
+    setup_tracing("pagedserve-scheduler", os.environ)
     run_scheduler(server_config(args), SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduling))
 
 
@@ -108,6 +114,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     from services.tokenizer.server import TokenizerServiceConfig, run_tokenizer
 
     config = TokenizerServiceConfig(model_path=_model_dir(args.model), scheduler_address=args.scheduler)
+    setup_tracing("pagedserve-tokenizer", os.environ)
     run_tokenizer(server_config(args), config)
 
 

@@ -45,23 +45,29 @@ def service_commands(args: argparse.Namespace, model_dir: Path, worker_port: int
     # The worker sizes its CUDA graphs and activation memory by the scheduler's batches.
     batch_shape = ["--max-num-seqs", str(args.max_num_seqs),
                    "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+
+    def metrics(offset: int) -> list[str]:
+        # --metrics-port P: the tokenizer's /metrics on P, the scheduler's on P+1, the
+        # worker's on P+2.
+        return [] if args.metrics_port is None else ["--metrics-port", str(args.metrics_port + offset)]
+
     return {
         "worker": [
             *cli, "worker", "--host", "127.0.0.1", "--port", str(worker_port), *grace,
             "--model", str(model_dir), "--device", args.device, "--block-size", str(args.block_size),
             *_optional("--dtype", args.dtype), *_optional("--max-model-len", args.max_model_len), *kv_cap,
-            "--swap-space", str(args.swap_space), *batch_shape,
+            "--swap-space", str(args.swap_space), *batch_shape, *metrics(2),
         ],
         "scheduler": [
             *cli, "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port), *grace,
             "--worker", f"127.0.0.1:{worker_port}", *batch_shape, *kv_cap,
             "--preemption-mode", args.preemption_mode,
             *_optional("--max-waiting-requests", args.max_waiting_requests),
-            *([] if args.enable_prefix_caching else ["--no-prefix-caching"]),
+            *([] if args.enable_prefix_caching else ["--no-prefix-caching"]), *metrics(1),
         ],
         "tokenizer": [
             *cli, "tokenizer", "--host", args.host, "--port", str(args.port), *grace,
-            "--model", str(model_dir), "--scheduler", f"127.0.0.1:{scheduler_port}",
+            "--model", str(model_dir), "--scheduler", f"127.0.0.1:{scheduler_port}", *metrics(0),
         ],
     }
 

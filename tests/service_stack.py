@@ -45,7 +45,8 @@ def _wait_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, s
 
 @contextmanager
 def service_stack(model_dir: Path, log_dir: Path, worker_args: list[str] = (),
-                  scheduler_args: list[str] = ()) -> Iterator[Stack]:
+                  scheduler_args: list[str] = (), tokenizer_args: list[str] = (),
+                  env: dict[str, str] | None = None) -> Iterator[Stack]:
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     cli = [sys.executable, "-m", "services.cli", "--log-level", "WARNING"]
@@ -56,10 +57,10 @@ def service_stack(model_dir: Path, log_dir: Path, worker_args: list[str] = (),
         "scheduler": [*cli, "scheduler", *common, "--port", str(ports["scheduler"]),
                       "--worker", addresses["worker"], *scheduler_args],
         "tokenizer": [*cli, "tokenizer", *common, "--port", str(ports["tokenizer"]), "--model", str(model_dir),
-                      "--scheduler", addresses["scheduler"]],
+                      "--scheduler", addresses["scheduler"], *tokenizer_args],
     }
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     processes: dict[str, subprocess.Popen] = {}
     channels: list[grpc.Channel] = []
     try:

@@ -1,130 +1,23 @@
-"""What every pagedserve service does the same way: health, reflection, one place that
-maps domain errors to status codes, and graceful shutdown on SIGTERM / SIGINT."""
+"""What every pagedserve service does the same way: health, reflection, the frame around
+every call (services/common/call_frame.py), and graceful shutdown on SIGTERM / SIGINT."""
 
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from services.common.call_frame import CallInterceptor
 from services.common.channels import MESSAGE_SIZE_OPTIONS, SERVER_KEEPALIVE_OPTIONS
-from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
-from services.common.wire import find_invalid_utf8_field
+from services.common.errors import UnavailableError
+from services.common.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
-
-_STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
-    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-]
-
-
-def status_of(error: Exception) -> grpc.StatusCode:
-    for error_type, code in _STATUS_OF:
-        if isinstance(error, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-async def _abort_with(context: grpc.aio.ServicerContext, error: Exception) -> None:
-    if isinstance(error, grpc.aio.AioRpcError):
-        # A peer's answer passes through unchanged: its code and message already say what
-        # went wrong (a bad field, a full queue, a deadline).
-        await context.abort(error.code(), error.details() or "")
-    code = status_of(error)
-    if code == grpc.StatusCode.INTERNAL:
-        log.exception("unhandled error in handler", exc_info=error)
-    await context.abort(code, str(error))
-
-
-@dataclass(frozen=True)
-class _UndecodableRequest:
-    error: InvalidArgumentError
-
-
-def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """A deserializer that hands an undecodable request to the handler wrapper instead of
-    failing inside gRPC, where the client would only see INTERNAL."""
-    if deserializer is None:
-        return None
-    message_type = getattr(deserializer, "__self__", None)
-
-    def deserialize(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except DecodeError:
-            field = None
-            if message_type is not None:
-                field = find_invalid_utf8_field(message_type.DESCRIPTOR, data)
-            if field is not None:
-                return _UndecodableRequest(InvalidArgumentError(field, "must be valid UTF-8"))
-            return _UndecodableRequest(InvalidArgumentError("request", "could not be parsed"))
-
-    return deserialize
-
-
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, _UndecodableRequest):
-                raise request.error
-            return await behavior(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:  # noqa: BLE001 - mapped to a status code
-            await _abort_with(context, error)
-
-    return wrapper
-
-
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            if isinstance(request, _UndecodableRequest):
-                raise request.error
-            async for response in behavior(request, context):
-                yield response
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:  # noqa: BLE001 - mapped to a status code
-            await _abort_with(context, error)
-
-    return wrapper
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns domain errors raised by handlers into gRPC status codes, so that servicers
-    stay thin: they raise, this answers."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary or handler.unary_stream:
-            codec["request_deserializer"] = _lenient(handler.request_deserializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), **codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), **codec)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary), **codec)
-        return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream), **codec)
-
 
 LIVENESS_SERVICE = "liveness"
 
@@ -135,15 +28,19 @@ class ServerConfig:
     port: int = 0
     # Seconds that in-flight calls get to finish once shutdown begins.
     shutdown_grace_s: float = 30.0
+    # HTTP port of Prometheus' /metrics; None serves no metrics.
+    metrics_port: int | None = None
 
 
 class ServiceHost:
-    """A grpc.aio server with health (NOT_SERVING until `set_serving`) and reflection."""
+    """A grpc.aio server with health (NOT_SERVING until `set_serving`), reflection, and a
+    Prometheus registry that its metrics port serves."""
 
     def __init__(self, config: ServerConfig, service_names: list[str]) -> None:
         self.config = config
+        self.registry = CollectorRegistry()
         self.server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=[CallInterceptor(self.registry)],
             options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *SERVER_KEEPALIVE_OPTIONS],
         )
         self.health = health.aio.HealthServicer()
@@ -157,6 +54,7 @@ class ServiceHost:
     async def start(self) -> int:
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
+        serve_metrics(self.registry, self.config.metrics_port, self.config.host)
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         # Liveness: the process answers. Readiness ("" and each service) waits for the
         # model or the peers.

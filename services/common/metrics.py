@@ -3,6 +3,8 @@
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from pagedserve.v1 import common_pb2
+
 PREFIX = "pagedserve:"
 
 # Buckets for request-level latencies (seconds), from interactive to long generations.
@@ -18,3 +20,8 @@ def serve_metrics(registry: CollectorRegistry, port: int | None, host: str = "0.
     server."""
     if port:
         start_http_server(port, addr=host, registry=registry)
+
+
+def finish_reason_label(finish_reason: int) -> str:
+    """"stop", "length", "abort": as metric labels and span attributes spell it."""
+    return common_pb2.FinishReason.Name(finish_reason).removeprefix("FINISH_REASON_").lower()

@@ -3,12 +3,15 @@ long-lived step stream, feeds the sampled tokens back and hands each request its
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import grpc
 
-from pagedserve.v1 import common_pb2, worker_pb2_grpc
+from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.errors import UnavailableError
+from services.scheduler.metrics import RequestTimes, SchedulerMetrics
+from services.scheduler.outputs import SchedulerOutput
 from services.scheduler.scheduler import RequestOutput, Scheduler
 
 log = logging.getLogger(__name__)
@@ -20,12 +23,17 @@ class RequestStream:
 
     outputs: asyncio.Queue
     finished: bool = False
+    times: RequestTimes = field(default_factory=RequestTimes)
+    # W3C traceparent of the request's span, handed to the worker for its step spans.
+    traceparent: str = ""
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, worker: worker_pb2_grpc.WorkerStub) -> None:
+    def __init__(self, scheduler: Scheduler, worker: worker_pb2_grpc.WorkerStub,
+                 metrics: SchedulerMetrics | None = None) -> None:
         self.scheduler = scheduler
         self._worker = worker
+        self._metrics = metrics
         self._streams: dict[str, RequestStream] = {}
         self._has_work = asyncio.Event()
 
@@ -35,9 +43,10 @@ class Engine:
         prompt_token_ids: list[int],
         sampling: common_pb2.SamplingParams,
         priority: int = 0,
+        traceparent: str = "",
     ) -> RequestStream:
         self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority)
-        stream = RequestStream(outputs=asyncio.Queue())
+        stream = RequestStream(outputs=asyncio.Queue(), traceparent=traceparent)
         self._streams[request_id] = stream
         self._has_work.set()
         return stream
@@ -55,9 +64,36 @@ class Engine:
         if stream is None:
             return
         stream.outputs.put_nowait(output)
+        now = time.monotonic()
+        gap = stream.times.record_tokens(len(output.new_token_ids), now)
+        if self._metrics is not None:
+            self._metrics.on_tokens(stream.times, len(output.new_token_ids), gap)
+            if output.request_finished:
+                self._metrics.on_finished(stream.times, output.finish_reason, now)
         if output.request_finished:
             stream.finished = True
             del self._streams[output.request_id]
+
+    def _step_request(self, scheduled: SchedulerOutput) -> worker_pb2.StepRequest:
+        """The step's message, with the trace context of each request the worker meets for
+        the first time; and the first step of each request ends its queue time."""
+        step = scheduled.to_proto()
+        now = time.monotonic()
+        request_of_seq = {}
+        for entry in scheduled.scheduled:
+            stream = self._streams.get(entry.sequence.request_id)
+            if stream is None:
+                continue
+            request_of_seq[entry.seq_id] = stream
+            if stream.times.first_scheduled is None:
+                stream.times.first_scheduled = now
+                if self._metrics is not None:
+                    self._metrics.queue_time.observe(now - stream.times.arrival)
+        for new_sequence in step.new_sequences:
+            stream = request_of_seq.get(new_sequence.seq_id)
+            if stream is not None:
+                new_sequence.traceparent = stream.traceparent
+        return step
 
     def _fail_all(self, error: Exception) -> None:
         self.scheduler.abort_all()
@@ -91,8 +127,11 @@ class Engine:
                     self._has_work.clear()
                     await self._idle(next_result)
                     continue
-                await call.write(scheduled.to_proto())
+                started = time.monotonic()
+                await call.write(self._step_request(scheduled))
                 result = await next_result
+                if self._metrics is not None:
+                    self._metrics.on_step(len(scheduled.scheduled), time.monotonic() - started)
                 if result is grpc.aio.EOF:
                     raise UnavailableError("worker closed the step stream")
                 next_result = asyncio.ensure_future(call.read())

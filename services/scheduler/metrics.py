@@ -8,12 +8,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pagedserve.v1 import common_pb2, scheduler_pb2
-from services.common.metrics import LATENCY_BUCKETS, PREFIX, STEP_BUCKETS
+from pagedserve.v1 import scheduler_pb2
+from services.common.metrics import LATENCY_BUCKETS, PREFIX, STEP_BUCKETS, finish_reason_label
 
 
 class _StatsCollector(Collector):
@@ -51,18 +52,33 @@ class _StatsCollector(Collector):
 
 @dataclass
 class RequestTimes:
-    """When one request arrived, and when it last produced a token."""
+    """When one request arrived, was first computed, and produced its tokens."""
 
     arrival: float = field(default_factory=time.monotonic)
+    first_scheduled: float | None = None
     first_token: float | None = None
     last_token: float | None = None
     num_tokens: int = 0
 
+    def record_tokens(self, num_new_tokens: int, now: float) -> float | None:
+        """Notes tokens that arrived at `now`. Returns the gap per token since the previous
+        tokens (tokens that arrive together share it), None for the first ones."""
+        if num_new_tokens == 0:
+            return None
+        gap = None
+        if self.first_token is None:
+            self.first_token = now
+        elif self.last_token is not None:
+            gap = (now - self.last_token) / num_new_tokens
+        self.last_token = now
+        self.num_tokens += num_new_tokens
+        return gap
+
 
 class SchedulerMetrics:
-    def __init__(self, read_stats: Callable[[], scheduler_pb2.SchedulerStats]) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(_StatsCollector(read_stats))
+    def __init__(self, registry: CollectorRegistry, read_stats: Callable[[], scheduler_pb2.SchedulerStats]) -> None:
+        self.registry = registry
+        registry.register(_StatsCollector(read_stats))
         histogram = lambda name, doc, buckets: Histogram(  # noqa: E731 - four alike
             PREFIX + name, doc, registry=self.registry, buckets=buckets)
         self.time_to_first_token = histogram(
@@ -86,22 +102,37 @@ class SchedulerMetrics:
             PREFIX + "request_success", "Finished requests, by finish reason.", ["finished_reason"],
             registry=self.registry)
 
-    def on_tokens(self, times: RequestTimes, num_new_tokens: int, now: float) -> None:
-        if num_new_tokens == 0:
-            return
-        if times.first_token is None:
-            times.first_token = now
-            self.time_to_first_token.observe(now - times.arrival)
-        elif times.last_token is not None:
-            # Tokens that arrive together share the gap since the previous ones.
-            gap = (now - times.last_token) / num_new_tokens
+    def on_step(self, num_sequences: int, duration_s: float) -> None:
+        self.batch_size.observe(num_sequences)
+        self.step_duration.observe(duration_s)
+
+    def on_tokens(self, times: RequestTimes, num_new_tokens: int, gap: float | None) -> None:
+        """After `times.record_tokens` returned `gap`."""
+        if num_new_tokens and times.num_tokens == num_new_tokens:
+            self.time_to_first_token.observe(times.first_token - times.arrival)
+        if gap is not None:
             for _ in range(num_new_tokens):
                 self.inter_token_latency.observe(gap)
-        times.last_token = now
-        times.num_tokens += num_new_tokens
 
     def on_finished(self, times: RequestTimes, finish_reason: int, now: float) -> None:
-        self.request_success.labels(common_pb2.FinishReason.Name(finish_reason).removeprefix("FINISH_REASON_").lower()).inc()
+        self.request_success.labels(finish_reason_label(finish_reason)).inc()
         self.e2e_latency.observe(now - times.arrival)
         if times.first_token is not None and times.num_tokens > 1:
             self.time_per_output_token.observe((now - times.first_token) / (times.num_tokens - 1))
+
+
+def record_request_span(span: trace.Span, times: RequestTimes, last: scheduler_pb2.SubmitResponse) -> None:
+    """What the scheduler's span of a finished request says: its queue time, its first
+    token, its token counts and how it ended (OpenTelemetry GenAI names where they fit)."""
+    if not span.is_recording():
+        return
+    span.set_attributes({
+        "gen_ai.usage.input_tokens": last.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": times.num_tokens,
+        "gen_ai.response.finish_reasons": [finish_reason_label(last.finish_reason)],
+        "pagedserve.cached_tokens": last.usage.cached_tokens,
+    })
+    if times.first_scheduled is not None:
+        span.set_attribute("pagedserve.time_in_queue_s", times.first_scheduled - times.arrival)
+    if times.first_token is not None:
+        span.set_attribute("pagedserve.time_to_first_token_s", times.first_token - times.arrival)

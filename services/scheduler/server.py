@@ -11,6 +11,7 @@ from services.common.channels import insecure_channel
 from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.engine import Engine
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.servicer import SchedulerServicer
 
@@ -50,11 +51,16 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
     channel = insecure_channel(config.worker_address)
     background: list[asyncio.Task] = []
 
+    metrics = SchedulerMetrics(
+        host.registry,
+        lambda: servicer.engine.scheduler.stats() if servicer.engine else scheduler_pb2.SchedulerStats(),
+    )
+
     async def connect_worker() -> None:
         await wait_for_serving(channel, config.worker_startup_timeout_s)
         worker = worker_pb2_grpc.WorkerStub(channel)
         info = await worker.Describe(worker_pb2.DescribeRequest())
-        engine = Engine(build_scheduler(config.scheduling, info), worker)
+        engine = Engine(build_scheduler(config.scheduling, info), worker, metrics)
         servicer.model.CopyFrom(info.model)
         # The pool may hold fewer tokens than the model's context: callers see the real limit.
         servicer.model.max_model_len = engine.scheduler.max_model_len

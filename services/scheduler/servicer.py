@@ -3,10 +3,13 @@
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.errors import InvalidArgumentError, UnavailableError
+from services.common.telemetry import traceparent_of
 from services.scheduler.engine import Engine
+from services.scheduler.metrics import record_request_span
 
 
 def check_prompt(prompt_token_ids: list[int], model: common_pb2.ModelInfo) -> None:
@@ -41,14 +44,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         engine = self._ready_engine()
         prompt = list(request.prompt_token_ids)
         check_prompt(prompt, self.model)
-        stream = engine.add_request(request.request_id, prompt, request.sampling, request.priority)
+        span = trace.get_current_span()
+        stream = engine.add_request(request.request_id, prompt, request.sampling, request.priority,
+                                    traceparent=traceparent_of(span) if span.is_recording() else "")
+        span.add_event("queued")
+        sent_tokens = False
         try:
             while True:
                 output = await stream.outputs.get()
                 if isinstance(output, Exception):
                     raise output
-                yield output.to_proto()
+                if output.new_token_ids and not sent_tokens:
+                    sent_tokens = True
+                    span.add_event("first_token")
+                response = output.to_proto()
+                yield response
                 if output.request_finished:
+                    record_request_span(span, stream.times, response)
                     return
         finally:
             # The caller went away (cancel, deadline) before the request finished: its

@@ -3,10 +3,13 @@
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common.errors import UnavailableError
+from services.common.telemetry import metadata_with_context, tracer
 from services.tokenizer.frontend import RequestFrontend
+from services.tokenizer.tracing import RequestTrace
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -25,25 +28,31 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        prepared = self._frontend.prepare_generate(request)
+        with tracer().start_as_current_span("tokenize"):
+            prepared = self._frontend.prepare_generate(request)
+        request_trace = RequestTrace(trace.get_current_span(), self.model, request, prepared)
         completions = self._frontend.new_completions(prepared)
         submit = scheduler_pb2.SubmitRequest(
             request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids, sampling=prepared.sampling,
             priority=request.priority,
         )
-        # The client's deadline travels on: when it expires the scheduler aborts the request.
-        call = self._scheduler.Submit(submit, timeout=context.time_remaining())
-        try:
-            async for response in call:
-                message = completions.on_tokens(response)
-                if message is not None:
-                    yield message
-                if completions.finished:
-                    return
-        finally:
-            # Ends the scheduler's stream when the client went away or stop strings
-            # finished the request early; the scheduler then frees its blocks.
-            call.cancel()
+        with tracer().start_as_current_span("detokenize_stream"):
+            # The client's deadline travels on: when it expires the scheduler aborts the
+            # request. So does the trace context, making the scheduler's span a child.
+            call = self._scheduler.Submit(submit, timeout=context.time_remaining(), metadata=metadata_with_context())
+            try:
+                async for response in call:
+                    message = completions.on_tokens(response)
+                    if message is not None:
+                        request_trace.on_message(message)
+                        yield message
+                    if completions.finished:
+                        return
+            finally:
+                # Ends the scheduler's stream when the client went away or stop strings
+                # finished the request early; the scheduler then frees its blocks.
+                call.cancel()
+                request_trace.end()
 
     async def Tokenize(
         self, request: generation_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -58,5 +67,5 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def GetModelInfo(
         self, request: common_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ModelInfo:
-        self._frontend
+        self._frontend  # noqa: B018 - raises UNAVAILABLE until the scheduler reported its model
         return self.model

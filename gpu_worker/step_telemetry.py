@@ -1,0 +1,62 @@
+"""What the worker tells about its steps: one span per batch step, linked to the scheduler
+spans of the requests it served (never a span per token), and Prometheus metrics."""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from pagedserve.v1 import worker_pb2
+from services.common.metrics import PREFIX, STEP_BUCKETS
+from services.common.telemetry import span_context_of, tracer
+
+
+def count_tokens(step: worker_pb2.StepRequest) -> tuple[int, int]:
+    """(prefill tokens, decode tokens): a decode is one token of a sequence already known."""
+    new_seq_ids = {new.seq_id for new in step.new_sequences}
+    decode = sum(1 for s in step.scheduled if s.num_new_tokens == 1 and s.seq_id not in new_seq_ids)
+    total = sum(s.num_new_tokens for s in step.scheduled)
+    return total - decode, decode
+
+
+class StepTelemetry:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        # Scheduler spans of the live sequences; empty while tracing is off (no traceparent).
+        self._request_spans: dict[int, trace.SpanContext] = {}
+        self._duration = Histogram(PREFIX + "worker_step_duration_seconds", "One step on the worker.",
+                                   registry=registry, buckets=STEP_BUCKETS)
+        self._tokens = Counter(PREFIX + "worker_step_tokens", "Tokens computed, by kind.", ["kind"],
+                               registry=registry)
+
+    def _follow_sequences(self, step: worker_pb2.StepRequest) -> None:
+        for seq_id in step.finished_seq_ids:
+            self._request_spans.pop(seq_id, None)
+        for new in step.new_sequences:
+            context = span_context_of(new.traceparent)
+            if context is not None:
+                self._request_spans[new.seq_id] = context
+
+    @contextmanager
+    def step(self, step: worker_pb2.StepRequest, cuda_graphs: bool) -> Iterator[None]:
+        self._follow_sequences(step)
+        prefill_tokens, decode_tokens = count_tokens(step)
+        links = [trace.Link(self._request_spans[s.seq_id]) for s in step.scheduled if s.seq_id in self._request_spans]
+        attributes = {
+            "pagedserve.step.id": step.step_id,
+            "pagedserve.step.batch_size": len(step.scheduled),
+            "pagedserve.step.num_requests": len({link.context.span_id for link in links}),
+            "pagedserve.step.prefill_tokens": prefill_tokens,
+            "pagedserve.step.decode_tokens": decode_tokens,
+            # Decode-only steps replay a captured CUDA graph when the worker has them.
+            "pagedserve.step.mode": "cuda_graph" if cuda_graphs and prefill_tokens == 0 else "eager",
+        }
+        started = time.monotonic()
+        # A root span: a step serves many requests, so it belongs to no single trace.
+        with tracer().start_as_current_span("worker.step", context=Context(), links=links, attributes=attributes):
+            yield
+        self._duration.observe(time.monotonic() - started)
+        self._tokens.labels("prefill").inc(prefill_tokens)
+        self._tokens.labels("decode").inc(decode_tokens)
