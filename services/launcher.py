@@ -33,6 +33,23 @@ def is_serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def wait_until_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, str], log_dir: Path,
+                       timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+    """Waits until every service in `addresses` reports SERVING; raises, with the end of
+    its log (`log_dir/NAME.log`), as soon as one of `processes` exits."""
+    deadline = time.monotonic() + timeout_s
+    pending = set(addresses)
+    while pending:
+        for name, process in processes.items():
+            if process.poll() is not None:
+                log_text = (log_dir / f"{name}.log").read_text()
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_text[-4000:]}")
+        pending = {name for name in pending if not is_serving(addresses[name])}
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not serving after {timeout_s:.0f}s: {sorted(pending)}")
+        time.sleep(0.2)
+
+
 def _optional(flag: str, value: object) -> list[str]:
     return [] if value is None else [flag, str(value)]
 

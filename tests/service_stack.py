@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from pagedserve.v1 import generation_pb2_grpc, scheduler_pb2_grpc
-from services.launcher import free_port, is_serving
+from services.launcher import free_port, wait_until_serving
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -27,20 +26,6 @@ class Stack:
     generation: generation_pb2_grpc.GenerationStub
     scheduler: scheduler_pb2_grpc.SchedulerStub
     log_dir: Path
-
-
-def _wait_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, str], log_dir: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    pending = set(addresses)
-    while pending:
-        for name, process in processes.items():
-            if process.poll() is not None:
-                log = (log_dir / f"{name}.log").read_text()
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log[-4000:]}")
-        pending = {name for name in pending if not is_serving(addresses[name])}
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not serving after {STARTUP_TIMEOUT_S}s: {pending}")
-        time.sleep(0.2)
 
 
 @contextmanager
@@ -67,7 +52,7 @@ def service_stack(model_dir: Path, log_dir: Path, worker_args: list[str] = (),
         for name, command in commands.items():
             log = open(log_dir / f"{name}.log", "w")
             processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _wait_serving(processes, addresses, log_dir)
+        wait_until_serving(processes, addresses, log_dir, STARTUP_TIMEOUT_S)
         public = grpc.insecure_channel(addresses["tokenizer"])
         scheduler = grpc.insecure_channel(addresses["scheduler"])
         channels = [public, scheduler]
