@@ -11,13 +11,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from benchmarks.workload import Workload
-from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.launcher import free_port, is_serving
 
 STARTUP_TIMEOUT_S = 600.0
@@ -32,6 +34,11 @@ class EngineSettings:
     max_model_len: int | None = None
     enforce_eager: bool = False
     block_size: int = 16
+    # The scheduler's max_steps_in_flight: 1, no overlap.
+    max_steps_in_flight: int = 2
+    swap_space_gib: float = 4.0
+    # The scheduler service's --max-stream-messages-per-step (0: no limit).
+    max_stream_messages_per_step: int = 32
 
 
 @dataclass
@@ -54,7 +61,15 @@ def _sampling(max_tokens: int) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=0)
 
 
-def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings) -> RunResult:
+def run_name(base: str, max_steps_in_flight: int) -> str:
+    if max_steps_in_flight == 1:
+        return f"{base}, no overlap"
+    return base if max_steps_in_flight == 2 else f"{base}, {max_steps_in_flight} steps in flight"
+
+
+def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings,
+                   steps_in_flight: Sequence[int] = (2,)) -> list[RunResult]:
+    """One run per max_steps_in_flight (1: no overlap), on one model runner."""
     import torch
 
     from gpu_worker.config import WorkerConfig
@@ -71,14 +86,16 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             enforce_eager=settings.enforce_eager,
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
+            swap_space_bytes=int(settings.swap_space_gib * (1 << 30)),
         )
     )
     info = runner.info()
 
-    def new_scheduler() -> Scheduler:
+    def new_scheduler(max_steps_in_flight: int) -> Scheduler:
         return Scheduler(
             SchedulerConfig(
-                max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens
+                max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                max_steps_in_flight=max_steps_in_flight,
             ),
             num_blocks=info.num_kv_blocks,
             block_size=info.block_size,
@@ -87,53 +104,68 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
         )
 
     def drive(scheduler: Scheduler, requests: Workload, profile: dict[str, float]) -> list[list[int]]:
+        """The engine's loop without the network: keeps up to max_steps_in_flight steps
+        launched, so that with overlap the host plans and launches step N+1 while the
+        device runs step N."""
         outputs: dict[str, list[int]] = {}
         for index, (prompt, num_out) in enumerate(zip(requests.prompts, requests.output_lengths)):
             scheduler.add_request(f"r{index}", prompt, _sampling(num_out))
             outputs[f"r{index}"] = []
-        while scheduler.has_unfinished_requests():
-            t0 = time.perf_counter()
-            step = scheduler.schedule()
-            if step is None:
+        in_flight = deque()
+        while scheduler.has_unfinished_requests() or in_flight:
+            while len(in_flight) < scheduler.max_steps_in_flight:
+                t0 = time.perf_counter()
+                step = scheduler.schedule()
+                if step is None:
+                    break
+                message = step.to_proto()
+                t1 = time.perf_counter()
+                in_flight.append((step, runner.launch_step(message)))
+                t2 = time.perf_counter()
+                profile["schedule_s"] += t1 - t0
+                profile["launch_s"] += t2 - t1
+                profile["steps"] += 1
+                profile["decode_steps"] += all(entry.num_new_tokens == 1 for entry in message.scheduled)
+            if not in_flight:
                 raise RuntimeError("scheduler has unfinished requests but nothing to schedule")
-            message = step.to_proto()
-            t1 = time.perf_counter()
-            result = runner.execute_step(message)
+            step, launched = in_flight.popleft()
             t2 = time.perf_counter()
+            result = runner.finish_step(launched)
+            t3 = time.perf_counter()
             for output in scheduler.update_from_output(step, result):
                 outputs[output.request_id].extend(output.new_token_ids)
-            t3 = time.perf_counter()
-            profile["schedule_s"] += t1 - t0
-            profile["execute_s"] += t2 - t1
-            profile["update_s"] += t3 - t2
-            profile["worker_execute_s"] += result.execute_ns / 1e9
-            profile["steps"] += 1
-            if all(entry.num_new_tokens == 1 for entry in message.scheduled):
-                profile["decode_steps"] += 1
-                profile["decode_execute_s"] += t2 - t1
+            t4 = time.perf_counter()
+            profile["finish_s"] += t3 - t2
+            profile["update_s"] += t4 - t3
         return [outputs[f"r{i}"] for i in range(len(requests.prompts))]
 
-    # Warm-up outside the timing: first prefill and decode shapes compile their kernels.
-    drive(new_scheduler(), Workload([[1] * 40, [2] * 70], [8, 8]), _empty_profile())
-    runner.reset()
-    scheduler = new_scheduler()
-    profile = _empty_profile()
-    _synchronize(torch, settings.device)
-    start = time.perf_counter()
-    outputs = drive(scheduler, workload, profile)
-    _synchronize(torch, settings.device)
-    seconds = time.perf_counter() - start
-    profile["num_kv_blocks"] = float(info.num_kv_blocks)
-    profile["cuda_graphs"] = float(runner.decode_graphs is not None)
+    results = []
+    for max_steps_in_flight in steps_in_flight:
+        # Warm-up outside the timing: first prefill and decode shapes compile their kernels.
+        drive(new_scheduler(max_steps_in_flight), Workload([[1] * 40, [2] * 70], [8, 8]), _empty_profile())
+        runner.reset()
+        scheduler = new_scheduler(max_steps_in_flight)
+        profile = _empty_profile()
+        _synchronize(torch, settings.device)
+        start = time.perf_counter()
+        outputs = drive(scheduler, workload, profile)
+        _synchronize(torch, settings.device)
+        seconds = time.perf_counter() - start
+        runner.reset()
+        profile["num_kv_blocks"] = float(info.num_kv_blocks)
+        profile["cuda_graphs"] = float(runner.decode_graphs is not None)
+        name = run_name("pagedserve in-process", max_steps_in_flight)
+        results.append(RunResult(name, seconds, sum(len(o) for o in outputs), outputs, profile))
     del runner
     _release_memory(torch, settings.device)
-    return RunResult("pagedserve in-process", seconds, sum(len(o) for o in outputs), outputs, profile)
+    return results
 
 
 def _empty_profile() -> dict[str, float]:
-    return dict.fromkeys(
-        ("schedule_s", "execute_s", "update_s", "worker_execute_s", "steps", "decode_steps", "decode_execute_s"), 0.0
-    )
+    # schedule_s: planning steps; launch_s: building inputs and queueing the device work;
+    # finish_s: waiting for a step's tokens (the device time not hidden) and reading them;
+    # update_s: applying them in the scheduler.
+    return dict.fromkeys(("schedule_s", "launch_s", "finish_s", "update_s", "steps", "decode_steps"), 0.0)
 
 
 def _synchronize(torch_module, device: str) -> None:
@@ -159,16 +191,21 @@ def _service_commands(model_dir: Path, settings: EngineSettings, ports: dict[str
     worker = [
         *cli, "worker", *common, "--port", str(ports["worker"]), "--model", str(model_dir),
         "--device", settings.device, "--block-size", str(settings.block_size),
-        "--gpu-memory-utilization", str(settings.gpu_memory_utilization), *limits,
+        "--gpu-memory-utilization", str(settings.gpu_memory_utilization), "--swap-space", str(settings.swap_space_gib),
+        *limits,
     ]
     if settings.max_model_len is not None:
         worker += ["--max-model-len", str(settings.max_model_len)]
     if settings.enforce_eager:
         worker.append("--enforce-eager")
+    overlap = ["--max-steps-in-flight", str(settings.max_steps_in_flight)]
+    if settings.max_steps_in_flight == 1:
+        overlap = ["--no-overlap-scheduling"]
+    overlap += ["--max-stream-messages-per-step", str(settings.max_stream_messages_per_step)]
     return {
         "worker": worker,
         "scheduler": [*cli, "scheduler", *common, "--port", str(ports["scheduler"]),
-                      "--worker", f"127.0.0.1:{ports['worker']}", *limits],
+                      "--worker", f"127.0.0.1:{ports['worker']}", *limits, *overlap],
         "tokenizer": [*cli, "tokenizer", *common, "--port", str(ports["tokenizer"]), "--model", str(model_dir),
                       "--scheduler", f"127.0.0.1:{ports['scheduler']}"],
     }
@@ -202,6 +239,7 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
         for share_outputs, _ in results:
             outputs.update(share_outputs)
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
+        profile = _scheduler_stats(f"127.0.0.1:{ports['scheduler']}")
     finally:
         for name in ("tokenizer", "scheduler", "worker"):
             process = processes.get(name)
@@ -213,7 +251,18 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             except subprocess.TimeoutExpired:
                 process.kill()
     note = f"{num_clients} client processes"
-    return RunResult("pagedserve gRPC (3 services)", seconds, sum(len(o) for o in ordered), ordered, note=note)
+    name = run_name("pagedserve gRPC (3 services)", settings.max_steps_in_flight)
+    return RunResult(name, seconds, sum(len(o) for o in ordered), ordered, profile, note=note)
+
+
+def _scheduler_stats(address: str) -> dict[str, float]:
+    """The scheduler's counters after the run (warm-up included)."""
+    with grpc.insecure_channel(address) as channel:
+        stats = scheduler_pb2_grpc.SchedulerStub(channel).GetStats(scheduler_pb2.GetStatsRequest(), timeout=30)
+    return {
+        "steps": float(stats.num_steps), "num_kv_blocks": float(stats.num_total_blocks),
+        "preemptions": float(stats.num_preemptions), "generation_tokens": float(stats.num_generation_tokens),
+    }
 
 
 def _wait_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, str], log_dir: Path) -> None:

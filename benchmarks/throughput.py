@@ -1,6 +1,7 @@
 """The nano-vllm throughput benchmark, side by side in one process on one device.
 
     python -m benchmarks.throughput --device cuda --json results.json            # H200 run
+    python -m benchmarks.throughput --device cuda --runs inprocess,grpc --overlap both
     python -m benchmarks.throughput --device cpu --num-seqs 4 --min-len 8 --max-len 16
 
 Workload (DESIGN.md, "How performance is measured"): random.seed(0); 256 prompts of
@@ -11,8 +12,10 @@ the embedded default model.
 
 Runs: pagedserve in-process, pagedserve through the three gRPC services, HF transformers'
 continuous batching (generate_batch's manager, paged|sdpa) and HF generate() on static
-batches. The HF runs may take a subset of the sequences (--hf-num-seqs), since they are
-tens of times slower; their tok/s is for that subset, which the table says.
+batches. The pagedserve runs overlap scheduling with the device (the default), or not
+(--overlap off), or run both ways (--overlap both). The HF runs may take a subset of the
+sequences (--hf-num-seqs), since they are tens of times slower; their tok/s is for that
+subset, which the table says.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+from dataclasses import replace
 
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, run_grpc, run_in_process
 from benchmarks.workload import (
@@ -62,6 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--overlap", choices=["on", "off", "both"], default="on",
+                        help="overlapped scheduling in the pagedserve runs (both: each run twice)")
+    parser.add_argument("--max-steps-in-flight", type=int, default=2, help="with overlap on")
+    parser.add_argument("--max-stream-messages-per-step", type=int, default=32,
+                        help="the scheduler service's limit in the gRPC runs (0: no limit)")
+    parser.add_argument("--swap-space", type=float, default=4.0,
+                        help="GiB of pinned host memory for the worker's swap pool (0 starts faster)")
     parser.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH,
                         help="measured copy bandwidth (bytes/s) for the roofline")
     parser.add_argument("--json", type=Path, default=Path("throughput.json"))
@@ -93,39 +105,47 @@ def run_all(args: argparse.Namespace, model_dir: Path, workload: Workload, scrat
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
+        swap_space_gib=args.swap_space,
+        max_stream_messages_per_step=args.max_stream_messages_per_step,
     )
     hf_workload = workload.subset(args.hf_num_seqs or len(workload.prompts))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    depth = args.max_steps_in_flight
+    steps_in_flight = {"on": [depth], "off": [1], "both": [depth, 1]}[args.overlap]
     results: list[RunResult] = []
     for name in runs:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         try:
-            results.append(_run_one(name, args, model_dir, workload, hf_workload, settings, dtype, scratch))
+            new_results = _run_one(name, args, model_dir, workload, hf_workload, settings, dtype, scratch,
+                                   steps_in_flight)
         except Exception as error:  # one broken run must not lose the others' numbers
             traceback.print_exc()
             results.append(RunResult(name, 0.0, 0, note=f"failed: {type(error).__name__}: {error}"[:300]))
             continue
-        result = results[-1]
-        num_seqs = len(result.outputs)
-        if num_seqs < len(workload.prompts):
-            result.note = (result.note + "; " if result.note else "") + f"first {num_seqs} sequences"
-        print(f"  {result.name}: {result.tokens_per_second:,.0f} tok/s", file=sys.stderr, flush=True)
+        for result in new_results:
+            num_seqs = len(result.outputs)
+            if num_seqs < len(workload.prompts):
+                result.note = (result.note + "; " if result.note else "") + f"first {num_seqs} sequences"
+            print(f"  {result.name}: {result.tokens_per_second:,.0f} tok/s", file=sys.stderr, flush=True)
+        results.extend(new_results)
     return results
 
 
 def _run_one(name: str, args: argparse.Namespace, model_dir: Path, workload: Workload, hf_workload: Workload,
-             settings: EngineSettings, dtype, scratch: Path) -> RunResult:
+             settings: EngineSettings, dtype, scratch: Path, steps_in_flight: list[int]) -> list[RunResult]:
     if name == "inprocess":
-        return run_in_process(model_dir, workload, settings)
+        return run_in_process(model_dir, workload, settings, steps_in_flight)
     if name == "grpc":
-        return run_grpc(model_dir, workload, settings, args.log_dir or scratch / "logs", args.grpc_clients)
+        log_dir = args.log_dir or scratch / "logs"
+        return [run_grpc(model_dir, workload, replace(settings, max_steps_in_flight=depth), log_dir,
+                         args.grpc_clients) for depth in steps_in_flight]
     if name == "hf_cb":
         from benchmarks.hf_runs import run_hf_continuous_batching
 
-        return run_hf_continuous_batching(model_dir, hf_workload, args.device, dtype)
+        return [run_hf_continuous_batching(model_dir, hf_workload, args.device, dtype)]
     from benchmarks.hf_runs import run_hf_static
 
-    return run_hf_static(model_dir, hf_workload, args.device, dtype, args.hf_static_batch)
+    return [run_hf_static(model_dir, hf_workload, args.device, dtype, args.hf_static_batch)]
 
 
 def summarize(args: argparse.Namespace, model_dir: Path, workload: Workload, results: list[RunResult]) -> dict:

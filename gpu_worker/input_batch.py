@@ -5,6 +5,10 @@ every live sequence's block table is a row of one int32 array, extended in place
 step deltas, so a batch's tables are one fancy index and its slot mapping one gather.
 On CUDA the results are written into pinned staging buffers and reach the device in two
 copies (one int64, one int32) instead of one small copy per tensor.
+
+A step may be built before the previous one's sampled tokens are read back: a sequence
+whose next token to compute is still on the device (DeviceToken) gets it gathered into the
+input ids there, after the copy, so no step waits for another's result on the host.
 """
 
 from __future__ import annotations
@@ -20,9 +24,22 @@ from gpu_worker.model.attention import AttentionMetadata
 from pagedserve.v1 import worker_pb2
 
 
+@dataclass(frozen=True)
+class DeviceToken:
+    """A sampled token the host has not read yet: tokens[index] on the device."""
+
+    tokens: torch.Tensor
+    index: int
+
+
 class _SequenceLike(Protocol):
+    # Tokens the host knows.
     token_ids: list[int]
     num_computed_tokens: int
+    # Tokens sampled after token_ids whose values the host has not read yet, and the
+    # newest of them.
+    num_pending_tokens: int
+    newest_pending_token: DeviceToken | None
 
 
 class BlockTables:
@@ -84,17 +101,25 @@ class StepInputs:
 
 
 class _Staging:
-    """Pinned host buffers, reused every step; the step's final device sync (sampling)
-    guarantees the previous copy out of them has finished before they are rewritten."""
+    """A pinned host buffer, rewritten only once the copy out of it last time is done."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.buffer = torch.empty(0, dtype=dtype)
+        self.copied: torch.cuda.Event | None = None
 
     def view(self, size: int) -> np.ndarray:
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
         if self.buffer.numel() < size:
             self.buffer = torch.empty(max(size, 2 * self.buffer.numel()), dtype=self.dtype, pin_memory=True)
         return self.buffer[:size].numpy()
+
+
+# Staging sets in turn: a step's inputs are written while earlier steps' copies may still
+# be queued behind the work before them (one set per step launched and not finished).
+_NUM_STAGING_SETS = 3
 
 
 class StepInputBuilder:
@@ -102,8 +127,8 @@ class StepInputBuilder:
         self.block_tables = BlockTables(max_blocks_per_seq)
         self.block_size = block_size
         self.device = device
-        self._staging64 = _Staging(torch.int64)
-        self._staging32 = _Staging(torch.int32)
+        self._staging_sets = [(_Staging(torch.int64), _Staging(torch.int32)) for _ in range(_NUM_STAGING_SETS)]
+        self._num_builds = 0
 
     def remove(self, seq_id: int) -> None:
         self.block_tables.remove(seq_id)
@@ -115,6 +140,8 @@ class StepInputBuilder:
         self, scheduled: Sequence[worker_pb2.ScheduledSequence], sequences: Mapping[int, _SequenceLike]
     ) -> StepInputs:
         """Advances each scheduled sequence's num_computed_tokens and returns the inputs."""
+        staging64, staging32 = self._staging_sets[self._num_builds % _NUM_STAGING_SETS]
+        self._num_builds += 1
         num_seqs = len(scheduled)
         block_size = self.block_size
         tables = self.block_tables
@@ -122,6 +149,8 @@ class StepInputBuilder:
         starts = np.empty(num_seqs, dtype=np.int64)
         query_lens = np.empty(num_seqs, dtype=np.int64)
         input_ids: list[int] = []
+        # (position in input_ids, token) of each input still on the device.
+        fed: list[tuple[int, DeviceToken]] = []
         sample_index: list[int] = []
         sample_seq_ids: list[int] = []
         for index, entry in enumerate(scheduled):
@@ -130,18 +159,29 @@ class StepInputBuilder:
             start = state.num_computed_tokens
             num_new = entry.num_new_tokens
             end = start + num_new
+            num_known = len(state.token_ids)
+            num_seq_tokens = num_known + state.num_pending_tokens
             assert num_new > 0, f"seq {entry.seq_id}: nothing to compute"
-            assert end <= len(state.token_ids), f"seq {entry.seq_id}: computing past its tokens"
+            assert end <= num_seq_tokens, f"seq {entry.seq_id}: computing past its tokens"
             assert end <= tables.num_blocks[row] * block_size, f"seq {entry.seq_id}: too few blocks"
-            if num_new == 1:
-                input_ids.append(state.token_ids[start])
+            if end <= num_known:
+                if num_new == 1:
+                    input_ids.append(state.token_ids[start])
+                else:
+                    input_ids.extend(state.token_ids[start:end])
             else:
-                input_ids.extend(state.token_ids[start:end])
+                # Only the newest sample can be fed: every earlier one was computed by the
+                # step that followed it.
+                assert max(start, num_known) == end - 1 == num_seq_tokens - 1, f"seq {entry.seq_id}: unknown inputs"
+                assert state.newest_pending_token is not None
+                input_ids.extend(state.token_ids[start:end - 1])
+                fed.append((len(input_ids), state.newest_pending_token))
+                input_ids.append(0)
             rows[index], starts[index], query_lens[index] = row, start, num_new
             state.num_computed_tokens = end
-            # A sequence samples once its known tokens are all computed; a partial prefill
-            # chunk only fills the cache.
-            if end == len(state.token_ids):
+            # A sequence samples once its tokens are all computed; a partial prefill chunk
+            # only fills the cache.
+            if end == num_seq_tokens:
                 sample_index.append(index)
                 sample_seq_ids.append(entry.seq_id)
 
@@ -162,28 +202,36 @@ class StepInputBuilder:
         sample_rows = query_start_loc[1:][sample_index] - 1
         num_samples = len(sample_index)
 
-        sizes64 = (num_tokens, num_tokens, num_tokens, num_samples)
+        fed_sources, fed_indices = _fed_token_sources(fed)
+        sizes64 = (num_tokens, num_tokens, num_tokens, num_samples, len(fed), len(fed))
         offsets64 = _aligned_offsets(sizes64, itemsize=8)
-        host64 = self._host(self._staging64, int(offsets64[-1]), np.int64)
-        ids_h, positions_h, slots_h, samples_h = _segments(host64, offsets64, sizes64)
+        host64 = self._host(staging64, int(offsets64[-1]), np.int64)
+        ids_h, positions_h, slots_h, samples_h, fed_at_h, fed_from_h = _segments(host64, offsets64, sizes64)
         ids_h[:] = input_ids
         positions_h[:] = positions
         slots_h[:] = slot_mapping
         samples_h[:] = sample_rows
+        fed_at_h[:] = [position for position, _ in fed]
+        fed_from_h[:] = fed_indices
         sizes32 = (num_seqs + 1, num_seqs, num_seqs * max_blocks)
         offsets32 = _aligned_offsets(sizes32, itemsize=4)
-        host32 = self._host(self._staging32, int(offsets32[-1]), np.int32)
+        host32 = self._host(staging32, int(offsets32[-1]), np.int32)
         starts_h, lens_h, tables_h = _segments(host32, offsets32, sizes32)
         starts_h[:] = query_start_loc
         lens_h[:] = seq_lens
         tables_h.reshape(num_seqs, max_blocks)[:] = tables.array[rows, :max_blocks]
 
-        device64, device32 = self._to_device(host64, self._staging64), self._to_device(host32, self._staging32)
+        device64, device32 = self._to_device(host64, staging64), self._to_device(host32, staging32)
 
         def part(tensor: torch.Tensor, offsets: list[int], index: int) -> torch.Tensor:
             sizes = sizes64 if offsets is offsets64 else sizes32
             return tensor[offsets[index] : offsets[index] + sizes[index]]
 
+        input_ids_device = part(device64, offsets64, 0)
+        if fed:
+            input_ids_device.index_copy_(
+                0, part(device64, offsets64, 4), fed_sources.index_select(0, part(device64, offsets64, 5))
+            )
         metadata = AttentionMetadata(
             slot_mapping=part(device64, offsets64, 2),
             query_start_loc=part(device32, offsets32, 0),
@@ -194,7 +242,7 @@ class StepInputBuilder:
             no_cached_context=bool((starts == 0).all()),
         )
         return StepInputs(
-            input_ids=part(device64, offsets64, 0),
+            input_ids=input_ids_device,
             positions=part(device64, offsets64, 1),
             metadata=metadata,
             sample_rows=part(device64, offsets64, 3),
@@ -209,8 +257,27 @@ class StepInputBuilder:
 
     def _to_device(self, host: np.ndarray, staging: _Staging) -> torch.Tensor:
         if self.device.type == "cuda":
-            return staging.buffer[: host.shape[0]].to(self.device, non_blocking=True)
+            tensor = staging.buffer[: host.shape[0]].to(self.device, non_blocking=True)
+            staging.copied = torch.cuda.Event()
+            staging.copied.record()
+            return tensor
         return torch.from_numpy(host)
+
+
+def _fed_token_sources(fed: list[tuple[int, DeviceToken]]) -> tuple[torch.Tensor | None, list[int]]:
+    """One tensor holding every fed token (normally the previous step's draws, as they
+    are) and each token's index in it."""
+    if not fed:
+        return None, []
+    sources: dict[int, torch.Tensor] = {}
+    for _, token in fed:
+        sources.setdefault(id(token.tokens), token.tokens)
+    offsets, start = {}, 0
+    for key, tensor in sources.items():
+        offsets[key] = start
+        start += tensor.shape[0]
+    combined = next(iter(sources.values())) if len(sources) == 1 else torch.cat(list(sources.values()))
+    return combined, [offsets[id(token.tokens)] + token.index for _, token in fed]
 
 
 # Triton compiles a kernel variant per pointer alignment (16 bytes or not): every tensor cut

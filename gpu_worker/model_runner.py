@@ -3,6 +3,12 @@
 The scheduler owns block allocation; the runner keeps, per live sequence, only what it
 needs to build the next batch from a small step delta: its tokens, how many of them have
 KV in the cache, its block table and its sampling state.
+
+A step runs in two halves so that steps overlap: launch_step queues the step's work on the
+device and returns at once; finish_step waits for its sampled tokens and reports them. The
+next step may be launched in between: a sequence it computes the token of a step not yet
+finished gets that token on the device (gpu_worker/input_batch.py), so the device goes from
+one step to the next without waiting for the host.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import DecodeGraphs
-from gpu_worker.input_batch import StepInputBuilder, StepInputs
+from gpu_worker.input_batch import DeviceToken, StepInputBuilder, StepInputs
 from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_activation_bytes
 from gpu_worker.kv_cache import (
     allocate_cpu_kv_cache,
@@ -35,10 +41,34 @@ from pagedserve.v1 import common_pb2, worker_pb2
 
 @dataclass
 class SequenceState:
+    # Tokens the host knows: the prompt, then each sampled token once its step finished.
     token_ids: list[int]
     num_computed_tokens: int
     sampling: SequenceSampling
     block_table: list[int] = field(default_factory=list)
+    # Tokens sampled by launched steps that have not finished, and the newest of them.
+    num_pending_tokens: int = 0
+    newest_pending_token: DeviceToken | None = None
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose work is queued on the device."""
+
+    step_id: int
+    start_ns: int
+    # (seq_id, its state, how many tokens it draws) of each sampling sequence, in batch order.
+    samples: list[tuple[int, SequenceState, int]] = field(default_factory=list)
+    # The draws, in host memory once `copied` has completed (or at once, on CPU).
+    host_tokens: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+    device: torch.device | None = None
+
+    def wait(self) -> None:
+        """Blocks until the draws are in host memory; safe from any thread."""
+        if self.copied is not None:
+            with torch.cuda.device(self.device):
+                self.copied.synchronize()
 
 
 # What one step feeds the model and the sampler (built by gpu_worker.input_batch).
@@ -112,8 +142,14 @@ class ModelRunner:
         self.sequences.clear()
         self.step_inputs.clear()
 
-    @torch.inference_mode()
     def execute_step(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
+        """One step from start to sampled tokens."""
+        return self.finish_step(self.launch_step(step))
+
+    @torch.inference_mode()
+    def launch_step(self, step: worker_pb2.StepRequest) -> LaunchedStep:
+        """Applies the step's changes and queues its forward and sampling on the device;
+        returns without waiting for them. Steps are launched and finished in order."""
         start_ns = time.perf_counter_ns()
         for seq_id in step.finished_seq_ids:
             self.sequences.pop(seq_id, None)
@@ -129,29 +165,62 @@ class ModelRunner:
                 ),
             )
         apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
-        result = worker_pb2.StepResult(step_id=step.step_id)
+        launched = LaunchedStep(step.step_id, start_ns)
         if not step.scheduled:
-            result.execute_ns = time.perf_counter_ns() - start_ns
-            return result
+            return launched
 
         batch = self._prepare_batch(step.scheduled)
         hidden_states = self._forward(batch)
         if batch.sample_seq_ids:
             logits = self.model.compute_logits(hidden_states[batch.sample_rows])
             states = [self.sequences[seq_id] for seq_id in batch.sample_seq_ids]
-            draws = self.sampler.sample(
-                logits, [s.sampling for s in states], [len(s.token_ids) for s in states]
+            sampled = self.sampler.sample_on_device(
+                logits, [s.sampling for s in states], [len(s.token_ids) + s.num_pending_tokens for s in states]
             )
             # A sequence that drew n tokens (its request's first sample) continues with the
-            # one of its own completion index; the scheduler forks the others.
-            for seq_id, state, tokens in zip(batch.sample_seq_ids, states, draws):
-                state.token_ids.append(tokens[0])
+            # one of its own completion index, its first draw; the scheduler forks the others.
+            for seq_id, state, count, first in zip(batch.sample_seq_ids, states, sampled.counts, sampled.first_indices):
+                state.num_pending_tokens += 1
+                state.newest_pending_token = DeviceToken(sampled.tokens, first)
                 state.sampling = state.sampling.after_sample()
-                result.seq_ids.extend([seq_id] * len(tokens))
-                result.token_ids.extend(tokens)
-        # Sampling waited for the device, so this covers the whole step.
-        result.execute_ns = time.perf_counter_ns() - start_ns
+                launched.samples.append((seq_id, state, count))
+            launched.host_tokens, launched.copied = self._copy_to_host(sampled.tokens)
+            launched.device = self.device
+        return launched
+
+    def finish_step(self, launched: LaunchedStep) -> worker_pb2.StepResult:
+        """Waits for a launched step's tokens (the oldest launched and not finished) and
+        returns its result."""
+        launched.wait()
+        result = worker_pb2.StepResult(step_id=launched.step_id)
+        if launched.samples:
+            start = 0
+            tokens = launched.host_tokens.tolist()
+            for seq_id, state, count in launched.samples:
+                drawn = tokens[start:start + count]
+                start += count
+                # A sequence finished or preempted since has no state left to update; the
+                # scheduler still expects its tokens.
+                if self.sequences.get(seq_id) is state:
+                    state.token_ids.append(drawn[0])
+                    state.num_pending_tokens -= 1
+                    if not state.num_pending_tokens:
+                        state.newest_pending_token = None
+                result.seq_ids.extend([seq_id] * count)
+                result.token_ids.extend(drawn)
+        # From the step's arrival to its tokens on the host, so a step launched behind
+        # another counts the wait for it too.
+        result.execute_ns = time.perf_counter_ns() - launched.start_ns
         return result
+
+    def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if self.device.type != "cuda":
+            return tokens, None
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch.metadata):

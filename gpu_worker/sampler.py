@@ -10,6 +10,10 @@ with batched integer tensor ops, no generator state. So a sequence's tokens do n
 what shares its batch, how its prompt was chunked, or whether it was preempted and resumed
 (by recompute or swap): the same seed gives the same tokens. Completion 0 of an n-completion
 request draws what an n = 1 request with the same seed draws.
+
+Sampling never waits for the device: the per-row parameters reach it through pinned
+memory, and the tokens stay there (SampledTokens) until the caller reads them, so that the
+next step can be launched first.
 """
 
 from __future__ import annotations
@@ -106,6 +110,34 @@ class SequenceSampling:
         return self if self.num_samples == 1 else dataclasses.replace(self, num_samples=1)
 
 
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the work queued there: a
+    pageable copy would synchronize the stream first."""
+    tensor = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return tensor.to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """One step's draws, on the device: each row's num_samples tokens, rows in order."""
+
+    tokens: torch.Tensor
+    counts: list[int]
+
+    @property
+    def first_indices(self) -> list[int]:
+        """Where each row's draws start in `tokens`: the token its sequence continues with."""
+        starts, start = [], 0
+        for count in self.counts:
+            starts.append(start)
+            start += count
+        return starts
+
+    def grouped(self, tokens: list[int]) -> list[list[int]]:
+        """`tokens` (read from the device) split into each row's draws."""
+        return [tokens[start:start + count] for start, count in zip(self.first_indices, self.counts)]
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int | None = None) -> None:
         self.device = device
@@ -121,20 +153,24 @@ class Sampler:
     ) -> list[list[int]]:
         """logits: [len(rows), vocab]; positions: where each row's next token goes. Returns
         each row's tokens: num_samples of them, in completion index order."""
+        sampled = self.sample_on_device(logits, rows, positions)
+        return sampled.grouped(sampled.tokens.tolist())
+
+    def sample_on_device(
+        self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int]
+    ) -> SampledTokens:
+        """As `sample`, leaving the tokens on the device."""
         assert logits.shape[0] == len(rows) == len(positions)
         # A row that draws n tokens becomes n rows of the same logits.
         repeats = [row.num_samples for row in rows]
         expanded = [row for row in rows for _ in range(row.num_samples)]
         if len(expanded) != len(rows):
-            logits = logits.repeat_interleave(torch.tensor(repeats, device=logits.device), dim=0)
+            logits = logits.repeat_interleave(
+                to_device(repeats, torch.int64, logits.device), dim=0, output_size=len(expanded)
+            )
             positions = [p for p, k in zip(positions, repeats) for _ in range(k)]
         indices = [i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])]
-        tokens = self._sample_rows(logits, expanded, positions, indices).tolist()
-        grouped, start = [], 0
-        for count in repeats:
-            grouped.append(tokens[start:start + count])
-            start += count
-        return grouped
+        return SampledTokens(self._sample_rows(logits, expanded, positions, indices), repeats)
 
     def _sample_rows(
         self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int],
@@ -147,7 +183,7 @@ class Sampler:
             return tokens
 
         def column(values: Sequence, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, device=logits.device, dtype=dtype)
+            return to_device(values, dtype, logits.device)
 
         picked = [rows[i] for i in random_rows]
         row_index = column(random_rows, torch.int64)
@@ -173,13 +209,13 @@ class Sampler:
 
         sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab_size, device=logits.device)
-        top_k_tensor = torch.tensor(top_k, device=logits.device)
+        top_k_tensor = to_device(top_k, torch.int64, logits.device)
         sorted_logits.masked_fill_(ranks[None, :] >= top_k_tensor[:, None], float("-inf"))
         # Top-p applies to what top-k kept. Keep a token while the mass before it is below
         # top_p: the smallest prefix whose probability reaches top_p, never empty.
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        top_p_tensor = torch.tensor(top_p, device=logits.device, dtype=logits.dtype)
+        top_p_tensor = to_device(top_p, logits.dtype, logits.device)
         outside_nucleus = mass_before >= top_p_tensor[:, None]
         outside_nucleus[:, 0] = False
         sorted_logits.masked_fill_(outside_nucleus, float("-inf"))

@@ -1,13 +1,16 @@
 """The worker's gRPC face: thin, every step runs on one dedicated thread so that the
-event loop never blocks on the model and steps keep their order."""
+event loop never blocks on the model and steps keep their order (and overlap on the
+device: gpu_worker/step_pipeline.py)."""
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 
 import grpc
 
 from gpu_worker.model_runner import ModelRunner
+from gpu_worker.step_pipeline import pipelined_steps
 from gpu_worker.step_telemetry import StepTelemetry
 from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import UnavailableError
@@ -42,11 +45,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise UnavailableError("another scheduler already holds this worker's step stream")
         self._stream_open = True
         loop = asyncio.get_running_loop()
+        cuda_graphs = runner.decode_graphs is not None
         try:
-            async for step in request_iterator:
-                with self.telemetry.step(step, cuda_graphs=runner.decode_graphs is not None):
-                    result = await loop.run_in_executor(self._executor, runner.execute_step, step)
-                yield result
+            results = pipelined_steps(
+                runner, request_iterator, self._executor,
+                around_step=lambda step: self.telemetry.step(step, cuda_graphs=cuda_graphs),
+            )
+            async with aclosing(results):
+                async for result in results:
+                    yield result
         finally:
             self._stream_open = False
             # A new stream starts from scratch: sequences of the old one are gone.

@@ -61,6 +61,15 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
                         help="queued requests past which new ones get RESOURCE_EXHAUSTED; default: no limit")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help="compute every prompt in full instead of reusing cached KV blocks")
+    parser.add_argument("--no-overlap-scheduling", dest="overlap_scheduling", action="store_false",
+                        help="plan each step only once the previous one's result is back, instead of "
+                        "while the worker runs it")
+    parser.add_argument("--max-steps-in-flight", type=int, default=2,
+                        help="with overlapped scheduling, steps sent to the worker before the oldest "
+                        "one's result is back")
+    parser.add_argument("--max-stream-messages-per-step", type=int, default=32,
+                        help="token messages streamed per step at most: beyond it, completions' tokens "
+                        "wait merged for their turn (first tokens and last messages never wait); 0: no limit")
 
 
 def add_kv_blocks_arg(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +114,8 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
         enable_prefix_caching=args.enable_prefix_caching,
         preemption_mode=args.preemption_mode,
         max_waiting_requests=args.max_waiting_requests,
+        max_steps_in_flight=args.max_steps_in_flight if args.overlap_scheduling else 1,
+        max_stream_messages_per_step=args.max_stream_messages_per_step or None,
     )
     setup_tracing("pagedserve-scheduler", os.environ)
     run_scheduler(server_config(args), SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduling))

@@ -80,7 +80,10 @@ def service_commands(args: argparse.Namespace, model_dir: Path, worker_port: int
             "--worker", f"127.0.0.1:{worker_port}", *batch_shape, *kv_cap,
             "--preemption-mode", args.preemption_mode,
             *_optional("--max-waiting-requests", args.max_waiting_requests),
-            *([] if args.enable_prefix_caching else ["--no-prefix-caching"]), *metrics(1),
+            *([] if args.enable_prefix_caching else ["--no-prefix-caching"]),
+            *([] if args.overlap_scheduling else ["--no-overlap-scheduling"]),
+            "--max-steps-in-flight", str(args.max_steps_in_flight),
+            "--max-stream-messages-per-step", str(args.max_stream_messages_per_step), *metrics(1),
         ],
         "tokenizer": [
             *cli, "tokenizer", "--host", args.host, "--port", str(args.port), *grace,

@@ -1,5 +1,6 @@
 """The throughput benchmark end to end on CPU with the embedded model and a tiny workload:
-every run reports sane numbers, and the gRPC stack generates exactly the in-process tokens."""
+every run reports sane numbers, and the gRPC stack generates exactly the in-process tokens,
+with scheduling overlapped with the worker and without."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
         sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--model", str(embedded_model_dir),
         "--num-seqs", str(NUM_SEQS), "--min-len", str(MIN_LEN), "--max-len", str(MAX_LEN),
         "--grpc-clients", "1", "--hf-static-batch", "2", "--json", str(out), "--log-dir", str(tmp_path / "logs"),
+        "--overlap", "both", "--swap-space", "0",
     ]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -28,20 +30,24 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
     expected_tokens = nano_vllm_workload(NUM_SEQS, MIN_LEN, MAX_LEN).num_output_tokens
     assert summary["workload"]["output_tokens"] == expected_tokens
     runs = summary["runs"]
+    pagedserve_runs = [
+        "pagedserve in-process", "pagedserve in-process, no overlap",
+        "pagedserve gRPC (3 services)", "pagedserve gRPC (3 services), no overlap",
+    ]
     assert set(runs) == {
-        "pagedserve in-process",
-        "pagedserve gRPC (3 services)",
+        *pagedserve_runs,
         "HF generate_batch (paged|sdpa)",
         "HF generate (static batches of 2)",
     }, [run["note"] for run in runs.values()]
     for run in runs.values():
         assert run["seconds"] > 0 and run["tokens_per_second"] > 0, run
         assert run["num_seqs"] == NUM_SEQS, run
-    for name in ("pagedserve in-process", "pagedserve gRPC (3 services)", "HF generate (static batches of 2)"):
+    for name in (*pagedserve_runs, "HF generate (static batches of 2)"):
         # ignore_eos (min_new_tokens for HF generate): every sequence runs to its length.
         assert runs[name]["output_tokens"] == expected_tokens, runs[name]
     assert runs["pagedserve in-process"]["ratio_to_pagedserve"] == 1.0
-    # Greedy in fp32: the services generate exactly what the in-process engine does.
-    match = runs["pagedserve gRPC (3 services)"]["greedy_prefix_match"]
-    assert match["identical"] == match["sequences"] == NUM_SEQS, match
+    # Greedy in fp32: every pagedserve run generates exactly what the in-process engine does.
+    for name in pagedserve_runs[1:]:
+        match = runs[name]["greedy_prefix_match"]
+        assert match["identical"] == match["sequences"] == NUM_SEQS, (name, match)
     assert "pagedserve in-process" in completed.stdout  # the printed table

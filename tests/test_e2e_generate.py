@@ -73,9 +73,20 @@ def _assert_matches_hf(stack: Stack, hf_model) -> None:
     assert max(len(_prompt_ids(stack, spec)) for spec in PROMPTS) > 4 * 16
 
 
+def _settled_stats(stack: Stack) -> scheduler_pb2.SchedulerStats:
+    """Stats once every block is back: a request stopped by a token may still be computed
+    by the step in flight after it, which holds its blocks until it returns."""
+    deadline = time.monotonic() + 10
+    while True:
+        stats = stack.scheduler.GetStats(scheduler_pb2.GetStatsRequest())
+        if stats.num_free_blocks == stats.num_total_blocks or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
+
+
 def test_concurrent_greedy_matches_hf(stack: Stack, hf_embedded_model) -> None:
     _assert_matches_hf(stack, hf_embedded_model)
-    stats = stack.scheduler.GetStats(scheduler_pb2.GetStatsRequest())
+    stats = _settled_stats(stack)
     assert stats.num_free_blocks == stats.num_total_blocks
     assert stats.num_running == stats.num_waiting == 0
 
@@ -84,7 +95,7 @@ def test_preemption_keeps_tokens_unchanged(embedded_model_dir: Path, hf_embedded
     # 20 blocks of 16 tokens: the longest request fits alone, all of them together do not.
     with service_stack(embedded_model_dir, tmp_path, scheduler_args=["--num-kv-blocks", "20"]) as small:
         _assert_matches_hf(small, hf_embedded_model)
-        stats = small.scheduler.GetStats(scheduler_pb2.GetStatsRequest())
+        stats = _settled_stats(small)
         assert stats.num_total_blocks == 20
         assert stats.num_preemptions > 0
         assert stats.num_free_blocks == stats.num_total_blocks

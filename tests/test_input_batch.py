@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gpu_worker.input_batch import BlockTables, StepInputBuilder
+from gpu_worker.input_batch import BlockTables, DeviceToken, StepInputBuilder
 from pagedserve.v1 import worker_pb2
 
 BLOCK_SIZE = 4
@@ -16,6 +16,8 @@ BLOCK_SIZE = 4
 class _State:
     token_ids: list[int]
     num_computed_tokens: int
+    num_pending_tokens: int = 0
+    newest_pending_token: DeviceToken | None = None
 
 
 def test_block_tables_grow_and_reuse_rows() -> None:
@@ -53,3 +55,30 @@ def test_mixed_step_inputs() -> None:
     # Sequences 1 and 3 reach the end of their tokens and sample; 2 is mid-prompt.
     assert inputs.sample_rows.tolist() == [0, 5] and inputs.sample_seq_ids == [1, 3]
     assert [s.num_computed_tokens for s in sequences.values()] == [6, 3, 2]
+
+
+def test_tokens_still_on_the_device_are_fed_into_the_inputs() -> None:
+    builder = StepInputBuilder(max_blocks_per_seq=4, block_size=BLOCK_SIZE, device=torch.device("cpu"))
+    previous_draws = torch.tensor([41, 42, 43])
+    sequences = {
+        # Decodes position 3, the token the previous step drew in its row 2.
+        1: _State([100, 101, 102], num_computed_tokens=3, num_pending_tokens=1,
+                  newest_pending_token=DeviceToken(previous_draws, 2)),
+        # A known token.
+        2: _State([200, 201], num_computed_tokens=1),
+        # Two draws not read yet: the older one's position (3) is computed already, the
+        # newer one's (4) now.
+        3: _State([300, 301, 302], num_computed_tokens=4, num_pending_tokens=2,
+                  newest_pending_token=DeviceToken(previous_draws, 0)),
+    }
+    step = worker_pb2.StepRequest(step_id=1)
+    step.scheduled.add(seq_id=1, num_new_tokens=1, new_block_ids=[5])
+    step.scheduled.add(seq_id=2, num_new_tokens=1, new_block_ids=[6])
+    step.scheduled.add(seq_id=3, num_new_tokens=1, new_block_ids=[7, 8])
+    inputs = builder.build(step.scheduled, sequences)
+
+    assert inputs.input_ids.tolist() == [43, 201, 41]
+    assert inputs.positions.tolist() == [3, 1, 4]
+    assert inputs.metadata.seq_lens.tolist() == [4, 2, 5]
+    assert inputs.sample_seq_ids == [1, 2, 3]
+    assert [s.num_computed_tokens for s in sequences.values()] == [4, 2, 5]

@@ -225,15 +225,15 @@ def test_batched_greedy_matches_hf(tiny_model) -> None:
     sampled_logits: dict[int, list[tuple[list[int], torch.Tensor]]] = {s.seq_id: [] for s in sequences}
 
     # Record what the sampler sees, to compare each sampled row with HF's logits.
-    sample = runner.sampler.sample
+    sample = runner.sampler.sample_on_device
     by_id = {seq.seq_id: seq for seq in sequences}
 
-    def recording_sample(logits, params, generators):
+    def recording_sample(logits, params, positions):
         for seq_id, row in zip(scheduler.sampling_seq_ids, logits):
             sampled_logits[seq_id].append((list(by_id[seq_id].token_ids), row.clone()))
-        return sample(logits, params, generators)
+        return sample(logits, params, positions)
 
-    runner.sampler.sample = recording_sample
+    runner.sampler.sample_on_device = recording_sample
     preempted = False
     long_seq = sequences[1]
     for step_index in range(1, 60):
@@ -255,6 +255,7 @@ def test_batched_greedy_matches_hf(tiny_model) -> None:
     assert not scheduler.running
     for seq, prompt in zip(sequences, prompts):
         assert seq.token_ids[len(prompt) :] == _hf_greedy(hf_model, prompt, max_new_tokens), seq.seq_id
+        assert sampled_logits[seq.seq_id]
         for context, row in sampled_logits[seq.seq_id]:
             torch.testing.assert_close(row, _hf_logits(hf_model, context)[-1], atol=2e-5, rtol=1e-5)
     # Finished sequences were forgotten by the worker.

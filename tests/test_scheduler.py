@@ -1,6 +1,7 @@
 """The scheduler driven by a fake worker (tests/scheduler_harness.py): the worker protocol,
 chunked prefill, stop conditions, admission checks, aborts and preemption by recompute."""
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -215,7 +216,7 @@ def test_abort_all_after_losing_the_worker_starts_a_fresh_stream() -> None:
     h.step()
     assert h.schedule() is not None  # in flight when the worker dies
     h.scheduler.abort_all()
-    h.worker, h.in_flight = FakeWorker(6, 2), None
+    h.worker, h.in_flight, h.blocks_of_step = FakeWorker(6, 2), deque(), {}
     h.add("b", [4, 5], sampling(max_tokens=2, ignore_eos=True))
     h.step()
     assert h.steps[-1].step_id == 1 and not h.steps[-1].finished_seq_ids
@@ -258,11 +259,18 @@ def test_a_sequence_never_outgrows_the_pool_when_alone() -> None:
 # --- protocol misuse ----------------------------------------------------------------------
 
 
-def test_one_step_in_flight_and_results_must_match_it() -> None:
-    h = Harness(num_blocks=8, block_size=2)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_steps_in_flight_are_capped_and_results_must_match_the_oldest(overlap: bool) -> None:
+    h = Harness(num_blocks=8, block_size=2, overlap=overlap)
     h.add("a", [2, 3], sampling(max_tokens=4, ignore_eos=True))
     scheduled = h.schedule()
     assert scheduled is not None
+    if overlap:
+        # The second step computes the token the first samples, which it does not know yet.
+        ahead = h.schedule()
+        assert ahead is not None and [(s.seq_id, s.num_new_tokens) for s in ahead.scheduled] == [(1, 1)]
+        with pytest.raises(RuntimeError):
+            h.scheduler.update_from_output(ahead, worker_pb2.StepResult(step_id=2, seq_ids=[1], token_ids=[5]))
     with pytest.raises(RuntimeError):
         h.scheduler.schedule()
     wrong_step = worker_pb2.StepResult(step_id=2, seq_ids=[1], token_ids=[5])
@@ -278,6 +286,7 @@ def test_one_step_in_flight_and_results_must_match_it() -> None:
     with pytest.raises(RuntimeError):
         h.scheduler.update_from_output(scheduled, worker_pb2.StepResult(step_id=1))
     h.drain()
+    assert h.tokens["a", 0] == reference_output([2, 3], sampling(max_tokens=4, ignore_eos=True), 16)[0]
 
 
 def test_nothing_to_run_gives_no_step() -> None:

@@ -1,16 +1,21 @@
 """Random workloads through the scheduler and the fake worker: adds (some sharing prompt
 prefixes, some with n completions and priorities), steps, aborts (between steps and while
-a step runs) and forced preemptions in both modes, on pools from roomy to tight.
+steps run) and forced preemptions in both modes, on pools from roomy to tight; one step
+at a time, or overlapped with two or three steps in flight (then every operation may land
+while steps run), with the fake worker running each step as late as possible or at once.
 
 After every operation the harness checks the books (tests/scheduler_harness.py,
 check_invariants): no block both free and held; each device block's ref count equals the
-number of block tables holding it (the prefix cache holds none); each CPU block held by at
-most one swapped sequence; every cached hash names a full block whose KV was computed from
-exactly the tokens that produce the hash; a block a step writes is held by its writer alone;
-every unfinished completion in exactly one queue, queues in scheduling order. When the
-work drains, every block is free again. And whatever happened to a completion on the way
-(batching, chunking, cache hits, forks, preemption by recompute or swap), its tokens equal
-those it yields run alone."""
+number of block tables holding it plus the holds kept for steps in flight (the prefix cache
+holds none); no block a step in flight uses is free; each sequence expects exactly one
+token per step in flight that samples for it; each CPU block held by at most one swapped
+sequence; every cached hash names a full block whose KV was computed from exactly the
+tokens that produce the hash; a block a step writes is held by its writer alone; every
+unfinished completion in exactly one queue, queues in scheduling order. When the work
+drains, every block is free again. And whatever happened to a completion on the way
+(batching, chunking, cache hits, forks, preemption by recompute or swap, running a step
+ahead of its sample, a stop found one step late), its tokens equal those it yields run
+alone."""
 
 from dataclasses import dataclass
 
@@ -35,6 +40,8 @@ class Workload:
     enable_prefix_caching: bool
     shared_prefix: list[int]
     ops: list[tuple]
+    max_steps_in_flight: int
+    worker_runs_ahead: bool
 
 
 @st.composite
@@ -73,6 +80,8 @@ def workloads(draw: st.DrawFn, tight_pool: bool) -> Workload:
         enable_prefix_caching=draw(st.booleans()),
         shared_prefix=draw(st.lists(tokens, min_size=usable_len, max_size=usable_len)),
         ops=draw(st.lists(any_op, min_size=10, max_size=50)),
+        max_steps_in_flight=draw(st.sampled_from([1, 2, 2, 3])),
+        worker_runs_ahead=draw(st.booleans()),
     )
 
 
@@ -84,7 +93,7 @@ def _is_valid(prompt: list[int], params: common_pb2.SamplingParams, usable_len: 
     return not params.HasField("n") or params.n <= max_num_seqs
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(workload=st.one_of(workloads(tight_pool=False), workloads(tight_pool=True)))
 def test_random_workloads_keep_the_books_and_match_each_completion_run_alone(workload: Workload) -> None:
     w = workload
@@ -92,7 +101,8 @@ def test_random_workloads_keep_the_books_and_match_each_completion_run_alone(wor
         num_blocks=w.num_blocks, block_size=w.block_size, max_model_len=w.max_model_len,
         max_num_seqs=w.max_num_seqs, max_num_batched_tokens=w.max_num_batched_tokens,
         num_cpu_blocks=w.num_cpu_blocks, preemption_mode=w.preemption_mode,
-        enable_prefix_caching=w.enable_prefix_caching,
+        enable_prefix_caching=w.enable_prefix_caching, max_steps_in_flight=w.max_steps_in_flight,
+        worker_runs_ahead=w.worker_runs_ahead,
     )
     usable_len = min(w.max_model_len, w.num_blocks * w.block_size)
     requests: dict[str, tuple[list[int], common_pb2.SamplingParams]] = {}
@@ -111,17 +121,20 @@ def test_random_workloads_keep_the_books_and_match_each_completion_run_alone(wor
             requests[request_id] = (prompt, params)
         elif op[0] == "step":
             for _ in range(op[1]):
-                h.step()
+                h.pipeline_step() if w.max_steps_in_flight > 1 else h.step()
         elif op[0] == "preempt":
             forced_preemptions += h.preempt(op[1], op[2])
         else:
             request_id = f"r{op[1]}"
-            scheduled = h.schedule() if op[0] == "abort_during_step" else None
-            in_flight = request_id in h.scheduler.requests
-            assert (h.abort(request_id) is not None) == in_flight
-            if in_flight:
+            scheduled = None
+            if op[0] == "abort_during_step" and len(h.in_flight) < h.scheduler.max_steps_in_flight:
+                scheduled = h.schedule()
+            unfinished = request_id in h.scheduler.requests
+            assert (h.abort(request_id) is not None) == unfinished
+            if unfinished:
                 aborted.add(request_id)
-            if scheduled is not None:
+            # One step at a time: its result comes back before anything else happens.
+            if scheduled is not None and w.max_steps_in_flight == 1:
                 h.finish_step(scheduled)
     h.drain()
 
@@ -151,3 +164,6 @@ def test_random_workloads_keep_the_books_and_match_each_completion_run_alone(wor
     event(f"copied on write: {any(step.copy_blocks for step in h.steps)}")
     event(f"chunked prefill: {chunked}")
     event(f"aborted: {bool(aborted)}")
+    event(f"steps in flight: {w.max_steps_in_flight}")
+    event(f"ran ahead of a sample: {h.num_ran_ahead > 0}")
+    event(f"dropped a token sampled after a stop: {h.num_dropped_tokens > 0}")

@@ -19,6 +19,7 @@ def test_knobs_reach_their_services() -> None:
     commands = _commands(
         "--block-size", "32", "--num-kv-blocks", "100", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
         "--preemption-mode", "swap", "--swap-space", "0.5", "--max-waiting-requests", "3", "--no-prefix-caching",
+        "--no-overlap-scheduling", "--max-stream-messages-per-step", "0",
     )
     worker, scheduler = commands["worker"], commands["scheduler"]
     assert (_value(worker, "--block-size"), _value(worker, "--swap-space")) == ("32", "0.5")
@@ -26,7 +27,8 @@ def test_knobs_reach_their_services() -> None:
     assert _value(scheduler, "--max-num-seqs") == "8" and _value(scheduler, "--max-num-batched-tokens") == "64"
     assert _value(scheduler, "--preemption-mode") == "swap"
     assert _value(scheduler, "--max-waiting-requests") == "3"
-    assert "--no-prefix-caching" in scheduler
+    assert "--no-prefix-caching" in scheduler and "--no-overlap-scheduling" in scheduler
+    assert _value(scheduler, "--max-stream-messages-per-step") == "0"
     # Each service's own parser accepts what it is given.
     parser = build_parser()
     for name in ("worker", "scheduler"):
@@ -39,6 +41,8 @@ def test_defaults() -> None:
     scheduler = commands["scheduler"]
     assert _value(scheduler, "--preemption-mode") == "recompute"
     assert "--no-prefix-caching" not in scheduler and "--max-waiting-requests" not in scheduler
+    assert "--no-overlap-scheduling" not in scheduler
     args = build_parser().parse_args(["scheduler", "--worker", "w:1"])
-    assert args.enable_prefix_caching and args.max_waiting_requests is None
+    assert args.enable_prefix_caching and args.max_waiting_requests is None and args.overlap_scheduling
+    assert args.max_stream_messages_per_step == 32 and args.max_steps_in_flight == 2
     assert build_parser().parse_args(["worker"]).swap_space == 4.0

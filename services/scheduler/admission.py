@@ -1,14 +1,26 @@
-"""Checks a request must pass before it may queue: one that could never run is refused
-now (INVALID_ARGUMENT) rather than left waiting forever."""
+"""Admission: the checks a request must pass before it may queue (one that could never
+run is refused now, INVALID_ARGUMENT, rather than left waiting forever), and which queued
+sequences join the running batch when a step has room."""
 
-from collections.abc import Sequence
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 
 from pagedserve.v1 import common_pb2
 from services.common.errors import InvalidArgumentError
+from services.scheduler.block_manager import BlockManager, SlotAllocation
+from services.scheduler.cpu_block_pool import CpuBlockPool
+from services.scheduler.outputs import SchedulerOutput
+from services.scheduler.preemption import Preemption
+from services.scheduler.prefix_cache import PrefixCache
+from services.scheduler.queues import SequenceQueues
+from services.scheduler.request import Sequence, SequenceStatus
+
+# Puts a sequence into the step being built: (step, sequence, tokens it computes, its slots).
+AddToBatch = Callable[[SchedulerOutput, Sequence, int, SlotAllocation], None]
 
 
 def check_request(
-    prompt_token_ids: Sequence[int],
+    prompt_token_ids: Seq[int],
     sampling: common_pb2.SamplingParams,
     max_model_len: int,
     max_num_seqs: int,
@@ -38,3 +50,86 @@ def check_request(
         raise InvalidArgumentError(
             "sampling.n", f"must be in [1, {max_num_seqs}] (the scheduler's max_num_seqs), got {sampling.n}"
         )
+
+
+class Admission:
+    def __init__(
+        self,
+        max_num_seqs: int,
+        queues: SequenceQueues,
+        block_manager: BlockManager,
+        prefix_cache: PrefixCache,
+        cpu_pool: CpuBlockPool,
+        preemption: Preemption,
+    ) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.queues = queues
+        self.block_manager = block_manager
+        self.prefix_cache = prefix_cache
+        self.cpu_pool = cpu_pool
+        self.preemption = preemption
+
+    def resume_and_admit(self, output: SchedulerOutput, budget: int, add_to_batch: AddToBatch) -> None:
+        """Best first among swapped and waiting sequences; stops at the first that does not
+        fit, so that a large request is not overtaken forever by small ones."""
+        queues = self.queues
+        seats = sum(s.num_seats for s in queues.running)
+        cpu_blocks_read: list[int] = []
+        while budget > 0:
+            heads = [queue[0] for queue in (queues.swapped, queues.waiting) if queue]
+            if not heads:
+                break
+            sequence = min(heads, key=lambda s: s.sort_key)
+            if seats + sequence.num_seats > self.max_num_seqs:
+                break
+            if sequence.num_pending_samples:
+                break  # preempted while a step in flight samples for it: it resumes once back
+            if sequence.status is SequenceStatus.SWAPPED:
+                num_new_tokens = self._swap_in(sequence, budget, output, cpu_blocks_read, add_to_batch)
+            else:
+                num_new_tokens = self._admit(sequence, budget, output, add_to_batch)
+            if num_new_tokens is None:
+                break
+            seats += sequence.num_seats
+            budget -= num_new_tokens
+        # Free only now, so that no swap-out of this step could reuse a CPU block before
+        # the worker has read it back (the worker swaps out before it swaps in).
+        self.cpu_pool.free(cpu_blocks_read)
+
+    def _admit(
+        self, sequence: Sequence, budget: int, output: SchedulerOutput, add_to_batch: AddToBatch
+    ) -> int | None:
+        """Starts a waiting sequence past its cached prefix; the tokens it computes this
+        step, or None when the pool cannot hold them."""
+        cached_blocks = self.prefix_cache.lookup(sequence)
+        num_cached_tokens = len(cached_blocks) * self.block_manager.block_size
+        num_new_tokens = min(sequence.num_tokens - num_cached_tokens, budget)
+        allocation = self.block_manager.allocate_slots(sequence, num_new_tokens, cached_blocks)
+        if allocation is None:
+            return None
+        self.queues.remove(sequence)
+        sequence.num_computed_tokens = num_cached_tokens
+        sequence.num_registered_blocks = len(cached_blocks)
+        request = sequence.request
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = num_cached_tokens
+            self.prefix_cache.count_first_admission(request.num_prompt_tokens, num_cached_tokens)
+        self.queues.insert(sequence, SequenceStatus.RUNNING)
+        add_to_batch(output, sequence, num_new_tokens, allocation)
+        return num_new_tokens
+
+    def _swap_in(
+        self, sequence: Sequence, budget: int, output: SchedulerOutput, cpu_blocks_read: list[int],
+        add_to_batch: AddToBatch,
+    ) -> int | None:
+        """Brings a swapped sequence back into fresh device blocks; the tokens it computes
+        this step, or None when the pool cannot hold them."""
+        num_new_tokens = min(sequence.num_tokens_to_compute, budget)
+        allocation = self.preemption.swap_in(sequence, num_new_tokens)
+        if allocation is None:
+            return None
+        output.swap_in.extend(zip(sequence.cpu_block_table, sequence.block_table))
+        cpu_blocks_read.extend(sequence.cpu_block_table)
+        sequence.cpu_block_table = []
+        add_to_batch(output, sequence, num_new_tokens, allocation)
+        return num_new_tokens

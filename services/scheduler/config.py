@@ -31,6 +31,18 @@ class SchedulerConfig:
     max_waiting_requests: int | None = None
     # Seeds the seeds drawn for requests that bring none; None: from the OS.
     seed: int | None = None
+    # Steps sent to the worker before the oldest one's result is back. 2 (overlapped
+    # scheduling) plans and sends step N+1 while the worker runs step N, so that host work
+    # and the round trip hide behind the GPU; 1 is one step at a time.
+    max_steps_in_flight: int = 2
+    # Stream messages sent per step at most (first tokens and last messages always go at
+    # once); the other completions' tokens wait, merged, for their turn. None: no limit,
+    # a message per completion per step.
+    max_stream_messages_per_step: int | None = 32
+
+    @property
+    def overlap_scheduling(self) -> bool:
+        return self.max_steps_in_flight > 1
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -41,6 +53,12 @@ class SchedulerConfig:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
+        if self.max_steps_in_flight < 1:
+            raise ValueError(f"max_steps_in_flight must be at least 1, got {self.max_steps_in_flight}")
+        if self.max_stream_messages_per_step is not None and self.max_stream_messages_per_step < 1:
+            raise ValueError(
+                f"max_stream_messages_per_step must be at least 1, got {self.max_stream_messages_per_step}"
+            )
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         # Accept the plain string of a CLI flag.

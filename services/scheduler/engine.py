@@ -4,12 +4,14 @@ long-lived step stream, feeds the sampled tokens back and hands each request its
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
 
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.errors import UnavailableError
+from services.scheduler.coalescing import OutputCoalescer
 from services.scheduler.metrics import RequestTimes, SchedulerMetrics
 from services.scheduler.outputs import SchedulerOutput
 from services.scheduler.scheduler import RequestOutput, Scheduler
@@ -36,6 +38,7 @@ class Engine:
         self._metrics = metrics
         self._streams: dict[str, RequestStream] = {}
         self._has_work = asyncio.Event()
+        self._coalescer = OutputCoalescer(scheduler.config.max_stream_messages_per_step)
 
     def add_request(
         self,
@@ -55,7 +58,7 @@ class Engine:
         outputs = self.scheduler.abort_request(request_id)
         if outputs is None:
             return False
-        for output in outputs:
+        for output in self._coalescer.add(outputs):
             self._deliver(output)
         return True
 
@@ -96,6 +99,7 @@ class Engine:
         return step
 
     def _fail_all(self, error: Exception) -> None:
+        self._coalescer.clear()
         self.scheduler.abort_all()
         for stream in self._streams.values():
             stream.outputs.put_nowait(error)
@@ -118,27 +122,42 @@ class Engine:
                 call.cancel()
 
     async def _run_steps(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Keeps up to the scheduler's max_steps_in_flight steps on the worker: with
+        overlap, step N+1 is planned and sent while the worker runs step N, so that the
+        worker finds its next step waiting when it finishes one."""
         # The read of the next result is always pending, also while idle: see _idle.
         next_result = asyncio.ensure_future(call.read())
+        in_flight: deque[tuple[SchedulerOutput, float]] = deque()
+        undelivered: list[RequestOutput] = []
         try:
             while True:
-                scheduled = self.scheduler.schedule()
-                if scheduled is None:
+                while len(in_flight) < self.scheduler.max_steps_in_flight:
+                    scheduled = self.scheduler.schedule()
+                    if scheduled is None:
+                        break
+                    in_flight.append((scheduled, time.monotonic()))
+                    await call.write(self._step_request(scheduled))
+                # Outputs go to their requests once the next step is on its way.
+                for output in undelivered:
+                    self._deliver(output)
+                undelivered = []
+                if not in_flight:
                     self._has_work.clear()
                     await self._idle(next_result)
                     continue
-                started = time.monotonic()
-                await call.write(self._step_request(scheduled))
                 result = await next_result
+                scheduled, started = in_flight.popleft()
                 if self._metrics is not None:
                     self._metrics.on_step(len(scheduled.scheduled), time.monotonic() - started)
                 if result is grpc.aio.EOF:
                     raise UnavailableError("worker closed the step stream")
                 next_result = asyncio.ensure_future(call.read())
-                for output in self.scheduler.update_from_output(scheduled, result):
-                    self._deliver(output)
+                undelivered = self._coalescer.pace(self.scheduler.update_from_output(scheduled, result))
         finally:
             next_result.cancel()
+            # Tokens already applied reach their requests even when the stream breaks.
+            for output in undelivered:
+                self._deliver(output)
 
     async def _idle(self, next_result: asyncio.Future) -> None:
         """Waits for work. The worker sends nothing unasked, so a read that completes

@@ -1,6 +1,6 @@
 """What the scheduler hands out: the step for the worker, and per-completion token deltas."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 
@@ -107,6 +107,10 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
+    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
+        """One output for this one and the next of the same completion."""
+        return replace(later, new_token_ids=[*self.new_token_ids, *later.new_token_ids])
+
     def to_proto(self) -> scheduler_pb2.SubmitResponse:
         response = scheduler_pb2.SubmitResponse(
             token_ids=self.new_token_ids, finish_reason=self.finish_reason, index=self.index
@@ -129,3 +133,33 @@ class RequestOutput:
             num_cached_tokens=request.num_cached_tokens or 0,
             request_finished=sequence.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and request.finished,
         )
+
+
+@dataclass
+class PendingWorkerOps:
+    """What the next step must tell the worker besides its batch: the seq_ids to forget,
+    and KV to copy out to the CPU pool before it computes anything."""
+
+    finished_seq_ids: list[int] = field(default_factory=list)
+    swap_out: list[BlockPair] = field(default_factory=list)
+
+    def forget(self, sequence: Sequence) -> None:
+        """The worker drops the sequence's state; it gets a fresh seq_id if it comes back."""
+        if sequence.seq_id is not None:
+            self.finished_seq_ids.append(sequence.seq_id)
+            sequence.seq_id = None
+
+    def cancel_swap_out(self, cpu_block_ids: list[int]) -> None:
+        """Drops copies into CPU blocks about to be freed, so that another swap-out of the
+        same step may not write there too."""
+        if self.swap_out and cpu_block_ids:
+            dropped = set(cpu_block_ids)
+            self.swap_out = [pair for pair in self.swap_out if pair[1] not in dropped]
+
+    def move_into(self, output: SchedulerOutput) -> None:
+        output.finished_seq_ids, self.finished_seq_ids = self.finished_seq_ids, []
+        output.swap_out, self.swap_out = self.swap_out, []
+
+    def clear(self) -> None:
+        self.finished_seq_ids.clear()
+        self.swap_out.clear()

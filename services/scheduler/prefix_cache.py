@@ -29,12 +29,13 @@ class PrefixCache:
             self.num_hit_tokens += num_cached_tokens
 
     def register_computed_blocks(self, sequence: Sequence) -> None:
-        """Offers the sequence's newly computed full blocks: only once a step has run is
-        their KV there to be shared."""
+        """Offers the sequence's newly computed full blocks: those of the steps sent so
+        far, which the worker runs before any later step can read them. A block's hash
+        needs its tokens, so a block holding a token still being sampled waits."""
         if not self.enabled:
             return
         block_size = self.block_manager.block_size
-        num_full = sequence.num_computed_tokens // block_size
+        num_full = min(sequence.num_computed_tokens, sequence.num_tokens) // block_size
         start = sequence.num_registered_blocks
         if num_full <= start:
             return

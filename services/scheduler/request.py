@@ -95,6 +95,13 @@ class Sequence:
     # Chained hashes of leading full blocks, computed as needed; the tokens only grow, so
     # they never go stale.
     block_hashes: list[BlockHash] = field(default_factory=list)
+    # Tokens that steps sent to the worker will sample for it and whose values are not
+    # known yet. A step planned meanwhile may already compute them: the worker feeds in
+    # what it sampled.
+    num_pending_samples: int = 0
+    # The last step that computes anything for it: its blocks stay held until that step's
+    # result is back.
+    last_step_id: int = 0
 
     @property
     def request_id(self) -> str:
@@ -111,7 +118,13 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens known: the prompt and every sampled token whose result is back."""
         return len(self.token_ids)
+
+    @property
+    def num_planned_tokens(self) -> int:
+        """Known tokens and those that steps in flight are sampling."""
+        return len(self.token_ids) + self.num_pending_samples
 
     @property
     def num_output_tokens(self) -> int:
@@ -119,7 +132,24 @@ class Sequence:
 
     @property
     def num_tokens_to_compute(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_planned_tokens - self.num_computed_tokens
+
+    def num_tokens_to_schedule(self, max_model_len: int) -> int:
+        """What the next step may compute for it: its tokens to compute, or 0 while a
+        result in flight decides what comes next.
+
+        Running ahead of a sample is only worth it when the sample may not stop the
+        sequence: one that samples its last token by length, or whose sample forks it into
+        its request's n completions, waits for that result."""
+        if self.num_pending_samples:
+            if self.awaits_fork:
+                return 0
+            max_tokens = self.request.max_tokens
+            if max_tokens is not None and self.num_output_tokens + self.num_pending_samples >= max_tokens:
+                return 0
+            if self.num_planned_tokens >= max_model_len:
+                return 0
+        return self.num_tokens_to_compute
 
     @property
     def awaits_fork(self) -> bool:
@@ -139,9 +169,11 @@ class Sequence:
 
     def fork(self, index: int, first_token_id: int) -> Sequence:
         """Completion `index` of this first completion's request, which has computed the
-        prompt (and nothing after it) and sampled `first_token_id` for it. It holds no
-        blocks yet; the caller shares this sequence's with it."""
-        assert self.num_tokens == self.num_computed_tokens == self.request.num_prompt_tokens
+        prompt (and nothing after it; or nothing at all, preempted since) and sampled
+        `first_token_id` for it. It holds no blocks yet; the caller shares this sequence's
+        with it."""
+        assert self.num_tokens == self.request.num_prompt_tokens
+        assert self.num_computed_tokens in (0, self.num_tokens)
         return Sequence(
             self.request,
             index,

@@ -9,41 +9,43 @@ gap opens again by one.
 
 A step: running sequences first, in scheduling order (priority, then arrival, then
 completion index), each as far as the budget allows; when blocks run out, the last running
-sequence in that order is preempted until the current one fits. Then, if nobody was
-preempted, swapped and waiting sequences fill the rest of the budget and seats, best first.
+sequence in that order is preempted until the current one fits (services/scheduler/
+preemption.py). Then, if nobody was preempted, swapped and waiting sequences fill the rest
+of the budget and seats, best first.
 
-One step is in flight at a time: schedule(), then update_from_output() with its result.
+Steps overlap: schedule() may plan the next step while up to config.max_steps_in_flight - 1
+are in flight, and update_from_output() takes results oldest first. Planning ahead, a
+sequence that samples in a step in flight is taken to have that token already: its KV slot
+is allocated and the worker feeds in what it sampled. Stop conditions come one step late:
+a sequence stopped by the result of step N may also be in step N+1, whose token for it is
+dropped (never streamed, never counted). Blocks a step in flight uses stay held until it
+returns (services/scheduler/in_flight.py).
 """
 
-import bisect
 import random
 from collections.abc import Sequence as Seq
 
 from pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
-from services.scheduler.admission import check_request
+from services.scheduler.admission import Admission, check_request
 from services.scheduler.block_manager import BlockManager, SlotAllocation
 from services.scheduler.config import PreemptionMode, SchedulerConfig
 from services.scheduler.cpu_block_pool import CpuBlockPool
+from services.scheduler.in_flight import InFlightSteps
 from services.scheduler.outputs import (
     NewSequenceData,
+    PendingWorkerOps,
     RequestOutput,
     ScheduledSequenceData,
     SchedulerOutput,
 )
+from services.scheduler.preemption import NoRoom, Preemption
 from services.scheduler.prefix_cache import PrefixCache
+from services.scheduler.queues import SequenceQueues, num_requests
 from services.scheduler.request import Request, Sequence, SequenceStatus
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput", "RequestOutput"]
-
-
-def _sort_key(sequence: Sequence) -> tuple[int, int, int]:
-    return sequence.sort_key
-
-
-def _num_requests(queue: list[Sequence]) -> int:
-    return len({s.request.request_id for s in queue})
 
 
 class Scheduler:
@@ -69,26 +71,36 @@ class Scheduler:
         self._seed_source = random.Random(config.seed)
 
         self.requests: dict[str, Request] = {}
-        # All three queues are kept in scheduling order (Sequence.sort_key). A preempted
-        # sequence arrived before any newcomer of its priority, so it resumes first.
-        self.waiting: list[Sequence] = []
-        self.running: list[Sequence] = []
-        self.swapped: list[Sequence] = []
+        self.queues = SequenceQueues()
+        self.waiting, self.running, self.swapped = self.queues.waiting, self.queues.running, self.queues.swapped
+        self.in_flight = InFlightSteps(self.block_manager)
+        self._worker_ops = PendingWorkerOps()
+        self.preemption = Preemption(
+            config.preemption_mode, self.block_manager, self.cpu_pool, self.queues, self.in_flight, self._worker_ops
+        )
+        self.admission = Admission(
+            config.max_num_seqs, self.queues, self.block_manager, self.prefix_cache, self.cpu_pool, self.preemption
+        )
 
         self._num_arrivals = 0
         self._next_seq_id = 1
         self._next_step_id = 1
-        self._in_flight: SchedulerOutput | None = None
-        # seq_ids the worker must forget, and KV it must copy out to the CPU pool, in the
-        # next step (before it computes anything).
-        self._finished_seq_ids: list[int] = []
-        self._pending_swap_out: list[tuple[int, int]] = []
 
         self.num_steps = 0
-        self.num_preemptions_recompute = 0
-        self.num_preemptions_swap = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+
+    @property
+    def max_steps_in_flight(self) -> int:
+        return self.config.max_steps_in_flight
+
+    @property
+    def num_preemptions_recompute(self) -> int:
+        return self.preemption.num_recompute
+
+    @property
+    def num_preemptions_swap(self) -> int:
+        return self.preemption.num_swap
 
     @property
     def num_preemptions(self) -> int:
@@ -119,12 +131,12 @@ class Scheduler:
         )
         self._num_arrivals += 1
         self.requests[request_id] = request
-        bisect.insort(self.waiting, request.sequences[0], key=_sort_key)
+        self.queues.insert(request.sequences[0], SequenceStatus.WAITING)
 
     def abort_request(self, request_id: str) -> list[RequestOutput] | None:
         """Finishes every unfinished completion of the request with FINISH_REASON_ABORT and
-        frees its blocks now; one output per such completion. None when no such request is
-        in flight."""
+        frees its blocks (once no step in flight uses them); one output per such
+        completion. None when no such request is in flight."""
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -132,7 +144,7 @@ class Scheduler:
         # Completions not forked yet end too, each with its own last message.
         request.end_unforked_completions(common_pb2.FINISH_REASON_ABORT)
         for sequence in unfinished:
-            self._queue_of(sequence).remove(sequence)
+            self.queues.remove(sequence)
             self._finish(sequence, common_pb2.FINISH_REASON_ABORT)
         outputs = [
             RequestOutput.of(s, []) for s in request.sequences if s.finish_reason == common_pb2.FINISH_REASON_ABORT
@@ -145,15 +157,14 @@ class Scheduler:
     def abort_all(self) -> list[RequestOutput]:
         """Aborts every request in flight, in arrival order, and starts over with the worker.
 
-        For when the worker stream is over (the worker died, or shutdown): the step in
-        flight is dropped, and the next step is step 1 of a new stream that knows no
+        For when the worker stream is over (the worker died, or shutdown): the steps in
+        flight are dropped, and the next step is step 1 of a new stream that knows no
         seq_ids. To abort everything on a live stream, abort each request instead.
         """
-        in_flight = sorted(self.requests.values(), key=lambda r: r.arrival_index)
-        outputs = [o for r in in_flight for o in self.abort_request(r.request_id) or []]
-        self._in_flight = None
-        self._finished_seq_ids.clear()
-        self._pending_swap_out.clear()
+        unfinished = sorted(self.requests.values(), key=lambda r: r.arrival_index)
+        outputs = [o for r in unfinished for o in self.abort_request(r.request_id) or []]
+        self.in_flight.abandon()
+        self._worker_ops.clear()
         self._next_step_id = 1
         # The next stream may reach a restarted worker, whose cache holds no KV.
         self.block_manager.reset_prefix_cache()
@@ -164,9 +175,9 @@ class Scheduler:
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
         return scheduler_pb2.SchedulerStats(
-            num_running=_num_requests(self.running),
-            num_waiting=_num_requests(self.waiting),
-            num_swapped=_num_requests(self.swapped),
+            num_running=num_requests(self.running),
+            num_waiting=num_requests(self.waiting),
+            num_swapped=num_requests(self.swapped),
             num_total_blocks=self.block_manager.num_total_blocks,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_total_cpu_blocks=self.cpu_pool.num_total_blocks,
@@ -184,45 +195,51 @@ class Scheduler:
     # --- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput | None:
-        """Builds the next step, or None when no sequence has anything to compute."""
-        if self._in_flight is not None:
-            raise RuntimeError(f"step {self._in_flight.step_id} has no result yet")
+        """Builds the next step, or None when no sequence has anything to compute now (with
+        steps in flight, their results may give some)."""
+        if len(self.in_flight) >= self.max_steps_in_flight:
+            raise RuntimeError(f"{len(self.in_flight)} steps in flight have no result yet")
         budget = self.config.max_num_batched_tokens
         output = SchedulerOutput(step_id=self._next_step_id)
 
         num_preemptions_before = self.num_preemptions
+        waits_for_blocks = False
         index = 0
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
-            num_new_tokens = min(sequence.num_tokens_to_compute, budget)
-            allocation = self._allocate_or_preempt(sequence, num_new_tokens)
-            if allocation is None:
-                break  # it preempted itself, and every sequence after it is gone too
+            index += 1
+            num_new_tokens = min(sequence.num_tokens_to_schedule(self.max_model_len), budget)
+            if not num_new_tokens:
+                continue  # a result in flight decides what it does next
+            allocation = self.preemption.allocate_or_preempt(sequence, num_new_tokens)
+            if isinstance(allocation, NoRoom):
+                waits_for_blocks = allocation is NoRoom.BLOCKS_RETURNING
+                break
             self._add_to_batch(output, sequence, num_new_tokens, allocation)
             budget -= num_new_tokens
-            index += 1
 
-        # Blocks just taken from a preempted sequence go to the running ones on the next
-        # steps, not to a newcomer that would make the same shortage happen again.
-        if self.num_preemptions == num_preemptions_before or not output.scheduled:
-            self._resume_and_admit(output, budget)
+        # Blocks just taken from a preempted sequence, or about to come back from steps in
+        # flight, go to the running ones on the next steps, not to a newcomer that would
+        # make the same shortage happen again.
+        if not waits_for_blocks and (self.num_preemptions == num_preemptions_before or not output.scheduled):
+            self.admission.resume_and_admit(output, budget, self._add_to_batch)
 
         if not output.scheduled:
             return None
-        output.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
-        output.swap_out, self._pending_swap_out = self._pending_swap_out, []
+        self._worker_ops.move_into(output)
         self._next_step_id += 1
         self.num_steps += 1
-        self._in_flight = output
+        self.in_flight.add(output)
         return output
 
     def update_from_output(
         self, scheduled: SchedulerOutput, result: worker_pb2.StepResult
     ) -> list[RequestOutput]:
-        """Applies the worker's sampled tokens; returns an output for every completion that
-        got a token (finished ones included), in batch order."""
-        if self._in_flight is not scheduled:
-            raise RuntimeError(f"step {scheduled.step_id} is not the step in flight")
+        """Applies the worker's sampled tokens of the oldest step in flight; returns an
+        output for every completion that got a token (finished ones included), in batch
+        order."""
+        if self.in_flight.oldest is not scheduled:
+            raise RuntimeError(f"step {scheduled.step_id} is not the oldest step in flight")
         # A worker that answers something else is broken; treating it as gone lets the
         # caller abort_all() and start a fresh stream. Nothing is changed before this.
         if result.step_id != scheduled.step_id:
@@ -233,7 +250,7 @@ class Scheduler:
                 f"worker answered step {scheduled.step_id} with {len(result.token_ids)} tokens for "
                 f"seq_ids {list(result.seq_ids)}, expected tokens for {expected} in that order"
             )
-        self._in_flight = None
+        self.in_flight.returned(scheduled)
         sampled = list(result.token_ids)
         next_sampled = 0
 
@@ -243,46 +260,39 @@ class Scheduler:
             first_sampled = next_sampled
             next_sampled += item.num_samples
             sequence = item.sequence
-            if sequence.status is not SequenceStatus.RUNNING or sequence.seq_id != item.seq_id:
-                continue  # aborted while the step ran
-            sequence.num_computed_tokens += item.num_new_tokens
-            self.prefix_cache.register_computed_blocks(sequence)
-            if not item.num_samples:
-                continue  # a prompt chunk; the rest follows in later steps
-            children = []
-            if item.num_samples > 1:
-                children = self._fork(sequence, sampled[first_sampled + 1:next_sampled])
-            sequence.token_ids.append(sampled[first_sampled])
-            for completion in (sequence, *children):
-                outputs.append(self._after_sample(completion))
+            if sequence.status is SequenceStatus.RUNNING:
+                self.prefix_cache.register_computed_blocks(sequence)
+            # A sequence that finished or was aborted since expects no token: it is dropped.
+            if item.num_samples and sequence.num_pending_samples:
+                sequence.num_pending_samples -= 1
+                outputs.extend(self._apply_sample(sequence, sampled[first_sampled:next_sampled]))
+                # The token may complete a block that a step in flight has computed.
+                if sequence.status is SequenceStatus.RUNNING:
+                    self.prefix_cache.register_computed_blocks(sequence)
         return outputs
 
+    def _apply_sample(self, sequence: Sequence, tokens: list[int]) -> list[RequestOutput]:
+        """Appends a sampled token (forking the request's other completions from the first
+        sample of n); an output per completion that got one."""
+        children = self._fork(sequence, tokens[1:]) if len(tokens) > 1 else []
+        sequence.token_ids.append(tokens[0])
+        return [self._after_sample(completion) for completion in (sequence, *children)]
+
     def _after_sample(self, sequence: Sequence) -> RequestOutput:
-        """Finishes a sequence whose new last token stops it; its output either way."""
+        """Finishes a sequence whose new last token stops it; its output either way. It may
+        have been preempted since the step that sampled the token was sent."""
         self.num_generation_tokens += 1
         stop_reason = sequence.stop_reason(self.eos_token_ids, self.max_model_len)
         if stop_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-            self.running.remove(sequence)
+            self.queues.remove(sequence)
             self._finish(sequence, stop_reason)
         return RequestOutput.of(sequence, [sequence.token_ids[-1]])
 
     # --- running -------------------------------------------------------------------------
 
-    def _allocate_or_preempt(self, sequence: Sequence, num_new_tokens: int) -> SlotAllocation | None:
-        """Blocks for a running sequence, preempting the last running sequences (lowest
-        priority, latest arrival) until it fits. None if it had to preempt itself.
-
-        Running sequences are scheduled in order, so the last ones are never already in
-        this step's batch, unless the last is `sequence` itself.
-        """
-        while True:
-            allocation = self.block_manager.allocate_slots(sequence, num_new_tokens)
-            if allocation is not None:
-                return allocation
-            victim = self.running[-1]
-            self.preempt(victim)
-            if victim is sequence:
-                return None
+    def preempt(self, sequence: Sequence, mode: PreemptionMode | None = None) -> None:
+        """Preempts a running sequence now (see Preemption.preempt)."""
+        self.preemption.preempt(sequence, mode)
 
     def _add_to_batch(
         self, output: SchedulerOutput, sequence: Sequence, num_new_tokens: int, allocation: SlotAllocation
@@ -308,7 +318,7 @@ class Scheduler:
             assert not allocation.copies, f"seq {sequence.seq_id} would write into a shared block"
             new_block_ids = tuple(allocation.new_block_ids)
         output.copy_blocks.extend(allocation.copies)
-        reaches_end = sequence.num_computed_tokens + num_new_tokens == sequence.num_tokens
+        reaches_end = sequence.num_computed_tokens + num_new_tokens == sequence.num_planned_tokens
         num_samples = (sequence.request.n if sequence.awaits_fork else 1) if reaches_end else 0
         output.scheduled.append(
             ScheduledSequenceData(
@@ -319,146 +329,45 @@ class Scheduler:
                 num_samples=num_samples,
             )
         )
-
-    def preempt(self, sequence: Sequence, mode: PreemptionMode | None = None) -> None:
-        """Takes a running sequence's device blocks, between steps or while building one:
-        its KV goes to the CPU pool (swap, while the pool has room) or is dropped, to be
-        recomputed when it resumes. Either way the worker forgets it, and it resumes as a
-        sequence new to the worker. mode: the configured one unless given."""
-        assert sequence.status is SequenceStatus.RUNNING
-        self.running.remove(sequence)
-        self._forget_on_worker(sequence)
-        sequence.num_registered_blocks = 0
-        cpu_blocks = None
-        if (mode or self.config.preemption_mode) is PreemptionMode.SWAP:
-            cpu_blocks = self.cpu_pool.allocate(len(sequence.block_table))
-        if cpu_blocks is not None:
-            # The next step copies the KV out before it computes anything, so the freed
-            # device blocks may serve that very step.
-            self._pending_swap_out.extend(zip(sequence.block_table, cpu_blocks))
-            sequence.cpu_block_table = cpu_blocks
-            self.block_manager.free(sequence)
-            sequence.status = SequenceStatus.SWAPPED
-            bisect.insort(self.swapped, sequence, key=_sort_key)
-            self.num_preemptions_swap += 1
-        else:
-            self.block_manager.free(sequence)
-            sequence.num_computed_tokens = 0
-            sequence.status = SequenceStatus.WAITING
-            bisect.insort(self.waiting, sequence, key=_sort_key)
-            self.num_preemptions_recompute += 1
-
-    # --- resuming and admitting ----------------------------------------------------------
-
-    def _resume_and_admit(self, output: SchedulerOutput, budget: int) -> None:
-        """Best first among swapped and waiting sequences; stops at the first that does not
-        fit, so that a large request is not overtaken forever by small ones."""
-        seats = sum(s.num_seats for s in self.running)
-        cpu_blocks_read: list[int] = []
-        while budget > 0:
-            heads = [queue[0] for queue in (self.swapped, self.waiting) if queue]
-            if not heads:
-                break
-            sequence = min(heads, key=_sort_key)
-            if seats + sequence.num_seats > self.config.max_num_seqs:
-                break
-            if sequence.status is SequenceStatus.SWAPPED:
-                num_new_tokens = self._swap_in(sequence, budget, output, cpu_blocks_read)
-            else:
-                num_new_tokens = self._admit(sequence, budget, output)
-            if num_new_tokens is None:
-                break
-            seats += sequence.num_seats
-            budget -= num_new_tokens
-        # Free only now, so that no swap-out of this step could reuse a CPU block before
-        # the worker has read it back (the worker swaps out before it swaps in).
-        self.cpu_pool.free(cpu_blocks_read)
-
-    def _admit(self, sequence: Sequence, budget: int, output: SchedulerOutput) -> int | None:
-        """Starts a waiting sequence past its cached prefix; the tokens it computes this
-        step, or None when the pool cannot hold them."""
-        cached_blocks = self.prefix_cache.lookup(sequence)
-        num_cached_tokens = len(cached_blocks) * self.block_manager.block_size
-        num_new_tokens = min(sequence.num_tokens - num_cached_tokens, budget)
-        allocation = self.block_manager.allocate_slots(sequence, num_new_tokens, cached_blocks)
-        if allocation is None:
-            return None
-        self.waiting.pop(0)
-        sequence.num_computed_tokens = num_cached_tokens
-        sequence.num_registered_blocks = len(cached_blocks)
-        request = sequence.request
-        if request.num_cached_tokens is None:
-            request.num_cached_tokens = num_cached_tokens
-            self.prefix_cache.count_first_admission(request.num_prompt_tokens, num_cached_tokens)
-        self._start_running(sequence)
-        self._add_to_batch(output, sequence, num_new_tokens, allocation)
-        return num_new_tokens
-
-    def _swap_in(
-        self, sequence: Sequence, budget: int, output: SchedulerOutput, cpu_blocks_read: list[int]
-    ) -> int | None:
-        """Brings a swapped sequence back into fresh device blocks; the tokens it computes
-        this step, or None when the pool cannot hold them."""
-        num_new_tokens = min(sequence.num_tokens_to_compute, budget)
-        needed = self.block_manager.num_blocks_to_hold(sequence.num_computed_tokens + num_new_tokens)
-        if needed > self.block_manager.num_free_blocks:
-            return None
-        device_blocks = self.block_manager.allocate_blocks(len(sequence.cpu_block_table))
-        assert device_blocks is not None
-        sequence.block_table = device_blocks
-        allocation = self.block_manager.allocate_slots(sequence, num_new_tokens)
-        assert allocation is not None and not allocation.copies
-        output.swap_in.extend(zip(sequence.cpu_block_table, device_blocks))
-        cpu_blocks_read.extend(sequence.cpu_block_table)
-        sequence.cpu_block_table = []
-        self.swapped.remove(sequence)
-        self._start_running(sequence)
-        self._add_to_batch(output, sequence, num_new_tokens, allocation)
-        return num_new_tokens
-
-    def _start_running(self, sequence: Sequence) -> None:
-        sequence.status = SequenceStatus.RUNNING
-        bisect.insort(self.running, sequence, key=_sort_key)
+        # Counted as computed once sent: the worker runs steps in order, so every later
+        # step finds this KV in place.
+        sequence.num_computed_tokens += num_new_tokens
+        sequence.last_step_id = output.step_id
+        if num_samples:
+            sequence.num_pending_samples += 1
 
     # --- after a step --------------------------------------------------------------------
 
     def _fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
         """Completions 1..n-1 of the parent's request, each starting from the prompt the
-        parent computed and its own first token, holding the parent's blocks."""
+        parent computed and its own first token, holding the parent's blocks. A parent
+        preempted while its sample was in flight holds none: they start over with it."""
         children = []
         for index, token_id in enumerate(first_tokens, start=1):
             child = parent.fork(index, token_id)
-            self.block_manager.fork(parent, child)
+            if parent.status is SequenceStatus.RUNNING:
+                self.block_manager.fork(parent, child)
             parent.request.sequences.append(child)
-            bisect.insort(self.running, child, key=_sort_key)
+            self.queues.insert(child, parent.status)
             children.append(child)
         # The parent is introduced anew too: whichever sharer writes into the shared last
         # prompt block first then gets a private copy, and a table the worker knows never
         # changes under it.
-        self._forget_on_worker(parent)
+        self._worker_ops.forget(parent)
         return children
 
     def _finish(self, sequence: Sequence, finish_reason: int) -> None:
         """Takes a sequence already out of every queue out of the scheduler."""
-        self._forget_on_worker(sequence)
-        self.block_manager.free(sequence)
+        self._worker_ops.forget(sequence)
+        self.in_flight.free(sequence)
+        self._worker_ops.cancel_swap_out(sequence.cpu_block_table)
         self.cpu_pool.free(sequence.cpu_block_table)
         sequence.cpu_block_table = []
+        # Whatever steps in flight still sample for it is dropped.
+        sequence.num_pending_samples = 0
         sequence.status = SequenceStatus.FINISHED
         sequence.finish_reason = finish_reason
         request = sequence.request
         if request.finished:
             del self.requests[request.request_id]
             self.num_prompt_tokens += request.num_prompt_tokens
-
-    def _forget_on_worker(self, sequence: Sequence) -> None:
-        if sequence.seq_id is not None:
-            self._finished_seq_ids.append(sequence.seq_id)
-            sequence.seq_id = None
-
-    def _queue_of(self, sequence: Sequence) -> list[Sequence]:
-        return {
-            SequenceStatus.WAITING: self.waiting,
-            SequenceStatus.RUNNING: self.running,
-            SequenceStatus.SWAPPED: self.swapped,
-        }[sequence.status]

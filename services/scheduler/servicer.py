@@ -58,9 +58,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     sent_tokens = True
                     span.add_event("first_token")
                 response = output.to_proto()
-                yield response
+                # Recorded before the last message leaves: the caller may cancel the call
+                # as soon as it has it, and the generator would not run again.
                 if output.request_finished:
                     record_request_span(span, stream.times, response)
+                yield response
+                if output.request_finished:
                     return
         finally:
             # The caller went away (cancel, deadline) before the request finished: its

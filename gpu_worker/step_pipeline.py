@@ -1,0 +1,97 @@
+"""Runs a scheduler's step stream with steps overlapped on the device.
+
+Each step is launched on the model thread as soon as it arrives, also while the previous
+one still runs on the device; its result is read back once the device is done with it.
+So when the scheduler sends step N+1 before N's result (overlapped scheduling), N+1's
+host work (building inputs, launching kernels) happens while the device runs N. Results
+leave in step order. Without overlap on the scheduler's side this is one step at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+
+from gpu_worker.model_runner import LaunchedStep, ModelRunner
+from pagedserve.v1 import worker_pb2
+
+# Steps launched and not finished at once (the scheduler sends 2 by default); a step
+# arriving beyond it waits for the oldest to finish.
+MAX_STEPS_LAUNCHED = 3
+
+
+class _StepScope:
+    """around_step's context manager for one step, run in a context of its own: the
+    scopes of overlapping steps close out of order, and one that sets context variables
+    (a current span) must leave them as it found them."""
+
+    def __init__(self, manager: AbstractContextManager) -> None:
+        self._context = contextvars.copy_context()
+        self._stack = ExitStack()
+        self._context.run(self._stack.enter_context, manager)
+
+    def close(self) -> None:
+        self._context.run(self._stack.close)
+
+
+async def _next_or_none(steps: AsyncIterator[worker_pb2.StepRequest]) -> worker_pb2.StepRequest | None:
+    try:
+        return await anext(steps)
+    except StopAsyncIteration:
+        return None
+
+
+async def pipelined_steps(
+    runner: ModelRunner,
+    steps: AsyncIterator[worker_pb2.StepRequest],
+    model_thread: ThreadPoolExecutor,
+    around_step: Callable[[worker_pb2.StepRequest], AbstractContextManager] = lambda step: nullcontext(),
+) -> AsyncIterator[worker_pb2.StepResult]:
+    """Yields one result per step, in order. Launching and finishing run on model_thread
+    (one thread, so that they keep their order); waiting for the device runs on a thread
+    of its own, so that a step can be launched meanwhile. around_step(step) is entered
+    when the step arrives and exited when its result is ready."""
+    loop = asyncio.get_running_loop()
+    device_waits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-wait")
+    # (launched step, its device wait, the scope opened around it), oldest first.
+    launched: deque[tuple[LaunchedStep, asyncio.Future, _StepScope]] = deque()
+    next_step: asyncio.Future | None = asyncio.ensure_future(_next_or_none(steps))
+    try:
+        while next_step is not None or launched:
+            if launched and (next_step is None or len(launched) >= MAX_STEPS_LAUNCHED):
+                waiting_on = {launched[0][1]}
+            else:
+                waiting_on = {launched[0][1], next_step} if launched else {next_step}
+            await asyncio.wait(waiting_on, return_when=asyncio.FIRST_COMPLETED)
+            # A step that arrived goes to the device before an earlier one is read back.
+            if next_step is not None and next_step.done() and len(launched) < MAX_STEPS_LAUNCHED:
+                step = next_step.result()
+                next_step = None
+                if step is not None:
+                    scope = _StepScope(around_step(step))
+                    try:
+                        handle = await loop.run_in_executor(model_thread, runner.launch_step, step)
+                    except BaseException:
+                        scope.close()
+                        raise
+                    launched.append((handle, loop.run_in_executor(device_waits, handle.wait), scope))
+                    next_step = asyncio.ensure_future(_next_or_none(steps))
+                continue
+            handle, device_done, scope = launched[0]
+            if not device_done.done():
+                continue
+            device_done.result()
+            result = await loop.run_in_executor(model_thread, runner.finish_step, handle)
+            launched.popleft()
+            scope.close()
+            yield result
+    finally:
+        if next_step is not None:
+            next_step.cancel()
+        for _, _, scope in launched:
+            scope.close()
+        device_waits.shutdown(wait=False)

@@ -1,0 +1,190 @@
+"""Overlapped steps on the worker (CPU, a tiny random Llama): the scheduler plans step N+1
+while N runs, the runner launches N+1 before N is finished and feeds N's tokens in; every
+completion gets the tokens it gets one step at a time. And the worker's step pipeline
+launches a step that arrives while the previous one still runs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gpu_worker.config import WorkerConfig
+from gpu_worker.model_runner import ModelRunner
+from gpu_worker.step_pipeline import MAX_STEPS_LAUNCHED, pipelined_steps
+from pagedserve.v1 import common_pb2, worker_pb2
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.scheduler import Scheduler
+
+BLOCK_SIZE = 4
+VOCAB_SIZE = 256
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE, max_position_embeddings=256, initializer_range=0.1, eos_token_id=EOS,
+        pad_token_id=0,
+    )
+    model_dir = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).eval().save_pretrained(model_dir)
+    return model_dir
+
+
+def _requests() -> list[tuple[str, list[int], common_pb2.SamplingParams]]:
+    rng = random.Random(7)
+    requests = []
+    for i in range(8):
+        prompt = [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.randrange(2, 30))]
+        sampling = common_pb2.SamplingParams(max_tokens=rng.randrange(4, 16), seed=100 + i)
+        sampling.temperature = 0.0 if i % 2 else 1.0
+        if i % 3 == 0:
+            sampling.n = 2
+        # Frequent stop tokens: stops found one step late.
+        sampling.stop_token_ids.extend(rng.sample(range(3, VOCAB_SIZE), 40))
+        requests.append((f"r{i}", prompt, sampling))
+    return requests
+
+
+def _run(model_dir: Path, requests, steps_in_flight: int, num_kv_blocks: int, preemption_mode: str = "recompute",
+         max_num_batched_tokens: int = 24) -> dict[tuple[str, int], tuple[list[int], int]]:
+    runner = ModelRunner(WorkerConfig(model_path=model_dir, device="cpu", block_size=BLOCK_SIZE,
+                                      num_kv_blocks=num_kv_blocks, swap_space_bytes=1 << 20))
+    info = runner.info()
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_steps_in_flight=steps_in_flight,
+                        preemption_mode=preemption_mode, seed=0),
+        num_blocks=info.num_kv_blocks, block_size=BLOCK_SIZE, max_model_len=info.model.max_model_len,
+        eos_token_ids=[EOS], num_cpu_blocks=info.num_cpu_blocks,
+    )
+    for request_id, prompt, sampling in requests:
+        scheduler.add_request(request_id, prompt, sampling)
+    tokens: dict[tuple[str, int], list[int]] = {}
+    finals: dict[tuple[str, int], int] = {}
+    in_flight = deque()
+    while scheduler.has_unfinished_requests() or in_flight:
+        while len(in_flight) < scheduler.max_steps_in_flight:
+            step = scheduler.schedule()
+            if step is None:
+                break
+            in_flight.append((step, runner.launch_step(step.to_proto())))
+        step, launched = in_flight.popleft()
+        for output in scheduler.update_from_output(step, runner.finish_step(launched)):
+            tokens.setdefault((output.request_id, output.index), []).extend(output.new_token_ids)
+            if output.finished:
+                finals[output.request_id, output.index] = output.finish_reason
+    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_total_blocks
+    return {key: (value, finals[key]) for key, value in tokens.items()}
+
+
+def test_overlapped_steps_give_each_completion_its_tokens(tiny_llama: Path) -> None:
+    requests = _requests()
+    alone = {}
+    for request in requests:
+        alone.update(_run(tiny_llama, [request], steps_in_flight=1, num_kv_blocks=64))
+    assert any(len(tokens) < 4 for tokens, _ in alone.values())  # some stop early
+    for steps_in_flight in (2, 3):
+        assert _run(tiny_llama, requests, steps_in_flight, num_kv_blocks=64) == alone
+    # A pool too small for all at once: preemption while steps are in flight.
+    for mode in ("recompute", "swap"):
+        assert _run(tiny_llama, requests, 2, num_kv_blocks=16, preemption_mode=mode) == alone, mode
+    assert _run(tiny_llama, requests, 3, num_kv_blocks=16, preemption_mode="swap") == alone
+    assert _run(tiny_llama, requests, 1, num_kv_blocks=16) == alone
+
+
+# --- the worker's step pipeline ---------------------------------------------------------
+
+
+@dataclass
+class _FakeLaunched:
+    step_id: int
+    device_done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self) -> None:
+        assert self.device_done.wait(timeout=10)
+
+
+class _FakeRunner:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.launched: dict[int, _FakeLaunched] = {}
+
+    def launch_step(self, step: worker_pb2.StepRequest) -> _FakeLaunched:
+        self.events.append(("launch", step.step_id))
+        self.launched[step.step_id] = _FakeLaunched(step.step_id)
+        return self.launched[step.step_id]
+
+    def finish_step(self, launched: _FakeLaunched) -> worker_pb2.StepResult:
+        self.events.append(("finish", launched.step_id))
+        return worker_pb2.StepResult(step_id=launched.step_id)
+
+
+def test_a_step_that_arrives_while_one_runs_is_launched_before_that_one_finishes() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def scenario() -> None:
+        runner = _FakeRunner()
+        arriving: asyncio.Queue = asyncio.Queue()
+        scopes: list[str] = []
+
+        class Scope:
+            def __init__(self, step_id: int) -> None:
+                self.step_id = step_id
+
+            def __enter__(self) -> None:
+                scopes.append(f"open {self.step_id}")
+
+            def __exit__(self, *exc) -> None:
+                scopes.append(f"close {self.step_id}")
+
+        async def steps():
+            while (step := await arriving.get()) is not None:
+                yield step
+
+        async def until(condition) -> None:
+            for _ in range(1000):
+                if condition():
+                    return
+                await asyncio.sleep(0.001)
+            raise AssertionError("not reached")
+
+        results = pipelined_steps(runner, steps(), ThreadPoolExecutor(1), around_step=lambda s: Scope(s.step_id))
+        received: list[int] = []
+
+        async def consume() -> None:
+            async for result in results:
+                received.append(result.step_id)
+
+        consumer = asyncio.ensure_future(consume())
+        limit = MAX_STEPS_LAUNCHED
+        for step_id in range(1, limit + 1):
+            await arriving.put(worker_pb2.StepRequest(step_id=step_id))
+            await until(lambda: step_id in runner.launched)
+        # One more waits: `limit` steps are launched and none is done.
+        await arriving.put(worker_pb2.StepRequest(step_id=limit + 1))
+        await asyncio.sleep(0.05)
+        assert limit + 1 not in runner.launched and received == []
+        runner.launched[1].device_done.set()
+        await until(lambda: received == [1] and limit + 1 in runner.launched)
+        for step_id in range(2, limit + 2):
+            runner.launched[step_id].device_done.set()
+        await arriving.put(None)
+        await asyncio.wait_for(consumer, timeout=10)
+        steps = range(1, limit + 2)
+        assert received == list(steps)
+        launches = [("launch", i) for i in steps]
+        assert runner.events == [*launches[:limit], ("finish", 1), launches[limit]] + [("finish", i) for i in steps[1:]]
+        opens = [f"open {i}" for i in steps]
+        assert scopes == [*opens[:limit], "close 1", opens[limit]] + [f"close {i}" for i in steps[1:]]
+
+    asyncio.run(scenario())
