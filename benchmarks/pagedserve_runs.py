@@ -20,7 +20,7 @@ import grpc
 
 from benchmarks.workload import Workload
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from services.launcher import free_port, is_serving
+from services.launcher import free_port, wait_until_serving
 
 STARTUP_TIMEOUT_S = 600.0
 
@@ -222,7 +222,7 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             log = open(log_dir / f"{name}.log", "w")
             processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         address = f"127.0.0.1:{ports['tokenizer']}"
-        _wait_serving(processes, {n: f"127.0.0.1:{p}" for n, p in ports.items()}, log_dir)
+        wait_until_serving(processes, {n: f"127.0.0.1:{p}" for n, p in ports.items()}, log_dir, STARTUP_TIMEOUT_S)
         # Warm-up: kernels of the first prefill and decode shapes compile in the worker.
         asyncio.run(_generate_all(address, [(f"w{i}", [1 + i] * 50, 8) for i in range(2)]))
         requests = [
@@ -263,20 +263,6 @@ def _scheduler_stats(address: str) -> dict[str, float]:
         "steps": float(stats.num_steps), "num_kv_blocks": float(stats.num_total_blocks),
         "preemptions": float(stats.num_preemptions), "generation_tokens": float(stats.num_generation_tokens),
     }
-
-
-def _wait_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, str], log_dir: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    pending = set(addresses)
-    while pending:
-        for name, process in processes.items():
-            if process.poll() is not None:
-                log = (log_dir / f"{name}.log").read_text()
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log[-4000:]}")
-        pending = {name for name in pending if not is_serving(addresses[name])}
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not serving after {STARTUP_TIMEOUT_S}s: {pending}")
-        time.sleep(0.2)
 
 
 def _client_process(address: str, requests: list[tuple[str, list[int], int]], start_at: float):
