@@ -230,6 +230,7 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             for i, (prompt, num_out) in enumerate(zip(workload.prompts, workload.output_lengths))
         ]
         shares = [requests[i::num_clients] for i in range(num_clients)]
+        cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
         start_at = time.time() + 2.0
         context = multiprocessing.get_context("spawn")
         with context.Pool(num_clients) as pool:
@@ -240,6 +241,9 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             outputs.update(share_outputs)
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
         profile = _scheduler_stats(f"127.0.0.1:{ports['scheduler']}")
+        # What each service spent on the run, the scheduler's stats call aside.
+        profile.update({f"cpu_s.{name}": cpu_seconds(process.pid) - cpu_before[name]
+                        for name, process in processes.items()})
     finally:
         for name in ("tokenizer", "scheduler", "worker"):
             process = processes.get(name)
@@ -253,6 +257,12 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
     note = f"{num_clients} client processes"
     name = run_name("pagedserve gRPC (3 services)", settings.max_steps_in_flight)
     return RunResult(name, seconds, sum(len(o) for o in ordered), ordered, profile, note=note)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _scheduler_stats(address: str) -> dict[str, float]:

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.pagedserve_runs import _client_process, _generate_all, _wait_serving
+from benchmarks.pagedserve_runs import _client_process, _generate_all, cpu_seconds
 from benchmarks.workload import nano_vllm_workload
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from services.launcher import free_port
+from services.launcher import free_port, wait_until_serving
 
 
 class _PretendLaunch:
@@ -101,11 +101,6 @@ async def _serve_null_worker(port: int, step_seconds: float, vocab_size: int, ma
     await host.run(prepare=load)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step-ms", type=float, default=4.4, help="pretend device time per step")
@@ -152,18 +147,18 @@ def main(argv: list[str] | None = None) -> None:
         for name, command in commands.items():
             log = open(log_dir / f"{name}.log", "w")
             processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        _wait_serving(processes, addresses, log_dir)
+        wait_until_serving(processes, addresses, log_dir, 120.0)
         asyncio.run(_generate_all(addresses["tokenizer"], [(f"w{i}", [1 + i] * 50, 8) for i in range(2)]))
         requests = [
             (f"r{i}", prompt, n) for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lengths))
         ]
         shares = [requests[i::args.clients] for i in range(args.clients)]
-        cpu_before = {name: _cpu_seconds(p.pid) for name, p in processes.items()}
+        cpu_before = {name: cpu_seconds(p.pid) for name, p in processes.items()}
         start_at = time.time() + 1.0
         with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
             results = pool.starmap(_client_process, [(addresses["tokenizer"], share, start_at) for share in shares])
         seconds = max(finish for _, finish in results) - start_at
-        cpu = {name: _cpu_seconds(p.pid) - cpu_before[name] for name, p in processes.items()}
+        cpu = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in processes.items()}
     finally:
         for process in processes.values():
             if process.poll() is None:

@@ -2,7 +2,11 @@
 sampled and exported to a real OTLP receiver on loopback, in alternating order so that
 drift of the machine hits both alike.
 
-    python -m benchmarks.tracing_overhead [--device cpu] [--repeats 4] [--json tracing.json]
+Two measures: throughput (noisy on a shared machine: the median of the pairs' ratios),
+and the CPU seconds the three services spend per output token, which is what tracing
+adds work to and what limits throughput when the services are CPU-bound.
+
+    python -m benchmarks.tracing_overhead [--device cpu] [--repeats 6] [--json tracing.json]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, default=32)
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--json", type=Path, default=Path("tracing_overhead.json"))
     args = parser.parse_args()
 
@@ -37,6 +41,8 @@ def main() -> None:
     workload = nano_vllm_workload(args.num_seqs, args.min_len, args.max_len)
     settings = EngineSettings(device=args.device)
     rates: dict[str, list[float]] = {"off": [], "on": []}
+    # CPU microseconds of the three services per output token, per run.
+    cpu_per_token: dict[str, list[float]] = {"off": [], "on": []}
     with trace_receiver() as (receiver, endpoint), tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
             # Alternating which goes first cancels what the first run of a pair pays.
@@ -48,15 +54,25 @@ def main() -> None:
                                        "OTEL_TRACES_SAMPLER": "always_on"})
                 result = run_grpc(model_dir, workload, settings, Path(scratch) / f"{mode}{repeat}")
                 rates[mode].append(result.tokens_per_second)
-                print(f"tracing {mode}: {result.tokens_per_second:,.1f} tok/s", file=sys.stderr, flush=True)
+                cpu_s = sum(value for key, value in result.profile.items() if key.startswith("cpu_s."))
+                cpu_per_token[mode].append(1e6 * cpu_s / result.output_tokens)
+                print(f"tracing {mode}: {result.tokens_per_second:,.1f} tok/s, "
+                      f"{cpu_per_token[mode][-1]:,.0f} service CPU us/token", file=sys.stderr, flush=True)
         spans_received = len(receiver.spans)
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    pair_overheads = [1.0 - on_rate / off_rate for off_rate, on_rate in zip(rates["off"], rates["on"])]
+    cpu_off, cpu_on = statistics.median(cpu_per_token["off"]), statistics.median(cpu_per_token["on"])
     summary = {"device": args.device, "num_seqs": args.num_seqs, "repeats": args.repeats,
                "tok_per_s": rates, "median_off": off, "median_on": on,
-               "overhead_fraction": 1.0 - on / off, "spans_received": spans_received}
+               "pair_overheads": pair_overheads, "median_pair_overhead": statistics.median(pair_overheads),
+               "service_cpu_us_per_token": cpu_per_token, "cpu_overhead_fraction": cpu_on / cpu_off - 1.0,
+               "spans_received": spans_received}
     args.json.write_text(json.dumps(summary, indent=2))
-    print(f"| tracing | median tok/s |\n| --- | ---: |\n| off | {off:,.1f} |\n| on (always_on) | {on:,.1f} |")
-    print(f"overhead: {100 * (1 - on / off):.1f}% ({spans_received} spans received)")
+    print("| tracing | median tok/s | median service CPU us/token |\n| --- | ---: | ---: |")
+    print(f"| off | {off:,.1f} | {cpu_off:,.0f} |\n| on (always_on) | {on:,.1f} | {cpu_on:,.0f} |")
+    print(f"throughput overhead: median of pairs {100 * statistics.median(pair_overheads):.1f}% "
+          f"(pairs: {', '.join(f'{100 * o:.1f}%' for o in pair_overheads)}); "
+          f"CPU overhead {100 * (cpu_on / cpu_off - 1):.1f}% ({spans_received} spans received)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ class ReceivedSpan:
     parent_span_id: str
     kind: int
     attributes: dict[str, object]
-    events: list[str]
+    # (name, attributes) in the order the span recorded them.
+    events: list[tuple[str, dict[str, object]]]
     links: list[tuple[str, str]]
 
 
@@ -54,7 +55,8 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         parent_span_id=span.parent_span_id.hex(),
                         kind=span.kind,
                         attributes={a.key: attribute_value(a.value) for a in span.attributes},
-                        events=[event.name for event in span.events],
+                        events=[(event.name, {a.key: attribute_value(a.value) for a in event.attributes})
+                                for event in span.events],
                         links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
                     ))
         with self._lock:

@@ -3,6 +3,7 @@ and Prometheus metrics that move by the right amounts."""
 
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -28,9 +29,10 @@ def observed(embedded_model_dir: Path, tmp_path_factory) -> tuple[Stack, TraceRe
     with trace_receiver() as (receiver, endpoint):
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
                "OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_TRACES_SAMPLER": "parentbased_always_on"}
+        # A pool of 24 blocks of 16 tokens: four 100-token requests outgrow it together.
         with service_stack(embedded_model_dir, tmp_path_factory.mktemp("observed"), env=env,
                            worker_args=["--metrics-port", str(ports["worker"])],
-                           scheduler_args=["--metrics-port", str(ports["scheduler"])],
+                           scheduler_args=["--metrics-port", str(ports["scheduler"]), "--num-kv-blocks", "24"],
                            tokenizer_args=["--metrics-port", str(ports["tokenizer"])]) as stack:
             yield stack, receiver, ports
 
@@ -77,7 +79,7 @@ def test_one_trace_follows_the_request_through_all_services(observed) -> None:
         ancestor = by_id[ancestor.parent_span_id]
         ancestry.append(ancestor.span_id)
     assert generate.span_id in ancestry
-    assert {"queued", "first_token"} <= set(submit.events)
+    assert [name for name, _ in submit.events] == ["queued", "scheduled", "first_token"]
 
     steps = [s for s in spans if s.name == "worker.step" and (CLIENT_TRACE_ID, submit.span_id) in s.links]
     assert steps, "no worker step links to the scheduler's span"
@@ -109,6 +111,37 @@ def test_a_request_without_trace_context_starts_a_trace(observed) -> None:
     assert generate.parent_span_id == ""
     assert generate.trace_id != CLIENT_TRACE_ID
     receiver.wait_for(lambda spans: any(s.name == SUBMIT_SPAN and s.trace_id == generate.trace_id for s in spans))
+
+
+def test_preemptions_and_prefix_cache_hits_are_events_of_the_request(observed) -> None:
+    stack, receiver, _ = observed
+    prompts = [" ".join(f"{word}{i}" for i in range(38)) for word in ("apple", "river", "stone", "cloud")]
+    for prompt in prompts:
+        num_tokens = len(stack.generation.Tokenize(generation_pb2.TokenizeRequest(text=prompt)).token_ids)
+        assert 96 < num_tokens <= 112, num_tokens  # 7 blocks each: together they outgrow the pool
+    trace_ids = [f"{i + 1:032x}" for i in range(len(prompts) + 2)]
+
+    def generate(prompt: str, trace_id: str) -> None:
+        request = generation_pb2.GenerateRequest(
+            prompt=prompt, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        list(stack.generation.Generate(request, metadata=(("traceparent", f"00-{trace_id}-{CLIENT_SPAN_ID}-01"),),
+                                       timeout=120))
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        list(pool.map(generate, prompts, trace_ids))
+    # The pool may have evicted any of them meanwhile; the second of two in a row finds
+    # every full block of its prompt cached.
+    generate(prompts[0], trace_ids[-2])
+    generate(prompts[0], trace_ids[-1])
+
+    spans = receiver.wait_for(lambda spans: {s.trace_id for s in spans if s.name == SUBMIT_SPAN} >= set(trace_ids))
+    events = {s.trace_id: s.events for s in spans if s.name == SUBMIT_SPAN and s.trace_id in trace_ids}
+    preempted = [attributes for trace_id in trace_ids[:len(prompts)] for name, attributes in events[trace_id]
+                 if name == "preempted"]
+    assert preempted, "four requests outgrew the pool together, yet no trace tells of a preemption"
+    assert {attributes["pagedserve.preemption_mode"] for attributes in preempted} == {"recompute"}
+    hits = [attributes for name, attributes in events[trace_ids[-1]] if name == "prefix_cache_hit"]
+    assert len(hits) == 1 and hits[0]["pagedserve.cached_tokens"] == 96  # 6 full blocks of 104 tokens
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:

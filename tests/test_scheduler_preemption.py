@@ -19,6 +19,8 @@ def _tight_pool(mode: str, num_cpu_blocks: int) -> Harness:
 
 def test_swap_moves_the_victims_kv_out_and_back_unchanged() -> None:
     h = _tight_pool("swap", num_cpu_blocks=4)
+    events = []
+    h.scheduler.on_event = events.append
     h.step()
     h.step()
     h.step()  # old needs a 3rd block for token 5: new is swapped out
@@ -35,13 +37,21 @@ def test_swap_moves_the_victims_kv_out_and_back_unchanged() -> None:
     assert resumed.num_computed_tokens == 3  # only the last sampled token is computed again
     for request_id, prompt in (("old", [2, 3, 4]), ("new", [5, 6])):
         assert h.tokens[request_id, 0] == reference_output(prompt, PARAMS, 8)[0]
+    # What the victim's trace tells: out with its 3 computed tokens, back in with them.
+    told = [(e.request_id, e.name, e.attributes.get("pagedserve.preemption_mode"),
+             e.attributes["pagedserve.num_computed_tokens"]) for e in events]
+    assert told == [("new", "preempted", "swap", 3), ("new", "swapped_in", None, 3)]
 
 
 def test_swap_falls_back_to_recompute_when_the_cpu_pool_is_full() -> None:
     h = _tight_pool("swap", num_cpu_blocks=1)
+    events = []
+    h.scheduler.on_event = events.append
     h.drain()
     stats = h.scheduler.stats()
     assert stats.num_preemptions_swap == 0 and stats.num_preemptions_recompute >= 1
+    modes = [e.attributes["pagedserve.preemption_mode"] for e in events if e.name == "preempted"]
+    assert modes == ["recompute"] * stats.num_preemptions_recompute
     assert h.tokens["new", 0] == reference_output([5, 6], PARAMS, 8)[0]
 
 

@@ -11,6 +11,8 @@ PARAMS = sampling(max_tokens=3, ignore_eos=True)
 
 def test_a_later_request_starts_past_the_cached_blocks_it_shares() -> None:
     h = Harness(num_blocks=32, block_size=4)
+    events = []
+    h.scheduler.on_event = events.append
     h.add("first", SHARED + [20, 21], PARAMS)
     h.drain()
     first_blocks = list(h.steps[0].scheduled[0].new_block_ids)
@@ -26,6 +28,9 @@ def test_a_later_request_starts_past_the_cached_blocks_it_shares() -> None:
     assert h.tokens["second", 0] == reference_output(SHARED + [22], PARAMS, 1024)[0]
     stats = h.scheduler.stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (14 + 13, 12)
+    # The hit is told once, for the request that had it, for its trace.
+    assert [(e.request_id, e.name, e.attributes["pagedserve.cached_tokens"]) for e in events] == [
+        ("second", "prefix_cache_hit", 12)]
 
 
 def test_a_whole_prompt_hit_still_computes_its_last_token() -> None:

@@ -9,7 +9,7 @@ from pagedserve.v1 import common_pb2
 from services.common.errors import InvalidArgumentError
 from services.scheduler.block_manager import BlockManager, SlotAllocation
 from services.scheduler.cpu_block_pool import CpuBlockPool
-from services.scheduler.outputs import SchedulerOutput
+from services.scheduler.outputs import RequestEvent, SchedulerOutput
 from services.scheduler.preemption import Preemption
 from services.scheduler.prefix_cache import PrefixCache
 from services.scheduler.queues import SequenceQueues
@@ -61,6 +61,7 @@ class Admission:
         prefix_cache: PrefixCache,
         cpu_pool: CpuBlockPool,
         preemption: Preemption,
+        report_event: Callable[[RequestEvent], None],
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.queues = queues
@@ -68,6 +69,7 @@ class Admission:
         self.prefix_cache = prefix_cache
         self.cpu_pool = cpu_pool
         self.preemption = preemption
+        self.report_event = report_event
 
     def resume_and_admit(self, output: SchedulerOutput, budget: int, add_to_batch: AddToBatch) -> None:
         """Best first among swapped and waiting sequences; stops at the first that does not
@@ -114,6 +116,11 @@ class Admission:
         if request.num_cached_tokens is None:
             request.num_cached_tokens = num_cached_tokens
             self.prefix_cache.count_first_admission(request.num_prompt_tokens, num_cached_tokens)
+            if num_cached_tokens:
+                self.report_event(RequestEvent(request.request_id, "prefix_cache_hit", {
+                    "pagedserve.cached_tokens": num_cached_tokens,
+                    "pagedserve.prompt_tokens": request.num_prompt_tokens,
+                }))
         self.queues.insert(sequence, SequenceStatus.RUNNING)
         add_to_batch(output, sequence, num_new_tokens, allocation)
         return num_new_tokens

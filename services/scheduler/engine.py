@@ -8,12 +8,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
 
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.errors import UnavailableError
+from services.common.telemetry import traceparent_of
 from services.scheduler.coalescing import OutputCoalescer
 from services.scheduler.metrics import RequestTimes, SchedulerMetrics
-from services.scheduler.outputs import SchedulerOutput
+from services.scheduler.outputs import RequestEvent, SchedulerOutput
 from services.scheduler.scheduler import RequestOutput, Scheduler
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,10 @@ class RequestStream:
     outputs: asyncio.Queue
     finished: bool = False
     times: RequestTimes = field(default_factory=RequestTimes)
-    # W3C traceparent of the request's span, handed to the worker for its step spans.
+    # The request's span: the scheduler's events about the request go on it.
+    span: trace.Span = trace.INVALID_SPAN
+    # W3C traceparent of that span, handed to the worker for its step spans; empty while
+    # the request is not traced.
     traceparent: str = ""
 
 
@@ -39,6 +44,7 @@ class Engine:
         self._streams: dict[str, RequestStream] = {}
         self._has_work = asyncio.Event()
         self._coalescer = OutputCoalescer(scheduler.config.max_stream_messages_per_step)
+        scheduler.on_event = self._on_event
 
     def add_request(
         self,
@@ -46,10 +52,11 @@ class Engine:
         prompt_token_ids: list[int],
         sampling: common_pb2.SamplingParams,
         priority: int = 0,
-        traceparent: str = "",
+        span: trace.Span = trace.INVALID_SPAN,
     ) -> RequestStream:
         self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority)
-        stream = RequestStream(outputs=asyncio.Queue(), traceparent=traceparent)
+        traceparent = traceparent_of(span) if span.is_recording() else ""
+        stream = RequestStream(outputs=asyncio.Queue(), span=span, traceparent=traceparent)
         self._streams[request_id] = stream
         self._has_work.set()
         return stream
@@ -61,6 +68,11 @@ class Engine:
         for output in self._coalescer.add(outputs):
             self._deliver(output)
         return True
+
+    def _on_event(self, event: RequestEvent) -> None:
+        stream = self._streams.get(event.request_id)
+        if stream is not None:
+            stream.span.add_event(event.name, event.attributes)
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)
@@ -90,6 +102,7 @@ class Engine:
             request_of_seq[entry.seq_id] = stream
             if stream.times.first_scheduled is None:
                 stream.times.first_scheduled = now
+                stream.span.add_event("scheduled")
                 if self._metrics is not None:
                     self._metrics.queue_time.observe(now - stream.times.arrival)
         for new_sequence in step.new_sequences:

@@ -135,6 +135,16 @@ class RequestOutput:
         )
 
 
+@dataclass(frozen=True)
+class RequestEvent:
+    """Something that happened to a request on its way, for its trace: a prefix-cache hit
+    when first admitted, a preemption, a swap back in."""
+
+    request_id: str
+    name: str
+    attributes: dict[str, int | str]
+
+
 @dataclass
 class PendingWorkerOps:
     """What the next step must tell the worker besides its batch: the seq_ids to forget,

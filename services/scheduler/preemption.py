@@ -3,12 +3,13 @@ workers' CPU swap pool, or nowhere, to be recomputed), and how a swapped sequenc
 back into fresh device blocks."""
 
 import enum
+from collections.abc import Callable
 
 from services.scheduler.block_manager import BlockManager, SlotAllocation
 from services.scheduler.config import PreemptionMode
 from services.scheduler.cpu_block_pool import CpuBlockPool
 from services.scheduler.in_flight import InFlightSteps
-from services.scheduler.outputs import PendingWorkerOps
+from services.scheduler.outputs import PendingWorkerOps, RequestEvent
 from services.scheduler.queues import SequenceQueues
 from services.scheduler.request import Sequence, SequenceStatus
 
@@ -31,6 +32,7 @@ class Preemption:
         queues: SequenceQueues,
         in_flight: InFlightSteps,
         worker_ops: PendingWorkerOps,
+        report_event: Callable[[RequestEvent], None],
     ) -> None:
         self.mode = mode
         self.block_manager = block_manager
@@ -38,6 +40,7 @@ class Preemption:
         self.queues = queues
         self.in_flight = in_flight
         self.worker_ops = worker_ops
+        self.report_event = report_event
         self.num_recompute = 0
         self.num_swap = 0
 
@@ -80,6 +83,7 @@ class Preemption:
         self.queues.remove(sequence)
         self.worker_ops.forget(sequence)
         sequence.num_registered_blocks = 0
+        num_computed_tokens = sequence.num_computed_tokens
         cpu_blocks = None
         forks_in_flight = sequence.awaits_fork and sequence.num_pending_samples > 0
         if (mode or self.mode) is PreemptionMode.SWAP and not forks_in_flight:
@@ -97,6 +101,11 @@ class Preemption:
             sequence.num_computed_tokens = 0
             self.queues.insert(sequence, SequenceStatus.WAITING)
             self.num_recompute += 1
+        self.report_event(RequestEvent(sequence.request_id, "preempted", {
+            "pagedserve.completion_index": sequence.index,
+            "pagedserve.preemption_mode": "swap" if cpu_blocks is not None else "recompute",
+            "pagedserve.num_computed_tokens": num_computed_tokens,
+        }))
 
     def swap_in(self, sequence: Sequence, num_new_tokens: int) -> SlotAllocation | None:
         """Moves a swapped sequence back into fresh device blocks, with room for the tokens
@@ -113,4 +122,8 @@ class Preemption:
         assert allocation is not None and not allocation.copies
         self.queues.remove(sequence)
         self.queues.insert(sequence, SequenceStatus.RUNNING)
+        self.report_event(RequestEvent(sequence.request_id, "swapped_in", {
+            "pagedserve.completion_index": sequence.index,
+            "pagedserve.num_computed_tokens": sequence.num_computed_tokens,
+        }))
         return allocation

@@ -23,6 +23,7 @@ returns (services/scheduler/in_flight.py).
 """
 
 import random
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
@@ -36,6 +37,7 @@ from services.scheduler.in_flight import InFlightSteps
 from services.scheduler.outputs import (
     NewSequenceData,
     PendingWorkerOps,
+    RequestEvent,
     RequestOutput,
     ScheduledSequenceData,
     SchedulerOutput,
@@ -75,11 +77,16 @@ class Scheduler:
         self.waiting, self.running, self.swapped = self.queues.waiting, self.queues.running, self.queues.swapped
         self.in_flight = InFlightSteps(self.block_manager)
         self._worker_ops = PendingWorkerOps()
+        # Told of prefix-cache hits, preemptions and swap-ins as they happen (the service
+        # puts them on the requests' spans).
+        self.on_event: Callable[[RequestEvent], None] | None = None
         self.preemption = Preemption(
-            config.preemption_mode, self.block_manager, self.cpu_pool, self.queues, self.in_flight, self._worker_ops
+            config.preemption_mode, self.block_manager, self.cpu_pool, self.queues, self.in_flight, self._worker_ops,
+            self._report_event,
         )
         self.admission = Admission(
-            config.max_num_seqs, self.queues, self.block_manager, self.prefix_cache, self.cpu_pool, self.preemption
+            config.max_num_seqs, self.queues, self.block_manager, self.prefix_cache, self.cpu_pool, self.preemption,
+            self._report_event,
         )
 
         self._num_arrivals = 0
@@ -169,6 +176,10 @@ class Scheduler:
         # The next stream may reach a restarted worker, whose cache holds no KV.
         self.block_manager.reset_prefix_cache()
         return outputs
+
+    def _report_event(self, event: RequestEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

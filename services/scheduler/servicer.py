@@ -7,7 +7,6 @@ from opentelemetry import trace
 
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.errors import InvalidArgumentError, UnavailableError
-from services.common.telemetry import traceparent_of
 from services.scheduler.engine import Engine
 from services.scheduler.metrics import record_request_span
 
@@ -45,8 +44,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         prompt = list(request.prompt_token_ids)
         check_prompt(prompt, self.model)
         span = trace.get_current_span()
-        stream = engine.add_request(request.request_id, prompt, request.sampling, request.priority,
-                                    traceparent=traceparent_of(span) if span.is_recording() else "")
+        stream = engine.add_request(request.request_id, prompt, request.sampling, request.priority, span=span)
         span.add_event("queued")
         sent_tokens = False
         try:
