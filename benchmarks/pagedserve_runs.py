@@ -35,7 +35,7 @@ class EngineSettings:
     enforce_eager: bool = False
     block_size: int = 16
     # The scheduler's max_steps_in_flight: 1, no overlap.
-    max_steps_in_flight: int = 2
+    max_steps_in_flight: int = 3
     swap_space_gib: float = 4.0
     # The scheduler service's --max-stream-messages-per-step (0: no limit).
     max_stream_messages_per_step: int = 32

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--overlap", choices=["on", "off", "both"], default="on",
                         help="overlapped scheduling in the pagedserve runs (both: each run twice)")
-    parser.add_argument("--max-steps-in-flight", type=int, default=2, help="with overlap on")
+    parser.add_argument("--max-steps-in-flight", type=int, default=3, help="with overlap on")
     parser.add_argument("--max-stream-messages-per-step", type=int, default=32,
                         help="the scheduler service's limit in the gRPC runs (0: no limit)")
     parser.add_argument("--swap-space", type=float, default=4.0,

@@ -19,8 +19,8 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from gpu_worker.model_runner import LaunchedStep, ModelRunner
 from pagedserve.v1 import worker_pb2
 
-# Steps launched and not finished at once (the scheduler sends 2 by default); a step
-# arriving beyond it waits for the oldest to finish.
+# Steps launched and not finished at once (the scheduler sends up to 3 by default); a
+# step arriving beyond it waits for the oldest to finish.
 MAX_STEPS_LAUNCHED = 3
 
 

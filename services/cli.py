@@ -64,7 +64,7 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlap-scheduling", dest="overlap_scheduling", action="store_false",
                         help="plan each step only once the previous one's result is back, instead of "
                         "while the worker runs it")
-    parser.add_argument("--max-steps-in-flight", type=int, default=2,
+    parser.add_argument("--max-steps-in-flight", type=int, default=3,
                         help="with overlapped scheduling, steps sent to the worker before the oldest "
                         "one's result is back")
     parser.add_argument("--max-stream-messages-per-step", type=int, default=32,

@@ -44,5 +44,5 @@ def test_defaults() -> None:
     assert "--no-overlap-scheduling" not in scheduler
     args = build_parser().parse_args(["scheduler", "--worker", "w:1"])
     assert args.enable_prefix_caching and args.max_waiting_requests is None and args.overlap_scheduling
-    assert args.max_stream_messages_per_step == 32 and args.max_steps_in_flight == 2
+    assert args.max_stream_messages_per_step == 32 and args.max_steps_in_flight == 3
     assert build_parser().parse_args(["worker"]).swap_space == 4.0

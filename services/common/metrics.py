@@ -1,7 +1,15 @@
 """Prometheus metrics over HTTP (`/metrics`), one port per service process. Names carry the
 `pagedserve:` prefix and vLLM's meanings."""
 
+import bisect
+import itertools
+import threading
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from pagedserve.v1 import common_pb2
 
@@ -25,3 +33,32 @@ def serve_metrics(registry: CollectorRegistry, port: int | None, host: str = "0.
 def finish_reason_label(finish_reason: int) -> str:
     """"stop", "length", "abort": as metric labels and span attributes spell it."""
     return common_pb2.FinishReason.Name(finish_reason).removeprefix("FINISH_REASON_").lower()
+
+
+class CountedHistogram(Collector):
+    """A Prometheus histogram that takes one value seen `count` times in one call: tokens
+    that arrive together share one inter-token gap, and a call per token would cost more
+    than the rest of a token's bookkeeping."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._upper_bounds = [*buckets, float("inf")]
+        self._counts = [0] * len(self._upper_bounds)
+        self._sum = 0.0
+        # Scrapes read from the metrics server's thread.
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, value: float, count: int = 1) -> None:
+        index = bisect.bisect_left(self._upper_bounds, value)
+        with self._lock:
+            self._counts[index] += count
+            self._sum += value * count
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        buckets = [(floatToGoString(bound), cumulative)
+                   for bound, cumulative in zip(self._upper_bounds, itertools.accumulate(counts))]
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=total)

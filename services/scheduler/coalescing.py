@@ -30,7 +30,7 @@ class OutputCoalescer:
             key = (output.request_id, output.index)
             held = self._held.get(key)
             if held is not None:
-                output = held.followed_by(output)
+                output = output.absorb_earlier(held)
             first_tokens = output.num_output_tokens == len(output.new_token_ids) and output.new_token_ids
             if self.max_messages_per_step is None or output.finished or first_tokens:
                 if held is not None:

@@ -33,8 +33,12 @@ class SchedulerConfig:
     seed: int | None = None
     # Steps sent to the worker before the oldest one's result is back. 2 (overlapped
     # scheduling) plans and sends step N+1 while the worker runs step N, so that host work
-    # and the round trip hide behind the GPU; 1 is one step at a time.
-    max_steps_in_flight: int = 2
+    # and the round trip hide behind the GPU; 3 also overlaps the stages of that host work
+    # in the three processes (the worker answering N, the scheduler planning N+2, the
+    # worker launching it). A sequence that stops on a sampled stop token wastes up to
+    # max_steps_in_flight - 1 tokens computed after it, never streamed. 1 is one step at
+    # a time.
+    max_steps_in_flight: int = 3
     # Stream messages sent per step at most (first tokens and last messages always go at
     # once); the other completions' tokens wait, merged, for their turn. None: no limit,
     # a message per completion per step.

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pagedserve.v1 import scheduler_pb2
-from services.common.metrics import LATENCY_BUCKETS, PREFIX, STEP_BUCKETS, finish_reason_label
+from services.common.metrics import LATENCY_BUCKETS, PREFIX, STEP_BUCKETS, CountedHistogram, finish_reason_label
 
 
 class _StatsCollector(Collector):
@@ -83,8 +83,9 @@ class SchedulerMetrics:
             PREFIX + name, doc, registry=self.registry, buckets=buckets)
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds", "From arrival to the first generated token.", LATENCY_BUCKETS)
-        self.inter_token_latency = histogram(
-            "inter_token_latency_seconds", "Between consecutive tokens of one request.", STEP_BUCKETS)
+        self.inter_token_latency = CountedHistogram(
+            PREFIX + "inter_token_latency_seconds", "Between consecutive tokens of one request.", STEP_BUCKETS,
+            registry)
         self.time_per_output_token = histogram(
             "request_time_per_output_token_seconds",
             "Per request: (end - first token) / (generated tokens - 1).", STEP_BUCKETS)
@@ -111,8 +112,7 @@ class SchedulerMetrics:
         if num_new_tokens and times.num_tokens == num_new_tokens:
             self.time_to_first_token.observe(times.first_token - times.arrival)
         if gap is not None:
-            for _ in range(num_new_tokens):
-                self.inter_token_latency.observe(gap)
+            self.inter_token_latency.observe(gap, num_new_tokens)
 
     def on_finished(self, times: RequestTimes, finish_reason: int, now: float) -> None:
         self.request_success.labels(finish_reason_label(finish_reason)).inc()

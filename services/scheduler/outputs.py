@@ -1,6 +1,6 @@
 """What the scheduler hands out: the step for the worker, and per-completion token deltas."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 
@@ -107,9 +107,10 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
-    def followed_by(self, later: "RequestOutput") -> "RequestOutput":
-        """One output for this one and the next of the same completion."""
-        return replace(later, new_token_ids=[*self.new_token_ids, *later.new_token_ids])
+    def absorb_earlier(self, earlier: "RequestOutput") -> "RequestOutput":
+        """Makes this output (the later of two of one completion) carry both's tokens."""
+        self.new_token_ids[:0] = earlier.new_token_ids
+        return self
 
     def to_proto(self) -> scheduler_pb2.SubmitResponse:
         response = scheduler_pb2.SubmitResponse(
