@@ -62,9 +62,11 @@ def _sampling(max_tokens: int) -> common_pb2.SamplingParams:
 
 
 def run_name(base: str, max_steps_in_flight: int) -> str:
+    """The run's name; the default depth (EngineSettings') goes unsaid."""
     if max_steps_in_flight == 1:
         return f"{base}, no overlap"
-    return base if max_steps_in_flight == 2 else f"{base}, {max_steps_in_flight} steps in flight"
+    default = EngineSettings.__dataclass_fields__["max_steps_in_flight"].default
+    return base if max_steps_in_flight == default else f"{base}, {max_steps_in_flight} steps in flight"
 
 
 def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings,

@@ -87,3 +87,15 @@ def test_scheduler_refuses_bad_token_ids_itself(stack: Stack) -> None:
                                     timeout=30))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt_token_ids[1]" in raised.value.details()
+
+
+def test_a_request_id_already_in_flight_is_refused(stack: Stack) -> None:
+    running = stack.generation.Generate(generation_pb2.GenerateRequest(
+        request_id="twice", prompt="Count to a thousand:", sampling=_sampling(max_tokens=2000, ignore_eos=True)),
+        timeout=120)
+    next(running)  # it is in flight now
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stack.generation.Generate(generation_pb2.GenerateRequest(request_id="twice", prompt="Hi"), timeout=30))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("request_id:")
+    running.cancel()

@@ -19,7 +19,7 @@ from services.launcher import free_port
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN_ID = "00f067aa0ba902b7"
 GENERATE_SPAN = "pagedserve.v1.Generation/Generate"
-SUBMIT_SPAN = "pagedserve.v1.Scheduler/Submit"
+SUBMIT_SPAN = "scheduler.request"
 MAX_TOKENS = 6
 
 

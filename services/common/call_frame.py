@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter
 
-from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from services.common.errors import InvalidArgumentError, RemoteError, ResourceExhaustedError, UnavailableError
 from services.common.metrics import PREFIX
 from services.common.telemetry import context_from_metadata, tracer
 from services.common.wire import find_invalid_utf8_field
@@ -28,12 +28,16 @@ _STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
 ]
 
+_CODE_OF_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, grpc.aio.AioRpcError):
         # A peer's answer passes through unchanged: its code and message already say what
         # went wrong (a bad field, a full queue, a deadline).
         return error.code(), error.details() or ""
+    if isinstance(error, RemoteError):
+        return _CODE_OF_NUMBER.get(error.code, grpc.StatusCode.UNKNOWN), str(error)
     for error_type, code in _STATUS_OF:
         if isinstance(error, error_type):
             return code, str(error)

@@ -16,3 +16,12 @@ class ResourceExhaustedError(RuntimeError):
 
 class UnavailableError(RuntimeError):
     """A peer the request depends on is not reachable or failed."""
+
+
+class RemoteError(RuntimeError):
+    """A peer's refusal or failure of one request, passed on with the peer's status code
+    (a gRPC status code number) and message unchanged."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code

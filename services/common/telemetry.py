@@ -54,13 +54,6 @@ def context_from_metadata(metadata: tuple[tuple[str, str | bytes], ...] | None) 
     return propagate.extract(carrier)
 
 
-def metadata_with_context(metadata: tuple[tuple[str, str], ...] | None = None) -> tuple[tuple[str, str], ...]:
-    """`metadata` plus the current trace context (traceparent, tracestate)."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return (*(metadata or ()), *carrier.items())
-
-
 def traceparent_of(span: trace.Span) -> str:
     """The W3C traceparent of `span`, for a peer that links to it rather than continuing it."""
     carrier: dict[str, str] = {}

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -14,18 +15,23 @@ from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.common.errors import UnavailableError
 from services.common.telemetry import traceparent_of
 from services.scheduler.coalescing import OutputCoalescer
-from services.scheduler.metrics import RequestTimes, SchedulerMetrics
+from services.scheduler.metrics import RequestTimes, SchedulerMetrics, record_request_span
 from services.scheduler.outputs import RequestEvent, SchedulerOutput
 from services.scheduler.scheduler import RequestOutput, Scheduler
 
 log = logging.getLogger(__name__)
 
 
+# Takes each output of one request, in order, up to the one that finishes it, or the error
+# that ends it instead.
+Deliver = Callable[[RequestOutput | Exception], None]
+
+
 @dataclass
 class RequestStream:
-    """What the engine has produced for one request and not yet been read."""
+    """Where one request's outputs go, and what its trace and metrics need to know."""
 
-    outputs: asyncio.Queue
+    deliver: Deliver
     finished: bool = False
     times: RequestTimes = field(default_factory=RequestTimes)
     # The request's span: the scheduler's events about the request go on it.
@@ -51,13 +57,17 @@ class Engine:
         request_id: str,
         prompt_token_ids: list[int],
         sampling: common_pb2.SamplingParams,
-        priority: int = 0,
+        priority: int,
+        deliver: Deliver,
         span: trace.Span = trace.INVALID_SPAN,
     ) -> RequestStream:
+        """Queues a request whose outputs go to `deliver`; raises InvalidArgumentError or
+        ResourceExhaustedError when the scheduler refuses it."""
         self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority)
         traceparent = traceparent_of(span) if span.is_recording() else ""
-        stream = RequestStream(outputs=asyncio.Queue(), span=span, traceparent=traceparent)
+        stream = RequestStream(deliver=deliver, span=span, traceparent=traceparent)
         self._streams[request_id] = stream
+        span.add_event("queued")
         self._has_work.set()
         return stream
 
@@ -78,16 +88,21 @@ class Engine:
         stream = self._streams.get(output.request_id)
         if stream is None:
             return
-        stream.outputs.put_nowait(output)
         now = time.monotonic()
-        gap = stream.times.record_tokens(len(output.new_token_ids), now)
+        num_new_tokens = len(output.new_token_ids)
+        gap = stream.times.record_tokens(num_new_tokens, now)
+        if num_new_tokens and stream.times.num_tokens == num_new_tokens:
+            stream.span.add_event("first_token")
         if self._metrics is not None:
-            self._metrics.on_tokens(stream.times, len(output.new_token_ids), gap)
+            self._metrics.on_tokens(stream.times, num_new_tokens, gap)
             if output.request_finished:
                 self._metrics.on_finished(stream.times, output.finish_reason, now)
         if output.request_finished:
             stream.finished = True
             del self._streams[output.request_id]
+            # Before the last output leaves: its receiver may end the span right after.
+            record_request_span(stream.span, stream.times, output)
+        stream.deliver(output)
 
     def _step_request(self, scheduled: SchedulerOutput) -> worker_pb2.StepRequest:
         """The step's message, with the trace context of each request the worker meets for
@@ -114,9 +129,9 @@ class Engine:
     def _fail_all(self, error: Exception) -> None:
         self._coalescer.clear()
         self.scheduler.abort_all()
-        for stream in self._streams.values():
-            stream.outputs.put_nowait(error)
-        self._streams.clear()
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.deliver(error)
 
     async def run(self) -> None:
         """Runs steps while there is work; sleeps when there is none. A broken worker

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from pagedserve.v1 import scheduler_pb2
 from services.common.metrics import LATENCY_BUCKETS, PREFIX, STEP_BUCKETS, CountedHistogram, finish_reason_label
+from services.scheduler.outputs import RequestOutput
 
 
 class _StatsCollector(Collector):
@@ -121,16 +122,16 @@ class SchedulerMetrics:
             self.time_per_output_token.observe((now - times.first_token) / (times.num_tokens - 1))
 
 
-def record_request_span(span: trace.Span, times: RequestTimes, last: scheduler_pb2.SubmitResponse) -> None:
+def record_request_span(span: trace.Span, times: RequestTimes, last: RequestOutput) -> None:
     """What the scheduler's span of a finished request says: its queue time, its first
     token, its token counts and how it ended (OpenTelemetry GenAI names where they fit)."""
     if not span.is_recording():
         return
     span.set_attributes({
-        "gen_ai.usage.input_tokens": last.usage.prompt_tokens,
+        "gen_ai.usage.input_tokens": last.num_prompt_tokens,
         "gen_ai.usage.output_tokens": times.num_tokens,
         "gen_ai.response.finish_reasons": [finish_reason_label(last.finish_reason)],
-        "pagedserve.cached_tokens": last.usage.cached_tokens,
+        "pagedserve.cached_tokens": last.num_cached_tokens,
     })
     if times.first_scheduled is not None:
         span.set_attribute("pagedserve.time_in_queue_s", times.first_scheduled - times.arrival)

@@ -1,30 +1,16 @@
 """The scheduler's gRPC face: decode, call the engine, encode."""
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
 
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.common.errors import InvalidArgumentError, UnavailableError
+from services.common.errors import UnavailableError
 from services.scheduler.engine import Engine
-from services.scheduler.metrics import record_request_span
-
-
-def check_prompt(prompt_token_ids: list[int], model: common_pb2.ModelInfo) -> None:
-    """The scheduler trusts no caller blindly: the worker would index out of bounds."""
-    if not prompt_token_ids:
-        raise InvalidArgumentError("prompt_token_ids", "must hold at least one token")
-    if len(prompt_token_ids) >= model.max_model_len:
-        raise InvalidArgumentError(
-            "prompt_token_ids",
-            f"{len(prompt_token_ids)} tokens leave no room to generate within max_model_len {model.max_model_len}",
-        )
-    for i, token_id in enumerate(prompt_token_ids):
-        if not 0 <= token_id < model.vocab_size:
-            raise InvalidArgumentError(
-                f"prompt_token_ids[{i}]", f"{token_id} is outside the vocabulary [0, {model.vocab_size})"
-            )
+from services.scheduler.prompt_check import check_prompt
+from services.scheduler.session import SchedulerSession
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -43,24 +29,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         engine = self._ready_engine()
         prompt = list(request.prompt_token_ids)
         check_prompt(prompt, self.model)
-        span = trace.get_current_span()
-        stream = engine.add_request(request.request_id, prompt, request.sampling, request.priority, span=span)
-        span.add_event("queued")
-        sent_tokens = False
+        outputs: asyncio.Queue = asyncio.Queue()
+        stream = engine.add_request(request.request_id, prompt, request.sampling, request.priority,
+                                    deliver=outputs.put_nowait, span=trace.get_current_span())
         try:
             while True:
-                output = await stream.outputs.get()
+                output = await outputs.get()
                 if isinstance(output, Exception):
                     raise output
-                if output.new_token_ids and not sent_tokens:
-                    sent_tokens = True
-                    span.add_event("first_token")
-                response = output.to_proto()
-                # Recorded before the last message leaves: the caller may cancel the call
-                # as soon as it has it, and the generator would not run again.
-                if output.request_finished:
-                    record_request_span(span, stream.times, response)
-                yield response
+                yield output.to_proto()
                 if output.request_finished:
                     return
         finally:
@@ -68,6 +45,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             # blocks go back to the pool now.
             if not stream.finished:
                 engine.abort_request(request.request_id)
+
+    async def Session(
+        self, request_iterator: AsyncIterator[scheduler_pb2.SessionRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.SessionResponse]:
+        session = SchedulerSession(self._ready_engine(), self.model)
+
+        async def read_all() -> None:
+            async for message in request_iterator:
+                session.handle(message)
+
+        incoming = asyncio.ensure_future(read_all())
+        incoming.add_done_callback(session.incoming_ended)
+        try:
+            async for response in session.responses(incoming):
+                yield response
+        finally:
+            incoming.cancel()
+            session.close()
 
     async def Abort(
         self, request: scheduler_pb2.AbortRequest, context: grpc.aio.ServicerContext

@@ -53,10 +53,18 @@ class Completions:
         self._completions = [
             Completion(request_id, num_prompt_tokens, new_detokenizer(), index) for index in range(n)
         ]
+        # Completions whose last scheduler message has come (a stop string may end one
+        # here before that).
+        self._num_ended_by_scheduler = 0
 
     @property
     def finished(self) -> bool:
         return all(c.finished for c in self._completions)
+
+    @property
+    def ended_by_scheduler(self) -> bool:
+        """The scheduler has finished every completion: nothing is left to abort."""
+        return self._num_ended_by_scheduler == len(self._completions)
 
     def on_tokens(self, response: scheduler_pb2.SubmitResponse) -> generation_pb2.GenerateResponse | None:
         """The client's message, or None for tokens of a completion a stop string already
@@ -64,4 +72,6 @@ class Completions:
         if not 0 <= response.index < len(self._completions):
             raise UnavailableError(f"the scheduler sent completion {response.index} of {len(self._completions)}")
         completion = self._completions[response.index]
+        if response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+            self._num_ended_by_scheduler += 1
         return None if completion.finished else completion.on_tokens(response)

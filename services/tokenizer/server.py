@@ -10,6 +10,7 @@ from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, sched
 from services.common.channels import insecure_channel
 from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
+from services.tokenizer.scheduler_session import SessionClient
 from services.tokenizer.servicer import GenerationServicer
 from services.tokenizer.tokenizer import TextTokenizer
 
@@ -31,7 +32,8 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
     channel = insecure_channel(config.scheduler_address)
     scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
     host = ServiceHost(server_config, [SERVICE_NAME])
-    servicer = GenerationServicer(scheduler)
+    session = SessionClient(scheduler)
+    servicer = GenerationServicer(session)
     generation_pb2_grpc.add_GenerationServicer_to_server(servicer, host.server)
     port = await host.start()
     log.info("tokenizer listening on port %d, waiting for scheduler at %s", port, config.scheduler_address)
@@ -48,6 +50,7 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
     try:
         await host.run(prepare=connect_scheduler)
     finally:
+        session.close()
         await channel.close()
 
 

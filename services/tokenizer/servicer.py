@@ -5,16 +5,17 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
-from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2
 from services.common.errors import UnavailableError
-from services.common.telemetry import metadata_with_context, tracer
+from services.common.telemetry import traceparent_of, tracer
 from services.tokenizer.frontend import RequestFrontend
+from services.tokenizer.scheduler_session import SessionClient, raise_if_error
 from services.tokenizer.tracing import RequestTrace
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerStub) -> None:
-        self._scheduler = scheduler
+    def __init__(self, session: SessionClient) -> None:
+        self._session = session
         # Set once the scheduler has told what model it serves.
         self.frontend: RequestFrontend | None = None
         self.model = common_pb2.ModelInfo()
@@ -36,22 +37,23 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids, sampling=prepared.sampling,
             priority=request.priority,
         )
-        with tracer().start_as_current_span("detokenize_stream"):
-            # The client's deadline travels on: when it expires the scheduler aborts the
-            # request. So does the trace context, making the scheduler's span a child.
-            call = self._scheduler.Submit(submit, timeout=context.time_remaining(), metadata=metadata_with_context())
+        with tracer().start_as_current_span("detokenize_stream") as span:
+            # The trace context travels with the request, making the scheduler's span a child.
+            updates = self._session.submit(submit, traceparent_of(span) if span.is_recording() else "")
             try:
-                async for response in call:
-                    message = completions.on_tokens(response)
+                while not completions.finished:
+                    update = await updates.get()
+                    if isinstance(update, Exception):
+                        raise update
+                    raise_if_error(update)
+                    message = completions.on_tokens(update.output)
                     if message is not None:
                         request_trace.on_message(message)
                         yield message
-                    if completions.finished:
-                        return
             finally:
-                # Ends the scheduler's stream when the client went away or stop strings
-                # finished the request early; the scheduler then frees its blocks.
-                call.cancel()
+                # The client went away (cancel, deadline) or stop strings finished the
+                # request early: the scheduler aborts it and frees its blocks.
+                self._session.release(prepared.request_id, abort=not completions.ended_by_scheduler)
                 request_trace.end()
 
     async def Tokenize(

@@ -42,6 +42,11 @@ class SchedulerStub:
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/pagedserve.v1.Scheduler/Session',
+                request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.SessionRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.SessionResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pagedserve.v1.Scheduler/Abort',
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
@@ -66,6 +71,16 @@ class SchedulerServicer:
 
     def Submit(self, request, context):
         """Queues a request and streams its generated tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
+        """Many requests over one long-lived stream, as a frontend process sends them: submits
+        and aborts in, and per step one message carrying every output of the stream's
+        requests, so that gRPC's per-message cost is paid per step, not per request. Ending
+        the stream aborts the requests still on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,6 +114,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.SubmitResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.SessionRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.SessionResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -145,6 +165,33 @@ class Scheduler:
             '/pagedserve.v1.Scheduler/Submit',
             pagedserve_dot_v1_dot_scheduler__pb2.SubmitRequest.SerializeToString,
             pagedserve_dot_v1_dot_scheduler__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pagedserve.v1.Scheduler/Session',
+            pagedserve_dot_v1_dot_scheduler__pb2.SessionRequest.SerializeToString,
+            pagedserve_dot_v1_dot_scheduler__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,88 @@
+"""The tokenizer's one Session stream to its scheduler, shared by every request it
+serves: a submit and maybe an abort go out per request, and each scheduler step's tokens
+for all of them come back in one message, handed out here to each request's queue.
+
+The stream opens with the first request and, if it breaks, again with the next one; the
+requests it carried when it broke get an UnavailableError."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.common.errors import InvalidArgumentError, RemoteError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+# What a request's queue receives: its updates in order, or the error that ends it.
+Update = scheduler_pb2.RequestUpdate | Exception
+
+
+def raise_if_error(update: scheduler_pb2.RequestUpdate) -> None:
+    """Raises what the scheduler refused or failed the request with, as it said it."""
+    if update.HasField("error"):
+        raise RemoteError(update.error.code, update.error.message)
+
+
+class SessionClient:
+    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerStub) -> None:
+        self._scheduler = scheduler
+        # Messages for the open stream; None while no stream is open.
+        self._outgoing: asyncio.Queue[scheduler_pb2.SessionRequest | None] | None = None
+        self._requests: dict[str, asyncio.Queue[Update]] = {}
+
+    def submit(self, request: scheduler_pb2.SubmitRequest, traceparent: str) -> asyncio.Queue[Update]:
+        """Sends the request; returns the queue its updates arrive on."""
+        if request.request_id in self._requests:
+            raise InvalidArgumentError("request_id", f"{request.request_id!r} is already in flight")
+        if self._outgoing is None:
+            self._open()
+        updates: asyncio.Queue[Update] = asyncio.Queue()
+        self._requests[request.request_id] = updates
+        submit = scheduler_pb2.SessionSubmit(request=request, traceparent=traceparent)
+        self._outgoing.put_nowait(scheduler_pb2.SessionRequest(submit=submit))
+        return updates
+
+    def release(self, request_id: str, abort: bool) -> None:
+        """The request's handler is done with it; abort: the scheduler has not finished
+        it (the client went away, or stop strings ended it early)."""
+        if self._requests.pop(request_id, None) is not None and abort and self._outgoing is not None:
+            abort_request = scheduler_pb2.AbortRequest(request_id=request_id)
+            self._outgoing.put_nowait(scheduler_pb2.SessionRequest(abort=abort_request))
+
+    def close(self) -> None:
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(None)
+
+    def _open(self) -> None:
+        outgoing: asyncio.Queue[scheduler_pb2.SessionRequest | None] = asyncio.Queue()
+
+        async def messages() -> AsyncIterator[scheduler_pb2.SessionRequest]:
+            while (message := await outgoing.get()) is not None:
+                yield message
+
+        self._outgoing = outgoing
+        asyncio.ensure_future(self._read(self._scheduler.Session(messages())))
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        error: Exception
+        try:
+            async for response in call:
+                for update in response.updates:
+                    updates = self._requests.get(update.request_id)
+                    if updates is not None:
+                        updates.put_nowait(update)
+            error = UnavailableError("the scheduler ended the session stream")
+        except grpc.aio.AioRpcError as rpc_error:
+            error = UnavailableError(f"the scheduler session stream failed: {rpc_error.details()}")
+        # The next request opens a new stream; those of this one end here.
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(None)
+        self._outgoing = None
+        if self._requests:
+            log.warning("%s; failing %d requests", error, len(self._requests))
+        requests, self._requests = self._requests, {}
+        for updates in requests.values():
+            updates.put_nowait(error)
