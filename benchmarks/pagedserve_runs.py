@@ -231,16 +231,8 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             (f"r{i}", prompt, num_out)
             for i, (prompt, num_out) in enumerate(zip(workload.prompts, workload.output_lengths))
         ]
-        shares = [requests[i::num_clients] for i in range(num_clients)]
         cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
-        start_at = time.time() + 2.0
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(num_clients) as pool:
-            results = pool.starmap(_client_process, [(address, share, start_at) for share in shares])
-        seconds = max(finish for _, finish in results) - start_at
-        outputs: dict[str, list[int]] = {}
-        for share_outputs, _ in results:
-            outputs.update(share_outputs)
+        outputs, seconds = run_clients(address, requests, num_clients)
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
         profile = _scheduler_stats(f"127.0.0.1:{ports['scheduler']}")
         # What each service spent on the run, the scheduler's stats call aside.
@@ -277,16 +269,46 @@ def _scheduler_stats(address: str) -> dict[str, float]:
     }
 
 
-def _client_process(address: str, requests: list[tuple[str, list[int], int]], start_at: float):
-    time.sleep(max(0.0, start_at - time.time()))
-    outputs = asyncio.run(_generate_all(address, requests))
+def run_clients(address: str, requests: list[tuple[str, list[int], int]],
+                num_clients: int) -> tuple[dict[str, list[int]], float]:
+    """Sends the requests from num_clients processes that start together once every one
+    of them has connected, as an in-process run has every request at once; returns each
+    request's tokens and the seconds from that start to the last token."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(num_clients + 1)
+    shares = [requests[i::num_clients] for i in range(num_clients)]
+    with context.Pool(num_clients, initializer=_keep_start_barrier, initargs=(barrier,)) as pool:
+        pending = pool.starmap_async(_client_process, [(address, share) for share in shares])
+        barrier.wait(timeout=STARTUP_TIMEOUT_S)
+        started = time.time()
+        results = pending.get()
+    outputs: dict[str, list[int]] = {}
+    for share_outputs, _ in results:
+        outputs.update(share_outputs)
+    return outputs, max(finish for _, finish in results) - started
+
+
+_start_barrier = None
+
+
+def _keep_start_barrier(barrier) -> None:
+    global _start_barrier
+    _start_barrier = barrier
+
+
+def _client_process(address: str, requests: list[tuple[str, list[int], int]]):
+    outputs = asyncio.run(_generate_all(address, requests, _start_barrier))
     return outputs, time.time()
 
 
-async def _generate_all(address: str, requests: list[tuple[str, list[int], int]]) -> dict[str, list[int]]:
+async def _generate_all(address: str, requests: list[tuple[str, list[int], int]],
+                        start_barrier=None) -> dict[str, list[int]]:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
+        await channel.channel_ready()
+        if start_barrier is not None:
+            await asyncio.get_running_loop().run_in_executor(None, start_barrier.wait)
 
         async def generate(request_id: str, prompt: list[int], num_out: int) -> tuple[str, list[int]]:
             request = generation_pb2.GenerateRequest(

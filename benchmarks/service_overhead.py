@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.pagedserve_runs import _client_process, _generate_all, cpu_seconds
+from benchmarks.pagedserve_runs import _generate_all, cpu_seconds, run_clients
 from benchmarks.workload import nano_vllm_workload
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.launcher import free_port, wait_until_serving
@@ -152,12 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         requests = [
             (f"r{i}", prompt, n) for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lengths))
         ]
-        shares = [requests[i::args.clients] for i in range(args.clients)]
         cpu_before = {name: cpu_seconds(p.pid) for name, p in processes.items()}
-        start_at = time.time() + 1.0
-        with multiprocessing.get_context("spawn").Pool(args.clients) as pool:
-            results = pool.starmap(_client_process, [(addresses["tokenizer"], share, start_at) for share in shares])
-        seconds = max(finish for _, finish in results) - start_at
+        outputs, seconds = run_clients(addresses["tokenizer"], requests, args.clients)
         cpu = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in processes.items()}
     finally:
         for process in processes.values():
@@ -168,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
-    tokens = sum(len(tokens) for outputs, _ in results for tokens in outputs.values())
+    tokens = sum(len(tokens) for tokens in outputs.values())
     summary = {
         "step_ms": args.step_ms, "overlap_scheduling": args.overlap, "num_seqs": args.num_seqs,
         "max_stream_messages_per_step": args.max_stream_messages_per_step,
