@@ -114,6 +114,7 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             scheduler.add_request(f"r{index}", prompt, _sampling(num_out))
             outputs[f"r{index}"] = []
         in_flight = deque()
+        device_time = _DeviceTime(runner, torch) if settings.device.startswith("cuda") else None
         while scheduler.has_unfinished_requests() or in_flight:
             while len(in_flight) < scheduler.max_steps_in_flight:
                 t0 = time.perf_counter()
@@ -123,6 +124,8 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
                 message = step.to_proto()
                 t1 = time.perf_counter()
                 in_flight.append((step, runner.launch_step(message)))
+                if device_time is not None:
+                    device_time.step_launched()
                 t2 = time.perf_counter()
                 profile["schedule_s"] += t1 - t0
                 profile["launch_s"] += t2 - t1
@@ -139,6 +142,8 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             t4 = time.perf_counter()
             profile["finish_s"] += t3 - t2
             profile["update_s"] += t4 - t3
+        if device_time is not None:
+            profile["device_busy_s"] = device_time.busy_seconds()
         return [outputs[f"r{i}"] for i in range(len(requests.prompts))]
 
     results = []
@@ -161,6 +166,40 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
     del runner
     _release_memory(torch, settings.device)
     return results
+
+
+class _DeviceTime:
+    """How long the device computed, from events around each step's work: one recorded
+    as the forward is queued (its inputs are built by then) and one after the sampling.
+    When the device is behind, the first waits for the work before it, so a step's time
+    never counts the device's time on earlier steps; when it idles, the first runs at
+    once, so waiting for the host to build inputs does not count either."""
+
+    def __init__(self, runner, torch_module) -> None:
+        self._torch = torch_module
+        self._runner = runner
+        self._spans: list[tuple] = []
+        forward = runner._forward
+
+        def timed_forward(batch):
+            start = torch_module.cuda.Event(enable_timing=True)
+            start.record()
+            self._spans.append((start, None))
+            return forward(batch)
+
+        runner._forward = timed_forward
+
+    def step_launched(self) -> None:
+        if self._spans and self._spans[-1][1] is None:
+            end = self._torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._spans[-1] = (self._spans[-1][0], end)
+
+    def busy_seconds(self) -> float:
+        """Stops timing; the device's seconds over the steps so far."""
+        del self._runner._forward  # the class's own again
+        self._torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self._spans if end is not None) / 1e3
 
 
 def _empty_profile() -> dict[str, float]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -24,8 +24,7 @@ from gpu_worker.model.attention import AttentionMetadata
 from pagedserve.v1 import worker_pb2
 
 
-@dataclass(frozen=True)
-class DeviceToken:
+class DeviceToken(NamedTuple):
     """A sampled token the host has not read yet: tokens[index] on the device."""
 
     tokens: torch.Tensor
@@ -145,25 +144,30 @@ class StepInputBuilder:
         num_seqs = len(scheduled)
         block_size = self.block_size
         tables = self.block_tables
-        rows = np.empty(num_seqs, dtype=np.int64)
-        starts = np.empty(num_seqs, dtype=np.int64)
-        query_lens = np.empty(num_seqs, dtype=np.int64)
+        row_of = tables.row_of
+        rows: list[int] = []
+        starts_list: list[int] = []
+        query_lens_list: list[int] = []
         input_ids: list[int] = []
         # (position in input_ids, token) of each input still on the device.
         fed: list[tuple[int, DeviceToken]] = []
         sample_index: list[int] = []
         sample_seq_ids: list[int] = []
+        # A loop over every sequence of the step: the per-sequence work is kept to plain
+        # list operations; the per-token work below is NumPy.
         for index, entry in enumerate(scheduled):
-            state = sequences[entry.seq_id]
-            row = tables.extend(entry.seq_id, entry.new_block_ids)
+            seq_id = entry.seq_id
+            state = sequences[seq_id]
+            new_block_ids = entry.new_block_ids
+            row = row_of.get(seq_id)
+            if row is None or new_block_ids:
+                row = tables.extend(seq_id, new_block_ids)
             start = state.num_computed_tokens
             num_new = entry.num_new_tokens
             end = start + num_new
             num_known = len(state.token_ids)
             num_seq_tokens = num_known + state.num_pending_tokens
-            assert num_new > 0, f"seq {entry.seq_id}: nothing to compute"
-            assert end <= num_seq_tokens, f"seq {entry.seq_id}: computing past its tokens"
-            assert end <= tables.num_blocks[row] * block_size, f"seq {entry.seq_id}: too few blocks"
+            assert 0 < num_new and end <= num_seq_tokens, f"seq {seq_id}: computing {start}:{end} of {num_seq_tokens}"
             if end <= num_known:
                 if num_new == 1:
                     input_ids.append(state.token_ids[start])
@@ -172,20 +176,27 @@ class StepInputBuilder:
             else:
                 # Only the newest sample can be fed: every earlier one was computed by the
                 # step that followed it.
-                assert max(start, num_known) == end - 1 == num_seq_tokens - 1, f"seq {entry.seq_id}: unknown inputs"
-                assert state.newest_pending_token is not None
-                input_ids.extend(state.token_ids[start:end - 1])
+                assert max(start, num_known) == end - 1 == num_seq_tokens - 1, f"seq {seq_id}: unknown inputs"
+                if num_new > 1:
+                    input_ids.extend(state.token_ids[start:end - 1])
                 fed.append((len(input_ids), state.newest_pending_token))
                 input_ids.append(0)
-            rows[index], starts[index], query_lens[index] = row, start, num_new
+            rows.append(row)
+            starts_list.append(start)
+            query_lens_list.append(num_new)
             state.num_computed_tokens = end
             # A sequence samples once its tokens are all computed; a partial prefill chunk
             # only fills the cache.
             if end == num_seq_tokens:
                 sample_index.append(index)
-                sample_seq_ids.append(entry.seq_id)
+                sample_seq_ids.append(seq_id)
+        rows = np.array(rows, dtype=np.int64)
+        starts = np.array(starts_list, dtype=np.int64)
+        query_lens = np.array(query_lens_list, dtype=np.int64)
 
         seq_lens = starts + query_lens
+        too_few = seq_lens > tables.num_blocks[rows] * block_size
+        assert not too_few.any(), f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few)]}: too few blocks"
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(query_lens, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
@@ -269,6 +280,9 @@ def _fed_token_sources(fed: list[tuple[int, DeviceToken]]) -> tuple[torch.Tensor
     are) and each token's index in it."""
     if not fed:
         return None, []
+    first = fed[0][1].tokens
+    if all(token.tokens is first for _, token in fed):
+        return first, [token.index for _, token in fed]
     sources: dict[int, torch.Tensor] = {}
     for _, token in fed:
         sources.setdefault(id(token.tokens), token.tokens)

@@ -179,10 +179,12 @@ class ModelRunner:
             )
             # A sequence that drew n tokens (its request's first sample) continues with the
             # one of its own completion index, its first draw; the scheduler forks the others.
+            tokens = sampled.tokens
             for seq_id, state, count, first in zip(batch.sample_seq_ids, states, sampled.counts, sampled.first_indices):
                 state.num_pending_tokens += 1
-                state.newest_pending_token = DeviceToken(sampled.tokens, first)
-                state.sampling = state.sampling.after_sample()
+                state.newest_pending_token = DeviceToken(tokens, first)
+                if count > 1:
+                    state.sampling = state.sampling.after_sample()
                 launched.samples.append((seq_id, state, count))
             launched.host_tokens, launched.copied = self._copy_to_host(sampled.tokens)
             launched.device = self.device
@@ -194,20 +196,25 @@ class ModelRunner:
         launched.wait()
         result = worker_pb2.StepResult(step_id=launched.step_id)
         if launched.samples:
-            start = 0
             tokens = launched.host_tokens.tolist()
+            sequences = self.sequences
+            seq_ids: list[int] = []
+            start = 0
             for seq_id, state, count in launched.samples:
-                drawn = tokens[start:start + count]
-                start += count
                 # A sequence finished or preempted since has no state left to update; the
                 # scheduler still expects its tokens.
-                if self.sequences.get(seq_id) is state:
-                    state.token_ids.append(drawn[0])
+                if sequences.get(seq_id) is state:
+                    state.token_ids.append(tokens[start])
                     state.num_pending_tokens -= 1
                     if not state.num_pending_tokens:
                         state.newest_pending_token = None
-                result.seq_ids.extend([seq_id] * count)
-                result.token_ids.extend(drawn)
+                if count == 1:
+                    seq_ids.append(seq_id)
+                else:
+                    seq_ids.extend([seq_id] * count)
+                start += count
+            result.seq_ids.extend(seq_ids)
+            result.token_ids.extend(tokens)
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns

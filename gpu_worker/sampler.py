@@ -176,7 +176,8 @@ class Sampler:
         self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int],
         indices: Sequence[int],
     ) -> torch.Tensor:
-        logits = logits.float()
+        # The argmax of the logits as they come (bf16 on GPU) is the argmax of their float32
+        # values, without writing a float32 copy of every row's vocabulary first.
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, row in enumerate(rows) if not row.is_greedy]
         if not random_rows:
@@ -187,7 +188,7 @@ class Sampler:
 
         picked = [rows[i] for i in random_rows]
         row_index = column(random_rows, torch.int64)
-        scaled = logits[row_index] / column([r.temperature for r in picked], torch.float32).unsqueeze(1)
+        scaled = logits[row_index].float() / column([r.temperature for r in picked], torch.float32).unsqueeze(1)
         scaled = self._filter_top_k_top_p(scaled, picked)
         probs = torch.softmax(scaled, dim=-1)
         noise = exponential_noise(
