@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -20,7 +19,8 @@ import grpc
 
 from benchmarks.workload import Workload
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from services.launcher import free_port, wait_until_serving
+from services.cli import build_parser
+from services.launcher import free_port, service_commands, wait_until_serving
 
 STARTUP_TIMEOUT_S = 600.0
 
@@ -226,30 +226,22 @@ def _release_memory(torch_module, device: str) -> None:
 
 
 def _service_commands(model_dir: Path, settings: EngineSettings, ports: dict[str, int]) -> dict[str, list[str]]:
-    cli = [sys.executable, "-m", "services.cli", "--log-level", "WARNING"]
-    common = ["--host", "127.0.0.1", "--shutdown-grace", "5"]
-    limits = ["--max-num-seqs", str(settings.max_num_seqs), "--max-num-batched-tokens", str(settings.max_num_batched_tokens)]
-    worker = [
-        *cli, "worker", *common, "--port", str(ports["worker"]), "--model", str(model_dir),
-        "--device", settings.device, "--block-size", str(settings.block_size),
+    """What `pagedserve serve` with these settings runs, on these ports."""
+    flags = [
+        "--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port", str(ports["tokenizer"]),
+        "--shutdown-grace", "5", "--device", settings.device, "--block-size", str(settings.block_size),
         "--gpu-memory-utilization", str(settings.gpu_memory_utilization), "--swap-space", str(settings.swap_space_gib),
-        *limits,
+        "--max-num-seqs", str(settings.max_num_seqs), "--max-num-batched-tokens", str(settings.max_num_batched_tokens),
+        "--max-steps-in-flight", str(settings.max_steps_in_flight),
+        "--max-stream-messages-per-step", str(settings.max_stream_messages_per_step),
     ]
     if settings.max_model_len is not None:
-        worker += ["--max-model-len", str(settings.max_model_len)]
+        flags += ["--max-model-len", str(settings.max_model_len)]
     if settings.enforce_eager:
-        worker.append("--enforce-eager")
-    overlap = ["--max-steps-in-flight", str(settings.max_steps_in_flight)]
+        flags.append("--enforce-eager")
     if settings.max_steps_in_flight == 1:
-        overlap = ["--no-overlap-scheduling"]
-    overlap += ["--max-stream-messages-per-step", str(settings.max_stream_messages_per_step)]
-    return {
-        "worker": worker,
-        "scheduler": [*cli, "scheduler", *common, "--port", str(ports["scheduler"]),
-                      "--worker", f"127.0.0.1:{ports['worker']}", *limits, *overlap],
-        "tokenizer": [*cli, "tokenizer", *common, "--port", str(ports["tokenizer"]), "--model", str(model_dir),
-                      "--scheduler", f"127.0.0.1:{ports['scheduler']}"],
-    }
+        flags.append("--no-overlap-scheduling")
+    return service_commands(build_parser().parse_args(flags), model_dir, ports["worker"], ports["scheduler"])
 
 
 def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_dir: Path,

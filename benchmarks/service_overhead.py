@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.pagedserve_runs import _generate_all, cpu_seconds, run_clients
+from benchmarks.pagedserve_runs import EngineSettings, _generate_all, _service_commands, cpu_seconds, run_clients
 from benchmarks.workload import nano_vllm_workload
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.launcher import free_port, wait_until_serving
@@ -123,17 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     workload = nano_vllm_workload(args.num_seqs, 100, 1024, 10000)
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    cli = [sys.executable, "-m", "services.cli", "--log-level", "WARNING"]
-    common = ["--host", "127.0.0.1", "--shutdown-grace", "2"]
-    commands = {
-        "worker": [sys.executable, "-m", "benchmarks.service_overhead", "--step-ms", str(args.step_ms),
-                   "--serve-null-worker", str(ports["worker"])],
-        "scheduler": [*cli, "scheduler", *common, "--port", str(ports["scheduler"]), "--worker", addresses["worker"],
-                      *([] if args.overlap else ["--no-overlap-scheduling"]),
-                      "--max-stream-messages-per-step", str(args.max_stream_messages_per_step)],
-        "tokenizer": [*cli, "tokenizer", *common, "--port", str(ports["tokenizer"]), "--model", str(model_dir),
-                      "--scheduler", addresses["scheduler"]],
-    }
+    settings = EngineSettings(device="cpu", max_steps_in_flight=EngineSettings.max_steps_in_flight if args.overlap else 1,
+                              max_stream_messages_per_step=args.max_stream_messages_per_step)
+    commands = _service_commands(model_dir, settings, ports)
+    commands["worker"] = [sys.executable, "-m", "benchmarks.service_overhead", "--step-ms", str(args.step_ms),
+                          "--serve-null-worker", str(ports["worker"])]
     if args.profile_dir is not None:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
         for name in ("scheduler", "tokenizer"):

@@ -56,6 +56,8 @@ def _optional(flag: str, value: object) -> list[str]:
 
 def service_commands(args: argparse.Namespace, model_dir: Path, worker_port: int,
                      scheduler_port: int) -> dict[str, list[str]]:
+    """Each service's command line for `pagedserve serve` options `args`: every option
+    goes to the services it concerns; the worker and scheduler listen on loopback."""
     cli = [sys.executable, "-m", "services.cli", "--log-level", args.log_level]
     grace = ["--shutdown-grace", str(args.shutdown_grace)]
     kv_cap = _optional("--num-kv-blocks", args.num_kv_blocks)
@@ -73,6 +75,8 @@ def service_commands(args: argparse.Namespace, model_dir: Path, worker_port: int
             *cli, "worker", "--host", "127.0.0.1", "--port", str(worker_port), *grace,
             "--model", str(model_dir), "--device", args.device, "--block-size", str(args.block_size),
             *_optional("--dtype", args.dtype), *_optional("--max-model-len", args.max_model_len), *kv_cap,
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            *(["--enforce-eager"] if args.enforce_eager else []),
             "--swap-space", str(args.swap_space), *batch_shape, *metrics(2),
         ],
         "scheduler": [

@@ -4,7 +4,6 @@
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +12,8 @@ from pathlib import Path
 import grpc
 
 from pagedserve.v1 import generation_pb2_grpc, scheduler_pb2_grpc
-from services.launcher import free_port, wait_until_serving
+from services.cli import build_parser
+from services.launcher import free_port, service_commands, wait_until_serving
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -26,6 +26,8 @@ class Stack:
     generation: generation_pb2_grpc.GenerationStub
     scheduler: scheduler_pb2_grpc.SchedulerStub
     log_dir: Path
+    # Each service's process, by name.
+    processes: dict[str, subprocess.Popen]
 
 
 @contextmanager
@@ -34,16 +36,13 @@ def service_stack(model_dir: Path, log_dir: Path, worker_args: list[str] = (),
                   env: dict[str, str] | None = None) -> Iterator[Stack]:
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    cli = [sys.executable, "-m", "services.cli", "--log-level", "WARNING"]
-    common = ["--host", "127.0.0.1", "--shutdown-grace", "5"]
-    commands = {
-        "worker": [*cli, "worker", *common, "--port", str(ports["worker"]), "--model", str(model_dir),
-                   "--device", "cpu", *worker_args],
-        "scheduler": [*cli, "scheduler", *common, "--port", str(ports["scheduler"]),
-                      "--worker", addresses["worker"], *scheduler_args],
-        "tokenizer": [*cli, "tokenizer", *common, "--port", str(ports["tokenizer"]), "--model", str(model_dir),
-                      "--scheduler", addresses["scheduler"], *tokenizer_args],
-    }
+    # The command lines `pagedserve serve` would run, each service's own options after.
+    serve_args = build_parser().parse_args([
+        "--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port", str(ports["tokenizer"]),
+        "--device", "cpu", "--shutdown-grace", "5"])
+    commands = service_commands(serve_args, model_dir, ports["worker"], ports["scheduler"])
+    for name, own_args in (("worker", worker_args), ("scheduler", scheduler_args), ("tokenizer", tokenizer_args)):
+        commands[name] += own_args
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     processes: dict[str, subprocess.Popen] = {}
@@ -63,6 +62,7 @@ def service_stack(model_dir: Path, log_dir: Path, worker_args: list[str] = (),
             generation=generation_pb2_grpc.GenerationStub(public),
             scheduler=scheduler_pb2_grpc.SchedulerStub(scheduler),
             log_dir=log_dir,
+            processes=processes,
         )
     finally:
         for channel in channels:

@@ -4,13 +4,15 @@ errors that leave the stream and its other requests alone, and aborts and a drop
 that give every KV block back."""
 
 import queue
+import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 
 from pagedserve.v1 import common_pb2, scheduler_pb2
-from service_stack import Stack
+from service_stack import Stack, service_stack
 
 
 class _Session:
@@ -21,6 +23,7 @@ class _Session:
         self.call = stack.scheduler.Session(iter(self._outgoing.get, None), timeout=120)
         self.responses: list[scheduler_pb2.SessionResponse] = []
         self.error: grpc.RpcError | None = None
+        self.handles: dict[str, int] = {}
         self._reader = threading.Thread(target=self._read)
         self._reader.start()
 
@@ -31,10 +34,16 @@ class _Session:
         except grpc.RpcError as error:
             self.error = error
 
+    def wait_until_ended(self) -> None:
+        self._reader.join(timeout=120)
+        assert not self._reader.is_alive(), "the stream did not end"
+
     def submit(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
         sampling = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
         request = scheduler_pb2.SubmitRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling)
-        self._outgoing.put(scheduler_pb2.SessionRequest(submit=scheduler_pb2.SessionSubmit(request=request)))
+        self.handles[request_id] = handle = 100 + len(self.handles)
+        self._outgoing.put(scheduler_pb2.SessionRequest(
+            submit=scheduler_pb2.SessionSubmit(request=request, handle=handle)))
 
     def abort(self, request_id: str) -> None:
         self._outgoing.put(scheduler_pb2.SessionRequest(abort=scheduler_pb2.AbortRequest(request_id=request_id)))
@@ -70,8 +79,10 @@ def test_requests_share_a_stream_and_its_messages(stack: Stack) -> None:
     [refused] = session.updates("bad")
     assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "prompt_token_ids[1]" in refused.error.message
+    assert refused.handle == session.handles["bad"]
     for request_id in ("a", "b"):
         updates = session.updates(request_id)
+        assert {u.handle for u in updates} == {session.handles[request_id]}
         assert sum(len(u.output.token_ids) for u in updates) == 12
         assert updates[-1].output.finish_reason == common_pb2.FINISH_REASON_LENGTH
         assert all(not u.HasField("error") for u in updates)
@@ -97,3 +108,48 @@ def test_an_abort_ends_one_request_and_a_dropped_stream_the_rest(stack: Stack) -
     assert session.error is not None and session.error.code() == grpc.StatusCode.CANCELLED
     # Both requests' blocks come back once no step in flight uses them.
     session.wait_for(lambda: _all_blocks_free(stack), timeout_s=30)
+
+
+def test_a_draining_scheduler_finishes_its_requests_refuses_new_ones_and_ends_the_stream(
+        embedded_model_dir: Path, tmp_path: Path) -> None:
+    with service_stack(embedded_model_dir, tmp_path, scheduler_args=["--shutdown-grace", "60"]) as stack:
+        session = _Session(stack)
+        session.submit("running", [1, 2, 3], max_tokens=64)
+        session.wait_for(lambda: session.updates("running"))
+        stack.processes["scheduler"].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        session.submit("late", [4, 5, 6], max_tokens=4)
+        session.wait_until_ended()
+
+        assert session.error is None, session.error
+        [refused] = session.updates("late")
+        assert refused.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "shutting down" in refused.error.message
+        updates = session.updates("running")
+        assert sum(len(u.output.token_ids) for u in updates) == 64
+        assert updates[-1].output.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert stack.processes["scheduler"].wait(timeout=30) == 0
+
+
+def test_a_request_id_sent_again_right_after_a_cancel_gets_only_its_own_tokens(stack: Stack) -> None:
+    from pagedserve.v1 import generation_pb2
+
+    def request(max_tokens: int) -> generation_pb2.GenerateRequest:
+        return generation_pb2.GenerateRequest(
+            request_id="retried", prompt="Once upon a time",
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+    for _ in range(3):
+        first = stack.generation.Generate(request(2000), timeout=60)
+        next(first)
+        first.cancel()
+        # The cancel reaches the server a moment later; until then the id is in flight.
+        for _ in range(100):
+            try:
+                again = list(stack.generation.Generate(request(5), timeout=60))
+                break
+            except grpc.RpcError as refused:
+                assert "already in flight" in refused.details(), refused.details()
+                time.sleep(0.01)
+        assert again[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert sum(len(r.token_ids) for r in again) == 5

@@ -46,3 +46,25 @@ def test_defaults() -> None:
     assert args.enable_prefix_caching and args.max_waiting_requests is None and args.overlap_scheduling
     assert args.max_stream_messages_per_step == 32 and args.max_steps_in_flight == 3
     assert build_parser().parse_args(["worker"]).swap_space == 4.0
+
+
+def test_every_serve_option_reaches_a_service() -> None:
+    """A serve option no service receives would be accepted and silently ignored."""
+    parser = build_parser()
+    serve_parser = parser._subparsers._group_actions[0].choices["serve"]
+    launcher_own = {"help", "host", "port", "model", "shutdown_grace", "metrics_port"}
+    for action in serve_parser._actions:
+        if action.dest in launcher_own:
+            continue
+        if action.nargs == 0:  # a flag
+            flags, expected = [action.option_strings[0]], not action.default
+        else:
+            expected = next(c for c in action.choices if c != action.default) if action.choices else (
+                {int: 7, float: 0.7}.get(action.type, "x"))
+            flags = [action.option_strings[0], str(expected)]
+        commands = _commands(*flags)
+        received = []
+        for name, command in commands.items():
+            service_args = parser.parse_args(command[command.index(name):])
+            received.append(getattr(service_args, action.dest, None) == expected)
+        assert any(received), f"{action.option_strings[0]} reaches no service"

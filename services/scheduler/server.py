@@ -71,7 +71,7 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
                  stats.num_total_blocks, stats.num_total_cpu_blocks)
 
     try:
-        await host.run(prepare=connect_worker)
+        await host.run(prepare=connect_worker, on_shutdown=servicer.drain)
     finally:
         for task in background:
             task.cancel()

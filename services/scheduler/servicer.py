@@ -17,6 +17,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self.model = common_pb2.ModelInfo()
+        self._sessions: set[SchedulerSession] = set()
+
+    async def drain(self) -> None:
+        """Shutting down: open Session streams take no new requests and end once theirs
+        have (the server itself refuses new calls)."""
+        for session in self._sessions:
+            session.drain()
 
     def _ready_engine(self) -> Engine:
         if self.engine is None:
@@ -57,10 +64,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
         incoming = asyncio.ensure_future(read_all())
         incoming.add_done_callback(session.incoming_ended)
+        self._sessions.add(session)
         try:
             async for response in session.responses(incoming):
                 yield response
         finally:
+            self._sessions.discard(session)
             incoming.cancel()
             session.close()
 

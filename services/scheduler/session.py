@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from pagedserve.v1 import common_pb2, scheduler_pb2
 from services.common.call_frame import status_of
-from services.common.errors import InvalidArgumentError, ResourceExhaustedError
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.common.telemetry import span_context_of, tracer
 from services.scheduler.engine import Engine
 from services.scheduler.outputs import RequestOutput
@@ -29,10 +29,10 @@ def _parent_context(traceparent: str) -> Context:
     return trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent is not None else Context()
 
 
-def _error_update(request_id: str, error: Exception) -> scheduler_pb2.RequestUpdate:
+def _error_update(request_id: str, handle: int, error: Exception) -> scheduler_pb2.RequestUpdate:
     code, message = status_of(error)
     return scheduler_pb2.RequestUpdate(
-        request_id=request_id, error=scheduler_pb2.RequestError(code=code.value[0], message=message))
+        request_id=request_id, handle=handle, error=scheduler_pb2.RequestError(code=code.value[0], message=message))
 
 
 class SchedulerSession:
@@ -42,8 +42,10 @@ class SchedulerSession:
         # The stream's requests in flight, and their spans.
         self._spans: dict[str, trace.Span] = {}
         self._updates: list[scheduler_pb2.RequestUpdate] = []
-        # Set when there are updates to send, or the incoming side has ended.
+        # Set when there are updates to send, the incoming side has ended, or draining began.
         self._wake = asyncio.Event()
+        # The scheduler is shutting down: no new requests; the stream ends with its last.
+        self._draining = False
 
     def handle(self, message: scheduler_pb2.SessionRequest) -> None:
         action = message.WhichOneof("action")
@@ -62,24 +64,26 @@ class SchedulerSession:
         span = tracer().start_span(REQUEST_SPAN, context=_parent_context(submit.traceparent), kind=SpanKind.SERVER,
                                    attributes={"gen_ai.request.id": request_id})
         try:
+            if self._draining:
+                raise UnavailableError("the scheduler is shutting down; send the request to another one")
             prompt = list(request.prompt_token_ids)
             check_prompt(prompt, self._model)
             self._engine.add_request(request_id, prompt, request.sampling, request.priority,
-                                     deliver=partial(self._on_output, request_id), span=span)
-        except (InvalidArgumentError, ResourceExhaustedError) as error:
+                                     deliver=partial(self._on_output, request_id, submit.handle), span=span)
+        except (InvalidArgumentError, ResourceExhaustedError, UnavailableError) as error:
             self._end_span(span, error)
-            self._push(_error_update(request_id, error))
+            self._push(_error_update(request_id, submit.handle, error))
             return
         self._spans[request_id] = span
 
-    def _on_output(self, request_id: str, output: RequestOutput | Exception) -> None:
+    def _on_output(self, request_id: str, handle: int, output: RequestOutput | Exception) -> None:
         if isinstance(output, Exception):
             self._end_span(self._spans.pop(request_id, trace.INVALID_SPAN), output)
-            self._push(_error_update(request_id, output))
+            self._push(_error_update(request_id, handle, output))
             return
         if output.request_finished:
             self._end_span(self._spans.pop(request_id, trace.INVALID_SPAN))
-        self._push(scheduler_pb2.RequestUpdate(request_id=request_id, output=output.to_proto()))
+        self._push(scheduler_pb2.RequestUpdate(request_id=request_id, handle=handle, output=output.to_proto()))
 
     def _push(self, update: scheduler_pb2.RequestUpdate) -> None:
         self._updates.append(update)
@@ -95,10 +99,16 @@ class SchedulerSession:
     def incoming_ended(self, _: object = None) -> None:
         self._wake.set()
 
+    def drain(self) -> None:
+        """Refuses new requests from now on and ends the stream once those in flight end."""
+        self._draining = True
+        self._wake.set()
+
     async def responses(self, incoming: asyncio.Future) -> AsyncIterator[scheduler_pb2.SessionResponse]:
         """Everything pushed since the last message, in one message, each time there is
-        some; ends once `incoming` (the task reading the stream) has ended and no request
-        of the stream is left, and raises what ended `incoming` if it failed."""
+        some; ends once `incoming` (the task reading the stream) has ended or draining has
+        begun, and no request of the stream is left; raises what ended `incoming` if it
+        failed."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -107,8 +117,8 @@ class SchedulerSession:
                 yield scheduler_pb2.SessionResponse(updates=updates)
             if incoming.done():
                 incoming.result()
-                if not self._spans:
-                    return
+            if (incoming.done() or self._draining) and not self._spans:
+                return
 
     def close(self) -> None:
         """The stream is over: its requests still in flight are aborted, their blocks freed."""

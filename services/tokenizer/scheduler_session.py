@@ -31,24 +31,34 @@ class SessionClient:
         self._scheduler = scheduler
         # Messages for the open stream; None while no stream is open.
         self._outgoing: asyncio.Queue[scheduler_pb2.SessionRequest | None] | None = None
-        self._requests: dict[str, asyncio.Queue[Update]] = {}
+        # The requests in flight: their queues by handle, their handles by request_id.
+        self._requests: dict[int, asyncio.Queue[Update]] = {}
+        self._handle_of: dict[str, int] = {}
+        self._next_handle = 1
 
     def submit(self, request: scheduler_pb2.SubmitRequest, traceparent: str) -> asyncio.Queue[Update]:
         """Sends the request; returns the queue its updates arrive on."""
-        if request.request_id in self._requests:
+        if request.request_id in self._handle_of:
             raise InvalidArgumentError("request_id", f"{request.request_id!r} is already in flight")
         if self._outgoing is None:
             self._open()
+        handle, self._next_handle = self._next_handle, self._next_handle + 1
         updates: asyncio.Queue[Update] = asyncio.Queue()
-        self._requests[request.request_id] = updates
-        submit = scheduler_pb2.SessionSubmit(request=request, traceparent=traceparent)
+        self._requests[handle] = updates
+        self._handle_of[request.request_id] = handle
+        submit = scheduler_pb2.SessionSubmit(request=request, traceparent=traceparent, handle=handle)
         self._outgoing.put_nowait(scheduler_pb2.SessionRequest(submit=submit))
         return updates
 
     def release(self, request_id: str, abort: bool) -> None:
         """The request's handler is done with it; abort: the scheduler has not finished
-        it (the client went away, or stop strings ended it early)."""
-        if self._requests.pop(request_id, None) is not None and abort and self._outgoing is not None:
+        it (the client went away, or stop strings ended it early). Updates still on their
+        way for it are dropped, even if its request_id comes back at once."""
+        handle = self._handle_of.pop(request_id, None)
+        if handle is None:
+            return
+        del self._requests[handle]
+        if abort and self._outgoing is not None:
             abort_request = scheduler_pb2.AbortRequest(request_id=request_id)
             self._outgoing.put_nowait(scheduler_pb2.SessionRequest(abort=abort_request))
 
@@ -71,7 +81,7 @@ class SessionClient:
         try:
             async for response in call:
                 for update in response.updates:
-                    updates = self._requests.get(update.request_id)
+                    updates = self._requests.get(update.handle)
                     if updates is not None:
                         updates.put_nowait(update)
             error = UnavailableError("the scheduler ended the session stream")
@@ -84,5 +94,6 @@ class SessionClient:
         if self._requests:
             log.warning("%s; failing %d requests", error, len(self._requests))
         requests, self._requests = self._requests, {}
+        self._handle_of.clear()
         for updates in requests.values():
             updates.put_nowait(error)

@@ -40,12 +40,14 @@ class SessionRequest(_message.Message):
     def __init__(self, submit: _Optional[_Union[SessionSubmit, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
 
 class SessionSubmit(_message.Message):
-    __slots__ = ("request", "traceparent")
+    __slots__ = ("request", "traceparent", "handle")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     request: SubmitRequest
     traceparent: str
-    def __init__(self, request: _Optional[_Union[SubmitRequest, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    handle: int
+    def __init__(self, request: _Optional[_Union[SubmitRequest, _Mapping]] = ..., traceparent: _Optional[str] = ..., handle: _Optional[int] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
     __slots__ = ("updates",)
@@ -54,14 +56,16 @@ class SessionResponse(_message.Message):
     def __init__(self, updates: _Optional[_Iterable[_Union[RequestUpdate, _Mapping]]] = ...) -> None: ...
 
 class RequestUpdate(_message.Message):
-    __slots__ = ("request_id", "output", "error")
+    __slots__ = ("request_id", "handle", "output", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
+    handle: int
     output: SubmitResponse
     error: RequestError
-    def __init__(self, request_id: _Optional[str] = ..., output: _Optional[_Union[SubmitResponse, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., handle: _Optional[int] = ..., output: _Optional[_Union[SubmitResponse, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("code", "message")
