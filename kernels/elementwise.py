@@ -20,7 +20,10 @@ def add_rms_norm_reference(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (rms_norm(x + residual) * weight, x + residual); without a residual, the
-    plain norm of x and None."""
+    plain norm of x and None. With a residual, x may be a projection's fp32 split-K partial
+    sums, [splits, T, hidden]: their total in the activation dtype is the projection."""
+    if residual is not None and x.dim() == residual.dim() + 1:
+        x = x.sum(dim=0).to(residual.dtype)
     if residual is not None:
         x = x + residual
         residual = x
@@ -32,7 +35,7 @@ def add_rms_norm_reference(
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if _use_triton(x) and x.dim() == 2:
+    if _use_triton(x) and (x.dim() == 2 or (residual is not None and x.dim() == 3)):
         from kernels.triton_elementwise import add_rms_norm_triton
 
         return add_rms_norm_triton(x, residual, weight, eps)

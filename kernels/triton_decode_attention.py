@@ -163,6 +163,8 @@ def decode_attention_triton(
     scale: float,
     num_splits: int | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """query: [num_seqs, num_heads, head_dim], one token per sequence; the caches, block
     tables and seq_lens as in kernels.paged_attention. Returns [num_seqs, num_heads, head_dim]."""
@@ -209,8 +211,8 @@ def decode_attention_triton(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](

@@ -25,6 +25,7 @@ try:
     from kernels.triton_decode_attention import decode_attention_triton
     from kernels.triton_elementwise import add_rms_norm_triton, qk_norm_rope_triton, silu_and_mul_triton
     from kernels.triton_kv_store import store_kv_triton
+    from kernels.triton_linear import linear_partial_sums, split_k_plan
     from kernels.triton_prefill_attention import prefill_attention_triton
 finally:
     if _previous_interpret is None:
@@ -190,6 +191,42 @@ def test_add_rms_norm_matches_reference(with_residual: bool) -> None:
     torch.testing.assert_close(out, expected, **TOLERANCE)
     if with_residual:
         assert torch.equal(new_residual, expected_residual)
+
+
+@pytest.mark.parametrize("num_rows, num_splits", [(1, 4), (20, 2), (37, 1)])
+def test_linear_partial_sums_add_up_to_the_matmul(num_rows: int, num_splits: int) -> None:
+    out_features, in_features = (1024, 3072) if ON_GPU else (80, 512)
+    x = torch.randn(num_rows, in_features, device=DEVICE).to(DTYPE)
+    weight = (0.05 * torch.randn(out_features, in_features, device=DEVICE)).to(DTYPE)
+    partials = linear_partial_sums(x, weight, num_splits, block_m=16, block_n=32)
+    assert partials.shape == (num_splits, num_rows, out_features) and partials.dtype == torch.float32
+    expected = x.double() @ weight.double().T
+    assert _relative_error(partials.sum(dim=0), expected) < (1e-2 if ON_GPU else 1e-5)
+
+
+def test_split_k_plans_divide_the_reduction_and_fill_the_device() -> None:
+    for num_rows in (1, 16, 48, 128):
+        for out_features, in_features in ((1024, 2048), (1024, 3072)):
+            plan = split_k_plan(num_rows, out_features, in_features)
+            assert plan is not None and in_features % (plan["num_splits"] * 128) == 0
+            tiles = -(-num_rows // plan["block_m"]) * -(-out_features // plan["block_n"])
+            assert tiles * plan["num_splits"] >= 128
+    assert split_k_plan(4096, 1024, 3072) is None
+
+
+def test_add_rms_norm_sums_projection_partials() -> None:
+    hidden = 1024 if ON_GPU else 48
+    partials = torch.randn(3, 5, hidden, device=DEVICE)
+    residual = torch.randn(5, hidden, device=DEVICE).to(DTYPE)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(DTYPE)
+    out, new_residual = add_rms_norm_triton(partials, residual, weight, 1e-6)
+    expected, expected_residual = add_rms_norm_reference(partials.sum(0).to(DTYPE), residual, weight, 1e-6)
+    assert out.dtype == DTYPE and new_residual.dtype == DTYPE
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(new_residual, expected_residual, **TOLERANCE)
+    # The reference takes partials too, as the CPU path of the same model code.
+    reference_out, _ = add_rms_norm_reference(partials, residual, weight, 1e-6)
+    torch.testing.assert_close(reference_out, expected, **TOLERANCE)
 
 
 @pytest.mark.parametrize("with_norm", [False, True])

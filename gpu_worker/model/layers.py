@@ -57,6 +57,24 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class PartialSumLinear(Linear):
+    """A projection read only by an add + RMSNorm (attention's o_proj, the MLP's down_proj).
+
+    With few rows on CUDA it returns fp32 split-K partial sums, [splits, T, output_size],
+    which the norm adds up as it loads them: narrow projections then keep every
+    multiprocessor streaming weights (kernels/triton_linear.py). Otherwise [T, output_size].
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.bias is None:
+            from kernels.triton_linear import linear_partial_sums, split_k_plan
+
+            plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
+            if plan is not None:
+                return linear_partial_sums(x, self.weight, **plan)
+        return super().forward(x)
+
+
 class MergedLinear(Linear):
     """Several projections of the same input fused into one matmul (q/k/v, gate/up).
 
@@ -179,7 +197,7 @@ class SwiGLUMLP(nn.Module):
         self.gate_up_proj = MergedLinear(
             hidden_size, [("gate", intermediate_size), ("up", intermediate_size)], bias=bias
         )
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = PartialSumLinear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -13,9 +13,9 @@ from torch import nn
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.layers import (
-    Linear,
     LMHead,
     MergedLinear,
+    PartialSumLinear,
     RMSNorm,
     RotaryEmbedding,
     SwiGLUMLP,
@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = MergedLinear(
             config.hidden_size, [("q", q_size), ("k", kv_size), ("v", kv_size)], bias=config.attention_bias
         )
-        self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = PartialSumLinear(q_size, config.hidden_size, bias=config.attention_bias)
         if config.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)

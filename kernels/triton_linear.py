@@ -1,0 +1,101 @@
+"""Triton split-K matmul for the decode step's narrow projections: y = x W^T with few rows.
+
+A decode step multiplies a few to a few hundred rows by each weight: it must stream every
+weight in once and does little arithmetic on it. A projection with few output columns
+(attention's o_proj and the MLP's down_proj: 1,024 in Qwen3-0.6B) gives a plain tiling
+only a few dozen programs, too few to keep every multiprocessor's loads in flight, so the
+reduction dimension is split as well and each program writes fp32 partial sums of its
+slice. Nothing adds them up here: the add + RMSNorm that reads these projections sums the
+partials as it loads them (kernels/elementwise.py), so the split costs no extra pass.
+
+Programs that share a weight tile run side by side (row tiles vary fastest in the grid),
+so each weight tile comes from memory once and from L2 after.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _partial_sums_kernel(
+    x_ptr,
+    weight_ptr,
+    partials_ptr,
+    num_rows,
+    out_features,
+    x_stride,
+    weight_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,
+):
+    row_tile = tl.program_id(0)
+    col_tile = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = split * K_PER_SPLIT + tl.arange(0, BLOCK_K)
+    row_valid = rows < num_rows
+    col_valid = cols < out_features
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + ks[None, :]
+    w_ptrs = weight_ptr + cols[:, None].to(tl.int64) * weight_stride + ks[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for _ in range(0, K_PER_SPLIT // BLOCK_K):
+        x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=col_valid[:, None], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out_rows = (split * num_rows + rows).to(tl.int64)
+    tl.store(partials_ptr + out_rows[:, None] * out_features + cols[None, :], acc,
+             mask=row_valid[:, None] & col_valid[None, :])
+
+
+def linear_partial_sums(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    num_splits: int,
+    block_m: int,
+    block_n: int,
+    block_k: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 4,
+) -> torch.Tensor:
+    """x: [M, K]; weight: [N, K]. Returns fp32 [num_splits, M, N] whose sum over the first
+    dimension is x W^T; K must split into num_splits slices of whole block_k tiles."""
+    num_rows, in_features = x.shape
+    out_features = weight.shape[0]
+    assert weight.shape[1] == in_features and in_features % (num_splits * block_k) == 0
+    assert x.stride(1) == 1 and weight.stride(1) == 1
+    partials = torch.empty(num_splits, num_rows, out_features, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(out_features, block_n), num_splits)
+    _partial_sums_kernel[grid](
+        x, weight, partials, num_rows, out_features, x.stride(0), weight.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=in_features // num_splits,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return partials
+
+
+# Past this many rows a plain tiling has programs enough, and cuBLAS is as fast.
+MAX_SPLIT_K_ROWS = 128
+_TARGET_PROGRAMS = 128
+
+
+def split_k_plan(num_rows: int, out_features: int, in_features: int) -> dict[str, int] | None:
+    """Launch parameters of linear_partial_sums for this shape, or None where a plain
+    matmul is the better choice. Depends on the shape alone, so CUDA graphs stay valid."""
+    if num_rows > MAX_SPLIT_K_ROWS or in_features % 128:
+        return None
+    block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
+    block_n = 32
+    tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(out_features, block_n)
+    k_tiles = in_features // 128
+    num_splits = 1
+    while tiles * num_splits < _TARGET_PROGRAMS and num_splits < 8:
+        num_splits = next(s for s in range(num_splits + 1, k_tiles + 1) if k_tiles % s == 0)
+    return {"num_splits": num_splits, "block_m": block_m, "block_n": block_n}
