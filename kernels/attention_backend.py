@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernels.elementwise import qk_norm_rope_reference
 from kernels.paged_attention import paged_attention, store_kv
 
 log = logging.getLogger(__name__)
@@ -27,24 +28,36 @@ log = logging.getLogger(__name__)
 FreshPrefill = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 
 
-def store_kv_any(
+def rotate_and_store(
+    positions: torch.Tensor,
+    query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-) -> None:
-    if key.is_cuda:
-        from kernels.triton_kv_store import store_kv_triton
+    keep_key: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-head RMSNorm of queries and keys when weights are given (Qwen3), rotary
+    embedding of both, and keys and values into their cache slots. Returns the rotated
+    queries, and the rotated keys if keep_key (a fresh prefill attends to them directly)."""
+    if query.is_cuda:
+        from kernels.triton_rope_store import rope_store_triton
 
-        store_kv_triton(key, value, key_cache, value_cache, slot_mapping)
-    else:
-        store_kv(key, value, key_cache, value_cache, slot_mapping)
+        return rope_store_triton(positions, query, key, value, cos_sin_cache, q_weight, k_weight, eps,
+                                 key_cache, value_cache, slot_mapping, keep_key)
+    query, key = qk_norm_rope_reference(positions, query, key, cos_sin_cache, q_weight, k_weight, eps)
+    store_kv(key, value, key_cache, value_cache, slot_mapping)
+    return query, key if keep_key else None
 
 
 def attention(
     query: torch.Tensor,
-    key: torch.Tensor,
+    key: torch.Tensor | None,
     value: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -55,8 +68,8 @@ def attention(
     no_cached_context: bool,
     scale: float,
 ) -> torch.Tensor:
-    """query: [T, H, D]; key, value: this step's [T, H_kv, D], already stored in the cache.
-    Returns [T, H, D]."""
+    """query: [T, H, D]; key, value: this step's [T, H_kv, D], already stored in the cache
+    (key may be None unless no_cached_context). Returns [T, H, D]."""
     if not query.is_cuda:
         return paged_attention(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale)
     if max_query_len == 1:
@@ -64,7 +77,7 @@ def attention(
 
         return decode_attention_triton(query, key_cache, value_cache, block_tables, seq_lens, scale)
     fresh_prefill = fresh_prefill_kernel()
-    if no_cached_context and fresh_prefill is not None and not _fresh_prefill_failed:
+    if no_cached_context and key is not None and fresh_prefill is not None and not _fresh_prefill_failed:
         try:
             return fresh_prefill(query, key, value, query_start_loc, max_query_len, scale)
         except (RuntimeError, TypeError, ValueError) as error:

@@ -3,7 +3,8 @@
 The references define the arithmetic (fp32 statistics, rounding to the activation dtype
 where Hugging Face's modeling code rounds) and are the CPU path. On CUDA each call goes to
 its Triton kernel in kernels/triton_elementwise.py, imported only there so that the CPU
-path needs no Triton.
+path needs no Triton; the q/k norm and rotary embedding run fused with the KV-cache store
+(kernels/attention_backend.py: rotate_and_store).
 """
 
 from __future__ import annotations
@@ -66,22 +67,6 @@ def qk_norm_rope_reference(
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
-def qk_norm_rope(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(query):
-        from kernels.triton_elementwise import qk_norm_rope_triton
-
-        return qk_norm_rope_triton(positions, query, key, cos_sin_cache, q_weight, k_weight, eps)
-    return qk_norm_rope_reference(positions, query, key, cos_sin_cache, q_weight, k_weight, eps)
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:

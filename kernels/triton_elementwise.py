@@ -1,5 +1,6 @@
-"""Triton forms of the per-token ops in kernels/elementwise.py: residual-add + RMSNorm,
-per-head RMSNorm + rotary embedding of queries and keys, and SiLU-and-mul.
+"""Triton forms of the per-token ops in kernels/elementwise.py: residual-add + RMSNorm and
+SiLU-and-mul (per-head RMSNorm + rotary embedding is fused with the KV store, in
+kernels/triton_rope_store.py).
 
 Each reproduces its reference's rounding points (where the reference rounds to the
 activation dtype, so does the kernel), so that the two agree to the last bit or two.
@@ -86,97 +87,6 @@ def add_rms_norm_triton(
         num_warps=max(1, min(8, block // 256)),
     )
     return out, residual_out
-
-
-@triton.jit
-def _qk_norm_rope_kernel(
-    query_ptr,
-    key_ptr,
-    positions_ptr,
-    cos_sin_ptr,
-    q_weight_ptr,
-    k_weight_ptr,
-    query_out_ptr,
-    key_out_ptr,
-    query_token_stride,
-    key_token_stride,
-    eps,
-    NUM_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HAS_NORM: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    HALF: tl.constexpr = HEAD_DIM // 2
-    half = tl.arange(0, HALF)
-    if head < NUM_HEADS:
-        src = query_ptr + token * query_token_stride + head * HEAD_DIM
-        dst = query_out_ptr + (token * NUM_HEADS + head) * HEAD_DIM
-        weight_ptr = q_weight_ptr
-    else:
-        src = key_ptr + token * key_token_stride + (head - NUM_HEADS) * HEAD_DIM
-        dst = key_out_ptr + (token * NUM_KV_HEADS + head - NUM_HEADS) * HEAD_DIM
-        weight_ptr = k_weight_ptr
-    x1 = tl.load(src + half)
-    x2 = tl.load(src + HALF + half)
-    if HAS_NORM:
-        a = x1.to(tl.float32)
-        b = x2.to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / HEAD_DIM + eps)
-        w1 = tl.load(weight_ptr + half).to(tl.float32)
-        w2 = tl.load(weight_ptr + HALF + half).to(tl.float32)
-        x1 = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype)
-        x2 = ((b * rstd).to(x2.dtype).to(tl.float32) * w2).to(x2.dtype)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    cos = tl.load(cos_sin_ptr + position * HEAD_DIM + half)
-    sin = tl.load(cos_sin_ptr + position * HEAD_DIM + HALF + half)
-    a = x1.to(tl.float32)
-    b = x2.to(tl.float32)
-    tl.store(dst + half, (a * cos - b * sin).to(query_out_ptr.dtype.element_ty))
-    tl.store(dst + HALF + half, (b * cos + a * sin).to(query_out_ptr.dtype.element_ty))
-
-
-def qk_norm_rope_triton(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """query: [T, H, D], key: [T, H_kv, D] (token rows may be strided, heads contiguous);
-    cos_sin_cache: [max_position, D] fp32, cos then sin. Returns contiguous (query, key)."""
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[1]
-    for tensor in (query, key):
-        assert tensor.stride(2) == 1 and tensor.stride(1) == head_dim
-    assert cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
-    has_norm = q_weight is not None
-    query_out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
-    key_out = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=key.dtype, device=key.device)
-    if num_tokens == 0:
-        return query_out, key_out
-    _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
-        query,
-        key,
-        positions,
-        cos_sin_cache,
-        q_weight if has_norm else cos_sin_cache,
-        k_weight if has_norm else cos_sin_cache,
-        query_out,
-        key_out,
-        query.stride(0),
-        key.stride(0),
-        eps,
-        NUM_HEADS=num_heads,
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        HAS_NORM=has_norm,
-        num_warps=1,
-    )
-    return query_out, key_out
 
 
 @triton.jit

@@ -23,9 +23,9 @@ if not ON_GPU:
 try:
     pytest.importorskip("triton")
     from kernels.triton_decode_attention import decode_attention_triton
-    from kernels.triton_elementwise import add_rms_norm_triton, qk_norm_rope_triton, silu_and_mul_triton
-    from kernels.triton_kv_store import store_kv_triton
+    from kernels.triton_elementwise import add_rms_norm_triton, silu_and_mul_triton
     from kernels.triton_linear import linear_partial_sums, split_k_plan
+    from kernels.triton_rope_store import rope_store_triton
     from kernels.triton_prefill_attention import prefill_attention_triton
 finally:
     if _previous_interpret is None:
@@ -164,22 +164,6 @@ def test_prefill_attention_matches_reference_on_mixed_batch(num_heads: int, num_
     torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
 
 
-def test_store_kv_matches_reference_and_skips_padding() -> None:
-    num_kv_heads, num_tokens = 2, 9
-    fused = torch.randn(num_tokens, 3 * num_kv_heads * HEAD_DIM, device=DEVICE).to(DTYPE)
-    # Strided views, as the k and v slices of a fused qkv projection are.
-    key = fused[:, : num_kv_heads * HEAD_DIM].view(num_tokens, num_kv_heads, HEAD_DIM)
-    value = fused[:, num_kv_heads * HEAD_DIM : 2 * num_kv_heads * HEAD_DIM].view(num_tokens, num_kv_heads, HEAD_DIM)
-    slots = torch.tensor([5, PADDING_SLOT, 0, 17, 3, PADDING_SLOT, 30, 31, 8], device=DEVICE)
-    shape = (8, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
-    expected_k = torch.randn(shape, device=DEVICE).to(DTYPE)
-    expected_v = torch.randn(shape, device=DEVICE).to(DTYPE)
-    actual_k, actual_v = expected_k.clone(), expected_v.clone()
-    store_kv(key, value, expected_k, expected_v, slots)
-    store_kv_triton(key, value, actual_k, actual_v, slots)
-    assert torch.equal(actual_k, expected_k) and torch.equal(actual_v, expected_v)
-
-
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_add_rms_norm_matches_reference(with_residual: bool) -> None:
     hidden = 1024 if ON_GPU else 48
@@ -229,21 +213,40 @@ def test_add_rms_norm_sums_projection_partials() -> None:
     torch.testing.assert_close(reference_out, expected, **TOLERANCE)
 
 
-@pytest.mark.parametrize("with_norm", [False, True])
-def test_qk_norm_rope_matches_reference(with_norm: bool) -> None:
-    num_tokens, num_heads, num_kv_heads = 5, 4, 2
+@pytest.mark.parametrize("num_tokens, with_norm, keep_key", [
+    (6, False, True), (6, True, False), (6, True, True), (530, True, True)])
+def test_rope_store_matches_reference_and_skips_padding(num_tokens: int, with_norm: bool, keep_key: bool) -> None:
+    num_heads, num_kv_heads = 6, 2
+    # Strided views, as the q, k and v slices of a fused qkv projection are.
     fused = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM, device=DEVICE).to(DTYPE)
-    query = fused[:, : num_heads * HEAD_DIM].view(num_tokens, num_heads, HEAD_DIM)
-    key = fused[:, num_heads * HEAD_DIM : (num_heads + num_kv_heads) * HEAD_DIM].view(num_tokens, num_kv_heads, HEAD_DIM)
-    positions = torch.tensor([0, 3, 17, 4000, 9], device=DEVICE)
+    query, key, value = (part.view(num_tokens, -1, HEAD_DIM) for part in fused.split(
+        [num_heads * HEAD_DIM, num_kv_heads * HEAD_DIM, num_kv_heads * HEAD_DIM], dim=1))
+    generator = torch.Generator().manual_seed(num_tokens)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=generator).to(DEVICE)
+    # Distinct slots, every third token a padding one.
+    num_slots = BLOCK_SIZE * max(8, -(-2 * num_tokens // BLOCK_SIZE))
+    slots = torch.randperm(num_slots, generator=generator)[:num_tokens]
+    slots[::3] = PADDING_SLOT
+    slots = slots.to(DEVICE)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
     freqs = torch.outer(torch.arange(4096 + 8, device=DEVICE).float(), inv_freq)
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()
     weights = [(1 + 0.1 * torch.randn(HEAD_DIM, device=DEVICE)).to(DTYPE) for _ in range(2)] if with_norm else [None, None]
-    actual = qk_norm_rope_triton(positions, query, key, cos_sin, *weights, 1e-6)
-    expected = qk_norm_rope_reference(positions, query, key, cos_sin, *weights, 1e-6)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, **TOLERANCE)
+    shape = (num_slots // BLOCK_SIZE, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+    expected_k, expected_v = (torch.randn(shape, device=DEVICE).to(DTYPE) for _ in range(2))
+    actual_k, actual_v = expected_k.clone(), expected_v.clone()
+
+    query_out, key_out = rope_store_triton(positions, query, key, value, cos_sin, *weights, 1e-6,
+                                           actual_k, actual_v, slots, keep_key)
+    expected_query, expected_key = qk_norm_rope_reference(positions, query, key, cos_sin, *weights, 1e-6)
+    store_kv(expected_key, value, expected_k, expected_v, slots)
+    torch.testing.assert_close(query_out, expected_query, **TOLERANCE)
+    assert (key_out is not None) == keep_key
+    if keep_key:
+        torch.testing.assert_close(key_out, expected_key, **TOLERANCE)
+    # Padding tokens leave the cache alone; the others land in their slots.
+    torch.testing.assert_close(actual_k, expected_k, **TOLERANCE)
+    assert torch.equal(actual_v, expected_v)
 
 
 def test_silu_and_mul_matches_reference() -> None:

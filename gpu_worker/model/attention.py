@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.attention_backend import attention, store_kv_any
+from gpu_worker.model.layers import RMSNorm, RotaryEmbedding
+from kernels.attention_backend import attention, rotate_and_store
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,18 @@ def get_attention_metadata() -> AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    """Stores the step's keys and values in the paged cache, then attends over it."""
+    """Rotates queries and keys (after Qwen3's per-head norm), stores keys and values in the
+    paged cache, then attends over it."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        # Shared by all layers; its cos/sin table is a buffer, not a weight.
+        self.rotary_emb = rotary_emb
         # Plain attributes rather than buffers: the cache is not part of the weights.
         self.key_cache: torch.Tensor | None = None
         self.value_cache: torch.Tensor | None = None
@@ -78,12 +83,20 @@ class PagedAttention(nn.Module):
         self.key_cache = key_cache
         self.value_cache = value_cache
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """query: [T, num_heads, head_dim]; key, value: [T, num_kv_heads, head_dim]."""
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """positions: [T]; query: [T, num_heads, head_dim]; key, value: [T, num_kv_heads,
+        head_dim]; q_norm and k_norm: Qwen3's per-head norms, or None. Returns [T, num_heads * head_dim]."""
         if self.key_cache is None or self.value_cache is None:
             raise RuntimeError("no KV cache bound to this attention layer")
         metadata = get_attention_metadata()
-        store_kv_any(key, value, self.key_cache, self.value_cache, metadata.slot_mapping)
+        with_norm = q_norm is not None and k_norm is not None
+        query, key = rotate_and_store(
+            positions, query, key, value, self.rotary_emb.cos_sin_cache,
+            q_norm.weight if with_norm else None, k_norm.weight if with_norm else None,
+            q_norm.eps if with_norm else 0.0,
+            self.key_cache, self.value_cache, metadata.slot_mapping, keep_key=metadata.no_cached_context,
+        )
         output = attention(
             query,
             key,

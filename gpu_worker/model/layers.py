@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.model.config import RopeScaling
-from kernels.elementwise import add_rms_norm, qk_norm_rope, silu_and_mul
+from kernels.elementwise import add_rms_norm, silu_and_mul
 
 
 def default_weight_loader(
@@ -156,7 +156,8 @@ def rope_inverse_frequencies(
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding in the rotate-half (GPT-NeoX) layout used by Llama/Qwen."""
+    """The cos/sin table of rotary position embedding in the rotate-half (GPT-NeoX) layout
+    used by Llama/Qwen; the attention layer applies it, in one pass with the KV store."""
 
     def __init__(
         self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None
@@ -169,24 +170,6 @@ class RotaryEmbedding(nn.Module):
         # fp32 whatever the model dtype: bf16 cos/sin lose precision at large positions.
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        q_norm: RMSNorm | None = None,
-        k_norm: RMSNorm | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; query: [T, num_heads, head_dim]; key: [T, num_kv_heads, head_dim].
-
-        With q_norm and k_norm (Qwen3), each head is RMS-normalized first, in the same pass.
-        """
-        if q_norm is not None and k_norm is not None:
-            return qk_norm_rope(
-                positions, query, key, self.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps
-            )
-        return qk_norm_rope(positions, query, key, self.cos_sin_cache, None, None, 0.0)
 
 
 class SwiGLUMLP(nn.Module):

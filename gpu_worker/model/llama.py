@@ -40,9 +40,8 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        # Shared by all layers; its cos/sin table is a buffer, not a weight.
-        self.rotary_emb = rotary_emb
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5,
+                                   rotary_emb)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
@@ -50,8 +49,7 @@ class LlamaAttention(nn.Module):
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        query, key = self.rotary_emb(positions, query, key, self.q_norm, self.k_norm)
-        return self.o_proj(self.attn(query, key, value))
+        return self.o_proj(self.attn(positions, query, key, value, self.q_norm, self.k_norm))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,0 +1,168 @@
+"""Triton kernel that prepares a step's attention inputs in one pass: per-head RMSNorm of
+queries and keys (Qwen3), rotary embedding of both, and keys and values written to their
+cache slots.
+
+Computes what kernels.elementwise.qk_norm_rope_reference followed by
+kernels.paged_attention.store_kv computes, with the same rounding points, so the two
+agree to the last bit or two. One program handles one head of one token (decode) or of a
+block of tokens (prefill), and the programs of key heads also move their value heads: one
+kernel per layer for all of this. Padding tokens (slot -1) write nothing to the cache,
+which is what lets a CUDA graph captured for a larger batch run a smaller one.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _norm_and_rotate(x1, x2, weight_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
+    """x1, x2: [tokens, HEAD_DIM / 2], the two halves of one head. Returns the rotated
+    halves in fp32, from inputs rounded where the reference rounds."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if HAS_NORM:
+        half = tl.arange(0, HALF)
+        a = x1.to(tl.float32)
+        b = x2.to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(weight_ptr + half).to(tl.float32)[None, :]
+        w2 = tl.load(weight_ptr + HALF + half).to(tl.float32)[None, :]
+        x1 = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype)
+        x2 = ((b * rstd).to(x2.dtype).to(tl.float32) * w2).to(x2.dtype)
+    a = x1.to(tl.float32)
+    b = x2.to(tl.float32)
+    return a * cos - b * sin, b * cos + a * sin
+
+
+@triton.jit
+def _rope_store_kernel(
+    query_ptr,
+    key_ptr,
+    value_ptr,
+    positions_ptr,
+    slot_mapping_ptr,
+    cos_sin_ptr,
+    q_weight_ptr,
+    k_weight_ptr,
+    query_out_ptr,
+    key_out_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    num_tokens,
+    query_token_stride,
+    key_token_stride,
+    value_token_stride,
+    eps,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    KEEP_KEY: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
+    half = tl.arange(0, HALF)[None, :]
+    valid = (tokens < num_tokens)[:, None]
+    rows = tokens.to(tl.int64)[:, None]
+    positions = tl.load(positions_ptr + rows, mask=valid, other=0).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + positions * HEAD_DIM + half, mask=valid, other=0.0)
+    sin = tl.load(cos_sin_ptr + positions * HEAD_DIM + HALF + half, mask=valid, other=0.0)
+    if head < NUM_HEADS:
+        source = query_ptr + rows * query_token_stride + head * HEAD_DIM + half
+        out1, out2 = _norm_and_rotate(tl.load(source, mask=valid, other=0.0),
+                                      tl.load(source + HALF, mask=valid, other=0.0),
+                                      q_weight_ptr, cos, sin, eps, HEAD_DIM, HAS_NORM)
+        target = query_out_ptr + (rows * NUM_HEADS + head) * HEAD_DIM + half
+        tl.store(target, out1.to(query_out_ptr.dtype.element_ty), mask=valid)
+        tl.store(target + HALF, out2.to(query_out_ptr.dtype.element_ty), mask=valid)
+    else:
+        kv_head = head - NUM_HEADS
+        key_source = key_ptr + rows * key_token_stride + kv_head * HEAD_DIM + half
+        rotated1, rotated2 = _norm_and_rotate(tl.load(key_source, mask=valid, other=0.0),
+                                              tl.load(key_source + HALF, mask=valid, other=0.0),
+                                              k_weight_ptr, cos, sin, eps, HEAD_DIM, HAS_NORM)
+        key1 = rotated1.to(key_cache_ptr.dtype.element_ty)
+        key2 = rotated2.to(key_cache_ptr.dtype.element_ty)
+        if KEEP_KEY:
+            key_target = key_out_ptr + (rows * NUM_KV_HEADS + kv_head) * HEAD_DIM + half
+            tl.store(key_target, key1, mask=valid)
+            tl.store(key_target + HALF, key2, mask=valid)
+        slots = tl.load(slot_mapping_ptr + rows, mask=valid, other=-1).to(tl.int64)
+        stored = valid & (slots >= 0)
+        cache_slot = slots * ROW + kv_head * HEAD_DIM
+        tl.store(key_cache_ptr + cache_slot + half, key1, mask=stored)
+        tl.store(key_cache_ptr + cache_slot + HALF + half, key2, mask=stored)
+        dims = tl.arange(0, HEAD_DIM)[None, :]
+        value = tl.load(value_ptr + rows * value_token_stride + kv_head * HEAD_DIM + dims, mask=stored)
+        tl.store(value_cache_ptr + cache_slot + dims, value, mask=stored)
+
+
+# Tokens per program: one in decode steps, so that a small batch still spreads over many
+# programs; more in prefills, so that a long one is not a hundred thousand tiny programs.
+def _tokens_per_program(num_tokens: int) -> int:
+    return 1 if num_tokens <= 512 else 16
+
+
+def rope_store_triton(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    keep_key: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query: [T, H, D]; key, value: [T, H_kv, D] (token rows may be strided, as views of
+    a fused qkv projection; heads contiguous); cos_sin_cache: [max_position, D] fp32, cos
+    then sin; caches [num_blocks, block_size, H_kv, D], contiguous. Returns the rotated
+    queries, contiguous, and the rotated keys if keep_key (else None)."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    for tensor in (query, key, value):
+        assert tensor.stride(2) == 1 and tensor.stride(1) == head_dim, "heads must be contiguous"
+    assert cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
+    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    assert key.dtype == key_cache.dtype, "the store casts nothing: project in the cache dtype"
+    has_norm = q_weight is not None and k_weight is not None
+    query_out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    key_out = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=key.dtype, device=key.device) if keep_key else None
+    if num_tokens == 0:
+        return query_out, key_out
+    block_t = _tokens_per_program(num_tokens)
+    _rope_store_kernel[(triton.cdiv(num_tokens, block_t), num_heads + num_kv_heads)](
+        query,
+        key,
+        value,
+        positions,
+        slot_mapping,
+        cos_sin_cache,
+        q_weight if has_norm else cos_sin_cache,
+        k_weight if has_norm else cos_sin_cache,
+        query_out,
+        key_out if keep_key else query_out,
+        key_cache,
+        value_cache,
+        num_tokens,
+        query.stride(0),
+        key.stride(0),
+        value.stride(0),
+        eps,
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_T=block_t,
+        HAS_NORM=has_norm,
+        KEEP_KEY=keep_key,
+        num_warps=1 if block_t == 1 else 4,
+    )
+    return query_out, key_out
