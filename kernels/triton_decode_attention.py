@@ -147,6 +147,17 @@ def _merge_splits_kernel(
     )
 
 
+# Keys per tile: larger tiles cost fewer loop iterations per byte, which pays once there
+# are sequences enough to fill the device without splitting them (an H200 sweep of ragged
+# 200-2,000-token contexts: 128 keys 3-4% faster at 128 and 256 sequences, 10% slower at 32).
+_LARGE_TILE_MIN_SEQS = 128
+
+
+def choose_block_n(num_seqs: int) -> int:
+    """Keys per tile: a function of the batch size alone, so graphs stay valid."""
+    return 128 if num_seqs >= _LARGE_TILE_MIN_SEQS else 64
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int) -> int:
     """Splits per sequence: a function of the batch shape alone, so graphs stay valid."""
     programs = max(num_seqs * num_kv_heads, 1)
@@ -162,7 +173,7 @@ def decode_attention_triton(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
@@ -177,6 +188,8 @@ def decode_attention_triton(
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads)
+    if block_n is None:
+        block_n = choose_block_n(num_seqs)
     output = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
     if num_seqs == 0:
         return output

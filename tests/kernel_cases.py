@@ -124,12 +124,13 @@ class PagedBatch:
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (16, 8)])
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_attention_matches_reference(num_heads: int, num_kv_heads: int, num_splits: int) -> None:
+@pytest.mark.parametrize("block_n", [64, 128] if ON_GPU else [16, 32])
+def test_decode_attention_matches_reference(num_heads: int, num_kv_heads: int, num_splits: int, block_n: int) -> None:
     seq_lens = [1, 7, BLOCK_SIZE, 3 * BLOCK_SIZE + 1, 70] if not ON_GPU else [1, 17, 300, 1024, 2000, 64]
     batch = PagedBatch(seq_lens, [1] * len(seq_lens), num_heads, num_kv_heads, seed=num_heads + num_splits)
     output = decode_attention_triton(
         batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
-        batch.scale, num_splits=num_splits, block_n=16 if not ON_GPU else 64,
+        batch.scale, num_splits=num_splits, block_n=block_n,
     )
     assert not output.isnan().any()
     torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
