@@ -6,7 +6,8 @@ decode attention kernel, the projections' matmuls, and a whole step's time by ba
 - Bandwidth ceilings: a device-to-device copy (bytes read + written) and a read-only
   reduction, the ceiling of a kernel that only reads, as attention does.
 - Decode attention over KV laid out as the worker lays it out, for uniform and for
-  ragged contexts, in every launch configuration of the sweep.
+  ragged contexts, in every launch configuration of the sweep; and (--parts splits) the
+  number of context splits at the small batches of a run's tail.
 - attention's o_proj and the MLP's down_proj of all layers with the add + RMSNorm that
   reads each (distinct weights, so L2 holds none of them), captured in one CUDA graph:
   cuBLAS against the split-K partial sums of kernels/triton_linear.py.
@@ -35,8 +36,8 @@ from kernels.triton_decode_attention import decode_attention_triton
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
 BLOCK_SIZE, NUM_KV_HEADS, NUM_HEADS, HEAD_DIM, NUM_LAYERS = 16, 8, 16, 128, 28
-# (name, out_features, in_features) of Qwen3-0.6B's projections.
-PROJECTIONS = (("qkv", 4096, 1024), ("o", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072))
+# (name, out_features, in_features) of Qwen3-0.6B's projections that an add + RMSNorm reads.
+NORM_FED_PROJECTIONS = (("o", 1024, 2048), ("down", 1024, 3072))
 
 
 def read_bandwidth(num_bytes: int = 4 << 30) -> float:
@@ -128,9 +129,7 @@ def projection_table() -> list[dict]:
 
     norm_weight = torch.ones(1024, dtype=torch.bfloat16, device="cuda")
     rows = []
-    for name, n, k in PROJECTIONS:
-        if name not in ("o", "down"):
-            continue
+    for name, n, k in NORM_FED_PROJECTIONS:
         weights = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(NUM_LAYERS)]
         for batch in (1, 16, 32, 64, 128, 256):
             x = torch.randn(batch, k, dtype=torch.bfloat16, device="cuda")
