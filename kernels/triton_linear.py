@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+# Reduction columns per loop iteration; plans split the reduction into whole tiles of it.
+_BLOCK_K = 128
+
 
 @triton.jit
 def _partial_sums_kernel(
@@ -61,7 +64,7 @@ def linear_partial_sums(
     num_splits: int,
     block_m: int,
     block_n: int,
-    block_k: int = 128,
+    block_k: int = _BLOCK_K,
     num_warps: int = 4,
     num_stages: int = 4,
 ) -> torch.Tensor:
@@ -84,18 +87,19 @@ def linear_partial_sums(
 # Past this many rows a plain tiling has programs enough, and cuBLAS is as fast.
 MAX_SPLIT_K_ROWS = 128
 _TARGET_PROGRAMS = 128
+_MAX_SPLITS = 8
 
 
 def split_k_plan(num_rows: int, out_features: int, in_features: int) -> dict[str, int] | None:
     """Launch parameters of linear_partial_sums for this shape, or None where a plain
     matmul is the better choice. Depends on the shape alone, so CUDA graphs stay valid."""
-    if num_rows > MAX_SPLIT_K_ROWS or in_features % 128:
+    if num_rows > MAX_SPLIT_K_ROWS or in_features % _BLOCK_K:
         return None
     block_m = min(64, max(16, triton.next_power_of_2(num_rows)))
     block_n = 32
     tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(out_features, block_n)
-    k_tiles = in_features // 128
-    num_splits = 1
-    while tiles * num_splits < _TARGET_PROGRAMS and num_splits < 8:
-        num_splits = next(s for s in range(num_splits + 1, k_tiles + 1) if k_tiles % s == 0)
+    k_tiles = in_features // _BLOCK_K
+    # The fewest splits into whole tiles that make programs enough, at most _MAX_SPLITS.
+    splits = [s for s in range(1, min(k_tiles, _MAX_SPLITS) + 1) if k_tiles % s == 0]
+    num_splits = next((s for s in splits if tiles * s >= _TARGET_PROGRAMS), splits[-1])
     return {"num_splits": num_splits, "block_m": block_m, "block_n": block_n}

@@ -26,18 +26,22 @@ from kernels.triton_rope_store import _rope_store_kernel  # noqa: E402
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 ATTENTION = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16)
+DECODE_TYPES = dict(
+    query_ptr="*bf16", key_cache_ptr="*bf16", value_cache_ptr="*bf16", block_tables_ptr="*i32",
+    seq_lens_ptr="*i32", output_ptr="*bf16", partial_output_ptr="*fp32", partial_lse_ptr="*fp32",
+    scale_log2="fp32")
+ROPE_STORE_TYPES = dict(
+    query_ptr="*bf16", key_ptr="*bf16", value_ptr="*bf16", positions_ptr="*i64", slot_mapping_ptr="*i64",
+    cos_sin_ptr="*fp32", q_weight_ptr="*bf16", k_weight_ptr="*bf16", query_out_ptr="*bf16",
+    key_out_ptr="*bf16", key_cache_ptr="*bf16", value_cache_ptr="*bf16", eps="fp32")
 
 # (kernel, argument types other than i32, constexprs, launch options): what the wrappers
 # launch for Qwen3-0.6B (16 query heads, 8 KV heads, head_dim 128, hidden 1024).
 CASES = {
-    "decode attention": (_decode_kernel, dict(
-        query_ptr="*bf16", key_cache_ptr="*bf16", value_cache_ptr="*bf16", block_tables_ptr="*i32",
-        seq_lens_ptr="*i32", output_ptr="*bf16", partial_output_ptr="*fp32", partial_lse_ptr="*fp32",
-        scale_log2="fp32"), dict(ATTENTION, BLOCK_N=64, NUM_SPLITS=4), dict(num_warps=4, num_stages=3)),
-    "decode attention, 128-key tiles": (_decode_kernel, dict(
-        query_ptr="*bf16", key_cache_ptr="*bf16", value_cache_ptr="*bf16", block_tables_ptr="*i32",
-        seq_lens_ptr="*i32", output_ptr="*bf16", partial_output_ptr="*fp32", partial_lse_ptr="*fp32",
-        scale_log2="fp32"), dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=1), dict(num_warps=4, num_stages=3)),
+    "decode attention": (_decode_kernel, DECODE_TYPES, dict(ATTENTION, BLOCK_N=64, NUM_SPLITS=4),
+                         dict(num_warps=4, num_stages=3)),
+    "decode attention, 128-key tiles": (_decode_kernel, DECODE_TYPES, dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=1),
+                                        dict(num_warps=4, num_stages=3)),
     "split merge": (_merge_splits_kernel, dict(
         partial_output_ptr="*fp32", partial_lse_ptr="*fp32", output_ptr="*bf16"),
         dict(HEAD_DIM=128, NUM_SPLITS=4), dict(num_warps=4)),
@@ -45,16 +49,10 @@ CASES = {
         query_ptr="*bf16", key_cache_ptr="*bf16", value_cache_ptr="*bf16", block_tables_ptr="*i32",
         query_start_loc_ptr="*i32", seq_lens_ptr="*i32", output_ptr="*bf16", scale_log2="fp32"),
         dict(ATTENTION, BLOCK_M=32, BLOCK_N=32), dict(num_warps=4, num_stages=2)),
-    "rope + KV store, decode": (_rope_store_kernel, dict(
-        query_ptr="*bf16", key_ptr="*bf16", value_ptr="*bf16", positions_ptr="*i64", slot_mapping_ptr="*i64",
-        cos_sin_ptr="*fp32", q_weight_ptr="*bf16", k_weight_ptr="*bf16", query_out_ptr="*bf16",
-        key_out_ptr="*bf16", key_cache_ptr="*bf16", value_cache_ptr="*bf16", eps="fp32"),
+    "rope + KV store, decode": (_rope_store_kernel, ROPE_STORE_TYPES,
         dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_T=1, HAS_NORM=True, KEEP_KEY=False),
         dict(num_warps=1)),
-    "rope + KV store, prefill": (_rope_store_kernel, dict(
-        query_ptr="*bf16", key_ptr="*bf16", value_ptr="*bf16", positions_ptr="*i64", slot_mapping_ptr="*i64",
-        cos_sin_ptr="*fp32", q_weight_ptr="*bf16", k_weight_ptr="*bf16", query_out_ptr="*bf16",
-        key_out_ptr="*bf16", key_cache_ptr="*bf16", value_cache_ptr="*bf16", eps="fp32"),
+    "rope + KV store, prefill": (_rope_store_kernel, ROPE_STORE_TYPES,
         dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_T=16, HAS_NORM=True, KEEP_KEY=True),
         dict(num_warps=4)),
     "split-K partial sums": (_partial_sums_kernel, dict(
