@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_launch, wait_for_previous_kernel
+
 # Enough programs to occupy every multiprocessor about twice is where splitting stops
 # paying; more splits only add merge work.
 _TARGET_PROGRAMS = 264
@@ -53,7 +55,9 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -126,7 +130,9 @@ def _merge_splits_kernel(
     output_head_stride,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -226,6 +232,7 @@ def decode_attention_triton(
         NUM_SPLITS=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(query.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -236,5 +243,6 @@ def decode_attention_triton(
             output.stride(1),
             HEAD_DIM=head_dim,
             NUM_SPLITS=num_splits,
+            **pdl_launch(query.device),
         )
     return output

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_launch, wait_for_previous_kernel
+
 
 @triton.jit
 def _add_rms_norm_kernel(
@@ -28,7 +30,9 @@ def _add_rms_norm_kernel(
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     NUM_PARTIALS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -85,14 +89,16 @@ def add_rms_norm_triton(
         HAS_RESIDUAL=residual is not None,
         NUM_PARTIALS=num_partials,
         num_warps=max(1, min(8, block // 256)),
+        **pdl_launch(x.device),
     )
     return out, residual_out
 
 
 @triton.jit
 def _silu_and_mul_kernel(
-    x_ptr, out_ptr, x_stride, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr, out_ptr, x_stride, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTERMEDIATE
@@ -113,6 +119,6 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(intermediate))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
-        x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4
+        x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4, **pdl_launch(x.device)
     )
     return out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_launch, wait_for_previous_kernel
+
 # Reduction columns per loop iteration; plans split the reduction into whole tiles of it.
 _BLOCK_K = 128
 
@@ -35,7 +37,9 @@ def _partial_sums_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     row_tile = tl.program_id(0)
     col_tile = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,6 +84,7 @@ def linear_partial_sums(
         x, weight, partials, num_rows, out_features, x.stride(0), weight.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=in_features // num_splits,
         num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch(x.device),
     )
     return partials
 

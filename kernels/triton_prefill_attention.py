@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_launch, wait_for_previous_kernel
+
 _LOG2E = 1.4426950408889634
 
 
@@ -43,7 +45,9 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -165,5 +169,6 @@ def prefill_attention_triton(
         BLOCK_N=block_n,
         num_warps=num_warps or (4 if block_m * group_pad <= 64 else 8),
         num_stages=num_stages,
+        **pdl_launch(query.device),
     )
     return output

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import pdl_launch, wait_for_previous_kernel
+
 
 @triton.jit
 def _norm_and_rotate(x1, x2, weight_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
@@ -61,7 +63,9 @@ def _rope_store_kernel(
     BLOCK_T: tl.constexpr,
     HAS_NORM: tl.constexpr,
     KEEP_KEY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -164,5 +168,6 @@ def rope_store_triton(
         HAS_NORM=has_norm,
         KEEP_KEY=keep_key,
         num_warps=1 if block_t == 1 else 4,
+        **pdl_launch(query.device),
     )
     return query_out, key_out
