@@ -75,6 +75,10 @@ class Admission:
         """Best first among swapped and waiting sequences; stops at the first that does not
         fit, so that a large request is not overtaken forever by small ones."""
         queues = self.queues
+        # Most steps have nobody to resume or admit; counting the seats taken would cost a
+        # pass over the running batch.
+        if not (queues.swapped or queues.waiting):
+            return
         seats = sum(s.num_seats for s in queues.running)
         cpu_blocks_read: list[int] = []
         while budget > 0:

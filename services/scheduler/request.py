@@ -33,9 +33,13 @@ class Request:
     num_cached_tokens: int | None = None
 
     def __post_init__(self) -> None:
+        # Read on every step for every sequence: plain attributes, taken once from the
+        # request's own (never changed) prompt and sampling.
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         self.n = self.sampling.n if self.sampling.HasField("n") else 1
         self.stop_token_ids = frozenset(self.sampling.stop_token_ids)
         self.max_tokens = self.sampling.max_tokens if self.sampling.HasField("max_tokens") else None
+        self.ignore_eos = self.sampling.ignore_eos
         # What every sequence but a first one awaiting its fork samples with: one token.
         self.sampling_after_fork = common_pb2.SamplingParams()
         self.sampling_after_fork.CopyFrom(self.sampling)
@@ -54,10 +58,6 @@ class Request:
         request = cls(request_id, tuple(prompt_token_ids), own_sampling, priority, arrival_index)
         request.sequences.append(Sequence(request, index=0, token_ids=list(prompt_token_ids)))
         return request
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     def end_unforked_completions(self, finish_reason: int) -> None:
         """Completions 1..n-1 that were never forked end too, each with its own record."""
@@ -141,15 +141,17 @@ class Sequence:
         Running ahead of a sample is only worth it when the sample may not stop the
         sequence: one that samples its last token by length, or whose sample forks it into
         its request's n completions, waits for that result."""
+        num_planned_tokens = self.num_planned_tokens
         if self.num_pending_samples:
             if self.awaits_fork:
                 return 0
             max_tokens = self.request.max_tokens
-            if max_tokens is not None and self.num_output_tokens + self.num_pending_samples >= max_tokens:
+            num_planned_output_tokens = num_planned_tokens - self.request.num_prompt_tokens
+            if max_tokens is not None and num_planned_output_tokens >= max_tokens:
                 return 0
-            if self.num_planned_tokens >= max_model_len:
+            if num_planned_tokens >= max_model_len:
                 return 0
-        return self.num_tokens_to_compute
+        return num_planned_tokens - self.num_computed_tokens
 
     @property
     def awaits_fork(self) -> bool:
@@ -194,10 +196,11 @@ class Sequence:
         request = self.request
         if last_token in request.stop_token_ids:
             return common_pb2.FINISH_REASON_STOP
-        if not request.sampling.ignore_eos and last_token in eos_token_ids:
+        if not request.ignore_eos and last_token in eos_token_ids:
             return common_pb2.FINISH_REASON_STOP
-        if request.max_tokens is not None and self.num_output_tokens >= request.max_tokens:
+        num_tokens = self.num_tokens
+        if request.max_tokens is not None and num_tokens - request.num_prompt_tokens >= request.max_tokens:
             return common_pb2.FINISH_REASON_LENGTH
-        if self.num_tokens >= max_model_len:
+        if num_tokens >= max_model_len:
             return common_pb2.FINISH_REASON_LENGTH
         return common_pb2.FINISH_REASON_UNSPECIFIED

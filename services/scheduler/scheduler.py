@@ -264,28 +264,36 @@ class Scheduler:
         self.in_flight.returned(scheduled)
         sampled = list(result.token_ids)
         next_sampled = 0
+        block_size = self.block_manager.block_size
 
         outputs: list[RequestOutput] = []
         for item in scheduled.scheduled:
             # The result is in batch order: this item's tokens come next.
             first_sampled = next_sampled
-            next_sampled += item.num_samples
+            num_samples = item.num_samples
+            next_sampled += num_samples
             sequence = item.sequence
             if sequence.status is SequenceStatus.RUNNING:
                 self.prefix_cache.register_computed_blocks(sequence)
             # A sequence that finished or was aborted since expects no token: it is dropped.
-            if item.num_samples and sequence.num_pending_samples:
+            if num_samples and sequence.num_pending_samples:
                 sequence.num_pending_samples -= 1
-                outputs.extend(self._apply_sample(sequence, sampled[first_sampled:next_sampled]))
-                # The token may complete a block that a step in flight has computed.
-                if sequence.status is SequenceStatus.RUNNING:
+                if num_samples == 1:  # most: one token, no fork
+                    sequence.token_ids.append(sampled[first_sampled])
+                    outputs.append(self._after_sample(sequence))
+                else:
+                    outputs.extend(self._apply_first_samples(sequence, sampled[first_sampled:next_sampled]))
+                # The token may complete a block that a step in flight has computed. Only
+                # a token that completes a block can leave more to register than the call
+                # above found.
+                if sequence.status is SequenceStatus.RUNNING and sequence.num_tokens % block_size == 0:
                     self.prefix_cache.register_computed_blocks(sequence)
         return outputs
 
-    def _apply_sample(self, sequence: Sequence, tokens: list[int]) -> list[RequestOutput]:
-        """Appends a sampled token (forking the request's other completions from the first
-        sample of n); an output per completion that got one."""
-        children = self._fork(sequence, tokens[1:]) if len(tokens) > 1 else []
+    def _apply_first_samples(self, sequence: Sequence, tokens: list[int]) -> list[RequestOutput]:
+        """Forks the request's other completions from the first sample of n, one token
+        each, and appends the first token to `sequence`; an output per completion."""
+        children = self._fork(sequence, tokens[1:])
         sequence.token_ids.append(tokens[0])
         return [self._after_sample(completion) for completion in (sequence, *children)]
 
@@ -327,8 +335,9 @@ class Scheduler:
             # known sequence never writes into a shared block: sharers are all introduced
             # anew (forks, cache hits, swap-ins) and copy before their first write.
             assert not allocation.copies, f"seq {sequence.seq_id} would write into a shared block"
-            new_block_ids = tuple(allocation.new_block_ids)
-        output.copy_blocks.extend(allocation.copies)
+            new_block_ids = allocation.new_block_ids
+        if allocation.copies:
+            output.copy_blocks.extend(allocation.copies)
         reaches_end = sequence.num_computed_tokens + num_new_tokens == sequence.num_planned_tokens
         num_samples = (sequence.request.n if sequence.awaits_fork else 1) if reaches_end else 0
         output.scheduled.append(
