@@ -5,6 +5,7 @@ processes."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import signal
@@ -124,13 +125,14 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
                 message = step.to_proto()
                 t1 = time.perf_counter()
                 in_flight.append((step, runner.launch_step(message)))
-                if device_time is not None:
-                    device_time.step_launched()
                 t2 = time.perf_counter()
+                decode = all(entry.num_new_tokens == 1 for entry in message.scheduled)
+                if device_time is not None:
+                    device_time.step_launched(decode)
                 profile["schedule_s"] += t1 - t0
                 profile["launch_s"] += t2 - t1
                 profile["steps"] += 1
-                profile["decode_steps"] += all(entry.num_new_tokens == 1 for entry in message.scheduled)
+                profile["decode_steps"] += decode
             if not in_flight:
                 raise RuntimeError("scheduler has unfinished requests but nothing to schedule")
             step, launched = in_flight.popleft()
@@ -143,7 +145,8 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             profile["finish_s"] += t3 - t2
             profile["update_s"] += t4 - t3
         if device_time is not None:
-            profile["device_busy_s"] = device_time.busy_seconds()
+            profile["device_busy_decode_s"], profile["device_busy_other_s"] = device_time.busy_seconds()
+            profile["device_busy_s"] = profile["device_busy_decode_s"] + profile["device_busy_other_s"]
         return [outputs[f"r{i}"] for i in range(len(requests.prompts))]
 
     results = []
@@ -151,6 +154,7 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
         # Warm-up outside the timing: first prefill and decode shapes compile their kernels.
         drive(new_scheduler(max_steps_in_flight), Workload([[1] * 40, [2] * 70], [8, 8]), _empty_profile())
         runner.reset()
+        gc.freeze()  # as the services do once started (services/common/grpc_server.py)
         scheduler = new_scheduler(max_steps_in_flight)
         profile = _empty_profile()
         _synchronize(torch, settings.device)
@@ -178,28 +182,34 @@ class _DeviceTime:
     def __init__(self, runner, torch_module) -> None:
         self._torch = torch_module
         self._runner = runner
-        self._spans: list[tuple] = []
+        self._started = None  # the start event of the step being launched
+        self._spans: list[tuple] = []  # (start event, end event, decode-only step)
         forward = runner._forward
 
         def timed_forward(batch):
             start = torch_module.cuda.Event(enable_timing=True)
             start.record()
-            self._spans.append((start, None))
+            self._started = start
             return forward(batch)
 
         runner._forward = timed_forward
 
-    def step_launched(self) -> None:
-        if self._spans and self._spans[-1][1] is None:
+    def step_launched(self, decode: bool) -> None:
+        if self._started is not None:
             end = self._torch.cuda.Event(enable_timing=True)
             end.record()
-            self._spans[-1] = (self._spans[-1][0], end)
+            self._spans.append((self._started, end, decode))
+            self._started = None
 
-    def busy_seconds(self) -> float:
-        """Stops timing; the device's seconds over the steps so far."""
+    def busy_seconds(self) -> tuple[float, float]:
+        """Stops timing; the device's seconds over the decode-only steps so far, and over
+        the others (prefills, mixed steps)."""
         del self._runner._forward  # the class's own again
         self._torch.cuda.synchronize()
-        return sum(start.elapsed_time(end) for start, end in self._spans if end is not None) / 1e3
+        seconds = {True: 0.0, False: 0.0}
+        for start, end, decode in self._spans:
+            seconds[decode] += start.elapsed_time(end) / 1e3
+        return seconds[True], seconds[False]
 
 
 def _empty_profile() -> dict[str, float]:
@@ -215,8 +225,6 @@ def _synchronize(torch_module, device: str) -> None:
 
 
 def _release_memory(torch_module, device: str) -> None:
-    import gc
-
     gc.collect()
     if device.startswith("cuda"):
         torch_module.cuda.empty_cache()

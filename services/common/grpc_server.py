@@ -2,6 +2,7 @@
 every call (services/common/call_frame.py), and graceful shutdown on SIGTERM / SIGINT."""
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -84,6 +85,10 @@ class ServiceHost:
             await asyncio.wait({preparing, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if preparing.done():
                 preparing.result()
+                # What start-up made (modules, a model, captured graphs) lives as long as the
+                # process: out of the collector's generations, no collection walks it again,
+                # and the pauses that stall the steps in flight stay short.
+                gc.freeze()
                 await self.set_serving()
                 await stopping
             log.info("shutting down: draining for up to %.0fs", self.config.shutdown_grace_s)
