@@ -145,12 +145,13 @@ class StepInputBuilder:
         block_size = self.block_size
         tables = self.block_tables
         row_of = tables.row_of
-        rows: list[int] = []
+        rows_list: list[int] = []
         starts_list: list[int] = []
         query_lens_list: list[int] = []
         input_ids: list[int] = []
-        # (position in input_ids, token) of each input still on the device.
-        fed: list[tuple[int, DeviceToken]] = []
+        # Each input still on the device: its position in input_ids, and the token.
+        fed_at: list[int] = []
+        fed_tokens: list[DeviceToken] = []
         sample_index: list[int] = []
         sample_seq_ids: list[int] = []
         # A loop over every sequence of the step: the per-sequence work is kept to plain
@@ -165,23 +166,30 @@ class StepInputBuilder:
             start = state.num_computed_tokens
             num_new = entry.num_new_tokens
             end = start + num_new
-            num_known = len(state.token_ids)
+            token_ids = state.token_ids
+            num_known = len(token_ids)
             num_seq_tokens = num_known + state.num_pending_tokens
             assert 0 < num_new and end <= num_seq_tokens, f"seq {seq_id}: computing {start}:{end} of {num_seq_tokens}"
             if end <= num_known:
                 if num_new == 1:
-                    input_ids.append(state.token_ids[start])
+                    input_ids.append(token_ids[start])
                 else:
-                    input_ids.extend(state.token_ids[start:end])
+                    input_ids.extend(token_ids[start:end])
             else:
                 # Only the newest sample can be fed: every earlier one was computed by the
-                # step that followed it.
-                assert max(start, num_known) == end - 1 == num_seq_tokens - 1, f"seq {seq_id}: unknown inputs"
+                # step that followed it. That is max(start, num_known) == end - 1 ==
+                # num_seq_tokens - 1, written without a call: with end > num_known and
+                # start == end - num_new, the max is end - 1 exactly when one token is
+                # new or num_known == end - 1.
+                assert end == num_seq_tokens and (num_new == 1 or num_known == end - 1), (
+                    f"seq {seq_id}: unknown inputs"
+                )
                 if num_new > 1:
-                    input_ids.extend(state.token_ids[start:end - 1])
-                fed.append((len(input_ids), state.newest_pending_token))
+                    input_ids.extend(token_ids[start:end - 1])
+                fed_at.append(len(input_ids))
+                fed_tokens.append(state.newest_pending_token)
                 input_ids.append(0)
-            rows.append(row)
+            rows_list.append(row)
             starts_list.append(start)
             query_lens_list.append(num_new)
             state.num_computed_tokens = end
@@ -190,73 +198,80 @@ class StepInputBuilder:
             if end == num_seq_tokens:
                 sample_index.append(index)
                 sample_seq_ids.append(seq_id)
-        rows = np.array(rows, dtype=np.int64)
+        num_tokens = len(input_ids)
+        rows = np.array(rows_list, dtype=np.int64)
         starts = np.array(starts_list, dtype=np.int64)
-        query_lens = np.array(query_lens_list, dtype=np.int64)
-
-        seq_lens = starts + query_lens
-        too_few = seq_lens > tables.num_blocks[rows] * block_size
-        assert not too_few.any(), f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few)]}: too few blocks"
-        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(query_lens, out=query_start_loc[1:])
-        num_tokens = int(query_start_loc[-1])
-        if num_tokens == num_seqs:  # decode only: one token per sequence
-            token_seq, positions = np.arange(num_seqs), starts
+        num_blocks = tables.num_blocks[rows]
+        # A decode-only step (one token per sequence, the common case) needs no expansion
+        # from sequences to tokens: each sequence's row is its token's row.
+        decode_only = num_tokens == num_seqs
+        if decode_only:
+            query_lens = np.ones(num_seqs, dtype=np.int64)
+            query_start_loc = np.arange(num_seqs + 1, dtype=np.int64)
+            positions = starts
+            token_rows = rows
+            max_query_len = 1
         else:
+            query_lens = np.array(query_lens_list, dtype=np.int64)
+            query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+            np.cumsum(query_lens, out=query_start_loc[1:])
             token_seq = np.repeat(np.arange(num_seqs), query_lens)
             positions = starts[token_seq] + np.arange(num_tokens) - query_start_loc[token_seq]
-        slot_mapping = (
-            tables.array[rows[token_seq], positions // block_size].astype(np.int64) * block_size
-            + positions % block_size
-        )
-        max_blocks = int(tables.num_blocks[rows].max())
-        sample_rows = query_start_loc[1:][sample_index] - 1
+            token_rows = rows[token_seq]
+            max_query_len = int(query_lens.max())
+        seq_lens = starts + query_lens
+        too_few = seq_lens > num_blocks * block_size
+        assert not too_few.any(), f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few)]}: too few blocks"
+        block_index, block_offset = np.divmod(positions, block_size)
+        slot_mapping = tables.array[token_rows, block_index].astype(np.int64) * block_size + block_offset
+        max_blocks = int(num_blocks.max())
         num_samples = len(sample_index)
+        # Every sequence samples unless a prefill chunk is partial: then the rows are a
+        # plain range, no gather.
+        if num_samples == num_seqs:
+            sample_rows = query_start_loc[1:] - 1
+        else:
+            sample_rows = query_start_loc[1:][sample_index] - 1
 
-        fed_sources, fed_indices = _fed_token_sources(fed)
-        sizes64 = (num_tokens, num_tokens, num_tokens, num_samples, len(fed), len(fed))
+        fed_sources, fed_indices = _fed_token_sources(fed_tokens)
+        num_fed = len(fed_at)
+        sizes64 = (num_tokens, num_tokens, num_tokens, num_samples, num_fed, num_fed)
         offsets64 = _aligned_offsets(sizes64, itemsize=8)
-        host64 = self._host(staging64, int(offsets64[-1]), np.int64)
+        host64 = self._host(staging64, offsets64[-1], np.int64)
         ids_h, positions_h, slots_h, samples_h, fed_at_h, fed_from_h = _segments(host64, offsets64, sizes64)
         ids_h[:] = input_ids
         positions_h[:] = positions
         slots_h[:] = slot_mapping
         samples_h[:] = sample_rows
-        fed_at_h[:] = [position for position, _ in fed]
+        fed_at_h[:] = fed_at
         fed_from_h[:] = fed_indices
         sizes32 = (num_seqs + 1, num_seqs, num_seqs * max_blocks)
         offsets32 = _aligned_offsets(sizes32, itemsize=4)
-        host32 = self._host(staging32, int(offsets32[-1]), np.int32)
+        host32 = self._host(staging32, offsets32[-1], np.int32)
         starts_h, lens_h, tables_h = _segments(host32, offsets32, sizes32)
         starts_h[:] = query_start_loc
         lens_h[:] = seq_lens
         tables_h.reshape(num_seqs, max_blocks)[:] = tables.array[rows, :max_blocks]
 
         device64, device32 = self._to_device(host64, staging64), self._to_device(host32, staging32)
-
-        def part(tensor: torch.Tensor, offsets: list[int], index: int) -> torch.Tensor:
-            sizes = sizes64 if offsets is offsets64 else sizes32
-            return tensor[offsets[index] : offsets[index] + sizes[index]]
-
-        input_ids_device = part(device64, offsets64, 0)
-        if fed:
-            input_ids_device.index_copy_(
-                0, part(device64, offsets64, 4), fed_sources.index_select(0, part(device64, offsets64, 5))
-            )
+        ids_d, positions_d, slots_d, samples_d, fed_at_d, fed_from_d = _tensor_segments(device64, offsets64, sizes64)
+        starts_d, lens_d, tables_d = _tensor_segments(device32, offsets32, sizes32)
+        if fed_at:
+            ids_d.index_copy_(0, fed_at_d, fed_sources.index_select(0, fed_from_d))
         metadata = AttentionMetadata(
-            slot_mapping=part(device64, offsets64, 2),
-            query_start_loc=part(device32, offsets32, 0),
-            seq_lens=part(device32, offsets32, 1),
-            block_tables=part(device32, offsets32, 2).view(num_seqs, max_blocks),
-            max_query_len=int(query_lens.max()),
+            slot_mapping=slots_d,
+            query_start_loc=starts_d,
+            seq_lens=lens_d,
+            block_tables=tables_d.view(num_seqs, max_blocks),
+            max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
-            no_cached_context=bool((starts == 0).all()),
+            no_cached_context=not starts.any(),
         )
         return StepInputs(
-            input_ids=input_ids_device,
-            positions=part(device64, offsets64, 1),
+            input_ids=ids_d,
+            positions=positions_d,
             metadata=metadata,
-            sample_rows=part(device64, offsets64, 3),
+            sample_rows=samples_d,
             sample_seq_ids=sample_seq_ids,
         )
 
@@ -275,23 +290,23 @@ class StepInputBuilder:
         return torch.from_numpy(host)
 
 
-def _fed_token_sources(fed: list[tuple[int, DeviceToken]]) -> tuple[torch.Tensor | None, list[int]]:
+def _fed_token_sources(fed: list[DeviceToken]) -> tuple[torch.Tensor | None, list[int]]:
     """One tensor holding every fed token (normally the previous step's draws, as they
     are) and each token's index in it."""
     if not fed:
         return None, []
-    first = fed[0][1].tokens
-    if all(token.tokens is first for _, token in fed):
-        return first, [token.index for _, token in fed]
+    first = fed[0].tokens
+    if all(token.tokens is first for token in fed):
+        return first, [token.index for token in fed]
     sources: dict[int, torch.Tensor] = {}
-    for _, token in fed:
+    for token in fed:
         sources.setdefault(id(token.tokens), token.tokens)
     offsets, start = {}, 0
     for key, tensor in sources.items():
         offsets[key] = start
         start += tensor.shape[0]
     combined = next(iter(sources.values())) if len(sources) == 1 else torch.cat(list(sources.values()))
-    return combined, [offsets[id(token.tokens)] + token.index for _, token in fed]
+    return combined, [offsets[id(token.tokens)] + token.index for token in fed]
 
 
 # Triton compiles a kernel variant per pointer alignment (16 bytes or not): every tensor cut
@@ -311,3 +326,12 @@ def _aligned_offsets(sizes: Sequence[int], itemsize: int) -> list[int]:
 
 def _segments(buffer: np.ndarray, offsets: list[int], sizes: Sequence[int]) -> list[np.ndarray]:
     return [buffer[start : start + size] for start, size in zip(offsets, sizes)]
+
+
+def _tensor_segments(tensor: torch.Tensor, offsets: list[int], sizes: Sequence[int]) -> list[torch.Tensor]:
+    """As _segments, for a tensor: one split into segments and their padding (every other
+    piece), which costs less than one slice per segment."""
+    pieces: list[int] = []
+    for start, size, next_start in zip(offsets, sizes, offsets[1:]):
+        pieces += [size, next_start - start - size]
+    return list(tensor.split_with_sizes(pieces)[::2])

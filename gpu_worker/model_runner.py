@@ -172,20 +172,22 @@ class ModelRunner:
         batch = self._prepare_batch(step.scheduled)
         hidden_states = self._forward(batch)
         if batch.sample_seq_ids:
-            logits = self.model.compute_logits(hidden_states[batch.sample_rows])
-            states = [self.sequences[seq_id] for seq_id in batch.sample_seq_ids]
+            # index_select: one gather, with less host work than advanced indexing.
+            logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
+            sequences = self.sequences
+            states = [sequences[seq_id] for seq_id in batch.sample_seq_ids]
             sampled = self.sampler.sample_on_device(
                 logits, [s.sampling for s in states], [len(s.token_ids) + s.num_pending_tokens for s in states]
             )
             # A sequence that drew n tokens (its request's first sample) continues with the
             # one of its own completion index, its first draw; the scheduler forks the others.
             tokens = sampled.tokens
-            for seq_id, state, count, first in zip(batch.sample_seq_ids, states, sampled.counts, sampled.first_indices):
+            for state, count, first in zip(states, sampled.counts, sampled.first_indices):
                 state.num_pending_tokens += 1
                 state.newest_pending_token = DeviceToken(tokens, first)
                 if count > 1:
                     state.sampling = state.sampling.after_sample()
-                launched.samples.append((seq_id, state, count))
+            launched.samples = list(zip(batch.sample_seq_ids, states, sampled.counts))
             launched.host_tokens, launched.copied = self._copy_to_host(sampled.tokens)
             launched.device = self.device
         return launched
@@ -198,22 +200,30 @@ class ModelRunner:
         if launched.samples:
             tokens = launched.host_tokens.tolist()
             sequences = self.sequences
-            seq_ids: list[int] = []
-            start = 0
-            for seq_id, state, count in launched.samples:
-                # A sequence finished or preempted since has no state left to update; the
-                # scheduler still expects its tokens.
-                if sequences.get(seq_id) is state:
-                    state.token_ids.append(tokens[start])
-                    state.num_pending_tokens -= 1
-                    if not state.num_pending_tokens:
-                        state.newest_pending_token = None
-                if count == 1:
-                    seq_ids.append(seq_id)
-                else:
+            samples = launched.samples
+            if len(tokens) == len(samples):
+                # Every sequence drew one token (the usual case): token i is sample i's.
+                for (seq_id, state, _), token in zip(samples, tokens):
+                    # A sequence finished or preempted since has no state left to update;
+                    # the scheduler still expects its tokens.
+                    if sequences.get(seq_id) is state:
+                        state.token_ids.append(token)
+                        state.num_pending_tokens -= 1
+                        if not state.num_pending_tokens:
+                            state.newest_pending_token = None
+                result.seq_ids.extend([seq_id for seq_id, _, _ in samples])
+            else:
+                seq_ids: list[int] = []
+                start = 0
+                for seq_id, state, count in samples:
+                    if sequences.get(seq_id) is state:
+                        state.token_ids.append(tokens[start])
+                        state.num_pending_tokens -= 1
+                        if not state.num_pending_tokens:
+                            state.newest_pending_token = None
                     seq_ids.extend([seq_id] * count)
-                start += count
-            result.seq_ids.extend(seq_ids)
+                    start += count
+                result.seq_ids.extend(seq_ids)
             result.token_ids.extend(tokens)
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.

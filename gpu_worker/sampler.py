@@ -22,6 +22,7 @@ import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -123,15 +124,8 @@ class SampledTokens:
 
     tokens: torch.Tensor
     counts: list[int]
-
-    @property
-    def first_indices(self) -> list[int]:
-        """Where each row's draws start in `tokens`: the token its sequence continues with."""
-        starts, start = [], 0
-        for count in self.counts:
-            starts.append(start)
-            start += count
-        return starts
+    # Where each row's draws start in `tokens`: the token its sequence continues with.
+    first_indices: list[int]
 
     def grouped(self, tokens: list[int]) -> list[list[int]]:
         """`tokens` (read from the device) split into each row's draws."""
@@ -161,16 +155,25 @@ class Sampler:
     ) -> SampledTokens:
         """As `sample`, leaving the tokens on the device."""
         assert logits.shape[0] == len(rows) == len(positions)
-        # A row that draws n tokens becomes n rows of the same logits.
         repeats = [row.num_samples for row in rows]
-        expanded = [row for row in rows for _ in range(row.num_samples)]
-        if len(expanded) != len(rows):
-            logits = logits.repeat_interleave(
-                to_device(repeats, torch.int64, logits.device), dim=0, output_size=len(expanded)
+        num_draws = sum(repeats)
+        if num_draws == len(rows):
+            # Every row draws one token (the usual case): nothing to expand, and row r's
+            # draw is tokens[r].
+            return SampledTokens(
+                self._sample_rows(logits, rows, positions, [row.index for row in rows]),
+                repeats,
+                list(range(num_draws)),
             )
-            positions = [p for p, k in zip(positions, repeats) for _ in range(k)]
+        # A row that draws n tokens becomes n rows of the same logits.
+        expanded = [row for row in rows for _ in range(row.num_samples)]
+        logits = logits.repeat_interleave(
+            to_device(repeats, torch.int64, logits.device), dim=0, output_size=num_draws
+        )
+        positions = [p for p, k in zip(positions, repeats) for _ in range(k)]
         indices = [i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])]
-        return SampledTokens(self._sample_rows(logits, expanded, positions, indices), repeats)
+        first_indices = [0, *accumulate(repeats[:-1])]
+        return SampledTokens(self._sample_rows(logits, expanded, positions, indices), repeats, first_indices)
 
     def _sample_rows(
         self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int],
@@ -179,7 +182,8 @@ class Sampler:
         # The argmax of the logits as they come (bf16 on GPU) is the argmax of their float32
         # values, without writing a float32 copy of every row's vocabulary first.
         tokens = logits.argmax(dim=-1)
-        random_rows = [i for i, row in enumerate(rows) if not row.is_greedy]
+        # row.is_greedy, inlined: a property call per row costs more than the comparison.
+        random_rows = [i for i, row in enumerate(rows) if not row.temperature <= _GREEDY_TEMPERATURE]
         if not random_rows:
             return tokens
 
