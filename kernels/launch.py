@@ -7,7 +7,8 @@ programs are scheduled while the kernel before it finishes; each then waits
 once lets the kernel after it launch in turn. The wait comes before anything is read, so
 no kernel depends on what its predecessors do or do not signal; a kernel launched
 without it (cuBLAS, PyTorch) simply runs in stream order. CUDA graphs capture the
-dependency as a programmatic edge.
+dependency as a programmatic edge. One kernel stays in plain stream order, the merge of
+decode attention's context splits: it measured slower launched early (see there).
 """
 
 from __future__ import annotations

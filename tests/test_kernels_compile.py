@@ -79,14 +79,18 @@ def _resource_usage(cubin: bytes) -> str:
 
 def _compile(case: str):
     kernel, types, constexprs, options = CASES[case]
-    constexprs = dict(constexprs, PDL=True)
+    # As the wrappers launch them on Hopper: with programmatic dependent launch wherever
+    # the kernel takes it.
+    pdl = "PDL" in kernel.arg_names
+    if pdl:
+        constexprs = dict(constexprs, PDL=True)
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in kernel.arg_names}
     unspecialized = set(kernel.do_not_specialize) | {kernel.arg_names[i] for i in kernel.do_not_specialize
                                                      if isinstance(i, int)}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                if (name.endswith("_ptr") or name.endswith("stride")) and name not in unspecialized}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=aligned),
-                          target=HOPPER, options=dict(options, launch_pdl=True))
+                          target=HOPPER, options=dict(options, launch_pdl=pdl))
 
 
 @pytest.mark.parametrize("case", CASES)
