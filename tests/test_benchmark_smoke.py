@@ -51,3 +51,19 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
         match = runs[name]["greedy_prefix_match"]
         assert match["identical"] == match["sequences"] == NUM_SEQS, (name, match)
     assert "pagedserve in-process" in completed.stdout  # the printed table
+
+
+def test_host_cost_benchmark_runs_the_whole_workload(tmp_path: Path) -> None:
+    """benchmarks/host_cost.py (the engine's host work with the model stubbed) still
+    drives every step of its workload: a step count that matches the workload's decode
+    length, and a build time for every batch size it passed through."""
+    out = tmp_path / "host_cost.json"
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.host_cost", "--num-seqs", "8", "--json", str(out)],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    workload = nano_vllm_workload(8)
+    # One prefill step at least, then one decode step per token of the longest output.
+    assert max(workload.output_lengths) <= summary["steps"] <= max(workload.output_lengths) + 8
+    assert all(ms > 0 for ms in summary["ms_per_step"].values()), summary
+    assert {"1", "8"} <= set(summary["median_build_us_by_batch_up_to"]), summary
