@@ -14,9 +14,10 @@ one step to the next without waiting for the host.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -203,27 +204,20 @@ class ModelRunner:
             samples = launched.samples
             if len(tokens) == len(samples):
                 # Every sequence drew one token (the usual case): token i is sample i's.
-                for (seq_id, state, _), token in zip(samples, tokens):
-                    # A sequence finished or preempted since has no state left to update;
-                    # the scheduler still expects its tokens.
-                    if sequences.get(seq_id) is state:
-                        state.token_ids.append(token)
-                        state.num_pending_tokens -= 1
-                        if not state.num_pending_tokens:
-                            state.newest_pending_token = None
-                result.seq_ids.extend([seq_id for seq_id, _, _ in samples])
+                firsts: Iterable[int] = range(len(samples))
+                seq_ids = [seq_id for seq_id, _, _ in samples]
             else:
-                seq_ids: list[int] = []
-                start = 0
-                for seq_id, state, count in samples:
-                    if sequences.get(seq_id) is state:
-                        state.token_ids.append(tokens[start])
-                        state.num_pending_tokens -= 1
-                        if not state.num_pending_tokens:
-                            state.newest_pending_token = None
-                    seq_ids.extend([seq_id] * count)
-                    start += count
-                result.seq_ids.extend(seq_ids)
+                firsts = accumulate((count for _, _, count in samples[:-1]), initial=0)
+                seq_ids = [seq_id for seq_id, _, count in samples for _ in range(count)]
+            for (seq_id, state, _), first in zip(samples, firsts):
+                # A sequence finished or preempted since has no state left to update; the
+                # scheduler still expects its tokens.
+                if sequences.get(seq_id) is state:
+                    state.token_ids.append(tokens[first])
+                    state.num_pending_tokens -= 1
+                    if not state.num_pending_tokens:
+                        state.newest_pending_token = None
+            result.seq_ids.extend(seq_ids)
             result.token_ids.extend(tokens)
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
