@@ -182,8 +182,7 @@ class Sampler:
         # The argmax of the logits as they come (bf16 on GPU) is the argmax of their float32
         # values, without writing a float32 copy of every row's vocabulary first.
         tokens = logits.argmax(dim=-1)
-        # row.is_greedy, inlined: a property call per row costs more than the comparison.
-        random_rows = [i for i, row in enumerate(rows) if not row.temperature <= _GREEDY_TEMPERATURE]
+        random_rows = [i for i, row in enumerate(rows) if not row.is_greedy]
         if not random_rows:
             return tokens
 
