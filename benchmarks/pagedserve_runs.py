@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.workload import Workload
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -77,7 +79,6 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
 
     from gpu_worker.config import WorkerConfig
     from gpu_worker.model_runner import ModelRunner
-    from services.scheduler.scheduler import Scheduler, SchedulerConfig
 
     runner = ModelRunner(
         WorkerConfig(
@@ -92,6 +93,20 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             swap_space_bytes=int(settings.swap_space_gib * (1 << 30)),
         )
     )
+    results = drive_runs(runner, workload, settings, steps_in_flight)
+    del runner
+    gc.collect()
+    if settings.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return results
+
+
+def drive_runs(runner, workload: Workload, settings: EngineSettings,
+               steps_in_flight: Sequence[int]) -> list[RunResult]:
+    """The in-process runs on `runner` (a ModelRunner, or anything with its step methods
+    and a device_timer)."""
+    from services.scheduler.scheduler import Scheduler, SchedulerConfig
+
     info = runner.info()
 
     def new_scheduler(max_steps_in_flight: int) -> Scheduler:
@@ -115,7 +130,6 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             scheduler.add_request(f"r{index}", prompt, _sampling(num_out))
             outputs[f"r{index}"] = []
         in_flight = deque()
-        device_time = _DeviceTime(runner, torch) if settings.device.startswith("cuda") else None
         while scheduler.has_unfinished_requests() or in_flight:
             while len(in_flight) < scheduler.max_steps_in_flight:
                 t0 = time.perf_counter()
@@ -126,13 +140,10 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
                 t1 = time.perf_counter()
                 in_flight.append((step, runner.launch_step(message)))
                 t2 = time.perf_counter()
-                decode = all(entry.num_new_tokens == 1 for entry in message.scheduled)
-                if device_time is not None:
-                    device_time.step_launched(decode)
                 profile["schedule_s"] += t1 - t0
                 profile["launch_s"] += t2 - t1
                 profile["steps"] += 1
-                profile["decode_steps"] += decode
+                profile["decode_steps"] += all(entry.num_new_tokens == 1 for entry in message.scheduled)
             if not in_flight:
                 raise RuntimeError("scheduler has unfinished requests but nothing to schedule")
             step, launched = in_flight.popleft()
@@ -144,9 +155,6 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             t4 = time.perf_counter()
             profile["finish_s"] += t3 - t2
             profile["update_s"] += t4 - t3
-        if device_time is not None:
-            profile["device_busy_decode_s"], profile["device_busy_other_s"] = device_time.busy_seconds()
-            profile["device_busy_s"] = profile["device_busy_decode_s"] + profile["device_busy_other_s"]
         return [outputs[f"r{i}"] for i in range(len(requests.prompts))]
 
     results = []
@@ -157,59 +165,28 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
         gc.freeze()  # as the services do once started (services/common/grpc_server.py)
         scheduler = new_scheduler(max_steps_in_flight)
         profile = _empty_profile()
-        _synchronize(torch, settings.device)
+        _synchronize(settings.device)
+        device_before = _device_seconds(runner)
         start = time.perf_counter()
         outputs = drive(scheduler, workload, profile)
-        _synchronize(torch, settings.device)
+        _synchronize(settings.device)
         seconds = time.perf_counter() - start
+        # What the device spent on the run's steps (gpu_worker/device_time.py); the rest of
+        # the run it waited for the host.
+        for kind, busy in _device_seconds(runner).items():
+            profile[f"device_busy_{kind}_s"] = busy - device_before[kind]
+        profile["device_busy_s"] = profile["device_busy_decode_s"] + profile["device_busy_prefill_s"]
         runner.reset()
         profile["num_kv_blocks"] = float(info.num_kv_blocks)
         profile["cuda_graphs"] = float(runner.decode_graphs is not None)
         name = run_name("pagedserve in-process", max_steps_in_flight)
         results.append(RunResult(name, seconds, sum(len(o) for o in outputs), outputs, profile))
-    del runner
-    _release_memory(torch, settings.device)
     return results
 
 
-class _DeviceTime:
-    """How long the device computed, from events around each step's work: one recorded
-    as the forward is queued (its inputs are built by then) and one after the sampling.
-    When the device is behind, the first waits for the work before it, so a step's time
-    never counts the device's time on earlier steps; when it idles, the first runs at
-    once, so waiting for the host to build inputs does not count either."""
-
-    def __init__(self, runner, torch_module) -> None:
-        self._torch = torch_module
-        self._runner = runner
-        self._started = None  # the start event of the step being launched
-        self._spans: list[tuple] = []  # (start event, end event, decode-only step)
-        forward = runner._forward
-
-        def timed_forward(batch):
-            start = torch_module.cuda.Event(enable_timing=True)
-            start.record()
-            self._started = start
-            return forward(batch)
-
-        runner._forward = timed_forward
-
-    def step_launched(self, decode: bool) -> None:
-        if self._started is not None:
-            end = self._torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._spans.append((self._started, end, decode))
-            self._started = None
-
-    def busy_seconds(self) -> tuple[float, float]:
-        """Stops timing; the device's seconds over the decode-only steps so far, and over
-        the others (prefills, mixed steps)."""
-        del self._runner._forward  # the class's own again
-        self._torch.cuda.synchronize()
-        seconds = {True: 0.0, False: 0.0}
-        for start, end, decode in self._spans:
-            seconds[decode] += start.elapsed_time(end) / 1e3
-        return seconds[True], seconds[False]
+def _device_seconds(runner) -> dict[str, float]:
+    runner.device_timer.resolve()
+    return dict(runner.device_timer.seconds)
 
 
 def _empty_profile() -> dict[str, float]:
@@ -219,15 +196,11 @@ def _empty_profile() -> dict[str, float]:
     return dict.fromkeys(("schedule_s", "launch_s", "finish_s", "update_s", "steps", "decode_steps"), 0.0)
 
 
-def _synchronize(torch_module, device: str) -> None:
+def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
-        torch_module.cuda.synchronize()
+        import torch
 
-
-def _release_memory(torch_module, device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch_module.cuda.empty_cache()
+        torch.cuda.synchronize()
 
 
 # --- the three services -------------------------------------------------------------------
@@ -253,13 +226,21 @@ def _service_commands(model_dir: Path, settings: EngineSettings, ports: dict[str
 
 
 def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_dir: Path,
-             num_clients: int = 4) -> RunResult:
+             num_clients: int = 4,
+             adjust_commands: Callable[[dict[str, list[str]]], None] | None = None) -> RunResult:
+    """adjust_commands may change the services' command lines (by service name) before
+    they start; the worker's must keep the --metrics-port it is given."""
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
+    commands = _service_commands(model_dir, settings, ports)
+    worker_metrics_port = free_port()
+    commands["worker"] += ["--metrics-port", str(worker_metrics_port)]
+    if adjust_commands is not None:
+        adjust_commands(commands)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     processes: dict[str, subprocess.Popen] = {}
     try:
-        for name, command in _service_commands(model_dir, settings, ports).items():
+        for name, command in commands.items():
             log = open(log_dir / f"{name}.log", "w")
             processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         address = f"127.0.0.1:{ports['tokenizer']}"
@@ -271,9 +252,15 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             for i, (prompt, num_out) in enumerate(zip(workload.prompts, workload.output_lengths))
         ]
         cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
+        device_before = worker_device_seconds(worker_metrics_port)
         outputs, seconds = run_clients(address, requests, num_clients)
+        device_after = worker_device_seconds(worker_metrics_port)
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
         profile = _scheduler_stats(f"127.0.0.1:{ports['scheduler']}")
+        # The worker's device time over the run, as the in-process runs report theirs.
+        for kind, busy in device_after.items():
+            profile[f"device_busy_{kind}_s"] = busy - device_before.get(kind, 0.0)
+        profile["device_busy_s"] = sum(profile[f"device_busy_{kind}_s"] for kind in device_after)
         # What each service spent on the run, the scheduler's stats call aside.
         profile.update({f"cpu_s.{name}": cpu_seconds(process.pid) - cpu_before[name]
                         for name, process in processes.items()})
@@ -290,6 +277,14 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
     note = f"{num_clients} client processes"
     name = run_name("pagedserve gRPC (3 services)", settings.max_steps_in_flight)
     return RunResult(name, seconds, sum(len(o) for o in ordered), ordered, profile, note=note)
+
+
+def worker_device_seconds(metrics_port: int) -> dict[str, float]:
+    """The worker's pagedserve:worker_device_seconds_total by kind, from its /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    return {sample.labels["kind"]: sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name == "pagedserve:worker_device_seconds_total"}
 
 
 def cpu_seconds(pid: int) -> float:

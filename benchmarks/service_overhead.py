@@ -1,12 +1,18 @@
-"""What the services cost per token, without a model: the scheduler and tokenizer services
-in front of a worker that computes nothing (each step takes --step-ms of pretend device
-time, queued like a GPU's), on the nano-vllm workload.
+"""What the services cost when the device is fast, without a device: the in-process engine
+and the three gRPC services in front of a worker whose model is a pretend device, on the
+nano-vllm workload. The pretend device takes, per step, a fixed time plus a time per
+decoding sequence and per prompt token (by default the H200's measured step times for the
+Qwen3-0.6B benchmark), queued one step after another as on a GPU; launching a step holds
+the worker's GIL for a time per step and per sequence, as the real worker's input building
+and kernel launches do.
 
-    python -m benchmarks.service_overhead --step-ms 4.4            # the H200's decode step
-    python -m benchmarks.service_overhead --num-seqs 64 --no-overlap-scheduling
+    python -m benchmarks.service_overhead                       # both runs
+    python -m benchmarks.service_overhead --runs grpc --num-seqs 64 --max-steps-in-flight 1
 
-Prints output tokens per second and the CPU seconds each process spent, so that the
-process that limits the gRPC stack shows, and writes them to --json.
+Prints output tokens per second, the share of the run the pretend device was busy (what
+is left is what the host made it wait), and the CPU seconds each process spent, so that
+the process that limits the gRPC stack shows; writes them to --json. The host here is
+not the GPU machine's: with fewer cores the services and clients contend for them.
 """
 
 from __future__ import annotations
@@ -14,17 +20,40 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.pagedserve_runs import EngineSettings, _generate_all, _service_commands, cpu_seconds, run_clients
+from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, run_grpc
 from benchmarks.workload import nano_vllm_workload
+from gpu_worker.device_time import DECODE, PREFILL
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from services.launcher import free_port, wait_until_serving
+
+
+@dataclass(frozen=True)
+class PretendCosts:
+    # Device time of a step: fixed, per sequence in a decode-only step, per prompt token.
+    # Defaults: the H200's decode steps (0.90 ms at 1 sequence, 2.63 at 64, 8.3 at 256) and
+    # its 0.37 s of prefill device time over the workload's 142,827 prompt tokens.
+    step_base_ms: float = 0.85
+    step_ms_per_seq: float = 0.029
+    step_us_per_prompt_token: float = 2.6
+    # Host time launching a step holds the GIL: fixed and per sequence.
+    launch_base_ms: float = 1.0
+    launch_us_per_seq: float = 5.0
+
+    def step_seconds(self, step: worker_pb2.StepRequest) -> float:
+        if not step.scheduled:
+            return 0.0
+        num_tokens = sum(entry.num_new_tokens for entry in step.scheduled)
+        if num_tokens == len(step.scheduled):
+            return (self.step_base_ms + self.step_ms_per_seq * num_tokens) / 1e3
+        return self.step_base_ms / 1e3 + self.step_us_per_prompt_token * num_tokens / 1e6
+
+    def launch_seconds(self, step: worker_pb2.StepRequest) -> float:
+        return self.launch_base_ms / 1e3 + self.launch_us_per_seq * len(step.scheduled) / 1e6
 
 
 class _PretendLaunch:
@@ -35,16 +64,27 @@ class _PretendLaunch:
         time.sleep(max(0.0, self.done_at - time.perf_counter()))
 
 
+class _PretendDeviceTimer:
+    """The device timer's interface (gpu_worker/device_time.py) over the pretend times."""
+
+    def __init__(self) -> None:
+        self.seconds = {DECODE: 0.0, PREFILL: 0.0}
+
+    def resolve(self) -> None:
+        pass
+
+
 class NullRunner:
     """Speaks the worker's step protocol and samples a fixed token per sequence; steps
-    take step_seconds each, one after another, as on a device."""
+    take the pretend device's time, one after another, as on a device."""
 
     decode_graphs = None
 
-    def __init__(self, step_seconds: float, vocab_size: int, max_model_len: int) -> None:
-        self.step_seconds = step_seconds
+    def __init__(self, costs: PretendCosts, vocab_size: int, max_model_len: int) -> None:
+        self.costs = costs
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.device_timer = _PretendDeviceTimer()
         # seq_id -> [tokens known or sampled, tokens computed]
         self.sequences: dict[int, list[int]] = {}
         self._device_free_at = 0.0
@@ -59,6 +99,7 @@ class NullRunner:
         self.sequences.clear()
 
     def launch_step(self, step: worker_pb2.StepRequest) -> _PretendLaunch:
+        launched_at = time.perf_counter()
         for seq_id in step.finished_seq_ids:
             self.sequences.pop(seq_id, None)
         for new in step.new_sequences:
@@ -70,8 +111,17 @@ class NullRunner:
             if state[1] == state[0]:
                 state[0] += 1
                 samples.append((entry.seq_id, 1000 + entry.seq_id % 1000))
-        start = max(time.perf_counter(), self._device_free_at)
-        self._device_free_at = start + (self.step_seconds if step.scheduled else 0.0)
+        # Holds the GIL, as building inputs and launching kernels do.
+        launch_done_at = launched_at + self.costs.launch_seconds(step)
+        while time.perf_counter() < launch_done_at:
+            pass
+        seconds = self.costs.step_seconds(step)
+        # The device starts the step once it is queued (the end of the launch) and the
+        # device is done with the step before.
+        start = max(launch_done_at, self._device_free_at)
+        self._device_free_at = start + seconds
+        decode = all(entry.num_new_tokens == 1 for entry in step.scheduled)
+        self.device_timer.seconds[DECODE if decode else PREFILL] += seconds
         return _PretendLaunch(step.step_id, self._device_free_at, samples)
 
     def finish_step(self, launched: _PretendLaunch) -> worker_pb2.StepResult:
@@ -83,93 +133,91 @@ class NullRunner:
         return result
 
 
-async def _serve_null_worker(port: int, step_seconds: float, vocab_size: int, max_model_len: int) -> None:
+async def _serve_null_worker(port: int, metrics_port: int, costs: PretendCosts) -> None:
     from gpu_worker.servicer import WorkerServicer
     from gpu_worker.step_telemetry import StepTelemetry
     from services.common.grpc_server import ServerConfig, ServiceHost
 
     name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
-    host = ServiceHost(ServerConfig(host="127.0.0.1", port=port, shutdown_grace_s=1.0), [name])
+    config = ServerConfig(host="127.0.0.1", port=port, shutdown_grace_s=1.0, metrics_port=metrics_port)
+    host = ServiceHost(config, [name])
     servicer = WorkerServicer(StepTelemetry(host.registry))
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, host.server)
     await host.start()
 
     async def load() -> None:
-        await servicer.load(lambda: NullRunner(step_seconds, vocab_size, max_model_len))
+        await servicer.load(lambda: NullRunner(costs, 49152, 4096))
 
     await host.run(prepare=load)
 
 
+def _cost_args(costs: PretendCosts) -> list[str]:
+    return [f"--{name.replace('_', '-')}={value}" for name, value in vars(costs).items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--step-ms", type=float, default=4.4, help="pretend device time per step")
+    for name, value in vars(PretendCosts()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value)
+    parser.add_argument("--runs", default="inprocess,grpc", help="comma-separated: inprocess, grpc")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--clients", type=int, default=4, help="client processes")
-    parser.add_argument("--no-overlap-scheduling", dest="overlap", action="store_false")
+    parser.add_argument("--max-steps-in-flight", type=int, default=EngineSettings.max_steps_in_flight,
+                        help="the scheduler's; 1: no overlap")
     parser.add_argument("--max-stream-messages-per-step", type=int, default=32, help="0: no limit")
     parser.add_argument("--model", type=Path, default=None, help="tokenizer's model directory; default: embedded")
     parser.add_argument("--json", type=Path, default=Path("service_overhead.json"))
     parser.add_argument("--profile-dir", type=Path, default=None,
                         help="run the scheduler and tokenizer under cProfile, writing NAME.prof here")
     parser.add_argument("--serve-null-worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--metrics-port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    costs = PretendCosts(**{name: getattr(args, name) for name in vars(PretendCosts())})
     if args.serve_null_worker is not None:
-        asyncio.run(_serve_null_worker(args.serve_null_worker, args.step_ms / 1e3, 49152, 4096))
+        asyncio.run(_serve_null_worker(args.serve_null_worker, args.metrics_port, costs))
         return
 
-    from services.common.embedded_model import materialize_default_model
-
-    model_dir = args.model or materialize_default_model()
     workload = nano_vllm_workload(args.num_seqs, 100, 1024, 10000)
-    ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
-    addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
-    settings = EngineSettings(device="cpu", max_steps_in_flight=EngineSettings.max_steps_in_flight if args.overlap else 1,
+    settings = EngineSettings(device="cpu", max_steps_in_flight=args.max_steps_in_flight,
                               max_stream_messages_per_step=args.max_stream_messages_per_step)
-    commands = _service_commands(model_dir, settings, ports)
-    commands["worker"] = [sys.executable, "-m", "benchmarks.service_overhead", "--step-ms", str(args.step_ms),
-                          "--serve-null-worker", str(ports["worker"])]
-    if args.profile_dir is not None:
-        args.profile_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("scheduler", "tokenizer"):
-            profiled = [sys.executable, "-m", "cProfile", "-o", str(args.profile_dir / f"{name}.prof")]
-            commands[name] = [*profiled, *commands[name][1:]]
-    log_dir = Path("/tmp") / f"service_overhead_{os.getpid()}"
-    log_dir.mkdir(exist_ok=True)
-    processes: dict[str, subprocess.Popen] = {}
-    try:
-        for name, command in commands.items():
-            log = open(log_dir / f"{name}.log", "w")
-            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        wait_until_serving(processes, addresses, log_dir, 120.0)
-        asyncio.run(_generate_all(addresses["tokenizer"], [(f"w{i}", [1 + i] * 50, 8) for i in range(2)]))
-        requests = [
-            (f"r{i}", prompt, n) for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lengths))
-        ]
-        cpu_before = {name: cpu_seconds(p.pid) for name, p in processes.items()}
-        outputs, seconds = run_clients(addresses["tokenizer"], requests, args.clients)
-        cpu = {name: cpu_seconds(p.pid) - cpu_before[name] for name, p in processes.items()}
-    finally:
-        for process in processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-    tokens = sum(len(tokens) for tokens in outputs.values())
-    summary = {
-        "step_ms": args.step_ms, "overlap_scheduling": args.overlap, "num_seqs": args.num_seqs,
-        "max_stream_messages_per_step": args.max_stream_messages_per_step,
-        "output_tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-        "cpu_seconds": cpu, "cpu_us_per_token": {name: 1e6 * s / tokens for name, s in cpu.items()},
-    }
+    results: list[RunResult] = []
+    if "inprocess" in args.runs:
+        results += drive_runs(NullRunner(costs, 49152, 4096), workload, settings, [settings.max_steps_in_flight])
+    if "grpc" in args.runs:
+        from services.common.embedded_model import materialize_default_model
+
+        def pretend_worker(commands: dict[str, list[str]]) -> None:
+            metrics_port = commands["worker"][commands["worker"].index("--metrics-port") + 1]
+            commands["worker"] = [sys.executable, "-m", "benchmarks.service_overhead", *_cost_args(costs),
+                                  "--serve-null-worker", commands["worker"][commands["worker"].index("--port") + 1],
+                                  "--metrics-port", metrics_port]
+            if args.profile_dir is not None:
+                args.profile_dir.mkdir(parents=True, exist_ok=True)
+                for name in ("scheduler", "tokenizer"):
+                    profiled = [sys.executable, "-m", "cProfile", "-o", str(args.profile_dir / f"{name}.prof")]
+                    commands[name] = [*profiled, *commands[name][1:]]
+
+        with tempfile.TemporaryDirectory(prefix="service-overhead-") as scratch:
+            results.append(run_grpc(args.model or materialize_default_model(), workload, settings,
+                                    Path(scratch) / "logs", args.clients, adjust_commands=pretend_worker))
+
+    summary = {"costs": vars(costs), "max_steps_in_flight": args.max_steps_in_flight, "num_seqs": args.num_seqs,
+               "max_stream_messages_per_step": args.max_stream_messages_per_step, "runs": {}}
+    print(f"pretend device: {costs}")
+    for result in results:
+        busy = result.profile["device_busy_s"]
+        cpu = {name.removeprefix("cpu_s."): seconds for name, seconds in result.profile.items()
+               if name.startswith("cpu_s.")}
+        summary["runs"][result.name] = {
+            "output_tokens": result.output_tokens, "seconds": result.seconds,
+            "tokens_per_second": result.tokens_per_second, "device_busy_s": busy,
+            "cpu_seconds": cpu, "cpu_us_per_token": {name: 1e6 * s / result.output_tokens for name, s in cpu.items()},
+        }
+        print(f"{result.name:32} {result.output_tokens:,} tokens in {result.seconds:.2f} s: "
+              f"{result.tokens_per_second:,.0f} tok/s, device busy {busy:.2f} s ({busy / result.seconds:.1%})")
+        for name, seconds_used in cpu.items():
+            print(f"  {name:10} {seconds_used:6.2f} CPU s  {1e6 * seconds_used / result.output_tokens:6.1f} us/token")
     args.json.write_text(json.dumps(summary, indent=2))
-    print(f"{tokens:,} tokens in {seconds:.2f} s: {tokens / seconds:,.0f} tok/s "
-          f"(step {args.step_ms} ms, overlap {'on' if args.overlap else 'off'}, "
-          f"{args.max_stream_messages_per_step or 'unlimited'} messages per step)")
-    for name, seconds_used in cpu.items():
-        print(f"  {name:10} {seconds_used:6.2f} CPU s  {1e6 * seconds_used / tokens:6.1f} us/token")
 
 
 if __name__ == "__main__":

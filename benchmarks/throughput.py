@@ -221,14 +221,18 @@ def _device_name(device: str) -> str:
 def print_table(summary: dict) -> None:
     print(f"\n{summary['device']}: {summary['workload']['num_seqs']} seqs, "
           f"{summary['workload']['prompt_tokens']:,} prompt / {summary['workload']['output_tokens']:,} output tokens")
-    header = f"{'run':42} {'tok/s':>10} {'ratio':>7} {'roofline':>9} {'seconds':>8}  note"
+    # Device busy: the share of the run's seconds the device spent computing steps; the
+    # rest it waited for the host (or, through gRPC, for the services and the clients).
+    header = f"{'run':42} {'tok/s':>10} {'ratio':>7} {'roofline':>9} {'seconds':>8} {'busy':>6}  note"
     print(header)
     print("-" * len(header))
     for entry in summary["runs"].values():
         ratio = f"{entry['ratio_to_pagedserve']:.3f}" if entry["ratio_to_pagedserve"] is not None else "-"
         roofline = f"{entry['roofline_fraction']:.1%}" if entry["roofline_fraction"] is not None else "-"
+        busy_s = entry.get("profile", {}).get("device_busy_s")
+        busy = f"{busy_s / entry['seconds']:.1%}" if busy_s is not None and entry["seconds"] else "-"
         print(f"{entry['name']:42} {entry['tokens_per_second']:>10,.0f} {ratio:>7} {roofline:>9} "
-              f"{entry['seconds']:>8.2f}  {entry['note']}")
+              f"{entry['seconds']:>8.2f} {busy:>6}  {entry['note']}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import DecodeGraphs
+from gpu_worker.device_time import DECODE, PREFILL, DeviceTimer
 from gpu_worker.input_batch import DeviceToken, StepInputBuilder, StepInputs
 from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_activation_bytes
 from gpu_worker.kv_cache import (
@@ -116,6 +117,7 @@ class ModelRunner:
             )
             self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed)
+        self.device_timer = DeviceTimer(self.device)
         self.sequences: dict[int, SequenceState] = {}
         self.step_inputs = StepInputBuilder(
             -(-self.max_model_len // config.block_size), config.block_size, self.device
@@ -171,6 +173,8 @@ class ModelRunner:
             return launched
 
         batch = self._prepare_batch(step.scheduled)
+        # After the inputs are built: a device that waits for them is idle, not busy.
+        started = self.device_timer.start()
         hidden_states = self._forward(batch)
         if batch.sample_seq_ids:
             # index_select: one gather, with less host work than advanced indexing.
@@ -189,14 +193,17 @@ class ModelRunner:
                 if count > 1:
                     state.sampling = state.sampling.after_sample()
             launched.samples = list(zip(batch.sample_seq_ids, states, sampled.counts))
-            launched.host_tokens, launched.copied = self._copy_to_host(sampled.tokens)
-            launched.device = self.device
+            launched.host_tokens = self._copy_to_host(sampled.tokens)
+        ended = self.device_timer.stop(started, DECODE if batch.metadata.max_query_len == 1 else PREFILL)
+        if launched.samples:
+            launched.copied, launched.device = ended, self.device
         return launched
 
     def finish_step(self, launched: LaunchedStep) -> worker_pb2.StepResult:
         """Waits for a launched step's tokens (the oldest launched and not finished) and
         returns its result."""
         launched.wait()
+        self.device_timer.resolve()
         result = worker_pb2.StepResult(step_id=launched.step_id)
         if launched.samples:
             tokens = launched.host_tokens.tolist()
@@ -224,14 +231,13 @@ class ModelRunner:
         result.execute_ns = time.perf_counter_ns() - launched.start_ns
         return result
 
-    def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def _copy_to_host(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Queues the copy; the step's end event (DeviceTimer.stop) says when it is done."""
         if self.device.type != "cuda":
-            return tokens, None
+            return tokens
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return host, copied
+        return host
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch.metadata):

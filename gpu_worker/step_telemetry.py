@@ -8,7 +8,10 @@ from contextlib import contextmanager
 from opentelemetry import trace
 from opentelemetry.context import Context
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from gpu_worker.device_time import DeviceTimer
 from pagedserve.v1 import worker_pb2
 from services.common.metrics import PREFIX, STEP_BUCKETS
 from services.common.telemetry import span_context_of, tracer
@@ -22,14 +25,39 @@ def count_tokens(step: worker_pb2.StepRequest) -> tuple[int, int]:
     return total - decode, decode
 
 
+class _DeviceSeconds(Collector):
+    """The device timer's totals, read when Prometheus scrapes (nothing per step)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.timer: DeviceTimer | None = None
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            PREFIX + "worker_device_seconds",
+            "Device time spent computing steps, by kind (decode-only steps, steps with prompt tokens); "
+            "its rate is the fraction of time the device is busy.",
+            labels=["kind"],
+        )
+        if self.timer is not None:
+            for kind, seconds in list(self.timer.seconds.items()):
+                family.add_metric([kind], seconds)
+        yield family
+
+
 class StepTelemetry:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._device_seconds = _DeviceSeconds(registry)
         # Scheduler spans of the live sequences; empty while tracing is off (no traceparent).
         self._request_spans: dict[int, trace.SpanContext] = {}
         self._duration = Histogram(PREFIX + "worker_step_duration_seconds", "One step on the worker.",
                                    registry=registry, buckets=STEP_BUCKETS)
         self._tokens = Counter(PREFIX + "worker_step_tokens", "Tokens computed, by kind.", ["kind"],
                                registry=registry)
+
+    def watch_device(self, timer: DeviceTimer) -> None:
+        """Exports the timer's totals from now on (the worker has one once its model loaded)."""
+        self._device_seconds.timer = timer
 
     def _follow_sequences(self, step: worker_pb2.StepRequest) -> None:
         for seq_id in step.finished_seq_ids:

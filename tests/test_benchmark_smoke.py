@@ -42,6 +42,12 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
     for run in runs.values():
         assert run["seconds"] > 0 and run["tokens_per_second"] > 0, run
         assert run["num_seqs"] == NUM_SEQS, run
+    for name in pagedserve_runs:
+        # The worker's device time over the run (on CPU: its compute), which a run can
+        # not take less time than.
+        profile = runs[name]["profile"]
+        assert profile["device_busy_prefill_s"] > 0 and profile["device_busy_decode_s"] > 0, (name, profile)
+        assert profile["device_busy_s"] <= runs[name]["seconds"], (name, profile)
     for name in (*pagedserve_runs, "HF generate (static batches of 2)"):
         # ignore_eos (min_new_tokens for HF generate): every sequence runs to its length.
         assert runs[name]["output_tokens"] == expected_tokens, runs[name]
@@ -67,3 +73,22 @@ def test_host_cost_benchmark_runs_the_whole_workload(tmp_path: Path) -> None:
     assert max(workload.output_lengths) <= summary["steps"] <= max(workload.output_lengths) + 8
     assert all(ms > 0 for ms in summary["ms_per_step"].values()), summary
     assert {"1", "8"} <= set(summary["median_build_us_by_batch_up_to"]), summary
+
+
+def test_service_overhead_benchmark_runs_both_engines(tmp_path: Path) -> None:
+    """benchmarks/service_overhead.py (the services in front of a pretend device) drives
+    the workload in-process and through the three services, and reads the pretend
+    device's busy time back from the worker's metrics."""
+    out = tmp_path / "service_overhead.json"
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.service_overhead", "--num-seqs", "4",
+                                "--clients", "1", "--json", str(out)],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    runs = json.loads(out.read_text())["runs"]
+    expected_tokens = nano_vllm_workload(4).num_output_tokens
+    assert set(runs) == {"pagedserve in-process", "pagedserve gRPC (3 services)"}, runs
+    for name, run in runs.items():
+        assert run["output_tokens"] == expected_tokens, (name, run)
+        # Every decode step alone takes the pretend device 0.85 ms or more.
+        assert 0.85e-3 * max(nano_vllm_workload(4).output_lengths) < run["device_busy_s"] <= run["seconds"], (name, run)
+    assert set(runs["pagedserve gRPC (3 services)"]["cpu_seconds"]) == {"worker", "scheduler", "tokenizer"}

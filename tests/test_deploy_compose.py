@@ -29,6 +29,7 @@ METRIC_NAMES = {
     "pagedserve:kv_cache_usage_perc", "pagedserve:num_preemptions_total",
     "pagedserve:time_to_first_token_seconds_bucket", "pagedserve:e2e_request_latency_seconds_bucket",
     "pagedserve:request_success_total", "pagedserve:generation_tokens_total",
+    "pagedserve:worker_device_seconds_total",
 }
 
 

@@ -1,6 +1,7 @@
 """One trace per request across the three services, received by a real OTLP/gRPC receiver,
 and Prometheus metrics that move by the right amounts."""
 
+import time
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -158,10 +159,12 @@ def _delta(before: dict, after: dict, name: str, **labels) -> float:
 def test_metrics_move_by_the_right_amounts(observed) -> None:
     stack, _, ports = observed
     before = {name: _scrape(port) for name, port in ports.items()}
+    started = time.monotonic()
     for prompt in ("One", "Two two", "Three three three"):
         _generate(stack, prompt)
     with pytest.raises(grpc.RpcError):
         list(stack.generation.Generate(generation_pb2.GenerateRequest(), timeout=30))
+    elapsed = time.monotonic() - started
     after = {name: _scrape(port) for name, port in ports.items()}
 
     scheduler_before, scheduler_after = before["scheduler"], after["scheduler"]
@@ -184,6 +187,12 @@ def test_metrics_move_by_the_right_amounts(observed) -> None:
     worker_before, worker_after = before["worker"], after["worker"]
     assert _delta(worker_before, worker_after, "pagedserve:worker_step_tokens_total", kind="decode") == 3 * (MAX_TOKENS - 1)
     assert _delta(worker_before, worker_after, "pagedserve:worker_step_duration_seconds_count") >= MAX_TOKENS
+    # Each request's prompt step and its decode steps took device time (on CPU: the
+    # compute, timed on the host), all of it within the requests' own wall time.
+    device = {kind: _delta(worker_before, worker_after, "pagedserve:worker_device_seconds_total", kind=kind)
+              for kind in ("prefill", "decode")}
+    assert all(seconds > 0 for seconds in device.values()), device
+    assert sum(device.values()) < elapsed, (device, elapsed)
 
 
 def test_dashboards_and_alerts_query_metrics_that_exist(observed) -> None:
