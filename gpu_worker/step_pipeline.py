@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 
 from gpu_worker.model_runner import LaunchedStep, ModelRunner
@@ -57,15 +57,23 @@ async def pipelined_steps(
     when the step arrives and exited when its result is ready."""
     loop = asyncio.get_running_loop()
     device_waits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-wait")
-    # (launched step, its device wait, the scope opened around it), oldest first.
-    launched: deque[tuple[LaunchedStep, asyncio.Future, _StepScope]] = deque()
+
+    def wait_then_finish(launch: Future[LaunchedStep]) -> worker_pb2.StepResult:
+        # Steps pass from thread to thread without a turn of the event loop in between:
+        # each is finished on the model thread the moment the device is done with it.
+        handle = launch.result()
+        handle.wait()
+        return model_thread.submit(runner.finish_step, handle).result()
+
+    # (a launched step's result to come, the scope opened around it), oldest first.
+    launched: deque[tuple[asyncio.Future, _StepScope]] = deque()
     next_step: asyncio.Future | None = asyncio.ensure_future(_next_or_none(steps))
     try:
         while next_step is not None or launched:
             if launched and (next_step is None or len(launched) >= MAX_STEPS_LAUNCHED):
-                waiting_on = {launched[0][1]}
+                waiting_on = {launched[0][0]}
             else:
-                waiting_on = {launched[0][1], next_step} if launched else {next_step}
+                waiting_on = {launched[0][0], next_step} if launched else {next_step}
             await asyncio.wait(waiting_on, return_when=asyncio.FIRST_COMPLETED)
             # A step that arrived goes to the device before an earlier one is read back.
             if next_step is not None and next_step.done() and len(launched) < MAX_STEPS_LAUNCHED:
@@ -73,25 +81,19 @@ async def pipelined_steps(
                 next_step = None
                 if step is not None:
                     scope = _StepScope(around_step(step))
-                    try:
-                        handle = await loop.run_in_executor(model_thread, runner.launch_step, step)
-                    except BaseException:
-                        scope.close()
-                        raise
-                    launched.append((handle, loop.run_in_executor(device_waits, handle.wait), scope))
+                    launch = model_thread.submit(runner.launch_step, step)
+                    launched.append((loop.run_in_executor(device_waits, wait_then_finish, launch), scope))
                     next_step = asyncio.ensure_future(_next_or_none(steps))
                 continue
-            handle, device_done, scope = launched[0]
-            if not device_done.done():
+            finished, scope = launched[0]
+            if not finished.done():
                 continue
-            device_done.result()
-            result = await loop.run_in_executor(model_thread, runner.finish_step, handle)
             launched.popleft()
             scope.close()
-            yield result
+            yield finished.result()
     finally:
         if next_step is not None:
             next_step.cancel()
-        for _, _, scope in launched:
+        for _, scope in launched:
             scope.close()
-        device_waits.shutdown(wait=False)
+        device_waits.shutdown(wait=False, cancel_futures=True)
