@@ -9,6 +9,7 @@ import asyncio
 import random
 import threading
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,3 +189,38 @@ def test_a_step_that_arrives_while_one_runs_is_launched_before_that_one_finishes
         assert scopes == [*opens[:limit], "close 1", opens[limit]] + [f"close {i}" for i in steps[1:]]
 
     asyncio.run(scenario())
+
+
+def test_a_step_that_fails_to_launch_ends_the_stream_after_the_steps_before_it() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    class FailingRunner(_FakeRunner):
+        def launch_step(self, step: worker_pb2.StepRequest) -> _FakeLaunched:
+            if step.step_id == 2:
+                raise ValueError("step 2: bad block table")
+            launched = super().launch_step(step)
+            launched.device_done.set()
+            return launched
+
+    async def scenario() -> tuple[list[int], list[str]]:
+        closed: list[str] = []
+
+        @contextmanager
+        def scope(step: worker_pb2.StepRequest):
+            yield
+            closed.append(f"close {step.step_id}")
+
+        async def steps():
+            for step_id in (1, 2, 3):
+                yield worker_pb2.StepRequest(step_id=step_id)
+
+        received: list[int] = []
+        with pytest.raises(ValueError, match="step 2"):
+            async for result in pipelined_steps(FailingRunner(), steps(), ThreadPoolExecutor(1), around_step=scope):
+                received.append(result.step_id)
+        return received, closed
+
+    received, closed = asyncio.run(scenario())
+    assert received == [1]
+    # Every step's scope closes, the failed one's and any launched after it too.
+    assert closed[:2] == ["close 1", "close 2"] and len(closed) == len(set(closed)) <= 3
