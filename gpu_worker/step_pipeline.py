@@ -54,7 +54,7 @@ async def pipelined_steps(
     """Yields one result per step, in order. Launching and finishing run on model_thread
     (one thread, so that they keep their order); waiting for the device runs on a thread
     of its own, so that a step can be launched meanwhile. around_step(step) is entered
-    when the step arrives and exited when its result is ready."""
+    when the step arrives and exited once its result has been taken."""
     loop = asyncio.get_running_loop()
     device_waits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-wait")
 
@@ -89,8 +89,12 @@ async def pipelined_steps(
             if not finished.done():
                 continue
             launched.popleft()
-            scope.close()
-            yield finished.result()
+            try:
+                yield finished.result()
+            finally:
+                # Once the result has left: what the scope does then (telemetry) does not
+                # delay it.
+                scope.close()
     finally:
         if next_step is not None:
             next_step.cancel()

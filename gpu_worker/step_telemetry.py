@@ -50,7 +50,7 @@ class StepTelemetry:
         self._device_seconds = _DeviceSeconds(registry)
         # Scheduler spans of the live sequences; empty while tracing is off (no traceparent).
         self._request_spans: dict[int, trace.SpanContext] = {}
-        self._duration = Histogram(PREFIX + "worker_step_duration_seconds", "One step on the worker.",
+        self._duration = Histogram(PREFIX + "worker_step_duration_seconds", "One step on the worker, from its arrival until its result has left.",
                                    registry=registry, buckets=STEP_BUCKETS)
         self._tokens = Counter(PREFIX + "worker_step_tokens", "Tokens computed, by kind.", ["kind"],
                                registry=registry)
@@ -69,22 +69,31 @@ class StepTelemetry:
 
     @contextmanager
     def step(self, step: worker_pb2.StepRequest, cuda_graphs: bool) -> Iterator[None]:
+        """Around one step, from its arrival until its result has left. Only what the span
+        needs at its start is computed on arrival; the rest once the result is on its way,
+        off the path from the scheduler to the device and back."""
         self._follow_sequences(step)
-        prefill_tokens, decode_tokens = count_tokens(step)
-        links = [trace.Link(self._request_spans[s.seq_id]) for s in step.scheduled if s.seq_id in self._request_spans]
+        request_spans = self._request_spans
+        links = [trace.Link(request_spans[s.seq_id]) for s in step.scheduled if s.seq_id in request_spans] \
+            if request_spans else []
         attributes = {
             "pagedserve.step.id": step.step_id,
             "pagedserve.step.batch_size": len(step.scheduled),
             "pagedserve.step.num_requests": len({link.context.span_id for link in links}),
-            "pagedserve.step.prefill_tokens": prefill_tokens,
-            "pagedserve.step.decode_tokens": decode_tokens,
-            # Decode-only steps replay a captured CUDA graph when the worker has them.
-            "pagedserve.step.mode": "cuda_graph" if cuda_graphs and prefill_tokens == 0 else "eager",
         }
         started = time.monotonic()
         # A root span: a step serves many requests, so it belongs to no single trace.
-        with tracer().start_as_current_span("worker.step", context=Context(), links=links, attributes=attributes):
+        with tracer().start_as_current_span("worker.step", context=Context(), links=links,
+                                            attributes=attributes) as span:
             yield
+            prefill_tokens, decode_tokens = count_tokens(step)
+            if span.is_recording():
+                span.set_attributes({
+                    "pagedserve.step.prefill_tokens": prefill_tokens,
+                    "pagedserve.step.decode_tokens": decode_tokens,
+                    # Decode-only steps replay a captured CUDA graph when the worker has them.
+                    "pagedserve.step.mode": "cuda_graph" if cuda_graphs and prefill_tokens == 0 else "eager",
+                })
         self._duration.observe(time.monotonic() - started)
         self._tokens.labels("prefill").inc(prefill_tokens)
         self._tokens.labels("decode").inc(decode_tokens)
