@@ -92,3 +92,18 @@ def test_service_overhead_benchmark_runs_both_engines(tmp_path: Path) -> None:
         # Every decode step alone takes the pretend device 0.85 ms or more.
         assert 0.85e-3 * max(nano_vllm_workload(4).output_lengths) < run["device_busy_s"] <= run["seconds"], (name, run)
     assert set(runs["pagedserve gRPC (3 services)"]["cpu_seconds"]) == {"worker", "scheduler", "tokenizer"}
+
+
+def test_launch_profile_splits_each_launch_into_its_operations(embedded_model_dir: Path, tmp_path: Path) -> None:
+    """benchmarks/launch_profile.py profiles the launches of its window only, and what it
+    lists under them adds up to no more than their time."""
+    out = tmp_path / "launch_profile.json"
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.launch_profile", "--device", "cpu",
+                                "--num-seqs", "2", "--lengths", "4:8", "--windows", "12:15", "--json", str(out)],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    (window,) = json.loads(out.read_text())["windows"].values()
+    assert window["steps"] == 3 and window["batch_sizes"][1] <= 2, window
+    top = window["top_self_us_per_step"]
+    assert "aten::mm" in top and "launch_step (Python)" in top, top
+    assert sum(top.values()) <= window["launch_us_per_step"] * 1.001, window
