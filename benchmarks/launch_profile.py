@@ -21,7 +21,6 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -131,5 +130,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()
