@@ -91,8 +91,8 @@ def _summarize(events: list[FunctionEvent], batch_sizes: list[int], top: int = 1
     }
 
 
-def _window(text: str) -> tuple[int, int]:
-    """START:END as two ints."""
+def _int_pair(text: str) -> tuple[int, int]:
+    """"A:B" as (A, B)."""
     start, end = text.split(":")
     return int(start), int(end)
 
@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
     parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG, help="on CUDA: random weights of it")
     parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--lengths", type=_window, default=(100, 1024), help="MIN:MAX input and output lengths")
+    parser.add_argument("--lengths", type=_int_pair, default=(100, 1024), help="MIN:MAX input and output lengths")
     parser.add_argument("--windows", default="100:150,1000:1040", help="comma-separated START:END launch calls")
     parser.add_argument("--json", type=Path, default=Path("launch_profile.json"))
     args = parser.parse_args(argv)
-    windows = [_window(text) for text in args.windows.split(",")]
+    windows = [_int_pair(text) for text in args.windows.split(",")]
     profiler = WindowedLaunchProfiler(windows, args.device)
     settings = EngineSettings(device=args.device, max_model_len=4096, swap_space_gib=0)
     with tempfile.TemporaryDirectory(prefix="launch-profile-") as scratch:

@@ -227,15 +227,16 @@ def _service_commands(model_dir: Path, settings: EngineSettings, ports: dict[str
 
 def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_dir: Path,
              num_clients: int = 4,
-             adjust_commands: Callable[[dict[str, list[str]]], None] | None = None) -> RunResult:
-    """adjust_commands may change the services' command lines (by service name) before
-    they start; the worker's must keep the --metrics-port it is given."""
+             adjust_commands: Callable[[dict[str, list[str]], dict[str, int]], None] | None = None) -> RunResult:
+    """adjust_commands(commands, ports) may change the services' command lines (by service
+    name) before they start; a worker must listen on ports["worker"] and serve its
+    /metrics on ports["worker_metrics"]."""
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     commands = _service_commands(model_dir, settings, ports)
-    worker_metrics_port = free_port()
-    commands["worker"] += ["--metrics-port", str(worker_metrics_port)]
+    ports["worker_metrics"] = free_port()
+    commands["worker"] += ["--metrics-port", str(ports["worker_metrics"])]
     if adjust_commands is not None:
-        adjust_commands(commands)
+        adjust_commands(commands, ports)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     processes: dict[str, subprocess.Popen] = {}
@@ -244,7 +245,8 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             log = open(log_dir / f"{name}.log", "w")
             processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         address = f"127.0.0.1:{ports['tokenizer']}"
-        wait_until_serving(processes, {n: f"127.0.0.1:{p}" for n, p in ports.items()}, log_dir, STARTUP_TIMEOUT_S)
+        wait_until_serving(processes, {name: f"127.0.0.1:{ports[name]}" for name in processes}, log_dir,
+                           STARTUP_TIMEOUT_S)
         # Warm-up: kernels of the first prefill and decode shapes compile in the worker.
         asyncio.run(_generate_all(address, [(f"w{i}", [1 + i] * 50, 8) for i in range(2)]))
         requests = [
@@ -252,9 +254,9 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             for i, (prompt, num_out) in enumerate(zip(workload.prompts, workload.output_lengths))
         ]
         cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
-        device_before = worker_device_seconds(worker_metrics_port)
+        device_before = worker_device_seconds(ports["worker_metrics"])
         outputs, seconds = run_clients(address, requests, num_clients)
-        device_after = worker_device_seconds(worker_metrics_port)
+        device_after = worker_device_seconds(ports["worker_metrics"])
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
         profile = _scheduler_stats(f"127.0.0.1:{ports['scheduler']}")
         # The worker's device time over the run, as the in-process runs report theirs.

@@ -44,16 +44,15 @@ class PretendCosts:
     launch_base_ms: float = 1.0
     launch_us_per_seq: float = 5.0
 
-    def step_seconds(self, step: worker_pb2.StepRequest) -> float:
-        if not step.scheduled:
+    def step_seconds(self, num_seqs: int, num_tokens: int) -> float:
+        if not num_seqs:
             return 0.0
-        num_tokens = sum(entry.num_new_tokens for entry in step.scheduled)
-        if num_tokens == len(step.scheduled):
-            return (self.step_base_ms + self.step_ms_per_seq * num_tokens) / 1e3
+        if num_tokens == num_seqs:
+            return (self.step_base_ms + self.step_ms_per_seq * num_seqs) / 1e3
         return self.step_base_ms / 1e3 + self.step_us_per_prompt_token * num_tokens / 1e6
 
-    def launch_seconds(self, step: worker_pb2.StepRequest) -> float:
-        return self.launch_base_ms / 1e3 + self.launch_us_per_seq * len(step.scheduled) / 1e6
+    def launch_seconds(self, num_seqs: int) -> float:
+        return self.launch_base_ms / 1e3 + self.launch_us_per_seq * num_seqs / 1e6
 
 
 class _PretendLaunch:
@@ -80,7 +79,7 @@ class NullRunner:
 
     decode_graphs = None
 
-    def __init__(self, costs: PretendCosts, vocab_size: int, max_model_len: int) -> None:
+    def __init__(self, costs: PretendCosts, vocab_size: int = 49152, max_model_len: int = 4096) -> None:
         self.costs = costs
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -111,17 +110,18 @@ class NullRunner:
             if state[1] == state[0]:
                 state[0] += 1
                 samples.append((entry.seq_id, 1000 + entry.seq_id % 1000))
+        num_seqs = len(step.scheduled)
+        num_tokens = sum(entry.num_new_tokens for entry in step.scheduled)
         # Holds the GIL, as building inputs and launching kernels do.
-        launch_done_at = launched_at + self.costs.launch_seconds(step)
+        launch_done_at = launched_at + self.costs.launch_seconds(num_seqs)
         while time.perf_counter() < launch_done_at:
             pass
-        seconds = self.costs.step_seconds(step)
+        seconds = self.costs.step_seconds(num_seqs, num_tokens)
         # The device starts the step once it is queued (the end of the launch) and the
         # device is done with the step before.
         start = max(launch_done_at, self._device_free_at)
         self._device_free_at = start + seconds
-        decode = all(entry.num_new_tokens == 1 for entry in step.scheduled)
-        self.device_timer.seconds[DECODE if decode else PREFILL] += seconds
+        self.device_timer.seconds[DECODE if num_tokens == num_seqs else PREFILL] += seconds
         return _PretendLaunch(step.step_id, self._device_free_at, samples)
 
     def finish_step(self, launched: _PretendLaunch) -> worker_pb2.StepResult:
@@ -146,7 +146,7 @@ async def _serve_null_worker(port: int, metrics_port: int, costs: PretendCosts) 
     await host.start()
 
     async def load() -> None:
-        await servicer.load(lambda: NullRunner(costs, 49152, 4096))
+        await servicer.load(lambda: NullRunner(costs))
 
     await host.run(prepare=load)
 
@@ -182,15 +182,14 @@ def main(argv: list[str] | None = None) -> None:
                               max_stream_messages_per_step=args.max_stream_messages_per_step)
     results: list[RunResult] = []
     if "inprocess" in args.runs:
-        results += drive_runs(NullRunner(costs, 49152, 4096), workload, settings, [settings.max_steps_in_flight])
+        results += drive_runs(NullRunner(costs), workload, settings, [settings.max_steps_in_flight])
     if "grpc" in args.runs:
         from services.common.embedded_model import materialize_default_model
 
-        def pretend_worker(commands: dict[str, list[str]]) -> None:
-            metrics_port = commands["worker"][commands["worker"].index("--metrics-port") + 1]
+        def pretend_worker(commands: dict[str, list[str]], ports: dict[str, int]) -> None:
             commands["worker"] = [sys.executable, "-m", "benchmarks.service_overhead", *_cost_args(costs),
-                                  "--serve-null-worker", commands["worker"][commands["worker"].index("--port") + 1],
-                                  "--metrics-port", metrics_port]
+                                  "--serve-null-worker", str(ports["worker"]),
+                                  "--metrics-port", str(ports["worker_metrics"])]
             if args.profile_dir is not None:
                 args.profile_dir.mkdir(parents=True, exist_ok=True)
                 for name in ("scheduler", "tokenizer"):

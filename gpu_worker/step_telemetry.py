@@ -50,7 +50,8 @@ class StepTelemetry:
         self._device_seconds = _DeviceSeconds(registry)
         # Scheduler spans of the live sequences; empty while tracing is off (no traceparent).
         self._request_spans: dict[int, trace.SpanContext] = {}
-        self._duration = Histogram(PREFIX + "worker_step_duration_seconds", "One step on the worker, from its arrival until its result has left.",
+        self._duration = Histogram(PREFIX + "worker_step_duration_seconds",
+                                   "One step on the worker, from its arrival until its result has left.",
                                    registry=registry, buckets=STEP_BUCKETS)
         self._tokens = Counter(PREFIX + "worker_step_tokens", "Tokens computed, by kind.", ["kind"],
                                registry=registry)
