@@ -21,6 +21,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
+from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -69,7 +70,9 @@ class WindowedLaunchProfiler:
 
 
 def _summarize(events: list[FunctionEvent], batch_sizes: list[int], top: int = 15) -> dict:
-    launches = [event for event in events if event.name == LAUNCH]
+    # With CUDA activity on, the profiler lists each range twice: on the host, and as an
+    # annotation on the device's timeline; only the host's has the host time.
+    launches = [event for event in events if event.name == LAUNCH and event.device_type == DeviceType.CPU]
     self_us: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for launch in launches:

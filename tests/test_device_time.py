@@ -34,13 +34,16 @@ def test_cuda_steps_count_device_time_not_host_gaps() -> None:
         torch.cuda._sleep(int(milliseconds * 1e-3 * cycles_per_second))
         return timer.stop(started, kind)
 
-    # Cycles per second of torch.cuda._sleep, measured.
+    # Cycles per second of torch.cuda._sleep, measured once its first launch (which loads
+    # the kernel, and would count in the measurement) is out of the way.
+    torch.cuda._sleep(1000)
+    torch.cuda.synchronize()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
-    torch.cuda._sleep(10_000_000)
+    torch.cuda._sleep(50_000_000)
     end.record()
     end.synchronize()
-    cycles_per_second = 10_000_000 / (begin.elapsed_time(end) / 1e3)
+    cycles_per_second = 50_000_000 / (begin.elapsed_time(end) / 1e3)
 
     # Two steps queued back to back (the second waits for the first on the device: its
     # wait must not count), then one after the host left the device idle.
