@@ -38,7 +38,9 @@ def _norm_and_rotate(x1, x2, weight_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr, 
     return a * cos - b * sin, b * cos + a * sin
 
 
-@triton.jit
+# A step's token count changes from step to step; specializing on it (divisible by 16 or
+# not) would compile a new variant mid-run, the first time a prefill of each kind comes.
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rope_store_kernel(
     query_ptr,
     key_ptr,
