@@ -42,6 +42,9 @@ class EngineSettings:
     swap_space_gib: float = 4.0
     # The scheduler service's --max-stream-messages-per-step (0: no limit).
     max_stream_messages_per_step: int = 32
+    # Where the worker writes its step timeline (gpu_worker/step_timeline.py), one file per
+    # engine; None: no timeline.
+    step_timeline_dir: Path | None = None
 
 
 @dataclass
@@ -53,6 +56,8 @@ class RunResult:
     outputs: list[list[int]] = field(default_factory=list)
     # Where the time went, when the run can tell.
     profile: dict[str, float] = field(default_factory=dict)
+    # The run's steps from the worker's step timeline (benchmarks/step_timeline.py).
+    timeline: dict = field(default_factory=dict)
     note: str = ""
 
     @property
@@ -91,6 +96,7 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             swap_space_bytes=int(settings.swap_space_gib * (1 << 30)),
+            step_timeline_path=settings.step_timeline_dir / "inprocess.jsonl" if settings.step_timeline_dir else None,
         )
     )
     results = drive_runs(runner, workload, settings, steps_in_flight)
@@ -180,8 +186,18 @@ def drive_runs(runner, workload: Workload, settings: EngineSettings,
         profile["num_kv_blocks"] = float(info.num_kv_blocks)
         profile["cuda_graphs"] = float(runner.decode_graphs is not None)
         name = run_name("pagedserve in-process", max_steps_in_flight)
-        results.append(RunResult(name, seconds, sum(len(o) for o in outputs), outputs, profile))
+        result = RunResult(name, seconds, sum(len(o) for o in outputs), outputs, profile)
+        timeline = getattr(runner, "timeline", None)
+        if timeline is not None:
+            result.timeline = _timeline_summary(timeline.path, start, start + seconds)
+        results.append(result)
     return results
+
+
+def _timeline_summary(path: Path, start_s: float, end_s: float) -> dict:
+    from benchmarks.step_timeline import read_steps, summarize_steps
+
+    return summarize_steps(read_steps(path, start_s, end_s), start_s)
 
 
 def _device_seconds(runner) -> dict[str, float]:
@@ -235,6 +251,10 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
     commands = _service_commands(model_dir, settings, ports)
     ports["worker_metrics"] = free_port()
     commands["worker"] += ["--metrics-port", str(ports["worker_metrics"])]
+    timeline_path = None
+    if settings.step_timeline_dir is not None:
+        timeline_path = settings.step_timeline_dir / f"grpc-{settings.max_steps_in_flight}.jsonl"
+        commands["worker"] += ["--step-timeline", str(timeline_path)]
     if adjust_commands is not None:
         adjust_commands(commands, ports)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +275,8 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
         ]
         cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
         device_before = worker_device_seconds(ports["worker_metrics"])
-        outputs, seconds = run_clients(address, requests, num_clients)
+        outputs, window_start, window_end = run_clients(address, requests, num_clients)
+        seconds = window_end - window_start
         device_after = worker_device_seconds(ports["worker_metrics"])
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
         profile = _scheduler_stats(f"127.0.0.1:{ports['scheduler']}")
@@ -278,7 +299,9 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
                 process.kill()
     note = f"{num_clients} client processes"
     name = run_name("pagedserve gRPC (3 services)", settings.max_steps_in_flight)
-    return RunResult(name, seconds, sum(len(o) for o in ordered), ordered, profile, note=note)
+    # The worker's file holds the warm-up too; the run's window cuts it off.
+    timeline = _timeline_summary(timeline_path, window_start, window_end) if timeline_path else {}
+    return RunResult(name, seconds, sum(len(o) for o in ordered), ordered, profile, note=note, timeline=timeline)
 
 
 def worker_device_seconds(metrics_port: int) -> dict[str, float]:
@@ -306,22 +329,23 @@ def _scheduler_stats(address: str) -> dict[str, float]:
 
 
 def run_clients(address: str, requests: list[tuple[str, list[int], int]],
-                num_clients: int) -> tuple[dict[str, list[int]], float]:
+                num_clients: int) -> tuple[dict[str, list[int]], float, float]:
     """Sends the requests from num_clients processes that start together once every one
     of them has connected, as an in-process run has every request at once; returns each
-    request's tokens and the seconds from that start to the last token."""
+    request's tokens, that start and the last token's arrival. Times are time.perf_counter:
+    on Linux CLOCK_MONOTONIC, one clock for every process (the clients', the worker's)."""
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(num_clients + 1)
     shares = [requests[i::num_clients] for i in range(num_clients)]
     with context.Pool(num_clients, initializer=_keep_start_barrier, initargs=(barrier,)) as pool:
         pending = pool.starmap_async(_client_process, [(address, share) for share in shares])
         barrier.wait(timeout=STARTUP_TIMEOUT_S)
-        started = time.time()
+        started = time.perf_counter()
         results = pending.get()
     outputs: dict[str, list[int]] = {}
     for share_outputs, _ in results:
         outputs.update(share_outputs)
-    return outputs, max(finish for _, finish in results) - started
+    return outputs, started, max(finish for _, finish in results)
 
 
 _start_barrier = None
@@ -334,7 +358,7 @@ def _keep_start_barrier(barrier) -> None:
 
 def _client_process(address: str, requests: list[tuple[str, list[int], int]]):
     outputs = asyncio.run(_generate_all(address, requests, _start_barrier))
-    return outputs, time.time()
+    return outputs, time.perf_counter()
 
 
 async def _generate_all(address: str, requests: list[tuple[str, list[int], int]],

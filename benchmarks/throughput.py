@@ -32,6 +32,7 @@ from pathlib import Path
 from dataclasses import replace
 
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, run_grpc, run_in_process
+from benchmarks.step_timeline import format_summary
 from benchmarks.workload import (
     Workload,
     kv_bytes_per_token,
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="measured copy bandwidth (bytes/s) for the roofline")
     parser.add_argument("--json", type=Path, default=Path("throughput.json"))
     parser.add_argument("--log-dir", type=Path, default=None, help="service logs of the gRPC run")
+    parser.add_argument("--step-timeline", type=Path, default=None,
+                        help="directory for the pagedserve runs' worker step timelines; their summary goes "
+                        "into the table and the JSON (benchmarks/step_timeline.py)")
     return parser.parse_args(argv)
 
 
@@ -107,6 +111,7 @@ def run_all(args: argparse.Namespace, model_dir: Path, workload: Workload, scrat
         enforce_eager=args.enforce_eager,
         swap_space_gib=args.swap_space,
         max_stream_messages_per_step=args.max_stream_messages_per_step,
+        step_timeline_dir=args.step_timeline,
     )
     hf_workload = workload.subset(args.hf_num_seqs or len(workload.prompts))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -172,6 +177,8 @@ def summarize(args: argparse.Namespace, model_dir: Path, workload: Workload, res
         }
         if result.profile:
             entry["profile"] = result.profile
+        if result.timeline:
+            entry["step_timeline"] = result.timeline
         if inprocess_outputs is not None and result is not reference:
             entry["greedy_prefix_match"] = _prefix_match(inprocess_outputs, result.outputs)
         runs[result.name] = entry
@@ -233,6 +240,9 @@ def print_table(summary: dict) -> None:
         busy = f"{busy_s / entry['seconds']:.1%}" if busy_s is not None and entry["seconds"] else "-"
         print(f"{entry['name']:42} {entry['tokens_per_second']:>10,.0f} {ratio:>7} {roofline:>9} "
               f"{entry['seconds']:>8.2f} {busy:>6}  {entry['note']}")
+    for entry in summary["runs"].values():
+        if "step_timeline" in entry:
+            print(f"\n{entry['name']}, worker step timeline: {format_summary(entry['step_timeline'])}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,6 +51,9 @@ class WorkerConfig:
     # Largest step the scheduler sends, in tokens: the forward profiled on CUDA to reserve
     # activation memory before the KV cache takes the rest. Match the scheduler's setting.
     max_num_batched_tokens: int = 8192
+    # Appends one JSON line per step to this file: its host and device times
+    # (gpu_worker/step_timeline.py). For finding where a run's time goes.
+    step_timeline_path: Path | None = None
 
     def __post_init__(self) -> None:
         # Accept plain strings (CLI, YAML) for the path.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -25,14 +26,30 @@ import torch
 DECODE = "decode"
 PREFILL = "prefill"
 
+# on_step(step_id, kind, start_s, end_s): one step's device work, in seconds of the host's
+# time.perf_counter clock.
+StepCallback = Callable[[int, str, float, float], None]
+
 
 class DeviceTimer:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, on_step: StepCallback | None = None) -> None:
         self._cuda = device.type == "cuda"
         # Seconds of device work of the steps resolved so far.
         self.seconds = {DECODE: 0.0, PREFILL: 0.0}
-        # (kind, start event, end event) of steps whose end may not have run yet, oldest first.
-        self._pending: deque[tuple[str, torch.cuda.Event, torch.cuda.Event]] = deque()
+        # (step id, kind, start event, end event) of steps whose end may not have run yet,
+        # oldest first.
+        self._pending: deque[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._on_step = on_step
+        self._reference: torch.cuda.Event | None = None
+        self._reference_s = 0.0
+        if on_step is not None and self._cuda:
+            # Device times on the host's clock: events' offsets from one event whose host
+            # time is known, taken once on an idle device.
+            torch.cuda.synchronize(device)
+            self._reference = torch.cuda.Event(enable_timing=True)
+            self._reference.record()
+            self._reference.synchronize()
+            self._reference_s = time.perf_counter()
 
     def start(self) -> torch.cuda.Event | float:
         """Call before the step's forward is queued."""
@@ -42,21 +59,28 @@ class DeviceTimer:
         started.record()
         return started
 
-    def stop(self, started: torch.cuda.Event | float, kind: str) -> torch.cuda.Event | None:
+    def stop(self, started: torch.cuda.Event | float, kind: str, step_id: int = 0) -> torch.cuda.Event | None:
         """Call after the step's last device work is queued; on CUDA returns the event that
         completes with it (a step's tokens are on the host once it has)."""
         if not self._cuda:
-            self.seconds[kind] += time.perf_counter() - started
+            ended = time.perf_counter()
+            self.seconds[kind] += ended - started
+            if self._on_step is not None:
+                self._on_step(step_id, kind, started, ended)
             return None
         ended = torch.cuda.Event(enable_timing=True)
         ended.record()
-        self._pending.append((kind, started, ended))
+        self._pending.append((step_id, kind, started, ended))
         return ended
 
     def resolve(self) -> None:
         """Adds the steps whose work has completed to the totals. Steps complete in the
         order they were queued, so the first pending one not done ends the scan."""
         pending = self._pending
-        while pending and pending[0][2].query():
-            kind, started, ended = pending.popleft()
+        while pending and pending[0][3].query():
+            step_id, kind, started, ended = pending.popleft()
             self.seconds[kind] += started.elapsed_time(ended) / 1e3
+            if self._on_step is not None:
+                reference = self._reference
+                self._on_step(step_id, kind, self._reference_s + reference.elapsed_time(started) / 1e3,
+                              self._reference_s + reference.elapsed_time(ended) / 1e3)

@@ -38,6 +38,7 @@ from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
 from gpu_worker.sampler import Sampler, SequenceSampling
+from gpu_worker.step_timeline import StepTimeline
 from pagedserve.v1 import common_pb2, worker_pb2
 
 
@@ -117,7 +118,8 @@ class ModelRunner:
             )
             self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed)
-        self.device_timer = DeviceTimer(self.device)
+        self.timeline = StepTimeline(config.step_timeline_path) if config.step_timeline_path else None
+        self.device_timer = DeviceTimer(self.device, self.timeline.computed if self.timeline else None)
         self.sequences: dict[int, SequenceState] = {}
         self.step_inputs = StepInputBuilder(
             -(-self.max_model_len // config.block_size), config.block_size, self.device
@@ -170,6 +172,8 @@ class ModelRunner:
         apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
         launched = LaunchedStep(step.step_id, start_ns)
         if not step.scheduled:
+            if self.timeline is not None:
+                self.timeline.launched(step.step_id, None, 0, 0, start_ns / 1e9, time.perf_counter())
             return launched
 
         batch = self._prepare_batch(step.scheduled)
@@ -194,7 +198,11 @@ class ModelRunner:
                     state.sampling = state.sampling.after_sample()
             launched.samples = list(zip(batch.sample_seq_ids, states, sampled.counts))
             launched.host_tokens = self._copy_to_host(sampled.tokens)
-        ended = self.device_timer.stop(started, DECODE if batch.metadata.max_query_len == 1 else PREFILL)
+        kind = DECODE if batch.metadata.max_query_len == 1 else PREFILL
+        if self.timeline is not None:
+            self.timeline.launched(step.step_id, kind, len(step.scheduled), batch.input_ids.shape[0],
+                                   start_ns / 1e9, time.perf_counter())
+        ended = self.device_timer.stop(started, kind, step.step_id)
         if launched.samples:
             launched.copied, launched.device = ended, self.device
         return launched
@@ -229,6 +237,8 @@ class ModelRunner:
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns
+        if self.timeline is not None:
+            self.timeline.finished(launched.step_id, time.perf_counter())
         return result
 
     def _copy_to_host(self, tokens: torch.Tensor) -> torch.Tensor:

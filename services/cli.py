@@ -98,6 +98,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         swap_space_bytes=int(args.swap_space * (1 << 30)),
+        step_timeline_path=args.step_timeline,
     )
     setup_tracing("pagedserve-worker", os.environ, {"pagedserve.worker.rank": 0})
     run_worker(server_config(args), config)
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-num-batched-tokens", type=int, default=8192,
                         help="largest step in tokens, profiled to size the KV cache (the scheduler's)")
     add_kv_blocks_arg(worker)
+    worker.add_argument("--step-timeline", type=Path, default=None,
+                        help="append each step's host and device times to this file, one JSON line per step")
     worker.set_defaults(handler=cmd_worker)
 
     generate = commands.add_parser("generate", help="stream a completion from a running server")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.workload import nano_vllm_workload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +23,7 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
         sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--model", str(embedded_model_dir),
         "--num-seqs", str(NUM_SEQS), "--min-len", str(MIN_LEN), "--max-len", str(MAX_LEN),
         "--grpc-clients", "1", "--hf-static-batch", "2", "--json", str(out), "--log-dir", str(tmp_path / "logs"),
-        "--overlap", "both", "--swap-space", "0",
+        "--overlap", "both", "--swap-space", "0", "--step-timeline", str(tmp_path / "timelines"),
     ]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -48,6 +50,13 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
         profile = runs[name]["profile"]
         assert profile["device_busy_prefill_s"] > 0 and profile["device_busy_decode_s"] > 0, (name, profile)
         assert profile["device_busy_s"] <= runs[name]["seconds"], (name, profile)
+        # The worker's step timeline, cut to the run's window: the same device time, and
+        # every step in one of the bands.
+        timeline = runs[name]["step_timeline"]
+        assert timeline["device_busy_s"] == pytest.approx(profile["device_busy_s"], rel=0.01), (name, timeline)
+        assert 0 <= timeline["device_idle_s"] <= runs[name]["seconds"] - timeline["device_busy_s"] + 0.01, timeline
+        assert sum(band["steps"] for band in timeline["bands"].values()) == timeline["steps"], timeline
+        assert {"prefill/mixed", "decode 1-15"} <= set(timeline["bands"]), timeline
     for name in (*pagedserve_runs, "HF generate (static batches of 2)"):
         # ignore_eos (min_new_tokens for HF generate): every sequence runs to its length.
         assert runs[name]["output_tokens"] == expected_tokens, runs[name]

@@ -1,0 +1,96 @@
+"""Where a run's time goes, step by step, from a worker's step timeline
+(gpu_worker/step_timeline.py): the device's time per step, the host's time launching it,
+and the time the device waited before it, by kind and batch size.
+
+    python -m benchmarks.throughput --device cuda --runs grpc,inprocess --step-timeline timelines/
+    python -m benchmarks.step_timeline timelines/grpc-1.jsonl
+
+`benchmarks.throughput --step-timeline DIR` writes one file per run and puts this summary
+into each run's JSON; given a file, this prints the summary of every step in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+# Decode steps by batch size: the tail of a run (few sequences, steps of 1-3 ms) behaves
+# unlike its bulk.
+DECODE_BANDS = ((1, 15), (16, 47), (48, 127), (128, 1 << 30))
+
+
+def read_steps(path: Path, start_s: float = float("-inf"), end_s: float = float("inf")) -> list[dict]:
+    """The steps the device computed between start_s and end_s (host clock), in order."""
+    steps = []
+    for line in path.read_text().splitlines():
+        step = json.loads(line)
+        if step["device"] is not None and start_s <= step["device"][0] and step["device"][1] <= end_s:
+            steps.append(step)
+    return sorted(steps, key=lambda step: step["device"][0])
+
+
+def _band(step: dict) -> str:
+    if step["kind"] != "decode":
+        return "prefill/mixed"
+    low, high = next(band for band in DECODE_BANDS if band[0] <= step["num_seqs"] <= band[1])
+    return f"decode {low}+" if high == DECODE_BANDS[-1][1] else f"decode {low}-{high}"
+
+
+def summarize_steps(steps: list[dict], start_s: float | None = None) -> dict:
+    """Totals over the steps (idle: gaps between one step's device end and the next one's
+    start, and before the first from start_s) and, by band, sums and per-step medians."""
+    if not steps:
+        return {"steps": 0}
+    first_start = steps[0]["device"][0]
+    busy = sum(step["device"][1] - step["device"][0] for step in steps)
+    span = steps[-1]["device"][1] - first_start
+    bands: dict[str, dict[str, list[float]]] = {}
+    previous_end = first_start if start_s is None else start_s
+    for step in steps:
+        begin, end = step["device"]
+        values = bands.setdefault(_band(step), {"device": [], "launch": [], "idle": []})
+        values["device"].append(end - begin)
+        values["launch"].append(step["launch"][1] - step["launch"][0])
+        values["idle"].append(max(begin - previous_end, 0.0))
+        previous_end = end
+    order = ["prefill/mixed"] + [_band({"kind": "decode", "num_seqs": low}) for low, _ in DECODE_BANDS]
+    return {
+        "steps": len(steps),
+        "device_busy_s": busy,
+        "device_idle_s": span - busy + (first_start - start_s if start_s is not None else 0.0),
+        "bands": {
+            name: {
+                "steps": len(bands[name]["device"]),
+                "device_s": sum(bands[name]["device"]),
+                "idle_before_s": sum(bands[name]["idle"]),
+                "median_device_ms": 1e3 * statistics.median(bands[name]["device"]),
+                "median_launch_ms": 1e3 * statistics.median(bands[name]["launch"]),
+            }
+            for name in order if name in bands
+        },
+    }
+
+
+def format_summary(summary: dict) -> str:
+    if not summary["steps"]:
+        return "no steps"
+    lines = [f"{summary['steps']} steps: device busy {summary['device_busy_s']:.3f} s, "
+             f"idle {summary['device_idle_s']:.3f} s",
+             f"  {'steps':16} {'n':>5} {'device s':>9} {'idle s':>7} {'ms/step':>8} {'launch ms':>10}"]
+    for name, band in summary["bands"].items():
+        lines.append(f"  {name:16} {band['steps']:>5} {band['device_s']:>9.3f} {band['idle_before_s']:>7.3f} "
+                     f"{band['median_device_ms']:>8.2f} {band['median_launch_ms']:>10.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("timeline", type=Path, help="a worker's --step-timeline file")
+    args = parser.parse_args(argv)
+    print(format_summary(summarize_steps(read_steps(args.timeline))))
+
+
+if __name__ == "__main__":
+    main()
