@@ -16,9 +16,12 @@ import json
 import statistics
 from pathlib import Path
 
-# Decode steps by batch size: the tail of a run (few sequences, steps of 1-3 ms) behaves
-# unlike its bulk.
-DECODE_BANDS = ((1, 15), (16, 47), (48, 127), (128, 1 << 30))
+# Decode steps by batch size (None: no upper bound): the tail of a run (few sequences,
+# steps of 1-3 ms) behaves unlike its bulk.
+DECODE_BANDS = ((1, 15), (16, 47), (48, 127), (128, None))
+PREFILL_BAND = "prefill/mixed"
+BAND_NAMES = [PREFILL_BAND] + [f"decode {low}+" if high is None else f"decode {low}-{high}"
+                               for low, high in DECODE_BANDS]
 
 
 def read_steps(path: Path, start_s: float = float("-inf"), end_s: float = float("inf")) -> list[dict]:
@@ -33,9 +36,10 @@ def read_steps(path: Path, start_s: float = float("-inf"), end_s: float = float(
 
 def _band(step: dict) -> str:
     if step["kind"] != "decode":
-        return "prefill/mixed"
-    low, high = next(band for band in DECODE_BANDS if band[0] <= step["num_seqs"] <= band[1])
-    return f"decode {low}+" if high == DECODE_BANDS[-1][1] else f"decode {low}-{high}"
+        return PREFILL_BAND
+    index = next(i for i, (low, high) in enumerate(DECODE_BANDS)
+                 if low <= step["num_seqs"] and (high is None or step["num_seqs"] <= high))
+    return BAND_NAMES[1 + index]
 
 
 def summarize_steps(steps: list[dict], start_s: float | None = None) -> dict:
@@ -55,7 +59,6 @@ def summarize_steps(steps: list[dict], start_s: float | None = None) -> dict:
         values["launch"].append(step["launch"][1] - step["launch"][0])
         values["idle"].append(max(begin - previous_end, 0.0))
         previous_end = end
-    order = ["prefill/mixed"] + [_band({"kind": "decode", "num_seqs": low}) for low, _ in DECODE_BANDS]
     return {
         "steps": len(steps),
         "device_busy_s": busy,
@@ -68,7 +71,7 @@ def summarize_steps(steps: list[dict], start_s: float | None = None) -> dict:
                 "median_device_ms": 1e3 * statistics.median(bands[name]["device"]),
                 "median_launch_ms": 1e3 * statistics.median(bands[name]["launch"]),
             }
-            for name in order if name in bands
+            for name in BAND_NAMES if name in bands
         },
     }
 

@@ -57,6 +57,3 @@ class StepTimeline:
         if "device" in record and "finished" in record:
             del self._open[record["step"]]
             self._file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self._file.close()
