@@ -3,10 +3,11 @@
 and the time the device waited before it, by kind and batch size.
 
     python -m benchmarks.throughput --device cuda --runs grpc,inprocess --step-timeline timelines/
-    python -m benchmarks.step_timeline timelines/grpc-1.jsonl
+    python -m benchmarks.step_timeline timelines/grpc-3.jsonl   # grpc-<steps in flight>.jsonl, inprocess.jsonl
 
-`benchmarks.throughput --step-timeline DIR` writes one file per run and puts this summary
-into each run's JSON; given a file, this prints the summary of every step in it.
+`benchmarks.throughput --step-timeline DIR` writes one file per engine (warm-ups and
+several runs in one file) and puts the summary of each run's own window into its JSON;
+given a file, this prints the summary of every step in it.
 """
 
 from __future__ import annotations
