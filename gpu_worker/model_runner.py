@@ -200,6 +200,7 @@ class ModelRunner:
             launched.host_tokens = self._copy_to_host(sampled.tokens)
         kind = DECODE if batch.metadata.max_query_len == 1 else PREFILL
         if self.timeline is not None:
+            # Before the timer's stop, which on CPU reports the step's device time at once.
             self.timeline.launched(step.step_id, kind, len(step.scheduled), batch.input_ids.shape[0],
                                    start_ns / 1e9, time.perf_counter())
         ended = self.device_timer.stop(started, kind, step.step_id)
