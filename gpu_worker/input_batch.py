@@ -100,11 +100,14 @@ class StepInputs:
 
 
 class _Staging:
-    """A pinned host buffer, rewritten only once the copy out of it last time is done."""
+    """A pinned host buffer, rewritten only once the copy out of it last time is done.
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    Sized up front for the largest step: growing it mid-run allocates page-locked memory,
+    which CUDA counts among its implicitly synchronizing operations."""
+
+    def __init__(self, dtype: torch.dtype, capacity: int = 0) -> None:
         self.dtype = dtype
-        self.buffer = torch.empty(0, dtype=dtype)
+        self.buffer = torch.empty(capacity, dtype=dtype, pin_memory=capacity > 0)
         self.copied: torch.cuda.Event | None = None
 
     def view(self, size: int) -> np.ndarray:
@@ -122,11 +125,20 @@ _NUM_STAGING_SETS = 3
 
 
 class StepInputBuilder:
-    def __init__(self, max_blocks_per_seq: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, max_blocks_per_seq: int, block_size: int, device: torch.device,
+                 max_num_tokens: int = 0, max_num_seqs: int = 0) -> None:
+        """max_num_tokens, max_num_seqs: the largest step the scheduler sends, for which
+        the CUDA staging buffers are allocated at once (a larger one still fits: they grow)."""
         self.block_tables = BlockTables(max_blocks_per_seq)
         self.block_size = block_size
         self.device = device
-        self._staging_sets = [(_Staging(torch.int64), _Staging(torch.int32)) for _ in range(_NUM_STAGING_SETS)]
+        capacity64 = capacity32 = 0
+        if device.type == "cuda" and max_num_tokens and max_num_seqs:
+            num_seqs = min(max_num_seqs, max_num_tokens)
+            capacity64 = _aligned_offsets((max_num_tokens,) * 3 + (num_seqs,) * 3, itemsize=8)[-1]
+            capacity32 = _aligned_offsets((num_seqs + 1, num_seqs, num_seqs * max_blocks_per_seq), itemsize=4)[-1]
+        self._staging_sets = [(_Staging(torch.int64, capacity64), _Staging(torch.int32, capacity32))
+                              for _ in range(_NUM_STAGING_SETS)]
         self._num_builds = 0
 
     def remove(self, seq_id: int) -> None:

@@ -122,7 +122,8 @@ class ModelRunner:
         self.device_timer = DeviceTimer(self.device, self.timeline.computed if self.timeline else None)
         self.sequences: dict[int, SequenceState] = {}
         self.step_inputs = StepInputBuilder(
-            -(-self.max_model_len // config.block_size), config.block_size, self.device
+            -(-self.max_model_len // config.block_size), config.block_size, self.device,
+            config.max_num_batched_tokens, config.max_num_seqs,
         )
 
     def info(self) -> worker_pb2.WorkerInfo:
