@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.cli import build_parser
@@ -195,8 +196,6 @@ def drive_runs(runner, workload: Workload, settings: EngineSettings,
 
 
 def _timeline_summary(path: Path, start_s: float, end_s: float) -> dict:
-    from benchmarks.step_timeline import read_steps, summarize_steps
-
     return summarize_steps(read_steps(path, start_s, end_s), start_s)
 
 

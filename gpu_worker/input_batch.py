@@ -135,8 +135,9 @@ class StepInputBuilder:
         capacity64 = capacity32 = 0
         if device.type == "cuda" and max_num_tokens and max_num_seqs:
             num_seqs = min(max_num_seqs, max_num_tokens)
-            capacity64 = _aligned_offsets((max_num_tokens,) * 3 + (num_seqs,) * 3, itemsize=8)[-1]
-            capacity32 = _aligned_offsets((num_seqs + 1, num_seqs, num_seqs * max_blocks_per_seq), itemsize=4)[-1]
+            sizes64, sizes32 = _staging_sizes(max_num_tokens, num_seqs, num_seqs, num_seqs, max_blocks_per_seq)
+            capacity64 = _aligned_offsets(sizes64, itemsize=8)[-1]
+            capacity32 = _aligned_offsets(sizes32, itemsize=4)[-1]
         self._staging_sets = [(_Staging(torch.int64, capacity64), _Staging(torch.int32, capacity32))
                               for _ in range(_NUM_STAGING_SETS)]
         self._num_builds = 0
@@ -247,7 +248,7 @@ class StepInputBuilder:
 
         fed_sources, fed_indices = _fed_token_sources(fed_tokens)
         num_fed = len(fed_at)
-        sizes64 = (num_tokens, num_tokens, num_tokens, num_samples, num_fed, num_fed)
+        sizes64, sizes32 = _staging_sizes(num_tokens, num_seqs, num_samples, num_fed, max_blocks)
         offsets64 = _aligned_offsets(sizes64, itemsize=8)
         host64 = self._host(staging64, offsets64[-1], np.int64)
         ids_h, positions_h, slots_h, samples_h, fed_at_h, fed_from_h = _segments(host64, offsets64, sizes64)
@@ -257,7 +258,6 @@ class StepInputBuilder:
         samples_h[:] = sample_rows
         fed_at_h[:] = fed_at
         fed_from_h[:] = fed_indices
-        sizes32 = (num_seqs + 1, num_seqs, num_seqs * max_blocks)
         offsets32 = _aligned_offsets(sizes32, itemsize=4)
         host32 = self._host(staging32, offsets32[-1], np.int32)
         starts_h, lens_h, tables_h = _segments(host32, offsets32, sizes32)
@@ -300,6 +300,15 @@ class StepInputBuilder:
             staging.copied.record()
             return tensor
         return torch.from_numpy(host)
+
+
+def _staging_sizes(num_tokens: int, num_seqs: int, num_samples: int, num_fed: int,
+                   max_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Segment lengths of a step's staging buffers: int64 (input ids, positions, slots,
+    sample rows, where fed tokens go, where they come from) and int32 (query start
+    offsets, sequence lengths, block tables)."""
+    return ((num_tokens, num_tokens, num_tokens, num_samples, num_fed, num_fed),
+            (num_seqs + 1, num_seqs, num_seqs * max_blocks))
 
 
 def _fed_token_sources(fed: list[DeviceToken]) -> tuple[torch.Tensor | None, list[int]]:
