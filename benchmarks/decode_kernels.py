@@ -80,17 +80,30 @@ def attention_sweep(bandwidth_read: float) -> list[dict]:
         seq_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
         query = torch.randn(len(contexts), NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         kv_bytes = sum(contexts) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
-        configs = [dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
-                   for block_n, warps, stages, splits in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None, 2))]
+        configs = [
+            dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
+            for block_n, warps, stages, splits in itertools.product(
+                (32, 64, 128), (4, 8), (2, 3, 4), (None, 2)
+            )
+        ]
         for config in [{}, *configs]:  # {}: the kernel's own choices
             try:
-                ms = graph_ms(lambda: decode_attention_triton(query, key_cache, value_cache, block_tables,
-                                                              seq_lens, HEAD_DIM**-0.5, **config))
+                ms = graph_ms(
+                    lambda: decode_attention_triton(
+                        query, key_cache, value_cache, block_tables, seq_lens, HEAD_DIM**-0.5, **config
+                    )
+                )
             except Exception as error:  # a configuration that does not fit is skipped
                 rows.append({"case": case, **config, "error": str(error)[:80]})
                 continue
-            rows.append({"case": case, **(config or {"default": True}), "ms": ms,
-                         "read_fraction": kv_bytes / (ms / 1e3) / bandwidth_read})
+            rows.append(
+                {
+                    "case": case,
+                    **(config or {"default": True}),
+                    "ms": ms,
+                    "read_fraction": kv_bytes / (ms / 1e3) / bandwidth_read,
+                }
+            )
     return rows
 
 
@@ -107,17 +120,30 @@ def split_sweep(bandwidth_read: float) -> list[dict]:
     for batch in batches:
         contexts = [rng.randint(600, 2000) for _ in range(batch)]
         width = -(-2000 // BLOCK_SIZE)
-        block_tables = torch.randperm(max_blocks, device="cuda")[: batch * width].view(batch, width).to(torch.int32)
+        block_tables = (
+            torch.randperm(max_blocks, device="cuda")[: batch * width].view(batch, width).to(torch.int32)
+        )
         seq_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
         query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         kv_bytes = sum(contexts) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
-        configs = [dict(block_n=block_n, num_splits=splits)
-                   for splits, block_n in itertools.product((None, 1, 2, 4, 8, 16, 32), (32, 64))]
+        configs = [
+            dict(block_n=block_n, num_splits=splits)
+            for splits, block_n in itertools.product((None, 1, 2, 4, 8, 16, 32), (32, 64))
+        ]
         for config in [{}, *configs]:  # {}: the kernel's own choices
-            ms = graph_ms(lambda: decode_attention_triton(query, key_cache, value_cache, block_tables, seq_lens,
-                                                          HEAD_DIM**-0.5, **config))
-            rows.append({"batch": batch, **(config or {"default": True}), "ms": ms,
-                         "read_fraction": kv_bytes / (ms / 1e3) / bandwidth_read})
+            ms = graph_ms(
+                lambda: decode_attention_triton(
+                    query, key_cache, value_cache, block_tables, seq_lens, HEAD_DIM**-0.5, **config
+                )
+            )
+            rows.append(
+                {
+                    "batch": batch,
+                    **(config or {"default": True}),
+                    "ms": ms,
+                    "read_fraction": kv_bytes / (ms / 1e3) / bandwidth_read,
+                }
+            )
     return rows
 
 
@@ -139,8 +165,11 @@ def projection_table() -> list[dict]:
                 for weight in weights:
                     add_rms_norm_triton(project(x, weight), residual, norm_weight, 1e-6)
 
-            row = {"projection": name, "batch": batch,
-                   "cublas_ms": graph_ms(lambda: layers(torch.nn.functional.linear))}
+            row = {
+                "projection": name,
+                "batch": batch,
+                "cublas_ms": graph_ms(lambda: layers(torch.nn.functional.linear)),
+            }
             plan = split_k_plan(batch, n, k)
             if plan is not None:
                 row["plan"] = plan
@@ -168,17 +197,36 @@ def step_by_batch(model_config: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_random_model(model_config, Path(scratch) / "model")
-        runner = ModelRunner(WorkerConfig(model_path=model_dir, device="cuda", max_model_len=4096, max_num_seqs=256,
-                                          gpu_memory_utilization=0.5))
+        runner = ModelRunner(
+            WorkerConfig(
+                model_path=model_dir,
+                device="cuda",
+                max_model_len=4096,
+                max_num_seqs=256,
+                gpu_memory_utilization=0.5,
+            )
+        )
     for batch in (1, 16, 64, 128, 256):
         input_ids, positions, metadata = build_decode_batch(runner, batch, 1000)
         layer = runner.model.attention_layers()[0]
         query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         with torch.inference_mode():
-            step = triton.testing.do_bench(lambda: runner.decode_graphs.run(input_ids, positions, metadata),
-                                           warmup=20, rep=200, return_mode="median")
-            attention = graph_ms(lambda: decode_attention_triton(query, layer.key_cache, layer.value_cache,
-                                                                 metadata.block_tables, metadata.seq_lens, HEAD_DIM**-0.5))
+            step = triton.testing.do_bench(
+                lambda: runner.decode_graphs.run(input_ids, positions, metadata),
+                warmup=20,
+                rep=200,
+                return_mode="median",
+            )
+            attention = graph_ms(
+                lambda: decode_attention_triton(
+                    query,
+                    layer.key_cache,
+                    layer.value_cache,
+                    metadata.block_tables,
+                    metadata.seq_lens,
+                    HEAD_DIM**-0.5,
+                )
+            )
             graph_hidden = runner.decode_graphs.run(input_ids, positions, metadata).float()
             # The same step eagerly with cuBLAS projections: split-K must change nothing
             # beyond rounding.
@@ -188,14 +236,24 @@ def step_by_batch(model_config: Path) -> list[dict]:
                     plain_hidden = runner.model(input_ids, positions).float()
             finally:
                 triton_linear.MAX_SPLIT_K_ROWS = limit
-        rows.append({"batch": batch, "graph_forward_ms": step, "attention_all_layers_ms": attention * NUM_LAYERS,
-                     "rest_ms": step - attention * NUM_LAYERS,
-                     "hidden_rel_error_vs_cublas": ((graph_hidden - plain_hidden).norm() / plain_hidden.norm()).item()})
+        rows.append(
+            {
+                "batch": batch,
+                "graph_forward_ms": step,
+                "attention_all_layers_ms": attention * NUM_LAYERS,
+                "rest_ms": step - attention * NUM_LAYERS,
+                "hidden_rel_error_vs_cublas": (
+                    (graph_hidden - plain_hidden).norm() / plain_hidden.norm()
+                ).item(),
+            }
+        )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--parts", default="bandwidth,attention,projections,steps")
     parser.add_argument("--json", type=Path, default=Path("decode_kernels.json"))
@@ -204,37 +262,51 @@ def main() -> None:
     results: dict = {"device": torch.cuda.get_device_name()}
     results["copy_bandwidth"] = copy_bandwidth()
     results["read_bandwidth"] = read_bandwidth()
-    print(f"copy {results['copy_bandwidth'] / 1e12:.2f} TB/s, read {results['read_bandwidth'] / 1e12:.2f} TB/s")
+    print(
+        f"copy {results['copy_bandwidth'] / 1e12:.2f} TB/s, read {results['read_bandwidth'] / 1e12:.2f} TB/s"
+    )
     if "attention" in parts:
         rows = results["attention"] = attention_sweep(results["read_bandwidth"])
         args.json.write_text(json.dumps(results, indent=2))
         for case in attention_cases():
             timed = sorted((r for r in rows if r["case"] == case and "ms" in r), key=lambda r: r["ms"])
             default = next(r for r in timed if r.get("default"))
-            print(f"attention {case}: default {default['ms']:.3f} ms ({default['read_fraction']:.1%} of read bw)")
+            print(
+                f"attention {case}: default {default['ms']:.3f} ms ({default['read_fraction']:.1%} of read bw)"
+            )
             for r in [r for r in timed if not r.get("default")][:4]:
-                print(f"   {r['ms']:.3f} ms {r['read_fraction']:.1%} n={r['block_n']} w={r['num_warps']} "
-                      f"s={r['num_stages']} splits={r['num_splits']}")
+                print(
+                    f"   {r['ms']:.3f} ms {r['read_fraction']:.1%} n={r['block_n']} w={r['num_warps']} "
+                    f"s={r['num_stages']} splits={r['num_splits']}"
+                )
     if "splits" in parts:
         rows = results["splits"] = split_sweep(results["read_bandwidth"])
         for batch in sorted({r["batch"] for r in rows}):
             timed = sorted((r for r in rows if r["batch"] == batch), key=lambda r: r["ms"])
             default = next(r for r in timed if r.get("default"))
-            print(f"splits, batch {batch:3d}: default {default['ms']:.4f} ms ({default['read_fraction']:.1%}); best "
-                  + "; ".join(f"{r['ms']:.4f} ms {r['read_fraction']:.1%} splits={r['num_splits']} n={r['block_n']}"
-                              for r in [r for r in timed if not r.get("default")][:3]))
+            print(
+                f"splits, batch {batch:3d}: default {default['ms']:.4f} ms ({default['read_fraction']:.1%}); best "
+                + "; ".join(
+                    f"{r['ms']:.4f} ms {r['read_fraction']:.1%} splits={r['num_splits']} n={r['block_n']}"
+                    for r in [r for r in timed if not r.get("default")][:3]
+                )
+            )
     if "projections" in parts:
         results["projections"] = projection_table()
         args.json.write_text(json.dumps(results, indent=2))
         for row in results["projections"]:
-            print(f"{row['projection']:5} + norm, batch {row['batch']:3d}: cuBLAS {row['cublas_ms']:.3f} ms, "
-                  f"plan {row.get('plan_ms', float('nan')):.3f} ms, best {row.get('best', [None])[0]}")
+            print(
+                f"{row['projection']:5} + norm, batch {row['batch']:3d}: cuBLAS {row['cublas_ms']:.3f} ms, "
+                f"plan {row.get('plan_ms', float('nan')):.3f} ms, best {row.get('best', [None])[0]}"
+            )
     if "steps" in parts:
         results["steps"] = step_by_batch(args.model_config)
         for row in results["steps"]:
-            print(f"decode graph batch {row['batch']:3d}: {row['graph_forward_ms']:.3f} ms, attention "
-                  f"{row['attention_all_layers_ms']:.3f}, rest {row['rest_ms']:.3f}, "
-                  f"hidden vs cuBLAS {row['hidden_rel_error_vs_cublas']:.2e}")
+            print(
+                f"decode graph batch {row['batch']:3d}: {row['graph_forward_ms']:.3f} ms, attention "
+                f"{row['attention_all_layers_ms']:.3f}, rest {row['rest_ms']:.3f}, "
+                f"hidden vs cuBLAS {row['hidden_rel_error_vs_cublas']:.2e}"
+            )
     args.json.write_text(json.dumps(results, indent=2))
 
 

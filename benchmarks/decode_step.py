@@ -33,11 +33,15 @@ def copy_bandwidth(num_bytes: int = 4 << 30) -> float:
     """Bytes read + written per second by a device-to-device copy."""
     source = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_()
     target = torch.empty_like(source)
-    seconds = triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median") / 1e3
+    seconds = (
+        triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=300, return_mode="median") / 1e3
+    )
     return 2 * num_bytes / seconds
 
 
-def build_decode_batch(runner: ModelRunner, batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+def build_decode_batch(
+    runner: ModelRunner, batch: int, context: int
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     block_size = runner.kv_cache.block_size
     blocks_per_seq = -(-(context + 1) // block_size)
     assert batch * blocks_per_seq <= runner.kv_cache.num_blocks, "KV cache too small for the batch"
@@ -79,7 +83,9 @@ def kernel_table(fn, top: int = 15) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1000)
@@ -92,8 +98,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_random_model(args.model_config, Path(scratch) / "model")
         runner = ModelRunner(
-            WorkerConfig(model_path=model_dir, device="cuda", max_model_len=4096, max_num_seqs=args.batch,
-                          gpu_memory_utilization=args.gpu_memory_utilization)
+            WorkerConfig(
+                model_path=model_dir,
+                device="cuda",
+                max_model_len=4096,
+                max_num_seqs=args.batch,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+            )
         )
         weight_bytes = model_weight_bytes(model_dir, 2)
         kv_token_bytes = kv_bytes_per_token(model_dir, 2)
@@ -119,8 +130,9 @@ def main() -> None:
         query = torch.randn(args.batch, 16, 128, dtype=torch.bfloat16, device="cuda")
         layer = runner.model.attention_layers()[0]
         timings["attention_one_layer_ms"] = time_ms(
-            lambda: decode_attention_triton(query, layer.key_cache, layer.value_cache, metadata.block_tables,
-                                            metadata.seq_lens, 128**-0.5)
+            lambda: decode_attention_triton(
+                query, layer.key_cache, layer.value_cache, metadata.block_tables, metadata.seq_lens, 128**-0.5
+            )
         )
         results["eager_kernels"] = kernel_table(eager_forward)
     kv_bytes = args.batch * (args.context + 1) * kv_token_bytes
@@ -131,14 +143,20 @@ def main() -> None:
     results["step_bandwidth"] = step_bytes / seconds
     results["fraction_of_copy_bandwidth"] = step_bytes / seconds / bandwidth
     attention_bytes = kv_bytes / runner.model_config.num_hidden_layers
-    results["attention_fraction_of_copy_bandwidth"] = attention_bytes / (timings["attention_one_layer_ms"] / 1e3) / bandwidth
+    results["attention_fraction_of_copy_bandwidth"] = (
+        attention_bytes / (timings["attention_one_layer_ms"] / 1e3) / bandwidth
+    )
     args.json.write_text(json.dumps(results, indent=2))
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; decode step batch {args.batch} x {args.context} tokens:")
+    print(
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; decode step batch {args.batch} x {args.context} tokens:"
+    )
     for name, value in timings.items():
         print(f"  {name:38} {value:8.3f} ms")
-    print(f"  reads {step_bytes / 1e9:.2f} GB -> {results['step_bandwidth'] / 1e12:.2f} TB/s = "
-          f"{results['fraction_of_copy_bandwidth']:.1%} of copy bandwidth "
-          f"(attention alone {results['attention_fraction_of_copy_bandwidth']:.1%})")
+    print(
+        f"  reads {step_bytes / 1e9:.2f} GB -> {results['step_bandwidth'] / 1e12:.2f} TB/s = "
+        f"{results['fraction_of_copy_bandwidth']:.1%} of copy bandwidth "
+        f"(attention alone {results['attention_fraction_of_copy_bandwidth']:.1%})"
+    )
     for row in results["eager_kernels"]:
         print(f"  {row['gpu_ms']:8.3f} ms {row['calls']:5d}x  {row['kernel']}")
 

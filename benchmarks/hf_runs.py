@@ -16,12 +16,18 @@ from benchmarks.workload import Workload
 def load_hf_model(model_dir: Path, device: str, dtype: torch.dtype, attn_implementation: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, attn_implementation=attn_implementation
+    )
     return model.to(device).eval()
 
 
 def run_hf_continuous_batching(
-    model_dir: Path, workload: Workload, device: str, dtype: torch.dtype, attn_implementation: str = "paged|sdpa"
+    model_dir: Path,
+    workload: Workload,
+    device: str,
+    dtype: torch.dtype,
+    attn_implementation: str = "paged|sdpa",
 ) -> RunResult:
     """Every request with its own max_new_tokens through the continuous-batching manager."""
     from transformers import GenerationConfig

@@ -33,9 +33,19 @@ from gpu_worker.model_runner import ModelRunner
 
 QWEN3_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
 # Small enough that loading it costs nothing; the vocabulary holds the workload's ids.
-TINY = dict(hidden_size=32, intermediate_size=64, head_dim=16, num_attention_heads=2, num_key_value_heads=1,
-            num_hidden_layers=1, max_window_layers=1, vocab_size=10240, bos_token_id=0, eos_token_id=10239,
-            torch_dtype="float32")
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    head_dim=16,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    num_hidden_layers=1,
+    max_window_layers=1,
+    vocab_size=10240,
+    bos_token_id=0,
+    eos_token_id=10239,
+    torch_dtype="float32",
+)
 
 
 def tiny_model(scratch: Path) -> Path:
@@ -70,7 +80,9 @@ def stub_model_and_time_builds() -> dict[int, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--json", type=Path, default=Path("host_cost.json"))
     args = parser.parse_args(argv)
@@ -80,18 +92,29 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = tiny_model(Path(scratch))
         (result,) = run_in_process(model_dir, nano_vllm_workload(args.num_seqs), settings, [3])
     steps = result.profile["steps"]
-    per_step = {part: 1e3 * result.profile[f"{part}_s"] / steps for part in ("schedule", "launch", "finish", "update")}
+    per_step = {
+        part: 1e3 * result.profile[f"{part}_s"] / steps for part in ("schedule", "launch", "finish", "update")
+    }
     by_batch: dict[int, list[float]] = defaultdict(list)
     for batch_size, seconds in builds.items():
         by_batch[1 << (batch_size - 1).bit_length()].extend(seconds)
     build_us = {size: 1e6 * sorted(times)[len(times) // 2] for size, times in sorted(by_batch.items())}
-    summary = {"num_seqs": args.num_seqs, "steps": steps, "seconds": result.seconds, "ms_per_step": per_step,
-               "median_build_us_by_batch_up_to": build_us}
+    summary = {
+        "num_seqs": args.num_seqs,
+        "steps": steps,
+        "seconds": result.seconds,
+        "ms_per_step": per_step,
+        "median_build_us_by_batch_up_to": build_us,
+    }
     args.json.write_text(json.dumps(summary, indent=2))
-    print(f"{steps:.0f} steps in {result.seconds:.2f} s; ms per step: "
-          + ", ".join(f"{part} {ms:.3f}" for part, ms in per_step.items()))
-    print("input build, median us by batch size (up to): "
-          + "  ".join(f"{size}: {us:.0f}" for size, us in build_us.items()))
+    print(
+        f"{steps:.0f} steps in {result.seconds:.2f} s; ms per step: "
+        + ", ".join(f"{part} {ms:.3f}" for part, ms in per_step.items())
+    )
+    print(
+        "input build, median us by batch size (up to): "
+        + "  ".join(f"{size}: {us:.0f}" for size, us in build_us.items())
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ class WindowedLaunchProfiler:
 
     def __init__(self, windows: list[tuple[int, int]], device: str) -> None:
         self.windows = windows
-        self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        self.activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if device.startswith("cuda") else []
+        )
         self.num_calls = 0
         self.batch_sizes: dict[tuple[int, int], list[int]] = defaultdict(list)
         self.events: dict[tuple[int, int], list[FunctionEvent]] = {}
@@ -65,8 +67,11 @@ class WindowedLaunchProfiler:
         ModelRunner.launch_step = profiled_launch
 
     def summary(self) -> dict[str, dict]:
-        return {f"{start}:{end}": _summarize(self.events[(start, end)], self.batch_sizes[(start, end)])
-                for start, end in self.windows if (start, end) in self.events}
+        return {
+            f"{start}:{end}": _summarize(self.events[(start, end)], self.batch_sizes[(start, end)])
+            for start, end in self.windows
+            if (start, end) in self.events
+        }
 
 
 def _summarize(events: list[FunctionEvent], batch_sizes: list[int], top: int = 15) -> dict:
@@ -95,18 +100,26 @@ def _summarize(events: list[FunctionEvent], batch_sizes: list[int], top: int = 1
 
 
 def _int_pair(text: str) -> tuple[int, int]:
-    """"A:B" as (A, B)."""
+    """ "A:B" as (A, B)."""
     start, end = text.split(":")
     return int(start), int(end)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
-    parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG, help="on CUDA: random weights of it")
+    parser.add_argument(
+        "--model-config", type=Path, default=DEFAULT_CONFIG, help="on CUDA: random weights of it"
+    )
     parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--lengths", type=_int_pair, default=(100, 1024), help="MIN:MAX input and output lengths")
-    parser.add_argument("--windows", default="100:150,1000:1040", help="comma-separated START:END launch calls")
+    parser.add_argument(
+        "--lengths", type=_int_pair, default=(100, 1024), help="MIN:MAX input and output lengths"
+    )
+    parser.add_argument(
+        "--windows", default="100:150,1000:1040", help="comma-separated START:END launch calls"
+    )
     parser.add_argument("--json", type=Path, default=Path("launch_profile.json"))
     args = parser.parse_args(argv)
     windows = [_int_pair(text) for text in args.windows.split(",")]
@@ -120,13 +133,19 @@ def main(argv: list[str] | None = None) -> None:
 
             model_dir = materialize_default_model()
         (result,) = run_in_process(model_dir, nano_vllm_workload(args.num_seqs, *args.lengths), settings, [3])
-    summary = {"device": args.device, "num_seqs": args.num_seqs, "tokens_per_second": result.tokens_per_second,
-               "windows": profiler.summary()}
+    summary = {
+        "device": args.device,
+        "num_seqs": args.num_seqs,
+        "tokens_per_second": result.tokens_per_second,
+        "windows": profiler.summary(),
+    }
     args.json.write_text(json.dumps(summary, indent=2))
     for window, entry in summary["windows"].items():
         low, high = entry["batch_sizes"]
-        print(f"launch calls {window}: {entry['steps']} steps of {low}-{high} sequences, "
-              f"{entry['launch_us_per_step']:.0f} us of host time per launch")
+        print(
+            f"launch calls {window}: {entry['steps']} steps of {low}-{high} sequences, "
+            f"{entry['launch_us_per_step']:.0f} us of host time per launch"
+        )
         for name, us in entry["top_self_us_per_step"].items():
             count = entry["calls_per_step"].get(name)
             print(f"  {us:8.1f} us  {name}" + (f"  ({count:.1f} calls)" if count is not None else ""))

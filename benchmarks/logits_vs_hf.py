@@ -44,7 +44,9 @@ def pagedserve_logits(runner: ModelRunner, token_ids: torch.Tensor) -> torch.Ten
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--prompt-lengths", default="17,300,1000")
     parser.add_argument("--json", type=Path, default=Path("logits_vs_hf.json"))
@@ -53,8 +55,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_random_model(args.model_config, Path(scratch) / "model")
         runner = ModelRunner(
-            WorkerConfig(model_path=model_dir, device="cuda", max_model_len=4096, max_num_seqs=8,
-                         gpu_memory_utilization=0.3, enforce_eager=True)
+            WorkerConfig(
+                model_path=model_dir,
+                device="cuda",
+                max_model_len=4096,
+                max_num_seqs=8,
+                gpu_memory_utilization=0.3,
+                enforce_eager=True,
+            )
         )
         hf_model = load_hf_model(model_dir, "cuda", torch.bfloat16, "sdpa")
         generator = torch.Generator().manual_seed(1)
@@ -66,13 +74,15 @@ def main() -> None:
             agree = ours.argmax(-1) == theirs.argmax(-1)
             top2 = theirs.topk(2, dim=-1).values
             margins = (top2[:, 0] - top2[:, 1])[~agree]
-            rows.append({
-                "prompt_length": length,
-                "relative_error": float((ours - theirs).norm() / theirs.norm()),
-                "argmax_agreement": float(agree.float().mean()),
-                "max_margin_where_disagree": float(margins.max()) if margins.numel() else None,
-                "median_top2_margin": float((top2[:, 0] - top2[:, 1]).median()),
-            })
+            rows.append(
+                {
+                    "prompt_length": length,
+                    "relative_error": float((ours - theirs).norm() / theirs.norm()),
+                    "argmax_agreement": float(agree.float().mean()),
+                    "max_margin_where_disagree": float(margins.max()) if margins.numel() else None,
+                    "median_top2_margin": float((top2[:, 0] - top2[:, 1]).median()),
+                }
+            )
             print(rows[-1])
     args.json.write_text(json.dumps(rows, indent=2))
 

@@ -28,7 +28,9 @@ def decode_inputs(num_seqs: int, shortest: int, longest: int) -> tuple[torch.Ten
     contexts = [rng.randint(shortest, longest) for _ in range(num_seqs)]
     width = -(-longest // BLOCK_SIZE)
     num_blocks = num_seqs * width
-    key_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+    key_cache = torch.randn(
+        num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda"
+    )
     value_cache = torch.randn_like(key_cache)
     block_tables = torch.randperm(num_blocks, device="cuda").view(num_seqs, width).int()
     seq_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")

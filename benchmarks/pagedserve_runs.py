@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
-from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.cli import build_parser
 from services.launcher import free_port, service_commands, wait_until_serving
 
@@ -78,8 +78,9 @@ def run_name(base: str, max_steps_in_flight: int) -> str:
     return base if max_steps_in_flight == default else f"{base}, {max_steps_in_flight} steps in flight"
 
 
-def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings,
-                   steps_in_flight: Sequence[int] = (2,)) -> list[RunResult]:
+def run_in_process(
+    model_dir: Path, workload: Workload, settings: EngineSettings, steps_in_flight: Sequence[int] = (2,)
+) -> list[RunResult]:
     """One run per max_steps_in_flight (1: no overlap), on one model runner."""
     import torch
 
@@ -97,7 +98,9 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             swap_space_bytes=int(settings.swap_space_gib * (1 << 30)),
-            step_timeline_path=settings.step_timeline_dir / "inprocess.jsonl" if settings.step_timeline_dir else None,
+            step_timeline_path=settings.step_timeline_dir / "inprocess.jsonl"
+            if settings.step_timeline_dir
+            else None,
         )
     )
     results = drive_runs(runner, workload, settings, steps_in_flight)
@@ -108,8 +111,9 @@ def run_in_process(model_dir: Path, workload: Workload, settings: EngineSettings
     return results
 
 
-def drive_runs(runner, workload: Workload, settings: EngineSettings,
-               steps_in_flight: Sequence[int]) -> list[RunResult]:
+def drive_runs(
+    runner, workload: Workload, settings: EngineSettings, steps_in_flight: Sequence[int]
+) -> list[RunResult]:
     """The in-process runs on `runner` (a ModelRunner, or anything with its step methods
     and a device_timer)."""
     from services.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -119,7 +123,8 @@ def drive_runs(runner, workload: Workload, settings: EngineSettings,
     def new_scheduler(max_steps_in_flight: int) -> Scheduler:
         return Scheduler(
             SchedulerConfig(
-                max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
                 max_steps_in_flight=max_steps_in_flight,
             ),
             num_blocks=info.num_kv_blocks,
@@ -221,15 +226,36 @@ def _synchronize(device: str) -> None:
 # --- the three services -------------------------------------------------------------------
 
 
-def _service_commands(model_dir: Path, settings: EngineSettings, ports: dict[str, int]) -> dict[str, list[str]]:
+def _service_commands(
+    model_dir: Path, settings: EngineSettings, ports: dict[str, int]
+) -> dict[str, list[str]]:
     """What `pagedserve serve` with these settings runs, on these ports."""
     flags = [
-        "--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port", str(ports["tokenizer"]),
-        "--shutdown-grace", "5", "--device", settings.device, "--block-size", str(settings.block_size),
-        "--gpu-memory-utilization", str(settings.gpu_memory_utilization), "--swap-space", str(settings.swap_space_gib),
-        "--max-num-seqs", str(settings.max_num_seqs), "--max-num-batched-tokens", str(settings.max_num_batched_tokens),
-        "--max-steps-in-flight", str(settings.max_steps_in_flight),
-        "--max-stream-messages-per-step", str(settings.max_stream_messages_per_step),
+        "--log-level",
+        "WARNING",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ports["tokenizer"]),
+        "--shutdown-grace",
+        "5",
+        "--device",
+        settings.device,
+        "--block-size",
+        str(settings.block_size),
+        "--gpu-memory-utilization",
+        str(settings.gpu_memory_utilization),
+        "--swap-space",
+        str(settings.swap_space_gib),
+        "--max-num-seqs",
+        str(settings.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(settings.max_num_batched_tokens),
+        "--max-steps-in-flight",
+        str(settings.max_steps_in_flight),
+        "--max-stream-messages-per-step",
+        str(settings.max_stream_messages_per_step),
     ]
     if settings.max_model_len is not None:
         flags += ["--max-model-len", str(settings.max_model_len)]
@@ -240,9 +266,14 @@ def _service_commands(model_dir: Path, settings: EngineSettings, ports: dict[str
     return service_commands(build_parser().parse_args(flags), model_dir, ports["worker"], ports["scheduler"])
 
 
-def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_dir: Path,
-             num_clients: int = 4,
-             adjust_commands: Callable[[dict[str, list[str]], dict[str, int]], None] | None = None) -> RunResult:
+def run_grpc(
+    model_dir: Path,
+    workload: Workload,
+    settings: EngineSettings,
+    log_dir: Path,
+    num_clients: int = 4,
+    adjust_commands: Callable[[dict[str, list[str]], dict[str, int]], None] | None = None,
+) -> RunResult:
     """adjust_commands(commands, ports) may change the services' command lines (by service
     name) before they start; a worker must listen on ports["worker"] and serve its
     /metrics on ports["worker_metrics"]."""
@@ -261,11 +292,13 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
     processes: dict[str, subprocess.Popen] = {}
     try:
         for name, command in commands.items():
-            log = open(log_dir / f"{name}.log", "w")
-            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # The child keeps its own descriptor of the log; ours can close at once.
+            with open(log_dir / f"{name}.log", "w") as log:
+                processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         address = f"127.0.0.1:{ports['tokenizer']}"
-        wait_until_serving(processes, {name: f"127.0.0.1:{ports[name]}" for name in processes}, log_dir,
-                           STARTUP_TIMEOUT_S)
+        wait_until_serving(
+            processes, {name: f"127.0.0.1:{ports[name]}" for name in processes}, log_dir, STARTUP_TIMEOUT_S
+        )
         # Warm-up: kernels of the first prefill and decode shapes compile in the worker.
         asyncio.run(_generate_all(address, [(f"w{i}", [1 + i] * 50, 8) for i in range(2)]))
         requests = [
@@ -284,8 +317,12 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
             profile[f"device_busy_{kind}_s"] = busy - device_before.get(kind, 0.0)
         profile["device_busy_s"] = sum(profile[f"device_busy_{kind}_s"] for kind in device_after)
         # What each service spent on the run, the scheduler's stats call aside.
-        profile.update({f"cpu_s.{name}": cpu_seconds(process.pid) - cpu_before[name]
-                        for name, process in processes.items()})
+        profile.update(
+            {
+                f"cpu_s.{name}": cpu_seconds(process.pid) - cpu_before[name]
+                for name, process in processes.items()
+            }
+        )
     finally:
         for name in ("tokenizer", "scheduler", "worker"):
             process = processes.get(name)
@@ -300,15 +337,20 @@ def run_grpc(model_dir: Path, workload: Workload, settings: EngineSettings, log_
     name = run_name("pagedserve gRPC (3 services)", settings.max_steps_in_flight)
     # The worker's file holds the warm-up too; the run's window cuts it off.
     timeline = _timeline_summary(timeline_path, window_start, window_end) if timeline_path else {}
-    return RunResult(name, seconds, sum(len(o) for o in ordered), ordered, profile, note=note, timeline=timeline)
+    return RunResult(
+        name, seconds, sum(len(o) for o in ordered), ordered, profile, note=note, timeline=timeline
+    )
 
 
 def worker_device_seconds(metrics_port: int) -> dict[str, float]:
     """The worker's pagedserve:worker_device_seconds_total by kind, from its /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
-    return {sample.labels["kind"]: sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name == "pagedserve:worker_device_seconds_total"}
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "pagedserve:worker_device_seconds_total"
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -320,15 +362,20 @@ def cpu_seconds(pid: int) -> float:
 def _scheduler_stats(address: str) -> dict[str, float]:
     """The scheduler's counters after the run (warm-up included)."""
     with grpc.insecure_channel(address) as channel:
-        stats = scheduler_pb2_grpc.SchedulerStub(channel).GetStats(scheduler_pb2.GetStatsRequest(), timeout=30)
+        stats = scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
+            scheduler_pb2.GetStatsRequest(), timeout=30
+        )
     return {
-        "steps": float(stats.num_steps), "num_kv_blocks": float(stats.num_total_blocks),
-        "preemptions": float(stats.num_preemptions), "generation_tokens": float(stats.num_generation_tokens),
+        "steps": float(stats.num_steps),
+        "num_kv_blocks": float(stats.num_total_blocks),
+        "preemptions": float(stats.num_preemptions),
+        "generation_tokens": float(stats.num_generation_tokens),
     }
 
 
-def run_clients(address: str, requests: list[tuple[str, list[int], int]],
-                num_clients: int) -> tuple[dict[str, list[int]], float, float]:
+def run_clients(
+    address: str, requests: list[tuple[str, list[int], int]], num_clients: int
+) -> tuple[dict[str, list[int]], float, float]:
     """Sends the requests from num_clients processes that start together once every one
     of them has connected, as an in-process run has every request at once; returns each
     request's tokens, that start and the last token's arrival. Times are time.perf_counter:
@@ -360,8 +407,9 @@ def _client_process(address: str, requests: list[tuple[str, list[int], int]]):
     return outputs, time.perf_counter()
 
 
-async def _generate_all(address: str, requests: list[tuple[str, list[int], int]],
-                        start_barrier=None) -> dict[str, list[int]]:
+async def _generate_all(
+    address: str, requests: list[tuple[str, list[int], int]], start_barrier=None
+) -> dict[str, list[int]]:
     options = [("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)

@@ -44,7 +44,9 @@ def mixed_batch(prompt_lens: list[int], decode_contexts: list[int], num_kv_heads
         table = order[offset : offset + count]
         offset += count
         tables.append(table)
-        slots.extend(table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(seq_len - query_len, seq_len))
+        slots.extend(
+            table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(seq_len - query_len, seq_len)
+        )
     width = max(blocks_needed)
     query_start_loc = [0]
     for n in query_lens:
@@ -53,14 +55,18 @@ def mixed_batch(prompt_lens: list[int], decode_contexts: list[int], num_kv_heads
         slot_mapping=torch.tensor(slots, device=device),
         query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
+        block_tables=torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device
+        ),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
     ), len(order)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--json", type=Path, default=Path("prefill_step.json"))
     args = parser.parse_args()
@@ -75,12 +81,24 @@ def main() -> None:
     key_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda")
     value_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda")
     query = torch.randn(num_tokens, 16, 128, dtype=torch.bfloat16, device="cuda")
-    results: dict = {"num_tokens": num_tokens, "num_prompts": len(prompt_lens), "num_decodes": len(decode_contexts)}
+    results: dict = {
+        "num_tokens": num_tokens,
+        "num_prompts": len(prompt_lens),
+        "num_decodes": len(decode_contexts),
+    }
 
     def run(**config):
-        return prefill_attention_triton(query, key_cache, value_cache, metadata.block_tables,
-                                        metadata.query_start_loc, metadata.seq_lens, 128**-0.5,
-                                        metadata.max_query_len, **config)
+        return prefill_attention_triton(
+            query,
+            key_cache,
+            value_cache,
+            metadata.block_tables,
+            metadata.query_start_loc,
+            metadata.seq_lens,
+            128**-0.5,
+            metadata.max_query_len,
+            **config,
+        )
 
     sweep = []
     for block_m, block_n, warps, stages in itertools.product((32, 64), (32, 64, 128), (4, 8), (1, 2, 3)):
@@ -106,14 +124,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_random_model(args.model_config, Path(scratch) / "model")
-        runner = ModelRunner(WorkerConfig(model_path=model_dir, device="cuda", max_model_len=4096,
-                                          gpu_memory_utilization=0.3, enforce_eager=True))
+        runner = ModelRunner(
+            WorkerConfig(
+                model_path=model_dir,
+                device="cuda",
+                max_model_len=4096,
+                gpu_memory_utilization=0.3,
+                enforce_eager=True,
+            )
+        )
     runner.kv_cache.storage.normal_()
     input_ids = torch.randint(0, 10000, (num_tokens,), device="cuda")
-    positions = torch.cat([
-        torch.arange(int(s) - int(q), int(s), device="cuda")
-        for s, q in zip(metadata.seq_lens.tolist(), (metadata.query_start_loc[1:] - metadata.query_start_loc[:-1]).tolist())
-    ])
+    positions = torch.cat(
+        [
+            torch.arange(int(s) - int(q), int(s), device="cuda")
+            for s, q in zip(
+                metadata.seq_lens.tolist(),
+                (metadata.query_start_loc[1:] - metadata.query_start_loc[:-1]).tolist(),
+            )
+        ]
+    )
 
     def forward():
         with torch.inference_mode(), attention_context(metadata):
@@ -123,8 +153,10 @@ def main() -> None:
     results["mixed_forward_kernels"] = kernel_table(forward, top=12)
     args.json.write_text(json.dumps(results, indent=2))
     print(f"mixed step: {num_tokens} tokens ({len(prompt_lens)} prompts, {len(decode_contexts)} decodes)")
-    print(f"  forward {results['mixed_forward_ms']:.2f} ms; paged prefill attention one layer: "
-          f"default {results['paged_prefill_default_ms']:.3f} ms, varlen (prompts only) {results.get('varlen_prompts_only_ms')}")
+    print(
+        f"  forward {results['mixed_forward_ms']:.2f} ms; paged prefill attention one layer: "
+        f"default {results['paged_prefill_default_ms']:.3f} ms, varlen (prompts only) {results.get('varlen_prompts_only_ms')}"
+    )
     for row in sweep[:6]:
         print("  ", row)
     for row in results["mixed_forward_kernels"]:

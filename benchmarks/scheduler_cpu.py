@@ -20,10 +20,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from pagedserve.v1 import common_pb2
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model_runner import ModelRunner
-from pagedserve.v1 import common_pb2
 from services.common.embedded_model import materialize_default_model
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.scheduler import Scheduler
@@ -56,8 +56,9 @@ def _greedy(max_tokens: int) -> common_pb2.SamplingParams:
 
 def _scheduler(runner: ModelRunner, config: SchedulerConfig) -> Scheduler:
     info = runner.info()
-    return Scheduler(config, info.num_kv_blocks, info.block_size, info.model.max_model_len,
-                     list(info.model.eos_token_ids))
+    return Scheduler(
+        config, info.num_kv_blocks, info.block_size, info.model.max_model_len, list(info.model.eos_token_ids)
+    )
 
 
 def _step(scheduler: Scheduler, runner: ModelRunner) -> tuple[list, int]:
@@ -65,15 +66,19 @@ def _step(scheduler: Scheduler, runner: ModelRunner) -> tuple[list, int]:
     step = scheduler.schedule()
     assert step is not None
     prompt_tokens = sum(
-        max(0, min(item.sequence.num_prompt_tokens, item.sequence.num_computed_tokens + item.num_new_tokens)
-            - item.sequence.num_computed_tokens)
+        max(
+            0,
+            min(item.sequence.num_prompt_tokens, item.sequence.num_computed_tokens + item.num_new_tokens)
+            - item.sequence.num_computed_tokens,
+        )
         for item in step.scheduled
     )
     return scheduler.update_from_output(step, runner.execute_step(step.to_proto())), prompt_tokens
 
 
-def shared_prefix_run(runner: ModelRunner, caching: bool, num_requests: int, prefix_len: int,
-                      suffix_len: int, max_tokens: int) -> PrefixRun:
+def shared_prefix_run(
+    runner: ModelRunner, caching: bool, num_requests: int, prefix_len: int, suffix_len: int, max_tokens: int
+) -> PrefixRun:
     rng = random.Random(0)
     prefix = [rng.randint(100, 10_000) for _ in range(prefix_len)]
     prompts = [prefix + [rng.randint(100, 10_000) for _ in range(suffix_len)] for _ in range(num_requests)]
@@ -100,8 +105,16 @@ def shared_prefix_run(runner: ModelRunner, caching: bool, num_requests: int, pre
         submitted_at[f"r{index}"] = time.perf_counter()
     run_until_idle()
     ttfts = [first_token_at[f"r{i}"] - submitted_at[f"r{i}"] for i in range(1, num_requests)]
-    return PrefixRun(caching, num_requests, sum(map(len, prompts)), computed, cached,
-                     statistics.mean(ttfts), statistics.median(ttfts), time.perf_counter() - start)
+    return PrefixRun(
+        caching,
+        num_requests,
+        sum(map(len, prompts)),
+        computed,
+        cached,
+        statistics.mean(ttfts),
+        statistics.median(ttfts),
+        time.perf_counter() - start,
+    )
 
 
 def utilization_run(runner: ModelRunner, num_requests: int, num_blocks: int) -> UtilizationRun:
@@ -121,12 +134,19 @@ def utilization_run(runner: ModelRunner, num_requests: int, num_blocks: int) -> 
             # While requests still queue, the pool is as full as the scheduler can keep it.
             if scheduler.waiting:
                 full_samples.append(live / used_slots)
-    return UtilizationRun(num_requests, len(samples), statistics.mean(samples),
-                          min(full_samples) if full_samples else float("nan"), time.perf_counter() - start)
+    return UtilizationRun(
+        num_requests,
+        len(samples),
+        statistics.mean(samples),
+        min(full_samples) if full_samples else float("nan"),
+        time.perf_counter() - start,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--prefix-len", type=int, default=480, help="shared prompt tokens (30 blocks)")
     parser.add_argument("--suffix-len", type=int, default=24)
@@ -137,25 +157,40 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    runner = ModelRunner(WorkerConfig(model_path=materialize_default_model(), device="cpu", swap_space_bytes=0))
+    runner = ModelRunner(
+        WorkerConfig(model_path=materialize_default_model(), device="cpu", swap_space_bytes=0)
+    )
     prefix_runs = [
         shared_prefix_run(runner, caching, args.requests, args.prefix_len, args.suffix_len, args.max_tokens)
         for caching in (False, True)
     ]
     utilization = utilization_run(runner, args.load_requests, args.load_blocks)
 
-    print("| prefix caching | prompt tokens | computed | cached (reported) | mean TTFT s | p50 TTFT s | run s |")
+    print(
+        "| prefix caching | prompt tokens | computed | cached (reported) | mean TTFT s | p50 TTFT s | run s |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for run in prefix_runs:
-        print(f"| {'on' if run.prefix_caching else 'off'} | {run.prompt_tokens} | {run.prompt_tokens_computed} | "
-              f"{run.cached_tokens_reported} | {run.mean_ttft_s:.3f} | {run.p50_ttft_s:.3f} | {run.seconds:.1f} |")
-    print(f"\nKV utilization under load ({utilization.requests} requests, {args.load_blocks} blocks, "
-          f"{utilization.steps} steps): mean {utilization.mean_utilization:.1%}, "
-          f"lowest while requests queued {utilization.min_utilization_while_full:.1%}")
+        print(
+            f"| {'on' if run.prefix_caching else 'off'} | {run.prompt_tokens} | {run.prompt_tokens_computed} | "
+            f"{run.cached_tokens_reported} | {run.mean_ttft_s:.3f} | {run.p50_ttft_s:.3f} | {run.seconds:.1f} |"
+        )
+    print(
+        f"\nKV utilization under load ({utilization.requests} requests, {args.load_blocks} blocks, "
+        f"{utilization.steps} steps): mean {utilization.mean_utilization:.1%}, "
+        f"lowest while requests queued {utilization.min_utilization_while_full:.1%}"
+    )
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"prefix": [asdict(r) for r in prefix_runs], "utilization": asdict(utilization),
-                       "args": vars(args)}, out, indent=2)
+            json.dump(
+                {
+                    "prefix": [asdict(r) for r in prefix_runs],
+                    "utilization": asdict(utilization),
+                    "args": vars(args),
+                },
+                out,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, run_grpc
 from benchmarks.workload import nano_vllm_workload
 from gpu_worker.device_time import DECODE, PREFILL
-from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,16 @@ class NullRunner:
         self._device_free_at = 0.0
 
     def info(self) -> worker_pb2.WorkerInfo:
-        model = common_pb2.ModelInfo(model_name="null", architecture="null", max_model_len=self.max_model_len,
-                                     vocab_size=self.vocab_size, eos_token_ids=[0])
-        return worker_pb2.WorkerInfo(model=model, num_kv_blocks=1 << 20, block_size=16, device="none",
-                                     dtype="none")
+        model = common_pb2.ModelInfo(
+            model_name="null",
+            architecture="null",
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            eos_token_ids=[0],
+        )
+        return worker_pb2.WorkerInfo(
+            model=model, num_kv_blocks=1 << 20, block_size=16, device="none", dtype="none"
+        )
 
     def reset(self) -> None:
         self.sequences.clear()
@@ -156,19 +163,31 @@ def _cost_args(costs: PretendCosts) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name, value in vars(PretendCosts()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value)
     parser.add_argument("--runs", default="inprocess,grpc", help="comma-separated: inprocess, grpc")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--clients", type=int, default=4, help="client processes")
-    parser.add_argument("--max-steps-in-flight", type=int, default=EngineSettings.max_steps_in_flight,
-                        help="the scheduler's; 1: no overlap")
+    parser.add_argument(
+        "--max-steps-in-flight",
+        type=int,
+        default=EngineSettings.max_steps_in_flight,
+        help="the scheduler's; 1: no overlap",
+    )
     parser.add_argument("--max-stream-messages-per-step", type=int, default=32, help="0: no limit")
-    parser.add_argument("--model", type=Path, default=None, help="tokenizer's model directory; default: embedded")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="tokenizer's model directory; default: embedded"
+    )
     parser.add_argument("--json", type=Path, default=Path("service_overhead.json"))
-    parser.add_argument("--profile-dir", type=Path, default=None,
-                        help="run the scheduler and tokenizer under cProfile, writing NAME.prof here")
+    parser.add_argument(
+        "--profile-dir",
+        type=Path,
+        default=None,
+        help="run the scheduler and tokenizer under cProfile, writing NAME.prof here",
+    )
     parser.add_argument("--serve-null-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--metrics-port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -178,8 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     workload = nano_vllm_workload(args.num_seqs, 100, 1024, 10000)
-    settings = EngineSettings(device="cpu", max_steps_in_flight=args.max_steps_in_flight,
-                              max_stream_messages_per_step=args.max_stream_messages_per_step)
+    settings = EngineSettings(
+        device="cpu",
+        max_steps_in_flight=args.max_steps_in_flight,
+        max_stream_messages_per_step=args.max_stream_messages_per_step,
+    )
     results: list[RunResult] = []
     if "inprocess" in args.runs:
         results += drive_runs(NullRunner(costs), workload, settings, [settings.max_steps_in_flight])
@@ -187,35 +209,71 @@ def main(argv: list[str] | None = None) -> None:
         from services.common.embedded_model import materialize_default_model
 
         def pretend_worker(commands: dict[str, list[str]], ports: dict[str, int]) -> None:
-            commands["worker"] = [sys.executable, "-m", "benchmarks.service_overhead", *_cost_args(costs),
-                                  "--serve-null-worker", str(ports["worker"]),
-                                  "--metrics-port", str(ports["worker_metrics"])]
+            commands["worker"] = [
+                sys.executable,
+                "-m",
+                "benchmarks.service_overhead",
+                *_cost_args(costs),
+                "--serve-null-worker",
+                str(ports["worker"]),
+                "--metrics-port",
+                str(ports["worker_metrics"]),
+            ]
             if args.profile_dir is not None:
                 args.profile_dir.mkdir(parents=True, exist_ok=True)
                 for name in ("scheduler", "tokenizer"):
-                    profiled = [sys.executable, "-m", "cProfile", "-o", str(args.profile_dir / f"{name}.prof")]
+                    profiled = [
+                        sys.executable,
+                        "-m",
+                        "cProfile",
+                        "-o",
+                        str(args.profile_dir / f"{name}.prof"),
+                    ]
                     commands[name] = [*profiled, *commands[name][1:]]
 
         with tempfile.TemporaryDirectory(prefix="service-overhead-") as scratch:
-            results.append(run_grpc(args.model or materialize_default_model(), workload, settings,
-                                    Path(scratch) / "logs", args.clients, adjust_commands=pretend_worker))
+            results.append(
+                run_grpc(
+                    args.model or materialize_default_model(),
+                    workload,
+                    settings,
+                    Path(scratch) / "logs",
+                    args.clients,
+                    adjust_commands=pretend_worker,
+                )
+            )
 
-    summary = {"costs": vars(costs), "max_steps_in_flight": args.max_steps_in_flight, "num_seqs": args.num_seqs,
-               "max_stream_messages_per_step": args.max_stream_messages_per_step, "runs": {}}
+    summary = {
+        "costs": vars(costs),
+        "max_steps_in_flight": args.max_steps_in_flight,
+        "num_seqs": args.num_seqs,
+        "max_stream_messages_per_step": args.max_stream_messages_per_step,
+        "runs": {},
+    }
     print(f"pretend device: {costs}")
     for result in results:
         busy = result.profile["device_busy_s"]
-        cpu = {name.removeprefix("cpu_s."): seconds for name, seconds in result.profile.items()
-               if name.startswith("cpu_s.")}
-        summary["runs"][result.name] = {
-            "output_tokens": result.output_tokens, "seconds": result.seconds,
-            "tokens_per_second": result.tokens_per_second, "device_busy_s": busy,
-            "cpu_seconds": cpu, "cpu_us_per_token": {name: 1e6 * s / result.output_tokens for name, s in cpu.items()},
+        cpu = {
+            name.removeprefix("cpu_s."): seconds
+            for name, seconds in result.profile.items()
+            if name.startswith("cpu_s.")
         }
-        print(f"{result.name:32} {result.output_tokens:,} tokens in {result.seconds:.2f} s: "
-              f"{result.tokens_per_second:,.0f} tok/s, device busy {busy:.2f} s ({busy / result.seconds:.1%})")
+        summary["runs"][result.name] = {
+            "output_tokens": result.output_tokens,
+            "seconds": result.seconds,
+            "tokens_per_second": result.tokens_per_second,
+            "device_busy_s": busy,
+            "cpu_seconds": cpu,
+            "cpu_us_per_token": {name: 1e6 * s / result.output_tokens for name, s in cpu.items()},
+        }
+        print(
+            f"{result.name:32} {result.output_tokens:,} tokens in {result.seconds:.2f} s: "
+            f"{result.tokens_per_second:,.0f} tok/s, device busy {busy:.2f} s ({busy / result.seconds:.1%})"
+        )
         for name, seconds_used in cpu.items():
-            print(f"  {name:10} {seconds_used:6.2f} CPU s  {1e6 * seconds_used / result.output_tokens:6.1f} us/token")
+            print(
+                f"  {name:10} {seconds_used:6.2f} CPU s  {1e6 * seconds_used / result.output_tokens:6.1f} us/token"
+            )
     args.json.write_text(json.dumps(summary, indent=2))
 
 

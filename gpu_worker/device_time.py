@@ -82,5 +82,9 @@ class DeviceTimer:
             self.seconds[kind] += started.elapsed_time(ended) / 1e3
             if self._on_step is not None:
                 reference = self._reference
-                self._on_step(step_id, kind, self._reference_s + reference.elapsed_time(started) / 1e3,
-                              self._reference_s + reference.elapsed_time(ended) / 1e3)
+                self._on_step(
+                    step_id,
+                    kind,
+                    self._reference_s + reference.elapsed_time(started) / 1e3,
+                    self._reference_s + reference.elapsed_time(ended) / 1e3,
+                )

@@ -19,9 +19,9 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
+from pagedserve.v1 import worker_pb2
 
 from gpu_worker.model.attention import AttentionMetadata
-from pagedserve.v1 import worker_pb2
 
 
 class DeviceToken(NamedTuple):
@@ -125,8 +125,14 @@ _NUM_STAGING_SETS = 3
 
 
 class StepInputBuilder:
-    def __init__(self, max_blocks_per_seq: int, block_size: int, device: torch.device,
-                 max_num_tokens: int = 0, max_num_seqs: int = 0) -> None:
+    def __init__(
+        self,
+        max_blocks_per_seq: int,
+        block_size: int,
+        device: torch.device,
+        max_num_tokens: int = 0,
+        max_num_seqs: int = 0,
+    ) -> None:
         """max_num_tokens, max_num_seqs: the largest step the scheduler sends, for which
         the CUDA staging buffers are allocated at once (a larger one still fits: they grow)."""
         self.block_tables = BlockTables(max_blocks_per_seq)
@@ -135,11 +141,15 @@ class StepInputBuilder:
         capacity64 = capacity32 = 0
         if device.type == "cuda" and max_num_tokens and max_num_seqs:
             num_seqs = min(max_num_seqs, max_num_tokens)
-            sizes64, sizes32 = _staging_sizes(max_num_tokens, num_seqs, num_seqs, num_seqs, max_blocks_per_seq)
+            sizes64, sizes32 = _staging_sizes(
+                max_num_tokens, num_seqs, num_seqs, num_seqs, max_blocks_per_seq
+            )
             capacity64 = _aligned_offsets(sizes64, itemsize=8)[-1]
             capacity32 = _aligned_offsets(sizes32, itemsize=4)[-1]
-        self._staging_sets = [(_Staging(torch.int64, capacity64), _Staging(torch.int32, capacity32))
-                              for _ in range(_NUM_STAGING_SETS)]
+        self._staging_sets = [
+            (_Staging(torch.int64, capacity64), _Staging(torch.int32, capacity32))
+            for _ in range(_NUM_STAGING_SETS)
+        ]
         self._num_builds = 0
 
     def remove(self, seq_id: int) -> None:
@@ -182,7 +192,9 @@ class StepInputBuilder:
             token_ids = state.token_ids
             num_known = len(token_ids)
             num_seq_tokens = num_known + state.num_pending_tokens
-            assert 0 < num_new and end <= num_seq_tokens, f"seq {seq_id}: computing {start}:{end} of {num_seq_tokens}"
+            assert num_new > 0 and end <= num_seq_tokens, (
+                f"seq {seq_id}: computing {start}:{end} of {num_seq_tokens}"
+            )
             if end <= num_known:
                 if num_new == 1:
                     input_ids.append(token_ids[start])
@@ -198,7 +210,7 @@ class StepInputBuilder:
                     f"seq {seq_id}: unknown inputs"
                 )
                 if num_new > 1:
-                    input_ids.extend(token_ids[start:end - 1])
+                    input_ids.extend(token_ids[start : end - 1])
                 fed_at.append(len(input_ids))
                 fed_tokens.append(state.newest_pending_token)
                 input_ids.append(0)
@@ -234,7 +246,9 @@ class StepInputBuilder:
             max_query_len = int(query_lens.max())
         seq_lens = starts + query_lens
         too_few = seq_lens > num_blocks * block_size
-        assert not too_few.any(), f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few)]}: too few blocks"
+        assert not too_few.any(), (
+            f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few)]}: too few blocks"
+        )
         block_index, block_offset = np.divmod(positions, block_size)
         slot_mapping = tables.array[token_rows, block_index].astype(np.int64) * block_size + block_offset
         max_blocks = int(num_blocks.max())
@@ -266,7 +280,9 @@ class StepInputBuilder:
         tables_h.reshape(num_seqs, max_blocks)[:] = tables.array[rows, :max_blocks]
 
         device64, device32 = self._to_device(host64, staging64), self._to_device(host32, staging32)
-        ids_d, positions_d, slots_d, samples_d, fed_at_d, fed_from_d = _tensor_segments(device64, offsets64, sizes64)
+        ids_d, positions_d, slots_d, samples_d, fed_at_d, fed_from_d = _tensor_segments(
+            device64, offsets64, sizes64
+        )
         starts_d, lens_d, tables_d = _tensor_segments(device32, offsets32, sizes32)
         if fed_at:
             ids_d.index_copy_(0, fed_at_d, fed_sources.index_select(0, fed_from_d))
@@ -302,13 +318,16 @@ class StepInputBuilder:
         return torch.from_numpy(host)
 
 
-def _staging_sizes(num_tokens: int, num_seqs: int, num_samples: int, num_fed: int,
-                   max_blocks: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _staging_sizes(
+    num_tokens: int, num_seqs: int, num_samples: int, num_fed: int, max_blocks: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Segment lengths of a step's staging buffers: int64 (input ids, positions, slots,
     sample rows, where fed tokens go, where they come from) and int32 (query start
     offsets, sequence lengths, block tables)."""
-    return ((num_tokens, num_tokens, num_tokens, num_samples, num_fed, num_fed),
-            (num_seqs + 1, num_seqs, num_seqs * max_blocks))
+    return (
+        (num_tokens, num_tokens, num_tokens, num_samples, num_fed, num_fed),
+        (num_seqs + 1, num_seqs, num_seqs * max_blocks),
+    )
 
 
 def _fed_token_sources(fed: list[DeviceToken]) -> tuple[torch.Tensor | None, list[int]]:

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from pagedserve.v1 import worker_pb2
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
-from pagedserve.v1 import worker_pb2
 
 
 @dataclass(frozen=True)

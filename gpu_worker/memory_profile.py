@@ -47,7 +47,10 @@ def profile_activation_bytes(
     block_tables = torch.arange(blocks_per_seq * len(lengths), dtype=torch.int32, device=device)
     block_tables = block_tables.view(len(lengths), blocks_per_seq)
     slot_mapping = torch.cat(
-        [torch.arange(n, device=device) + index * blocks_per_seq * block_size for index, n in enumerate(lengths)]
+        [
+            torch.arange(n, device=device) + index * blocks_per_seq * block_size
+            for index, n in enumerate(lengths)
+        ]
     )
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])
     lengths_tensor = torch.tensor(lengths, dtype=torch.int32, device=device)

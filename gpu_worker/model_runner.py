@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
+from pagedserve.v1 import common_pb2, worker_pb2
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.device_time import DECODE, PREFILL, DeviceTimer
 from gpu_worker.input_batch import DeviceToken, StepInputBuilder, StepInputs
-from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_activation_bytes
 from gpu_worker.kv_cache import (
     allocate_cpu_kv_cache,
     allocate_kv_cache,
@@ -34,12 +34,12 @@ from gpu_worker.kv_cache import (
     determine_num_kv_blocks,
     num_cpu_blocks,
 )
-from gpu_worker.model.attention import AttentionMetadata, attention_context
+from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_activation_bytes
+from gpu_worker.model.attention import attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
 from gpu_worker.sampler import Sampler, SequenceSampling
 from gpu_worker.step_timeline import StepTimeline
-from pagedserve.v1 import common_pb2, worker_pb2
 
 
 @dataclass
@@ -108,8 +108,11 @@ class ModelRunner:
         bind_kv_cache(self.model.attention_layers(), self.kv_cache)
         # Where preempted sequences' KV waits to be swapped back in.
         self.cpu_kv_cache = allocate_cpu_kv_cache(
-            self.model_config, num_cpu_blocks(config, self.model_config, self.dtype),
-            config.block_size, self.device, self.dtype,
+            self.model_config,
+            num_cpu_blocks(config, self.model_config, self.dtype),
+            config.block_size,
+            self.device,
+            self.dtype,
         )
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -122,8 +125,11 @@ class ModelRunner:
         self.device_timer = DeviceTimer(self.device, self.timeline.computed if self.timeline else None)
         self.sequences: dict[int, SequenceState] = {}
         self.step_inputs = StepInputBuilder(
-            -(-self.max_model_len // config.block_size), config.block_size, self.device,
-            config.max_num_batched_tokens, config.max_num_seqs,
+            -(-self.max_model_len // config.block_size),
+            config.block_size,
+            self.device,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
         )
 
     def info(self) -> worker_pb2.WorkerInfo:
@@ -187,7 +193,9 @@ class ModelRunner:
             sequences = self.sequences
             states = [sequences[seq_id] for seq_id in batch.sample_seq_ids]
             sampled = self.sampler.sample_on_device(
-                logits, [s.sampling for s in states], [len(s.token_ids) + s.num_pending_tokens for s in states]
+                logits,
+                [s.sampling for s in states],
+                [len(s.token_ids) + s.num_pending_tokens for s in states],
             )
             # A sequence that drew n tokens (its request's first sample) continues with the
             # one of its own completion index, its first draw; the scheduler forks the others.
@@ -202,8 +210,14 @@ class ModelRunner:
         kind = DECODE if batch.metadata.max_query_len == 1 else PREFILL
         if self.timeline is not None:
             # Before the timer's stop, which on CPU reports the step's device time at once.
-            self.timeline.launched(step.step_id, kind, len(step.scheduled), batch.input_ids.shape[0],
-                                   start_ns / 1e9, time.perf_counter())
+            self.timeline.launched(
+                step.step_id,
+                kind,
+                len(step.scheduled),
+                batch.input_ids.shape[0],
+                start_ns / 1e9,
+                time.perf_counter(),
+            )
         ended = self.device_timer.stop(started, kind, step.step_id)
         if launched.samples:
             launched.copied, launched.device = ended, self.device

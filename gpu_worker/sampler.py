@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
-
 from pagedserve.v1 import common_pb2
 
 # Temperatures at or below this are greedy: dividing by them would overflow anyway.
@@ -129,7 +128,7 @@ class SampledTokens:
 
     def grouped(self, tokens: list[int]) -> list[list[int]]:
         """`tokens` (read from the device) split into each row's draws."""
-        return [tokens[start:start + count] for start, count in zip(self.first_indices, self.counts)]
+        return [tokens[start : start + count] for start, count in zip(self.first_indices, self.counts)]
 
 
 class Sampler:
@@ -171,12 +170,17 @@ class Sampler:
             to_device(repeats, torch.int64, logits.device), dim=0, output_size=num_draws
         )
         positions = [p for p, k in zip(positions, repeats) for _ in range(k)]
-        indices = [i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])]
+        indices = [
+            i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])
+        ]
         first_indices = [0, *accumulate(repeats[:-1])]
         return SampledTokens(self._sample_rows(logits, expanded, positions, indices), repeats, first_indices)
 
     def _sample_rows(
-        self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int],
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SequenceSampling],
+        positions: Sequence[int],
         indices: Sequence[int],
     ) -> torch.Tensor:
         # The argmax of the logits as they come (bf16 on GPU) is the argmax of their float32
@@ -191,7 +195,9 @@ class Sampler:
 
         picked = [rows[i] for i in random_rows]
         row_index = column(random_rows, torch.int64)
-        scaled = logits[row_index].float() / column([r.temperature for r in picked], torch.float32).unsqueeze(1)
+        scaled = logits[row_index].float() / column([r.temperature for r in picked], torch.float32).unsqueeze(
+            1
+        )
         scaled = self._filter_top_k_top_p(scaled, picked)
         probs = torch.softmax(scaled, dim=-1)
         noise = exponential_noise(

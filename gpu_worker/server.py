@@ -3,11 +3,12 @@
 import asyncio
 import logging
 
+from pagedserve.v1 import worker_pb2, worker_pb2_grpc
+
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model_runner import ModelRunner
 from gpu_worker.servicer import WorkerServicer
 from gpu_worker.step_telemetry import StepTelemetry
-from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from services.common.grpc_server import ServerConfig, ServiceHost
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ async def serve_worker(server_config: ServerConfig, worker_config: WorkerConfig)
     async def load_model() -> None:
         await servicer.load(lambda: ModelRunner(worker_config))
         info = servicer.runner.info()
-        log.info("worker ready: %d KV blocks of %d tokens on %s", info.num_kv_blocks, info.block_size, info.device)
+        log.info(
+            "worker ready: %d KV blocks of %d tokens on %s", info.num_kv_blocks, info.block_size, info.device
+        )
 
     await host.run(prepare=load_model)
 

@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import grpc
+from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
 from gpu_worker.model_runner import ModelRunner
 from gpu_worker.step_pipeline import pipelined_steps
 from gpu_worker.step_telemetry import StepTelemetry
-from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import UnavailableError
 
 
@@ -49,7 +49,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         cuda_graphs = runner.decode_graphs is not None
         try:
             results = pipelined_steps(
-                runner, request_iterator, self._executor,
+                runner,
+                request_iterator,
+                self._executor,
                 around_step=lambda step: self.telemetry.step(step, cuda_graphs=cuda_graphs),
             )
             async with aclosing(results):

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 
-from gpu_worker.model_runner import LaunchedStep, ModelRunner
 from pagedserve.v1 import worker_pb2
+
+from gpu_worker.model_runner import LaunchedStep, ModelRunner
 
 # Steps launched and not finished at once (the scheduler sends up to 3 by default); a
 # step arriving beyond it waits for the oldest to finish.

@@ -7,12 +7,12 @@ from contextlib import contextmanager
 
 from opentelemetry import trace
 from opentelemetry.context import Context
+from pagedserve.v1 import worker_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from gpu_worker.device_time import DeviceTimer
-from pagedserve.v1 import worker_pb2
 from services.common.metrics import PREFIX, STEP_BUCKETS
 from services.common.telemetry import span_context_of, tracer
 
@@ -50,11 +50,15 @@ class StepTelemetry:
         self._device_seconds = _DeviceSeconds(registry)
         # Scheduler spans of the live sequences; empty while tracing is off (no traceparent).
         self._request_spans: dict[int, trace.SpanContext] = {}
-        self._duration = Histogram(PREFIX + "worker_step_duration_seconds",
-                                   "One step on the worker, from its arrival until its result has left.",
-                                   registry=registry, buckets=STEP_BUCKETS)
-        self._tokens = Counter(PREFIX + "worker_step_tokens", "Tokens computed, by kind.", ["kind"],
-                               registry=registry)
+        self._duration = Histogram(
+            PREFIX + "worker_step_duration_seconds",
+            "One step on the worker, from its arrival until its result has left.",
+            registry=registry,
+            buckets=STEP_BUCKETS,
+        )
+        self._tokens = Counter(
+            PREFIX + "worker_step_tokens", "Tokens computed, by kind.", ["kind"], registry=registry
+        )
 
     def watch_device(self, timer: DeviceTimer) -> None:
         """Exports the timer's totals from now on (the worker has one once its model loaded)."""
@@ -75,8 +79,11 @@ class StepTelemetry:
         off the path from the scheduler to the device and back."""
         self._follow_sequences(step)
         request_spans = self._request_spans
-        links = [trace.Link(request_spans[s.seq_id]) for s in step.scheduled if s.seq_id in request_spans] \
-            if request_spans else []
+        links = (
+            [trace.Link(request_spans[s.seq_id]) for s in step.scheduled if s.seq_id in request_spans]
+            if request_spans
+            else []
+        )
         attributes = {
             "pagedserve.step.id": step.step_id,
             "pagedserve.step.batch_size": len(step.scheduled),
@@ -84,17 +91,22 @@ class StepTelemetry:
         }
         started = time.monotonic()
         # A root span: a step serves many requests, so it belongs to no single trace.
-        with tracer().start_as_current_span("worker.step", context=Context(), links=links,
-                                            attributes=attributes) as span:
+        with tracer().start_as_current_span(
+            "worker.step", context=Context(), links=links, attributes=attributes
+        ) as span:
             yield
             prefill_tokens, decode_tokens = count_tokens(step)
             if span.is_recording():
-                span.set_attributes({
-                    "pagedserve.step.prefill_tokens": prefill_tokens,
-                    "pagedserve.step.decode_tokens": decode_tokens,
-                    # Decode-only steps replay a captured CUDA graph when the worker has them.
-                    "pagedserve.step.mode": "cuda_graph" if cuda_graphs and prefill_tokens == 0 else "eager",
-                })
+                span.set_attributes(
+                    {
+                        "pagedserve.step.prefill_tokens": prefill_tokens,
+                        "pagedserve.step.decode_tokens": decode_tokens,
+                        # Decode-only steps replay a captured CUDA graph when the worker has them.
+                        "pagedserve.step.mode": "cuda_graph"
+                        if cuda_graphs and prefill_tokens == 0
+                        else "eager",
+                    }
+                )
         self._duration.observe(time.monotonic() - started)
         self._tokens.labels("prefill").inc(prefill_tokens)
         self._tokens.labels("decode").inc(decode_tokens)

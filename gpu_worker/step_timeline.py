@@ -30,10 +30,16 @@ class StepTimeline:
         # Steps launched whose line is not written yet, by step id.
         self._open: dict[int, dict] = {}
 
-    def launched(self, step_id: int, kind: str | None, num_seqs: int, num_tokens: int,
-                 start_s: float, end_s: float) -> None:
-        record = {"step": step_id, "kind": kind, "num_seqs": num_seqs, "num_tokens": num_tokens,
-                  "launch": [start_s, end_s]}
+    def launched(
+        self, step_id: int, kind: str | None, num_seqs: int, num_tokens: int, start_s: float, end_s: float
+    ) -> None:
+        record = {
+            "step": step_id,
+            "kind": kind,
+            "num_seqs": num_seqs,
+            "num_tokens": num_tokens,
+            "launch": [start_s, end_s],
+        }
         if kind is None:
             record["device"] = None
         self._open[step_id] = record

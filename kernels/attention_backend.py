@@ -48,8 +48,20 @@ def rotate_and_store(
     if query.is_cuda:
         from kernels.triton_rope_store import rope_store_triton
 
-        return rope_store_triton(positions, query, key, value, cos_sin_cache, q_weight, k_weight, eps,
-                                 key_cache, value_cache, slot_mapping, keep_key)
+        return rope_store_triton(
+            positions,
+            query,
+            key,
+            value,
+            cos_sin_cache,
+            q_weight,
+            k_weight,
+            eps,
+            key_cache,
+            value_cache,
+            slot_mapping,
+            keep_key,
+        )
     query, key = qk_norm_rope_reference(positions, query, key, cos_sin_cache, q_weight, k_weight, eps)
     store_kv(key, value, key_cache, value_cache, slot_mapping)
     return query, key if keep_key else None
@@ -111,7 +123,15 @@ def fresh_prefill_kernel() -> FreshPrefill | None:
 
         def flash_attn_prefill(query, key, value, cu_seqlens, max_len, scale):
             return flash_attn_varlen_func(
-                query, key, value.contiguous(), cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True
+                query,
+                key,
+                value.contiguous(),
+                cu_seqlens,
+                cu_seqlens,
+                max_len,
+                max_len,
+                softmax_scale=scale,
+                causal=True,
             )
 
         return flash_attn_prefill
@@ -133,7 +153,8 @@ def fresh_prefill_kernel() -> FreshPrefill | None:
             key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
             extra = {}
         value = value.contiguous()
-        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **causal, **extra)
+        return varlen_attn(
+            query, key, value, cu_seqlens, cu_seqlens, max_len, max_len, scale=scale, **causal, **extra
+        )
 
     return torch_varlen_prefill
-

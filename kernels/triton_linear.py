@@ -58,8 +58,11 @@ def _partial_sums_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     out_rows = (split * num_rows + rows).to(tl.int64)
-    tl.store(partials_ptr + out_rows[:, None] * out_features + cols[None, :], acc,
-             mask=row_valid[:, None] & col_valid[None, :])
+    tl.store(
+        partials_ptr + out_rows[:, None] * out_features + cols[None, :],
+        acc,
+        mask=row_valid[:, None] & col_valid[None, :],
+    )
 
 
 def linear_partial_sums(
@@ -81,9 +84,19 @@ def linear_partial_sums(
     partials = torch.empty(num_splits, num_rows, out_features, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(out_features, block_n), num_splits)
     _partial_sums_kernel[grid](
-        x, weight, partials, num_rows, out_features, x.stride(0), weight.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, K_PER_SPLIT=in_features // num_splits,
-        num_warps=num_warps, num_stages=num_stages,
+        x,
+        weight,
+        partials,
+        num_rows,
+        out_features,
+        x.stride(0),
+        weight.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        K_PER_SPLIT=in_features // num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
         **pdl_launch(x.device),
     )
     return partials

@@ -69,7 +69,10 @@ def _prefill_kernel(
     dims = tl.arange(0, HEAD_DIM)
     token_rows = (query_start + tokens).to(tl.int64)
     query = tl.load(
-        query_ptr + token_rows[:, None] * query_token_stride + heads[:, None] * query_head_stride + dims[None, :],
+        query_ptr
+        + token_rows[:, None] * query_token_stride
+        + heads[:, None] * query_head_stride
+        + dims[None, :],
         mask=row_valid[:, None],
         other=0.0,
     )
@@ -90,7 +93,9 @@ def _prefill_kernel(
             + kv_head * cache_head_stride
         )
         keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
-        values = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
+        values = tl.load(
+            value_cache_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0
+        )
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
         visible = key_valid[None, :] & (key_positions[None, :] <= query_positions[:, None])
         scores = tl.where(visible, scores, float("-inf"))
@@ -105,7 +110,10 @@ def _prefill_kernel(
 
     out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     tl.store(
-        output_ptr + token_rows[:, None] * output_token_stride + heads[:, None] * output_head_stride + dims[None, :],
+        output_ptr
+        + token_rows[:, None] * output_token_stride
+        + heads[:, None] * output_head_stride
+        + dims[None, :],
         out.to(output_ptr.dtype.element_ty),
         mask=row_valid[:, None],
     )

@@ -80,18 +80,32 @@ def _rope_store_kernel(
     sin = tl.load(cos_sin_ptr + positions * HEAD_DIM + HALF + half, mask=valid, other=0.0)
     if head < NUM_HEADS:
         source = query_ptr + rows * query_token_stride + head * HEAD_DIM + half
-        out1, out2 = _norm_and_rotate(tl.load(source, mask=valid, other=0.0),
-                                      tl.load(source + HALF, mask=valid, other=0.0),
-                                      q_weight_ptr, cos, sin, eps, HEAD_DIM, HAS_NORM)
+        out1, out2 = _norm_and_rotate(
+            tl.load(source, mask=valid, other=0.0),
+            tl.load(source + HALF, mask=valid, other=0.0),
+            q_weight_ptr,
+            cos,
+            sin,
+            eps,
+            HEAD_DIM,
+            HAS_NORM,
+        )
         target = query_out_ptr + (rows * NUM_HEADS + head) * HEAD_DIM + half
         tl.store(target, out1.to(query_out_ptr.dtype.element_ty), mask=valid)
         tl.store(target + HALF, out2.to(query_out_ptr.dtype.element_ty), mask=valid)
     else:
         kv_head = head - NUM_HEADS
         key_source = key_ptr + rows * key_token_stride + kv_head * HEAD_DIM + half
-        rotated1, rotated2 = _norm_and_rotate(tl.load(key_source, mask=valid, other=0.0),
-                                              tl.load(key_source + HALF, mask=valid, other=0.0),
-                                              k_weight_ptr, cos, sin, eps, HEAD_DIM, HAS_NORM)
+        rotated1, rotated2 = _norm_and_rotate(
+            tl.load(key_source, mask=valid, other=0.0),
+            tl.load(key_source + HALF, mask=valid, other=0.0),
+            k_weight_ptr,
+            cos,
+            sin,
+            eps,
+            HEAD_DIM,
+            HAS_NORM,
+        )
         key1 = rotated1.to(key_cache_ptr.dtype.element_ty)
         key2 = rotated2.to(key_cache_ptr.dtype.element_ty)
         if KEEP_KEY:
@@ -141,7 +155,11 @@ def rope_store_triton(
     assert key.dtype == key_cache.dtype, "the store casts nothing: project in the cache dtype"
     has_norm = q_weight is not None and k_weight is not None
     query_out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
-    key_out = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=key.dtype, device=key.device) if keep_key else None
+    key_out = (
+        torch.empty(num_tokens, num_kv_heads, head_dim, dtype=key.dtype, device=key.device)
+        if keep_key
+        else None
+    )
     if num_tokens == 0:
         return query_out, key_out
     block_t = _tokens_per_program(num_tokens)

@@ -7,8 +7,8 @@ never edited by hand; tests/test_protos.py fails when they are stale.
 import sys
 from pathlib import Path
 
-from grpc_tools import protoc
 import grpc_tools
+from grpc_tools import protoc
 
 PROTOS_ROOT = Path(__file__).resolve().parent
 PROTO_FILES = sorted(p.relative_to(PROTOS_ROOT) for p in PROTOS_ROOT.glob("pagedserve/v1/*.proto"))

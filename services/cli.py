@@ -1,11 +1,11 @@
 """The `pagedserve` command.
 
-  pagedserve serve       the whole stack on this machine, one process per service
-  pagedserve tokenizer   the public front door (tokenizer / detokenizer service)
-  pagedserve scheduler   the continuous-batching scheduler of one model replica
-  pagedserve worker      a GPU worker (model, KV cache, sampler)
-  pagedserve generate    stream a completion from a running server
-  pagedserve materialize convert the embedded default model into a model directory
+pagedserve serve       the whole stack on this machine, one process per service
+pagedserve tokenizer   the public front door (tokenizer / detokenizer service)
+pagedserve scheduler   the continuous-batching scheduler of one model replica
+pagedserve worker      a GPU worker (model, KV cache, sampler)
+pagedserve generate    stream a completion from a running server
+pagedserve materialize convert the embedded default model into a model directory
 """
 
 import argparse
@@ -30,56 +30,102 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--port", type=int, default=default_port, help="port to listen on")
     parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
-    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    parser.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
+    )
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model directory (config.json, *.safetensors, tokenizer.json); "
-                        "default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument(
+        "--model",
+        help="model directory (config.json, *.safetensors, tokenizer.json); "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16; default: "
-                        "float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16; default: float32 on CPU, bfloat16 on CUDA",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    parser.add_argument("--max-model-len", type=int, default=None, help="longest sequence; default: the model's")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                        help="fraction of GPU memory for weights, activations and KV cache")
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="longest sequence; default: the model's"
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory for weights, activations and KV cache",
+    )
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    parser.add_argument("--swap-space", type=float, default=4.0,
-                        help="GiB of host memory for the CPU swap pool (--preemption-mode swap); 0: none")
+    parser.add_argument(
+        "--swap-space",
+        type=float,
+        default=4.0,
+        help="GiB of host memory for the CPU swap pool (--preemption-mode swap); 0: none",
+    )
 
 
 def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="most tokens in one step")
-    parser.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute",
-                        help="what a preempted request's KV becomes: dropped and recomputed, or swapped "
-                        "to the worker's CPU pool (--swap-space)")
-    parser.add_argument("--max-waiting-requests", type=int, default=None,
-                        help="queued requests past which new ones get RESOURCE_EXHAUSTED; default: no limit")
-    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                        help="compute every prompt in full instead of reusing cached KV blocks")
-    parser.add_argument("--no-overlap-scheduling", dest="overlap_scheduling", action="store_false",
-                        help="plan each step only once the previous one's result is back, instead of "
-                        "while the worker runs it")
-    parser.add_argument("--max-steps-in-flight", type=int, default=3,
-                        help="with overlapped scheduling, steps sent to the worker before the oldest "
-                        "one's result is back")
-    parser.add_argument("--max-stream-messages-per-step", type=int, default=32,
-                        help="token messages streamed per step at most: beyond it, completions' tokens "
-                        "wait merged for their turn (first tokens and last messages never wait); 0: no limit")
+    parser.add_argument(
+        "--preemption-mode",
+        choices=["recompute", "swap"],
+        default="recompute",
+        help="what a preempted request's KV becomes: dropped and recomputed, or swapped "
+        "to the worker's CPU pool (--swap-space)",
+    )
+    parser.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="queued requests past which new ones get RESOURCE_EXHAUSTED; default: no limit",
+    )
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt in full instead of reusing cached KV blocks",
+    )
+    parser.add_argument(
+        "--no-overlap-scheduling",
+        dest="overlap_scheduling",
+        action="store_false",
+        help="plan each step only once the previous one's result is back, instead of "
+        "while the worker runs it",
+    )
+    parser.add_argument(
+        "--max-steps-in-flight",
+        type=int,
+        default=3,
+        help="with overlapped scheduling, steps sent to the worker before the oldest one's result is back",
+    )
+    parser.add_argument(
+        "--max-stream-messages-per-step",
+        type=int,
+        default=32,
+        help="token messages streamed per step at most: beyond it, completions' tokens "
+        "wait merged for their turn (first tokens and last messages never wait); 0: no limit",
+    )
 
 
 def add_kv_blocks_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-kv-blocks", type=int, default=None,
-                        help="cap on the KV pool in blocks (for tests and small machines)")
+    parser.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="cap on the KV pool in blocks (for tests and small machines)",
+    )
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(host=args.host, port=args.port, shutdown_grace_s=args.shutdown_grace,
-                        metrics_port=args.metrics_port)
+    return ServerConfig(
+        host=args.host, port=args.port, shutdown_grace_s=args.shutdown_grace, metrics_port=args.metrics_port
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -119,7 +165,9 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
         max_stream_messages_per_step=args.max_stream_messages_per_step or None,
     )
     setup_tracing("pagedserve-scheduler", os.environ)
-    run_scheduler(server_config(args), SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduling))
+    run_scheduler(
+        server_config(args), SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduling)
+    )
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -147,8 +195,9 @@ def cmd_materialize(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pagedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -177,13 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(worker, default_port=50053)
     add_model_arg(worker)
     add_worker_args(worker)
-    worker.add_argument("--max-num-seqs", type=int, default=256,
-                        help="largest decode batch captured in a CUDA graph (the scheduler's)")
-    worker.add_argument("--max-num-batched-tokens", type=int, default=8192,
-                        help="largest step in tokens, profiled to size the KV cache (the scheduler's)")
+    worker.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="largest decode batch captured in a CUDA graph (the scheduler's)",
+    )
+    worker.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=8192,
+        help="largest step in tokens, profiled to size the KV cache (the scheduler's)",
+    )
     add_kv_blocks_arg(worker)
-    worker.add_argument("--step-timeline", type=Path, default=None,
-                        help="append each step's host and device times to this file, one JSON line per step")
+    worker.add_argument(
+        "--step-timeline",
+        type=Path,
+        default=None,
+        help="append each step's host and device times to this file, one JSON line per step",
+    )
     worker.set_defaults(handler=cmd_worker)
 
     generate = commands.add_parser("generate", help="stream a completion from a running server")

@@ -5,7 +5,6 @@ import sys
 import uuid
 
 import grpc
-
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
@@ -35,8 +34,11 @@ def generate_to_stdout(args: argparse.Namespace) -> int:
                 if response.finish_reason:
                     reason = common_pb2.FinishReason.Name(response.finish_reason)
                     usage = response.usage
-                    print(f"\n[{reason}; prompt {usage.prompt_tokens} tokens, "
-                          f"completion {usage.completion_tokens} tokens]", file=sys.stderr)
+                    print(
+                        f"\n[{reason}; prompt {usage.prompt_tokens} tokens, "
+                        f"completion {usage.completion_tokens} tokens]",
+                        file=sys.stderr,
+                    )
         except grpc.RpcError as error:
             print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

@@ -8,7 +8,9 @@ DEMO_PROMPT = "Write a haiku about paged memory."
 
 
 def main() -> int:
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve"], stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve"], stdout=subprocess.PIPE, text=True
+    )
     try:
         for line in server.stdout:
             print(line, end="", flush=True)
@@ -18,8 +20,11 @@ def main() -> int:
             return server.wait() or 1
         print(f"\n> {DEMO_PROMPT}\n", flush=True)
         subprocess.run([sys.executable, "-m", "services.cli", "generate", "--chat", DEMO_PROMPT], check=False)
-        print("\nThe server keeps running on localhost:50051; try `.venv/bin/pagedserve generate \"Hello\"`. "
-              "Ctrl-C stops it.", flush=True)
+        print(
+            '\nThe server keeps running on localhost:50051; try `.venv/bin/pagedserve generate "Hello"`. '
+            "Ctrl-C stops it.",
+            flush=True,
+        )
         return server.wait()
     except KeyboardInterrupt:
         server.terminate()

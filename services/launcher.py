@@ -33,8 +33,12 @@ def is_serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def wait_until_serving(processes: dict[str, subprocess.Popen], addresses: dict[str, str], log_dir: Path,
-                       timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+def wait_until_serving(
+    processes: dict[str, subprocess.Popen],
+    addresses: dict[str, str],
+    log_dir: Path,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> None:
     """Waits until every service in `addresses` reports SERVING; raises, with the end of
     its log (`log_dir/NAME.log`), as soon as one of `processes` exits."""
     deadline = time.monotonic() + timeout_s
@@ -54,16 +58,21 @@ def _optional(flag: str, value: object) -> list[str]:
     return [] if value is None else [flag, str(value)]
 
 
-def service_commands(args: argparse.Namespace, model_dir: Path, worker_port: int,
-                     scheduler_port: int) -> dict[str, list[str]]:
+def service_commands(
+    args: argparse.Namespace, model_dir: Path, worker_port: int, scheduler_port: int
+) -> dict[str, list[str]]:
     """Each service's command line for `pagedserve serve` options `args`: every option
     goes to the services it concerns; the worker and scheduler listen on loopback."""
     cli = [sys.executable, "-m", "services.cli", "--log-level", args.log_level]
     grace = ["--shutdown-grace", str(args.shutdown_grace)]
     kv_cap = _optional("--num-kv-blocks", args.num_kv_blocks)
     # The worker sizes its CUDA graphs and activation memory by the scheduler's batches.
-    batch_shape = ["--max-num-seqs", str(args.max_num_seqs),
-                   "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    batch_shape = [
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+    ]
 
     def metrics(offset: int) -> list[str]:
         # --metrics-port P: the tokenizer's /metrics on P, the scheduler's on P+1, the
@@ -72,26 +81,66 @@ def service_commands(args: argparse.Namespace, model_dir: Path, worker_port: int
 
     return {
         "worker": [
-            *cli, "worker", "--host", "127.0.0.1", "--port", str(worker_port), *grace,
-            "--model", str(model_dir), "--device", args.device, "--block-size", str(args.block_size),
-            *_optional("--dtype", args.dtype), *_optional("--max-model-len", args.max_model_len), *kv_cap,
-            "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+            *cli,
+            "worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(worker_port),
+            *grace,
+            "--model",
+            str(model_dir),
+            "--device",
+            args.device,
+            "--block-size",
+            str(args.block_size),
+            *_optional("--dtype", args.dtype),
+            *_optional("--max-model-len", args.max_model_len),
+            *kv_cap,
+            "--gpu-memory-utilization",
+            str(args.gpu_memory_utilization),
             *(["--enforce-eager"] if args.enforce_eager else []),
-            "--swap-space", str(args.swap_space), *batch_shape, *metrics(2),
+            "--swap-space",
+            str(args.swap_space),
+            *batch_shape,
+            *metrics(2),
         ],
         "scheduler": [
-            *cli, "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port), *grace,
-            "--worker", f"127.0.0.1:{worker_port}", *batch_shape, *kv_cap,
-            "--preemption-mode", args.preemption_mode,
+            *cli,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(scheduler_port),
+            *grace,
+            "--worker",
+            f"127.0.0.1:{worker_port}",
+            *batch_shape,
+            *kv_cap,
+            "--preemption-mode",
+            args.preemption_mode,
             *_optional("--max-waiting-requests", args.max_waiting_requests),
             *([] if args.enable_prefix_caching else ["--no-prefix-caching"]),
             *([] if args.overlap_scheduling else ["--no-overlap-scheduling"]),
-            "--max-steps-in-flight", str(args.max_steps_in_flight),
-            "--max-stream-messages-per-step", str(args.max_stream_messages_per_step), *metrics(1),
+            "--max-steps-in-flight",
+            str(args.max_steps_in_flight),
+            "--max-stream-messages-per-step",
+            str(args.max_stream_messages_per_step),
+            *metrics(1),
         ],
         "tokenizer": [
-            *cli, "tokenizer", "--host", args.host, "--port", str(args.port), *grace,
-            "--model", str(model_dir), "--scheduler", f"127.0.0.1:{scheduler_port}", *metrics(0),
+            *cli,
+            "tokenizer",
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            *grace,
+            "--model",
+            str(model_dir),
+            "--scheduler",
+            f"127.0.0.1:{scheduler_port}",
+            *metrics(0),
         ],
     }
 
@@ -123,8 +172,11 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
     # Children ignore the terminal's Ctrl-C (own process group); the launcher stops them
     # in order instead.
     processes = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}
-    addresses = {"worker": f"127.0.0.1:{worker_port}", "scheduler": f"127.0.0.1:{scheduler_port}",
-                 "tokenizer": f"127.0.0.1:{args.port}"}
+    addresses = {
+        "worker": f"127.0.0.1:{worker_port}",
+        "scheduler": f"127.0.0.1:{scheduler_port}",
+        "tokenizer": f"127.0.0.1:{args.port}",
+    }
     ready: set[str] = set()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     exit_code = 0

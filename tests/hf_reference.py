@@ -3,8 +3,9 @@
 import torch
 
 
-def hf_greedy(model: torch.nn.Module, prompt_token_ids: list[int], max_new_tokens: int,
-              eos_token_ids: list[int]) -> list[int]:
+def hf_greedy(
+    model: torch.nn.Module, prompt_token_ids: list[int], max_new_tokens: int, eos_token_ids: list[int]
+) -> list[int]:
     """Generated ids, ending with the EOS id when one was produced."""
     with torch.no_grad():
         output = model.generate(
@@ -15,4 +16,4 @@ def hf_greedy(model: torch.nn.Module, prompt_token_ids: list[int], max_new_token
             eos_token_id=eos_token_ids,
             pad_token_id=eos_token_ids[0],
         )
-    return output[0, len(prompt_token_ids):].tolist()
+    return output[0, len(prompt_token_ids) :].tolist()

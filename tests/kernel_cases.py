@@ -25,8 +25,8 @@ try:
     from kernels.triton_decode_attention import decode_attention_triton
     from kernels.triton_elementwise import add_rms_norm_triton, silu_and_mul_triton
     from kernels.triton_linear import linear_partial_sums, split_k_plan
-    from kernels.triton_rope_store import rope_store_triton
     from kernels.triton_prefill_attention import prefill_attention_triton
+    from kernels.triton_rope_store import rope_store_triton
 finally:
     if _previous_interpret is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -91,7 +91,9 @@ class PagedBatch:
     """A random paged KV cache holding `seq_lens` contexts in shuffled blocks, with the
     batch's last `query_lens` tokens of each sequence as queries."""
 
-    def __init__(self, seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, seed: int):
+    def __init__(
+        self, seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, seed: int
+    ):
         generator = torch.Generator().manual_seed(seed)
         num_blocks = sum(-(-n // BLOCK_SIZE) for n in seq_lens) + 3
         shape = (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
@@ -109,28 +111,45 @@ class PagedBatch:
         values = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
         store_kv(keys, values, self.key_cache, self.value_cache, torch.tensor(slots, device=DEVICE))
         width = max(max(len(t) for t in tables), 1) + 2
-        self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+        self.block_tables = torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE
+        )
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-        self.query_start_loc = torch.tensor([0] + query_lens, dtype=torch.int32, device=DEVICE).cumsum(0).to(torch.int32)
+        self.query_start_loc = (
+            torch.tensor([0] + query_lens, dtype=torch.int32, device=DEVICE).cumsum(0).to(torch.int32)
+        )
         self.query = torch.randn(sum(query_lens), num_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
         self.scale = HEAD_DIM**-0.5
 
     def reference(self) -> torch.Tensor:
         return paged_attention(
-            self.query, self.key_cache, self.value_cache, self.block_tables,
-            self.query_start_loc, self.seq_lens, self.scale,
+            self.query,
+            self.key_cache,
+            self.value_cache,
+            self.block_tables,
+            self.query_start_loc,
+            self.seq_lens,
+            self.scale,
         )
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (16, 8)])
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("block_n", [64, 128] if ON_GPU else [16, 32])
-def test_decode_attention_matches_reference(num_heads: int, num_kv_heads: int, num_splits: int, block_n: int) -> None:
+def test_decode_attention_matches_reference(
+    num_heads: int, num_kv_heads: int, num_splits: int, block_n: int
+) -> None:
     seq_lens = [1, 7, BLOCK_SIZE, 3 * BLOCK_SIZE + 1, 70] if not ON_GPU else [1, 17, 300, 1024, 2000, 64]
     batch = PagedBatch(seq_lens, [1] * len(seq_lens), num_heads, num_kv_heads, seed=num_heads + num_splits)
     output = decode_attention_triton(
-        batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens,
-        batch.scale, num_splits=num_splits, block_n=block_n,
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.scale,
+        num_splits=num_splits,
+        block_n=block_n,
     )
     assert not output.isnan().any()
     torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
@@ -141,8 +160,14 @@ def test_decode_attention_padding_rows_are_zero() -> None:
     seq_lens = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
     for num_splits in (1, 2):
         output = decode_attention_triton(
-            batch.query, batch.key_cache, batch.value_cache, batch.block_tables, seq_lens, batch.scale,
-            num_splits=num_splits, block_n=16,
+            batch.query,
+            batch.key_cache,
+            batch.value_cache,
+            batch.block_tables,
+            seq_lens,
+            batch.scale,
+            num_splits=num_splits,
+            block_n=16,
         )
         assert (output[1] == 0).all()
         torch.testing.assert_close(output[0].float(), batch.reference()[0].float(), **TOLERANCE)
@@ -155,11 +180,20 @@ def test_prefill_attention_matches_reference_on_mixed_batch(num_heads: int, num_
         shapes = [(700, 700), (1500, 333), (900, 1), (17, 1), (128, 128), (2000, 1000)]
     else:
         shapes = [(7, 7), (13, 5), (9, 1), (1, 1), (40, 37)]
-    batch = PagedBatch([s for s, _ in shapes], [q for _, q in shapes], num_heads, num_kv_heads, seed=num_heads)
+    batch = PagedBatch(
+        [s for s, _ in shapes], [q for _, q in shapes], num_heads, num_kv_heads, seed=num_heads
+    )
     max_query_len = max(q for _, q in shapes)
     output = prefill_attention_triton(
-        batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.query_start_loc,
-        batch.seq_lens, batch.scale, max_query_len, block_n=16 if not ON_GPU else 64,
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.scale,
+        max_query_len,
+        block_n=16 if not ON_GPU else 64,
     )
     assert not output.isnan().any()
     torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
@@ -214,14 +248,22 @@ def test_add_rms_norm_sums_projection_partials() -> None:
     torch.testing.assert_close(reference_out, expected, **TOLERANCE)
 
 
-@pytest.mark.parametrize("num_tokens, with_norm, keep_key", [
-    (6, False, True), (6, True, False), (6, True, True), (530, True, True)])
-def test_rope_store_matches_reference_and_skips_padding(num_tokens: int, with_norm: bool, keep_key: bool) -> None:
+@pytest.mark.parametrize(
+    "num_tokens, with_norm, keep_key",
+    [(6, False, True), (6, True, False), (6, True, True), (530, True, True)],
+)
+def test_rope_store_matches_reference_and_skips_padding(
+    num_tokens: int, with_norm: bool, keep_key: bool
+) -> None:
     num_heads, num_kv_heads = 6, 2
     # Strided views, as the q, k and v slices of a fused qkv projection are.
     fused = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM, device=DEVICE).to(DTYPE)
-    query, key, value = (part.view(num_tokens, -1, HEAD_DIM) for part in fused.split(
-        [num_heads * HEAD_DIM, num_kv_heads * HEAD_DIM, num_kv_heads * HEAD_DIM], dim=1))
+    query, key, value = (
+        part.view(num_tokens, -1, HEAD_DIM)
+        for part in fused.split(
+            [num_heads * HEAD_DIM, num_kv_heads * HEAD_DIM, num_kv_heads * HEAD_DIM], dim=1
+        )
+    )
     generator = torch.Generator().manual_seed(num_tokens)
     positions = torch.randint(0, 4096, (num_tokens,), generator=generator).to(DEVICE)
     # Distinct slots, every third token a padding one.
@@ -232,13 +274,18 @@ def test_rope_store_matches_reference_and_skips_padding(num_tokens: int, with_no
     inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
     freqs = torch.outer(torch.arange(4096 + 8, device=DEVICE).float(), inv_freq)
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()
-    weights = [(1 + 0.1 * torch.randn(HEAD_DIM, device=DEVICE)).to(DTYPE) for _ in range(2)] if with_norm else [None, None]
+    weights = (
+        [(1 + 0.1 * torch.randn(HEAD_DIM, device=DEVICE)).to(DTYPE) for _ in range(2)]
+        if with_norm
+        else [None, None]
+    )
     shape = (num_slots // BLOCK_SIZE, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
     expected_k, expected_v = (torch.randn(shape, device=DEVICE).to(DTYPE) for _ in range(2))
     actual_k, actual_v = expected_k.clone(), expected_v.clone()
 
-    query_out, key_out = rope_store_triton(positions, query, key, value, cos_sin, *weights, 1e-6,
-                                           actual_k, actual_v, slots, keep_key)
+    query_out, key_out = rope_store_triton(
+        positions, query, key, value, cos_sin, *weights, 1e-6, actual_k, actual_v, slots, keep_key
+    )
     expected_query, expected_key = qk_norm_rope_reference(positions, query, key, cos_sin, *weights, 1e-6)
     store_kv(expected_key, value, expected_k, expected_v, slots)
     torch.testing.assert_close(query_out, expected_query, **TOLERANCE)

@@ -40,25 +40,31 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[ReceivedSpan] = []
         self._lock = threading.Lock()
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context) -> trace_service_pb2.ExportTraceServiceResponse:
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
         received = []
         for resource_spans in request.resource_spans:
             resource = {a.key: attribute_value(a.value) for a in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    received.append(ReceivedSpan(
-                        service_name=str(resource.get("service.name", "")),
-                        resource=resource,
-                        name=span.name,
-                        trace_id=span.trace_id.hex(),
-                        span_id=span.span_id.hex(),
-                        parent_span_id=span.parent_span_id.hex(),
-                        kind=span.kind,
-                        attributes={a.key: attribute_value(a.value) for a in span.attributes},
-                        events=[(event.name, {a.key: attribute_value(a.value) for a in event.attributes})
-                                for event in span.events],
-                        links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
-                    ))
+                    received.append(
+                        ReceivedSpan(
+                            service_name=str(resource.get("service.name", "")),
+                            resource=resource,
+                            name=span.name,
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_span_id=span.parent_span_id.hex(),
+                            kind=span.kind,
+                            attributes={a.key: attribute_value(a.value) for a in span.attributes},
+                            events=[
+                                (event.name, {a.key: attribute_value(a.value) for a in event.attributes})
+                                for event in span.events
+                            ],
+                            links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
+                        )
+                    )
         with self._lock:
             self.spans.extend(received)
         return trace_service_pb2.ExportTraceServiceResponse()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, worker_pb2
+
 from services.scheduler.block_hash import chained_hashes
 from services.scheduler.block_manager import cdiv
 from services.scheduler.config import PreemptionMode, SchedulerConfig
@@ -42,7 +43,9 @@ def hash_sampler(token_ids: Sequence[int], index: int = 0) -> int:
 
 
 def sampling(
-    max_tokens: int | None = None, ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
+    max_tokens: int | None = None,
+    ignore_eos: bool = False,
+    stop_token_ids: Sequence[int] = (),
     n: int | None = None,
 ) -> common_pb2.SamplingParams:
     params = common_pb2.SamplingParams(ignore_eos=ignore_eos, stop_token_ids=stop_token_ids)
@@ -63,8 +66,9 @@ class WorkerSeq:
 
 
 class FakeWorker:
-    def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0,
-                 sampler: Sampler = hash_sampler) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0, sampler: Sampler = hash_sampler
+    ) -> None:
         self.block_size = block_size
         self.sampler = sampler
         self.kv: list[list[Slot | None]] = [[None] * block_size for _ in range(num_blocks)]
@@ -121,7 +125,9 @@ class FakeWorker:
             assert new.sampling.HasField("seed"), "the scheduler always sets a seed"
             self.seen_seq_ids.add(new.seq_id)
             num_samples = new.sampling.n if new.sampling.HasField("n") else 1
-            self.seqs[new.seq_id] = WorkerSeq(list(new.token_ids), new.num_computed_tokens, new.index, num_samples)
+            self.seqs[new.seq_id] = WorkerSeq(
+                list(new.token_ids), new.num_computed_tokens, new.index, num_samples
+            )
         new_ids = {new.seq_id for new in step.new_sequences}
         scheduled_ids = [s.seq_id for s in step.scheduled]
         assert len(scheduled_ids) == len(set(scheduled_ids))
@@ -142,7 +148,9 @@ class FakeWorker:
             assert len(seq.block_table) == cdiv(end, self.block_size), "blocks do not match the tokens"
             for pos in range(start, end):
                 block_id = seq.block_table[pos // self.block_size]
-                assert writer_of_block.setdefault(block_id, item.seq_id) == item.seq_id, "two writers, one block"
+                assert writer_of_block.setdefault(block_id, item.seq_id) == item.seq_id, (
+                    "two writers, one block"
+                )
                 self.kv[block_id][pos % self.block_size] = (pos, tuple(seq.token_ids[: pos + 1]))
             seq.num_computed_tokens = end
             if end == len(seq.token_ids):
@@ -157,8 +165,11 @@ class FakeWorker:
 
 
 def reference_output(
-    prompt: Sequence[int], params: common_pb2.SamplingParams, max_model_len: int,
-    sampler: Sampler = hash_sampler, index: int = 0,
+    prompt: Sequence[int],
+    params: common_pb2.SamplingParams,
+    max_model_len: int,
+    sampler: Sampler = hash_sampler,
+    index: int = 0,
 ) -> tuple[list[int], int]:
     """What a completion yields run alone, with no batching, chunking or preemption."""
     tokens, generated = list(prompt), []
@@ -176,16 +187,29 @@ def reference_output(
 
 class Harness:
     def __init__(
-        self, *, num_blocks: int, block_size: int, max_model_len: int = 1024, max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192, sampler: Sampler = hash_sampler, num_cpu_blocks: int = 0,
-        enable_prefix_caching: bool = True, preemption_mode: str = "recompute",
-        max_waiting_requests: int | None = None, overlap: bool = True, worker_runs_ahead: bool = False,
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int = 1024,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        sampler: Sampler = hash_sampler,
+        num_cpu_blocks: int = 0,
+        enable_prefix_caching: bool = True,
+        preemption_mode: str = "recompute",
+        max_waiting_requests: int | None = None,
+        overlap: bool = True,
+        worker_runs_ahead: bool = False,
         max_steps_in_flight: int | None = None,
     ) -> None:
         self.config = SchedulerConfig(
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching, preemption_mode=PreemptionMode(preemption_mode),
-            max_waiting_requests=max_waiting_requests, seed=0,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            preemption_mode=PreemptionMode(preemption_mode),
+            max_waiting_requests=max_waiting_requests,
+            seed=0,
             max_steps_in_flight=max_steps_in_flight or (2 if overlap else 1),
         )
         self.worker_runs_ahead = worker_runs_ahead
@@ -193,8 +217,9 @@ class Harness:
         # tokens dropped because a stop found one step late had ended their completion.
         self.num_ran_ahead = 0
         self.num_dropped_tokens = 0
-        self.scheduler = Scheduler(self.config, num_blocks, block_size, max_model_len, EOS_TOKEN_IDS,
-                                   num_cpu_blocks=num_cpu_blocks)
+        self.scheduler = Scheduler(
+            self.config, num_blocks, block_size, max_model_len, EOS_TOKEN_IDS, num_cpu_blocks=num_cpu_blocks
+        )
         self.worker = FakeWorker(num_blocks, block_size, num_cpu_blocks, sampler)
         # (request_id, index) -> tokens streamed so far / last output.
         self.tokens: dict[tuple[str, int], list[int]] = {}
@@ -205,8 +230,9 @@ class Harness:
         # step_id -> blocks its sequences' tables held when it was built.
         self.blocks_of_step: dict[int, set[int]] = {}
 
-    def add(self, request_id: str, prompt: list[int], params: common_pb2.SamplingParams,
-            priority: int = 0) -> None:
+    def add(
+        self, request_id: str, prompt: list[int], params: common_pb2.SamplingParams, priority: int = 0
+    ) -> None:
         self.scheduler.add_request(request_id, prompt, params, priority)
         n = params.n if params.HasField("n") else 1
         for index in range(n):
@@ -243,10 +269,12 @@ class Harness:
             step = scheduled.to_proto()
             self.steps.append(step)
             self.in_flight.append(scheduled)
-            self.blocks_of_step[scheduled.step_id] = {b for item in scheduled.scheduled
-                                                      for b in item.sequence.block_table}
+            self.blocks_of_step[scheduled.step_id] = {
+                b for item in scheduled.scheduled for b in item.sequence.block_table
+            }
             self.num_ran_ahead += sum(
-                item.sequence.num_pending_samples > (1 if item.num_samples else 0) for item in scheduled.scheduled
+                item.sequence.num_pending_samples > (1 if item.num_samples else 0)
+                for item in scheduled.scheduled
             )
             self.worker.submit(step)
             if self.worker_runs_ahead:
@@ -315,11 +343,15 @@ def check_writes_are_private(scheduler: Scheduler, scheduled: SchedulerOutput) -
     for item in scheduled.scheduled:
         sequence = item.sequence
         start = sequence.num_computed_tokens - item.num_new_tokens
-        for block_index in range(start // manager.block_size, cdiv(start + item.num_new_tokens, manager.block_size)):
+        for block_index in range(
+            start // manager.block_size, cdiv(start + item.num_new_tokens, manager.block_size)
+        ):
             assert manager.ref_count(sequence.block_table[block_index]) == 1, "a shared block is written"
 
 
-def check_invariants(scheduler: Scheduler, worker: FakeWorker | None = None, harness: "Harness | None" = None) -> None:
+def check_invariants(
+    scheduler: Scheduler, worker: FakeWorker | None = None, harness: "Harness | None" = None
+) -> None:
     manager, cpu_pool = scheduler.block_manager, scheduler.cpu_pool
     block_size = manager.block_size
 
@@ -339,8 +371,12 @@ def check_invariants(scheduler: Scheduler, worker: FakeWorker | None = None, har
         for step_id, blocks in harness.blocks_of_step.items():
             assert set(free).isdisjoint(blocks), f"a block step {step_id} uses is free while it runs"
         # A sequence expects one token per step in flight that samples for it.
-        expected = Counter(id(item.sequence) for step in harness.in_flight for item in step.scheduled
-                           if item.num_samples and item.sequence.status is not SequenceStatus.FINISHED)
+        expected = Counter(
+            id(item.sequence)
+            for step in harness.in_flight
+            for item in step.scheduled
+            if item.num_samples and item.sequence.status is not SequenceStatus.FINISHED
+        )
         for r in scheduler.requests.values():
             for s in r.sequences:
                 assert s.num_pending_samples == expected[id(s)], "pending samples do not match the steps"
@@ -363,7 +399,12 @@ def check_invariants(scheduler: Scheduler, worker: FakeWorker | None = None, har
 
     for s in scheduler.waiting:
         assert s.status is SequenceStatus.WAITING
-        assert s.block_table == [] and s.cpu_block_table == [] and s.num_computed_tokens == 0 and s.seq_id is None
+        assert (
+            s.block_table == []
+            and s.cpu_block_table == []
+            and s.num_computed_tokens == 0
+            and s.seq_id is None
+        )
     for s in scheduler.swapped:
         assert s.status is SequenceStatus.SWAPPED and s.block_table == [] and s.seq_id is None
         assert len(s.cpu_block_table) == cdiv(s.num_computed_tokens, block_size)
@@ -379,6 +420,8 @@ def check_invariants(scheduler: Scheduler, worker: FakeWorker | None = None, har
     # Every unfinished completion of a request in flight is in exactly one queue.
     queued = [s for queue in (scheduler.waiting, scheduler.running, scheduler.swapped) for s in queue]
     assert len(queued) == len(set(map(id, queued)))
-    unfinished = [s for r in scheduler.requests.values() for s in r.sequences if s.status is not SequenceStatus.FINISHED]
+    unfinished = [
+        s for r in scheduler.requests.values() for s in r.sequences if s.status is not SequenceStatus.FINISHED
+    ]
     assert set(map(id, unfinished)) == set(map(id, queued))
     assert all(not r.finished for r in scheduler.requests.values())

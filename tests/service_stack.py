@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
 from pagedserve.v1 import generation_pb2_grpc, scheduler_pb2_grpc
+
 from services.cli import build_parser
 from services.launcher import free_port, service_commands, wait_until_serving
 
@@ -31,17 +31,38 @@ class Stack:
 
 
 @contextmanager
-def service_stack(model_dir: Path, log_dir: Path, worker_args: list[str] = (),
-                  scheduler_args: list[str] = (), tokenizer_args: list[str] = (),
-                  env: dict[str, str] | None = None) -> Iterator[Stack]:
+def service_stack(
+    model_dir: Path,
+    log_dir: Path,
+    worker_args: list[str] = (),
+    scheduler_args: list[str] = (),
+    tokenizer_args: list[str] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[Stack]:
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     # The command lines `pagedserve serve` would run, each service's own options after.
-    serve_args = build_parser().parse_args([
-        "--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port", str(ports["tokenizer"]),
-        "--device", "cpu", "--shutdown-grace", "5"])
+    serve_args = build_parser().parse_args(
+        [
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(ports["tokenizer"]),
+            "--device",
+            "cpu",
+            "--shutdown-grace",
+            "5",
+        ]
+    )
     commands = service_commands(serve_args, model_dir, ports["worker"], ports["scheduler"])
-    for name, own_args in (("worker", worker_args), ("scheduler", scheduler_args), ("tokenizer", tokenizer_args)):
+    for name, own_args in (
+        ("worker", worker_args),
+        ("scheduler", scheduler_args),
+        ("tokenizer", tokenizer_args),
+    ):
         commands[name] += own_args
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -49,8 +70,9 @@ def service_stack(model_dir: Path, log_dir: Path, worker_args: list[str] = (),
     channels: list[grpc.Channel] = []
     try:
         for name, command in commands.items():
-            log = open(log_dir / f"{name}.log", "w")
-            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # The child keeps its own descriptor of the log; ours can close at once.
+            with open(log_dir / f"{name}.log", "w") as log:
+                processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         wait_until_serving(processes, addresses, log_dir, STARTUP_TIMEOUT_S)
         public = grpc.insecure_channel(addresses["tokenizer"])
         scheduler = grpc.insecure_channel(addresses["scheduler"])

@@ -31,7 +31,11 @@ _TRAINING_TEXT = [
 
 def byte_token_id(tokenizer: Tokenizer, byte: int) -> int:
     """The id of the base token for one raw byte (GPT-2's printable byte mapping)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     if byte in printable:
         symbol = chr(byte)
     else:
@@ -72,13 +76,23 @@ def write_model_dir(
         "add_bos_token": add_bos_token,
         "bos_token": bos_token,
         # The serialized-AddedToken form, which HF also writes.
-        "eos_token": {"__type": "AddedToken", "content": eos_token, "special": True, "lstrip": False, "rstrip": False},
+        "eos_token": {
+            "__type": "AddedToken",
+            "content": eos_token,
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+        },
         "unk_token": "<|endoftext|>",
     }
     if chat_template is not None:
         config["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    model_config = {"model_type": "llama", "vocab_size": tokenizer.get_vocab_size(), "max_position_embeddings": 64}
+    model_config = {
+        "model_type": "llama",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "max_position_embeddings": 64,
+    }
     model_config["eos_token_id"] = [tokenizer.token_to_id(eos_token), tokenizer.token_to_id("<|endoftext|>")]
     (path / "config.json").write_text(json.dumps(model_config), encoding="utf-8")
     return path

@@ -20,10 +20,33 @@ NUM_SEQS, MIN_LEN, MAX_LEN = 2, 4, 8
 def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     command = [
-        sys.executable, "-m", "benchmarks.throughput", "--device", "cpu", "--model", str(embedded_model_dir),
-        "--num-seqs", str(NUM_SEQS), "--min-len", str(MIN_LEN), "--max-len", str(MAX_LEN),
-        "--grpc-clients", "1", "--hf-static-batch", "2", "--json", str(out), "--log-dir", str(tmp_path / "logs"),
-        "--overlap", "both", "--swap-space", "0", "--step-timeline", str(tmp_path / "timelines"),
+        sys.executable,
+        "-m",
+        "benchmarks.throughput",
+        "--device",
+        "cpu",
+        "--model",
+        str(embedded_model_dir),
+        "--num-seqs",
+        str(NUM_SEQS),
+        "--min-len",
+        str(MIN_LEN),
+        "--max-len",
+        str(MAX_LEN),
+        "--grpc-clients",
+        "1",
+        "--hf-static-batch",
+        "2",
+        "--json",
+        str(out),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--overlap",
+        "both",
+        "--swap-space",
+        "0",
+        "--step-timeline",
+        str(tmp_path / "timelines"),
     ]
     completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -33,8 +56,10 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
     assert summary["workload"]["output_tokens"] == expected_tokens
     runs = summary["runs"]
     pagedserve_runs = [
-        "pagedserve in-process", "pagedserve in-process, no overlap",
-        "pagedserve gRPC (3 services)", "pagedserve gRPC (3 services), no overlap",
+        "pagedserve in-process",
+        "pagedserve in-process, no overlap",
+        "pagedserve gRPC (3 services)",
+        "pagedserve gRPC (3 services), no overlap",
     ]
     assert set(runs) == {
         *pagedserve_runs,
@@ -53,8 +78,13 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
         # The worker's step timeline, cut to the run's window: the same device time, and
         # every step in one of the bands.
         timeline = runs[name]["step_timeline"]
-        assert timeline["device_busy_s"] == pytest.approx(profile["device_busy_s"], rel=0.01), (name, timeline)
-        assert 0 <= timeline["device_idle_s"] <= runs[name]["seconds"] - timeline["device_busy_s"] + 0.01, timeline
+        assert timeline["device_busy_s"] == pytest.approx(profile["device_busy_s"], rel=0.01), (
+            name,
+            timeline,
+        )
+        assert 0 <= timeline["device_idle_s"] <= runs[name]["seconds"] - timeline["device_busy_s"] + 0.01, (
+            timeline
+        )
         assert sum(band["steps"] for band in timeline["bands"].values()) == timeline["steps"], timeline
         assert {"prefill/mixed", "decode 1-15"} <= set(timeline["bands"]), timeline
     for name in (*pagedserve_runs, "HF generate (static batches of 2)"):
@@ -73,8 +103,13 @@ def test_host_cost_benchmark_runs_the_whole_workload(tmp_path: Path) -> None:
     drives every step of its workload: a step count that matches the workload's decode
     length, and a build time for every batch size it passed through."""
     out = tmp_path / "host_cost.json"
-    completed = subprocess.run([sys.executable, "-m", "benchmarks.host_cost", "--num-seqs", "8", "--json", str(out)],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.host_cost", "--num-seqs", "8", "--json", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     summary = json.loads(out.read_text())
     workload = nano_vllm_workload(8)
@@ -89,9 +124,23 @@ def test_service_overhead_benchmark_runs_both_engines(tmp_path: Path) -> None:
     the workload in-process and through the three services, and reads the pretend
     device's busy time back from the worker's metrics."""
     out = tmp_path / "service_overhead.json"
-    completed = subprocess.run([sys.executable, "-m", "benchmarks.service_overhead", "--num-seqs", "4",
-                                "--clients", "1", "--json", str(out)],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.service_overhead",
+            "--num-seqs",
+            "4",
+            "--clients",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     runs = json.loads(out.read_text())["runs"]
     expected_tokens = nano_vllm_workload(4).num_output_tokens
@@ -99,17 +148,40 @@ def test_service_overhead_benchmark_runs_both_engines(tmp_path: Path) -> None:
     for name, run in runs.items():
         assert run["output_tokens"] == expected_tokens, (name, run)
         # Every decode step alone takes the pretend device 0.85 ms or more.
-        assert 0.85e-3 * max(nano_vllm_workload(4).output_lengths) < run["device_busy_s"] <= run["seconds"], (name, run)
+        assert 0.85e-3 * max(nano_vllm_workload(4).output_lengths) < run["device_busy_s"] <= run["seconds"], (
+            name,
+            run,
+        )
     assert set(runs["pagedserve gRPC (3 services)"]["cpu_seconds"]) == {"worker", "scheduler", "tokenizer"}
 
 
-def test_launch_profile_splits_each_launch_into_its_operations(embedded_model_dir: Path, tmp_path: Path) -> None:
+def test_launch_profile_splits_each_launch_into_its_operations(
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
     """benchmarks/launch_profile.py profiles the launches of its window only, and what it
     lists under them adds up to no more than their time."""
     out = tmp_path / "launch_profile.json"
-    completed = subprocess.run([sys.executable, "-m", "benchmarks.launch_profile", "--device", "cpu",
-                                "--num-seqs", "2", "--lengths", "4:8", "--windows", "12:15", "--json", str(out)],
-                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.launch_profile",
+            "--device",
+            "cpu",
+            "--num-seqs",
+            "2",
+            "--lengths",
+            "4:8",
+            "--windows",
+            "12:15",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     (window,) = json.loads(out.read_text())["windows"].values()
     assert window["steps"] == 3 and window["batch_sizes"][1] <= 2, window

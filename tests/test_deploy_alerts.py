@@ -30,12 +30,22 @@ def test_alert_rules_unit_tests_pass() -> None:
     assert "SUCCESS" in result.stdout
 
 
-@pytest.mark.parametrize("alert", ["PagedserveHighTimeToFirstToken", "PagedserveKVCacheNearlyFull",
-                                   "PagedserveQueueGrowing", "PagedserveWorkerDown", "PagedserveErrors"])
+@pytest.mark.parametrize(
+    "alert",
+    [
+        "PagedserveHighTimeToFirstToken",
+        "PagedserveKVCacheNearlyFull",
+        "PagedserveQueueGrowing",
+        "PagedserveWorkerDown",
+        "PagedserveErrors",
+    ],
+)
 def test_every_alert_is_unit_tested(alert: str) -> None:
     assert alert in (PROMETHEUS / "alerts.yml").read_text()
     tests = (PROMETHEUS / "alerts_test.yml").read_text()
-    assert re.search(rf"alertname: {alert}\n\s+exp_alerts:\n\s+- exp_labels", tests), f"{alert} never fires in a test"
+    assert re.search(rf"alertname: {alert}\n\s+exp_alerts:\n\s+- exp_labels", tests), (
+        f"{alert} never fires in a test"
+    )
 
 
 def referenced_metrics() -> set[str]:

@@ -25,10 +25,14 @@ PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 GRAFANA_PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
 METRIC_NAMES = {
-    "pagedserve:num_requests_running", "pagedserve:num_requests_waiting",
-    "pagedserve:kv_cache_usage_perc", "pagedserve:num_preemptions_total",
-    "pagedserve:time_to_first_token_seconds_bucket", "pagedserve:e2e_request_latency_seconds_bucket",
-    "pagedserve:request_success_total", "pagedserve:generation_tokens_total",
+    "pagedserve:num_requests_running",
+    "pagedserve:num_requests_waiting",
+    "pagedserve:kv_cache_usage_perc",
+    "pagedserve:num_preemptions_total",
+    "pagedserve:time_to_first_token_seconds_bucket",
+    "pagedserve:e2e_request_latency_seconds_bucket",
+    "pagedserve:request_success_total",
+    "pagedserve:generation_tokens_total",
     "pagedserve:worker_device_seconds_total",
 }
 
@@ -42,9 +46,16 @@ def docker_compose() -> str:
 
 def run_compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # Variables the file reads are set explicitly, so the caller's shell cannot change the result.
-    environ = {key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "PAGEDSERVE_"))}
-    return subprocess.run([docker_compose(), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), *args],
-                          capture_output=True, text=True, timeout=120, env={**environ, **(env or {})})
+    environ = {
+        key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "PAGEDSERVE_"))
+    }
+    return subprocess.run(
+        [docker_compose(), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environ, **(env or {})},
+    )
 
 
 @functools.cache
@@ -133,7 +144,9 @@ def test_tokenizer_and_scheduler_point_at_services():
 
 
 def test_published_host_ports_are_unique():
-    published = [str(port["published"]) for service in services().values() for port in service.get("ports", [])]
+    published = [
+        str(port["published"]) for service in services().values() for port in service.get("ports", [])
+    ]
     assert len(published) == len(set(published)), published
 
 
@@ -178,7 +191,9 @@ def test_bind_mounts_and_build_files_exist():
 def test_grafana_provisioning_matches_the_mounts():
     grafana = services()["grafana"]
     mounts = {
-        (v["source"] if isinstance(v, dict) else v.split(":")[0]): (v["target"] if isinstance(v, dict) else v.split(":")[1])
+        (v["source"] if isinstance(v, dict) else v.split(":")[0]): (
+            v["target"] if isinstance(v, dict) else v.split(":")[1]
+        )
         for v in grafana["volumes"]
     }
     assert mounts[str(GRAFANA_PROVISIONING)] == "/etc/grafana/provisioning"

@@ -42,8 +42,21 @@ def ci_config() -> dict:
     if compose is None:
         pytest.fail("docker-compose not found: deploy/install_ci_tools.sh installs Debian's package")
     result = subprocess.run(
-        [compose, "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"),
-         "-f", str(CI_OVERRIDE), "config"], capture_output=True, text=True, timeout=120, env=env)
+        [
+            compose,
+            "--project-directory",
+            str(REPO),
+            "-f",
+            str(REPO / "docker-compose.yml"),
+            "-f",
+            str(CI_OVERRIDE),
+            "config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -82,8 +95,13 @@ def test_stack_of_containers_generates(capsys, tmp_path):
     with open(log_path, "w") as log:
         # Its own session: on a timeout the whole group (docker build, compose) gets SIGTERM,
         # and the script's trap takes the stack down and stops the daemon.
-        process = subprocess.Popen(["bash", str(SCRIPT)], stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHON": sys.executable}, start_new_session=True)
+        process = subprocess.Popen(
+            ["bash", str(SCRIPT)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHON": sys.executable},
+            start_new_session=True,
+        )
         timed_out = False
         try:
             process.wait(timeout=TIMEOUT_S)
@@ -102,12 +120,17 @@ def test_stack_of_containers_generates(capsys, tmp_path):
     lines = output.splitlines()
 
     if process.returncode == SKIPPED:
-        reason = next((line for line in reversed(lines) if line.startswith("container smoke test skipped:")),
-                      "container smoke test skipped: Docker cannot start here")
+        reason = next(
+            (line for line in reversed(lines) if line.startswith("container smoke test skipped:")),
+            "container smoke test skipped: Docker cannot start here",
+        )
         _announce(capsys, reason)
         pytest.skip(reason)
     tail = "\n".join(lines[-150:])
     assert not timed_out, f"container smoke test timed out after {TIMEOUT_S}s:\n{tail}"
     assert process.returncode == 0, f"container smoke test failed (exit {process.returncode}):\n{tail}"
-    _announce(capsys, f"container smoke test passed in {elapsed:.0f}s: "
-              + next((line for line in lines if line.startswith("completion:")), ""))
+    _announce(
+        capsys,
+        f"container smoke test passed in {elapsed:.0f}s: "
+        + next((line for line in lines if line.startswith("completion:")), ""),
+    )

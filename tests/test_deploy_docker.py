@@ -27,7 +27,11 @@ def instructions(dockerfile: str) -> list[tuple[str, str]]:
     text = (DOCKER / dockerfile).read_text()
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in joined.splitlines() if line.strip()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in joined.splitlines()
+        if line.strip()
+    ]
 
 
 def final_stage(dockerfile: str) -> list[tuple[str, str]]:
@@ -59,7 +63,11 @@ def makefile_pin(package: str) -> str:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_every_project_package_is_copied(dockerfile):
-    copied = {args.split()[0].rstrip("/") for op, args in instructions(dockerfile) if op == "COPY" and "--from" not in args}
+    copied = {
+        args.split()[0].rstrip("/")
+        for op, args in instructions(dockerfile)
+        if op == "COPY" and "--from" not in args
+    }
     assert project_source_dirs() <= copied
 
 
@@ -99,7 +107,11 @@ def test_runtime_stage_runs_pagedserve_as_non_root_with_a_health_check(dockerfil
 def test_cpu_image_exposes_every_service_port():
     exposed = set(dict(final_stage("Dockerfile"))["EXPOSE"].split())
     parser = build_parser()
-    for command, peer in (("tokenizer", ["--scheduler", "x:1"]), ("scheduler", ["--worker", "x:1"]), ("worker", [])):
+    for command, peer in (
+        ("tokenizer", ["--scheduler", "x:1"]),
+        ("scheduler", ["--worker", "x:1"]),
+        ("worker", []),
+    ):
         assert str(parser.parse_args([command, *peer]).port) in exposed
 
 
@@ -116,7 +128,9 @@ class _HealthServer:
 
 
 def run_healthcheck(*args: str) -> int:
-    return subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True, timeout=30).returncode
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK), *args], capture_output=True, timeout=30
+    ).returncode
 
 
 def test_healthcheck_passes_only_while_serving():

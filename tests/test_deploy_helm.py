@@ -32,12 +32,22 @@ VALUE_SETS = {
     # Every optional branch at once: a model volume, trace export, the ServiceMonitor,
     # and a fixed replica count instead of the autoscaler.
     "options": [
-        "--set", "model.source=volume", "--set", "model.path=Qwen3-0.6B",
-        "--set-json", 'model.volume={"persistentVolumeClaim": {"claimName": "models", "readOnly": true}}',
-        "--set", "otel.endpoint=http://jaeger-collector:4317",
-        "--set", "metrics.serviceMonitor.enabled=true",
-        "--set", "tokenizer.autoscaling.enabled=false",
-        "--set", "engine.worker.numKvBlocks=512", "--set", "engine.worker.dtype=bfloat16",
+        "--set",
+        "model.source=volume",
+        "--set",
+        "model.path=Qwen3-0.6B",
+        "--set-json",
+        'model.volume={"persistentVolumeClaim": {"claimName": "models", "readOnly": true}}',
+        "--set",
+        "otel.endpoint=http://jaeger-collector:4317",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "tokenizer.autoscaling.enabled=false",
+        "--set",
+        "engine.worker.numKvBlocks=512",
+        "--set",
+        "engine.worker.dtype=bfloat16",
     ],
 }
 
@@ -55,14 +65,25 @@ _HELM_HOME = tempfile.TemporaryDirectory(prefix="pagedserve-helm-")
 
 
 def run_helm(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **{f"HELM_{kind}_HOME": f"{_HELM_HOME.name}/{kind.lower()}" for kind in ("CACHE", "CONFIG", "DATA")}}
+    env = {
+        **os.environ,
+        **{f"HELM_{kind}_HOME": f"{_HELM_HOME.name}/{kind.lower()}" for kind in ("CACHE", "CONFIG", "DATA")},
+    }
     return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 @functools.cache
 def rendered(value_set: str) -> tuple[dict, ...]:
-    result = run_helm("template", "pagedserve", str(CHART), "--namespace", "serving",
-                      "--kube-version", KUBERNETES_VERSION, *VALUE_SETS[value_set])
+    result = run_helm(
+        "template",
+        "pagedserve",
+        str(CHART),
+        "--namespace",
+        "serving",
+        "--kube-version",
+        KUBERNETES_VERSION,
+        *VALUE_SETS[value_set],
+    )
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
@@ -143,7 +164,7 @@ def test_expected_resources_are_rendered(value_set):
 @value_sets
 def test_container_arguments_are_accepted_by_the_cli(value_set):
     parser = build_parser()
-    for deployment, container in containers(rendered(value_set)):
+    for _deployment, container in containers(rendered(value_set)):
         try:
             args = parser.parse_args(container["args"])
         except SystemExit:
@@ -297,8 +318,10 @@ def test_trace_export_is_off_without_an_endpoint_and_on_with_one():
 
 def test_gpu_values_give_each_worker_a_gpu():
     docs = rendered("gpu")
-    deployments = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d
-                   for d in of_kind(docs, "Deployment")}
+    deployments = {
+        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in of_kind(docs, "Deployment")
+    }
     engine = deployments["engine"]["spec"]
     assert engine["replicas"] == 2
     pod = engine["template"]["spec"]

@@ -3,10 +3,10 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from small_tokenizer import build_tokenizer, byte_token_id, write_model_dir
 
 from services.tokenizer.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from services.tokenizer.tokenizer import TextTokenizer
-from small_tokenizer import build_tokenizer, byte_token_id, write_model_dir
 
 _TOKENIZER = build_tokenizer()
 _VOCAB_SIZE = _TOKENIZER.get_vocab_size()
@@ -19,7 +19,9 @@ _MULTIBYTE_IDS = sorted(
 _SPECIAL_IDS = [_TOKENIZER.token_to_id(token) for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
 
 token_ids = st.lists(
-    st.one_of(st.integers(0, _VOCAB_SIZE - 1), st.sampled_from(_MULTIBYTE_IDS), st.sampled_from(_SPECIAL_IDS)),
+    st.one_of(
+        st.integers(0, _VOCAB_SIZE - 1), st.sampled_from(_MULTIBYTE_IDS), st.sampled_from(_SPECIAL_IDS)
+    ),
     max_size=40,
 )
 fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -61,7 +63,9 @@ def test_valid_text_streams_back_without_replacement_characters(
     tokenizer: TextTokenizer, text: str, data: st.DataObject
 ) -> None:
     ids = tokenizer.encode(text)
-    deltas = stream(IncrementalDetokenizer(tokenizer, skip_special_tokens=False), split_into_chunks(ids, data))
+    deltas = stream(
+        IncrementalDetokenizer(tokenizer, skip_special_tokens=False), split_into_chunks(ids, data)
+    )
     assert "".join(deltas) == tokenizer.decode(ids, skip_special_tokens=False)
     # Every delta is whole characters: no U+FFFD unless the text itself had one.
     if "\ufffd" not in text:
@@ -120,7 +124,9 @@ class DecodeRecorder:
         pytest.param(None, id="invalid-bytes"),
     ],
 )
-def test_work_per_token_stays_bounded_over_long_outputs(tokenizer: TextTokenizer, pattern: str | None) -> None:
+def test_work_per_token_stays_bounded_over_long_outputs(
+    tokenizer: TextTokenizer, pattern: str | None
+) -> None:
     if pattern is None:
         ids = [byte_token_id(_TOKENIZER, 0x80)] * 3000
     else:

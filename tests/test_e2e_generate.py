@@ -23,8 +23,12 @@ PROMPTS: list[dict] = [
     {"prompt": LONG_TEXT + "In short,"},
     {"prompt": "Hi"},
     {"messages": [{"role": "user", "content": "Name three colours of the rainbow."}]},
-    {"messages": [{"role": "system", "content": "You answer in one short sentence."},
-                  {"role": "user", "content": "Why is the sky blue?"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "You answer in one short sentence."},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ]
+    },
     {"messages": [{"role": "user", "content": LONG_TEXT + "Summarise this."}]},
     {"prompt_token_ids": [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 2, 198]},
 ]
@@ -32,7 +36,9 @@ PROMPTS: list[dict] = [
 
 def _request(index: int, spec: dict, max_tokens: int = MAX_TOKENS) -> generation_pb2.GenerateRequest:
     return generation_pb2.GenerateRequest(
-        request_id=f"req-{index}", sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens), **spec
+        request_id=f"req-{index}",
+        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens),
+        **spec,
     )
 
 
@@ -50,8 +56,11 @@ def _collect(stack: Stack, request: generation_pb2.GenerateRequest) -> tuple[lis
 def _prompt_ids(stack: Stack, spec: dict) -> list[int]:
     if "prompt_token_ids" in spec:
         return spec["prompt_token_ids"]
-    return list(stack.generation.Tokenize(generation_pb2.TokenizeRequest(
-        text=spec.get("prompt", ""), messages=spec.get("messages", []))).token_ids)
+    return list(
+        stack.generation.Tokenize(
+            generation_pb2.TokenizeRequest(text=spec.get("prompt", ""), messages=spec.get("messages", []))
+        ).token_ids
+    )
 
 
 def _assert_matches_hf(stack: Stack, hf_model) -> None:
@@ -65,7 +74,9 @@ def _assert_matches_hf(stack: Stack, hf_model) -> None:
         assert token_ids == expected, spec
         last = responses[-1]
         stopped = expected[-1] in model.eos_token_ids
-        assert last.finish_reason == (common_pb2.FINISH_REASON_STOP if stopped else common_pb2.FINISH_REASON_LENGTH)
+        assert last.finish_reason == (
+            common_pb2.FINISH_REASON_STOP if stopped else common_pb2.FINISH_REASON_LENGTH
+        )
         assert last.usage.prompt_tokens == len(prompt_ids)
         assert last.usage.completion_tokens == len(expected)
         assert text == stack.generation.Detokenize(generation_pb2.DetokenizeRequest(token_ids=token_ids)).text
@@ -91,7 +102,9 @@ def test_concurrent_greedy_matches_hf(stack: Stack, hf_embedded_model) -> None:
     assert stats.num_running == stats.num_waiting == 0
 
 
-def test_preemption_keeps_tokens_unchanged(embedded_model_dir: Path, hf_embedded_model, tmp_path: Path) -> None:
+def test_preemption_keeps_tokens_unchanged(
+    embedded_model_dir: Path, hf_embedded_model, tmp_path: Path
+) -> None:
     # 20 blocks of 16 tokens: the longest request fits alone, all of them together do not.
     with service_stack(embedded_model_dir, tmp_path, scheduler_args=["--num-kv-blocks", "20"]) as small:
         _assert_matches_hf(small, hf_embedded_model)
@@ -103,7 +116,8 @@ def test_preemption_keeps_tokens_unchanged(embedded_model_dir: Path, hf_embedded
 
 def test_cancelled_stream_returns_its_blocks(stack: Stack) -> None:
     request = generation_pb2.GenerateRequest(
-        request_id="to-cancel", prompt=LONG_TEXT,
+        request_id="to-cancel",
+        prompt=LONG_TEXT,
         sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True),
     )
     call = stack.generation.Generate(request, timeout=300)

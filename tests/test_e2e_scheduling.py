@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
 from service_stack import Stack, service_stack
 
@@ -24,11 +23,22 @@ SYSTEM = (
     "on Saturdays; it is closed on Sundays."
 )
 QUESTIONS = [
-    "When do you open on Monday?", "Can I borrow ten books?", "Are you open on Sunday?",
-    "Is there a reading club?", "How late can I come on Saturday?", "Do you lend films?",
-    "Where do I return books after closing?", "Can children get a card?", "Is the wifi free?",
-    "Do you have printers?", "Can I book a study room?", "Are dogs allowed inside?",
-    "Do you sell old books?", "Who runs the events?", "Can I renew a loan online?", "Is parking free?",
+    "When do you open on Monday?",
+    "Can I borrow ten books?",
+    "Are you open on Sunday?",
+    "Is there a reading club?",
+    "How late can I come on Saturday?",
+    "Do you lend films?",
+    "Where do I return books after closing?",
+    "Can children get a card?",
+    "Is the wifi free?",
+    "Do you have printers?",
+    "Can I book a study room?",
+    "Are dogs allowed inside?",
+    "Do you sell old books?",
+    "Who runs the events?",
+    "Can I renew a loan online?",
+    "Is parking free?",
 ]
 LONG_TEXT = (
     "Paged attention stores the key and value vectors of every sequence in fixed-size blocks, so that "
@@ -58,7 +68,9 @@ def _chat(question: str) -> dict:
     return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]}
 
 
-def _run(stack: Stack, request: generation_pb2.GenerateRequest) -> tuple[list[int], generation_pb2.GenerateResponse]:
+def _run(
+    stack: Stack, request: generation_pb2.GenerateRequest
+) -> tuple[list[int], generation_pb2.GenerateResponse]:
     """Generated ids and the last message of a single-completion request."""
     responses = list(stack.generation.Generate(request, timeout=300))
     return [t for r in responses for t in r.token_ids], responses[-1]
@@ -91,8 +103,9 @@ def _prompt_ids(stack: Stack, spec: dict) -> list[int]:
 @pytest.fixture(scope="module")
 def reference(embedded_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
     """Prefix caching off, a roomy pool, the default budget: each request computed in full."""
-    with service_stack(embedded_model_dir, tmp_path_factory.mktemp("reference"),
-                       scheduler_args=["--no-prefix-caching"]) as running:
+    with service_stack(
+        embedded_model_dir, tmp_path_factory.mktemp("reference"), scheduler_args=["--no-prefix-caching"]
+    ) as running:
         yield running
 
 
@@ -134,10 +147,17 @@ def test_a_shared_system_prompt_is_computed_once(stack: Stack, reference: Stack)
 def test_a_crowded_pool_preempts_without_changing_outputs(
     mode: str, embedded_model_dir: Path, crowd_alone: list[list[int]], tmp_path: Path
 ) -> None:
-    scheduler_args = ["--num-kv-blocks", SMALL_POOL_BLOCKS, "--max-num-batched-tokens", "32",
-                      "--preemption-mode", mode]
-    with service_stack(embedded_model_dir, tmp_path, worker_args=["--swap-space", "0.05"],
-                       scheduler_args=scheduler_args) as small:
+    scheduler_args = [
+        "--num-kv-blocks",
+        SMALL_POOL_BLOCKS,
+        "--max-num-batched-tokens",
+        "32",
+        "--preemption-mode",
+        mode,
+    ]
+    with service_stack(
+        embedded_model_dir, tmp_path, worker_args=["--swap-space", "0.05"], scheduler_args=scheduler_args
+    ) as small:
         # The longest prompt is several times the step's token budget: it is prefilled in
         # chunks while the others decode.
         assert len(_prompt_ids(small, LONG_PROMPT)) > 4 * 32
@@ -170,7 +190,9 @@ def test_n_completions_share_the_prompts_blocks(stack: Stack) -> None:
     n, max_tokens = 4, 12
     num_prompt = len(_prompt_ids(stack, spec))
     assert num_prompt % BLOCK_SIZE
-    sampling = common_pb2.SamplingParams(temperature=1.0, seed=1234, max_tokens=max_tokens, n=n, ignore_eos=True)
+    sampling = common_pb2.SamplingParams(
+        temperature=1.0, seed=1234, max_tokens=max_tokens, n=n, ignore_eos=True
+    )
     request = generation_pb2.GenerateRequest(request_id="n4", sampling=sampling, **spec)
 
     idle = _stats(stack)
@@ -204,14 +226,17 @@ def test_n_completions_share_the_prompts_blocks(stack: Stack) -> None:
 def one_seat(embedded_model_dir: Path, tmp_path_factory) -> Iterator[Stack]:
     """One running request at a time, two waiting: a fourth is refused."""
     args = ["--max-num-seqs", "1", "--max-waiting-requests", "2"]
-    with service_stack(embedded_model_dir, tmp_path_factory.mktemp("one_seat"), scheduler_args=args) as running:
+    with service_stack(
+        embedded_model_dir, tmp_path_factory.mktemp("one_seat"), scheduler_args=args
+    ) as running:
         yield running
 
 
 def _long_request(request_id: str, max_tokens: int, priority: int = 0) -> generation_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return generation_pb2.GenerateRequest(request_id=request_id, prompt="Count: 1, 2, 3,", sampling=sampling,
-                                          priority=priority)
+    return generation_pb2.GenerateRequest(
+        request_id=request_id, prompt="Count: 1, 2, 3,", sampling=sampling, priority=priority
+    )
 
 
 def test_past_the_queue_limit_requests_are_refused_at_once(one_seat: Stack) -> None:
@@ -257,13 +282,20 @@ def test_an_expired_deadline_aborts_the_request_and_frees_its_blocks(one_seat: S
         list(one_seat.generation.Generate(_long_request("slow", 2000), timeout=1.0))
     assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # Its blocks come back once no step in flight uses them.
-    _wait_until(one_seat, lambda s: s.num_running == s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks,
-                timeout_s=10)
+    _wait_until(
+        one_seat,
+        lambda s: s.num_running == s.num_waiting == 0 and s.num_free_blocks == s.num_total_blocks,
+        timeout_s=10,
+    )
 
 
 def test_more_completions_than_seats_is_invalid(one_seat: Stack) -> None:
     sampling = common_pb2.SamplingParams(max_tokens=2, n=2)
     with pytest.raises(grpc.RpcError) as refused:
-        list(one_seat.generation.Generate(generation_pb2.GenerateRequest(prompt="Hi", sampling=sampling), timeout=30))
+        list(
+            one_seat.generation.Generate(
+                generation_pb2.GenerateRequest(prompt="Hi", sampling=sampling), timeout=30
+            )
+        )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sampling.n" in refused.value.details()

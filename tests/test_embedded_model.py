@@ -38,7 +38,9 @@ def raw_tokenizer(embedded_model_dir: Path) -> Tokenizer:
     return Tokenizer.from_file(str(embedded_model_dir / "tokenizer.json"))
 
 
-def greedy_continuation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: int) -> str:
+def greedy_continuation(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, tokens: int
+) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
@@ -82,13 +84,17 @@ def test_model_knows_a_fact(hf_model: PreTrainedModel, hf_tokenizer: PreTrainedT
 def test_model_tracks_positions(hf_model: PreTrainedModel, hf_tokenizer: PreTrainedTokenizerBase) -> None:
     # Counting needs working rotary embeddings: with Q/K rows left in llama.cpp's interleaved
     # order the model still says "Paris" but degenerates into "1, 2, 2, 2, ..." here.
-    continuation = greedy_continuation(hf_model, hf_tokenizer, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", tokens=24)
+    continuation = greedy_continuation(
+        hf_model, hf_tokenizer, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", tokens=24
+    )
     assert continuation.startswith(" 13, 14, 15, 16, 17, 18")
 
 
 def test_chat_answer(hf_model: PreTrainedModel, hf_tokenizer: PreTrainedTokenizerBase) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = hf_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         output = hf_model.generate(**inputs, max_new_tokens=16, do_sample=False)
     answer = hf_tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pagedserve.v1 import worker_pb2
 
 from gpu_worker.input_batch import BlockTables, DeviceToken, StepInputBuilder
-from pagedserve.v1 import worker_pb2
 
 BLOCK_SIZE = 4
 
@@ -62,14 +62,22 @@ def test_tokens_still_on_the_device_are_fed_into_the_inputs() -> None:
     previous_draws = torch.tensor([41, 42, 43])
     sequences = {
         # Decodes position 3, the token the previous step drew in its row 2.
-        1: _State([100, 101, 102], num_computed_tokens=3, num_pending_tokens=1,
-                  newest_pending_token=DeviceToken(previous_draws, 2)),
+        1: _State(
+            [100, 101, 102],
+            num_computed_tokens=3,
+            num_pending_tokens=1,
+            newest_pending_token=DeviceToken(previous_draws, 2),
+        ),
         # A known token.
         2: _State([200, 201], num_computed_tokens=1),
         # Two draws not read yet: the older one's position (3) is computed already, the
         # newer one's (4) now.
-        3: _State([300, 301, 302], num_computed_tokens=4, num_pending_tokens=2,
-                  newest_pending_token=DeviceToken(previous_draws, 0)),
+        3: _State(
+            [300, 301, 302],
+            num_computed_tokens=4,
+            num_pending_tokens=2,
+            newest_pending_token=DeviceToken(previous_draws, 0),
+        ),
     }
     step = worker_pb2.StepRequest(step_id=1)
     step.scheduled.add(seq_id=1, num_new_tokens=1, new_block_ids=[5])

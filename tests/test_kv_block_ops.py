@@ -3,11 +3,11 @@ blocks of every layer, in that order, before a step's forward."""
 
 import pytest
 import torch
+from pagedserve.v1 import worker_pb2
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.kv_cache import KVCache, apply_block_ops, bytes_per_block, num_cpu_blocks
 from gpu_worker.model.config import ModelConfig
-from pagedserve.v1 import worker_pb2
 
 
 def _cache(num_blocks: int, fill: float | None = None) -> KVCache:

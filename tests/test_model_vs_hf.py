@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from pagedserve.v1 import common_pb2, worker_pb2
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model_runner import ModelRunner
-from pagedserve.v1 import common_pb2, worker_pb2
 
 BLOCK_SIZE = 4
 NUM_KV_BLOCKS = 48
@@ -297,7 +297,9 @@ def test_real_model_greedy_matches_hf(request) -> None:
     max_new_tokens = 6
     step = worker_pb2.StepRequest(step_id=1)
     for seq_id, prompt in enumerate(prompts):
-        step.new_sequences.add(seq_id=seq_id, token_ids=prompt, sampling=common_pb2.SamplingParams(temperature=0))
+        step.new_sequences.add(
+            seq_id=seq_id, token_ids=prompt, sampling=common_pb2.SamplingParams(temperature=0)
+        )
         # Two blocks each cover prompt and completion; interleaved ids.
         step.scheduled.add(seq_id=seq_id, num_new_tokens=len(prompt), new_block_ids=[seq_id + 2, seq_id])
     generated: dict[int, list[int]] = {0: [], 1: []}

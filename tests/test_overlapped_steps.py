@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from pagedserve.v1 import common_pb2, worker_pb2
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model_runner import ModelRunner
 from gpu_worker.step_pipeline import MAX_STEPS_LAUNCHED, pipelined_steps
-from pagedserve.v1 import common_pb2, worker_pb2
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.scheduler import Scheduler
 
@@ -33,8 +33,15 @@ EOS = 2
 def tiny_llama(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE, max_position_embeddings=256, initializer_range=0.1, eos_token_id=EOS,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        eos_token_id=EOS,
         pad_token_id=0,
     )
     model_dir = tmp_path_factory.mktemp("tiny_llama")
@@ -57,16 +64,36 @@ def _requests() -> list[tuple[str, list[int], common_pb2.SamplingParams]]:
     return requests
 
 
-def _run(model_dir: Path, requests, steps_in_flight: int, num_kv_blocks: int, preemption_mode: str = "recompute",
-         max_num_batched_tokens: int = 24) -> dict[tuple[str, int], tuple[list[int], int]]:
-    runner = ModelRunner(WorkerConfig(model_path=model_dir, device="cpu", block_size=BLOCK_SIZE,
-                                      num_kv_blocks=num_kv_blocks, swap_space_bytes=1 << 20))
+def _run(
+    model_dir: Path,
+    requests,
+    steps_in_flight: int,
+    num_kv_blocks: int,
+    preemption_mode: str = "recompute",
+    max_num_batched_tokens: int = 24,
+) -> dict[tuple[str, int], tuple[list[int], int]]:
+    runner = ModelRunner(
+        WorkerConfig(
+            model_path=model_dir,
+            device="cpu",
+            block_size=BLOCK_SIZE,
+            num_kv_blocks=num_kv_blocks,
+            swap_space_bytes=1 << 20,
+        )
+    )
     info = runner.info()
     scheduler = Scheduler(
-        SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_steps_in_flight=steps_in_flight,
-                        preemption_mode=preemption_mode, seed=0),
-        num_blocks=info.num_kv_blocks, block_size=BLOCK_SIZE, max_model_len=info.model.max_model_len,
-        eos_token_ids=[EOS], num_cpu_blocks=info.num_cpu_blocks,
+        SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_steps_in_flight=steps_in_flight,
+            preemption_mode=preemption_mode,
+            seed=0,
+        ),
+        num_blocks=info.num_kv_blocks,
+        block_size=BLOCK_SIZE,
+        max_model_len=info.model.max_model_len,
+        eos_token_ids=[EOS],
+        num_cpu_blocks=info.num_cpu_blocks,
     )
     for request_id, prompt, sampling in requests:
         scheduler.add_request(request_id, prompt, sampling)
@@ -159,7 +186,9 @@ def test_a_step_that_arrives_while_one_runs_is_launched_before_that_one_finishes
                 await asyncio.sleep(0.001)
             raise AssertionError("not reached")
 
-        results = pipelined_steps(runner, steps(), ThreadPoolExecutor(1), around_step=lambda s: Scope(s.step_id))
+        results = pipelined_steps(
+            runner, steps(), ThreadPoolExecutor(1), around_step=lambda s: Scope(s.step_id)
+        )
         received: list[int] = []
 
         async def consume() -> None:
@@ -170,7 +199,7 @@ def test_a_step_that_arrives_while_one_runs_is_launched_before_that_one_finishes
         limit = MAX_STEPS_LAUNCHED
         for step_id in range(1, limit + 1):
             await arriving.put(worker_pb2.StepRequest(step_id=step_id))
-            await until(lambda: step_id in runner.launched)
+            await until(lambda step_id=step_id: step_id in runner.launched)
         # One more waits: `limit` steps are launched and none is done.
         await arriving.put(worker_pb2.StepRequest(step_id=limit + 1))
         await asyncio.sleep(0.05)
@@ -184,7 +213,9 @@ def test_a_step_that_arrives_while_one_runs_is_launched_before_that_one_finishes
         steps = range(1, limit + 2)
         assert received == list(steps)
         launches = [("launch", i) for i in steps]
-        assert runner.events == [*launches[:limit], ("finish", 1), launches[limit]] + [("finish", i) for i in steps[1:]]
+        assert runner.events == [*launches[:limit], ("finish", 1), launches[limit]] + [
+            ("finish", i) for i in steps[1:]
+        ]
         opens = [f"open {i}" for i in steps]
         assert scopes == [*opens[:limit], "close 1", opens[limit]] + [f"close {i}" for i in steps[1:]]
 
@@ -216,7 +247,9 @@ def test_a_step_that_fails_to_launch_ends_the_stream_after_the_steps_before_it()
 
         received: list[int] = []
         with pytest.raises(ValueError, match="step 2"):
-            async for result in pipelined_steps(FailingRunner(), steps(), ThreadPoolExecutor(1), around_step=scope):
+            async for result in pipelined_steps(
+                FailingRunner(), steps(), ThreadPoolExecutor(1), around_step=scope
+            ):
                 received.append(result.step_id)
         return received, closed
 

@@ -26,12 +26,24 @@ def test_every_field_and_rpc_is_documented(tmp_path: Path) -> None:
     # A comment on every field is part of the contract; protoc's source info says which
     # declarations carry one.
     descriptor_set = tmp_path / "protos.pb"
-    assert protoc.main(["protoc", f"-I{REPO / 'protos'}", "--include_source_info",
-                        f"--descriptor_set_out={descriptor_set}", *map(str, PROTO_FILES)]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{REPO / 'protos'}",
+                "--include_source_info",
+                f"--descriptor_set_out={descriptor_set}",
+                *map(str, PROTO_FILES),
+            ]
+        )
+        == 0
+    )
     files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file
     undocumented = []
     for file in files:
-        commented = {tuple(loc.path) for loc in file.source_code_info.location if loc.leading_comments.strip()}
+        commented = {
+            tuple(loc.path) for loc in file.source_code_info.location if loc.leading_comments.strip()
+        }
         for m, message in enumerate(file.message_type):
             for f, field in enumerate(message.field):
                 # 4 = message_type, 2 = field (descriptor.proto's field numbers).

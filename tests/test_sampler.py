@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import torch
+from pagedserve.v1 import common_pb2
 
 from gpu_worker.sampler import Sampler, SequenceSampling, exponential_noise
-from pagedserve.v1 import common_pb2
 
 CPU = torch.device("cpu")
 
@@ -12,8 +12,12 @@ def _rows(params: list[common_pb2.SamplingParams], index: int = 0) -> list[Seque
     return [SequenceSampling.from_proto(p, index, fallback_seed=i) for i, p in enumerate(params)]
 
 
-def _sample(logits: torch.Tensor, params: list[common_pb2.SamplingParams], positions: list[int] | None = None,
-            index: int = 0) -> list[int]:
+def _sample(
+    logits: torch.Tensor,
+    params: list[common_pb2.SamplingParams],
+    positions: list[int] | None = None,
+    index: int = 0,
+) -> list[int]:
     positions = positions if positions is not None else [0] * len(params)
     return [tokens[0] for tokens in Sampler(CPU, seed=0).sample(logits, _rows(params, index), positions)]
 

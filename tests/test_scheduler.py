@@ -5,16 +5,23 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import pytest
-
 from pagedserve.v1 import common_pb2, worker_pb2
 from scheduler_harness import (
-    ABORT, EOS_TOKEN_IDS, LENGTH, STOP, VOCAB, FakeWorker, Harness, reference_output, sampling,
+    ABORT,
+    EOS_TOKEN_IDS,
+    LENGTH,
+    STOP,
+    VOCAB,
+    FakeWorker,
+    Harness,
+    reference_output,
+    sampling,
 )
+
 from services.common.errors import UnavailableError
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.outputs import RequestOutput
 from services.scheduler.scheduler import Scheduler
-
 
 # --- one request -----------------------------------------------------------------------------
 
@@ -51,7 +58,7 @@ def test_chunked_prefill_of_a_prompt_many_times_the_budget() -> None:
     params = sampling(max_tokens=3, ignore_eos=True)
     h.add("long", prompt, params)
     chunk_sizes = []
-    while (outputs := h.step()) == []:
+    while h.step() == []:
         chunk_sizes.append(h.steps[-1].scheduled[0].num_new_tokens)
     chunk_sizes.append(h.steps[-1].scheduled[0].num_new_tokens)
     assert chunk_sizes == [8] * 6 + [2]
@@ -270,7 +277,9 @@ def test_steps_in_flight_are_capped_and_results_must_match_the_oldest(overlap: b
         ahead = h.schedule()
         assert ahead is not None and [(s.seq_id, s.num_new_tokens) for s in ahead.scheduled] == [(1, 1)]
         with pytest.raises(RuntimeError):
-            h.scheduler.update_from_output(ahead, worker_pb2.StepResult(step_id=2, seq_ids=[1], token_ids=[5]))
+            h.scheduler.update_from_output(
+                ahead, worker_pb2.StepResult(step_id=2, seq_ids=[1], token_ids=[5])
+            )
     with pytest.raises(RuntimeError):
         h.scheduler.schedule()
     wrong_step = worker_pb2.StepResult(step_id=2, seq_ids=[1], token_ids=[5])
@@ -298,5 +307,3 @@ def test_nothing_to_run_gives_no_step() -> None:
     h.drain()
     stats = h.scheduler.stats()
     assert (stats.num_steps, stats.num_total_blocks, stats.num_free_blocks) == (1, 8, 8)
-
-

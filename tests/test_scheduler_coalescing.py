@@ -4,16 +4,29 @@ reordered."""
 
 from pagedserve.v1 import common_pb2
 from scheduler_harness import Harness, reference_output, sampling
+
 from services.scheduler.coalescing import OutputCoalescer
 from services.scheduler.outputs import RequestOutput
 
 UNFINISHED, LENGTH = common_pb2.FINISH_REASON_UNSPECIFIED, common_pb2.FINISH_REASON_LENGTH
 
 
-def _output(request_id: str, tokens: list[int], num_output_tokens: int, finish_reason: int = UNFINISHED,
-            request_finished: bool = False) -> RequestOutput:
-    return RequestOutput(request_id, 0, tokens, finish_reason, num_prompt_tokens=3,
-                         num_output_tokens=num_output_tokens, request_finished=request_finished)
+def _output(
+    request_id: str,
+    tokens: list[int],
+    num_output_tokens: int,
+    finish_reason: int = UNFINISHED,
+    request_finished: bool = False,
+) -> RequestOutput:
+    return RequestOutput(
+        request_id,
+        0,
+        tokens,
+        finish_reason,
+        num_prompt_tokens=3,
+        num_output_tokens=num_output_tokens,
+        request_finished=request_finished,
+    )
 
 
 def test_beyond_the_budget_tokens_wait_merged_oldest_first() -> None:
@@ -27,10 +40,13 @@ def test_beyond_the_budget_tokens_wait_merged_oldest_first() -> None:
     third = coalescer.pace([_output(r, [3], 3) for r in "abc"])
     assert [(o.request_id, o.new_token_ids) for o in third] == [("c", [2, 3]), ("a", [3])]
     # A last message takes what its completion held, at once, beyond the budget.
-    last = coalescer.pace([_output("a", [4], 4), _output("b", [4], 4, LENGTH, request_finished=True),
-                           _output("c", [4], 4)])
+    last = coalescer.pace(
+        [_output("a", [4], 4), _output("b", [4], 4, LENGTH, request_finished=True), _output("c", [4], 4)]
+    )
     assert [(o.request_id, o.new_token_ids, o.num_output_tokens, o.request_finished) for o in last] == [
-        ("b", [3, 4], 4, True), ("a", [4], 4, False)]
+        ("b", [3, 4], 4, True),
+        ("a", [4], 4, False),
+    ]
     assert len(coalescer) == 1 and coalescer.take_due() == [_output("c", [4], 4)]
 
 

@@ -6,8 +6,8 @@ blocks a step in flight uses stay held until it returns."""
 from collections.abc import Callable, Sequence
 
 import pytest
-
 from scheduler_harness import ABORT, LENGTH, STOP, Harness, reference_output, sampling
+
 from services.scheduler.config import PreemptionMode
 
 

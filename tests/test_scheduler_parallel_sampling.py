@@ -60,7 +60,11 @@ def test_abort_before_the_fork_ends_every_completion() -> None:
     h.add("a", PROMPT, sampling(max_tokens=3, n=3))
     h.step()  # a prompt chunk: no token yet
     outputs = h.abort("a")
-    assert outputs is not None and [(o.index, o.finish_reason) for o in outputs] == [(0, ABORT), (1, ABORT), (2, ABORT)]
+    assert outputs is not None and [(o.index, o.finish_reason) for o in outputs] == [
+        (0, ABORT),
+        (1, ABORT),
+        (2, ABORT),
+    ]
     assert [o.request_finished for o in outputs] == [False, False, True]
     h.drain()
 

@@ -2,8 +2,8 @@
 and seeds drawn once per request."""
 
 import pytest
-
 from scheduler_harness import Harness, reference_output, sampling
+
 from services.common.errors import ResourceExhaustedError
 
 PARAMS = sampling(max_tokens=5, ignore_eos=True)
@@ -38,8 +38,15 @@ def test_swap_moves_the_victims_kv_out_and_back_unchanged() -> None:
     for request_id, prompt in (("old", [2, 3, 4]), ("new", [5, 6])):
         assert h.tokens[request_id, 0] == reference_output(prompt, PARAMS, 8)[0]
     # What the victim's trace tells: out with its 3 computed tokens, back in with them.
-    told = [(e.request_id, e.name, e.attributes.get("pagedserve.preemption_mode"),
-             e.attributes["pagedserve.num_computed_tokens"]) for e in events]
+    told = [
+        (
+            e.request_id,
+            e.name,
+            e.attributes.get("pagedserve.preemption_mode"),
+            e.attributes["pagedserve.num_computed_tokens"],
+        )
+        for e in events
+    ]
     assert told == [("new", "preempted", "swap", 3), ("new", "swapped_in", None, 3)]
 
 

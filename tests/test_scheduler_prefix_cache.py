@@ -3,6 +3,7 @@ computed, only computed blocks are offered, freed blocks stay cached until the p
 them, and caching never changes a request's tokens."""
 
 from scheduler_harness import Harness, reference_output, sampling
+
 from services.scheduler.block_hash import chained_hashes
 
 SHARED = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # three blocks of 4
@@ -30,7 +31,8 @@ def test_a_later_request_starts_past_the_cached_blocks_it_shares() -> None:
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (14 + 13, 12)
     # The hit is told once, for the request that had it, for its trace.
     assert [(e.request_id, e.name, e.attributes["pagedserve.cached_tokens"]) for e in events] == [
-        ("second", "prefix_cache_hit", 12)]
+        ("second", "prefix_cache_hit", 12)
+    ]
 
 
 def test_a_whole_prompt_hit_still_computes_its_last_token() -> None:
@@ -111,6 +113,8 @@ def test_a_recomputed_request_finds_its_own_blocks_again() -> None:
     readmitted = h.steps[-1].new_sequences[0]
     assert readmitted.num_computed_tokens == 12
     h.drain()
-    assert h.tokens["a", 0] == reference_output(SHARED + [20], sampling(max_tokens=6, ignore_eos=True), 1024)[0]
+    assert (
+        h.tokens["a", 0] == reference_output(SHARED + [20], sampling(max_tokens=6, ignore_eos=True), 1024)[0]
+    )
     # cached_tokens counts the first admission's hits only.
     assert h.finals["a", 0].num_cached_tokens == 0

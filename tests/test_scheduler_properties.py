@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-
 from pagedserve.v1 import common_pb2
 from scheduler_harness import ABORT, VOCAB, Harness, reference_output, sampling
+
 from services.scheduler.config import PreemptionMode
 
 
@@ -71,7 +71,8 @@ def workloads(draw: st.DrawFn, tight_pool: bool) -> Workload:
     preempt_op = st.tuples(st.just("preempt"), st.integers(0, 7), st.sampled_from(list(PreemptionMode)))
     any_op = st.one_of(add_op, add_op, step_op, step_op, abort_op, preempt_op)
     return Workload(
-        num_blocks, block_size,
+        num_blocks,
+        block_size,
         num_cpu_blocks=draw(st.integers(0, 8)),
         max_num_seqs=draw(st.integers(2 if tight_pool else 1, 4)),
         max_num_batched_tokens=draw(st.integers(1, 16)),
@@ -85,7 +86,9 @@ def workloads(draw: st.DrawFn, tight_pool: bool) -> Workload:
     )
 
 
-def _is_valid(prompt: list[int], params: common_pb2.SamplingParams, usable_len: int, max_num_seqs: int) -> bool:
+def _is_valid(
+    prompt: list[int], params: common_pb2.SamplingParams, usable_len: int, max_num_seqs: int
+) -> bool:
     if not prompt or len(prompt) + 1 > usable_len:
         return False
     if params.HasField("max_tokens") and len(prompt) + params.max_tokens > usable_len:
@@ -98,10 +101,15 @@ def _is_valid(prompt: list[int], params: common_pb2.SamplingParams, usable_len: 
 def test_random_workloads_keep_the_books_and_match_each_completion_run_alone(workload: Workload) -> None:
     w = workload
     h = Harness(
-        num_blocks=w.num_blocks, block_size=w.block_size, max_model_len=w.max_model_len,
-        max_num_seqs=w.max_num_seqs, max_num_batched_tokens=w.max_num_batched_tokens,
-        num_cpu_blocks=w.num_cpu_blocks, preemption_mode=w.preemption_mode,
-        enable_prefix_caching=w.enable_prefix_caching, max_steps_in_flight=w.max_steps_in_flight,
+        num_blocks=w.num_blocks,
+        block_size=w.block_size,
+        max_model_len=w.max_model_len,
+        max_num_seqs=w.max_num_seqs,
+        max_num_batched_tokens=w.max_num_batched_tokens,
+        num_cpu_blocks=w.num_cpu_blocks,
+        preemption_mode=w.preemption_mode,
+        enable_prefix_caching=w.enable_prefix_caching,
+        max_steps_in_flight=w.max_steps_in_flight,
         worker_runs_ahead=w.worker_runs_ahead,
     )
     usable_len = min(w.max_model_len, w.num_blocks * w.block_size)
@@ -155,7 +163,9 @@ def test_random_workloads_keep_the_books_and_match_each_completion_run_alone(wor
     new_sequences = [new for step in h.steps for new in step.new_sequences]
     chunked = any(
         item.seq_id == new.seq_id and new.num_computed_tokens + item.num_new_tokens < len(new.token_ids)
-        for step in h.steps for new in step.new_sequences for item in step.scheduled
+        for step in h.steps
+        for new in step.new_sequences
+        for item in step.scheduled
     )
     event(f"preempted by recompute: {stats.num_preemptions_recompute > 0}")
     event(f"swapped: {stats.num_preemptions_swap > 0}")

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import grpc
-
 from pagedserve.v1 import common_pb2, scheduler_pb2
 from service_stack import Stack, service_stack
 
@@ -40,13 +39,18 @@ class _Session:
 
     def submit(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
         sampling = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        request = scheduler_pb2.SubmitRequest(request_id=request_id, prompt_token_ids=prompt, sampling=sampling)
+        request = scheduler_pb2.SubmitRequest(
+            request_id=request_id, prompt_token_ids=prompt, sampling=sampling
+        )
         self.handles[request_id] = handle = 100 + len(self.handles)
-        self._outgoing.put(scheduler_pb2.SessionRequest(
-            submit=scheduler_pb2.SessionSubmit(request=request, handle=handle)))
+        self._outgoing.put(
+            scheduler_pb2.SessionRequest(submit=scheduler_pb2.SessionSubmit(request=request, handle=handle))
+        )
 
     def abort(self, request_id: str) -> None:
-        self._outgoing.put(scheduler_pb2.SessionRequest(abort=scheduler_pb2.AbortRequest(request_id=request_id)))
+        self._outgoing.put(
+            scheduler_pb2.SessionRequest(abort=scheduler_pb2.AbortRequest(request_id=request_id))
+        )
 
     def end(self) -> None:
         """Half-closes: the stream ends once its requests have."""
@@ -88,10 +92,19 @@ def test_requests_share_a_stream_and_its_messages(stack: Stack) -> None:
         assert all(not u.HasField("error") for u in updates)
     # Decoded in the same steps, their tokens came back in the same messages.
     assert any({u.request_id for u in r.updates} >= {"a", "b"} for r in session.responses)
-    reference = list(stack.scheduler.Submit(scheduler_pb2.SubmitRequest(
-        request_id="alone", prompt_token_ids=[1, 2, 3, 4, 5],
-        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)), timeout=60))
-    assert [t for u in session.updates("a") for t in u.output.token_ids] == [t for r in reference for t in r.token_ids]
+    reference = list(
+        stack.scheduler.Submit(
+            scheduler_pb2.SubmitRequest(
+                request_id="alone",
+                prompt_token_ids=[1, 2, 3, 4, 5],
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+            ),
+            timeout=60,
+        )
+    )
+    assert [t for u in session.updates("a") for t in u.output.token_ids] == [
+        t for r in reference for t in r.token_ids
+    ]
 
 
 def test_an_abort_ends_one_request_and_a_dropped_stream_the_rest(stack: Stack) -> None:
@@ -100,8 +113,11 @@ def test_an_abort_ends_one_request_and_a_dropped_stream_the_rest(stack: Stack) -
     session.submit("dropped", [4, 5, 6], max_tokens=2000)
     session.wait_for(lambda: session.updates("stopped") and session.updates("dropped"))
     session.abort("stopped")
-    session.wait_for(lambda: any(u.output.finish_reason == common_pb2.FINISH_REASON_ABORT
-                                 for u in session.updates("stopped")))
+    session.wait_for(
+        lambda: any(
+            u.output.finish_reason == common_pb2.FINISH_REASON_ABORT for u in session.updates("stopped")
+        )
+    )
     assert not any(u.output.finish_reason for u in session.updates("dropped"))
     session.call.cancel()
     session.end()
@@ -111,7 +127,8 @@ def test_an_abort_ends_one_request_and_a_dropped_stream_the_rest(stack: Stack) -
 
 
 def test_a_draining_scheduler_finishes_its_requests_refuses_new_ones_and_ends_the_stream(
-        embedded_model_dir: Path, tmp_path: Path) -> None:
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
     with service_stack(embedded_model_dir, tmp_path, scheduler_args=["--shutdown-grace", "60"]) as stack:
         session = _Session(stack)
         session.submit("running", [1, 2, 3], max_tokens=64)
@@ -136,8 +153,10 @@ def test_a_request_id_sent_again_right_after_a_cancel_gets_only_its_own_tokens(s
 
     def request(max_tokens: int) -> generation_pb2.GenerateRequest:
         return generation_pb2.GenerateRequest(
-            request_id="retried", prompt="Once upon a time",
-            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            request_id="retried",
+            prompt="Once upon a time",
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+        )
 
     for _ in range(3):
         first = stack.generation.Generate(request(2000), timeout=60)

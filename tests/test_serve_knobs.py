@@ -17,14 +17,31 @@ def _value(command: list[str], flag: str) -> str:
 
 def test_knobs_reach_their_services() -> None:
     commands = _commands(
-        "--block-size", "32", "--num-kv-blocks", "100", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
-        "--preemption-mode", "swap", "--swap-space", "0.5", "--max-waiting-requests", "3", "--no-prefix-caching",
-        "--no-overlap-scheduling", "--max-stream-messages-per-step", "0",
+        "--block-size",
+        "32",
+        "--num-kv-blocks",
+        "100",
+        "--max-num-seqs",
+        "8",
+        "--max-num-batched-tokens",
+        "64",
+        "--preemption-mode",
+        "swap",
+        "--swap-space",
+        "0.5",
+        "--max-waiting-requests",
+        "3",
+        "--no-prefix-caching",
+        "--no-overlap-scheduling",
+        "--max-stream-messages-per-step",
+        "0",
     )
     worker, scheduler = commands["worker"], commands["scheduler"]
     assert (_value(worker, "--block-size"), _value(worker, "--swap-space")) == ("32", "0.5")
     assert _value(worker, "--num-kv-blocks") == _value(scheduler, "--num-kv-blocks") == "100"
-    assert _value(scheduler, "--max-num-seqs") == "8" and _value(scheduler, "--max-num-batched-tokens") == "64"
+    assert (
+        _value(scheduler, "--max-num-seqs") == "8" and _value(scheduler, "--max-num-batched-tokens") == "64"
+    )
     assert _value(scheduler, "--preemption-mode") == "swap"
     assert _value(scheduler, "--max-waiting-requests") == "3"
     assert "--no-prefix-caching" in scheduler and "--no-overlap-scheduling" in scheduler
@@ -33,7 +50,7 @@ def test_knobs_reach_their_services() -> None:
     parser = build_parser()
     for name in ("worker", "scheduler"):
         command = commands[name]
-        parser.parse_args(command[command.index(name):])
+        parser.parse_args(command[command.index(name) :])
 
 
 def test_defaults() -> None:
@@ -59,12 +76,15 @@ def test_every_serve_option_reaches_a_service() -> None:
         if action.nargs == 0:  # a flag
             flags, expected = [action.option_strings[0]], not action.default
         else:
-            expected = next(c for c in action.choices if c != action.default) if action.choices else (
-                {int: 7, float: 0.7}.get(action.type, "x"))
+            expected = (
+                next(c for c in action.choices if c != action.default)
+                if action.choices
+                else ({int: 7, float: 0.7}.get(action.type, "x"))
+            )
             flags = [action.option_strings[0], str(expected)]
         commands = _commands(*flags)
         received = []
         for name, command in commands.items():
-            service_args = parser.parse_args(command[command.index(name):])
+            service_args = parser.parse_args(command[command.index(name) :])
             received.append(getattr(service_args, action.dest, None) == expected)
         assert any(received), f"{action.option_strings[0]} reaches no service"

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from pagedserve.v1 import generation_pb2
 from service_stack import Stack
+
 from services.launcher import free_port
 
 
@@ -32,9 +32,11 @@ def test_reflection_lists_each_service(stack: Stack) -> None:
 
 
 def test_health_is_serving_per_service(stack: Stack) -> None:
-    for address, name in [(stack.public_address, "pagedserve.v1.Generation"),
-                          (stack.scheduler_address, "pagedserve.v1.Scheduler"),
-                          (stack.worker_address, "pagedserve.v1.Worker")]:
+    for address, name in [
+        (stack.public_address, "pagedserve.v1.Generation"),
+        (stack.scheduler_address, "pagedserve.v1.Scheduler"),
+        (stack.worker_address, "pagedserve.v1.Worker"),
+    ]:
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", name):
@@ -46,10 +48,24 @@ def test_front_door_waits_not_serving_then_drains(embedded_model_dir: Path) -> N
     """With no scheduler behind it the tokenizer answers health NOT_SERVING and requests
     UNAVAILABLE; SIGTERM stops it cleanly."""
     port = free_port()
-    process = subprocess.Popen([
-        sys.executable, "-m", "services.cli", "tokenizer", "--host", "127.0.0.1", "--port", str(port),
-        "--model", str(embedded_model_dir), "--scheduler", f"127.0.0.1:{free_port()}", "--shutdown-grace", "2",
-    ])
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "tokenizer",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model",
+            str(embedded_model_dir),
+            "--scheduler",
+            f"127.0.0.1:{free_port()}",
+            "--shutdown-grace",
+            "2",
+        ]
+    )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)

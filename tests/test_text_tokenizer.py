@@ -2,10 +2,10 @@ import json
 from pathlib import Path
 
 import pytest
+from small_tokenizer import SPECIAL_TOKENS, build_tokenizer, write_model_dir
 
 from services.common.errors import InvalidArgumentError
 from services.tokenizer.tokenizer import ALLOWED_CHAT_ROLES, TextTokenizer
-from small_tokenizer import SPECIAL_TOKENS, build_tokenizer, write_model_dir
 
 CONVERSATION = [
     ("system", "Be brief."),
@@ -44,7 +44,10 @@ def test_model_facts(tokenizer: TextTokenizer) -> None:
     assert tokenizer.vocab_size == reference.get_vocab_size() == 420
     assert tokenizer.eos_token_id == reference.token_to_id("<|im_end|>")
     # config.json adds <|endoftext|> as a second end of sequence, after the tokenizer's.
-    assert tokenizer.eos_token_ids == (reference.token_to_id("<|im_end|>"), reference.token_to_id("<|endoftext|>"))
+    assert tokenizer.eos_token_ids == (
+        reference.token_to_id("<|im_end|>"),
+        reference.token_to_id("<|endoftext|>"),
+    )
     assert tokenizer.bos_token_id == reference.token_to_id("<|endoftext|>")
 
 
@@ -128,7 +131,9 @@ def test_template_sees_special_tokens_and_trims_blocks_like_hf(tmp_path: Path) -
 
 
 def test_template_runs_sandboxed(tmp_path: Path) -> None:
-    tokenizer = tokenizer_with_config(tmp_path, chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    tokenizer = tokenizer_with_config(
+        tmp_path, chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    )
     with pytest.raises(InvalidArgumentError) as caught:
         tokenizer.render_chat([("user", "hi")])
     assert caught.value.field == "messages"
@@ -140,7 +145,9 @@ def test_template_from_separate_file_and_named_list(tmp_path: Path) -> None:
     assert TextTokenizer.from_model_dir(first).render_chat([("user", "a")]) == "<a>"
 
     named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]
-    assert tokenizer_with_config(tmp_path / "named", chat_template=named).render_chat([("user", "a")]) == "plain"
+    assert (
+        tokenizer_with_config(tmp_path / "named", chat_template=named).render_chat([("user", "a")]) == "plain"
+    )
 
 
 def test_special_tokens_of_the_fixture_are_special(tokenizer: TextTokenizer) -> None:
@@ -151,7 +158,7 @@ def test_special_tokens_of_the_fixture_are_special(tokenizer: TextTokenizer) -> 
 def test_embedded_model_if_available(request: pytest.FixtureRequest) -> None:
     try:
         model_dir = request.getfixturevalue("embedded_model_dir")
-    except Exception as error:  # noqa: BLE001 - any failure to provide it means "not here"
+    except Exception as error:
         pytest.skip(f"embedded model not available: {error}")
     transformers = pytest.importorskip("transformers")
     tokenizer = TextTokenizer.from_model_dir(model_dir)

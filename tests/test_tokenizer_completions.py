@@ -2,12 +2,12 @@
 own stop strings and usage, the request done when all are."""
 
 import pytest
-
 from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
+from small_tokenizer import write_model_dir
+
 from services.common.errors import UnavailableError
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
 from services.tokenizer.tokenizer import TextTokenizer
-from small_tokenizer import write_model_dir
 
 STOP = common_pb2.FINISH_REASON_STOP
 LENGTH = common_pb2.FINISH_REASON_LENGTH
@@ -19,8 +19,9 @@ def frontend(tmp_path_factory: pytest.TempPathFactory) -> RequestFrontend:
     return RequestFrontend(tokenizer, FrontendConfig(max_model_len=64, vocab_size=tokenizer.vocab_size))
 
 
-def _response(frontend: RequestFrontend, text: str, index: int, finish_reason: int = 0,
-              cached_tokens: int = 0) -> scheduler_pb2.SubmitResponse:
+def _response(
+    frontend: RequestFrontend, text: str, index: int, finish_reason: int = 0, cached_tokens: int = 0
+) -> scheduler_pb2.SubmitResponse:
     response = scheduler_pb2.SubmitResponse(
         token_ids=frontend.tokenizer.encode(text), index=index, finish_reason=finish_reason
     )
@@ -43,13 +44,19 @@ def test_each_completion_streams_and_finishes_on_its_own(frontend: RequestFronte
     assert not completions.finished
     last = completions.on_tokens(_response(frontend, " there", 1, finish_reason=LENGTH, cached_tokens=3))
     assert last is not None and last.index == 1 and last.finish_reason == LENGTH
-    assert (last.usage.prompt_tokens, last.usage.cached_tokens) == (len(frontend.tokenizer.encode("Hello")), 3)
+    assert (last.usage.prompt_tokens, last.usage.cached_tokens) == (
+        len(frontend.tokenizer.encode("Hello")),
+        3,
+    )
     assert last.usage.completion_tokens == len(frontend.tokenizer.encode("Hello")) + len(
-        frontend.tokenizer.encode(" there"))
+        frontend.tokenizer.encode(" there")
+    )
     assert completions.finished
 
 
 def test_a_completion_index_out_of_range_is_the_peers_fault(frontend: RequestFrontend) -> None:
-    completions = frontend.new_completions(frontend.prepare_generate(generation_pb2.GenerateRequest(prompt="Hi")))
+    completions = frontend.new_completions(
+        frontend.prepare_generate(generation_pb2.GenerateRequest(prompt="Hi"))
+    )
     with pytest.raises(UnavailableError):
         completions.on_tokens(_response(frontend, "x", 1))

@@ -3,8 +3,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from pagedserve.v1 import common_pb2, generation_pb2
+from small_tokenizer import write_model_dir
+
 from services.common.errors import InvalidArgumentError
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
 from services.tokenizer.tokenizer import TextTokenizer
@@ -18,7 +19,6 @@ from services.tokenizer.validation import (
     prompt_source,
     validate_sampling,
 )
-from small_tokenizer import write_model_dir
 
 VOCAB_SIZE = 1000
 
@@ -49,7 +49,11 @@ def test_missing_prompt() -> None:
     ("request_fields", "second", "named"),
     [
         ({"prompt": "a", "prompt_token_ids": [1]}, "prompt_token_ids", "prompt and prompt_token_ids"),
-        ({"prompt": "a", "messages": [generation_pb2.ChatMessage(role="user")]}, "messages", "prompt and messages"),
+        (
+            {"prompt": "a", "messages": [generation_pb2.ChatMessage(role="user")]},
+            "messages",
+            "prompt and messages",
+        ),
         (
             {"prompt": "a", "prompt_token_ids": [1], "messages": [generation_pb2.ChatMessage(role="user")]},
             "prompt_token_ids",
@@ -69,7 +73,9 @@ def test_more_than_one_prompt_form_names_them(request_fields: dict, second: str,
 def test_default_sampling_is_valid() -> None:
     validate_sampling(common_pb2.SamplingParams(), VOCAB_SIZE)
     validate_sampling(
-        common_pb2.SamplingParams(temperature=0, top_p=1, top_k=-1, max_tokens=1, stop=["x"], stop_token_ids=[0, 999]),
+        common_pb2.SamplingParams(
+            temperature=0, top_p=1, top_k=-1, max_tokens=1, stop=["x"], stop_token_ids=[0, 999]
+        ),
         VOCAB_SIZE,
     )
 
@@ -91,7 +97,10 @@ def test_default_sampling_is_valid() -> None:
         ({"stop": ["x" * 257]}, "sampling.stop[0]: must be at most 256 characters, got 257"),
         ({"stop_token_ids": [5, 1000]}, "sampling.stop_token_ids[1]: must be in [0, 1000), got 1000"),
         ({"stop_token_ids": [-1]}, "sampling.stop_token_ids[0]: must be in [0, 1000), got -1"),
-        ({"stop_token_ids": [1] * 65}, "sampling.stop_token_ids: at most 64 stop token ids are allowed, got 65"),
+        (
+            {"stop_token_ids": [1] * 65},
+            "sampling.stop_token_ids: at most 64 stop token ids are allowed, got 65",
+        ),
         ({"n": 0}, "sampling.n: must be in [1, 16], got 0"),
         ({"n": 17}, "sampling.n: must be in [1, 16], got 17"),
     ],
@@ -135,7 +144,9 @@ def test_prompt_plus_max_tokens_over_the_model_length() -> None:
 
 @pytest.mark.parametrize("num_prompt_tokens", [64, 100])
 def test_prompt_that_leaves_no_room(num_prompt_tokens: int) -> None:
-    error = raised(check_prompt_length, num_prompt_tokens, common_pb2.SamplingParams(), 64, "prompt_token_ids")
+    error = raised(
+        check_prompt_length, num_prompt_tokens, common_pb2.SamplingParams(), 64, "prompt_token_ids"
+    )
     assert error.field == "prompt_token_ids"
     assert str(num_prompt_tokens) in str(error) and "64" in str(error)
 
@@ -155,7 +166,9 @@ def frontend(tmp_path_factory: pytest.TempPathFactory) -> RequestFrontend:
 
 
 def test_prepare_text_prompt(frontend: RequestFrontend) -> None:
-    request = generation_pb2.GenerateRequest(request_id="r1", prompt="Hello world", sampling={"temperature": 0})
+    request = generation_pb2.GenerateRequest(
+        request_id="r1", prompt="Hello world", sampling={"temperature": 0}
+    )
     prepared = frontend.prepare_generate(request)
     assert prepared.request_id == "r1"
     assert prepared.prompt_token_ids == frontend.tokenizer.encode("Hello world")
@@ -208,8 +221,12 @@ def test_tokenize_and_detokenize(frontend: RequestFrontend) -> None:
     assert frontend.detokenize(generation_pb2.DetokenizeRequest(token_ids=response.token_ids)).text == "hi"
     kept = generation_pb2.DetokenizeRequest(token_ids=response.token_ids, skip_special_tokens=False)
     assert frontend.detokenize(kept).text == "hi<|im_end|>"
-    assert raised(frontend.detokenize, generation_pb2.DetokenizeRequest(token_ids=[-5])).field == "token_ids[0]"
-    both = generation_pb2.TokenizeRequest(text="a", messages=[generation_pb2.ChatMessage(role="user", content="b")])
+    assert (
+        raised(frontend.detokenize, generation_pb2.DetokenizeRequest(token_ids=[-5])).field == "token_ids[0]"
+    )
+    both = generation_pb2.TokenizeRequest(
+        text="a", messages=[generation_pb2.ChatMessage(role="user", content="b")]
+    )
     assert raised(frontend.tokenize, both).field == "messages"
 
 

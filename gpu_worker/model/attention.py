@@ -39,9 +39,7 @@ class AttentionMetadata:
     no_cached_context: bool = False
 
 
-_current_metadata: ContextVar[AttentionMetadata | None] = ContextVar(
-    "attention_metadata", default=None
-)
+_current_metadata: ContextVar[AttentionMetadata | None] = ContextVar("attention_metadata", default=None)
 
 
 @contextmanager
@@ -66,8 +64,9 @@ class PagedAttention(nn.Module):
     """Rotates queries and keys (after Qwen3's per-head norm), stores keys and values in the
     paged cache, then attends over it."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 rotary_emb: RotaryEmbedding) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -83,8 +82,15 @@ class PagedAttention(nn.Module):
         self.key_cache = key_cache
         self.value_cache = value_cache
 
-    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> torch.Tensor:
         """positions: [T]; query: [T, num_heads, head_dim]; key, value: [T, num_kv_heads,
         head_dim]; q_norm and k_norm: Qwen3's per-head norms, or None. Returns [T, num_heads * head_dim]."""
         if self.key_cache is None or self.value_cache is None:
@@ -92,10 +98,18 @@ class PagedAttention(nn.Module):
         metadata = get_attention_metadata()
         with_norm = q_norm is not None and k_norm is not None
         query, key = rotate_and_store(
-            positions, query, key, value, self.rotary_emb.cos_sin_cache,
-            q_norm.weight if with_norm else None, k_norm.weight if with_norm else None,
+            positions,
+            query,
+            key,
+            value,
+            self.rotary_emb.cos_sin_cache,
+            q_norm.weight if with_norm else None,
+            k_norm.weight if with_norm else None,
             q_norm.eps if with_norm else 0.0,
-            self.key_cache, self.value_cache, metadata.slot_mapping, keep_key=metadata.no_cached_context,
+            self.key_cache,
+            self.value_cache,
+            metadata.slot_mapping,
+            keep_key=metadata.no_cached_context,
         )
         output = attention(
             query,

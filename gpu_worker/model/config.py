@@ -118,9 +118,7 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         )
-    raise ValueError(
-        f"unsupported rope scaling {rope_type!r}; implemented: default, linear, llama3"
-    )
+    raise ValueError(f"unsupported rope scaling {rope_type!r}; implemented: default, linear, llama3")
 
 
 def _collect_eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]:

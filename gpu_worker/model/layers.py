@@ -129,9 +129,7 @@ class RMSNorm(nn.Module):
         return out, residual
 
 
-def rope_inverse_frequencies(
-    head_dim: int, base: float, scaling: RopeScaling | None
-) -> torch.Tensor:
+def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | None) -> torch.Tensor:
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (base**exponents)
     if scaling is None:
@@ -159,9 +157,7 @@ class RotaryEmbedding(nn.Module):
     """The cos/sin table of rotary position embedding in the rotate-half (GPT-NeoX) layout
     used by Llama/Qwen; the attention layer applies it, in one pass with the KV store."""
 
-    def __init__(
-        self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None
-    ) -> None:
+    def __init__(self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None) -> None:
         super().__init__()
         self.head_dim = head_dim
         inv_freq = rope_inverse_frequencies(head_dim, base, scaling)

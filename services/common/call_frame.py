@@ -92,18 +92,30 @@ class _Call:
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._handled = Counter(PREFIX + "grpc_server_handled", "Calls answered, by method and status code.",
-                                ["method", "code"], registry=registry)
+        self._handled = Counter(
+            PREFIX + "grpc_server_handled",
+            "Calls answered, by method and status code.",
+            ["method", "code"],
+            registry=registry,
+        )
 
     @contextmanager
     def _frame(self, method: str, context: grpc.aio.ServicerContext, traced: bool) -> Iterator[_Call]:
         service, _, name = method.lstrip("/").partition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         parent = context_from_metadata(context.invocation_metadata())
-        span_or_none = tracer().start_as_current_span(
-            method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=attributes,
-            record_exception=False, set_status_on_exception=False,
-        ) if traced else nullcontext(trace.INVALID_SPAN)
+        span_or_none = (
+            tracer().start_as_current_span(
+                method.lstrip("/"),
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            )
+            if traced
+            else nullcontext(trace.INVALID_SPAN)
+        )
         with span_or_none as span:
             call = _Call(span)
             try:
@@ -122,13 +134,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     if isinstance(request, _UndecodableRequest):
                         raise request.error
                     return await behavior(request, context)
-                except Exception as error:  # noqa: BLE001 - answered with a status code
+                except Exception as error:
                     await call.fail(error, context)
 
         return wrapper
 
-    def _stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]],
-                traced: bool = True) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(
+        self, method: str, behavior: Callable[..., AsyncIterator[Any]], traced: bool = True
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with self._frame(method, context, traced) as call:
                 try:
@@ -136,7 +149,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         raise request.error
                     async for response in behavior(request, context):
                         yield response
-                except Exception as error:  # noqa: BLE001 - answered with a status code
+                except Exception as error:
                     await call.fail(error, context)
 
         return wrapper
@@ -166,4 +179,5 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         # A bidirectional stream (the worker's steps) lives as long as the scheduler: the
         # spans worth having are per step, made by the servicer.
         return grpc.stream_stream_rpc_method_handler(
-            self._stream(method, handler.stream_stream, traced=False), **codec)
+            self._stream(method, handler.stream_stream, traced=False), **codec
+        )

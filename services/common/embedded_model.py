@@ -247,7 +247,9 @@ def _build_tokenizer(metadata: dict[str, Any]) -> Tokenizer:
     # Registered as special added tokens so "<|im_start|>" in text becomes one id instead of
     # being split by BPE, and so decode(skip_special_tokens=True) drops them.
     control_tokens = [tokens[token_id] for token_id in _control_token_ids(metadata)]
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control_tokens])
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in control_tokens]
+    )
     return tokenizer
 
 

@@ -70,8 +70,9 @@ class ServiceHost:
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
 
-    async def run(self, prepare: Callable[[], Awaitable[None]],
-                  on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def run(
+        self, prepare: Callable[[], Awaitable[None]], on_shutdown: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """Runs `prepare` (load a model, wait for a peer) while health says NOT_SERVING,
         then serves until SIGTERM or SIGINT. A signal during `prepare` ends it too. On the
         way out: stop admitting, let calls in flight finish within the grace period."""

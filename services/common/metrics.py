@@ -6,21 +6,60 @@ import itertools
 import threading
 from collections.abc import Iterator, Sequence
 
+from pagedserve.v1 import common_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from pagedserve.v1 import common_pb2
-
 PREFIX = "pagedserve:"
 
 # Buckets for request-level latencies (seconds), from interactive to long generations.
-LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                   20.0, 40.0, 80.0, 160.0, 640.0)
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
 # Buckets for per-token and per-step times (seconds).
-STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+STEP_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 
 
 def serve_metrics(registry: CollectorRegistry, port: int | None, host: str = "0.0.0.0") -> None:
@@ -31,7 +70,7 @@ def serve_metrics(registry: CollectorRegistry, port: int | None, host: str = "0.
 
 
 def finish_reason_label(finish_reason: int) -> str:
-    """"stop", "length", "abort": as metric labels and span attributes spell it."""
+    """ "stop", "length", "abort": as metric labels and span attributes spell it."""
     return common_pb2.FinishReason.Name(finish_reason).removeprefix("FINISH_REASON_").lower()
 
 
@@ -40,7 +79,9 @@ class CountedHistogram(Collector):
     that arrive together share one inter-token gap, and a call per token would cost more
     than the rest of a token's bookkeeping."""
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
         self._name = name
         self._documentation = documentation
         self._upper_bounds = [*buckets, float("inf")]
@@ -59,6 +100,8 @@ class CountedHistogram(Collector):
     def collect(self) -> Iterator[HistogramMetricFamily]:
         with self._lock:
             counts, total = list(self._counts), self._sum
-        buckets = [(floatToGoString(bound), cumulative)
-                   for bound, cumulative in zip(self._upper_bounds, itertools.accumulate(counts))]
+        buckets = [
+            (floatToGoString(bound), cumulative)
+            for bound, cumulative in zip(self._upper_bounds, itertools.accumulate(counts))
+        ]
         yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=total)

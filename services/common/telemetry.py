@@ -23,7 +23,9 @@ def tracing_enabled(environ: Mapping[str, str]) -> bool:
     return any(environ.get(name) for name in _ENDPOINT_VARIABLES)
 
 
-def setup_tracing(service_name: str, environ: Mapping[str, str], attributes: Mapping[str, object] = {}) -> bool:
+def setup_tracing(
+    service_name: str, environ: Mapping[str, str], attributes: Mapping[str, object] = {}
+) -> bool:
     """Installs an SDK tracer provider exporting OTLP/gRPC when an endpoint is configured.
     OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG) and the
     exporter's own variables are read by the SDK as usual. Returns whether it did."""

@@ -25,7 +25,7 @@ def find_invalid_utf8_field(descriptor: Descriptor, data: bytes, prefix: str = "
             if wire_type != _WIRE_LENGTH_DELIMITED:
                 return None
             length, position = _DecodeVarint(data, position)
-            payload, position = data[position:position + length], position + length
+            payload, position = data[position : position + length], position + length
             field = descriptor.fields_by_number.get(number)
             if field is None:
                 continue

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
 from pagedserve.v1 import common_pb2
+
 from services.common.errors import InvalidArgumentError
 from services.scheduler.block_manager import BlockManager, SlotAllocation
 from services.scheduler.cpu_block_pool import CpuBlockPool
@@ -38,7 +39,9 @@ def check_request(
         )
     if sampling.HasField("max_tokens"):
         if sampling.max_tokens < 1:
-            raise InvalidArgumentError("sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}")
+            raise InvalidArgumentError(
+                "sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}"
+            )
         total = len(prompt_token_ids) + sampling.max_tokens
         if total > max_model_len:
             raise InvalidArgumentError(
@@ -121,16 +124,26 @@ class Admission:
             request.num_cached_tokens = num_cached_tokens
             self.prefix_cache.count_first_admission(request.num_prompt_tokens, num_cached_tokens)
             if num_cached_tokens:
-                self.report_event(RequestEvent(request.request_id, "prefix_cache_hit", {
-                    "pagedserve.cached_tokens": num_cached_tokens,
-                    "pagedserve.prompt_tokens": request.num_prompt_tokens,
-                }))
+                self.report_event(
+                    RequestEvent(
+                        request.request_id,
+                        "prefix_cache_hit",
+                        {
+                            "pagedserve.cached_tokens": num_cached_tokens,
+                            "pagedserve.prompt_tokens": request.num_prompt_tokens,
+                        },
+                    )
+                )
         self.queues.insert(sequence, SequenceStatus.RUNNING)
         add_to_batch(output, sequence, num_new_tokens, allocation)
         return num_new_tokens
 
     def _swap_in(
-        self, sequence: Sequence, budget: int, output: SchedulerOutput, cpu_blocks_read: list[int],
+        self,
+        sequence: Sequence,
+        budget: int,
+        output: SchedulerOutput,
+        cpu_blocks_read: list[int],
         add_to_batch: AddToBatch,
     ) -> int | None:
         """Brings a swapped sequence back into fresh device blocks; the tokens it computes

@@ -30,7 +30,7 @@ def extend_block_hashes(
     for block_index in range(len(hashes), num_blocks):
         start = block_index * block_size
         parent = hashes[-1] if hashes else None
-        hashes.append(hash_block(parent, token_ids[start:start + block_size]))
+        hashes.append(hash_block(parent, token_ids[start : start + block_size]))
     return hashes
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import grpc
 from opentelemetry import trace
-
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
 from services.common.errors import UnavailableError
 from services.common.telemetry import traceparent_of
 from services.scheduler.coalescing import OutputCoalescer
@@ -42,8 +42,12 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, worker: worker_pb2_grpc.WorkerStub,
-                 metrics: SchedulerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        worker: worker_pb2_grpc.WorkerStub,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self._worker = worker
         self._metrics = metrics

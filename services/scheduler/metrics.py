@@ -9,12 +9,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
+from pagedserve.v1 import scheduler_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pagedserve.v1 import scheduler_pb2
-from services.common.metrics import LATENCY_BUCKETS, PREFIX, STEP_BUCKETS, CountedHistogram, finish_reason_label
+from services.common.metrics import (
+    LATENCY_BUCKETS,
+    PREFIX,
+    STEP_BUCKETS,
+    CountedHistogram,
+    finish_reason_label,
+)
 from services.scheduler.outputs import RequestOutput
 
 
@@ -36,7 +42,10 @@ class _StatsCollector(Collector):
         for name, (documentation, value) in gauges.items():
             yield GaugeMetricFamily(PREFIX + name, documentation, value=value)
         counters = {
-            "prefix_cache_queries": ("Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
+            "prefix_cache_queries": (
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_cache_queries,
+            ),
             "prefix_cache_hits": ("Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
             "prompt_tokens": ("Prompt tokens of admitted requests.", stats.num_prompt_tokens),
             "generation_tokens": ("Generated tokens.", stats.num_generation_tokens),
@@ -44,7 +53,9 @@ class _StatsCollector(Collector):
         for name, (documentation, value) in counters.items():
             yield CounterMetricFamily(PREFIX + name, documentation, value=value)
         preemptions = CounterMetricFamily(
-            PREFIX + "num_preemptions", "Running requests that lost their KV blocks to make room.", labels=["mode"]
+            PREFIX + "num_preemptions",
+            "Running requests that lost their KV blocks to make room.",
+            labels=["mode"],
         )
         preemptions.add_metric(["recompute"], stats.num_preemptions_recompute)
         preemptions.add_metric(["swap"], stats.num_preemptions_swap)
@@ -77,32 +88,51 @@ class RequestTimes:
 
 
 class SchedulerMetrics:
-    def __init__(self, registry: CollectorRegistry, read_stats: Callable[[], scheduler_pb2.SchedulerStats]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, read_stats: Callable[[], scheduler_pb2.SchedulerStats]
+    ) -> None:
         self.registry = registry
         registry.register(_StatsCollector(read_stats))
         histogram = lambda name, doc, buckets: Histogram(  # noqa: E731 - four alike
-            PREFIX + name, doc, registry=self.registry, buckets=buckets)
+            PREFIX + name, doc, registry=self.registry, buckets=buckets
+        )
         self.time_to_first_token = histogram(
-            "time_to_first_token_seconds", "From arrival to the first generated token.", LATENCY_BUCKETS)
+            "time_to_first_token_seconds", "From arrival to the first generated token.", LATENCY_BUCKETS
+        )
         self.inter_token_latency = CountedHistogram(
-            PREFIX + "inter_token_latency_seconds", "Between consecutive tokens of one request.", STEP_BUCKETS,
-            registry)
+            PREFIX + "inter_token_latency_seconds",
+            "Between consecutive tokens of one request.",
+            STEP_BUCKETS,
+            registry,
+        )
         self.time_per_output_token = histogram(
             "request_time_per_output_token_seconds",
-            "Per request: (end - first token) / (generated tokens - 1).", STEP_BUCKETS)
+            "Per request: (end - first token) / (generated tokens - 1).",
+            STEP_BUCKETS,
+        )
         self.e2e_latency = histogram(
-            "e2e_request_latency_seconds", "From arrival to the last token.", LATENCY_BUCKETS)
+            "e2e_request_latency_seconds", "From arrival to the last token.", LATENCY_BUCKETS
+        )
         self.queue_time = histogram(
-            "request_queue_time_seconds", "From arrival to the first step that computes the request.",
-            LATENCY_BUCKETS)
+            "request_queue_time_seconds",
+            "From arrival to the first step that computes the request.",
+            LATENCY_BUCKETS,
+        )
         self.step_duration = histogram(
-            "step_duration_seconds", "One batch step, sent to its result.", STEP_BUCKETS)
+            "step_duration_seconds", "One batch step, sent to its result.", STEP_BUCKETS
+        )
         self.batch_size = Histogram(
-            PREFIX + "step_batch_size", "Sequences in one step.", registry=self.registry,
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+            PREFIX + "step_batch_size",
+            "Sequences in one step.",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+        )
         self.request_success = Counter(
-            PREFIX + "request_success", "Finished requests, by finish reason.", ["finished_reason"],
-            registry=self.registry)
+            PREFIX + "request_success",
+            "Finished requests, by finish reason.",
+            ["finished_reason"],
+            registry=self.registry,
+        )
 
     def on_step(self, num_sequences: int, duration_s: float) -> None:
         self.batch_size.observe(num_sequences)
@@ -127,12 +157,14 @@ def record_request_span(span: trace.Span, times: RequestTimes, last: RequestOutp
     token, its token counts and how it ended (OpenTelemetry GenAI names where they fit)."""
     if not span.is_recording():
         return
-    span.set_attributes({
-        "gen_ai.usage.input_tokens": last.num_prompt_tokens,
-        "gen_ai.usage.output_tokens": times.num_tokens,
-        "gen_ai.response.finish_reasons": [finish_reason_label(last.finish_reason)],
-        "pagedserve.cached_tokens": last.num_cached_tokens,
-    })
+    span.set_attributes(
+        {
+            "gen_ai.usage.input_tokens": last.num_prompt_tokens,
+            "gen_ai.usage.output_tokens": times.num_tokens,
+            "gen_ai.response.finish_reasons": [finish_reason_label(last.finish_reason)],
+            "pagedserve.cached_tokens": last.num_cached_tokens,
+        }
+    )
     if times.first_scheduled is not None:
         span.set_attribute("pagedserve.time_in_queue_s", times.first_scheduled - times.arrival)
     if times.first_token is not None:

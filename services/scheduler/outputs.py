@@ -137,7 +137,8 @@ class RequestOutput:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=sequence.num_output_tokens,
             num_cached_tokens=request.num_cached_tokens or 0,
-            request_finished=sequence.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED and request.finished,
+            request_finished=sequence.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+            and request.finished,
         )
 
 

@@ -101,11 +101,17 @@ class Preemption:
             sequence.num_computed_tokens = 0
             self.queues.insert(sequence, SequenceStatus.WAITING)
             self.num_recompute += 1
-        self.report_event(RequestEvent(sequence.request_id, "preempted", {
-            "pagedserve.completion_index": sequence.index,
-            "pagedserve.preemption_mode": "swap" if cpu_blocks is not None else "recompute",
-            "pagedserve.num_computed_tokens": num_computed_tokens,
-        }))
+        self.report_event(
+            RequestEvent(
+                sequence.request_id,
+                "preempted",
+                {
+                    "pagedserve.completion_index": sequence.index,
+                    "pagedserve.preemption_mode": "swap" if cpu_blocks is not None else "recompute",
+                    "pagedserve.num_computed_tokens": num_computed_tokens,
+                },
+            )
+        )
 
     def swap_in(self, sequence: Sequence, num_new_tokens: int) -> SlotAllocation | None:
         """Moves a swapped sequence back into fresh device blocks, with room for the tokens
@@ -122,8 +128,14 @@ class Preemption:
         assert allocation is not None and not allocation.copies
         self.queues.remove(sequence)
         self.queues.insert(sequence, SequenceStatus.RUNNING)
-        self.report_event(RequestEvent(sequence.request_id, "swapped_in", {
-            "pagedserve.completion_index": sequence.index,
-            "pagedserve.num_computed_tokens": sequence.num_computed_tokens,
-        }))
+        self.report_event(
+            RequestEvent(
+                sequence.request_id,
+                "swapped_in",
+                {
+                    "pagedserve.completion_index": sequence.index,
+                    "pagedserve.num_computed_tokens": sequence.num_computed_tokens,
+                },
+            )
+        )
         return allocation

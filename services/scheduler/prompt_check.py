@@ -1,6 +1,7 @@
 """The checks the scheduler's gRPC face makes on a prompt before the engine sees it."""
 
 from pagedserve.v1 import common_pb2
+
 from services.common.errors import InvalidArgumentError
 
 

@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2
+
 from services.scheduler.block_hash import BlockHash, extend_block_hashes
 
 
@@ -47,8 +48,13 @@ class Request:
 
     @classmethod
     def new(
-        cls, request_id: str, prompt_token_ids: list[int], sampling: common_pb2.SamplingParams,
-        priority: int, arrival_index: int, seed_if_unset: int,
+        cls,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: common_pb2.SamplingParams,
+        priority: int,
+        arrival_index: int,
+        seed_if_unset: int,
     ) -> Request:
         """A request with its first completion, waiting."""
         own_sampling = common_pb2.SamplingParams()
@@ -63,8 +69,13 @@ class Request:
         """Completions 1..n-1 that were never forked end too, each with its own record."""
         for index in range(len(self.sequences), self.n):
             self.sequences.append(
-                Sequence(self, index, list(self.prompt_token_ids), status=SequenceStatus.FINISHED,
-                         finish_reason=finish_reason)
+                Sequence(
+                    self,
+                    index,
+                    list(self.prompt_token_ids),
+                    status=SequenceStatus.FINISHED,
+                    finish_reason=finish_reason,
+                )
             )
 
     @property

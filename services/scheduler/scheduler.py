@@ -74,18 +74,32 @@ class Scheduler:
 
         self.requests: dict[str, Request] = {}
         self.queues = SequenceQueues()
-        self.waiting, self.running, self.swapped = self.queues.waiting, self.queues.running, self.queues.swapped
+        self.waiting, self.running, self.swapped = (
+            self.queues.waiting,
+            self.queues.running,
+            self.queues.swapped,
+        )
         self.in_flight = InFlightSteps(self.block_manager)
         self._worker_ops = PendingWorkerOps()
         # Told of prefix-cache hits, preemptions and swap-ins as they happen (the service
         # puts them on the requests' spans).
         self.on_event: Callable[[RequestEvent], None] | None = None
         self.preemption = Preemption(
-            config.preemption_mode, self.block_manager, self.cpu_pool, self.queues, self.in_flight, self._worker_ops,
+            config.preemption_mode,
+            self.block_manager,
+            self.cpu_pool,
+            self.queues,
+            self.in_flight,
+            self._worker_ops,
             self._report_event,
         )
         self.admission = Admission(
-            config.max_num_seqs, self.queues, self.block_manager, self.prefix_cache, self.cpu_pool, self.preemption,
+            config.max_num_seqs,
+            self.queues,
+            self.block_manager,
+            self.prefix_cache,
+            self.cpu_pool,
+            self.preemption,
             self._report_event,
         )
 
@@ -133,7 +147,11 @@ class Scheduler:
         # A seed drawn once here keeps a request's random stream when it is preempted and
         # resumed.
         request = Request.new(
-            request_id, prompt_token_ids, sampling, priority, self._num_arrivals,
+            request_id,
+            prompt_token_ids,
+            sampling,
+            priority,
+            self._num_arrivals,
             seed_if_unset=self._seed_source.getrandbits(64),
         )
         self._num_arrivals += 1
@@ -154,7 +172,9 @@ class Scheduler:
             self.queues.remove(sequence)
             self._finish(sequence, common_pb2.FINISH_REASON_ABORT)
         outputs = [
-            RequestOutput.of(s, []) for s in request.sequences if s.finish_reason == common_pb2.FINISH_REASON_ABORT
+            RequestOutput.of(s, [])
+            for s in request.sequences
+            if s.finish_reason == common_pb2.FINISH_REASON_ABORT
         ]
         # Only the last message ends the request's stream.
         for output in outputs[:-1]:

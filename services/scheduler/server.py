@@ -4,9 +4,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-import grpc
-
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+
 from services.common.channels import insecure_channel
 from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
 from services.scheduler.config import SchedulerConfig
@@ -67,8 +66,12 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
         servicer.engine = engine
         background.append(asyncio.create_task(engine.run()))
         stats = engine.scheduler.stats()
-        log.info("scheduler ready: %s, %d KV blocks, %d CPU swap blocks", info.model.model_name,
-                 stats.num_total_blocks, stats.num_total_cpu_blocks)
+        log.info(
+            "scheduler ready: %s, %d KV blocks, %d CPU swap blocks",
+            info.model.model_name,
+            stats.num_total_blocks,
+            stats.num_total_cpu_blocks,
+        )
 
     try:
         await host.run(prepare=connect_worker, on_shutdown=servicer.drain)

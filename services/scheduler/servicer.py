@@ -5,8 +5,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
-
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
 from services.common.errors import UnavailableError
 from services.scheduler.engine import Engine
 from services.scheduler.prompt_check import check_prompt
@@ -37,8 +37,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         prompt = list(request.prompt_token_ids)
         check_prompt(prompt, self.model)
         outputs: asyncio.Queue = asyncio.Queue()
-        stream = engine.add_request(request.request_id, prompt, request.sampling, request.priority,
-                                    deliver=outputs.put_nowait, span=trace.get_current_span())
+        stream = engine.add_request(
+            request.request_id,
+            prompt,
+            request.sampling,
+            request.priority,
+            deliver=outputs.put_nowait,
+            span=trace.get_current_span(),
+        )
         try:
             while True:
                 output = await outputs.get()

@@ -12,8 +12,8 @@ from functools import partial
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
-
 from pagedserve.v1 import common_pb2, scheduler_pb2
+
 from services.common.call_frame import status_of
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.common.telemetry import span_context_of, tracer
@@ -32,7 +32,10 @@ def _parent_context(traceparent: str) -> Context:
 def _error_update(request_id: str, handle: int, error: Exception) -> scheduler_pb2.RequestUpdate:
     code, message = status_of(error)
     return scheduler_pb2.RequestUpdate(
-        request_id=request_id, handle=handle, error=scheduler_pb2.RequestError(code=code.value[0], message=message))
+        request_id=request_id,
+        handle=handle,
+        error=scheduler_pb2.RequestError(code=code.value[0], message=message),
+    )
 
 
 class SchedulerSession:
@@ -61,15 +64,25 @@ class SchedulerSession:
     def _submit(self, submit: scheduler_pb2.SessionSubmit) -> None:
         request = submit.request
         request_id = request.request_id
-        span = tracer().start_span(REQUEST_SPAN, context=_parent_context(submit.traceparent), kind=SpanKind.SERVER,
-                                   attributes={"gen_ai.request.id": request_id})
+        span = tracer().start_span(
+            REQUEST_SPAN,
+            context=_parent_context(submit.traceparent),
+            kind=SpanKind.SERVER,
+            attributes={"gen_ai.request.id": request_id},
+        )
         try:
             if self._draining:
                 raise UnavailableError("the scheduler is shutting down; send the request to another one")
             prompt = list(request.prompt_token_ids)
             check_prompt(prompt, self._model)
-            self._engine.add_request(request_id, prompt, request.sampling, request.priority,
-                                     deliver=partial(self._on_output, request_id, submit.handle), span=span)
+            self._engine.add_request(
+                request_id,
+                prompt,
+                request.sampling,
+                request.priority,
+                deliver=partial(self._on_output, request_id, submit.handle),
+                span=span,
+            )
         except (InvalidArgumentError, ResourceExhaustedError, UnavailableError) as error:
             self._end_span(span, error)
             self._push(_error_update(request_id, submit.handle, error))
@@ -83,7 +96,9 @@ class SchedulerSession:
             return
         if output.request_finished:
             self._end_span(self._spans.pop(request_id, trace.INVALID_SPAN))
-        self._push(scheduler_pb2.RequestUpdate(request_id=request_id, handle=handle, output=output.to_proto()))
+        self._push(
+            scheduler_pb2.RequestUpdate(request_id=request_id, handle=handle, output=output.to_proto())
+        )
 
     def _push(self, update: scheduler_pb2.RequestUpdate) -> None:
         self._updates.append(update)

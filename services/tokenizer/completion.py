@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
+
 from services.common.errors import UnavailableError
 from services.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -32,7 +33,10 @@ class Completion:
             # A stop string, possibly found only in the text held back until now.
             finish_reason = common_pb2.FINISH_REASON_STOP
         message = generation_pb2.GenerateResponse(
-            request_id=self.request_id, text=text, token_ids=response.token_ids, finish_reason=finish_reason,
+            request_id=self.request_id,
+            text=text,
+            token_ids=response.token_ids,
+            finish_reason=finish_reason,
             index=self.index,
         )
         if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
@@ -48,8 +52,13 @@ class Completion:
 class Completions:
     """The n completions of one request, fed from its one scheduler stream."""
 
-    def __init__(self, request_id: str, num_prompt_tokens: int, n: int,
-                 new_detokenizer: Callable[[], IncrementalDetokenizer]) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        n: int,
+        new_detokenizer: Callable[[], IncrementalDetokenizer],
+    ) -> None:
         self._completions = [
             Completion(request_id, num_prompt_tokens, new_detokenizer(), index) for index in range(n)
         ]
@@ -70,7 +79,9 @@ class Completions:
         """The client's message, or None for tokens of a completion a stop string already
         ended (the scheduler keeps generating it until its own stop condition)."""
         if not 0 <= response.index < len(self._completions):
-            raise UnavailableError(f"the scheduler sent completion {response.index} of {len(self._completions)}")
+            raise UnavailableError(
+                f"the scheduler sent completion {response.index} of {len(self._completions)}"
+            )
         completion = self._completions[response.index]
         if response.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self._num_ended_by_scheduler += 1

@@ -27,7 +27,9 @@ class IncrementalDetokenizer:
     the ids were split into calls. After a stop string hit (`stopped`), the text returned
     in total is everything before that stop string, and nothing more is returned."""
 
-    def __init__(self, tokenizer: TokenDecoder, skip_special_tokens: bool = True, stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: TokenDecoder, skip_special_tokens: bool = True, stop: Sequence[str] = ()
+    ) -> None:
         self._decoder = _IncrementalDecoder(tokenizer, skip_special_tokens)
         self._stop_matcher = StopStringMatcher(stop)
 

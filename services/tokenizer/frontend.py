@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, generation_pb2
+
 from services.common.errors import InvalidArgumentError
 from services.tokenizer.completion import Completions
 from services.tokenizer.detokenizer import IncrementalDetokenizer
@@ -83,7 +84,9 @@ class RequestFrontend:
         """Text streams for each of the request's n completions."""
         n = prepared.sampling.n if prepared.sampling.HasField("n") else 1
         return Completions(
-            prepared.request_id, len(prepared.prompt_token_ids), n,
+            prepared.request_id,
+            len(prepared.prompt_token_ids),
+            n,
             lambda: self.new_detokenizer(prepared.sampling),
         )
 
@@ -91,7 +94,9 @@ class RequestFrontend:
         if request.text and request.messages:
             raise InvalidArgumentError("messages", "only one of text and messages may be given")
         if request.messages:
-            text = self._tokenizer.render_chat([(message.role, message.content) for message in request.messages])
+            text = self._tokenizer.render_chat(
+                [(message.role, message.content) for message in request.messages]
+            )
         else:
             text = request.text
         return generation_pb2.TokenizeResponse(token_ids=self._tokenizer.encode(text), text=text)

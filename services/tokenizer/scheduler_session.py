@@ -10,8 +10,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+
 from services.common.errors import InvalidArgumentError, RemoteError, UnavailableError
 
 log = logging.getLogger(__name__)

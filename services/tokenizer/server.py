@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2_grpc
+
 from services.common.channels import insecure_channel
 from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend

@@ -4,8 +4,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
-
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2
+
 from services.common.errors import UnavailableError
 from services.common.telemetry import traceparent_of, tracer
 from services.tokenizer.frontend import RequestFrontend
@@ -34,7 +34,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         request_trace = RequestTrace(trace.get_current_span(), self.model, request, prepared)
         completions = self._frontend.new_completions(prepared)
         submit = scheduler_pb2.SubmitRequest(
-            request_id=prepared.request_id, prompt_token_ids=prepared.prompt_token_ids, sampling=prepared.sampling,
+            request_id=prepared.request_id,
+            prompt_token_ids=prepared.prompt_token_ids,
+            sampling=prepared.sampling,
             priority=request.priority,
         )
         with tracer().start_as_current_span("detokenize_stream") as span:

@@ -21,7 +21,15 @@ from services.common.errors import InvalidArgumentError
 ALLOWED_CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 # Keys of tokenizer_config.json that name special tokens; templates see them by these names.
-_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+_SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,9 @@ class ChatTemplate:
     `raise_exception` helper, and the special tokens in the context."""
 
     def __init__(self, source: str, special_tokens: dict[str, str]) -> None:
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        )
         environment.filters["tojson"] = _tojson
         environment.globals["raise_exception"] = _raise_template_error
         environment.globals["strftime_now"] = _strftime_now
@@ -58,7 +68,9 @@ class ChatTemplate:
         except jinja2.TemplateError as error:
             # Templates reject conversations they cannot express (e.g. roles that do not
             # alternate) with raise_exception: that is the caller's input, not a fault.
-            raise InvalidArgumentError("messages", f"rejected by the model's chat template: {error}") from error
+            raise InvalidArgumentError(
+                "messages", f"rejected by the model's chat template: {error}"
+            ) from error
 
 
 class TextTokenizer:
@@ -124,7 +136,11 @@ class TextTokenizer:
         # add_special_tokens=False skips tokenizer.json's post-processor: the BOS policy is
         # tokenizer_config.json's alone, as HF's fast tokenizers apply it.
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        if self._settings.add_bos_token and self._bos_token_id is not None and ids[:1] != [self._bos_token_id]:
+        if (
+            self._settings.add_bos_token
+            and self._bos_token_id is not None
+            and ids[:1] != [self._bos_token_id]
+        ):
             ids.insert(0, self._bos_token_id)
         if self._settings.add_eos_token and self._eos_token_id is not None:
             ids.append(self._eos_token_id)
@@ -155,7 +171,9 @@ def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson escapes HTML characters, which would change what the model sees.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, sort_keys=sort_keys)
 

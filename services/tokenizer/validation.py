@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pagedserve.v1 import common_pb2, generation_pb2
+
 from services.common.errors import InvalidArgumentError
 
 PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
@@ -66,7 +67,8 @@ def prompt_source(request: generation_pb2.GenerateRequest) -> PromptSource:
         raise InvalidArgumentError("prompt", "one of prompt, prompt_token_ids or messages is required")
     if len(given) > 1:
         raise InvalidArgumentError(
-            given[1], f"only one of prompt, prompt_token_ids and messages may be given; got {_join_names(given)}"
+            given[1],
+            f"only one of prompt, prompt_token_ids and messages may be given; got {_join_names(given)}",
         )
     if given[0] == "prompt":
         return TextPrompt(request.prompt)
@@ -81,14 +83,18 @@ def validate_sampling(
     if sampling.HasField("temperature"):
         temperature = sampling.temperature
         if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidArgumentError("sampling.temperature", f"must be a finite number >= 0, got {temperature:g}")
+            raise InvalidArgumentError(
+                "sampling.temperature", f"must be a finite number >= 0, got {temperature:g}"
+            )
     if sampling.HasField("top_p"):
         top_p = sampling.top_p
         # Written so that NaN fails too.
         if not 0 < top_p <= 1:
             raise InvalidArgumentError("sampling.top_p", f"must be in (0, 1], got {top_p:g}")
     if sampling.top_k < -1:
-        raise InvalidArgumentError("sampling.top_k", f"must be -1 or 0 (off) or positive, got {sampling.top_k}")
+        raise InvalidArgumentError(
+            "sampling.top_k", f"must be -1 or 0 (off) or positive, got {sampling.top_k}"
+        )
     if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
         raise InvalidArgumentError("sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}")
     if sampling.HasField("n") and not 1 <= sampling.n <= limits.max_n:
@@ -112,7 +118,10 @@ def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
 
 
 def check_prompt_length(
-    num_prompt_tokens: int, sampling: common_pb2.SamplingParams, max_model_len: int, prompt_field: str = "prompt"
+    num_prompt_tokens: int,
+    sampling: common_pb2.SamplingParams,
+    max_model_len: int,
+    prompt_field: str = "prompt",
 ) -> int:
     """The number of tokens the request may generate: max_tokens when given, else all
     the room the model's maximum length leaves after the prompt."""
@@ -139,7 +148,9 @@ def check_prompt_length(
 
 def check_request_id(request_id: str, max_chars: int) -> None:
     if len(request_id) > max_chars:
-        raise InvalidArgumentError("request_id", f"must be at most {max_chars} characters, got {len(request_id)}")
+        raise InvalidArgumentError(
+            "request_id", f"must be at most {max_chars} characters, got {len(request_id)}"
+        )
 
 
 def _validate_stop_strings(stop: Sequence[str], limits: SamplingLimits) -> None:
