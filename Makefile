@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test protos model clean
+.PHONY: install tools run test lint protos model clean
 
 install: $(STAMP)
 
@@ -26,7 +26,16 @@ model: install
 run: model
 	$(PY) -m services.demo
 
-test: model
+# Debian packages the deployment tests need and pip cannot provide (Docker, compose,
+# debootstrap, promtool); installs only what is missing.
+tools:
+	bash deploy/install_ci_tools.sh
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: model tools lint
 	$(VENV)/bin/pytest
 
 protos: install
