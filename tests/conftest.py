@@ -4,6 +4,20 @@ import pytest
 
 from services.common.embedded_model import materialize_default_model
 
+TESTS_DIR = Path(__file__).parent
+# Every test in these folders carries the folder's marker, new files included: whatever is
+# under e2e/ starts the services as processes.
+MARKER_BY_FOLDER = {"e2e": pytest.mark.e2e}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.path.is_relative_to(TESTS_DIR):
+            continue
+        marker = MARKER_BY_FOLDER.get(item.path.relative_to(TESTS_DIR).parts[0])
+        if marker is not None:
+            item.add_marker(marker)
+
 
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
@@ -19,12 +33,3 @@ def hf_embedded_model(embedded_model_dir: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="session")
-def stack(embedded_model_dir: Path, tmp_path_factory):
-    """Tokenizer, scheduler and worker as three processes on loopback, default settings."""
-    from service_stack import service_stack
-
-    with service_stack(embedded_model_dir, tmp_path_factory.mktemp("stack")) as running:
-        yield running
