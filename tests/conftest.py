@@ -5,17 +5,20 @@ import pytest
 from services.common.embedded_model import materialize_default_model
 
 TESTS_DIR = Path(__file__).parent
-# Every test in these folders carries the folder's marker, new files included: whatever is
-# under e2e/ starts the services as processes.
-MARKER_BY_FOLDER = {"e2e": pytest.mark.e2e}
+# Every test in these folders carries the folder's markers, new files included. Whatever is
+# under e2e/ starts the services as processes, and benchmarks/ runs the benchmark scripts:
+# both run the real model across several processes, which takes minutes on a busy CPU.
+MARKERS_BY_FOLDER = {
+    "e2e": (pytest.mark.e2e, pytest.mark.slow),
+    "benchmarks": (pytest.mark.slow,),
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if not item.path.is_relative_to(TESTS_DIR):
             continue
-        marker = MARKER_BY_FOLDER.get(item.path.relative_to(TESTS_DIR).parts[0])
-        if marker is not None:
+        for marker in MARKERS_BY_FOLDER.get(item.path.relative_to(TESTS_DIR).parts[0], ()):
             item.add_marker(marker)
 
 

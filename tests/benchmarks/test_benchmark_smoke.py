@@ -13,9 +13,6 @@ import pytest
 
 from benchmarks.workload import nano_vllm_workload
 
-# Each test runs a benchmark script end to end in a process of its own.
-pytestmark = pytest.mark.slow
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_SEQS, MIN_LEN, MAX_LEN = 2, 4, 8
 

@@ -77,12 +77,14 @@ def test_config_comes_from_gguf_metadata(embedded_model_dir: Path) -> None:
 
 
 @pytest.mark.hf
+@pytest.mark.slow
 def test_model_knows_a_fact(hf_model: PreTrainedModel, hf_tokenizer: PreTrainedTokenizerBase) -> None:
     continuation = greedy_continuation(hf_model, hf_tokenizer, "The capital of France is", tokens=8)
     assert "Paris" in continuation
 
 
 @pytest.mark.hf
+@pytest.mark.slow
 def test_model_tracks_positions(hf_model: PreTrainedModel, hf_tokenizer: PreTrainedTokenizerBase) -> None:
     # Counting needs working rotary embeddings: with Q/K rows left in llama.cpp's interleaved
     # order the model still says "Paris" but degenerates into "1, 2, 2, 2, ..." here.
@@ -93,6 +95,7 @@ def test_model_tracks_positions(hf_model: PreTrainedModel, hf_tokenizer: PreTrai
 
 
 @pytest.mark.hf
+@pytest.mark.slow
 def test_chat_answer(hf_model: PreTrainedModel, hf_tokenizer: PreTrainedTokenizerBase) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = hf_tokenizer.apply_chat_template(

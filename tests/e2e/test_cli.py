@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from services.launcher import free_port
 
 CLI = [sys.executable, "-m", "services.cli", "--log-level", "WARNING"]
@@ -18,7 +16,6 @@ def _children(pid: int) -> list[int]:
     return [int(line) for line in listing.stdout.split()]
 
 
-@pytest.mark.slow
 def test_serve_generate_and_stop(embedded_model_dir: Path) -> None:
     port = free_port()
     server = subprocess.Popen(

@@ -98,7 +98,6 @@ def _settled_stats(stack: Stack) -> scheduler_pb2.SchedulerStats:
 
 
 @pytest.mark.hf
-@pytest.mark.slow
 def test_concurrent_greedy_matches_hf(stack: Stack, hf_embedded_model) -> None:
     _assert_matches_hf(stack, hf_embedded_model)
     stats = _settled_stats(stack)
@@ -107,7 +106,6 @@ def test_concurrent_greedy_matches_hf(stack: Stack, hf_embedded_model) -> None:
 
 
 @pytest.mark.hf
-@pytest.mark.slow
 def test_preemption_keeps_tokens_unchanged(
     embedded_model_dir: Path, hf_embedded_model, tmp_path: Path
 ) -> None:

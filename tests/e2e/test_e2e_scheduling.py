@@ -119,7 +119,6 @@ def crowd_alone(reference: Stack) -> list[list[int]]:
 # --- prefix caching ---------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_a_shared_system_prompt_is_computed_once(stack: Stack, reference: Stack) -> None:
     specs = [_chat(question) for question in QUESTIONS]
     prompts = [_prompt_ids(stack, spec) for spec in specs]
@@ -146,7 +145,6 @@ def test_a_shared_system_prompt_is_computed_once(stack: Stack, reference: Stack)
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
-@pytest.mark.slow
 def test_a_crowded_pool_preempts_without_changing_outputs(
     mode: str, embedded_model_dir: Path, crowd_alone: list[list[int]], tmp_path: Path
 ) -> None:
@@ -242,7 +240,6 @@ def _long_request(request_id: str, max_tokens: int, priority: int = 0) -> genera
     )
 
 
-@pytest.mark.slow
 def test_past_the_queue_limit_requests_are_refused_at_once(one_seat: Stack) -> None:
     with ThreadPoolExecutor(3) as pool:
         running = pool.submit(_run, one_seat, _long_request("running", 40))
@@ -259,7 +256,6 @@ def test_past_the_queue_limit_requests_are_refused_at_once(one_seat: Stack) -> N
     assert len(_run(one_seat, _long_request("after", 4))[0]) == 4
 
 
-@pytest.mark.slow
 def test_priority_decides_who_runs_next(one_seat: Stack) -> None:
     finished: list[str] = []
     lock = threading.Lock()
@@ -282,7 +278,6 @@ def test_priority_decides_who_runs_next(one_seat: Stack) -> None:
     assert finished == ["blocker", "urgent", "lazy"]
 
 
-@pytest.mark.slow
 def test_an_expired_deadline_aborts_the_request_and_frees_its_blocks(one_seat: Stack) -> None:
     with pytest.raises(grpc.RpcError) as expired:
         list(one_seat.generation.Generate(_long_request("slow", 2000), timeout=1.0))
@@ -295,7 +290,6 @@ def test_an_expired_deadline_aborts_the_request_and_frees_its_blocks(one_seat: S
     )
 
 
-@pytest.mark.slow
 def test_more_completions_than_seats_is_invalid(one_seat: Stack) -> None:
     sampling = common_pb2.SamplingParams(max_tokens=2, n=2)
     with pytest.raises(grpc.RpcError) as refused:

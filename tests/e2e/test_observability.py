@@ -17,9 +17,6 @@ from services.launcher import free_port
 from tests.support.monitoring import referenced_metrics
 from tests.support.service_stack import Stack, service_stack
 
-# Every test here reads one stack of its own, started with tracing on.
-pytestmark = pytest.mark.slow
-
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN_ID = "00f067aa0ba902b7"
 GENERATE_SPAN = "pagedserve.v1.Generation/Generate"

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 from pagedserve.v1 import common_pb2, scheduler_pb2
 
 from tests.support.service_stack import Stack, service_stack
@@ -128,7 +127,6 @@ def test_an_abort_ends_one_request_and_a_dropped_stream_the_rest(stack: Stack) -
     session.wait_for(lambda: _all_blocks_free(stack), timeout_s=30)
 
 
-@pytest.mark.slow
 def test_a_draining_scheduler_finishes_its_requests_refuses_new_ones_and_ends_the_stream(
     embedded_model_dir: Path, tmp_path: Path
 ) -> None:

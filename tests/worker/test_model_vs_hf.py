@@ -287,6 +287,7 @@ def test_prefix_cache_hit_starts_from_shared_blocks(tiny_model) -> None:
 
 
 @pytest.mark.hf
+@pytest.mark.slow
 def test_real_model_greedy_matches_hf(request) -> None:
     """The embedded SmolLM2 model, when the session provides it."""
     try:
