@@ -1,0 +1,175 @@
+"""The scheduler's Session stream, spoken directly as a frontend speaks it: many requests
+on one stream, a step's outputs of several requests in one message, refusals as per-request
+errors that leave the stream and its other requests alone, and aborts and a dropped stream
+that give every KV block back."""
+
+import queue
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from pagedserve.v1 import common_pb2, scheduler_pb2
+
+from tests.support.service_stack import Stack, service_stack
+
+
+class _Session:
+    """A Session call fed from a queue, read on a thread of its own."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._outgoing: queue.Queue = queue.Queue()
+        self.call = stack.scheduler.Session(iter(self._outgoing.get, None), timeout=120)
+        self.responses: list[scheduler_pb2.SessionResponse] = []
+        self.error: grpc.RpcError | None = None
+        self.handles: dict[str, int] = {}
+        self._reader = threading.Thread(target=self._read)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self.call:
+                self.responses.append(response)
+        except grpc.RpcError as error:
+            self.error = error
+
+    def wait_until_ended(self) -> None:
+        self._reader.join(timeout=120)
+        assert not self._reader.is_alive(), "the stream did not end"
+
+    def submit(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
+        sampling = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        request = scheduler_pb2.SubmitRequest(
+            request_id=request_id, prompt_token_ids=prompt, sampling=sampling
+        )
+        self.handles[request_id] = handle = 100 + len(self.handles)
+        self._outgoing.put(
+            scheduler_pb2.SessionRequest(submit=scheduler_pb2.SessionSubmit(request=request, handle=handle))
+        )
+
+    def abort(self, request_id: str) -> None:
+        self._outgoing.put(
+            scheduler_pb2.SessionRequest(abort=scheduler_pb2.AbortRequest(request_id=request_id))
+        )
+
+    def end(self) -> None:
+        """Half-closes: the stream ends once its requests have."""
+        self._outgoing.put(None)
+        self._reader.join(timeout=120)
+
+    def updates(self, request_id: str) -> list[scheduler_pb2.RequestUpdate]:
+        return [u for r in list(self.responses) for u in r.updates if u.request_id == request_id]
+
+    def wait_for(self, predicate, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+
+
+def _all_blocks_free(stack: Stack) -> bool:
+    stats = stack.scheduler.GetStats(scheduler_pb2.GetStatsRequest(), timeout=10)
+    return stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_requests_share_a_stream_and_its_messages(stack: Stack) -> None:
+    session = _Session(stack)
+    session.submit("a", [1, 2, 3, 4, 5], max_tokens=12)
+    session.submit("b", [6, 7, 8], max_tokens=12)
+    session.submit("bad", [5, 10**6], max_tokens=4)
+    session.end()
+    assert session.error is None
+
+    [refused] = session.updates("bad")
+    assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "prompt_token_ids[1]" in refused.error.message
+    assert refused.handle == session.handles["bad"]
+    for request_id in ("a", "b"):
+        updates = session.updates(request_id)
+        assert {u.handle for u in updates} == {session.handles[request_id]}
+        assert sum(len(u.output.token_ids) for u in updates) == 12
+        assert updates[-1].output.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert all(not u.HasField("error") for u in updates)
+    # Decoded in the same steps, their tokens came back in the same messages.
+    assert any({u.request_id for u in r.updates} >= {"a", "b"} for r in session.responses)
+    reference = list(
+        stack.scheduler.Submit(
+            scheduler_pb2.SubmitRequest(
+                request_id="alone",
+                prompt_token_ids=[1, 2, 3, 4, 5],
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+            ),
+            timeout=60,
+        )
+    )
+    assert [t for u in session.updates("a") for t in u.output.token_ids] == [
+        t for r in reference for t in r.token_ids
+    ]
+
+
+def test_an_abort_ends_one_request_and_a_dropped_stream_the_rest(stack: Stack) -> None:
+    session = _Session(stack)
+    session.submit("stopped", [1, 2, 3], max_tokens=2000)
+    session.submit("dropped", [4, 5, 6], max_tokens=2000)
+    session.wait_for(lambda: session.updates("stopped") and session.updates("dropped"))
+    session.abort("stopped")
+    session.wait_for(
+        lambda: any(
+            u.output.finish_reason == common_pb2.FINISH_REASON_ABORT for u in session.updates("stopped")
+        )
+    )
+    assert not any(u.output.finish_reason for u in session.updates("dropped"))
+    session.call.cancel()
+    session.end()
+    assert session.error is not None and session.error.code() == grpc.StatusCode.CANCELLED
+    # Both requests' blocks come back once no step in flight uses them.
+    session.wait_for(lambda: _all_blocks_free(stack), timeout_s=30)
+
+
+def test_a_draining_scheduler_finishes_its_requests_refuses_new_ones_and_ends_the_stream(
+    embedded_model_dir: Path, tmp_path: Path
+) -> None:
+    with service_stack(embedded_model_dir, tmp_path, scheduler_args=["--shutdown-grace", "60"]) as stack:
+        session = _Session(stack)
+        session.submit("running", [1, 2, 3], max_tokens=64)
+        session.wait_for(lambda: session.updates("running"))
+        stack.processes["scheduler"].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        session.submit("late", [4, 5, 6], max_tokens=4)
+        session.wait_until_ended()
+
+        assert session.error is None, session.error
+        [refused] = session.updates("late")
+        assert refused.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "shutting down" in refused.error.message
+        updates = session.updates("running")
+        assert sum(len(u.output.token_ids) for u in updates) == 64
+        assert updates[-1].output.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert stack.processes["scheduler"].wait(timeout=30) == 0
+
+
+def test_a_request_id_sent_again_right_after_a_cancel_gets_only_its_own_tokens(stack: Stack) -> None:
+    from pagedserve.v1 import generation_pb2
+
+    def request(max_tokens: int) -> generation_pb2.GenerateRequest:
+        return generation_pb2.GenerateRequest(
+            request_id="retried",
+            prompt="Once upon a time",
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+        )
+
+    for _ in range(3):
+        first = stack.generation.Generate(request(2000), timeout=60)
+        next(first)
+        first.cancel()
+        # The cancel reaches the server a moment later; until then the id is in flight.
+        for _ in range(100):
+            try:
+                again = list(stack.generation.Generate(request(5), timeout=60))
+                break
+            except grpc.RpcError as refused:
+                assert "already in flight" in refused.details(), refused.details()
+                time.sleep(0.01)
+        assert again[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert sum(len(r.token_ids) for r in again) == 5

@@ -1,0 +1,320 @@
+"""Triton kernels against their PyTorch references (run by tests/kernels/test_kernels.py).
+
+On a machine without CUDA the kernels run in Triton's interpreter on CPU tensors (fp32,
+small shapes); with CUDA they are compiled and run in bf16 at model-like shapes. Triton
+fixes interpreter or compiler for each function when it is defined, its own library
+included, so TRITON_INTERPRET must be set before triton is first imported:
+tests/kernels/test_kernels.py runs this file in a fresh interpreter with it set. Run directly,
+this module sets it itself (before importing triton) and restores it after its tests.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+_previous_interpret = os.environ.get("TRITON_INTERPRET")
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    pytest.importorskip("triton")
+    from kernels.triton_decode_attention import decode_attention_triton
+    from kernels.triton_elementwise import add_rms_norm_triton, silu_and_mul_triton
+    from kernels.triton_linear import linear_partial_sums, split_k_plan
+    from kernels.triton_prefill_attention import prefill_attention_triton
+    from kernels.triton_rope_store import rope_store_triton
+finally:
+    if _previous_interpret is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _previous_interpret
+
+from kernels.attention_backend import fresh_prefill_kernel  # noqa: E402
+from kernels.elementwise import (  # noqa: E402
+    add_rms_norm_reference,
+    qk_norm_rope_reference,
+    silu_and_mul_reference,
+)
+from kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv  # noqa: E402
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+HEAD_DIM = 128 if ON_GPU else 16
+BLOCK_SIZE = 16 if ON_GPU else 4
+# bf16 inputs against an fp32 reference of the same inputs; fp32 against fp32.
+TOLERANCE = dict(atol=2e-2, rtol=2e-2) if ON_GPU else dict(atol=1e-4, rtol=1e-4)
+
+
+def _patch_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element array there) into a Python int
+    with int(array), which NumPy 2.4 refuses; loops with run-time bounds need it."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "scalar_index_patched", False):
+        return
+
+    def patch_lang_tensor(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor.scalar_index_patched = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _triton_interpreter_on_cpu():
+    if ON_GPU:
+        yield
+        return
+    _patch_interpreter_scalar_index()
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12))
+
+
+class PagedBatch:
+    """A random paged KV cache holding `seq_lens` contexts in shuffled blocks, with the
+    batch's last `query_lens` tokens of each sequence as queries."""
+
+    def __init__(
+        self, seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int, seed: int
+    ):
+        generator = torch.Generator().manual_seed(seed)
+        num_blocks = sum(-(-n // BLOCK_SIZE) for n in seq_lens) + 3
+        shape = (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+        # NaN in every slot nobody writes: a kernel reading one poisons its output.
+        self.key_cache = torch.full(shape, float("nan"), dtype=DTYPE, device=DEVICE)
+        self.value_cache = torch.full(shape, float("nan"), dtype=DTYPE, device=DEVICE)
+        free_blocks = list(range(num_blocks))
+        random.Random(seed).shuffle(free_blocks)
+        tables, slots = [], []
+        for seq_len in seq_lens:
+            blocks = [free_blocks.pop() for _ in range(-(-seq_len // BLOCK_SIZE))]
+            tables.append(blocks)
+            slots.extend(blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(seq_len))
+        keys = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
+        values = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
+        store_kv(keys, values, self.key_cache, self.value_cache, torch.tensor(slots, device=DEVICE))
+        width = max(max(len(t) for t in tables), 1) + 2
+        self.block_tables = torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE
+        )
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+        self.query_start_loc = (
+            torch.tensor([0] + query_lens, dtype=torch.int32, device=DEVICE).cumsum(0).to(torch.int32)
+        )
+        self.query = torch.randn(sum(query_lens), num_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
+        self.scale = HEAD_DIM**-0.5
+
+    def reference(self) -> torch.Tensor:
+        return paged_attention(
+            self.query,
+            self.key_cache,
+            self.value_cache,
+            self.block_tables,
+            self.query_start_loc,
+            self.seq_lens,
+            self.scale,
+        )
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (16, 8)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("block_n", [64, 128] if ON_GPU else [16, 32])
+def test_decode_attention_matches_reference(
+    num_heads: int, num_kv_heads: int, num_splits: int, block_n: int
+) -> None:
+    seq_lens = [1, 7, BLOCK_SIZE, 3 * BLOCK_SIZE + 1, 70] if not ON_GPU else [1, 17, 300, 1024, 2000, 64]
+    batch = PagedBatch(seq_lens, [1] * len(seq_lens), num_heads, num_kv_heads, seed=num_heads + num_splits)
+    output = decode_attention_triton(
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.scale,
+        num_splits=num_splits,
+        block_n=block_n,
+    )
+    assert not output.isnan().any()
+    torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
+
+
+def test_decode_attention_padding_rows_are_zero() -> None:
+    batch = PagedBatch([5, 9], [1, 1], 4, 2, seed=3)
+    seq_lens = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
+    for num_splits in (1, 2):
+        output = decode_attention_triton(
+            batch.query,
+            batch.key_cache,
+            batch.value_cache,
+            batch.block_tables,
+            seq_lens,
+            batch.scale,
+            num_splits=num_splits,
+            block_n=16,
+        )
+        assert (output[1] == 0).all()
+        torch.testing.assert_close(output[0].float(), batch.reference()[0].float(), **TOLERANCE)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (4, 4)])
+def test_prefill_attention_matches_reference_on_mixed_batch(num_heads: int, num_kv_heads: int) -> None:
+    # Full prefill, a chunk over a cached prefix, decodes, a chunk longer than one tile.
+    if ON_GPU:
+        shapes = [(700, 700), (1500, 333), (900, 1), (17, 1), (128, 128), (2000, 1000)]
+    else:
+        shapes = [(7, 7), (13, 5), (9, 1), (1, 1), (40, 37)]
+    batch = PagedBatch(
+        [s for s, _ in shapes], [q for _, q in shapes], num_heads, num_kv_heads, seed=num_heads
+    )
+    max_query_len = max(q for _, q in shapes)
+    output = prefill_attention_triton(
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.scale,
+        max_query_len,
+        block_n=16 if not ON_GPU else 64,
+    )
+    assert not output.isnan().any()
+    torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_reference(with_residual: bool) -> None:
+    hidden = 1024 if ON_GPU else 48
+    x = torch.randn(7, hidden, device=DEVICE).to(DTYPE)
+    residual = torch.randn(7, hidden, device=DEVICE).to(DTYPE) if with_residual else None
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(DTYPE)
+    out, new_residual = add_rms_norm_triton(x, residual, weight, 1e-6)
+    expected, expected_residual = add_rms_norm_reference(x, residual, weight, 1e-6)
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    if with_residual:
+        assert torch.equal(new_residual, expected_residual)
+
+
+@pytest.mark.parametrize("num_rows, num_splits", [(1, 4), (20, 2), (37, 1)])
+def test_linear_partial_sums_add_up_to_the_matmul(num_rows: int, num_splits: int) -> None:
+    out_features, in_features = (1024, 3072) if ON_GPU else (80, 512)
+    x = torch.randn(num_rows, in_features, device=DEVICE).to(DTYPE)
+    weight = (0.05 * torch.randn(out_features, in_features, device=DEVICE)).to(DTYPE)
+    partials = linear_partial_sums(x, weight, num_splits, block_m=16, block_n=32)
+    assert partials.shape == (num_splits, num_rows, out_features) and partials.dtype == torch.float32
+    expected = x.double() @ weight.double().T
+    assert _relative_error(partials.sum(dim=0), expected) < (1e-2 if ON_GPU else 1e-5)
+
+
+def test_split_k_plans_divide_the_reduction_and_fill_the_device() -> None:
+    for num_rows in (1, 16, 48, 128):
+        for out_features, in_features in ((1024, 2048), (1024, 3072)):
+            plan = split_k_plan(num_rows, out_features, in_features)
+            assert plan is not None and in_features % (plan["num_splits"] * 128) == 0
+            tiles = -(-num_rows // plan["block_m"]) * -(-out_features // plan["block_n"])
+            assert tiles * plan["num_splits"] >= 128
+    assert split_k_plan(4096, 1024, 3072) is None
+
+
+def test_add_rms_norm_sums_projection_partials() -> None:
+    hidden = 1024 if ON_GPU else 48
+    partials = torch.randn(3, 5, hidden, device=DEVICE)
+    residual = torch.randn(5, hidden, device=DEVICE).to(DTYPE)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(DTYPE)
+    out, new_residual = add_rms_norm_triton(partials, residual, weight, 1e-6)
+    expected, expected_residual = add_rms_norm_reference(partials.sum(0).to(DTYPE), residual, weight, 1e-6)
+    assert out.dtype == DTYPE and new_residual.dtype == DTYPE
+    torch.testing.assert_close(out, expected, **TOLERANCE)
+    torch.testing.assert_close(new_residual, expected_residual, **TOLERANCE)
+    # The reference takes partials too, as the CPU path of the same model code.
+    reference_out, _ = add_rms_norm_reference(partials, residual, weight, 1e-6)
+    torch.testing.assert_close(reference_out, expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "num_tokens, with_norm, keep_key",
+    [(6, False, True), (6, True, False), (6, True, True), (530, True, True)],
+)
+def test_rope_store_matches_reference_and_skips_padding(
+    num_tokens: int, with_norm: bool, keep_key: bool
+) -> None:
+    num_heads, num_kv_heads = 6, 2
+    # Strided views, as the q, k and v slices of a fused qkv projection are.
+    fused = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM, device=DEVICE).to(DTYPE)
+    query, key, value = (
+        part.view(num_tokens, -1, HEAD_DIM)
+        for part in fused.split(
+            [num_heads * HEAD_DIM, num_kv_heads * HEAD_DIM, num_kv_heads * HEAD_DIM], dim=1
+        )
+    )
+    generator = torch.Generator().manual_seed(num_tokens)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=generator).to(DEVICE)
+    # Distinct slots, every third token a padding one.
+    num_slots = BLOCK_SIZE * max(8, -(-2 * num_tokens // BLOCK_SIZE))
+    slots = torch.randperm(num_slots, generator=generator)[:num_tokens]
+    slots[::3] = PADDING_SLOT
+    slots = slots.to(DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
+    freqs = torch.outer(torch.arange(4096 + 8, device=DEVICE).float(), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()
+    weights = (
+        [(1 + 0.1 * torch.randn(HEAD_DIM, device=DEVICE)).to(DTYPE) for _ in range(2)]
+        if with_norm
+        else [None, None]
+    )
+    shape = (num_slots // BLOCK_SIZE, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+    expected_k, expected_v = (torch.randn(shape, device=DEVICE).to(DTYPE) for _ in range(2))
+    actual_k, actual_v = expected_k.clone(), expected_v.clone()
+
+    query_out, key_out = rope_store_triton(
+        positions, query, key, value, cos_sin, *weights, 1e-6, actual_k, actual_v, slots, keep_key
+    )
+    expected_query, expected_key = qk_norm_rope_reference(positions, query, key, cos_sin, *weights, 1e-6)
+    store_kv(expected_key, value, expected_k, expected_v, slots)
+    torch.testing.assert_close(query_out, expected_query, **TOLERANCE)
+    assert (key_out is not None) == keep_key
+    if keep_key:
+        torch.testing.assert_close(key_out, expected_key, **TOLERANCE)
+    # Padding tokens leave the cache alone; the others land in their slots.
+    torch.testing.assert_close(actual_k, expected_k, **TOLERANCE)
+    assert torch.equal(actual_v, expected_v)
+
+
+def test_silu_and_mul_matches_reference() -> None:
+    x = torch.randn(6, 2 * (3072 if ON_GPU else 40), device=DEVICE).to(DTYPE)
+    torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_reference(x), **TOLERANCE)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="flash-attn / PyTorch varlen attention need CUDA")
+def test_fresh_prefill_kernel_matches_reference() -> None:
+    kernel = fresh_prefill_kernel()
+    if kernel is None:
+        pytest.skip("no varlen attention kernel in this environment")
+    query_lens = [300, 1, 1024, 77]
+    batch = PagedBatch(query_lens, query_lens, 16, 8, seed=5)
+    slots_keys = []
+    for index, n in enumerate(query_lens):
+        blocks = batch.block_tables[index].tolist()
+        slots_keys.extend(blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n))
+    slots = torch.tensor(slots_keys, device=DEVICE)
+    key = batch.key_cache.view(-1, 8, HEAD_DIM)[slots]
+    value = batch.value_cache.view(-1, 8, HEAD_DIM)[slots]
+    output = kernel(batch.query, key, value, batch.query_start_loc, max(query_lens), batch.scale)
+    assert _relative_error(output, batch.reference()) < 2e-2

@@ -1,0 +1,80 @@
+"""Stream messages per step: beyond the budget, completions' tokens wait merged, the
+longest-waiting first; first tokens and last messages never wait; nothing is lost or
+reordered."""
+
+from pagedserve.v1 import common_pb2
+
+from services.scheduler.coalescing import OutputCoalescer
+from services.scheduler.outputs import RequestOutput
+from tests.support.scheduler_harness import Harness, reference_output, sampling
+
+UNFINISHED, LENGTH = common_pb2.FINISH_REASON_UNSPECIFIED, common_pb2.FINISH_REASON_LENGTH
+
+
+def _output(
+    request_id: str,
+    tokens: list[int],
+    num_output_tokens: int,
+    finish_reason: int = UNFINISHED,
+    request_finished: bool = False,
+) -> RequestOutput:
+    return RequestOutput(
+        request_id,
+        0,
+        tokens,
+        finish_reason,
+        num_prompt_tokens=3,
+        num_output_tokens=num_output_tokens,
+        request_finished=request_finished,
+    )
+
+
+def test_beyond_the_budget_tokens_wait_merged_oldest_first() -> None:
+    coalescer = OutputCoalescer(max_messages_per_step=2)
+    # First tokens all leave at once, whatever the budget.
+    first = coalescer.pace([_output(r, [1], 1) for r in "abc"])
+    assert [o.request_id for o in first] == ["a", "b", "c"] and len(coalescer) == 0
+    # Two messages a step: c waits, merged with its next token.
+    second = coalescer.pace([_output(r, [2], 2) for r in "abc"])
+    assert [(o.request_id, o.new_token_ids) for o in second] == [("a", [2]), ("b", [2])]
+    third = coalescer.pace([_output(r, [3], 3) for r in "abc"])
+    assert [(o.request_id, o.new_token_ids) for o in third] == [("c", [2, 3]), ("a", [3])]
+    # A last message takes what its completion held, at once, beyond the budget.
+    last = coalescer.pace(
+        [_output("a", [4], 4), _output("b", [4], 4, LENGTH, request_finished=True), _output("c", [4], 4)]
+    )
+    assert [(o.request_id, o.new_token_ids, o.num_output_tokens, o.request_finished) for o in last] == [
+        ("b", [3, 4], 4, True),
+        ("a", [4], 4, False),
+    ]
+    assert len(coalescer) == 1 and coalescer.take_due() == [_output("c", [4], 4)]
+
+
+def test_no_budget_sends_every_output_at_once() -> None:
+    coalescer = OutputCoalescer(max_messages_per_step=None)
+    outputs = [_output(r, [2], 2) for r in "abc"]
+    assert coalescer.pace(outputs) == outputs and len(coalescer) == 0
+
+
+def test_streams_carry_every_token_once_in_order() -> None:
+    h = Harness(num_blocks=64, block_size=4, max_num_seqs=8)
+    prompts = {f"r{i}": [2, 3, i + 4] for i in range(6)}
+    params = {request_id: sampling(max_tokens=5 + i, ignore_eos=True) for i, request_id in enumerate(prompts)}
+    for request_id, prompt in prompts.items():
+        h.add(request_id, prompt, params[request_id])
+    coalescer = OutputCoalescer(max_messages_per_step=2)
+    streamed: dict[str, list[int]] = {request_id: [] for request_id in prompts}
+    num_messages = 0
+    # As the engine does: each step's outputs go through the coalescer.
+    while (outputs := h.pipeline_step()) is not None:
+        sent = coalescer.pace(outputs)
+        must_go = sum(1 for o in outputs if o.finished or o.num_output_tokens == 1)
+        assert len(sent) <= max(2, must_go)
+        num_messages += len(sent)
+        for output in sent:
+            assert output.num_output_tokens == len(streamed[output.request_id]) + len(output.new_token_ids)
+            streamed[output.request_id].extend(output.new_token_ids)
+    assert len(coalescer) == 0
+    for request_id, prompt in prompts.items():
+        assert streamed[request_id] == reference_output(prompt, params[request_id], 1024)[0]
+    assert num_messages < sum(len(tokens) for tokens in streamed.values())
