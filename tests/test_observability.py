@@ -9,12 +9,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from otlp_receiver import ReceivedSpan, TraceReceiver, trace_receiver
 from pagedserve.v1 import common_pb2, generation_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from service_stack import Stack, service_stack
 from test_deploy_alerts import referenced_metrics
 
+from devtools.otlp_receiver import ReceivedSpan, TraceReceiver, trace_receiver
 from services.launcher import free_port
 
 CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
