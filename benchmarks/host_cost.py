@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.pagedserve_runs import EngineSettings, run_in_process
-from benchmarks.workload import nano_vllm_workload, write_random_model
+from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
 from gpu_worker.input_batch import StepInputBuilder
 from gpu_worker.model.llama import LlamaForCausalLM
 from gpu_worker.model_runner import ModelRunner
 
-QWEN3_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
 # Small enough that loading it costs nothing; the vocabulary holds the workload's ids.
 TINY = dict(
     hidden_size=32,

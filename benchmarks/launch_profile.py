@@ -26,8 +26,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.pagedserve_runs import EngineSettings, run_in_process
-from benchmarks.throughput import DEFAULT_CONFIG
-from benchmarks.workload import nano_vllm_workload, write_random_model
+from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
 from gpu_worker.model_runner import ModelRunner
 
 LAUNCH = "launch_step"
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
     parser.add_argument(
-        "--model-config", type=Path, default=DEFAULT_CONFIG, help="on CUDA: random weights of it"
+        "--model-config", type=Path, default=QWEN3_CONFIG, help="on CUDA: random weights of it"
     )
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument(

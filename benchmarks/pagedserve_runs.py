@@ -1,32 +1,32 @@
 """pagedserve on the benchmark workload: in one process (scheduler and model runner driven
 by a plain loop), and as the three gRPC services on loopback with clients in their own
-processes."""
+processes (benchmarks/clients.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import multiprocessing
 import os
-import signal
-import subprocess
 import time
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.clients import generate_all, greedy_sampling, run_clients
 from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
 from services.cli import build_parser
-from services.launcher import free_port, service_commands, wait_until_serving
+from services.launcher import free_port, running_services, service_commands
 
-STARTUP_TIMEOUT_S = 600.0
+if TYPE_CHECKING:
+    from services.scheduler.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,6 @@ class RunResult:
     @property
     def tokens_per_second(self) -> float:
         return self.output_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def _sampling(max_tokens: int) -> common_pb2.SamplingParams:
-    return common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=0)
 
 
 def run_name(base: str, max_steps_in_flight: int) -> str:
@@ -133,46 +129,11 @@ def drive_runs(
             eos_token_ids=list(info.model.eos_token_ids),
         )
 
-    def drive(scheduler: Scheduler, requests: Workload, profile: dict[str, float]) -> list[list[int]]:
-        """The engine's loop without the network: keeps up to max_steps_in_flight steps
-        launched, so that with overlap the host plans and launches step N+1 while the
-        device runs step N."""
-        outputs: dict[str, list[int]] = {}
-        for index, (prompt, num_out) in enumerate(zip(requests.prompts, requests.output_lengths)):
-            scheduler.add_request(f"r{index}", prompt, _sampling(num_out))
-            outputs[f"r{index}"] = []
-        in_flight = deque()
-        while scheduler.has_unfinished_requests() or in_flight:
-            while len(in_flight) < scheduler.max_steps_in_flight:
-                t0 = time.perf_counter()
-                step = scheduler.schedule()
-                if step is None:
-                    break
-                message = step.to_proto()
-                t1 = time.perf_counter()
-                in_flight.append((step, runner.launch_step(message)))
-                t2 = time.perf_counter()
-                profile["schedule_s"] += t1 - t0
-                profile["launch_s"] += t2 - t1
-                profile["steps"] += 1
-                profile["decode_steps"] += all(entry.num_new_tokens == 1 for entry in message.scheduled)
-            if not in_flight:
-                raise RuntimeError("scheduler has unfinished requests but nothing to schedule")
-            step, launched = in_flight.popleft()
-            t2 = time.perf_counter()
-            result = runner.finish_step(launched)
-            t3 = time.perf_counter()
-            for output in scheduler.update_from_output(step, result):
-                outputs[output.request_id].extend(output.new_token_ids)
-            t4 = time.perf_counter()
-            profile["finish_s"] += t3 - t2
-            profile["update_s"] += t4 - t3
-        return [outputs[f"r{i}"] for i in range(len(requests.prompts))]
-
     results = []
     for max_steps_in_flight in steps_in_flight:
         # Warm-up outside the timing: first prefill and decode shapes compile their kernels.
-        drive(new_scheduler(max_steps_in_flight), Workload([[1] * 40, [2] * 70], [8, 8]), _empty_profile())
+        warm_up = Workload([[1] * 40, [2] * 70], [8, 8])
+        drive_engine(runner, new_scheduler(max_steps_in_flight), warm_up, _empty_profile())
         runner.reset()
         gc.freeze()  # as the services do once started (services/common/grpc_server.py)
         scheduler = new_scheduler(max_steps_in_flight)
@@ -180,7 +141,7 @@ def drive_runs(
         _synchronize(settings.device)
         device_before = _device_seconds(runner)
         start = time.perf_counter()
-        outputs = drive(scheduler, workload, profile)
+        outputs = drive_engine(runner, scheduler, workload, profile)
         _synchronize(settings.device)
         seconds = time.perf_counter() - start
         # What the device spent on the run's steps (gpu_worker/device_time.py); the rest of
@@ -198,6 +159,46 @@ def drive_runs(
             result.timeline = _timeline_summary(timeline.path, start, start + seconds)
         results.append(result)
     return results
+
+
+def drive_engine(
+    runner, scheduler: Scheduler, requests: Workload, profile: dict[str, float]
+) -> list[list[int]]:
+    """The engine's loop without the network, `scheduler` driving `runner` through every
+    request: keeps up to max_steps_in_flight steps launched, so that with overlap the host
+    plans and launches step N+1 while the device runs step N. Adds each part's seconds to
+    `profile` (_empty_profile's keys); returns each request's tokens, in workload order."""
+    outputs: dict[str, list[int]] = {}
+    for index, (prompt, num_out) in enumerate(zip(requests.prompts, requests.output_lengths)):
+        scheduler.add_request(f"r{index}", prompt, greedy_sampling(num_out))
+        outputs[f"r{index}"] = []
+    in_flight = deque()
+    while scheduler.has_unfinished_requests() or in_flight:
+        while len(in_flight) < scheduler.max_steps_in_flight:
+            t0 = time.perf_counter()
+            step = scheduler.schedule()
+            if step is None:
+                break
+            message = step.to_proto()
+            t1 = time.perf_counter()
+            in_flight.append((step, runner.launch_step(message)))
+            t2 = time.perf_counter()
+            profile["schedule_s"] += t1 - t0
+            profile["launch_s"] += t2 - t1
+            profile["steps"] += 1
+            profile["decode_steps"] += all(entry.num_new_tokens == 1 for entry in message.scheduled)
+        if not in_flight:
+            raise RuntimeError("scheduler has unfinished requests but nothing to schedule")
+        step, launched = in_flight.popleft()
+        t2 = time.perf_counter()
+        result = runner.finish_step(launched)
+        t3 = time.perf_counter()
+        for output in scheduler.update_from_output(step, result):
+            outputs[output.request_id].extend(output.new_token_ids)
+        t4 = time.perf_counter()
+        profile["finish_s"] += t3 - t2
+        profile["update_s"] += t4 - t3
+    return [outputs[f"r{i}"] for i in range(len(requests.prompts))]
 
 
 def _timeline_summary(path: Path, start_s: float, end_s: float) -> dict:
@@ -287,20 +288,11 @@ def run_grpc(
         commands["worker"] += ["--step-timeline", str(timeline_path)]
     if adjust_commands is not None:
         adjust_commands(commands, ports)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    processes: dict[str, subprocess.Popen] = {}
-    try:
-        for name, command in commands.items():
-            # The child keeps its own descriptor of the log; ours can close at once.
-            with open(log_dir / f"{name}.log", "w") as log:
-                processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        address = f"127.0.0.1:{ports['tokenizer']}"
-        wait_until_serving(
-            processes, {name: f"127.0.0.1:{ports[name]}" for name in processes}, log_dir, STARTUP_TIMEOUT_S
-        )
+    addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
+    with running_services(commands, addresses, log_dir, stop_timeout_s=60) as processes:
         # Warm-up: kernels of the first prefill and decode shapes compile in the worker.
-        asyncio.run(_generate_all(address, [(f"w{i}", [1 + i] * 50, 8) for i in range(2)]))
+        address = addresses["tokenizer"]
+        asyncio.run(generate_all(address, [(f"w{i}", [1 + i] * 50, 8) for i in range(2)]))
         requests = [
             (f"r{i}", prompt, num_out)
             for i, (prompt, num_out) in enumerate(zip(workload.prompts, workload.output_lengths))
@@ -311,7 +303,7 @@ def run_grpc(
         seconds = window_end - window_start
         device_after = worker_device_seconds(ports["worker_metrics"])
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
-        profile = _scheduler_stats(f"127.0.0.1:{ports['scheduler']}")
+        profile = _scheduler_stats(addresses["scheduler"])
         # The worker's device time over the run, as the in-process runs report theirs.
         for kind, busy in device_after.items():
             profile[f"device_busy_{kind}_s"] = busy - device_before.get(kind, 0.0)
@@ -323,16 +315,6 @@ def run_grpc(
                 for name, process in processes.items()
             }
         )
-    finally:
-        for name in ("tokenizer", "scheduler", "worker"):
-            process = processes.get(name)
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
     note = f"{num_clients} client processes"
     name = run_name("pagedserve gRPC (3 services)", settings.max_steps_in_flight)
     # The worker's file holds the warm-up too; the run's window cuts it off.
@@ -371,60 +353,3 @@ def _scheduler_stats(address: str) -> dict[str, float]:
         "preemptions": float(stats.num_preemptions),
         "generation_tokens": float(stats.num_generation_tokens),
     }
-
-
-def run_clients(
-    address: str, requests: list[tuple[str, list[int], int]], num_clients: int
-) -> tuple[dict[str, list[int]], float, float]:
-    """Sends the requests from num_clients processes that start together once every one
-    of them has connected, as an in-process run has every request at once; returns each
-    request's tokens, that start and the last token's arrival. Times are time.perf_counter:
-    on Linux CLOCK_MONOTONIC, one clock for every process (the clients', the worker's)."""
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(num_clients + 1)
-    shares = [requests[i::num_clients] for i in range(num_clients)]
-    with context.Pool(num_clients, initializer=_keep_start_barrier, initargs=(barrier,)) as pool:
-        pending = pool.starmap_async(_client_process, [(address, share) for share in shares])
-        barrier.wait(timeout=STARTUP_TIMEOUT_S)
-        started = time.perf_counter()
-        results = pending.get()
-    outputs: dict[str, list[int]] = {}
-    for share_outputs, _ in results:
-        outputs.update(share_outputs)
-    return outputs, started, max(finish for _, finish in results)
-
-
-_start_barrier = None
-
-
-def _keep_start_barrier(barrier) -> None:
-    global _start_barrier
-    _start_barrier = barrier
-
-
-def _client_process(address: str, requests: list[tuple[str, list[int], int]]):
-    outputs = asyncio.run(_generate_all(address, requests, _start_barrier))
-    return outputs, time.perf_counter()
-
-
-async def _generate_all(
-    address: str, requests: list[tuple[str, list[int], int]], start_barrier=None
-) -> dict[str, list[int]]:
-    options = [("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        stub = generation_pb2_grpc.GenerationStub(channel)
-        await channel.channel_ready()
-        if start_barrier is not None:
-            await asyncio.get_running_loop().run_in_executor(None, start_barrier.wait)
-
-        async def generate(request_id: str, prompt: list[int], num_out: int) -> tuple[str, list[int]]:
-            request = generation_pb2.GenerateRequest(
-                request_id=request_id, prompt_token_ids=prompt, sampling=_sampling(num_out)
-            )
-            tokens: list[int] = []
-            async for response in stub.Generate(request):
-                tokens.extend(response.token_ids)
-            return request_id, tokens
-
-        pairs = await asyncio.gather(*(generate(*r) for r in requests))
-    return dict(pairs)

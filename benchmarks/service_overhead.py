@@ -29,7 +29,7 @@ from pathlib import Path
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, run_grpc
-from benchmarks.workload import nano_vllm_workload
+from benchmarks.workload import Workload, nano_vllm_workload
 from gpu_worker.device_time import DECODE, PREFILL
 
 
@@ -162,7 +162,7 @@ def _cost_args(costs: PretendCosts) -> list[str]:
     return [f"--{name.replace('_', '-')}={value}" for name, value in vars(costs).items()]
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -190,59 +190,52 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--serve-null-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--metrics-port", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    costs = PretendCosts(**{name: getattr(args, name) for name in vars(PretendCosts())})
-    if args.serve_null_worker is not None:
-        asyncio.run(_serve_null_worker(args.serve_null_worker, args.metrics_port, costs))
-        return
+    return parser.parse_args(argv)
 
-    workload = nano_vllm_workload(args.num_seqs, 100, 1024, 10000)
-    settings = EngineSettings(
-        device="cpu",
-        max_steps_in_flight=args.max_steps_in_flight,
-        max_stream_messages_per_step=args.max_stream_messages_per_step,
-    )
-    results: list[RunResult] = []
-    if "inprocess" in args.runs:
-        results += drive_runs(NullRunner(costs), workload, settings, [settings.max_steps_in_flight])
-    if "grpc" in args.runs:
-        from services.common.embedded_model import materialize_default_model
 
-        def pretend_worker(commands: dict[str, list[str]], ports: dict[str, int]) -> None:
-            commands["worker"] = [
-                sys.executable,
-                "-m",
-                "benchmarks.service_overhead",
-                *_cost_args(costs),
-                "--serve-null-worker",
-                str(ports["worker"]),
-                "--metrics-port",
-                str(ports["worker_metrics"]),
-            ]
-            if args.profile_dir is not None:
-                args.profile_dir.mkdir(parents=True, exist_ok=True)
-                for name in ("scheduler", "tokenizer"):
-                    profiled = [
-                        sys.executable,
-                        "-m",
-                        "cProfile",
-                        "-o",
-                        str(args.profile_dir / f"{name}.prof"),
-                    ]
-                    commands[name] = [*profiled, *commands[name][1:]]
+def run_grpc_with_pretend_device(
+    args: argparse.Namespace, costs: PretendCosts, workload: Workload, settings: EngineSettings
+) -> RunResult:
+    """The three services on loopback, the worker's process serving a NullRunner."""
+    from services.common.embedded_model import materialize_default_model
 
-        with tempfile.TemporaryDirectory(prefix="service-overhead-") as scratch:
-            results.append(
-                run_grpc(
-                    args.model or materialize_default_model(),
-                    workload,
-                    settings,
-                    Path(scratch) / "logs",
-                    args.clients,
-                    adjust_commands=pretend_worker,
-                )
-            )
+    def pretend_worker(commands: dict[str, list[str]], ports: dict[str, int]) -> None:
+        commands["worker"] = [
+            sys.executable,
+            "-m",
+            "benchmarks.service_overhead",
+            *_cost_args(costs),
+            "--serve-null-worker",
+            str(ports["worker"]),
+            "--metrics-port",
+            str(ports["worker_metrics"]),
+        ]
+        if args.profile_dir is not None:
+            args.profile_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("scheduler", "tokenizer"):
+                profiled = [
+                    sys.executable,
+                    "-m",
+                    "cProfile",
+                    "-o",
+                    str(args.profile_dir / f"{name}.prof"),
+                ]
+                commands[name] = [*profiled, *commands[name][1:]]
 
+    with tempfile.TemporaryDirectory(prefix="service-overhead-") as scratch:
+        return run_grpc(
+            args.model or materialize_default_model(),
+            workload,
+            settings,
+            Path(scratch) / "logs",
+            args.clients,
+            adjust_commands=pretend_worker,
+        )
+
+
+def report(args: argparse.Namespace, costs: PretendCosts, results: list[RunResult]) -> None:
+    """Prints each run's rate, the pretend device's busy share and each process's CPU;
+    writes them to args.json."""
     summary = {
         "costs": vars(costs),
         "max_steps_in_flight": args.max_steps_in_flight,
@@ -275,6 +268,26 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {name:10} {seconds_used:6.2f} CPU s  {1e6 * seconds_used / result.output_tokens:6.1f} us/token"
             )
     args.json.write_text(json.dumps(summary, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    costs = PretendCosts(**{name: getattr(args, name) for name in vars(PretendCosts())})
+    if args.serve_null_worker is not None:
+        asyncio.run(_serve_null_worker(args.serve_null_worker, args.metrics_port, costs))
+        return
+    workload = nano_vllm_workload(args.num_seqs, 100, 1024, 10000)
+    settings = EngineSettings(
+        device="cpu",
+        max_steps_in_flight=args.max_steps_in_flight,
+        max_stream_messages_per_step=args.max_stream_messages_per_step,
+    )
+    results: list[RunResult] = []
+    if "inprocess" in args.runs:
+        results += drive_runs(NullRunner(costs), workload, settings, [settings.max_steps_in_flight])
+    if "grpc" in args.runs:
+        results.append(run_grpc_with_pretend_device(args, costs, workload, settings))
+    report(args, costs, results)
 
 
 if __name__ == "__main__":

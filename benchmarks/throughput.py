@@ -33,6 +33,7 @@ from pathlib import Path
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, run_grpc, run_in_process
 from benchmarks.step_timeline import format_summary
 from benchmarks.workload import (
+    QWEN3_CONFIG,
     Workload,
     kv_bytes_per_token,
     model_weight_bytes,
@@ -41,7 +42,6 @@ from benchmarks.workload import (
     write_random_model,
 )
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
 # Device-to-device copy on an H200, bytes read + written per second (DESIGN.md).
 H200_COPY_BANDWIDTH = 4.25e12
 RUN_NAMES = ("inprocess", "grpc", "hf_cb", "hf_static")
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="model directory; default: random weights for --model-config on CUDA, the embedded model on CPU",
     )
-    parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)

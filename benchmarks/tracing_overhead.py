@@ -23,8 +23,8 @@ from pathlib import Path
 
 from benchmarks.pagedserve_runs import EngineSettings, run_grpc
 from benchmarks.workload import nano_vllm_workload
+from devtools.otlp_receiver import trace_receiver
 from services.common.embedded_model import materialize_default_model
-from tests.otlp_receiver import trace_receiver
 
 TRACING_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_TRACES_SAMPLER")
 

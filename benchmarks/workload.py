@@ -19,6 +19,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gpu_worker.model.config import ModelConfig
 
+# The GPU benchmarks' architecture (DESIGN.md, "How performance is measured").
+QWEN3_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
+
 
 @dataclass(frozen=True)
 class Workload:

@@ -145,7 +145,7 @@ def prefill_attention_triton(
     if block_m is None:
         # About 64 (token, head) rows per tile against 32 keys, whatever the batch: one
         # compiled variant per model, so no step compiles a new one. The fastest of a
-        # sweep on an H200 with Qwen3-0.6B's heads (benchmarks/prefill_step.py).
+        # sweep on an H200 with Qwen3-0.6B's heads (benchmarks/kernels/prefill_step.py).
         block_m = max(1, 64 // group_pad)
     output = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     num_seqs = seq_lens.shape[0]

@@ -3,11 +3,14 @@ worker and scheduler on loopback ports, the public API on --port."""
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -145,17 +148,53 @@ def service_commands(
     }
 
 
-def _stop(processes: dict[str, subprocess.Popen], grace_s: float) -> None:
-    # Front door first, so that no new work arrives while the others drain.
-    for name in ("tokenizer", "scheduler", "worker"):
-        process = processes.get(name)
-        if process is None or process.poll() is not None:
+# Front door first, so that no new work arrives while the others drain.
+STOP_ORDER = ("tokenizer", "scheduler", "worker")
+
+
+def stop_services(processes: Mapping[str, subprocess.Popen], timeout_s: float) -> None:
+    """Stops the services one after another in STOP_ORDER (any others after them): SIGTERM,
+    up to timeout_s for it to drain and exit, then SIGKILL."""
+    order = {name: index for index, name in enumerate(STOP_ORDER)}
+    for name in sorted(processes, key=lambda name: order.get(name, len(order))):
+        process = processes[name]
+        if process.poll() is not None:
             continue
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=grace_s + 5)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
+
+
+@contextmanager
+def running_services(
+    commands: Mapping[str, list[str]],
+    addresses: Mapping[str, str],
+    log_dir: Path,
+    env: Mapping[str, str] | None = None,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    stop_timeout_s: float = 30.0,
+) -> Iterator[dict[str, subprocess.Popen]]:
+    """Starts each command (by service name) with its output in `log_dir/NAME.log` and `env`
+    added to this process's environment, waits until every service in `addresses` is
+    serving, yields the processes, and stops them (stop_services) however the block ends."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # Unbuffered, so that a service's log is whole when it is read after a failure.
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for name, command in commands.items():
+            # The child keeps its own descriptor of the log; ours can close at once.
+            with open(log_dir / f"{name}.log", "w") as log:
+                processes[name] = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=child_env
+                )
+        wait_until_serving(processes, addresses, log_dir, startup_timeout_s)
+        yield processes
+    finally:
+        stop_services(processes, stop_timeout_s)
 
 
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
@@ -198,5 +237,5 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
                 break
             time.sleep(0.25)
     finally:
-        _stop(processes, args.shutdown_grace)
+        stop_services(processes, args.shutdown_grace + 5)
     return exit_code

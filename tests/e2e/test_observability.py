@@ -9,10 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from otlp_receiver import ReceivedSpan, TraceReceiver, trace_receiver
 from pagedserve.v1 import common_pb2, generation_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.otlp_receiver import ReceivedSpan, TraceReceiver, trace_receiver
 from services.launcher import free_port
 from tests.support.monitoring import referenced_metrics
 from tests.support.service_stack import Stack, service_stack

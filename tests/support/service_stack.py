@@ -1,8 +1,6 @@
 """Starts the three services as separate processes talking gRPC on loopback, the way
 `pagedserve serve` and docker-compose do, each from its own CLI command."""
 
-import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +11,7 @@ import grpc
 from pagedserve.v1 import generation_pb2_grpc, scheduler_pb2_grpc
 
 from services.cli import build_parser
-from services.launcher import free_port, service_commands, wait_until_serving
+from services.launcher import free_port, running_services, service_commands
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -64,19 +62,13 @@ def service_stack(
         ("tokenizer", tokenizer_args),
     ):
         commands[name] += own_args
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    processes: dict[str, subprocess.Popen] = {}
-    channels: list[grpc.Channel] = []
-    try:
-        for name, command in commands.items():
-            # The child keeps its own descriptor of the log; ours can close at once.
-            with open(log_dir / f"{name}.log", "w") as log:
-                processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        wait_until_serving(processes, addresses, log_dir, STARTUP_TIMEOUT_S)
-        public = grpc.insecure_channel(addresses["tokenizer"])
-        scheduler = grpc.insecure_channel(addresses["scheduler"])
-        channels = [public, scheduler]
+    with (
+        running_services(
+            commands, addresses, log_dir, env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=30
+        ) as processes,
+        grpc.insecure_channel(addresses["tokenizer"]) as public,
+        grpc.insecure_channel(addresses["scheduler"]) as scheduler,
+    ):
         yield Stack(
             public_address=addresses["tokenizer"],
             scheduler_address=addresses["scheduler"],
@@ -86,15 +78,3 @@ def service_stack(
             log_dir=log_dir,
             processes=processes,
         )
-    finally:
-        for channel in channels:
-            channel.close()
-        for name in ("tokenizer", "scheduler", "worker"):
-            process = processes.get(name)
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()

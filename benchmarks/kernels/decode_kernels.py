@@ -1,7 +1,7 @@
 """The decode step's kernels against their floors: launch configurations of the paged
 decode attention kernel, the projections' matmuls, and a whole step's time by batch size.
 
-    python -m benchmarks.decode_kernels --json decode_kernels.json
+    python -m benchmarks.kernels.decode_kernels --json decode_kernels.json
 
 - Bandwidth ceilings: a device-to-device copy (bytes read + written) and a read-only
   reduction, the ceiling of a kernel that only reads, as attention does.
@@ -26,15 +26,13 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from benchmarks.decode_step import build_decode_batch, copy_bandwidth
-from benchmarks.workload import write_random_model
-from gpu_worker.config import WorkerConfig
+from benchmarks.kernels.cuda_runner import build_cuda_runner
+from benchmarks.kernels.decode_step import build_decode_batch, copy_bandwidth
+from benchmarks.workload import QWEN3_CONFIG, write_random_model
 from gpu_worker.model.attention import attention_context
-from gpu_worker.model_runner import ModelRunner
 from kernels import triton_linear
 from kernels.triton_decode_attention import decode_attention_triton
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
 BLOCK_SIZE, NUM_KV_HEADS, NUM_HEADS, HEAD_DIM, NUM_LAYERS = 16, 8, 16, 128, 28
 # (name, out_features, in_features) of Qwen3-0.6B's projections that an add + RMSNorm reads.
 NORM_FED_PROJECTIONS = (("o", 1024, 2048), ("down", 1024, 3072))
@@ -197,15 +195,7 @@ def step_by_batch(model_config: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_random_model(model_config, Path(scratch) / "model")
-        runner = ModelRunner(
-            WorkerConfig(
-                model_path=model_dir,
-                device="cuda",
-                max_model_len=4096,
-                max_num_seqs=256,
-                gpu_memory_utilization=0.5,
-            )
-        )
+        runner = build_cuda_runner(model_dir, max_num_seqs=256, gpu_memory_utilization=0.5)
     for batch in (1, 16, 64, 128, 256):
         input_ids, positions, metadata = build_decode_batch(runner, batch, 1000)
         layer = runner.model.attention_layers()[0]
@@ -254,7 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
     parser.add_argument("--parts", default="bandwidth,attention,projections,steps")
     parser.add_argument("--json", type=Path, default=Path("decode_kernels.json"))
     args = parser.parse_args()

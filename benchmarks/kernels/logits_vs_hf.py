@@ -1,6 +1,6 @@
 """pagedserve's forward against HF transformers' on the same random weights, in bf16 on GPU.
 
-    python -m benchmarks.logits_vs_hf --json logits_vs_hf.json
+    python -m benchmarks.kernels.logits_vs_hf --json logits_vs_hf.json
 
 For a few random prompts, every position's logits from one pagedserve prefill (Triton /
 varlen kernels) and from HF's own Qwen3 (sdpa): relative error, and how often the argmax
@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.hf_runs import load_hf_model
-from benchmarks.workload import write_random_model
-from gpu_worker.config import WorkerConfig
+from benchmarks.kernels.cuda_runner import build_cuda_runner
+from benchmarks.workload import QWEN3_CONFIG, write_random_model
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model_runner import ModelRunner
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
 
 
 @torch.inference_mode()
@@ -47,23 +45,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
     parser.add_argument("--prompt-lengths", default="17,300,1000")
     parser.add_argument("--json", type=Path, default=Path("logits_vs_hf.json"))
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_random_model(args.model_config, Path(scratch) / "model")
-        runner = ModelRunner(
-            WorkerConfig(
-                model_path=model_dir,
-                device="cuda",
-                max_model_len=4096,
-                max_num_seqs=8,
-                gpu_memory_utilization=0.3,
-                enforce_eager=True,
-            )
-        )
+        runner = build_cuda_runner(model_dir, max_num_seqs=8, gpu_memory_utilization=0.3, enforce_eager=True)
         hf_model = load_hf_model(model_dir, "cuda", torch.bfloat16, "sdpa")
         generator = torch.Generator().manual_seed(1)
         for length in (int(n) for n in args.prompt_lengths.split(",")):

@@ -2,7 +2,7 @@
 configurations against each other and against the varlen kernel, and where a whole
 forward's time goes.
 
-    python -m benchmarks.prefill_step --json prefill_step.json
+    python -m benchmarks.kernels.prefill_step --json prefill_step.json
 
 The batch is what the throughput benchmark's early steps look like: new prompts filling
 max_num_batched_tokens next to sequences decoding over long contexts.
@@ -20,15 +20,13 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from benchmarks.decode_step import kernel_table
-from benchmarks.workload import write_random_model
-from gpu_worker.config import WorkerConfig
+from benchmarks.kernels.cuda_runner import build_cuda_runner
+from benchmarks.kernels.decode_step import kernel_table
+from benchmarks.workload import QWEN3_CONFIG, write_random_model
 from gpu_worker.model.attention import AttentionMetadata, attention_context
-from gpu_worker.model_runner import ModelRunner
 from kernels.attention_backend import fresh_prefill_kernel
 from kernels.triton_prefill_attention import prefill_attention_triton
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
 BLOCK_SIZE = 16
 
 
@@ -63,29 +61,17 @@ def mixed_batch(prompt_lens: list[int], decode_contexts: list[int], num_kv_heads
     ), len(order)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
-    parser.add_argument("--json", type=Path, default=Path("prefill_step.json"))
-    args = parser.parse_args()
-    rng = random.Random(0)
-    prompt_lens = []
-    while sum(prompt_lens) < 8192 - 1024:
-        prompt_lens.append(rng.randint(100, 1024))
-    decode_contexts = [rng.randint(100, 1024) for _ in range(128)]
-    metadata, num_blocks = mixed_batch(prompt_lens, decode_contexts, 8, "cuda")
+def attention_results(
+    metadata: AttentionMetadata, num_blocks: int, prompt_lens: list[int], num_decodes: int
+) -> dict:
+    """One layer's paged prefill attention over the mixed batch: every launch configuration
+    of the sweep, the kernel's own choice, and the varlen kernel on the prompts alone."""
     num_tokens = int(metadata.query_start_loc[-1])
     cache_shape = (num_blocks, BLOCK_SIZE, 8, 128)
     key_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda")
     value_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda")
     query = torch.randn(num_tokens, 16, 128, dtype=torch.bfloat16, device="cuda")
-    results: dict = {
-        "num_tokens": num_tokens,
-        "num_prompts": len(prompt_lens),
-        "num_decodes": len(decode_contexts),
-    }
+    results: dict = {}
 
     def run(**config):
         return prefill_attention_triton(
@@ -114,25 +100,21 @@ def main() -> None:
     results["paged_prefill_default_ms"] = triton.testing.do_bench(lambda: run(), return_mode="median")
     fresh = fresh_prefill_kernel()
     if fresh is not None:
-        starts = len(decode_contexts)
-        prompt_query = query[int(metadata.query_start_loc[starts]) :]
+        prompt_query = query[int(metadata.query_start_loc[num_decodes]) :]
         keys = torch.randn(prompt_query.shape[0], 8, 128, dtype=torch.bfloat16, device="cuda")
-        cu = (metadata.query_start_loc[starts:] - metadata.query_start_loc[starts]).contiguous()
+        cu = (metadata.query_start_loc[num_decodes:] - metadata.query_start_loc[num_decodes]).contiguous()
         results["varlen_prompts_only_ms"] = triton.testing.do_bench(
             lambda: fresh(prompt_query, keys, keys, cu, max(prompt_lens), 128**-0.5), return_mode="median"
         )
+    return results
 
+
+def forward_results(model_config: Path, metadata: AttentionMetadata) -> dict:
+    """The whole model's eager forward over the mixed batch: its time and its kernels."""
+    num_tokens = int(metadata.query_start_loc[-1])
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = write_random_model(args.model_config, Path(scratch) / "model")
-        runner = ModelRunner(
-            WorkerConfig(
-                model_path=model_dir,
-                device="cuda",
-                max_model_len=4096,
-                gpu_memory_utilization=0.3,
-                enforce_eager=True,
-            )
-        )
+        model_dir = write_random_model(model_config, Path(scratch) / "model")
+        runner = build_cuda_runner(model_dir, gpu_memory_utilization=0.3, enforce_eager=True)
     runner.kv_cache.storage.normal_()
     input_ids = torch.randint(0, 10000, (num_tokens,), device="cuda")
     positions = torch.cat(
@@ -149,15 +131,40 @@ def main() -> None:
         with torch.inference_mode(), attention_context(metadata):
             return runner.model(input_ids, positions)
 
-    results["mixed_forward_ms"] = triton.testing.do_bench(forward, warmup=5, rep=50, return_mode="median")
-    results["mixed_forward_kernels"] = kernel_table(forward, top=12)
+    return {
+        "mixed_forward_ms": triton.testing.do_bench(forward, warmup=5, rep=50, return_mode="median"),
+        "mixed_forward_kernels": kernel_table(forward, top=12),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
+    parser.add_argument("--json", type=Path, default=Path("prefill_step.json"))
+    args = parser.parse_args()
+    rng = random.Random(0)
+    prompt_lens = []
+    while sum(prompt_lens) < 8192 - 1024:
+        prompt_lens.append(rng.randint(100, 1024))
+    decode_contexts = [rng.randint(100, 1024) for _ in range(128)]
+    metadata, num_blocks = mixed_batch(prompt_lens, decode_contexts, 8, "cuda")
+    num_tokens = int(metadata.query_start_loc[-1])
+    results: dict = {
+        "num_tokens": num_tokens,
+        "num_prompts": len(prompt_lens),
+        "num_decodes": len(decode_contexts),
+        **attention_results(metadata, num_blocks, prompt_lens, len(decode_contexts)),
+        **forward_results(args.model_config, metadata),
+    }
     args.json.write_text(json.dumps(results, indent=2))
     print(f"mixed step: {num_tokens} tokens ({len(prompt_lens)} prompts, {len(decode_contexts)} decodes)")
     print(
         f"  forward {results['mixed_forward_ms']:.2f} ms; paged prefill attention one layer: "
         f"default {results['paged_prefill_default_ms']:.3f} ms, varlen (prompts only) {results.get('varlen_prompts_only_ms')}"
     )
-    for row in sweep[:6]:
+    for row in results["paged_prefill_sweep"][:6]:
         print("  ", row)
     for row in results["mixed_forward_kernels"]:
         print(f"  {row['gpu_ms']:8.3f} ms {row['calls']:5d}x  {row['kernel']}")

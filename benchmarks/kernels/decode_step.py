@@ -1,6 +1,6 @@
 """One decode step at a large batch against the memory roofline, and where its time goes.
 
-    python -m benchmarks.decode_step --batch 256 --context 1000 --json decode_step.json
+    python -m benchmarks.kernels.decode_step --batch 256 --context 1000 --json decode_step.json
 
 Builds the worker's model runner on Qwen3-0.6B's architecture with random weights, fills
 the KV cache of `batch` sequences of `context` tokens with random values, and times the
@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 import triton.testing
 
-from benchmarks.workload import kv_bytes_per_token, model_weight_bytes, write_random_model
-from gpu_worker.config import WorkerConfig
+from benchmarks.kernels.cuda_runner import build_cuda_runner
+from benchmarks.workload import QWEN3_CONFIG, kv_bytes_per_token, model_weight_bytes, write_random_model
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model_runner import ModelRunner
 from kernels.triton_decode_attention import decode_attention_triton
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "qwen3-0.6b.json"
 
 
 def copy_bandwidth(num_bytes: int = 4 << 30) -> float:
@@ -86,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model-config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
@@ -97,14 +95,8 @@ def main() -> None:
     results["copy_bandwidth"] = bandwidth = copy_bandwidth()
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = write_random_model(args.model_config, Path(scratch) / "model")
-        runner = ModelRunner(
-            WorkerConfig(
-                model_path=model_dir,
-                device="cuda",
-                max_model_len=4096,
-                max_num_seqs=args.batch,
-                gpu_memory_utilization=args.gpu_memory_utilization,
-            )
+        runner = build_cuda_runner(
+            model_dir, max_num_seqs=args.batch, gpu_memory_utilization=args.gpu_memory_utilization
         )
         weight_bytes = model_weight_bytes(model_dir, 2)
         kv_token_bytes = kv_bytes_per_token(model_dir, 2)

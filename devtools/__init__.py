@@ -1,0 +1,1 @@
+"""Tools for developing and measuring pagedserve that are not part of the services."""
