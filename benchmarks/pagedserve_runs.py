@@ -11,7 +11,7 @@ import time
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,8 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.clients import generate_all, greedy_sampling, run_clients
 from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
-from services.cli import build_parser
+from gpu_worker.config import MAX_STEPS_LAUNCHED, WorkerConfig
+from services.cli import GIB, build_parser, worker_config
 from services.launcher import free_port, running_services, service_commands
+from services.scheduler.config import SchedulerConfig
 
 if TYPE_CHECKING:
     from services.scheduler.scheduler import Scheduler
@@ -32,17 +34,17 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class EngineSettings:
     device: str
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = WorkerConfig.max_num_seqs
+    max_num_batched_tokens: int = WorkerConfig.max_num_batched_tokens
+    gpu_memory_utilization: float = WorkerConfig.gpu_memory_utilization
     max_model_len: int | None = None
     enforce_eager: bool = False
-    block_size: int = 16
-    # The scheduler's max_steps_in_flight: 1, no overlap.
-    max_steps_in_flight: int = 3
-    swap_space_gib: float = 4.0
+    block_size: int = WorkerConfig.block_size
+    # The scheduler's max_steps_in_flight: 1, no overlap; by default the worker's depth.
+    max_steps_in_flight: int = MAX_STEPS_LAUNCHED
+    swap_space_gib: float = WorkerConfig.swap_space_bytes / GIB
     # The scheduler service's --max-stream-messages-per-step (0: no limit).
-    max_stream_messages_per_step: int = 32
+    max_stream_messages_per_step: int = SchedulerConfig.max_stream_messages_per_step
     # Where the worker writes its step timeline (gpu_worker/step_timeline.py), one file per
     # engine; None: no timeline.
     step_timeline_dir: Path | None = None
@@ -80,25 +82,14 @@ def run_in_process(
     """One run per max_steps_in_flight (1: no overlap), on one model runner."""
     import torch
 
-    from gpu_worker.config import WorkerConfig
     from gpu_worker.model_runner import ModelRunner
 
-    runner = ModelRunner(
-        WorkerConfig(
-            model_path=model_dir,
-            device=settings.device,
-            block_size=settings.block_size,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_len,
-            enforce_eager=settings.enforce_eager,
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            swap_space_bytes=int(settings.swap_space_gib * (1 << 30)),
-            step_timeline_path=settings.step_timeline_dir / "inprocess.jsonl"
-            if settings.step_timeline_dir
-            else None,
-        )
-    )
+    # The worker that `pagedserve serve` with these settings starts.
+    ports = dict.fromkeys(("worker", "scheduler", "tokenizer"), 0)
+    command = _service_commands(model_dir, settings, ports)["worker"]
+    config = worker_config(build_parser().parse_args(command[command.index("worker") :]))
+    timeline = settings.step_timeline_dir / "inprocess.jsonl" if settings.step_timeline_dir else None
+    runner = ModelRunner(replace(config, step_timeline_path=timeline))
     results = drive_runs(runner, workload, settings, steps_in_flight)
     del runner
     gc.collect()

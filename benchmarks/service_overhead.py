@@ -31,6 +31,7 @@ from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, run_grpc
 from benchmarks.workload import Workload, nano_vllm_workload
 from gpu_worker.device_time import DECODE, PREFILL
+from services.common.step_limits import StepLimits
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,14 @@ class NullRunner:
             vocab_size=self.vocab_size,
             eos_token_ids=[0],
         )
+        # Built for the standard steps, as a worker started with no options.
         return worker_pb2.WorkerInfo(
-            model=model, num_kv_blocks=1 << 20, block_size=16, device="none", dtype="none"
+            model=model,
+            num_kv_blocks=1 << 20,
+            block_size=16,
+            device="none",
+            dtype="none",
+            **StepLimits().worker_info_fields(),
         )
 
     def reset(self) -> None:

@@ -69,9 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--hf-static-batch", type=int, default=64)
     parser.add_argument("--grpc-clients", type=int, default=4, help="client processes for the gRPC run")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-num-seqs", type=int, default=EngineSettings.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineSettings.max_num_batched_tokens)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=EngineSettings.gpu_memory_utilization)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument(
@@ -80,17 +80,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="on",
         help="overlapped scheduling in the pagedserve runs (both: each run twice)",
     )
-    parser.add_argument("--max-steps-in-flight", type=int, default=3, help="with overlap on")
+    parser.add_argument(
+        "--max-steps-in-flight", type=int, default=EngineSettings.max_steps_in_flight, help="with overlap on"
+    )
     parser.add_argument(
         "--max-stream-messages-per-step",
         type=int,
-        default=32,
+        default=EngineSettings.max_stream_messages_per_step,
         help="the scheduler service's limit in the gRPC runs (0: no limit)",
     )
     parser.add_argument(
         "--swap-space",
         type=float,
-        default=4.0,
+        default=EngineSettings.swap_space_gib,
         help="GiB of pinned host memory for the worker's swap pool (0 starts faster)",
     )
     parser.add_argument(

@@ -1,21 +1,33 @@
-"""Configuration of one GPU worker, passed in explicitly by whoever starts it."""
+"""Configuration of one GPU worker, passed in explicitly by whoever starts it.
+
+Every service's command line reads these defaults, so this module does not import torch
+until a worker resolves its device and dtype."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from services.common.step_limits import StepLimits
 
-_DTYPES_BY_NAME: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+if TYPE_CHECKING:
+    import torch
+
+# Each accepted dtype name, and the torch dtype it names.
+_DTYPES_BY_NAME: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
+
+# Steps launched and not finished at once (gpu_worker/step_pipeline.py): the standard
+# depth, which the worker reports and its scheduler adopts.
+MAX_STEPS_LAUNCHED = StepLimits.max_steps_in_flight
 
 
 @dataclass(frozen=True)
@@ -45,12 +57,12 @@ class WorkerConfig:
     seed: int | None = 0
     # Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
     enforce_eager: bool = False
-    # Largest decode batch captured in a CUDA graph; larger ones run eagerly. Match the
-    # scheduler's max_num_seqs.
-    max_num_seqs: int = 256
-    # Largest step the scheduler sends, in tokens: the forward profiled on CUDA to reserve
-    # activation memory before the KV cache takes the rest. Match the scheduler's setting.
-    max_num_batched_tokens: int = 8192
+    # Most sequences in one step: the largest decode batch captured in a CUDA graph and
+    # the size of the input staging buffers. Reported in WorkerInfo; the scheduler adopts it.
+    max_num_seqs: int = StepLimits.max_num_seqs
+    # Most tokens in one step: the forward profiled on CUDA to reserve activation memory
+    # before the KV cache takes the rest. Reported in WorkerInfo; the scheduler adopts it.
+    max_num_batched_tokens: int = StepLimits.max_num_batched_tokens
     # Appends one JSON line per step to this file: its host and device times
     # (gpu_worker/step_timeline.py). For finding where a run's time goes.
     step_timeline_path: Path | None = None
@@ -68,13 +80,23 @@ class WorkerConfig:
             raise ValueError(f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype is not None and self.dtype not in _DTYPES_BY_NAME:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES_BY_NAME)}")
+        # Checks the limits too.
+        self.step_limits()
+
+    def step_limits(self) -> StepLimits:
+        """The steps this worker is built for, as its WorkerInfo reports them."""
+        return StepLimits(self.max_num_seqs, self.max_num_batched_tokens, MAX_STEPS_LAUNCHED)
 
     def resolve_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        import torch
+
         if self.dtype is not None:
-            return _DTYPES_BY_NAME[self.dtype]
+            return getattr(torch, _DTYPES_BY_NAME[self.dtype])
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -147,6 +147,7 @@ class ModelRunner:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             num_cpu_blocks=self.cpu_kv_cache.num_blocks,
+            **self.config.step_limits().worker_info_fields(),
         )
 
     def reset(self) -> None:

@@ -5,6 +5,8 @@ one still runs on the device; its result is read back once the device is done wi
 So when the scheduler sends step N+1 before N's result (overlapped scheduling), N+1's
 host work (building inputs, launching kernels) happens while the device runs N. Results
 leave in step order. Without overlap on the scheduler's side this is one step at a time.
+A step arriving while MAX_STEPS_LAUNCHED are launched and not finished waits for the
+oldest to finish; the worker reports that depth, and its scheduler keeps as many in flight.
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 
 from pagedserve.v1 import worker_pb2
 
+from gpu_worker.config import MAX_STEPS_LAUNCHED
 from gpu_worker.model_runner import LaunchedStep, ModelRunner
-
-# Steps launched and not finished at once (the scheduler sends up to 3 by default); a
-# step arriving beyond it waits for the oldest to finish.
-MAX_STEPS_LAUNCHED = 3
 
 
 class _StepScope:

@@ -14,8 +14,13 @@ import os
 import sys
 from pathlib import Path
 
+from gpu_worker.config import WorkerConfig
 from services.common.grpc_server import ServerConfig
+from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
+from services.scheduler.config import SchedulerConfig
+
+GIB = 1 << 30
 
 
 def _model_dir(model: str | None) -> Path:
@@ -27,9 +32,14 @@ def _model_dir(model: str | None) -> Path:
 
 
 def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--host", default=ServerConfig.host, help="address to listen on")
     parser.add_argument("--port", type=int, default=default_port, help="port to listen on")
-    parser.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=ServerConfig.shutdown_grace_s,
+        help="seconds to drain on SIGTERM",
+    )
     parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
     )
@@ -44,45 +54,77 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--device", default=WorkerConfig.device, help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
         "--dtype",
-        default=None,
+        default=WorkerConfig.dtype,
         help="float32, bfloat16 or float16; default: float32 on CPU, bfloat16 on CUDA",
     )
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--block-size", type=int, default=WorkerConfig.block_size, help="tokens per KV block")
     parser.add_argument(
-        "--max-model-len", type=int, default=None, help="longest sequence; default: the model's"
+        "--max-model-len",
+        type=int,
+        default=WorkerConfig.max_model_len,
+        help="longest sequence; default: the model's",
     )
     parser.add_argument(
         "--gpu-memory-utilization",
         type=float,
-        default=0.9,
+        default=WorkerConfig.gpu_memory_utilization,
         help="fraction of GPU memory for weights, activations and KV cache",
     )
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     parser.add_argument(
         "--swap-space",
         type=float,
-        default=4.0,
+        default=WorkerConfig.swap_space_bytes / GIB,
         help="GiB of host memory for the CPU swap pool (--preemption-mode swap); 0: none",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=WorkerConfig.max_num_seqs,
+        help="most sequences in one step: the largest decode batch captured in a CUDA graph; "
+        "the scheduler adopts it",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=WorkerConfig.max_num_batched_tokens,
+        help="most tokens in one step, profiled to size the KV cache; the scheduler adopts it",
+    )
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """The worker configuration that `pagedserve worker` options `args` ask for."""
+    return WorkerConfig(
+        model_path=_model_dir(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        swap_space_bytes=int(args.swap_space * GIB),
+        step_timeline_path=args.step_timeline,
     )
 
 
 def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192, help="most tokens in one step")
     parser.add_argument(
         "--preemption-mode",
         choices=["recompute", "swap"],
-        default="recompute",
+        default=SchedulerConfig.preemption_mode.value,
         help="what a preempted request's KV becomes: dropped and recomputed, or swapped "
         "to the worker's CPU pool (--swap-space)",
     )
     parser.add_argument(
         "--max-waiting-requests",
         type=int,
-        default=None,
+        default=SchedulerConfig.max_waiting_requests,
         help="queued requests past which new ones get RESOURCE_EXHAUSTED; default: no limit",
     )
     parser.add_argument(
@@ -101,15 +143,46 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-steps-in-flight",
         type=int,
-        default=3,
-        help="with overlapped scheduling, steps sent to the worker before the oldest one's result is back",
+        default=SchedulerConfig.max_steps_in_flight,
+        help="with overlapped scheduling, steps sent to the worker before the oldest one's result "
+        "is back; default: as many as the worker runs at once",
     )
     parser.add_argument(
         "--max-stream-messages-per-step",
         type=int,
-        default=32,
+        default=SchedulerConfig.max_stream_messages_per_step,
         help="token messages streamed per step at most: beyond it, completions' tokens "
         "wait merged for their turn (first tokens and last messages never wait); 0: no limit",
+    )
+
+
+def add_step_limit_args(parser: argparse.ArgumentParser) -> None:
+    """The scheduler's own caps on a step's size, which may not exceed its worker's."""
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=SchedulerConfig.max_num_seqs,
+        help="most sequences in one step; default: the worker's, and more is refused",
+    )
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=SchedulerConfig.max_num_batched_tokens,
+        help="most tokens in one step; default: the worker's, and more is refused",
+    )
+
+
+def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
+    """The scheduler configuration that `pagedserve scheduler` options `args` ask for."""
+    return SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
+        preemption_mode=args.preemption_mode,
+        max_waiting_requests=args.max_waiting_requests,
+        max_steps_in_flight=args.max_steps_in_flight if args.overlap_scheduling else 1,
+        max_stream_messages_per_step=args.max_stream_messages_per_step or None,
     )
 
 
@@ -117,7 +190,7 @@ def add_kv_blocks_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-kv-blocks",
         type=int,
-        default=None,
+        default=SchedulerConfig.num_kv_blocks,
         help="cap on the KV pool in blocks (for tests and small machines)",
     )
 
@@ -129,45 +202,22 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    from gpu_worker.config import WorkerConfig
     from gpu_worker.server import run_worker
 
-    config = WorkerConfig(
-        model_path=_model_dir(args.model),
-        device=args.device,
-        dtype=args.dtype,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        swap_space_bytes=int(args.swap_space * (1 << 30)),
-        step_timeline_path=args.step_timeline,
-    )
+    config = worker_config(args)
     setup_tracing("pagedserve-worker", os.environ, {"pagedserve.worker.rank": 0})
     run_worker(server_config(args), config)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> None:
-    from services.scheduler.config import SchedulerConfig
     from services.scheduler.server import SchedulerServiceConfig, run_scheduler
 
-    scheduling = SchedulerConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_kv_blocks=args.num_kv_blocks,
-        enable_prefix_caching=args.enable_prefix_caching,
-        preemption_mode=args.preemption_mode,
-        max_waiting_requests=args.max_waiting_requests,
-        max_steps_in_flight=args.max_steps_in_flight if args.overlap_scheduling else 1,
-        max_stream_messages_per_step=args.max_stream_messages_per_step or None,
-    )
+    config = SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduler_config(args))
     setup_tracing("pagedserve-scheduler", os.environ)
-    run_scheduler(
-        server_config(args), SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduling)
-    )
+    try:
+        run_scheduler(server_config(args), config)
+    except StepLimitsError as error:
+        sys.exit(f"pagedserve scheduler: not starting: {error}")
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -218,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")
     add_server_args(scheduler, default_port=50052)
     scheduler.add_argument("--worker", required=True, help="worker address, host:port")
+    add_step_limit_args(scheduler)
     add_scheduler_args(scheduler)
     add_kv_blocks_arg(scheduler)
     scheduler.set_defaults(handler=cmd_scheduler)
@@ -226,23 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(worker, default_port=50053)
     add_model_arg(worker)
     add_worker_args(worker)
-    worker.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=256,
-        help="largest decode batch captured in a CUDA graph (the scheduler's)",
-    )
-    worker.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=8192,
-        help="largest step in tokens, profiled to size the KV cache (the scheduler's)",
-    )
     add_kv_blocks_arg(worker)
     worker.add_argument(
         "--step-timeline",
         type=Path,
-        default=None,
+        default=WorkerConfig.step_timeline_path,
         help="append each step's host and device times to this file, one JSON line per step",
     )
     worker.set_defaults(handler=cmd_worker)

@@ -69,13 +69,6 @@ def service_commands(
     cli = [sys.executable, "-m", "services.cli", "--log-level", args.log_level]
     grace = ["--shutdown-grace", str(args.shutdown_grace)]
     kv_cap = _optional("--num-kv-blocks", args.num_kv_blocks)
-    # The worker sizes its CUDA graphs and activation memory by the scheduler's batches.
-    batch_shape = [
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
-    ]
 
     def metrics(offset: int) -> list[str]:
         # --metrics-port P: the tokenizer's /metrics on P, the scheduler's on P+1, the
@@ -105,7 +98,11 @@ def service_commands(
             *(["--enforce-eager"] if args.enforce_eager else []),
             "--swap-space",
             str(args.swap_space),
-            *batch_shape,
+            # The worker is built for steps this large; the scheduler adopts its limits.
+            "--max-num-seqs",
+            str(args.max_num_seqs),
+            "--max-num-batched-tokens",
+            str(args.max_num_batched_tokens),
             *metrics(2),
         ],
         "scheduler": [
@@ -118,15 +115,13 @@ def service_commands(
             *grace,
             "--worker",
             f"127.0.0.1:{worker_port}",
-            *batch_shape,
             *kv_cap,
             "--preemption-mode",
             args.preemption_mode,
             *_optional("--max-waiting-requests", args.max_waiting_requests),
             *([] if args.enable_prefix_caching else ["--no-prefix-caching"]),
             *([] if args.overlap_scheduling else ["--no-overlap-scheduling"]),
-            "--max-steps-in-flight",
-            str(args.max_steps_in_flight),
+            *_optional("--max-steps-in-flight", args.max_steps_in_flight),
             "--max-stream-messages-per-step",
             str(args.max_stream_messages_per_step),
             *metrics(1),

@@ -1,7 +1,11 @@
 """Scheduler settings, passed in explicitly; nothing here reads the environment or disk."""
 
+from __future__ import annotations
+
 import enum
 from dataclasses import dataclass
+
+from services.common.step_limits import StepLimits, StepLimitsError
 
 
 class PreemptionMode(enum.Enum):
@@ -15,11 +19,13 @@ class PreemptionMode(enum.Enum):
 @dataclass(frozen=True)
 class SchedulerConfig:
     # Most sequences holding KV blocks at once (the batch's seats). A request with n
-    # completions takes n seats.
-    max_num_seqs: int = 256
+    # completions takes n seats. None: the worker's; more than the worker's is refused at
+    # start-up (step_limits).
+    max_num_seqs: int | None = None
     # Most tokens computed in one step, all sequences together. Prompts longer than what is
-    # left of it are computed in chunks over several steps.
-    max_num_batched_tokens: int = 8192
+    # left of it are computed in chunks over several steps. None: the worker's; more than
+    # the worker's is refused at start-up.
+    max_num_batched_tokens: int | None = None
     # Caps the KV block pool below what the worker holds (tests, small machines).
     # None: use every block the worker holds.
     num_kv_blocks: int | None = None
@@ -37,26 +43,19 @@ class SchedulerConfig:
     # in the three processes (the worker answering N, the scheduler planning N+2, the
     # worker launching it). A sequence that stops on a sampled stop token wastes up to
     # max_steps_in_flight - 1 tokens computed after it, never streamed. 1 is one step at
-    # a time.
-    max_steps_in_flight: int = 3
+    # a time. None: as many as the worker launches at once; steps sent beyond those wait
+    # at the worker and start as soon as one finishes.
+    max_steps_in_flight: int | None = None
     # Stream messages sent per step at most (first tokens and last messages always go at
     # once); the other completions' tokens wait, merged, for their turn. None: no limit,
     # a message per completion per step.
     max_stream_messages_per_step: int | None = 32
 
-    @property
-    def overlap_scheduling(self) -> bool:
-        return self.max_steps_in_flight > 1
-
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
-        if self.max_steps_in_flight < 1:
-            raise ValueError(f"max_steps_in_flight must be at least 1, got {self.max_steps_in_flight}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_steps_in_flight"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if self.max_stream_messages_per_step is not None and self.max_stream_messages_per_step < 1:
             raise ValueError(
                 f"max_stream_messages_per_step must be at least 1, got {self.max_stream_messages_per_step}"
@@ -65,3 +64,28 @@ class SchedulerConfig:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         # Accept the plain string of a CLI flag.
         object.__setattr__(self, "preemption_mode", PreemptionMode(self.preemption_mode))
+
+    def step_limits(self, worker: StepLimits | None = None) -> StepLimits:
+        """The limits this scheduler runs with: each one set here, the worker's where none
+        is. Raises StepLimitsError when this asks for larger steps than the worker is built
+        for. Without a worker (tests, benchmarks) the unset ones are the standard limits."""
+        if worker is not None:
+            self._check_within(worker)
+        adopted = worker or StepLimits()
+        return StepLimits(
+            max_num_seqs=self.max_num_seqs or adopted.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens or adopted.max_num_batched_tokens,
+            max_steps_in_flight=self.max_steps_in_flight or adopted.max_steps_in_flight,
+        )
+
+    def _check_within(self, worker: StepLimits) -> None:
+        # Steps in flight beyond the worker's wait there: more is allowed.
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            asked, built = getattr(self, name), getattr(worker, name)
+            if asked is not None and asked > built:
+                flag = "--" + name.replace("_", "-")
+                raise StepLimitsError(
+                    f"{name} {asked} is more than the {built} the worker is built for: lower the "
+                    f"scheduler's {flag} to {built} or less (or leave it out to adopt the worker's), "
+                    f"or start the worker with {flag} {asked}"
+                )

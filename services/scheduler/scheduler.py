@@ -13,7 +13,7 @@ sequence in that order is preempted until the current one fits (services/schedul
 preemption.py). Then, if nobody was preempted, swapped and waiting sequences fill the rest
 of the budget and seats, best first.
 
-Steps overlap: schedule() may plan the next step while up to config.max_steps_in_flight - 1
+Steps overlap: schedule() may plan the next step while up to limits.max_steps_in_flight - 1
 are in flight, and update_from_output() takes results oldest first. Planning ahead, a
 sequence that samples in a step in flight is taken to have that token already: its KV slot
 is allocated and the worker feeds in what it sampled. Stop conditions come one step late:
@@ -29,6 +29,7 @@ from collections.abc import Sequence as Seq
 from pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from services.common.step_limits import StepLimits
 from services.scheduler.admission import Admission, check_request
 from services.scheduler.block_manager import BlockManager, SlotAllocation
 from services.scheduler.config import PreemptionMode, SchedulerConfig
@@ -59,10 +60,12 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Seq[int],
         num_cpu_blocks: int = 0,
+        worker_limits: StepLimits | None = None,
     ) -> None:
         if config.num_kv_blocks is not None:
             num_blocks = min(num_blocks, config.num_kv_blocks)
         self.config = config
+        self.limits = config.step_limits(worker_limits)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.prefix_cache = PrefixCache(self.block_manager, config.enable_prefix_caching)
         self.cpu_pool = CpuBlockPool(num_cpu_blocks)
@@ -94,7 +97,7 @@ class Scheduler:
             self._report_event,
         )
         self.admission = Admission(
-            config.max_num_seqs,
+            self.limits.max_num_seqs,
             self.queues,
             self.block_manager,
             self.prefix_cache,
@@ -113,7 +116,7 @@ class Scheduler:
 
     @property
     def max_steps_in_flight(self) -> int:
-        return self.config.max_steps_in_flight
+        return self.limits.max_steps_in_flight
 
     @property
     def num_preemptions_recompute(self) -> int:
@@ -140,7 +143,7 @@ class Scheduler:
         ResourceExhaustedError when max_waiting_requests are already queued."""
         if request_id in self.requests:
             raise InvalidArgumentError("request_id", f"{request_id!r} is already in flight")
-        check_request(prompt_token_ids, sampling, self.max_model_len, self.config.max_num_seqs)
+        check_request(prompt_token_ids, sampling, self.max_model_len, self.limits.max_num_seqs)
         limit = self.config.max_waiting_requests
         if limit is not None and len(self.waiting) >= limit:
             raise ResourceExhaustedError(f"{len(self.waiting)} requests are waiting, the limit; retry later")
@@ -230,7 +233,7 @@ class Scheduler:
         steps in flight, their results may give some)."""
         if len(self.in_flight) >= self.max_steps_in_flight:
             raise RuntimeError(f"{len(self.in_flight)} steps in flight have no result yet")
-        budget = self.config.max_num_batched_tokens
+        budget = self.limits.max_num_batched_tokens
         output = SchedulerOutput(step_id=self._next_step_id)
 
         num_preemptions_before = self.num_preemptions

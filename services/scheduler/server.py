@@ -8,6 +8,7 @@ from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_
 
 from services.common.channels import insecure_channel
 from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
+from services.common.step_limits import StepLimits
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.engine import Engine
 from services.scheduler.metrics import SchedulerMetrics
@@ -28,6 +29,8 @@ class SchedulerServiceConfig:
 
 
 def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Scheduler:
+    """The scheduler of the worker `info` describes; raises StepLimitsError when `config`
+    asks for larger steps than that worker is built for."""
     num_blocks = info.num_kv_blocks
     if config.num_kv_blocks is not None:
         num_blocks = min(num_blocks, config.num_kv_blocks)
@@ -38,6 +41,7 @@ def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Sch
         max_model_len=info.model.max_model_len,
         eos_token_ids=list(info.model.eos_token_ids),
         num_cpu_blocks=info.num_cpu_blocks,
+        worker_limits=StepLimits.from_worker_info(info),
     )
 
 
@@ -66,11 +70,16 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
         servicer.engine = engine
         background.append(asyncio.create_task(engine.run()))
         stats = engine.scheduler.stats()
+        limits = engine.scheduler.limits
         log.info(
-            "scheduler ready: %s, %d KV blocks, %d CPU swap blocks",
+            "scheduler ready: %s, %d KV blocks, %d CPU swap blocks, steps of up to %d sequences "
+            "and %d tokens, %d in flight",
             info.model.model_name,
             stats.num_total_blocks,
             stats.num_total_cpu_blocks,
+            limits.max_num_seqs,
+            limits.max_num_batched_tokens,
+            limits.max_steps_in_flight,
         )
 
     try:

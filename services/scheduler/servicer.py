@@ -8,8 +8,8 @@ from opentelemetry import trace
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from services.common.errors import UnavailableError
+from services.common.prompt_checks import check_token_ids
 from services.scheduler.engine import Engine
-from services.scheduler.prompt_check import check_prompt
 from services.scheduler.session import SchedulerSession
 
 
@@ -35,7 +35,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
         engine = self._ready_engine()
         prompt = list(request.prompt_token_ids)
-        check_prompt(prompt, self.model)
+        check_token_ids(prompt, self.model.vocab_size, "prompt_token_ids")
         outputs: asyncio.Queue = asyncio.Queue()
         stream = engine.add_request(
             request.request_id,

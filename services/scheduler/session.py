@@ -16,10 +16,10 @@ from pagedserve.v1 import common_pb2, scheduler_pb2
 
 from services.common.call_frame import status_of
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from services.common.prompt_checks import check_token_ids
 from services.common.telemetry import span_context_of, tracer
 from services.scheduler.engine import Engine
 from services.scheduler.outputs import RequestOutput
-from services.scheduler.prompt_check import check_prompt
 
 REQUEST_SPAN = "scheduler.request"
 
@@ -74,7 +74,7 @@ class SchedulerSession:
             if self._draining:
                 raise UnavailableError("the scheduler is shutting down; send the request to another one")
             prompt = list(request.prompt_token_ids)
-            check_prompt(prompt, self._model)
+            check_token_ids(prompt, self._model.vocab_size, "prompt_token_ids")
             self._engine.add_request(
                 request_id,
                 prompt,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pagedserve.v1 import common_pb2, generation_pb2
 
 from services.common.errors import InvalidArgumentError
+from services.common.prompt_checks import check_prompt_length, check_token_ids
 from services.tokenizer.completion import Completions
 from services.tokenizer.detokenizer import IncrementalDetokenizer
 from services.tokenizer.tokenizer import TextTokenizer
@@ -16,9 +17,7 @@ from services.tokenizer.validation import (
     ChatPrompt,
     SamplingLimits,
     TextPrompt,
-    check_prompt_length,
     check_request_id,
-    check_token_ids,
     prompt_source,
     validate_sampling,
 )

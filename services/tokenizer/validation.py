@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pagedserve.v1 import common_pb2, generation_pb2
 
 from services.common.errors import InvalidArgumentError
+from services.common.prompt_checks import check_token_ids
 
 PROMPT_FIELDS = ("prompt", "prompt_token_ids", "messages")
 
@@ -106,44 +107,6 @@ def validate_sampling(
             f"at most {limits.max_stop_token_ids} stop token ids are allowed, got {len(sampling.stop_token_ids)}",
         )
     check_token_ids(sampling.stop_token_ids, vocab_size, "sampling.stop_token_ids")
-
-
-def check_token_ids(ids: Sequence[int], vocab_size: int, field: str) -> None:
-    """Every id must lie in [0, vocab_size); the error names the first one that does not."""
-    if not ids or (min(ids) >= 0 and max(ids) < vocab_size):
-        return
-    for index, token_id in enumerate(ids):
-        if not 0 <= token_id < vocab_size:
-            raise InvalidArgumentError(f"{field}[{index}]", f"must be in [0, {vocab_size}), got {token_id}")
-
-
-def check_prompt_length(
-    num_prompt_tokens: int,
-    sampling: common_pb2.SamplingParams,
-    max_model_len: int,
-    prompt_field: str = "prompt",
-) -> int:
-    """The number of tokens the request may generate: max_tokens when given, else all
-    the room the model's maximum length leaves after the prompt."""
-    if num_prompt_tokens == 0:
-        raise InvalidArgumentError(prompt_field, "is empty after tokenization")
-    if num_prompt_tokens >= max_model_len:
-        raise InvalidArgumentError(
-            prompt_field,
-            f"has {num_prompt_tokens} tokens, but the model's maximum length is {max_model_len} tokens "
-            "(prompt and completion together), which leaves no room to generate",
-        )
-    if not sampling.HasField("max_tokens"):
-        return max_model_len - num_prompt_tokens
-    total = num_prompt_tokens + sampling.max_tokens
-    if total > max_model_len:
-        raise InvalidArgumentError(
-            "sampling.max_tokens",
-            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds the "
-            f"model's maximum length of {max_model_len} tokens; at most {max_model_len - num_prompt_tokens} "
-            "tokens can be generated",
-        )
-    return sampling.max_tokens
 
 
 def check_request_id(request_id: str, max_chars: int) -> None:

@@ -39,9 +39,9 @@ def test_knobs_reach_their_services() -> None:
     worker, scheduler = commands["worker"], commands["scheduler"]
     assert (_value(worker, "--block-size"), _value(worker, "--swap-space")) == ("32", "0.5")
     assert _value(worker, "--num-kv-blocks") == _value(scheduler, "--num-kv-blocks") == "100"
-    assert (
-        _value(scheduler, "--max-num-seqs") == "8" and _value(scheduler, "--max-num-batched-tokens") == "64"
-    )
+    # The worker is built for the step's size; the scheduler adopts the worker's.
+    assert _value(worker, "--max-num-seqs") == "8" and _value(worker, "--max-num-batched-tokens") == "64"
+    assert "--max-num-seqs" not in scheduler and "--max-num-batched-tokens" not in scheduler
     assert _value(scheduler, "--preemption-mode") == "swap"
     assert _value(scheduler, "--max-waiting-requests") == "3"
     assert "--no-prefix-caching" in scheduler and "--no-overlap-scheduling" in scheduler
@@ -61,7 +61,7 @@ def test_defaults() -> None:
     assert "--no-overlap-scheduling" not in scheduler
     args = build_parser().parse_args(["scheduler", "--worker", "w:1"])
     assert args.enable_prefix_caching and args.max_waiting_requests is None and args.overlap_scheduling
-    assert args.max_stream_messages_per_step == 32 and args.max_steps_in_flight == 3
+    assert args.max_stream_messages_per_step == 32 and args.max_steps_in_flight is None
     assert build_parser().parse_args(["worker"]).swap_space == 4.0
 
 

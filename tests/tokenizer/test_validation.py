@@ -6,6 +6,7 @@ import pytest
 from pagedserve.v1 import common_pb2, generation_pb2
 
 from services.common.errors import InvalidArgumentError
+from services.common.prompt_checks import check_prompt_length, check_token_ids
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
 from services.tokenizer.tokenizer import TextTokenizer
 from services.tokenizer.validation import (
@@ -13,8 +14,6 @@ from services.tokenizer.validation import (
     SamplingLimits,
     TextPrompt,
     TokenIdsPrompt,
-    check_prompt_length,
-    check_token_ids,
     prompt_source,
     validate_sampling,
 )
@@ -153,7 +152,7 @@ def test_prompt_that_leaves_no_room(num_prompt_tokens: int) -> None:
 
 def test_empty_prompt_after_tokenization() -> None:
     error = raised(check_prompt_length, 0, common_pb2.SamplingParams(), 64, "messages")
-    assert str(error) == "messages: is empty after tokenization"
+    assert str(error) == "messages: has no tokens"
 
 
 # The frontend, end to end over the small tokenizer
