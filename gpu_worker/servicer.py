@@ -25,7 +25,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def load(self, load_runner: Callable[[], ModelRunner]) -> None:
         self.runner = await asyncio.get_running_loop().run_in_executor(self._executor, load_runner)
-        self.telemetry.watch_device(self.runner.device_timer)
+        self.telemetry.watch_device(self.runner.observer.device_timer)
 
     def _ready_runner(self) -> ModelRunner:
         if self.runner is None:
