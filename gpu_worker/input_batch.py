@@ -26,10 +26,10 @@ from gpu_worker.model.attention import AttentionMetadata
 
 
 class DeviceToken(NamedTuple):
-    """A sampled token the host has not read yet: tokens[index] on the device."""
+    """A sampled token the host has not read yet: tokens[row] on the device."""
 
     tokens: torch.Tensor
-    index: int
+    row: int
 
 
 class _SequenceLike(Protocol):
@@ -237,14 +237,16 @@ class StepInputBuilder:
                 # step that followed it. That is max(start, num_known) == end - 1 ==
                 # num_seq_tokens - 1, written without a call: with end > num_known and
                 # start == end - num_new, the max is end - 1 exactly when one token is
-                # new or num_known == end - 1.
-                assert end == num_seq_tokens and (num_new == 1 or num_known == end - 1), (
+                # new or num_known == end - 1. A sequence with samples not read holds the
+                # newest of them.
+                fed = state.newest_pending_token
+                assert fed is not None and end == num_seq_tokens and (num_new == 1 or num_known == end - 1), (
                     f"seq {seq_id}: unknown inputs"
                 )
                 if num_new > 1:
                     input_ids.extend(token_ids[start : end - 1])
                 fed_at.append(len(input_ids))
-                fed_tokens.append(state.newest_pending_token)
+                fed_tokens.append(fed)
                 input_ids.append(0)
             rows.append(row)
             starts.append(start)
@@ -287,7 +289,7 @@ class StepInputBuilder:
         seq_lens = starts + query_lens
         too_few = seq_lens > num_blocks * block_size
         assert not too_few.any(), (
-            f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few)]}: too few blocks"
+            f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few).tolist()]}: too few blocks"
         )
         block_index, block_offset = np.divmod(positions, block_size)
         slot_mapping = tables.array[token_rows, block_index].astype(np.int64) * block_size + block_offset
@@ -336,7 +338,7 @@ class StepInputBuilder:
 
         device64, device32 = staging64.to_device(), staging32.to_device()
         ids_d, positions_d, slots_d, samples_d, fed_at_d, fed_from_d = device64
-        if fed_at:
+        if fed_sources is not None:
             ids_d.index_copy_(0, fed_at_d, fed_sources.index_select(0, fed_from_d))
         return [ids_d, positions_d, slots_d, samples_d, *device32]
 
@@ -360,7 +362,7 @@ def _fed_token_sources(fed: list[DeviceToken]) -> tuple[torch.Tensor | None, lis
         return None, []
     first = fed[0].tokens
     if all(token.tokens is first for token in fed):
-        return first, [token.index for token in fed]
+        return first, [token.row for token in fed]
     sources: dict[int, torch.Tensor] = {}
     for token in fed:
         sources.setdefault(id(token.tokens), token.tokens)
@@ -369,4 +371,4 @@ def _fed_token_sources(fed: list[DeviceToken]) -> tuple[torch.Tensor | None, lis
         offsets[key] = start
         start += tensor.shape[0]
     combined = next(iter(sources.values())) if len(sources) == 1 else torch.cat(list(sources.values()))
-    return combined, [offsets[id(token.tokens)] + token.index for token in fed]
+    return combined, [offsets[id(token.tokens)] + token.row for token in fed]

@@ -223,7 +223,7 @@ class ModelRunner:
         launched.wait()
         self.observer.on_device_done()
         result = worker_pb2.StepResult(step_id=launched.step_id)
-        if launched.samples:
+        if launched.host_tokens is not None:
             tokens = launched.host_tokens.tolist()
             sequences = self.sequences
             samples = launched.samples
