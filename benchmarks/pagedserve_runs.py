@@ -102,7 +102,7 @@ def drive_runs(
     runner, workload: Workload, settings: EngineSettings, steps_in_flight: Sequence[int]
 ) -> list[RunResult]:
     """The in-process runs on `runner` (a ModelRunner, or anything with its step methods
-    and a device_timer)."""
+    and an observer with a device_timer)."""
     from services.scheduler.scheduler import Scheduler, SchedulerConfig
 
     info = runner.info()
@@ -145,7 +145,7 @@ def drive_runs(
         profile["cuda_graphs"] = float(runner.decode_graphs is not None)
         name = run_name("pagedserve in-process", max_steps_in_flight)
         result = RunResult(name, seconds, sum(len(o) for o in outputs), outputs, profile)
-        timeline = getattr(runner, "timeline", None)
+        timeline = runner.observer.timeline
         if timeline is not None:
             result.timeline = _timeline_summary(timeline.path, start, start + seconds)
         results.append(result)
@@ -197,8 +197,8 @@ def _timeline_summary(path: Path, start_s: float, end_s: float) -> dict:
 
 
 def _device_seconds(runner) -> dict[str, float]:
-    runner.device_timer.resolve()
-    return dict(runner.device_timer.seconds)
+    runner.observer.device_timer.resolve()
+    return dict(runner.observer.device_timer.seconds)
 
 
 def _empty_profile() -> dict[str, float]:

@@ -75,6 +75,16 @@ class _PretendDeviceTimer:
         pass
 
 
+class _PretendObserver:
+    """The step observer's readings (gpu_worker/step_observer.py): the pretend device
+    times, and no step timeline."""
+
+    timeline = None
+
+    def __init__(self) -> None:
+        self.device_timer = _PretendDeviceTimer()
+
+
 class NullRunner:
     """Speaks the worker's step protocol and samples a fixed token per sequence; steps
     take the pretend device's time, one after another, as on a device."""
@@ -85,7 +95,7 @@ class NullRunner:
         self.costs = costs
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
-        self.device_timer = _PretendDeviceTimer()
+        self.observer = _PretendObserver()
         # seq_id -> [tokens known or sampled, tokens computed]
         self.sequences: dict[int, list[int]] = {}
         self._device_free_at = 0.0
@@ -135,7 +145,7 @@ class NullRunner:
         # device is done with the step before.
         start = max(launch_done_at, self._device_free_at)
         self._device_free_at = start + seconds
-        self.device_timer.seconds[DECODE if num_tokens == num_seqs else PREFILL] += seconds
+        self.observer.device_timer.seconds[DECODE if num_tokens == num_seqs else PREFILL] += seconds
         return _PretendLaunch(step.step_id, self._device_free_at, samples)
 
     def finish_step(self, launched: _PretendLaunch) -> worker_pb2.StepResult:

@@ -62,11 +62,11 @@ class DeviceTimer:
     def stop(self, started: torch.cuda.Event | float, kind: str, step_id: int = 0) -> torch.cuda.Event | None:
         """Call after the step's last device work is queued; on CUDA returns the event that
         completes with it (a step's tokens are on the host once it has)."""
-        if not self._cuda:
-            ended = time.perf_counter()
-            self.seconds[kind] += ended - started
+        if isinstance(started, float):  # on CPU
+            ended_s = time.perf_counter()
+            self.seconds[kind] += ended_s - started
             if self._on_step is not None:
-                self._on_step(step_id, kind, started, ended)
+                self._on_step(step_id, kind, started, ended_s)
             return None
         ended = torch.cuda.Event(enable_timing=True)
         ended.record()
@@ -80,8 +80,8 @@ class DeviceTimer:
         while pending and pending[0][3].query():
             step_id, kind, started, ended = pending.popleft()
             self.seconds[kind] += started.elapsed_time(ended) / 1e3
-            if self._on_step is not None:
-                reference = self._reference
+            reference = self._reference
+            if self._on_step is not None and reference is not None:
                 self._on_step(
                     step_id,
                     kind,

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from pagedserve.v1 import worker_pb2
 
+from gpu_worker.input_staging import StagingBuffer
 from gpu_worker.model.attention import AttentionMetadata
 
 
 class DeviceToken(NamedTuple):
-    """A sampled token the host has not read yet: tokens[index] on the device."""
+    """A sampled token the host has not read yet: tokens[row] on the device."""
 
     tokens: torch.Tensor
-    index: int
+    row: int
 
 
 class _SequenceLike(Protocol):
@@ -99,24 +100,37 @@ class StepInputs:
     sample_seq_ids: list[int]
 
 
-class _Staging:
-    """A pinned host buffer, rewritten only once the copy out of it last time is done.
+@dataclass(slots=True)
+class _Gathered:
+    """What the walk over a step's sequences collects: per sequence its block-table row,
+    first position, number of new tokens; the input ids (0 where a token still on the
+    device goes, at fed_at, fed_tokens holding them); the sequences that sample, by batch
+    index and by id."""
 
-    Sized up front for the largest step: growing it mid-run allocates page-locked memory,
-    which CUDA counts among its implicitly synchronizing operations."""
+    rows: list[int]
+    starts: list[int]
+    query_lens: list[int]
+    input_ids: list[int]
+    fed_at: list[int]
+    fed_tokens: list[DeviceToken]
+    sample_index: list[int]
+    sample_seq_ids: list[int]
 
-    def __init__(self, dtype: torch.dtype, capacity: int = 0) -> None:
-        self.dtype = dtype
-        self.buffer = torch.empty(capacity, dtype=dtype, pin_memory=capacity > 0)
-        self.copied: torch.cuda.Event | None = None
 
-    def view(self, size: int) -> np.ndarray:
-        if self.copied is not None:
-            self.copied.synchronize()
-            self.copied = None
-        if self.buffer.numel() < size:
-            self.buffer = torch.empty(max(size, 2 * self.buffer.numel()), dtype=self.dtype, pin_memory=True)
-        return self.buffer[:size].numpy()
+@dataclass(slots=True)
+class _HostInputs:
+    """A step's inputs in host memory, before staging."""
+
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    sample_rows: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    # The step's rows of the block tables, cut to the widest of them.
+    block_tables: np.ndarray
+    starts: np.ndarray
+    max_blocks: int
+    max_query_len: int
 
 
 # Staging sets in turn: a step's inputs are written while earlier steps' copies may still
@@ -138,16 +152,15 @@ class StepInputBuilder:
         self.block_tables = BlockTables(max_blocks_per_seq)
         self.block_size = block_size
         self.device = device
-        capacity64 = capacity32 = 0
+        capacity64: Sequence[int] = ()
+        capacity32: Sequence[int] = ()
         if device.type == "cuda" and max_num_tokens and max_num_seqs:
             num_seqs = min(max_num_seqs, max_num_tokens)
-            sizes64, sizes32 = _staging_sizes(
+            capacity64, capacity32 = _staging_sizes(
                 max_num_tokens, num_seqs, num_seqs, num_seqs, max_blocks_per_seq
             )
-            capacity64 = _aligned_offsets(sizes64, itemsize=8)[-1]
-            capacity32 = _aligned_offsets(sizes32, itemsize=4)[-1]
         self._staging_sets = [
-            (_Staging(torch.int64, capacity64), _Staging(torch.int32, capacity32))
+            (StagingBuffer(torch.int64, device, capacity64), StagingBuffer(torch.int32, device, capacity32))
             for _ in range(_NUM_STAGING_SETS)
         ]
         self._num_builds = 0
@@ -162,23 +175,42 @@ class StepInputBuilder:
         self, scheduled: Sequence[worker_pb2.ScheduledSequence], sequences: Mapping[int, _SequenceLike]
     ) -> StepInputs:
         """Advances each scheduled sequence's num_computed_tokens and returns the inputs."""
-        staging64, staging32 = self._staging_sets[self._num_builds % _NUM_STAGING_SETS]
-        self._num_builds += 1
-        num_seqs = len(scheduled)
-        block_size = self.block_size
+        gathered = self._gather(scheduled, sequences)
+        host = self._lay_out(gathered, scheduled)
+        ids_d, positions_d, slots_d, samples_d, starts_d, lens_d, tables_d = self._stage(gathered, host)
+        metadata = AttentionMetadata(
+            slot_mapping=slots_d,
+            query_start_loc=starts_d,
+            seq_lens=lens_d,
+            block_tables=tables_d.view(len(scheduled), host.max_blocks),
+            max_query_len=host.max_query_len,
+            max_seq_len=int(host.seq_lens.max()),
+            no_cached_context=not host.starts.any(),
+        )
+        return StepInputs(
+            input_ids=ids_d,
+            positions=positions_d,
+            metadata=metadata,
+            sample_rows=samples_d,
+            sample_seq_ids=gathered.sample_seq_ids,
+        )
+
+    def _gather(
+        self, scheduled: Sequence[worker_pb2.ScheduledSequence], sequences: Mapping[int, _SequenceLike]
+    ) -> _Gathered:
+        """The loop over every sequence of the step, extending block tables and advancing
+        num_computed_tokens. The per-sequence work is kept to plain list operations; the
+        per-token work is NumPy, in _lay_out."""
         tables = self.block_tables
         row_of = tables.row_of
-        rows_list: list[int] = []
-        starts_list: list[int] = []
-        query_lens_list: list[int] = []
+        rows: list[int] = []
+        starts: list[int] = []
+        query_lens: list[int] = []
         input_ids: list[int] = []
-        # Each input still on the device: its position in input_ids, and the token.
         fed_at: list[int] = []
         fed_tokens: list[DeviceToken] = []
         sample_index: list[int] = []
         sample_seq_ids: list[int] = []
-        # A loop over every sequence of the step: the per-sequence work is kept to plain
-        # list operations; the per-token work below is NumPy.
         for index, entry in enumerate(scheduled):
             seq_id = entry.seq_id
             state = sequences[seq_id]
@@ -205,39 +237,49 @@ class StepInputBuilder:
                 # step that followed it. That is max(start, num_known) == end - 1 ==
                 # num_seq_tokens - 1, written without a call: with end > num_known and
                 # start == end - num_new, the max is end - 1 exactly when one token is
-                # new or num_known == end - 1.
-                assert end == num_seq_tokens and (num_new == 1 or num_known == end - 1), (
+                # new or num_known == end - 1. A sequence with samples not read holds the
+                # newest of them.
+                fed = state.newest_pending_token
+                assert fed is not None and end == num_seq_tokens and (num_new == 1 or num_known == end - 1), (
                     f"seq {seq_id}: unknown inputs"
                 )
                 if num_new > 1:
                     input_ids.extend(token_ids[start : end - 1])
                 fed_at.append(len(input_ids))
-                fed_tokens.append(state.newest_pending_token)
+                fed_tokens.append(fed)
                 input_ids.append(0)
-            rows_list.append(row)
-            starts_list.append(start)
-            query_lens_list.append(num_new)
+            rows.append(row)
+            starts.append(start)
+            query_lens.append(num_new)
             state.num_computed_tokens = end
             # A sequence samples once its tokens are all computed; a partial prefill chunk
             # only fills the cache.
             if end == num_seq_tokens:
                 sample_index.append(index)
                 sample_seq_ids.append(seq_id)
-        num_tokens = len(input_ids)
-        rows = np.array(rows_list, dtype=np.int64)
-        starts = np.array(starts_list, dtype=np.int64)
+        return _Gathered(
+            rows, starts, query_lens, input_ids, fed_at, fed_tokens, sample_index, sample_seq_ids
+        )
+
+    def _lay_out(self, gathered: _Gathered, scheduled: Sequence[worker_pb2.ScheduledSequence]) -> _HostInputs:
+        """The per-token arrays, from the per-sequence lists, in NumPy."""
+        num_seqs = len(gathered.rows)
+        num_tokens = len(gathered.input_ids)
+        tables = self.block_tables
+        block_size = self.block_size
+        rows = np.array(gathered.rows, dtype=np.int64)
+        starts = np.array(gathered.starts, dtype=np.int64)
         num_blocks = tables.num_blocks[rows]
         # A decode-only step (one token per sequence, the common case) needs no expansion
         # from sequences to tokens: each sequence's row is its token's row.
-        decode_only = num_tokens == num_seqs
-        if decode_only:
+        if num_tokens == num_seqs:
             query_lens = np.ones(num_seqs, dtype=np.int64)
             query_start_loc = np.arange(num_seqs + 1, dtype=np.int64)
             positions = starts
             token_rows = rows
             max_query_len = 1
         else:
-            query_lens = np.array(query_lens_list, dtype=np.int64)
+            query_lens = np.array(gathered.query_lens, dtype=np.int64)
             query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
             np.cumsum(query_lens, out=query_start_loc[1:])
             token_seq = np.repeat(np.arange(num_seqs), query_lens)
@@ -247,75 +289,58 @@ class StepInputBuilder:
         seq_lens = starts + query_lens
         too_few = seq_lens > num_blocks * block_size
         assert not too_few.any(), (
-            f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few)]}: too few blocks"
+            f"seqs {[scheduled[i].seq_id for i in np.flatnonzero(too_few).tolist()]}: too few blocks"
         )
         block_index, block_offset = np.divmod(positions, block_size)
         slot_mapping = tables.array[token_rows, block_index].astype(np.int64) * block_size + block_offset
         max_blocks = int(num_blocks.max())
-        num_samples = len(sample_index)
         # Every sequence samples unless a prefill chunk is partial: then the rows are a
         # plain range, no gather.
-        if num_samples == num_seqs:
+        if len(gathered.sample_index) == num_seqs:
             sample_rows = query_start_loc[1:] - 1
         else:
-            sample_rows = query_start_loc[1:][sample_index] - 1
+            sample_rows = query_start_loc[1:][gathered.sample_index] - 1
+        return _HostInputs(
+            positions=positions,
+            slot_mapping=slot_mapping,
+            sample_rows=sample_rows,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=tables.array[rows, :max_blocks],
+            starts=starts,
+            max_blocks=max_blocks,
+            max_query_len=max_query_len,
+        )
 
-        fed_sources, fed_indices = _fed_token_sources(fed_tokens)
-        num_fed = len(fed_at)
-        sizes64, sizes32 = _staging_sizes(num_tokens, num_seqs, num_samples, num_fed, max_blocks)
-        offsets64 = _aligned_offsets(sizes64, itemsize=8)
-        host64 = self._host(staging64, offsets64[-1], np.int64)
-        ids_h, positions_h, slots_h, samples_h, fed_at_h, fed_from_h = _segments(host64, offsets64, sizes64)
-        ids_h[:] = input_ids
-        positions_h[:] = positions
-        slots_h[:] = slot_mapping
-        samples_h[:] = sample_rows
+    def _stage(self, gathered: _Gathered, host: _HostInputs) -> list[torch.Tensor]:
+        """Writes the inputs into this step's staging buffers, copies them to the device
+        and gathers the fed tokens into the input ids there. Returns the device views:
+        input ids, positions, slots, sample rows (int64), query start offsets, sequence
+        lengths, block tables (int32)."""
+        staging64, staging32 = self._staging_sets[self._num_builds % _NUM_STAGING_SETS]
+        self._num_builds += 1
+        fed_at = gathered.fed_at
+        fed_sources, fed_indices = _fed_token_sources(gathered.fed_tokens)
+        sizes64, sizes32 = _staging_sizes(
+            len(gathered.input_ids), len(gathered.rows), len(host.sample_rows), len(fed_at), host.max_blocks
+        )
+        ids_h, positions_h, slots_h, samples_h, fed_at_h, fed_from_h = staging64.host_segments(sizes64)
+        ids_h[:] = gathered.input_ids
+        positions_h[:] = host.positions
+        slots_h[:] = host.slot_mapping
+        samples_h[:] = host.sample_rows
         fed_at_h[:] = fed_at
         fed_from_h[:] = fed_indices
-        offsets32 = _aligned_offsets(sizes32, itemsize=4)
-        host32 = self._host(staging32, offsets32[-1], np.int32)
-        starts_h, lens_h, tables_h = _segments(host32, offsets32, sizes32)
-        starts_h[:] = query_start_loc
-        lens_h[:] = seq_lens
-        tables_h.reshape(num_seqs, max_blocks)[:] = tables.array[rows, :max_blocks]
+        starts_h, lens_h, tables_h = staging32.host_segments(sizes32)
+        starts_h[:] = host.query_start_loc
+        lens_h[:] = host.seq_lens
+        tables_h.reshape(host.block_tables.shape)[:] = host.block_tables
 
-        device64, device32 = self._to_device(host64, staging64), self._to_device(host32, staging32)
-        ids_d, positions_d, slots_d, samples_d, fed_at_d, fed_from_d = _tensor_segments(
-            device64, offsets64, sizes64
-        )
-        starts_d, lens_d, tables_d = _tensor_segments(device32, offsets32, sizes32)
-        if fed_at:
+        device64, device32 = staging64.to_device(), staging32.to_device()
+        ids_d, positions_d, slots_d, samples_d, fed_at_d, fed_from_d = device64
+        if fed_sources is not None:
             ids_d.index_copy_(0, fed_at_d, fed_sources.index_select(0, fed_from_d))
-        metadata = AttentionMetadata(
-            slot_mapping=slots_d,
-            query_start_loc=starts_d,
-            seq_lens=lens_d,
-            block_tables=tables_d.view(num_seqs, max_blocks),
-            max_query_len=max_query_len,
-            max_seq_len=int(seq_lens.max()),
-            no_cached_context=not starts.any(),
-        )
-        return StepInputs(
-            input_ids=ids_d,
-            positions=positions_d,
-            metadata=metadata,
-            sample_rows=samples_d,
-            sample_seq_ids=sample_seq_ids,
-        )
-
-    def _host(self, staging: _Staging, size: int, dtype: type) -> np.ndarray:
-        if self.device.type == "cuda":
-            return staging.view(size)
-        # On CPU the tensors alias these arrays, so each step gets its own.
-        return np.empty(size, dtype=dtype)
-
-    def _to_device(self, host: np.ndarray, staging: _Staging) -> torch.Tensor:
-        if self.device.type == "cuda":
-            tensor = staging.buffer[: host.shape[0]].to(self.device, non_blocking=True)
-            staging.copied = torch.cuda.Event()
-            staging.copied.record()
-            return tensor
-        return torch.from_numpy(host)
+        return [ids_d, positions_d, slots_d, samples_d, *device32]
 
 
 def _staging_sizes(
@@ -337,7 +362,7 @@ def _fed_token_sources(fed: list[DeviceToken]) -> tuple[torch.Tensor | None, lis
         return None, []
     first = fed[0].tokens
     if all(token.tokens is first for token in fed):
-        return first, [token.index for token in fed]
+        return first, [token.row for token in fed]
     sources: dict[int, torch.Tensor] = {}
     for token in fed:
         sources.setdefault(id(token.tokens), token.tokens)
@@ -346,32 +371,4 @@ def _fed_token_sources(fed: list[DeviceToken]) -> tuple[torch.Tensor | None, lis
         offsets[key] = start
         start += tensor.shape[0]
     combined = next(iter(sources.values())) if len(sources) == 1 else torch.cat(list(sources.values()))
-    return combined, [offsets[id(token.tokens)] + token.index for token in fed]
-
-
-# Triton compiles a kernel variant per pointer alignment (16 bytes or not): every tensor cut
-# from a staging buffer starts on a 16-byte boundary, so that steps of different sizes
-# reuse one variant instead of compiling new ones mid-run.
-_ALIGNMENT_BYTES = 16
-
-
-def _aligned_offsets(sizes: Sequence[int], itemsize: int) -> list[int]:
-    """Start of each segment, and the total as the last entry."""
-    step = _ALIGNMENT_BYTES // itemsize
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + -(-size // step) * step)
-    return offsets
-
-
-def _segments(buffer: np.ndarray, offsets: list[int], sizes: Sequence[int]) -> list[np.ndarray]:
-    return [buffer[start : start + size] for start, size in zip(offsets, sizes)]
-
-
-def _tensor_segments(tensor: torch.Tensor, offsets: list[int], sizes: Sequence[int]) -> list[torch.Tensor]:
-    """As _segments, for a tensor: one split into segments and their padding (every other
-    piece), which costs less than one slice per segment."""
-    pieces: list[int] = []
-    for start, size, next_start in zip(offsets, sizes, offsets[1:]):
-        pieces += [size, next_start - start - size]
-    return list(tensor.split_with_sizes(pieces)[::2])
+    return combined, [offsets[id(token.tokens)] + token.row for token in fed]

@@ -13,12 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.kv_cache import allocate_kv_cache, bind_kv_cache
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
+from gpu_worker.model.llama import LlamaForCausalLM
 
 # Decode graphs' own activations are small (one token per sequence); this covers them and
 # the allocator's fragmentation.
@@ -27,7 +27,7 @@ GRAPH_MARGIN_BYTES = 512 << 20
 
 @torch.inference_mode()
 def profile_activation_bytes(
-    model: nn.Module,
+    model: LlamaForCausalLM,
     model_config: ModelConfig,
     config: WorkerConfig,
     max_model_len: int,

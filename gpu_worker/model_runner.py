@@ -24,7 +24,6 @@ from pagedserve.v1 import common_pb2, worker_pb2
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import DecodeGraphs
-from gpu_worker.device_time import DECODE, PREFILL, DeviceTimer
 from gpu_worker.input_batch import DeviceToken, StepInputBuilder, StepInputs
 from gpu_worker.kv_cache import (
     allocate_cpu_kv_cache,
@@ -39,7 +38,7 @@ from gpu_worker.model.attention import attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
 from gpu_worker.sampler import Sampler, SequenceSampling
-from gpu_worker.step_timeline import StepTimeline
+from gpu_worker.step_observer import StepObserver
 
 
 @dataclass
@@ -121,8 +120,7 @@ class ModelRunner:
             )
             self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed)
-        self.timeline = StepTimeline(config.step_timeline_path) if config.step_timeline_path else None
-        self.device_timer = DeviceTimer(self.device, self.timeline.computed if self.timeline else None)
+        self.observer = StepObserver(self.device, config.step_timeline_path)
         self.sequences: dict[int, SequenceState] = {}
         self.step_inputs = StepInputBuilder(
             -(-self.max_model_len // config.block_size),
@@ -164,6 +162,24 @@ class ModelRunner:
         """Applies the step's changes and queues its forward and sampling on the device;
         returns without waiting for them. Steps are launched and finished in order."""
         start_ns = time.perf_counter_ns()
+        self._apply_changes(step)
+        launched = LaunchedStep(step.step_id, start_ns)
+        if not step.scheduled:
+            self.observer.on_launch(step, start_ns, None)
+            return launched
+        batch = self._prepare_batch(step.scheduled)
+        self.observer.on_device_start()
+        hidden_states = self._forward(batch)
+        if batch.sample_seq_ids:
+            self._sample(batch, hidden_states, launched)
+        ended = self.observer.on_launch(step, start_ns, batch)
+        if launched.samples:
+            launched.copied, launched.device = ended, self.device
+        return launched
+
+    def _apply_changes(self, step: worker_pb2.StepRequest) -> None:
+        """The scheduler's changes since the last step: sequences finished and new, and
+        blocks to copy or swap."""
         for seq_id in step.finished_seq_ids:
             self.sequences.pop(seq_id, None)
             self.step_inputs.remove(seq_id)
@@ -178,59 +194,37 @@ class ModelRunner:
                 ),
             )
         apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
-        launched = LaunchedStep(step.step_id, start_ns)
-        if not step.scheduled:
-            if self.timeline is not None:
-                self.timeline.launched(step.step_id, None, 0, 0, start_ns / 1e9, time.perf_counter())
-            return launched
 
-        batch = self._prepare_batch(step.scheduled)
-        # After the inputs are built: a device that waits for them is idle, not busy.
-        started = self.device_timer.start()
-        hidden_states = self._forward(batch)
-        if batch.sample_seq_ids:
-            # index_select: one gather, with less host work than advanced indexing.
-            logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
-            sequences = self.sequences
-            states = [sequences[seq_id] for seq_id in batch.sample_seq_ids]
-            sampled = self.sampler.sample_on_device(
-                logits,
-                [s.sampling for s in states],
-                [len(s.token_ids) + s.num_pending_tokens for s in states],
-            )
-            # A sequence that drew n tokens (its request's first sample) continues with the
-            # one of its own completion index, its first draw; the scheduler forks the others.
-            tokens = sampled.tokens
-            for state, count, first in zip(states, sampled.counts, sampled.first_indices):
-                state.num_pending_tokens += 1
-                state.newest_pending_token = DeviceToken(tokens, first)
-                if count > 1:
-                    state.sampling = state.sampling.after_sample()
-            launched.samples = list(zip(batch.sample_seq_ids, states, sampled.counts))
-            launched.host_tokens = self._copy_to_host(sampled.tokens)
-        kind = DECODE if batch.metadata.max_query_len == 1 else PREFILL
-        if self.timeline is not None:
-            # Before the timer's stop, which on CPU reports the step's device time at once.
-            self.timeline.launched(
-                step.step_id,
-                kind,
-                len(step.scheduled),
-                batch.input_ids.shape[0],
-                start_ns / 1e9,
-                time.perf_counter(),
-            )
-        ended = self.device_timer.stop(started, kind, step.step_id)
-        if launched.samples:
-            launched.copied, launched.device = ended, self.device
-        return launched
+    def _sample(self, batch: _Batch, hidden_states: torch.Tensor, launched: LaunchedStep) -> None:
+        """Queues the sampling of the batch's sampling rows and the copy of the draws to
+        the host; each sequence's newest token is then its draw, still on the device."""
+        # index_select: one gather, with less host work than advanced indexing.
+        logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
+        sequences = self.sequences
+        states = [sequences[seq_id] for seq_id in batch.sample_seq_ids]
+        sampled = self.sampler.sample_on_device(
+            logits,
+            [s.sampling for s in states],
+            [len(s.token_ids) + s.num_pending_tokens for s in states],
+        )
+        # A sequence that drew n tokens (its request's first sample) continues with the
+        # one of its own completion index, its first draw; the scheduler forks the others.
+        tokens = sampled.tokens
+        for state, count, first in zip(states, sampled.counts, sampled.first_indices):
+            state.num_pending_tokens += 1
+            state.newest_pending_token = DeviceToken(tokens, first)
+            if count > 1:
+                state.sampling = state.sampling.after_sample()
+        launched.samples = list(zip(batch.sample_seq_ids, states, sampled.counts))
+        launched.host_tokens = self._copy_to_host(tokens)
 
     def finish_step(self, launched: LaunchedStep) -> worker_pb2.StepResult:
         """Waits for a launched step's tokens (the oldest launched and not finished) and
         returns its result."""
         launched.wait()
-        self.device_timer.resolve()
+        self.observer.on_device_done()
         result = worker_pb2.StepResult(step_id=launched.step_id)
-        if launched.samples:
+        if launched.host_tokens is not None:
             tokens = launched.host_tokens.tolist()
             sequences = self.sequences
             samples = launched.samples
@@ -254,8 +248,7 @@ class ModelRunner:
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns
-        if self.timeline is not None:
-            self.timeline.finished(launched.step_id, time.perf_counter())
+        self.observer.on_result(launched.step_id)
         return result
 
     def _copy_to_host(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,8 @@ async def serve_worker(server_config: ServerConfig, worker_config: WorkerConfig)
     log.info("worker listening on port %d, loading %s", port, worker_config.model_path)
 
     async def load_model() -> None:
-        await servicer.load(lambda: ModelRunner(worker_config))
-        info = servicer.runner.info()
+        runner = await servicer.load(lambda: ModelRunner(worker_config))
+        info = runner.info()
         log.info(
             "worker ready: %d KV blocks of %d tokens on %s", info.num_kv_blocks, info.block_size, info.device
         )

@@ -23,9 +23,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._stream_open = False
 
-    async def load(self, load_runner: Callable[[], ModelRunner]) -> None:
-        self.runner = await asyncio.get_running_loop().run_in_executor(self._executor, load_runner)
-        self.telemetry.watch_device(self.runner.device_timer)
+    async def load(self, load_runner: Callable[[], ModelRunner]) -> ModelRunner:
+        runner = await asyncio.get_running_loop().run_in_executor(self._executor, load_runner)
+        self.runner = runner
+        self.telemetry.watch_device(runner.observer.device_timer)
+        return runner
 
     def _ready_runner(self) -> ModelRunner:
         if self.runner is None:

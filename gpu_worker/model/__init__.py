@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.llama import LlamaForCausalLM
 
 # Qwen3 is the Llama decoder with per-head q/k norms (ModelConfig.use_qk_norm).
-MODEL_CLASSES: dict[str, type[nn.Module]] = {
+MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "llama": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
 }
 
 
-def model_class_for(config: ModelConfig) -> type[nn.Module]:
+def model_class_for(config: ModelConfig) -> type[LlamaForCausalLM]:
     try:
         return MODEL_CLASSES[config.model_type]
     except KeyError:

@@ -39,7 +39,7 @@ WeightLoader = Callable[..., None]
 
 def _new_parameter(*shape: int, weight_loader: WeightLoader = default_weight_loader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(*shape), requires_grad=False)
-    param.weight_loader = weight_loader
+    param.weight_loader = weight_loader  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
     return param
 
 
@@ -91,8 +91,8 @@ class MergedLinear(Linear):
             offset += size
         for param in (self.weight, self.bias):
             if param is not None:
-                param.weight_loader = self._load_shard
-                param.shard_ids = tuple(self.shard_offsets)
+                param.weight_loader = self._load_shard  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
+                param.shard_ids = tuple(self.shard_offsets)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def _load_shard(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
@@ -156,6 +156,8 @@ def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | 
 class RotaryEmbedding(nn.Module):
     """The cos/sin table of rotary position embedding in the rotate-half (GPT-NeoX) layout
     used by Llama/Qwen; the attention layer applies it, in one pass with the KV store."""
+
+    cos_sin_cache: torch.Tensor
 
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None) -> None:
         super().__init__()

@@ -36,8 +36,8 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = PartialSumLinear(q_size, config.hidden_size, bias=config.attention_bias)
         if config.use_qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm: RMSNorm | None = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm: RMSNorm | None = RMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
         self.attn = PagedAttention(

@@ -12,6 +12,7 @@ from torch import nn
 
 from gpu_worker.model import model_class_for
 from gpu_worker.model.config import ModelConfig
+from gpu_worker.model.llama import LlamaForCausalLM
 
 # Checkpoint module name -> (fused module name, shard id) for projections the engine fuses.
 STACKED_PARAMS: dict[str, tuple[str, str]] = {
@@ -32,7 +33,7 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     max_position: int,
-) -> nn.Module:
+) -> LlamaForCausalLM:
     """Builds the model directly on `device` in `dtype` and loads every weight into it."""
     model_class = model_class_for(config)
     with _default_dtype(dtype), torch.device(device):
@@ -71,12 +72,12 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         param = params[param_name]
         with torch.no_grad():
             if shard_id is None:
-                param.weight_loader(param, tensor)
+                param.weight_loader(param, tensor)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
             else:
-                param.weight_loader(param, tensor, shard_id)
+                param.weight_loader(param, tensor, shard_id)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
         loaded[param_name].add(shard_id)
 
-    missing = []
+    missing: list[str] = []
     for name, param in params.items():
         expected = set(getattr(param, "shard_ids", (None,)))
         missing.extend(f"{name}[{shard}]" if shard else name for shard in expected - loaded[name])
