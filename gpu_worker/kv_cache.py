@@ -9,19 +9,48 @@ of a sequence holds its tokens' KV in every layer.
 The CPU swap pool has the same layout in host memory (pinned when the cache is on CUDA).
 A step's block operations move whole blocks, all layers at once: swap-out (device -> CPU),
 swap-in (CPU -> device) and copies within the device (copy on write), in that order.
+
+Under tensor and pipeline parallelism a rank's cache holds only its stage's layers and its
+KV heads: KVCacheLayout.of_model reads both from the rank's model. A ModelConfig stands
+for the whole model on one rank.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from pagedserve.v1 import worker_pb2
+from torch import nn
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """What one rank's cache holds per token slot: its layers, its KV heads of head_dim."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> KVCacheLayout:
+        layers: list[PagedAttention] = model.attention_layers()
+        return cls(len(layers), layers[0].num_kv_heads, layers[0].head_dim)
+
+    @classmethod
+    def of(cls, source: ModelConfig | KVCacheLayout) -> KVCacheLayout:
+        if isinstance(source, KVCacheLayout):
+            return source
+        return cls(source.num_hidden_layers, source.num_key_value_heads, source.head_dim)
+
+    def shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (self.num_layers, 2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -37,16 +66,9 @@ class KVCache:
         return self.storage[layer, 1]
 
 
-def bytes_per_block(model_config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(model_config: ModelConfig | KVCacheLayout, block_size: int, dtype: torch.dtype) -> int:
     element_size = torch.empty((), dtype=dtype).element_size()
-    return (
-        model_config.num_hidden_layers
-        * 2
-        * block_size
-        * model_config.num_key_value_heads
-        * model_config.head_dim
-        * element_size
-    )
+    return math.prod(KVCacheLayout.of(model_config).shape(1, block_size)) * element_size
 
 
 def kv_cache_budget_bytes(config: WorkerConfig, device: torch.device) -> int:
@@ -63,7 +85,7 @@ def kv_cache_budget_bytes(config: WorkerConfig, device: torch.device) -> int:
 
 
 def determine_num_kv_blocks(
-    config: WorkerConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype
+    config: WorkerConfig, model_config: ModelConfig | KVCacheLayout, device: torch.device, dtype: torch.dtype
 ) -> int:
     budget = kv_cache_budget_bytes(config, device)
     num_blocks = max(budget, 0) // bytes_per_block(model_config, config.block_size, dtype)
@@ -78,7 +100,7 @@ def determine_num_kv_blocks(
 
 
 def allocate_kv_cache(
-    model_config: ModelConfig,
+    model_config: ModelConfig | KVCacheLayout,
     num_blocks: int,
     block_size: int,
     device: torch.device,
@@ -89,14 +111,7 @@ def allocate_kv_cache(
     # load whole blocks and mask afterwards.
     allocate = torch.zeros if device.type == "cuda" else torch.empty
     storage = allocate(
-        model_config.num_hidden_layers,
-        2,
-        num_blocks,
-        block_size,
-        model_config.num_key_value_heads,
-        model_config.head_dim,
-        dtype=dtype,
-        device=device,
+        KVCacheLayout.of(model_config).shape(num_blocks, block_size), dtype=dtype, device=device
     )
     return KVCache(storage=storage, num_blocks=num_blocks, block_size=block_size)
 
@@ -107,22 +122,23 @@ def bind_kv_cache(attention_layers: list[PagedAttention], kv_cache: KVCache) -> 
         layer.bind_kv_cache(kv_cache.key_cache(layer_index), kv_cache.value_cache(layer_index))
 
 
-def num_cpu_blocks(config: WorkerConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
+def num_cpu_blocks(
+    config: WorkerConfig, model_config: ModelConfig | KVCacheLayout, dtype: torch.dtype
+) -> int:
     return config.swap_space_bytes // bytes_per_block(model_config, config.block_size, dtype)
 
 
 def allocate_cpu_kv_cache(
-    model_config: ModelConfig, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+    model_config: ModelConfig | KVCacheLayout,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> KVCache:
     """The swap pool for a cache on `device`: pinned host memory when that is CUDA, so that
     copies to and from it are DMA transfers. Untouched pages cost nothing until a swap."""
     storage = torch.empty(
-        model_config.num_hidden_layers,
-        2,
-        num_blocks,
-        block_size,
-        model_config.num_key_value_heads,
-        model_config.head_dim,
+        KVCacheLayout.of(model_config).shape(num_blocks, block_size),
         dtype=dtype,
         pin_memory=device.type == "cuda" and num_blocks > 0,
     )

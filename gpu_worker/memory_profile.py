@@ -15,10 +15,11 @@ from contextlib import contextmanager
 import torch
 
 from gpu_worker.config import WorkerConfig
-from gpu_worker.kv_cache import allocate_kv_cache, bind_kv_cache
+from gpu_worker.kv_cache import KVCacheLayout, allocate_kv_cache, bind_kv_cache
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.llama import LlamaForCausalLM
+from gpu_worker.parallel.groups import SINGLE_RANK_CONTEXT
 
 # Decode graphs' own activations are small (one token per sequence); this covers them and
 # the allocator's fragmentation.
@@ -42,7 +43,9 @@ def profile_activation_bytes(
     block_size = config.block_size
     blocks_per_seq = -(-seq_len // block_size)
     # A scratch cache just large enough for the profiled step, dropped afterwards.
-    scratch = allocate_kv_cache(model_config, blocks_per_seq * len(lengths), block_size, device, dtype)
+    scratch = allocate_kv_cache(
+        KVCacheLayout.of_model(model), blocks_per_seq * len(lengths), block_size, device, dtype
+    )
     bind_kv_cache(model.attention_layers(), scratch)
     block_tables = torch.arange(blocks_per_seq * len(lengths), dtype=torch.int32, device=device)
     block_tables = block_tables.view(len(lengths), blocks_per_seq)
@@ -64,21 +67,29 @@ def profile_activation_bytes(
         no_cached_context=True,
     )
     input_ids = torch.randint(0, model_config.vocab_size, (num_tokens,), device=device)
+    # A later pipeline stage runs on the previous stage's output; its collectives run with
+    # its tensor-parallel group's, which profiles the same step at the same time.
+    parallel = getattr(model, "parallel", SINGLE_RANK_CONTEXT)
+    intermediate = None
+    if not parallel.is_first_stage:
+        intermediate = torch.randn(num_tokens, model_config.hidden_size, device=device, dtype=dtype)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
     with attention_context(metadata):
-        hidden_states = model(input_ids, positions)
+        hidden_states = model(input_ids, positions, intermediate)
     # The same step again as if over cached context, which takes the paged prefill kernel:
     # both attention paths are measured, and compiled before the first real step.
     with attention_context(dataclasses.replace(metadata, no_cached_context=False)):
-        hidden_states = model(input_ids, positions)
-    num_sampled = min(config.max_num_seqs, num_tokens)
-    # The sampler works on an fp32 copy of the logits.
-    logits = model.compute_logits(hidden_states[:num_sampled]).float()
+        hidden_states = model(input_ids, positions, intermediate)
+    logits = None
+    if parallel.is_last_stage:
+        num_sampled = min(config.max_num_seqs, num_tokens)
+        # The sampler works on an fp32 copy of the logits.
+        logits = model.compute_logits(hidden_states[:num_sampled]).float()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - baseline
-    del hidden_states, logits, scratch, metadata
+    del hidden_states, logits, scratch, metadata, intermediate
     torch.cuda.empty_cache()
     return int(peak)
 

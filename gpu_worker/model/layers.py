@@ -2,8 +2,9 @@
 
 Every parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that copies
 a checkpoint tensor into it. Fused projections (q/k/v, gate/up) load each checkpoint tensor
-into their own slice this way, and tensor-parallel variants will load their shard of it the
-same way, so the checkpoint loader never needs to know a layer's internal layout.
+into their own slice this way, and the tensor-parallel variants load their shard of it the
+same way (parallel_layers.py), so the checkpoint loader never needs to know a layer's
+internal layout.
 
 Parameters are created uninitialized (torch.empty) on the current default device and dtype:
 the loader fills every one and checks that none was missed.
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpu_worker.model.config import RopeScaling
-from kernels.elementwise import add_rms_norm, silu_and_mul
+from kernels.elementwise import add_rms_norm
 
 
 def default_weight_loader(
@@ -168,20 +169,6 @@ class RotaryEmbedding(nn.Module):
         # fp32 whatever the model dtype: bf16 cos/sin lose precision at large positions.
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
-
-
-class SwiGLUMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedLinear(
-            hidden_size, [("gate", intermediate_size), ("up", intermediate_size)], bias=bias
-        )
-        self.down_proj = PartialSumLinear(intermediate_size, hidden_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class VocabEmbedding(nn.Module):

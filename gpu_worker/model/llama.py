@@ -3,6 +3,12 @@
 Qwen3 differs only by an RMSNorm over each query and key head before RoPE, which the
 config turns on with `use_qk_norm`. Module names follow the Hugging Face checkpoints,
 except that q/k/v and gate/up are fused (see loader.STACKED_PARAMS).
+
+Under tensor parallelism each rank holds its heads and its slice of the MLP (see
+parallel_layers). Under pipeline parallelism each stage holds a contiguous run of decoder
+layers (parallel.config.stage_layer_range); the others are parameterless placeholders, so
+that parameter names keep the checkpoint's layer numbers. The first stage embeds, the last
+applies the final norm and the LM head.
 """
 
 from __future__ import annotations
@@ -12,29 +18,37 @@ from torch import nn
 
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
-from gpu_worker.model.layers import (
-    LMHead,
-    MergedLinear,
-    PartialSumLinear,
-    RMSNorm,
-    RotaryEmbedding,
-    SwiGLUMLP,
-    VocabEmbedding,
+from gpu_worker.model.layers import RMSNorm, RotaryEmbedding
+from gpu_worker.model.parallel_layers import (
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    merged_column_parallel_linear,
+    qkv_parallel_linear,
 )
+from gpu_worker.parallel.config import check_model_fits, stage_layer_range
+from gpu_worker.parallel.groups import SINGLE_RANK, SINGLE_RANK_CONTEXT, ParallelContext, RankGroup
+from kernels.elementwise import silu_and_mul
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, tp: RankGroup = SINGLE_RANK) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        # This rank's heads.
+        self.num_heads = config.num_attention_heads // tp.size
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp.size)
         self.head_dim = config.head_dim
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, [("q", q_size), ("k", kv_size), ("v", kv_size)], bias=config.attention_bias
+        self.qkv_proj = qkv_parallel_linear(
+            config.hidden_size,
+            self.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=config.attention_bias,
+            tp=tp,
         )
-        self.o_proj = PartialSumLinear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias, tp=tp
+        )
         if config.use_qk_norm:
             self.q_norm: RMSNorm | None = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm: RMSNorm | None = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -53,13 +67,28 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(positions, query, key, value, self.q_norm, self.k_norm))
 
 
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, config: ModelConfig, tp: RankGroup = SINGLE_RANK) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = merged_column_parallel_linear(
+            config.hidden_size, [("gate", size), ("up", size)], bias=config.mlp_bias, tp=tp
+        )
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, tp=tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: ModelConfig, rotary_emb: RotaryEmbedding, tp: RankGroup = SINGLE_RANK) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, rotary_emb)
+        self.self_attn = LlamaAttention(config, rotary_emb, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.mlp = LlamaMLP(config, tp)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
@@ -76,41 +105,112 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
-        super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        rotary_emb = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, rotary_emb) for _ in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+class OtherStageLayer(nn.Module):
+    """Stands in for a decoder layer that another pipeline stage holds: no parameters."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
+
+def residual_stream(hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The residual add that the next layer's norm would have done: hidden_states + residual
+    in the activation dtype, summed in fp32 when hidden_states are split-K partial sums."""
+    if hidden_states.dim() == residual.dim() + 1:
+        return (hidden_states.sum(dim=0) + residual.float()).to(residual.dtype)
+    return hidden_states + residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, max_position: int, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.parallel = parallel
+        tp = parallel.tp
+        if parallel.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        rotary_emb = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
+        self.start_layer, self.end_layer = stage_layer_range(
+            config.num_hidden_layers, parallel.num_stages, parallel.stage
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, rotary_emb, tp)
+            if self.start_layer <= index < self.end_layer
+            else OtherStageLayer()
+            for index in range(config.num_hidden_layers)
+        )
+        # A plain tuple, not a second registration: the loop below runs every step.
+        self.stage_layers = tuple(self.layers[self.start_layer : self.end_layer])
+        if parallel.is_last_stage:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.parallel.is_first_stage:
+            hidden_states = self.embed_tokens(input_ids)
+        else:
+            assert intermediate is not None, "a later pipeline stage runs on the previous stage's output"
+            hidden_states = intermediate
         residual = None
-        for layer in self.layers:
+        for layer in self.stage_layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        if not self.parallel.is_last_stage:
+            return residual_stream(hidden_states, residual)
         return self.norm.add_and_norm(hidden_states, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
     """forward() maps a flattened batch to final hidden states; compute_logits() projects
-    only the rows that are sampled, so prefill tokens never pay for the vocabulary matmul."""
+    only the rows that are sampled, so prefill tokens never pay for the vocabulary matmul.
 
-    def __init__(self, config: ModelConfig, max_position: int) -> None:
+    Pipeline stages: the first runs on input_ids, a later one on `intermediate`, the
+    previous stage's output; every stage but the last returns the residual stream after
+    its layers, [T, hidden] in the activation dtype, which is what the next stage takes.
+    """
+
+    def __init__(
+        self, config: ModelConfig, max_position: int, parallel: ParallelContext = SINGLE_RANK_CONTEXT
+    ) -> None:
         super().__init__()
+        check_model_fits(config, parallel.config)
         self.config = config
-        self.model = LlamaModel(config, max_position)
-        tied_to = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, tied_to=tied_to)
+        self.parallel = parallel
+        self.model = LlamaModel(config, max_position, parallel)
+        if parallel.is_last_stage:
+            tied_to = (
+                self.model.embed_tokens if config.tie_word_embeddings and parallel.is_first_stage else None
+            )
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, tied_to=tied_to, tp=parallel.tp
+            )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids, positions: [T]; runs inside attention_context(...). Returns [T, hidden]."""
-        return self.model(input_ids, positions)
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[rows, vocab_size] on every rank of the last stage."""
         return self.lm_head(hidden_states)
 
     def attention_layers(self) -> list[PagedAttention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        """This stage's attention layers, in order: the KV cache holds these only."""
+        return [layer.self_attn.attn for layer in self.model.stage_layers]
+
+    def stage_checkpoint_name(self, checkpoint_name: str) -> str | None:
+        """The parameter name under which this rank holds a checkpoint tensor, or None when
+        another pipeline stage holds it. A tied LM head apart from the embedding (on the
+        last stage of several) loads the embedding's tensor."""
+        parts = checkpoint_name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            index = int(parts[2])
+            return checkpoint_name if self.model.start_layer <= index < self.model.end_layer else None
+        if checkpoint_name.startswith("model.embed_tokens."):
+            if self.parallel.is_first_stage:
+                return checkpoint_name
+            if self.config.tie_word_embeddings and self.parallel.is_last_stage:
+                return "lm_head." + checkpoint_name.removeprefix("model.embed_tokens.")
+            return None
+        if checkpoint_name.startswith(("model.norm.", "lm_head.")):
+            return checkpoint_name if self.parallel.is_last_stage else None
+        return checkpoint_name

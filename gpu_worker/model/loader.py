@@ -13,6 +13,7 @@ from torch import nn
 from gpu_worker.model import model_class_for
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.llama import LlamaForCausalLM
+from gpu_worker.parallel.groups import SINGLE_RANK_CONTEXT, ParallelContext
 
 # Checkpoint module name -> (fused module name, shard id) for projections the engine fuses.
 STACKED_PARAMS: dict[str, tuple[str, str]] = {
@@ -33,11 +34,13 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     max_position: int,
+    parallel: ParallelContext = SINGLE_RANK_CONTEXT,
 ) -> LlamaForCausalLM:
-    """Builds the model directly on `device` in `dtype` and loads every weight into it."""
+    """Builds the model directly on `device` in `dtype` and loads every weight into it; under
+    tensor or pipeline parallelism only this rank's shard of this rank's stage."""
     model_class = model_class_for(config)
     with _default_dtype(dtype), torch.device(device):
-        model = model_class(config, max_position)
+        model = model_class(config, max_position, parallel)
     load_weights(model, iter_safetensors(Path(model_dir)))
     return model.eval()
 
@@ -54,9 +57,11 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Routes each checkpoint tensor to its parameter's weight_loader, then checks that every
-    parameter (and every shard of a fused one) was filled exactly once."""
+    parameter (and every shard of a fused one) was filled exactly once. Tensors that another
+    pipeline stage holds (the model's stage_checkpoint_name says None) are skipped."""
     params = dict(model.named_parameters())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    stage_name = getattr(model, "stage_checkpoint_name", None)
     loaded: dict[str, set[str | None]] = {name: set() for name in params}
     for checkpoint_name, tensor in weights:
         if checkpoint_name.endswith(_IGNORED_SUFFIXES):
@@ -64,7 +69,10 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         if tied and checkpoint_name == "lm_head.weight":
             # Some tied checkpoints still store a copy of the embedding.
             continue
-        param_name, shard_id = _map_name(checkpoint_name)
+        name = stage_name(checkpoint_name) if stage_name is not None else checkpoint_name
+        if name is None:
+            continue
+        param_name, shard_id = _map_name(name)
         if param_name not in params:
             raise KeyError(f"checkpoint tensor {checkpoint_name!r} has no parameter in the model")
         if shard_id in loaded[param_name]:

@@ -1,0 +1,228 @@
+"""Tensor-parallel versions of the engine's layers (Megatron-LM's column/row split).
+
+A column-parallel projection gives each rank a slice of the output features; the
+row-parallel projection after it takes that slice as its input features and all-reduces
+its output. Each rank's parameters hold only its shard, and every parameter's
+weight_loader cuts its shard out of the full checkpoint tensor, so the checkpoint loader
+stays unaware of the layout.
+
+With a group of size 1 each class is exactly its base class of layers.py: full shards, no
+collective, no extra copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpu_worker.model.layers import (
+    Linear,
+    LMHead,
+    MergedLinear,
+    PartialSumLinear,
+    VocabEmbedding,
+    default_weight_loader,
+)
+from gpu_worker.parallel.config import kv_head_replicas, padded_vocab_size
+from gpu_worker.parallel.groups import SINGLE_RANK, RankGroup
+
+
+def load_slice(param: nn.Parameter, loaded_weight: torch.Tensor, dim: int, index: int) -> None:
+    """Copies slice `index` of `loaded_weight`, as long along `dim` as `param`, into `param`."""
+    size = param.shape[dim]
+    default_weight_loader(param, loaded_weight.narrow(dim, index * size, size))
+
+
+class ColumnParallelLinear(Linear):
+    """Each rank computes output features [rank * n, (rank + 1) * n) of the full projection."""
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, tp: RankGroup = SINGLE_RANK
+    ) -> None:
+        if output_size % tp.size:
+            raise ValueError(f"output_size {output_size} is not divisible by tensor_parallel_size {tp.size}")
+        super().__init__(input_size, output_size // tp.size, bias)
+        self.tp = tp
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id is not None:
+            raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
+        load_slice(param, loaded_weight, 0, self.tp.rank)
+
+
+class ShardedMergedLinear(MergedLinear):
+    """Column-parallel projections fused into one matmul. `shards` gives, per projection,
+    this rank's output size and which slice of that size of the checkpoint tensor it holds."""
+
+    def __init__(self, input_size: int, shards: Sequence[tuple[str, int, int]], bias: bool = False) -> None:
+        super().__init__(input_size, [(shard_id, size) for shard_id, size, _ in shards], bias)
+        self.slice_index = {shard_id: index for shard_id, _, index in shards}
+
+    def _load_shard(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
+    ) -> None:
+        if shard_id not in self.shard_offsets:
+            raise ValueError(f"unknown shard {shard_id!r}; expected one of {list(self.shard_offsets)}")
+        size = self.shard_offsets[shard_id][1]
+        own = loaded_weight.narrow(0, self.slice_index[shard_id] * size, size)
+        super()._load_shard(param, own, shard_id)
+
+
+def merged_column_parallel_linear(
+    input_size: int, shards: Sequence[tuple[str, int]], bias: bool = False, tp: RankGroup = SINGLE_RANK
+) -> ShardedMergedLinear:
+    """gate/up: every projection split evenly over the ranks."""
+    for shard_id, size in shards:
+        if size % tp.size:
+            raise ValueError(f"{shard_id} size {size} is not divisible by tensor_parallel_size {tp.size}")
+    return ShardedMergedLinear(
+        input_size, [(shard_id, size // tp.size, tp.rank) for shard_id, size in shards], bias
+    )
+
+
+def qkv_parallel_linear(
+    hidden_size: int,
+    head_dim: int,
+    num_heads: int,
+    num_kv_heads: int,
+    bias: bool = False,
+    tp: RankGroup = SINGLE_RANK,
+) -> ShardedMergedLinear:
+    """Query heads split evenly; KV heads split evenly too, or, when there are fewer KV heads
+    than ranks, each rank holds one KV head, shared by tp / num_kv_heads neighbouring ranks
+    (the ones whose query heads attend to it)."""
+    local_heads = num_heads // tp.size
+    replicas = kv_head_replicas(num_kv_heads, tp.size)
+    local_kv_heads = max(1, num_kv_heads // tp.size)
+    kv_index = tp.rank // replicas
+    return ShardedMergedLinear(
+        hidden_size,
+        [
+            ("q", local_heads * head_dim, tp.rank),
+            ("k", local_kv_heads * head_dim, kv_index),
+            ("v", local_kv_heads * head_dim, kv_index),
+        ],
+        bias,
+    )
+
+
+class RowParallelLinear(PartialSumLinear):
+    """Each rank multiplies its slice of the input features; the outputs are summed over the
+    group. Read only by an add + RMSNorm, like PartialSumLinear.
+
+    Where split-K applies, the rank first adds up its own fp32 partial sums and the group
+    all-reduces that one fp32 [1, T, out] tensor, which the norm reads as a single partial
+    sum: the message stays T * out (not `splits` times that), and the sum over ranks stays
+    in fp32 with one rounding in the norm, as on one GPU. Otherwise the activation-dtype
+    output is all-reduced. The bias is added once, by rank 0, before the sum.
+    """
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, tp: RankGroup = SINGLE_RANK
+    ) -> None:
+        if input_size % tp.size:
+            raise ValueError(f"input_size {input_size} is not divisible by tensor_parallel_size {tp.size}")
+        super().__init__(input_size // tp.size, output_size, bias)
+        self.tp = tp
+        self.weight.weight_loader = self._load_weight
+
+    def _load_weight(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
+    ) -> None:
+        if shard_id is not None:
+            raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
+        load_slice(param, loaded_weight, 1, self.tp.rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        if x.is_cuda and self.bias is None:
+            from kernels.triton_linear import linear_partial_sums, split_k_plan
+
+            plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
+            if plan is not None:
+                partials = linear_partial_sums(x, self.weight, **plan)
+                return self.tp.all_reduce(partials.sum(dim=0, keepdim=True))
+        bias = self.bias if self.tp.rank == 0 else None
+        return self.tp.all_reduce(F.linear(x, self.weight, bias))
+
+
+class VocabParallelEmbedding(VocabEmbedding):
+    """Each rank holds rows [rank * n, (rank + 1) * n) of the vocabulary, padded to a
+    multiple of the group size; a token outside a rank's rows looks up zeros there, and the
+    all-reduce leaves every rank with the one real row."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: RankGroup = SINGLE_RANK) -> None:
+        self.vocab_size = vocab_size
+        self.rows_per_rank = padded_vocab_size(vocab_size, tp.size) // tp.size
+        super().__init__(self.rows_per_rank, hidden_size)
+        self.tp = tp
+        self.vocab_start = tp.rank * self.rows_per_rank
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
+        load_vocab_rows(param, loaded_weight, self.vocab_start, shard_id)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local_ids = input_ids - self.vocab_start
+        outside = (local_ids < 0) | (local_ids >= self.rows_per_rank)
+        embeddings = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        embeddings.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(embeddings)
+
+
+def load_vocab_rows(
+    param: nn.Parameter, loaded_weight: torch.Tensor, start: int, shard_id: str | None = None
+) -> None:
+    """Rows [start, start + len(param)) of a [vocab, hidden] tensor; rows past the real
+    vocabulary (padding) are zero."""
+    if shard_id is not None:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
+    if loaded_weight.shape[1:] != param.shape[1:]:
+        raise ValueError(
+            f"shape mismatch: parameter rows {tuple(param.shape[1:])}, checkpoint {tuple(loaded_weight.shape)}"
+        )
+    real_rows = max(0, min(param.shape[0], loaded_weight.shape[0] - start))
+    param.data[:real_rows].copy_(loaded_weight[start : start + real_rows])
+    param.data[real_rows:].zero_()
+
+
+class ParallelLMHead(LMHead):
+    """Each rank projects onto its vocabulary slice; the slices are all-gathered, so that every
+    rank of the last stage holds the full [T, vocab] logits and samples the same tokens from
+    them (the sampler's noise is a function of the request's seed and position only)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        tied_to: VocabParallelEmbedding | None = None,
+        tp: RankGroup = SINGLE_RANK,
+    ) -> None:
+        self.vocab_size = vocab_size
+        rows_per_rank = padded_vocab_size(vocab_size, tp.size) // tp.size
+        super().__init__(rows_per_rank, hidden_size, tied_to=tied_to)
+        self.tp = tp
+        self.vocab_start = tp.rank * rows_per_rank
+        if tied_to is None:
+            self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
+        load_vocab_rows(param, loaded_weight, self.vocab_start, shard_id)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden_states, self.weight)
+        if self.tp.size == 1:
+            return logits
+        logits = self.tp.all_gather_last_dim(logits)
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[..., : self.vocab_size].contiguous()
+        return logits
