@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI's real-container smoke test (tests/test_deploy_container.py runs it):
+# CI's real-container smoke test (tests/deploy/test_deploy_container.py runs it):
 #
 #   1. starts a private Docker daemon: no bridge, no iptables, its own data root, exec
 #      root, socket, pid file and config, so it touches no other Docker on the machine;

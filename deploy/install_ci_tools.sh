@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages that the deployment tests need and pip cannot provide (`make test` runs
 # this script):
-#   docker-compose (1.29)   tests/test_deploy_compose.py, and the stack of the smoke test
+#   docker-compose (1.29)   tests/deploy/test_deploy_compose.py, and the stack of the smoke test
 #   docker.io               the engine (dockerd 20.10) that deploy/ci_container_stack.sh
-#                           starts privately for tests/test_deploy_container.py
+#                           starts privately for tests/deploy/test_deploy_container.py
 #   debootstrap             builds that test's Debian base image: no registry is reachable
 #   debian-archive-keyring  what debootstrap checks the archive with (usually there)
-#   prometheus              promtool, for tests/test_deploy_alerts.py
+#   prometheus              promtool, for tests/deploy/test_deploy_alerts.py
 # Safe to run again: installs only what is missing, and refreshes the package lists only
 # when it has to install. The smoke test starts a daemon of its own; no Docker service
 # needs to run.

@@ -1,7 +1,7 @@
 """Regenerates the Python code of the protos: `python protos/generate.py [OUT_DIR]`.
 
 The generated modules live beside their .proto files (protos/pagedserve/v1/) and are
-never edited by hand; tests/test_protos.py fails when they are stale.
+never edited by hand; tests/common/test_protos.py fails when they are stale.
 """
 
 import sys

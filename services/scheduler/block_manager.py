@@ -2,7 +2,7 @@
 the prefix cache of full blocks.
 
 Block tables belong to the sequences; this class hands out and takes back ids. The books
-it keeps (tests/test_block_manager.py checks them after every operation):
+it keeps (tests/scheduler/test_block_manager.py checks them after every operation):
 
 - A block's ref count is the number of block tables holding it. The prefix cache holds no
   reference: a block is free, that is allocatable, exactly when its ref count is 0.
