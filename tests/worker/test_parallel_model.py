@@ -22,6 +22,9 @@ from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
 from gpu_worker.parallel import SINGLE_RANK_CONTEXT, ParallelContext
 
+# Each case starts two to four ranks over gloo: tens of seconds on two cores.
+pytestmark = pytest.mark.slow
+
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16
 MAX_POSITION = 64
