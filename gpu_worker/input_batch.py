@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from pagedserve.v1 import worker_pb2
 
+from gpu_worker.config import MAX_STEPS_LAUNCHED
 from gpu_worker.input_staging import StagingBuffer
 from gpu_worker.model.attention import AttentionMetadata
 
@@ -135,7 +136,7 @@ class _HostInputs:
 
 # Staging sets in turn: a step's inputs are written while earlier steps' copies may still
 # be queued behind the work before them (one set per step launched and not finished).
-_NUM_STAGING_SETS = 3
+_NUM_STAGING_SETS = MAX_STEPS_LAUNCHED
 
 
 class StepInputBuilder:
