@@ -24,7 +24,7 @@ from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
 from gpu_worker.config import MAX_STEPS_LAUNCHED, WorkerConfig
 from services.cli import GIB, build_parser, worker_config
-from services.launcher import free_port, running_services, service_commands
+from services.launcher import free_port, loopback_service_commands, running_services
 from services.scheduler.config import SchedulerConfig
 
 if TYPE_CHECKING:
@@ -223,15 +223,6 @@ def _service_commands(
 ) -> dict[str, list[str]]:
     """What `pagedserve serve` with these settings runs, on these ports."""
     flags = [
-        "--log-level",
-        "WARNING",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(ports["tokenizer"]),
-        "--shutdown-grace",
-        "5",
         "--device",
         settings.device,
         "--block-size",
@@ -255,7 +246,7 @@ def _service_commands(
         flags.append("--enforce-eager")
     if settings.max_steps_in_flight == 1:
         flags.append("--no-overlap-scheduling")
-    return service_commands(build_parser().parse_args(flags), model_dir, ports["worker"], ports["scheduler"])
+    return loopback_service_commands(model_dir, ports, flags)
 
 
 def run_grpc(

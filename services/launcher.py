@@ -147,6 +147,18 @@ def service_commands(
 STOP_ORDER = ("tokenizer", "scheduler", "worker")
 
 
+def loopback_service_commands(
+    model_dir: Path, ports: Mapping[str, int], serve_flags: list[str]
+) -> dict[str, list[str]]:
+    """The command lines `pagedserve serve SERVE_FLAGS` runs with every service on loopback
+    at `ports` (by service name), for stacks that tests and benchmarks start themselves."""
+    from services.cli import build_parser
+
+    prefix = ["--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port", str(ports["tokenizer"])]
+    args = build_parser().parse_args([*prefix, "--shutdown-grace", "5", *serve_flags])
+    return service_commands(args, model_dir, ports["worker"], ports["scheduler"])
+
+
 def stop_services(processes: Mapping[str, subprocess.Popen], timeout_s: float) -> None:
     """Stops the services one after another in STOP_ORDER (any others after them): SIGTERM,
     up to timeout_s for it to drain and exit, then SIGKILL."""

@@ -10,8 +10,7 @@ from pathlib import Path
 import grpc
 from pagedserve.v1 import generation_pb2_grpc, scheduler_pb2_grpc
 
-from services.cli import build_parser
-from services.launcher import free_port, running_services, service_commands
+from services.launcher import free_port, loopback_service_commands, running_services
 
 STARTUP_TIMEOUT_S = 180.0
 
@@ -40,22 +39,7 @@ def service_stack(
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     # The command lines `pagedserve serve` would run, each service's own options after.
-    serve_args = build_parser().parse_args(
-        [
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(ports["tokenizer"]),
-            "--device",
-            "cpu",
-            "--shutdown-grace",
-            "5",
-        ]
-    )
-    commands = service_commands(serve_args, model_dir, ports["worker"], ports["scheduler"])
+    commands = loopback_service_commands(model_dir, ports, ["--device", "cpu"])
     for name, own_args in (
         ("worker", worker_args),
         ("scheduler", scheduler_args),
