@@ -34,6 +34,7 @@ tools:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services gpu_worker
 
 test: model tools lint
 	$(VENV)/bin/pytest

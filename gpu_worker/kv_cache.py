@@ -20,14 +20,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from pagedserve.v1 import worker_pb2
-from torch import nn
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
+
+
+class StageModel(Protocol):
+    """A rank's model, as far as its KV cache is concerned."""
+
+    def attention_layers(self) -> list[PagedAttention]: ...
 
 
 @dataclass(frozen=True)
@@ -39,8 +45,8 @@ class KVCacheLayout:
     head_dim: int
 
     @classmethod
-    def of_model(cls, model: nn.Module) -> KVCacheLayout:
-        layers: list[PagedAttention] = model.attention_layers()
+    def of_model(cls, model: StageModel) -> KVCacheLayout:
+        layers = model.attention_layers()
         return cls(len(layers), layers[0].num_kv_heads, layers[0].head_dim)
 
     @classmethod

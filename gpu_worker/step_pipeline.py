@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 
@@ -50,7 +50,7 @@ async def pipelined_steps(
     steps: AsyncIterator[worker_pb2.StepRequest],
     model_thread: ThreadPoolExecutor,
     around_step: Callable[[worker_pb2.StepRequest], AbstractContextManager] = lambda step: nullcontext(),
-) -> AsyncIterator[worker_pb2.StepResult]:
+) -> AsyncGenerator[worker_pb2.StepResult, None]:
     """Yields one result per step, in order. Launching and finishing run on model_thread
     (one thread, so that they keep their order); waiting for the device runs on a thread
     of its own, so that a step can be launched meanwhile. around_step(step) is entered
@@ -70,7 +70,7 @@ async def pipelined_steps(
     next_step: asyncio.Future | None = asyncio.ensure_future(_next_or_none(steps))
     try:
         while next_step is not None or launched:
-            if launched and (next_step is None or len(launched) >= MAX_STEPS_LAUNCHED):
+            if next_step is None or (launched and len(launched) >= MAX_STEPS_LAUNCHED):
                 waiting_on = {launched[0][0]}
             else:
                 waiting_on = {launched[0][0], next_step} if launched else {next_step}

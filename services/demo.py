@@ -11,6 +11,7 @@ def main() -> int:
     server = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "serve"], stdout=subprocess.PIPE, text=True
     )
+    assert server.stdout is not None, "started with stdout=PIPE"
     try:
         for line in server.stdout:
             print(line, end="", flush=True)

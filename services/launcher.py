@@ -24,7 +24,8 @@ STARTUP_TIMEOUT_S = 600.0
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def is_serving(address: str) -> bool:
@@ -33,12 +34,13 @@ def is_serving(address: str) -> bool:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
         except grpc.RpcError:
             return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    serving: bool = reply.status == health_pb2.HealthCheckResponse.SERVING
+    return serving
 
 
 def wait_until_serving(
-    processes: dict[str, subprocess.Popen],
-    addresses: dict[str, str],
+    processes: Mapping[str, subprocess.Popen[bytes]],
+    addresses: Mapping[str, str],
     log_dir: Path,
     timeout_s: float = STARTUP_TIMEOUT_S,
 ) -> None:
@@ -159,7 +161,7 @@ def loopback_service_commands(
     return service_commands(args, model_dir, ports["worker"], ports["scheduler"])
 
 
-def stop_services(processes: Mapping[str, subprocess.Popen], timeout_s: float) -> None:
+def stop_services(processes: Mapping[str, subprocess.Popen[bytes]], timeout_s: float) -> None:
     """Stops the services one after another in STOP_ORDER (any others after them): SIGTERM,
     up to timeout_s for it to drain and exit, then SIGKILL."""
     order = {name: index for index, name in enumerate(STOP_ORDER)}
@@ -183,14 +185,14 @@ def running_services(
     env: Mapping[str, str] | None = None,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
     stop_timeout_s: float = 30.0,
-) -> Iterator[dict[str, subprocess.Popen]]:
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     """Starts each command (by service name) with its output in `log_dir/NAME.log` and `env`
     added to this process's environment, waits until every service in `addresses` is
     serving, yields the processes, and stops them (stop_services) however the block ends."""
     log_dir.mkdir(parents=True, exist_ok=True)
     # Unbuffered, so that a service's log is whole when it is read after a failure.
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    processes: dict[str, subprocess.Popen] = {}
+    processes: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, command in commands.items():
             # The child keeps its own descriptor of the log; ours can close at once.

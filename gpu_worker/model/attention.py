@@ -96,16 +96,19 @@ class PagedAttention(nn.Module):
         if self.key_cache is None or self.value_cache is None:
             raise RuntimeError("no KV cache bound to this attention layer")
         metadata = get_attention_metadata()
-        with_norm = q_norm is not None and k_norm is not None
-        query, key = rotate_and_store(
+        if q_norm is not None and k_norm is not None:
+            q_norm_weight, k_norm_weight, norm_eps = q_norm.weight, k_norm.weight, q_norm.eps
+        else:
+            q_norm_weight, k_norm_weight, norm_eps = None, None, 0.0
+        query, rotated_key = rotate_and_store(
             positions,
             query,
             key,
             value,
             self.rotary_emb.cos_sin_cache,
-            q_norm.weight if with_norm else None,
-            k_norm.weight if with_norm else None,
-            q_norm.eps if with_norm else 0.0,
+            q_norm_weight,
+            k_norm_weight,
+            norm_eps,
             self.key_cache,
             self.value_cache,
             metadata.slot_mapping,
@@ -113,7 +116,7 @@ class PagedAttention(nn.Module):
         )
         output = attention(
             query,
-            key,
+            rotated_key,
             value,
             self.key_cache,
             self.value_cache,

@@ -125,9 +125,9 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual) in one pass over the activations."""
-        out, residual = add_rms_norm(x, residual, self.weight, self.eps)
-        assert residual is not None
-        return out, residual
+        out, summed = add_rms_norm(x, residual, self.weight, self.eps)
+        assert summed is not None, "add_rms_norm returns the sum whenever a residual is given"
+        return out, summed
 
 
 def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | None) -> torch.Tensor:

@@ -150,6 +150,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.stage_layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
+        assert residual is not None, "every pipeline stage holds at least one layer"
         if not self.parallel.is_last_stage:
             return residual_stream(hidden_states, residual)
         return self.norm.add_and_norm(hidden_states, residual)[0]
@@ -195,7 +196,11 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[PagedAttention]:
         """This stage's attention layers, in order: the KV cache holds these only."""
-        return [layer.self_attn.attn for layer in self.model.stage_layers]
+        return [
+            layer.self_attn.attn
+            for layer in self.model.stage_layers
+            if isinstance(layer, LlamaDecoderLayer)  # all of them: narrows nn.Module for the checker
+        ]
 
     def stage_checkpoint_name(self, checkpoint_name: str) -> str | None:
         """The parameter name under which this rank holds a checkpoint tensor, or None when

@@ -48,7 +48,7 @@ class ColumnParallelLinear(Linear):
         self.tp = tp
         for param in (self.weight, self.bias):
             if param is not None:
-                param.weight_loader = self._load
+                param.weight_loader = self._load  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
         if shard_id is not None:
@@ -130,7 +130,7 @@ class RowParallelLinear(PartialSumLinear):
             raise ValueError(f"input_size {input_size} is not divisible by tensor_parallel_size {tp.size}")
         super().__init__(input_size // tp.size, output_size, bias)
         self.tp = tp
-        self.weight.weight_loader = self._load_weight
+        self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def _load_weight(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
@@ -164,7 +164,7 @@ class VocabParallelEmbedding(VocabEmbedding):
         super().__init__(self.rows_per_rank, hidden_size)
         self.tp = tp
         self.vocab_start = tp.rank * self.rows_per_rank
-        self.weight.weight_loader = self._load
+        self.weight.weight_loader = self._load  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
         load_vocab_rows(param, loaded_weight, self.vocab_start, shard_id)
@@ -213,7 +213,7 @@ class ParallelLMHead(LMHead):
         self.tp = tp
         self.vocab_start = tp.rank * rows_per_rank
         if tied_to is None:
-            self.weight.weight_loader = self._load
+            self.weight.weight_loader = self._load  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
         load_vocab_rows(param, loaded_weight, self.vocab_start, shard_id)

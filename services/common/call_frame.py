@@ -90,7 +90,8 @@ class _Call:
         await context.abort(self.code, message)
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):
+# grpc ships no type hints, so its base class is Any to the checker.
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, registry: CollectorRegistry) -> None:
         self._handled = Counter(
             PREFIX + "grpc_server_handled",

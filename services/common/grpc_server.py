@@ -5,8 +5,9 @@ import asyncio
 import gc
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -71,7 +72,9 @@ class ServiceHost:
             await self.health.set(name, status)
 
     async def run(
-        self, prepare: Callable[[], Awaitable[None]], on_shutdown: Callable[[], Awaitable[None]] | None = None
+        self,
+        prepare: Callable[[], Coroutine[Any, Any, None]],
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Runs `prepare` (load a model, wait for a peer) while health says NOT_SERVING,
         then serves until SIGTERM or SIGINT. A signal during `prepare` ends it too. On the

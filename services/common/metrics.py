@@ -69,9 +69,10 @@ def serve_metrics(registry: CollectorRegistry, port: int | None, host: str = "0.
         start_http_server(port, addr=host, registry=registry)
 
 
-def finish_reason_label(finish_reason: int) -> str:
+def finish_reason_label(finish_reason: common_pb2.FinishReason) -> str:
     """ "stop", "length", "abort": as metric labels and span attributes spell it."""
-    return common_pb2.FinishReason.Name(finish_reason).removeprefix("FINISH_REASON_").lower()
+    name: str = common_pb2.FinishReason.Name(finish_reason)
+    return name.removeprefix("FINISH_REASON_").lower()
 
 
 class CountedHistogram(Collector):
@@ -101,7 +102,7 @@ class CountedHistogram(Collector):
         with self._lock:
             counts, total = list(self._counts), self._sum
         buckets = [
-            (floatToGoString(bound), cumulative)
+            (floatToGoString(bound), cumulative)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
             for bound, cumulative in zip(self._upper_bounds, itertools.accumulate(counts))
         ]
         yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=total)

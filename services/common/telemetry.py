@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
+from opentelemetry.util.types import AttributeValue
 
 TRACER_NAME = "pagedserve"
 
@@ -24,7 +25,7 @@ def tracing_enabled(environ: Mapping[str, str]) -> bool:
 
 
 def setup_tracing(
-    service_name: str, environ: Mapping[str, str], attributes: Mapping[str, object] = {}
+    service_name: str, environ: Mapping[str, str], attributes: Mapping[str, AttributeValue] = {}
 ) -> bool:
     """Installs an SDK tracer provider exporting OTLP/gRPC when an endpoint is configured.
     OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG) and the
@@ -37,7 +38,7 @@ def setup_tracing(
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource_attributes = dict(attributes)
+    resource_attributes: dict[str, AttributeValue] = dict(attributes)
     if not environ.get("OTEL_SERVICE_NAME"):
         resource_attributes["service.name"] = service_name
     provider = TracerProvider(resource=Resource.create(resource_attributes))

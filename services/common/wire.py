@@ -29,7 +29,7 @@ def find_invalid_utf8_field(descriptor: Descriptor, data: bytes, prefix: str = "
             field = descriptor.fields_by_number.get(number)
             if field is None:
                 continue
-            path = prefix + field.name
+            path: str = prefix + field.name
             if field.is_repeated:
                 index = counts.get(field.name, 0)
                 counts[field.name] = index + 1

@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -191,7 +192,7 @@ class Engine:
             for output in undelivered:
                 self._deliver(output)
 
-    async def _idle(self, next_result: asyncio.Future) -> None:
+    async def _idle(self, next_result: asyncio.Future[Any]) -> None:
         """Waits for work. The worker sends nothing unasked, so a read that completes
         meanwhile means the stream ended (a dropped connection, a restarted worker): it is
         replaced before any request depends on it."""

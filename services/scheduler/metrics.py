@@ -5,11 +5,11 @@ stats when Prometheus scrapes, so they have one source of truth; latencies are o
 requests progress."""
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
-from pagedserve.v1 import scheduler_pb2
+from pagedserve.v1 import common_pb2, scheduler_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -93,9 +93,10 @@ class SchedulerMetrics:
     ) -> None:
         self.registry = registry
         registry.register(_StatsCollector(read_stats))
-        histogram = lambda name, doc, buckets: Histogram(  # noqa: E731 - four alike
-            PREFIX + name, doc, registry=self.registry, buckets=buckets
-        )
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(PREFIX + name, doc, registry=self.registry, buckets=buckets)
+
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds", "From arrival to the first generated token.", LATENCY_BUCKETS
         )
@@ -140,12 +141,12 @@ class SchedulerMetrics:
 
     def on_tokens(self, times: RequestTimes, num_new_tokens: int, gap: float | None) -> None:
         """After `times.record_tokens` returned `gap`."""
-        if num_new_tokens and times.num_tokens == num_new_tokens:
+        if num_new_tokens and times.num_tokens == num_new_tokens and times.first_token is not None:
             self.time_to_first_token.observe(times.first_token - times.arrival)
         if gap is not None:
             self.inter_token_latency.observe(gap, num_new_tokens)
 
-    def on_finished(self, times: RequestTimes, finish_reason: int, now: float) -> None:
+    def on_finished(self, times: RequestTimes, finish_reason: common_pb2.FinishReason, now: float) -> None:
         self.request_success.labels(finish_reason_label(finish_reason)).inc()
         self.e2e_latency.observe(now - times.arrival)
         if times.first_token is not None and times.num_tokens > 1:

@@ -65,7 +65,7 @@ class Request:
         request.sequences.append(Sequence(request, index=0, token_ids=list(prompt_token_ids)))
         return request
 
-    def end_unforked_completions(self, finish_reason: int) -> None:
+    def end_unforked_completions(self, finish_reason: common_pb2.FinishReason) -> None:
         """Completions 1..n-1 that were never forked end too, each with its own record."""
         for index in range(len(self.sequences), self.n):
             self.sequences.append(
@@ -100,7 +100,7 @@ class Sequence:
     # The worker's handle; a fresh one each time the sequence is (re)introduced to it.
     seq_id: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    finish_reason: common_pb2.FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED
     # Leading blocks already offered to the prefix cache.
     num_registered_blocks: int = 0
     # Chained hashes of leading full blocks, computed as needed; the tokens only grow, so
@@ -200,7 +200,7 @@ class Sequence:
     def hashes_of_full_blocks(self, num_blocks: int, block_size: int) -> list[BlockHash]:
         return extend_block_hashes(self.block_hashes, self.token_ids, block_size, num_blocks)[:num_blocks]
 
-    def stop_reason(self, eos_token_ids: frozenset[int], max_model_len: int) -> int:
+    def stop_reason(self, eos_token_ids: frozenset[int], max_model_len: int) -> common_pb2.FinishReason:
         """Why the sequence must stop after its last token, or FINISH_REASON_UNSPECIFIED."""
         # A stop token wins over a length limit reached by the same token: the model did end.
         last_token = self.token_ids[-1]

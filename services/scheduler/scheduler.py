@@ -399,7 +399,7 @@ class Scheduler:
         self._worker_ops.forget(parent)
         return children
 
-    def _finish(self, sequence: Sequence, finish_reason: int) -> None:
+    def _finish(self, sequence: Sequence, finish_reason: common_pb2.FinishReason) -> None:
         """Takes a sequence already out of every queue out of the scheduler."""
         self._worker_ops.forget(sequence)
         self.in_flight.free(sequence)

@@ -52,7 +52,7 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
     port = await host.start()
     log.info("scheduler listening on port %d, waiting for worker at %s", port, config.worker_address)
     channel = insecure_channel(config.worker_address)
-    background: list[asyncio.Task] = []
+    background: list[asyncio.Task[None]] = []
 
     metrics = SchedulerMetrics(
         host.registry,

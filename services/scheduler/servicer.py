@@ -10,6 +10,7 @@ from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.errors import UnavailableError
 from services.common.prompt_checks import check_token_ids
 from services.scheduler.engine import Engine
+from services.scheduler.outputs import RequestOutput
 from services.scheduler.session import SchedulerSession
 
 
@@ -36,7 +37,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         engine = self._ready_engine()
         prompt = list(request.prompt_token_ids)
         check_token_ids(prompt, self.model.vocab_size, "prompt_token_ids")
-        outputs: asyncio.Queue = asyncio.Queue()
+        outputs: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         stream = engine.add_request(
             request.request_id,
             prompt,

@@ -119,7 +119,7 @@ class SchedulerSession:
         self._draining = True
         self._wake.set()
 
-    async def responses(self, incoming: asyncio.Future) -> AsyncIterator[scheduler_pb2.SessionResponse]:
+    async def responses(self, incoming: asyncio.Future[None]) -> AsyncIterator[scheduler_pb2.SessionResponse]:
         """Everything pushed since the last message, in one message, each time there is
         some; ends once `incoming` (the task reading the stream) has ended or draining has
         begun, and no request of the stream is left; raises what ended `incoming` if it

@@ -40,14 +40,13 @@ class SessionClient:
         """Sends the request; returns the queue its updates arrive on."""
         if request.request_id in self._handle_of:
             raise InvalidArgumentError("request_id", f"{request.request_id!r} is already in flight")
-        if self._outgoing is None:
-            self._open()
+        outgoing = self._outgoing if self._outgoing is not None else self._open()
         handle, self._next_handle = self._next_handle, self._next_handle + 1
         updates: asyncio.Queue[Update] = asyncio.Queue()
         self._requests[handle] = updates
         self._handle_of[request.request_id] = handle
         submit = scheduler_pb2.SessionSubmit(request=request, traceparent=traceparent, handle=handle)
-        self._outgoing.put_nowait(scheduler_pb2.SessionRequest(submit=submit))
+        outgoing.put_nowait(scheduler_pb2.SessionRequest(submit=submit))
         return updates
 
     def release(self, request_id: str, abort: bool) -> None:
@@ -66,7 +65,7 @@ class SessionClient:
         if self._outgoing is not None:
             self._outgoing.put_nowait(None)
 
-    def _open(self) -> None:
+    def _open(self) -> asyncio.Queue[scheduler_pb2.SessionRequest | None]:
         outgoing: asyncio.Queue[scheduler_pb2.SessionRequest | None] = asyncio.Queue()
 
         async def messages() -> AsyncIterator[scheduler_pb2.SessionRequest]:
@@ -75,6 +74,7 @@ class SessionClient:
 
         self._outgoing = outgoing
         asyncio.ensure_future(self._read(self._scheduler.Session(messages())))
+        return outgoing
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
         error: Exception

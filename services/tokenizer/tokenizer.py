@@ -185,7 +185,8 @@ def _strftime_now(format_string: str) -> str:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    content: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return content
 
 
 def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
