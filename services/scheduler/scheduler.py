@@ -31,16 +31,15 @@ from pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.common.step_limits import StepLimits
 from services.scheduler.admission import Admission, check_request
-from services.scheduler.block_manager import BlockManager, SlotAllocation
+from services.scheduler.batching import StepBatcher
+from services.scheduler.block_manager import BlockManager
 from services.scheduler.config import PreemptionMode, SchedulerConfig
 from services.scheduler.cpu_block_pool import CpuBlockPool
 from services.scheduler.in_flight import InFlightSteps
 from services.scheduler.outputs import (
-    NewSequenceData,
     PendingWorkerOps,
     RequestEvent,
     RequestOutput,
-    ScheduledSequenceData,
     SchedulerOutput,
 )
 from services.scheduler.preemption import NoRoom, Preemption
@@ -106,8 +105,8 @@ class Scheduler:
             self._report_event,
         )
 
+        self.batcher = StepBatcher()
         self._num_arrivals = 0
-        self._next_seq_id = 1
         self._next_step_id = 1
 
         self.num_steps = 0
@@ -249,14 +248,14 @@ class Scheduler:
             if isinstance(allocation, NoRoom):
                 waits_for_blocks = allocation is NoRoom.BLOCKS_RETURNING
                 break
-            self._add_to_batch(output, sequence, num_new_tokens, allocation)
+            self.batcher.add(output, sequence, num_new_tokens, allocation)
             budget -= num_new_tokens
 
         # Blocks just taken from a preempted sequence, or about to come back from steps in
         # flight, go to the running ones on the next steps, not to a newcomer that would
         # make the same shortage happen again.
         if not waits_for_blocks and (self.num_preemptions == num_preemptions_before or not output.scheduled):
-            self.admission.resume_and_admit(output, budget, self._add_to_batch)
+            self.admission.resume_and_admit(output, budget, self.batcher.add)
 
         if not output.scheduled:
             return None
@@ -335,49 +334,6 @@ class Scheduler:
     def preempt(self, sequence: Sequence, mode: PreemptionMode | None = None) -> None:
         """Preempts a running sequence now (see Preemption.preempt)."""
         self.preemption.preempt(sequence, mode)
-
-    def _add_to_batch(
-        self, output: SchedulerOutput, sequence: Sequence, num_new_tokens: int, allocation: SlotAllocation
-    ) -> None:
-        if sequence.seq_id is None:
-            sequence.seq_id = self._next_seq_id
-            self._next_seq_id += 1
-            output.new_sequences.append(
-                NewSequenceData(
-                    seq_id=sequence.seq_id,
-                    index=sequence.index,
-                    token_ids=tuple(sequence.token_ids),
-                    num_computed_tokens=sequence.num_computed_tokens,
-                    sampling=sequence.worker_sampling,
-                )
-            )
-            # A sequence new to the worker brings its whole block table.
-            new_block_ids = tuple(sequence.block_table)
-        else:
-            # The protocol only appends to a known table; block_manager's books say why a
-            # known sequence never writes into a shared block: sharers are all introduced
-            # anew (forks, cache hits, swap-ins) and copy before their first write.
-            assert not allocation.copies, f"seq {sequence.seq_id} would write into a shared block"
-            new_block_ids = allocation.new_block_ids
-        if allocation.copies:
-            output.copy_blocks.extend(allocation.copies)
-        reaches_end = sequence.num_computed_tokens + num_new_tokens == sequence.num_planned_tokens
-        num_samples = (sequence.request.n if sequence.awaits_fork else 1) if reaches_end else 0
-        output.scheduled.append(
-            ScheduledSequenceData(
-                sequence=sequence,
-                seq_id=sequence.seq_id,
-                num_new_tokens=num_new_tokens,
-                new_block_ids=new_block_ids,
-                num_samples=num_samples,
-            )
-        )
-        # Counted as computed once sent: the worker runs steps in order, so every later
-        # step finds this KV in place.
-        sequence.num_computed_tokens += num_new_tokens
-        sequence.last_step_id = output.step_id
-        if num_samples:
-            sequence.num_pending_samples += 1
 
     # --- after a step --------------------------------------------------------------------
 

@@ -11,17 +11,8 @@ from services.common.errors import UnavailableError
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.outputs import RequestOutput
 from services.scheduler.scheduler import Scheduler
-from tests.support.scheduler_harness import (
-    ABORT,
-    EOS_TOKEN_IDS,
-    LENGTH,
-    STOP,
-    VOCAB,
-    FakeWorker,
-    Harness,
-    reference_output,
-    sampling,
-)
+from tests.support.fake_worker import EOS_TOKEN_IDS, LENGTH, STOP, VOCAB, FakeWorker, reference_output
+from tests.support.scheduler_harness import ABORT, Harness, sampling
 
 # --- one request -----------------------------------------------------------------------------
 

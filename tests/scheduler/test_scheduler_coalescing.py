@@ -6,7 +6,8 @@ from pagedserve.v1 import common_pb2
 
 from services.scheduler.coalescing import OutputCoalescer
 from services.scheduler.outputs import RequestOutput
-from tests.support.scheduler_harness import Harness, reference_output, sampling
+from tests.support.fake_worker import reference_output
+from tests.support.scheduler_harness import Harness, sampling
 
 UNFINISHED, LENGTH = common_pb2.FINISH_REASON_UNSPECIFIED, common_pb2.FINISH_REASON_LENGTH
 

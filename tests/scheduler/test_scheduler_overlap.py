@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from services.scheduler.config import PreemptionMode
-from tests.support.scheduler_harness import ABORT, LENGTH, STOP, Harness, reference_output, sampling
+from tests.support.fake_worker import LENGTH, STOP, reference_output
+from tests.support.scheduler_harness import ABORT, Harness, sampling
 
 
 def scripted(tokens: list[int]) -> Callable[[Sequence[int], int], int]:

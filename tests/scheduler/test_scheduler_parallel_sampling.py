@@ -2,7 +2,8 @@
 tokens, the completions share the prompt's blocks and copy the last, partial one before
 writing into it."""
 
-from tests.support.scheduler_harness import ABORT, Harness, reference_output, sampling
+from tests.support.fake_worker import reference_output
+from tests.support.scheduler_harness import ABORT, Harness, sampling
 
 PROMPT = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]  # two full blocks of 4 and a partial one
 

@@ -4,7 +4,8 @@ and seeds drawn once per request."""
 import pytest
 
 from services.common.errors import ResourceExhaustedError
-from tests.support.scheduler_harness import Harness, reference_output, sampling
+from tests.support.fake_worker import reference_output
+from tests.support.scheduler_harness import Harness, sampling
 
 PARAMS = sampling(max_tokens=5, ignore_eos=True)
 

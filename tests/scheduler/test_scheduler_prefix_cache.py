@@ -3,7 +3,8 @@ computed, only computed blocks are offered, freed blocks stay cached until the p
 them, and caching never changes a request's tokens."""
 
 from services.scheduler.block_hash import chained_hashes
-from tests.support.scheduler_harness import Harness, reference_output, sampling
+from tests.support.fake_worker import reference_output
+from tests.support.scheduler_harness import Harness, sampling
 
 SHARED = [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]  # three blocks of 4
 PARAMS = sampling(max_tokens=3, ignore_eos=True)

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from pagedserve.v1 import common_pb2
 
 from services.scheduler.config import PreemptionMode
-from tests.support.scheduler_harness import ABORT, VOCAB, Harness, reference_output, sampling
+from tests.support.fake_worker import VOCAB, reference_output
+from tests.support.scheduler_harness import ABORT, Harness, sampling
 
 
 @dataclass
