@@ -3,12 +3,11 @@ its own continuous batching (paged attention), and plain generate() on static ba
 
 from __future__ import annotations
 
-import gc
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.device import Stopwatch, release_memory, timed
 from benchmarks.pagedserve_runs import RunResult
 from benchmarks.workload import Workload
 
@@ -38,16 +37,11 @@ def run_hf_continuous_batching(
     )
     # Warm-up outside the timing.
     _continuous_batching(model, generation_config, Workload([[1] * 30], [4]))
-    _synchronize(device)
-    start = time.perf_counter()
-    outputs = _continuous_batching(model, generation_config, workload)
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+    with timed(device) as watch:
+        outputs = _continuous_batching(model, generation_config, workload)
     del model
-    _release(device)
-    return RunResult(
-        f"HF generate_batch ({attn_implementation})", seconds, sum(len(o) for o in outputs), outputs
-    )
+    release_memory(device)
+    return _result(f"HF generate_batch ({attn_implementation})", watch, outputs)
 
 
 def _continuous_batching(model, generation_config, workload: Workload) -> list[list[int]]:
@@ -76,20 +70,19 @@ def run_hf_static(
     longest output; only each sequence's own output length counts as useful tokens."""
     model = load_hf_model(model_dir, device, dtype, "sdpa")
     _static_batch(model, [[1] * 30, [2] * 20], [4, 4], device)  # warm-up
-    _synchronize(device)
-    start = time.perf_counter()
     outputs: list[list[int]] = []
-    for offset in range(0, len(workload.prompts), batch_size):
-        prompts = workload.prompts[offset : offset + batch_size]
-        lengths = workload.output_lengths[offset : offset + batch_size]
-        outputs.extend(_static_batch(model, prompts, lengths, device))
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+    with timed(device) as watch:
+        for offset in range(0, len(workload.prompts), batch_size):
+            prompts = workload.prompts[offset : offset + batch_size]
+            lengths = workload.output_lengths[offset : offset + batch_size]
+            outputs.extend(_static_batch(model, prompts, lengths, device))
     del model
-    _release(device)
-    return RunResult(
-        f"HF generate (static batches of {batch_size})", seconds, sum(len(o) for o in outputs), outputs
-    )
+    release_memory(device)
+    return _result(f"HF generate (static batches of {batch_size})", watch, outputs)
+
+
+def _result(name: str, watch: Stopwatch, outputs: list[list[int]]) -> RunResult:
+    return RunResult(name, watch.seconds, sum(len(o) for o in outputs), outputs)
 
 
 @torch.inference_mode()
@@ -108,14 +101,3 @@ def _static_batch(model, prompts: list[list[int]], lengths: list[int], device: s
     )
     new_tokens = generated[:, width:].tolist()
     return [tokens[:n] for tokens, n in zip(new_tokens, lengths)]
-
-
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _release(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()

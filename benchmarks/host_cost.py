@@ -16,7 +16,6 @@ warm-up's dozen steps of one or two sequences.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.arguments import benchmark_parser
 from benchmarks.pagedserve_runs import EngineSettings, run_in_process
 from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
 from gpu_worker.input_batch import StepInputBuilder
@@ -79,11 +79,8 @@ def stub_model_and_time_builds() -> dict[int, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "host_cost.json")
     parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--json", type=Path, default=Path("host_cost.json"))
     args = parser.parse_args(argv)
     builds = stub_model_and_time_builds()
     settings = EngineSettings(device="cpu", max_model_len=4096, swap_space_gib=0)

@@ -15,7 +15,6 @@ it is for.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from collections import defaultdict
@@ -25,6 +24,7 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from benchmarks.arguments import benchmark_parser
 from benchmarks.pagedserve_runs import EngineSettings, run_in_process
 from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
 from gpu_worker.model_runner import ModelRunner
@@ -105,9 +105,7 @@ def _int_pair(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "launch_profile.json")
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
     parser.add_argument(
         "--model-config", type=Path, default=QWEN3_CONFIG, help="on CUDA: random weights of it"
@@ -119,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--windows", default="100:150,1000:1040", help="comma-separated START:END launch calls"
     )
-    parser.add_argument("--json", type=Path, default=Path("launch_profile.json"))
     args = parser.parse_args(argv)
     windows = [_int_pair(text) for text in args.windows.split(",")]
     profiler = WindowedLaunchProfiler(windows, args.device)

@@ -4,6 +4,7 @@ processes (benchmarks/clients.py)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import os
@@ -11,15 +12,16 @@ import time
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.clients import generate_all, greedy_sampling, run_clients
+from benchmarks.device import release_memory, synchronize
 from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
 from gpu_worker.config import MAX_STEPS_LAUNCHED, WorkerConfig
@@ -48,6 +50,47 @@ class EngineSettings:
     # Where the worker writes its step timeline (gpu_worker/step_timeline.py), one file per
     # engine; None: no timeline.
     step_timeline_dir: Path | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineSettings:
+        """The settings whose fields `args` carry (add_engine_args names them so), the
+        others at their defaults, then `overrides`."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**given, **overrides})
+
+
+def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None = None) -> None:
+    """The engine's options, as the pagedserve runs of a benchmark take them."""
+    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--max-num-seqs", type=int, default=EngineSettings.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineSettings.max_num_batched_tokens)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=EngineSettings.gpu_memory_utilization)
+    parser.add_argument("--max-model-len", type=int, default=max_model_len)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument(
+        "--max-steps-in-flight", type=int, default=EngineSettings.max_steps_in_flight, help="with overlap on"
+    )
+    parser.add_argument(
+        "--max-stream-messages-per-step",
+        type=int,
+        default=EngineSettings.max_stream_messages_per_step,
+        help="the scheduler service's limit in the gRPC runs (0: no limit)",
+    )
+    parser.add_argument(
+        "--swap-space",
+        dest="swap_space_gib",
+        type=float,
+        default=EngineSettings.swap_space_gib,
+        help="GiB of pinned host memory for the worker's swap pool (0 starts faster)",
+    )
+    parser.add_argument(
+        "--step-timeline",
+        dest="step_timeline_dir",
+        type=Path,
+        default=None,
+        help="directory for the pagedserve runs' worker step timelines; their summary goes "
+        "into the table and the JSON (benchmarks/step_timeline.py)",
+    )
 
 
 @dataclass
@@ -80,8 +123,6 @@ def run_in_process(
     model_dir: Path, workload: Workload, settings: EngineSettings, steps_in_flight: Sequence[int] = (2,)
 ) -> list[RunResult]:
     """One run per max_steps_in_flight (1: no overlap), on one model runner."""
-    import torch
-
     from gpu_worker.model_runner import ModelRunner
 
     # The worker that `pagedserve serve` with these settings starts.
@@ -92,9 +133,7 @@ def run_in_process(
     runner = ModelRunner(replace(config, step_timeline_path=timeline))
     results = drive_runs(runner, workload, settings, steps_in_flight)
     del runner
-    gc.collect()
-    if settings.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    release_memory(settings.device)
     return results
 
 
@@ -129,11 +168,11 @@ def drive_runs(
         gc.freeze()  # as the services do once started (services/common/grpc_server.py)
         scheduler = new_scheduler(max_steps_in_flight)
         profile = _empty_profile()
-        _synchronize(settings.device)
+        synchronize(settings.device)
         device_before = _device_seconds(runner)
         start = time.perf_counter()
         outputs = drive_engine(runner, scheduler, workload, profile)
-        _synchronize(settings.device)
+        synchronize(settings.device)
         seconds = time.perf_counter() - start
         # What the device spent on the run's steps (gpu_worker/device_time.py); the rest of
         # the run it waited for the host.
@@ -206,13 +245,6 @@ def _empty_profile() -> dict[str, float]:
     # finish_s: waiting for a step's tokens (the device time not hidden) and reading them;
     # update_s: applying them in the scheduler.
     return dict.fromkeys(("schedule_s", "launch_s", "finish_s", "update_s", "steps", "decode_steps"), 0.0)
-
-
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 # --- the three services -------------------------------------------------------------------

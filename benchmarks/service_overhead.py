@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
+from benchmarks.arguments import benchmark_parser
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, run_grpc
 from benchmarks.workload import Workload, nano_vllm_workload
 from gpu_worker.device_time import DECODE, PREFILL
@@ -180,9 +181,7 @@ def _cost_args(costs: PretendCosts) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "service_overhead.json")
     for name, value in vars(PretendCosts()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value)
     parser.add_argument("--runs", default="inprocess,grpc", help="comma-separated: inprocess, grpc")
@@ -198,7 +197,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model", type=Path, default=None, help="tokenizer's model directory; default: embedded"
     )
-    parser.add_argument("--json", type=Path, default=Path("service_overhead.json"))
     parser.add_argument(
         "--profile-dir",
         type=Path,
@@ -294,11 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(_serve_null_worker(args.serve_null_worker, args.metrics_port, costs))
         return
     workload = nano_vllm_workload(args.num_seqs, 100, 1024, 10000)
-    settings = EngineSettings(
-        device="cpu",
-        max_steps_in_flight=args.max_steps_in_flight,
-        max_stream_messages_per_step=args.max_stream_messages_per_step,
-    )
+    settings = EngineSettings.from_args(args, device="cpu")
     results: list[RunResult] = []
     if "inprocess" in args.runs:
         results += drive_runs(NullRunner(costs), workload, settings, [settings.max_steps_in_flight])

@@ -12,10 +12,11 @@ given a file, this prints the summary of every step in it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
+
+from benchmarks.arguments import benchmark_parser
 
 # Decode steps by batch size (None: no upper bound): the tail of a run (few sequences,
 # steps of 1-3 ms) behaves unlike its bulk.
@@ -99,9 +100,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("timeline", type=Path, help="a worker's --step-timeline file")
     args = parser.parse_args(argv)
     print(format_summary(summarize_steps(read_steps(args.timeline))))

@@ -30,7 +30,8 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks.pagedserve_runs import EngineSettings, RunResult, run_grpc, run_in_process
+from benchmarks.arguments import benchmark_parser
+from benchmarks.pagedserve_runs import EngineSettings, RunResult, add_engine_args, run_grpc, run_in_process
 from benchmarks.step_timeline import format_summary
 from benchmarks.workload import (
     QWEN3_CONFIG,
@@ -48,10 +49,8 @@ RUN_NAMES = ("inprocess", "grpc", "hf_cb", "hf_static")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser = benchmark_parser(__doc__, "throughput.json")
+    add_engine_args(parser, max_model_len=4096)
     parser.add_argument(
         "--model",
         type=Path,
@@ -69,11 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--hf-static-batch", type=int, default=64)
     parser.add_argument("--grpc-clients", type=int, default=4, help="client processes for the gRPC run")
-    parser.add_argument("--max-num-seqs", type=int, default=EngineSettings.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineSettings.max_num_batched_tokens)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=EngineSettings.gpu_memory_utilization)
-    parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument(
         "--overlap",
         choices=["on", "off", "both"],
@@ -81,35 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="overlapped scheduling in the pagedserve runs (both: each run twice)",
     )
     parser.add_argument(
-        "--max-steps-in-flight", type=int, default=EngineSettings.max_steps_in_flight, help="with overlap on"
-    )
-    parser.add_argument(
-        "--max-stream-messages-per-step",
-        type=int,
-        default=EngineSettings.max_stream_messages_per_step,
-        help="the scheduler service's limit in the gRPC runs (0: no limit)",
-    )
-    parser.add_argument(
-        "--swap-space",
-        type=float,
-        default=EngineSettings.swap_space_gib,
-        help="GiB of pinned host memory for the worker's swap pool (0 starts faster)",
-    )
-    parser.add_argument(
         "--bandwidth",
         type=float,
         default=H200_COPY_BANDWIDTH,
         help="measured copy bandwidth (bytes/s) for the roofline",
     )
-    parser.add_argument("--json", type=Path, default=Path("throughput.json"))
     parser.add_argument("--log-dir", type=Path, default=None, help="service logs of the gRPC run")
-    parser.add_argument(
-        "--step-timeline",
-        type=Path,
-        default=None,
-        help="directory for the pagedserve runs' worker step timelines; their summary goes "
-        "into the table and the JSON (benchmarks/step_timeline.py)",
-    )
     return parser.parse_args(argv)
 
 
@@ -130,17 +101,8 @@ def run_all(args: argparse.Namespace, model_dir: Path, workload: Workload, scrat
     unknown = set(runs) - set(RUN_NAMES)
     if unknown:
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {RUN_NAMES}")
-    settings = EngineSettings(
-        device=args.device,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager,
-        swap_space_gib=args.swap_space,
-        max_stream_messages_per_step=args.max_stream_messages_per_step,
-        step_timeline_dir=args.step_timeline,
-    )
+    # Each pagedserve run's depth comes from steps_in_flight, below.
+    settings = EngineSettings.from_args(args)
     hf_workload = workload.subset(args.hf_num_seqs or len(workload.prompts))
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     depth = args.max_steps_in_flight

@@ -13,7 +13,6 @@ processes keep the cores; a first run, not counted, warms the machine up.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.arguments import benchmark_parser
 from benchmarks.pagedserve_runs import EngineSettings, run_grpc
 from benchmarks.workload import nano_vllm_workload
 from devtools.otlp_receiver import trace_receiver
@@ -30,15 +30,12 @@ TRACING_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_INSECURE
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "tracing_overhead.json")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-seqs", type=int, default=32)
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--json", type=Path, default=Path("tracing_overhead.json"))
     args = parser.parse_args()
 
     model_dir = materialize_default_model()

@@ -16,7 +16,6 @@ decode attention kernel, the projections' matmuls, and a whole step's time by ba
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import random
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
+from benchmarks.arguments import benchmark_parser
 from benchmarks.kernels.cuda_runner import build_cuda_runner
 from benchmarks.kernels.decode_step import build_decode_batch, copy_bandwidth
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
@@ -241,12 +241,9 @@ def step_by_batch(model_config: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "decode_kernels.json")
     parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
     parser.add_argument("--parts", default="bandwidth,attention,projections,steps")
-    parser.add_argument("--json", type=Path, default=Path("decode_kernels.json"))
     args = parser.parse_args()
     parts = args.parts.split(",")
     results: dict = {"device": torch.cuda.get_device_name()}

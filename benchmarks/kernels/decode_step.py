@@ -12,7 +12,6 @@ table of one eager step lists the kernels by GPU time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
+from benchmarks.arguments import benchmark_parser
 from benchmarks.kernels.cuda_runner import build_cuda_runner
 from benchmarks.workload import QWEN3_CONFIG, kv_bytes_per_token, model_weight_bytes, write_random_model
 from gpu_worker.model.attention import AttentionMetadata, attention_context
@@ -81,14 +81,11 @@ def kernel_table(fn, top: int = 15) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "decode_step.json")
     parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
-    parser.add_argument("--json", type=Path, default=Path("decode_step.json"))
     args = parser.parse_args()
 
     results: dict = {"batch": args.batch, "context": args.context, "device": torch.cuda.get_device_name()}

@@ -9,13 +9,13 @@ agrees; where it does not, the top-2 margin in HF's logits shows whether it is a
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 
+from benchmarks.arguments import benchmark_parser
 from benchmarks.hf_runs import load_hf_model
 from benchmarks.kernels.cuda_runner import build_cuda_runner
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
@@ -42,12 +42,9 @@ def pagedserve_logits(runner: ModelRunner, token_ids: torch.Tensor) -> torch.Ten
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "logits_vs_hf.json")
     parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
     parser.add_argument("--prompt-lengths", default="17,300,1000")
-    parser.add_argument("--json", type=Path, default=Path("logits_vs_hf.json"))
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

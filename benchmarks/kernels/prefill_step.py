@@ -10,7 +10,6 @@ max_num_batched_tokens next to sequences decoding over long contexts.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import triton.testing
 
+from benchmarks.arguments import benchmark_parser
 from benchmarks.kernels.cuda_runner import build_cuda_runner
 from benchmarks.kernels.decode_step import kernel_table
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
@@ -138,11 +138,8 @@ def forward_results(model_config: Path, metadata: AttentionMetadata) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__, "prefill_step.json")
     parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
-    parser.add_argument("--json", type=Path, default=Path("prefill_step.json"))
     args = parser.parse_args()
     rng = random.Random(0)
     prompt_lens = []
