@@ -17,6 +17,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -140,12 +141,14 @@ def fresh_prefill_kernel() -> FreshPrefill | None:
     except ImportError:
         return None
     parameters = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    # Keywords of whichever varlen_attn this torch has, so typed loosely.
+    causal: dict[str, Any] = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
     if "window_size" not in parameters and "is_causal" not in parameters:
         return None
     native_gqa = "enable_gqa" in parameters
 
     def torch_varlen_prefill(query, key, value, cu_seqlens, max_len, scale):
+        extra: dict[str, Any]
         if native_gqa:
             extra = {"enable_gqa": True}
         else:
