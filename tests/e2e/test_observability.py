@@ -182,6 +182,25 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
     }
 
 
+def _settled_metrics(
+    ports: dict[str, int], timeout_s: float = 120.0
+) -> dict[str, dict[tuple[str, tuple], float]]:
+    """Every service's metrics once the worker has recorded each step whose result the
+    scheduler has: the worker records a step after its result has left, so just after a
+    request ends, under load, its last steps may not be counted yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = {name: _scrape(port) for name, port in ports.items()}
+        worker_steps = metrics["worker"].get(("pagedserve:worker_step_duration_seconds_count", ()))
+        scheduler_steps = metrics["scheduler"].get(("pagedserve:step_duration_seconds_count", ()))
+        if worker_steps == scheduler_steps:
+            return metrics
+        assert time.monotonic() < deadline, (
+            f"worker recorded {worker_steps} steps, scheduler {scheduler_steps}"
+        )
+        time.sleep(0.05)
+
+
 def _delta(before: dict, after: dict, name: str, **labels) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
@@ -189,14 +208,14 @@ def _delta(before: dict, after: dict, name: str, **labels) -> float:
 
 def test_metrics_move_by_the_right_amounts(observed) -> None:
     stack, _, ports = observed
-    before = {name: _scrape(port) for name, port in ports.items()}
+    before = _settled_metrics(ports)
     started = time.monotonic()
     for prompt in ("One", "Two two", "Three three three"):
         _generate(stack, prompt)
     with pytest.raises(grpc.RpcError):
         list(stack.generation.Generate(generation_pb2.GenerateRequest(), timeout=30))
     elapsed = time.monotonic() - started
-    after = {name: _scrape(port) for name, port in ports.items()}
+    after = _settled_metrics(ports)
 
     scheduler_before, scheduler_after = before["scheduler"], after["scheduler"]
     assert (
@@ -221,26 +240,15 @@ def test_metrics_move_by_the_right_amounts(observed) -> None:
     assert scheduler_after[("pagedserve:kv_cache_usage_perc", ())] == 0.0
 
     tokenizer_before, tokenizer_after = before["tokenizer"], after["tokenizer"]
-    assert (
-        _delta(
+    for code, num_calls in (("OK", 3), ("INVALID_ARGUMENT", 1)):
+        handled = _delta(
             tokenizer_before,
             tokenizer_after,
             "pagedserve:grpc_server_handled_total",
             method="Generate",
-            code="OK",
+            code=code,
         )
-        == 3
-    )
-    assert (
-        _delta(
-            tokenizer_before,
-            tokenizer_after,
-            "pagedserve:grpc_server_handled_total",
-            method="Generate",
-            code="INVALID_ARGUMENT",
-        )
-        == 1
-    )
+        assert handled == num_calls, code
 
     worker_before, worker_after = before["worker"], after["worker"]
     assert _delta(worker_before, worker_after, "pagedserve:worker_step_tokens_total", kind="decode") == 3 * (
