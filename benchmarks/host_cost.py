@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-seqs", type=int, default=256)
     args = parser.parse_args(argv)
     builds = stub_model_and_time_builds()
-    settings = EngineSettings(device="cpu", max_model_len=4096, swap_space_gib=0)
+    settings = EngineSettings(device="cpu", max_model_len=4096, swap_space=0)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = tiny_model(Path(scratch))
         (result,) = run_in_process(model_dir, nano_vllm_workload(args.num_seqs), settings, [3])

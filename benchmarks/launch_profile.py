@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     windows = [_int_pair(text) for text in args.windows.split(",")]
     profiler = WindowedLaunchProfiler(windows, args.device)
-    settings = EngineSettings(device=args.device, max_model_len=4096, swap_space_gib=0)
+    settings = EngineSettings(device=args.device, max_model_len=4096, swap_space=0)
     with tempfile.TemporaryDirectory(prefix="launch-profile-") as scratch:
         if args.device.startswith("cuda"):
             model_dir = write_random_model(args.model_config, Path(scratch) / "model")

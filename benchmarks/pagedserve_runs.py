@@ -25,7 +25,7 @@ from benchmarks.device import release_memory, synchronize
 from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
 from gpu_worker.config import MAX_STEPS_LAUNCHED, WorkerConfig
-from services.cli import GIB, build_parser, worker_config
+from services.cli import GIB, add_worker_args, build_parser, worker_config
 from services.launcher import free_port, loopback_service_commands, running_services
 from services.scheduler.config import SchedulerConfig
 
@@ -44,7 +44,10 @@ class EngineSettings:
     block_size: int = WorkerConfig.block_size
     # The scheduler's max_steps_in_flight: 1, no overlap; by default the worker's depth.
     max_steps_in_flight: int = MAX_STEPS_LAUNCHED
-    swap_space_gib: float = WorkerConfig.swap_space_bytes / GIB
+    # GiB, as `pagedserve worker --swap-space` takes it.
+    swap_space: float = WorkerConfig.swap_space_bytes / GIB
+    # The worker's --dtype; None: its default for the device.
+    dtype: str | None = None
     # The scheduler service's --max-stream-messages-per-step (0: no limit).
     max_stream_messages_per_step: int = SchedulerConfig.max_stream_messages_per_step
     # Where the worker writes its step timeline (gpu_worker/step_timeline.py), one file per
@@ -60,13 +63,10 @@ class EngineSettings:
 
 
 def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None = None) -> None:
-    """The engine's options, as the pagedserve runs of a benchmark take them."""
-    parser.add_argument("--device", default="cuda", help="cuda or cpu")
-    parser.add_argument("--max-num-seqs", type=int, default=EngineSettings.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=EngineSettings.max_num_batched_tokens)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=EngineSettings.gpu_memory_utilization)
-    parser.add_argument("--max-model-len", type=int, default=max_model_len)
-    parser.add_argument("--enforce-eager", action="store_true")
+    """The engine's options: the worker's own (`pagedserve worker`'s, with their defaults),
+    then the scheduler's that the benchmarks vary."""
+    add_worker_args(parser)
+    parser.set_defaults(device="cuda", max_model_len=max_model_len)
     parser.add_argument(
         "--max-steps-in-flight", type=int, default=EngineSettings.max_steps_in_flight, help="with overlap on"
     )
@@ -77,15 +77,9 @@ def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None =
         help="the scheduler service's limit in the gRPC runs (0: no limit)",
     )
     parser.add_argument(
-        "--swap-space",
-        dest="swap_space_gib",
-        type=float,
-        default=EngineSettings.swap_space_gib,
-        help="GiB of pinned host memory for the worker's swap pool (0 starts faster)",
-    )
-    parser.add_argument(
         "--step-timeline",
         dest="step_timeline_dir",
+        metavar="DIR",
         type=Path,
         default=None,
         help="directory for the pagedserve runs' worker step timelines; their summary goes "
@@ -262,7 +256,7 @@ def _service_commands(
         "--gpu-memory-utilization",
         str(settings.gpu_memory_utilization),
         "--swap-space",
-        str(settings.swap_space_gib),
+        str(settings.swap_space),
         "--max-num-seqs",
         str(settings.max_num_seqs),
         "--max-num-batched-tokens",
@@ -274,6 +268,8 @@ def _service_commands(
     ]
     if settings.max_model_len is not None:
         flags += ["--max-model-len", str(settings.max_model_len)]
+    if settings.dtype is not None:
+        flags += ["--dtype", settings.dtype]
     if settings.enforce_eager:
         flags.append("--enforce-eager")
     if settings.max_steps_in_flight == 1:

@@ -17,14 +17,25 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_SEQS, MIN_LEN, MAX_LEN = 2, 4, 8
 
 
+def run_benchmark(module: str, *args: str, out: Path) -> tuple[dict, str]:
+    """Runs `python -m benchmarks.MODULE ARGS --json OUT` from the repository root; its
+    JSON results and its printed output."""
+    completed = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *args, "--json", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return json.loads(out.read_text()), completed.stdout
+
+
 @pytest.mark.hf
 @pytest.mark.e2e
 def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "throughput.json"
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.throughput",
+    summary, printed = run_benchmark(
+        "throughput",
         "--device",
         "cpu",
         "--model",
@@ -39,8 +50,6 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
         "1",
         "--hf-static-batch",
         "2",
-        "--json",
-        str(out),
         "--log-dir",
         str(tmp_path / "logs"),
         "--overlap",
@@ -49,10 +58,8 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
         "0",
         "--step-timeline",
         str(tmp_path / "timelines"),
-    ]
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    summary = json.loads(out.read_text())
+        out=tmp_path / "throughput.json",
+    )
 
     expected_tokens = nano_vllm_workload(NUM_SEQS, MIN_LEN, MAX_LEN).num_output_tokens
     assert summary["workload"]["output_tokens"] == expected_tokens
@@ -97,23 +104,14 @@ def test_cpu_benchmark_runs_every_engine(embedded_model_dir: Path, tmp_path: Pat
     for name in pagedserve_runs[1:]:
         match = runs[name]["greedy_prefix_match"]
         assert match["identical"] == match["sequences"] == NUM_SEQS, (name, match)
-    assert "pagedserve in-process" in completed.stdout  # the printed table
+    assert "pagedserve in-process" in printed  # the table
 
 
 def test_host_cost_benchmark_runs_the_whole_workload(tmp_path: Path) -> None:
     """benchmarks/host_cost.py (the engine's host work with the model stubbed) still
     drives every step of its workload: a step count that matches the workload's decode
     length, and a build time for every batch size it passed through."""
-    out = tmp_path / "host_cost.json"
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.host_cost", "--num-seqs", "8", "--json", str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    summary = json.loads(out.read_text())
+    summary, _ = run_benchmark("host_cost", "--num-seqs", "8", out=tmp_path / "host_cost.json")
     workload = nano_vllm_workload(8)
     # One prefill step at least, then one decode step per token of the longest output.
     assert max(workload.output_lengths) <= summary["steps"] <= max(workload.output_lengths) + 8
@@ -126,26 +124,10 @@ def test_service_overhead_benchmark_runs_both_engines(tmp_path: Path) -> None:
     """benchmarks/service_overhead.py (the services in front of a pretend device) drives
     the workload in-process and through the three services, and reads the pretend
     device's busy time back from the worker's metrics."""
-    out = tmp_path / "service_overhead.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.service_overhead",
-            "--num-seqs",
-            "4",
-            "--clients",
-            "1",
-            "--json",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    summary, _ = run_benchmark(
+        "service_overhead", "--num-seqs", "4", "--clients", "1", out=tmp_path / "service_overhead.json"
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    runs = json.loads(out.read_text())["runs"]
+    runs = summary["runs"]
     expected_tokens = nano_vllm_workload(4).num_output_tokens
     assert set(runs) == {"pagedserve in-process", "pagedserve gRPC (3 services)"}, runs
     for name, run in runs.items():
@@ -163,30 +145,19 @@ def test_launch_profile_splits_each_launch_into_its_operations(
 ) -> None:
     """benchmarks/launch_profile.py profiles the launches of its window only, and what it
     lists under them adds up to no more than their time."""
-    out = tmp_path / "launch_profile.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.launch_profile",
-            "--device",
-            "cpu",
-            "--num-seqs",
-            "2",
-            "--lengths",
-            "4:8",
-            "--windows",
-            "12:15",
-            "--json",
-            str(out),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    summary, _ = run_benchmark(
+        "launch_profile",
+        "--device",
+        "cpu",
+        "--num-seqs",
+        "2",
+        "--lengths",
+        "4:8",
+        "--windows",
+        "12:15",
+        out=tmp_path / "launch_profile.json",
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    (window,) = json.loads(out.read_text())["windows"].values()
+    (window,) = summary["windows"].values()
     assert window["steps"] == 3 and window["batch_sizes"][1] <= 2, window
     top = window["top_self_us_per_step"]
     assert "aten::mm" in top and "launch_step (Python)" in top, top

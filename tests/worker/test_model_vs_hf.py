@@ -21,24 +21,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model_runner import ModelRunner
+from tests.support.tiny_llama import TINY_DIMS, VOCAB_SIZE
 
 BLOCK_SIZE = 4
 NUM_KV_BLOCKS = 48
-VOCAB_SIZE = 256
-TINY_DIMS = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB_SIZE,
-    max_position_embeddings=256,
-    # Wider than the default init so that logits are peaked and greedy choices are not
-    # decided by rounding.
-    initializer_range=0.1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
 
 
 def _build_llama() -> LlamaForCausalLM:

@@ -23,27 +23,15 @@ from gpu_worker.model_runner import ModelRunner
 from gpu_worker.step_pipeline import MAX_STEPS_LAUNCHED, pipelined_steps
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.scheduler import Scheduler
+from tests.support.tiny_llama import EOS_TOKEN_ID, TINY_DIMS, VOCAB_SIZE
 
 BLOCK_SIZE = 4
-VOCAB_SIZE = 256
-EOS = 2
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        eos_token_id=EOS,
-        pad_token_id=0,
-    )
+    config = LlamaConfig(**TINY_DIMS)
     model_dir = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).eval().save_pretrained(model_dir)
     return model_dir
@@ -92,7 +80,7 @@ def _run(
         num_blocks=info.num_kv_blocks,
         block_size=BLOCK_SIZE,
         max_model_len=info.model.max_model_len,
-        eos_token_ids=[EOS],
+        eos_token_ids=[EOS_TOKEN_ID],
         num_cpu_blocks=info.num_cpu_blocks,
     )
     for request_id, prompt, sampling in requests:

@@ -13,18 +13,9 @@ from parallel_harness import run_ranks
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.llama import LlamaForCausalLM
 from gpu_worker.parallel import ParallelConfig, ParallelContext, check_model_fits, stage_layer_range
+from tests.support.tiny_llama import PARALLEL_DIMS
 
-LLAMA = ModelConfig.from_dicts(
-    dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=251,
-    )
-)
+LLAMA = ModelConfig.from_dicts(dict(model_type="llama", **PARALLEL_DIMS))
 
 
 def test_rank_layout_is_stage_major() -> None:

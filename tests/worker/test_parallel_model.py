@@ -21,6 +21,7 @@ from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
 from gpu_worker.parallel import SINGLE_RANK_CONTEXT, ParallelContext
+from tests.support.tiny_llama import PARALLEL_DIMS
 
 # Each case starts two to four ranks over gloo: tens of seconds on two cores.
 pytestmark = pytest.mark.slow
@@ -107,12 +108,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     tied embeddings, so that a last stage of several loads the embedding as its LM head."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=251,
+        **PARALLEL_DIMS,
         max_position_embeddings=MAX_POSITION,
         tie_word_embeddings=True,
         initializer_range=0.1,
