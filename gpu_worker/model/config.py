@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen3")
+# The architectures gpu_worker.model.MODEL_CLASSES builds; a test keeps the two in step.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+# Architectures whose configs default to tied input and output embeddings.
+_TIED_BY_DEFAULT = ("gemma2", "gemma3_text")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,27 @@ class ModelConfig:
     # Qwen3 normalizes each query and key head before RoPE.
     use_qk_norm: bool
     eos_token_ids: tuple[int, ...]
+    # Qwen2 biases q/k/v but not o_proj; Llama's attention_bias biases all four.
+    qkv_bias: bool = False
+    hidden_act: str = "silu"
+    # Per decoder layer: how many most recent positions (its own included) a query attends
+    # to, or None for the whole context. Empty means None for every layer.
+    sliding_windows: tuple[int | None, ...] = ()
+    # Gemma: scores and final logits pass through cap * tanh(x / cap).
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    # Scores are scaled by this ** -0.5; None means head_dim.
+    query_pre_attn_scalar: float | None = None
+    # Gemma 3: the sliding-window layers' own RoPE base and scaling.
+    local_rope_theta: float | None = None
+    local_rope_scaling: RopeScaling | None = None
+
+    def sliding_window(self, layer_index: int) -> int | None:
+        return self.sliding_windows[layer_index] if self.sliding_windows else None
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> ModelConfig:
@@ -62,17 +87,19 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        hidden_act = raw.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {hidden_act!r}; only 'silu' is implemented")
-        if raw.get("use_sliding_window", False):
-            raise ValueError("sliding-window attention is not implemented")
+        hidden_act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
+        if hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"unsupported hidden_act {hidden_act!r}; implemented: {', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
 
         num_attention_heads = int(raw["num_attention_heads"])
         hidden_size = int(raw["hidden_size"])
         # A present-but-null head_dim means the default, as in transformers.
         head_dim = raw.get("head_dim") or hidden_size // num_attention_heads
-        rope_theta, rope_scaling = _parse_rope(raw)
+        rope_theta, rope_scaling, local_rope = _parse_rope(raw)
+        attention_bias = bool(raw.get("attention_bias") or False)
+        num_layers = int(raw["num_hidden_layers"])
         architectures = raw.get("architectures") or []
         return cls(
             model_type=model_type,
@@ -80,7 +107,7 @@ class ModelConfig:
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden_size,
             intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_hidden_layers=num_layers,
             num_attention_heads=num_attention_heads,
             num_key_value_heads=int(raw.get("num_key_value_heads") or num_attention_heads),
             head_dim=int(head_dim),
@@ -88,19 +115,69 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            # LlamaConfig and Qwen3Config both default to separate output weights.
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT)),
+            attention_bias=attention_bias and model_type != "qwen2",
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            use_qk_norm=model_type == "qwen3",
+            use_qk_norm=model_type in ("qwen3", "gemma3_text"),
             eos_token_ids=_collect_eos_ids(raw, generation or {}),
+            qkv_bias=attention_bias or model_type == "qwen2",
+            hidden_act=hidden_act,
+            sliding_windows=_sliding_windows(raw, num_layers),
+            attn_logit_softcapping=_optional_float(raw.get("attn_logit_softcapping")),
+            final_logit_softcapping=_optional_float(raw.get("final_logit_softcapping")),
+            query_pre_attn_scalar=_optional_float(raw.get("query_pre_attn_scalar")),
+            local_rope_theta=local_rope[0] if local_rope else None,
+            local_rope_scaling=local_rope[1] if local_rope else None,
         )
 
 
-def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _sliding_windows(raw: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Which layers attend within a window: `layer_types` where the config lists them
+    (Gemma, Qwen2), else every layer when `sliding_window` is set (Mistral, Phi-3)."""
+    window = raw.get("sliding_window")
+    if window is None or raw.get("use_sliding_window") is False:
+        return ()
+    layer_types = raw.get("layer_types")
+    # Older Gemma configs give a period instead: every period-th layer is global.
+    period = {"gemma2": 2, "gemma3_text": raw.get("sliding_window_pattern", 6)}.get(raw["model_type"])
+    if layer_types is None and period is not None:
+        layer_types = [
+            "full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(num_layers)
+        ]
+    if layer_types is None:
+        return (int(window),) * num_layers
+    if len(layer_types) != num_layers:
+        raise ValueError(f"layer_types lists {len(layer_types)} layers; num_hidden_layers is {num_layers}")
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"unsupported layer_types {sorted(unknown)}")
+    windows = tuple(int(window) if kind == "sliding_attention" else None for kind in layer_types)
+    return windows if any(w is not None for w in windows) else ()
+
+
+Rope = tuple[float, RopeScaling | None]
+
+
+def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None, Rope | None]:
+    """(rope_theta, scaling, the local layers' own (theta, scaling) or None)."""
+    params = raw.get("rope_parameters") or {}
+    if "full_attention" in params:
+        # Gemma 3 in newer configs: one set of parameters per layer type.
+        global_rope = _parse_rope_params(params["full_attention"], params["full_attention"])
+        local = params.get("sliding_attention")
+        return (*global_rope, _parse_rope_params(local, local) if local else None)
+    theta, scaling = _parse_rope_params(raw, params)
+    local_theta = raw.get("rope_local_base_freq")
+    return theta, scaling, (float(local_theta), None) if local_theta is not None else None
+
+
+def _parse_rope_params(raw: dict[str, Any], params: dict[str, Any]) -> Rope:
     # Newer configs nest everything in rope_parameters; older ones use rope_theta plus
     # rope_scaling (whose type key was once called "type").
-    params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or params
     rope_theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))

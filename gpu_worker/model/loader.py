@@ -12,7 +12,7 @@ from torch import nn
 
 from gpu_worker.model import model_class_for
 from gpu_worker.model.config import ModelConfig
-from gpu_worker.model.llama import LlamaForCausalLM
+from gpu_worker.model.decoder import DecoderForCausalLM
 from gpu_worker.parallel.groups import SINGLE_RANK_CONTEXT, ParallelContext
 
 # Checkpoint module name -> (fused module name, shard id) for projections the engine fuses.
@@ -35,7 +35,7 @@ def load_model(
     dtype: torch.dtype,
     max_position: int,
     parallel: ParallelContext = SINGLE_RANK_CONTEXT,
-) -> LlamaForCausalLM:
+) -> DecoderForCausalLM:
     """Builds the model directly on `device` in `dtype` and loads every weight into it; under
     tensor or pipeline parallelism only this rank's shard of this rank's stage."""
     model_class = model_class_for(config)
@@ -62,6 +62,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     params = dict(model.named_parameters())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     stage_name = getattr(model, "stage_checkpoint_name", None)
+    split = getattr(model, "split_checkpoint_tensor", None)
+    if split is not None:
+        weights = (part for name, tensor in weights for part in split(name, tensor))
     loaded: dict[str, set[str | None]] = {name: set() for name in params}
     for checkpoint_name, tensor in weights:
         if checkpoint_name.endswith(_IGNORED_SUFFIXES):

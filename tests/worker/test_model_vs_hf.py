@@ -1,4 +1,5 @@
-"""The engine's Llama/Qwen3 against Hugging Face transformers with the same weights (CPU, fp32).
+"""The engine's architectures against Hugging Face transformers with the same weights (CPU,
+fp32), one tiny random checkpoint per architecture (tests/worker/tiny_architectures.py).
 
 The batched tests drive ModelRunner.execute_step with a small scripted scheduler: prompts
 join at different steps, a token budget splits prefills into chunks that share steps with
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from pagedserve.v1 import common_pb2, worker_pb2
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from tiny_architectures import BUILDERS, TINY_DIMS, VOCAB_SIZE, build_tiny_model
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import AttentionMetadata, attention_context
@@ -24,48 +25,12 @@ from gpu_worker.model_runner import ModelRunner
 
 BLOCK_SIZE = 4
 NUM_KV_BLOCKS = 48
-VOCAB_SIZE = 256
-TINY_DIMS = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB_SIZE,
-    max_position_embeddings=256,
-    # Wider than the default init so that logits are peaked and greedy choices are not
-    # decided by rounding.
-    initializer_range=0.1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
 
 
-def _build_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        tie_word_embeddings=False,
-        # A small original context so that the llama3 scaling changes real frequencies.
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 4.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-        **TINY_DIMS,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _build_qwen3() -> Qwen3ForCausalLM:
-    return Qwen3ForCausalLM(Qwen3Config(tie_word_embeddings=True, head_dim=16, **TINY_DIMS))
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
 def tiny_model(request, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
-    hf_model = {"llama": _build_llama, "qwen3": _build_qwen3}[request.param]()
-    hf_model.eval()
+    hf_model = build_tiny_model(request.param)
     model_dir = tmp_path_factory.mktemp(f"tiny_{request.param}")
     hf_model.save_pretrained(model_dir)
     # Greedy references run to their full length.

@@ -1,0 +1,69 @@
+"""What ModelConfig reads from each architecture's config.json, and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_architectures import TINY_DIMS
+
+from gpu_worker.model.config import ModelConfig
+
+
+def _config(model_type: str, **extra: object) -> ModelConfig:
+    return ModelConfig.from_dicts(dict(TINY_DIMS, model_type=model_type, **extra))
+
+
+def test_qwen2_biases_qkv_but_not_o_proj() -> None:
+    config = _config("qwen2")
+    assert config.qkv_bias and not config.attention_bias
+    llama = _config("llama", attention_bias=True)
+    assert llama.qkv_bias and llama.attention_bias
+
+
+def test_sliding_windows_per_layer() -> None:
+    assert _config("mistral", sliding_window=None).sliding_windows == ()
+    assert _config("mistral", sliding_window=7).sliding_windows == (7, 7)
+    # Qwen2 lists a window it does not use unless use_sliding_window says so.
+    assert _config("qwen2", sliding_window=7, use_sliding_window=False).sliding_windows == ()
+    # Gemma 2 configs without layer_types alternate, a windowed layer first.
+    gemma2 = _config("gemma2", sliding_window=7, num_hidden_layers=4)
+    assert gemma2.sliding_windows == (7, None, 7, None)
+    gemma3 = _config("gemma3_text", sliding_window=7, num_hidden_layers=7, sliding_window_pattern=3)
+    assert gemma3.sliding_windows == (7, 7, None, 7, 7, None, 7)
+    with pytest.raises(ValueError, match="layer_types"):
+        _config("gemma2", sliding_window=7, layer_types=["sliding_attention"])
+
+
+def test_gemma3_reads_a_rope_base_per_layer_type() -> None:
+    config = _config(
+        "gemma3_text",
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    )
+    assert config.rope_theta == 1e6 and config.rope_scaling is not None
+    assert config.rope_scaling.factor == 8.0
+    assert (config.local_rope_theta, config.local_rope_scaling) == (1e4, None)
+    older = _config("gemma3_text", rope_theta=1e6, rope_local_base_freq=1e4)
+    assert (older.rope_theta, older.local_rope_theta) == (1e6, 1e4)
+    assert older.tie_word_embeddings and older.use_qk_norm
+
+
+def test_attention_scale_follows_query_pre_attn_scalar() -> None:
+    assert _config("gemma2", head_dim=16, query_pre_attn_scalar=64).attention_scale == 64**-0.5
+    assert _config("llama", head_dim=16).attention_scale == 16**-0.5
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("model_type", "gpt2", "unsupported model_type 'gpt2'"),
+        ("hidden_act", "relu", "unsupported hidden_act 'relu'"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "unsupported rope scaling 'yarn'"),
+    ],
+)
+def test_unsupported_options_are_refused_by_name(field: str, value: object, message: str) -> None:
+    raw = dict(TINY_DIMS, model_type="llama")
+    raw[field] = value
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dicts(raw)
