@@ -6,6 +6,7 @@ from gpu_worker.model.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from gpu_worker.model.decoder import DecoderForCausalLM
 from gpu_worker.model.gemma import GemmaForCausalLM
 from gpu_worker.model.llama import LlamaForCausalLM
+from gpu_worker.model.moe import MoEForCausalLM
 from gpu_worker.model.phi3 import Phi3ForCausalLM
 
 # Qwen2, Qwen3 and Mistral are the Llama decoder with config-driven features (llama.py);
@@ -18,6 +19,8 @@ MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {
     "phi3": Phi3ForCausalLM,
     "gemma2": GemmaForCausalLM,
     "gemma3_text": GemmaForCausalLM,
+    "mixtral": MoEForCausalLM,
+    "qwen3_moe": MoEForCausalLM,
 }
 assert set(MODEL_CLASSES) == set(SUPPORTED_MODEL_TYPES), "config.SUPPORTED_MODEL_TYPES is out of step"
 

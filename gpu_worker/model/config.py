@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import Any
 
 # The architectures gpu_worker.model.MODEL_CLASSES builds; a test keeps the two in step.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "phi3",
+    "gemma2",
+    "gemma3_text",
+    "mixtral",
+    "qwen3_moe",
+)
 SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 # Architectures whose configs default to tied input and output embeddings.
 _TIED_BY_DEFAULT = ("gemma2", "gemma3_text")
@@ -60,6 +70,19 @@ class ModelConfig:
     # Gemma 3: the sliding-window layers' own RoPE base and scaling.
     local_rope_theta: float | None = None
     local_rope_scaling: RopeScaling | None = None
+
+    # Mixture of experts: per decoder layer, whether its MLP is the routed experts (empty:
+    # none is); each token goes to num_experts_per_tok of num_experts experts of
+    # moe_intermediate_size, weighted by the router's softmax over them, renormalized over
+    # the chosen ones when norm_topk_prob.
+    moe_layers: tuple[bool, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer_index]
 
     def sliding_window(self, layer_index: int) -> int | None:
         return self.sliding_windows[layer_index] if self.sliding_windows else None
@@ -118,7 +141,7 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT)),
             attention_bias=attention_bias and model_type != "qwen2",
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            use_qk_norm=model_type in ("qwen3", "gemma3_text"),
+            use_qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"),
             eos_token_ids=_collect_eos_ids(raw, generation or {}),
             qkv_bias=attention_bias or model_type == "qwen2",
             hidden_act=hidden_act,
@@ -128,7 +151,35 @@ class ModelConfig:
             query_pre_attn_scalar=_optional_float(raw.get("query_pre_attn_scalar")),
             local_rope_theta=local_rope[0] if local_rope else None,
             local_rope_scaling=local_rope[1] if local_rope else None,
+            **_moe_fields(raw, model_type, num_layers),
         )
+
+
+def _moe_fields(raw: dict[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
+    num_experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+    if model_type not in ("mixtral", "qwen3_moe") or num_experts == 0:
+        return {}
+    top_k = int(raw["num_experts_per_tok"])
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"num_experts_per_tok {top_k} must be in [1, num_experts {num_experts}]")
+    if model_type == "mixtral":
+        return dict(
+            moe_layers=(True,) * num_layers,
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=int(raw["intermediate_size"]),
+            norm_topk_prob=True,
+        )
+    # Qwen3-MoE: every decoder_sparse_step-th layer routes, except the listed dense ones.
+    step = int(raw.get("decoder_sparse_step") or 1)
+    dense = set(raw.get("mlp_only_layers") or [])
+    return dict(
+        moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=int(raw["moe_intermediate_size"]),
+        norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+    )
 
 
 def _optional_float(value: Any) -> float | None:

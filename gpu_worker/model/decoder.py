@@ -121,7 +121,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm_class(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DecoderAttention(config, layer_index, rotary_emb, norm_class, tp)
         self.post_attention_layernorm = norm_class(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config, tp)
+        self.mlp = self.make_mlp(config, layer_index, tp)
+
+    def make_mlp(self, config: ModelConfig, layer_index: int, tp: RankGroup) -> nn.Module:
+        """The layer's feed-forward block: a gated MLP, or routed experts (moe.py)."""
+        return GatedMLP(config, tp)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None

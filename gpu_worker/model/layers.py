@@ -38,7 +38,7 @@ def default_weight_loader(
 WeightLoader = Callable[..., None]
 
 
-def _new_parameter(*shape: int, weight_loader: WeightLoader = default_weight_loader) -> nn.Parameter:
+def new_parameter(*shape: int, weight_loader: WeightLoader = default_weight_loader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(*shape), requires_grad=False)
     param.weight_loader = weight_loader  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
     return param
@@ -51,8 +51,8 @@ class Linear(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = _new_parameter(output_size, input_size)
-        self.bias = _new_parameter(output_size) if bias else None
+        self.weight = new_parameter(output_size, input_size)
+        self.bias = new_parameter(output_size) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -117,7 +117,7 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _new_parameter(hidden_size)
+        self.weight = new_parameter(hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 whatever the activation dtype, as the models were trained.
@@ -174,7 +174,7 @@ class RotaryEmbedding(nn.Module):
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = _new_parameter(vocab_size, hidden_size)
+        self.weight = new_parameter(vocab_size, hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)
@@ -188,7 +188,7 @@ class LMHead(nn.Module):
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
-            self.weight = _new_parameter(vocab_size, hidden_size)
+            self.weight = new_parameter(vocab_size, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states, self.weight)

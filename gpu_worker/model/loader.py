@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,7 +97,16 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing))}")
 
 
+# One expert's projection: loads into its rows of the layer's stacked expert weights.
+_EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
 def _map_name(checkpoint_name: str) -> tuple[str, str | None]:
+    expert = _EXPERT_TENSOR.match(checkpoint_name)
+    if expert is not None:
+        prefix, index, part = expert.groups()
+        fused = "down_proj" if part == "down" else "gate_up_proj"
+        return f"{prefix}.{fused}", f"{index}.{part}"
     parts = checkpoint_name.split(".")
     for index, part in enumerate(parts):
         if part in STACKED_PARAMS:

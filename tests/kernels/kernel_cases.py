@@ -25,6 +25,7 @@ try:
     from kernels.triton_decode_attention import decode_attention_triton
     from kernels.triton_elementwise import add_rms_norm_triton, silu_and_mul_triton
     from kernels.triton_linear import linear_partial_sums, split_k_plan
+    from kernels.triton_moe import align_by_expert, fused_moe_triton
     from kernels.triton_prefill_attention import prefill_attention_triton
     from kernels.triton_rope_store import rope_store_triton
 finally:
@@ -39,6 +40,7 @@ from kernels.elementwise import (  # noqa: E402
     qk_norm_rope_reference,
     silu_and_mul_reference,
 )
+from kernels.moe import fused_moe_reference, route  # noqa: E402
 from kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -380,3 +382,45 @@ def test_fresh_prefill_kernel_matches_reference() -> None:
     value = batch.value_cache.view(-1, 8, HEAD_DIM)[slots]
     output = kernel(batch.query, key, value, batch.query_start_loc, max(query_lens), batch.scale)
     assert _relative_error(output, batch.reference()) < 2e-2
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 4, 2), (5, 8, 2), (37, 8, 3), (64, 4, 1)])
+def test_fused_moe_matches_reference(num_tokens: int, num_experts: int, top_k: int) -> None:
+    # Intermediate and hidden sizes that do not fill the kernel's tiles on CPU.
+    hidden, intermediate = (1024, 768) if ON_GPU else (48, 40)
+    generator = torch.Generator().manual_seed(num_tokens)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(DEVICE, DTYPE)
+
+    x = randn(num_tokens, hidden)
+    w13 = randn(num_experts, 2 * intermediate, hidden, scale=hidden**-0.5)
+    w2 = randn(num_experts, hidden, intermediate, scale=intermediate**-0.5)
+    weights, ids = route(randn(num_tokens, num_experts), top_k, renormalize=top_k > 1)
+    output = fused_moe_triton(x, w13, w2, weights, ids, silu_and_mul_reference)
+    expected = fused_moe_reference(x, w13, w2, weights, ids, silu_and_mul_reference)
+    assert _relative_error(output, expected) < (2e-2 if ON_GPU else 1e-5)
+
+
+def test_align_by_expert_groups_pairs_in_padded_tiles() -> None:
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]], device=DEVICE)
+    sorted_ids, expert_of_block, num_padded = align_by_expert(ids, 4, block_m=4)
+    # Pairs (token * k + choice): expert 0 has 1 and 4, expert 1 has 3, expert 2 has 0, 2, 5.
+    padding = 6
+    assert sorted_ids[:12].tolist() == [
+        1,
+        4,
+        padding,
+        padding,
+        3,
+        padding,
+        padding,
+        padding,
+        0,
+        2,
+        5,
+        padding,
+    ]
+    assert expert_of_block[:3].tolist() == [0, 1, 2]
+    assert num_padded.tolist() == [12]
+    assert (sorted_ids[12:] == padding).all()

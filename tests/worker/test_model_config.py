@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tiny_architectures import TINY_DIMS
 
 from gpu_worker.model.config import ModelConfig
+from tests.support.tiny_architectures import TINY_DIMS
 
 
 def _config(model_type: str, **extra: object) -> ModelConfig:
@@ -67,3 +67,22 @@ def test_unsupported_options_are_refused_by_name(field: str, value: object, mess
     raw[field] = value
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dicts(raw)
+
+
+def test_moe_layers_and_routing() -> None:
+    mixtral = _config("mixtral", num_local_experts=8, num_experts_per_tok=2)
+    assert mixtral.moe_layers == (True, True) and mixtral.norm_topk_prob
+    assert (mixtral.num_experts, mixtral.moe_intermediate_size) == (8, TINY_DIMS["intermediate_size"])
+    qwen3_moe = _config(
+        "qwen3_moe",
+        num_hidden_layers=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        decoder_sparse_step=2,
+        mlp_only_layers=[3],
+    )
+    assert qwen3_moe.moe_layers == (False, True, False, False)
+    assert not qwen3_moe.norm_topk_prob and qwen3_moe.moe_intermediate_size == 32
+    with pytest.raises(ValueError, match="num_experts_per_tok 9"):
+        _config("mixtral", num_local_experts=8, num_experts_per_tok=9)

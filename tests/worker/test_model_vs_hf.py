@@ -1,5 +1,5 @@
 """The engine's architectures against Hugging Face transformers with the same weights (CPU,
-fp32), one tiny random checkpoint per architecture (tests/worker/tiny_architectures.py).
+fp32), one tiny random checkpoint per architecture (tests/support/tiny_architectures.py).
 
 The batched tests drive ModelRunner.execute_step with a small scripted scheduler: prompts
 join at different steps, a token budget splits prefills into chunks that share steps with
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 from pagedserve.v1 import common_pb2, worker_pb2
-from tiny_architectures import BUILDERS, TINY_DIMS, VOCAB_SIZE, build_tiny_model
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model_runner import ModelRunner
+from tests.support.tiny_architectures import BUILDERS, TINY_DIMS, VOCAB_SIZE, build_tiny_model
 
 BLOCK_SIZE = 4
 NUM_KV_BLOCKS = 48

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 from parallel_harness import run_ranks
-from tiny_architectures import build_tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gpu_worker.kv_cache import KVCacheLayout, allocate_kv_cache, bind_kv_cache
@@ -22,6 +21,7 @@ from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
 from gpu_worker.parallel import SINGLE_RANK_CONTEXT, ParallelContext
+from tests.support.tiny_architectures import build_tiny_model
 
 # Each case starts two to four ranks over gloo: tens of seconds on two cores.
 pytestmark = pytest.mark.slow
@@ -173,10 +173,13 @@ def test_embedded_model_splits(embedded_model_dir, embedded_single_rank, tp: int
             assert torch.equal(logits.argmax(-1), reference.argmax(-1))
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral", "phi3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize(
+    "model_type", ["qwen2", "mistral", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
+)
 def test_every_architecture_splits(tmp_path, model_type: str) -> None:
     """Two ranks by two stages: each architecture's own layers (biases, fused checkpoint
-    tensors cut per rank, Gemma's extra norms, windowed layers) shard like Llama's."""
+    tensors cut per rank, Gemma's extra norms, windowed layers, experts sliced per rank)
+    shard like Llama's."""
     torch.manual_seed(0)
     build_tiny_model(model_type).save_pretrained(tmp_path)
     expected = _run_rank(SINGLE_RANK_CONTEXT, tmp_path)

@@ -89,6 +89,31 @@ def _gemma3_text() -> transformers.PreTrainedModel:
     return transformers.Gemma3ForCausalLM(config)
 
 
+def _mixtral() -> transformers.PreTrainedModel:
+    config = transformers.MixtralConfig(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=SLIDING_WINDOW + 1,
+        head_dim=16,
+        **TINY_DIMS,
+    )
+    return transformers.MixtralForCausalLM(config)
+
+
+def _qwen3_moe() -> transformers.PreTrainedModel:
+    # Top-2 of 4 experts without renormalizing, beside a dense layer.
+    config = transformers.Qwen3MoeConfig(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        head_dim=16,
+        **TINY_DIMS,
+    )
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
 BUILDERS: dict[str, Callable[[], transformers.PreTrainedModel]] = {
     "llama": _llama,
     "qwen3": _qwen3,
@@ -97,6 +122,8 @@ BUILDERS: dict[str, Callable[[], transformers.PreTrainedModel]] = {
     "phi3": _phi3,
     "gemma2": _gemma2,
     "gemma3_text": _gemma3_text,
+    "mixtral": _mixtral,
+    "qwen3_moe": _qwen3_moe,
 }
 
 
