@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,19 @@ _TIED_BY_DEFAULT = ("gemma2", "gemma3_text")
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1 style frequency-dependent scaling, or plain linear position scaling."""
+    """Llama 3.1 style frequency-dependent scaling, YaRN, or plain linear position scaling."""
 
-    rope_type: str  # "llama3" or "linear"
+    rope_type: str  # "llama3", "yarn" or "linear"
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # YaRN: cos and sin are multiplied by attention_factor; frequencies between the
+    # beta_fast and beta_slow rotation counts blend interpolation and extrapolation.
+    attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -246,7 +253,34 @@ def _parse_rope_params(raw: dict[str, Any], params: dict[str, Any]) -> Rope:
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         )
-    raise ValueError(f"unsupported rope scaling {rope_type!r}; implemented: default, linear, llama3")
+    if rope_type == "yarn":
+        return rope_theta, _yarn_scaling(raw, scaling)
+    raise ValueError(f"unsupported rope scaling {rope_type!r}; implemented: default, linear, llama3, yarn")
+
+
+def _yarn_scaling(raw: dict[str, Any], scaling: dict[str, Any]) -> RopeScaling:
+    original = int(scaling.get("original_max_position_embeddings") or raw["max_position_embeddings"])
+    factor = scaling.get("factor") or int(raw["max_position_embeddings"]) / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor)
+    return RopeScaling(
+        rope_type="yarn",
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+        beta_fast=float(scaling.get("beta_fast") or 32.0),
+        beta_slow=float(scaling.get("beta_slow") or 1.0),
+        truncate=bool(scaling.get("truncate", True)),
+    )
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _collect_eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]:

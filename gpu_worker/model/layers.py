@@ -137,6 +137,8 @@ def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | 
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_inverse_frequencies(head_dim, base, scaling)
     if scaling.rope_type == "llama3":
         # Llama 3.1: keep high frequencies, divide low frequencies by `factor`, and blend
         # smoothly in between, measured by wavelength against the original context.
@@ -154,6 +156,29 @@ def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | 
     raise ValueError(f"unsupported rope scaling {scaling.rope_type!r}")
 
 
+def _yarn_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original context are
+    interpolated (divided by factor), those turning more than beta_fast times kept, with a
+    linear ramp over the dimensions in between."""
+    position_freqs = base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolated = 1.0 / position_freqs
+    interpolated = 1.0 / (scaling.factor * position_freqs)
+
+    def correction_dim(num_rotations: float) -> float:
+        context = scaling.original_max_position_embeddings
+        return head_dim * math.log(context / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    return interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight
+
+
 class RotaryEmbedding(nn.Module):
     """The cos/sin table of rotary position embedding in the rotate-half (GPT-NeoX) layout
     used by Llama/Qwen; the attention layer applies it, in one pass with the KV store."""
@@ -168,6 +193,8 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq.to(positions.device))
         # fp32 whatever the model dtype: bf16 cos/sin lose precision at large positions.
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+        if scaling is not None and scaling.attention_factor != 1.0:
+            cos_sin = cos_sin * scaling.attention_factor
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
 

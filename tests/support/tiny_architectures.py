@@ -60,7 +60,10 @@ def _qwen3() -> transformers.PreTrainedModel:
 
 
 def _qwen2() -> transformers.PreTrainedModel:
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(tie_word_embeddings=True, **TINY_DIMS))
+    # YaRN over a small original context, so that it changes real frequencies.
+    yarn = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    config = transformers.Qwen2Config(tie_word_embeddings=True, rope_parameters=yarn, **TINY_DIMS)
+    return transformers.Qwen2ForCausalLM(config)
 
 
 def _mistral() -> transformers.PreTrainedModel:
