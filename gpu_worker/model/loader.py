@@ -36,14 +36,37 @@ def load_model(
     dtype: torch.dtype,
     max_position: int,
     parallel: ParallelContext = SINGLE_RANK_CONTEXT,
+    load_format: str = "safetensors",
 ) -> DecoderForCausalLM:
     """Builds the model directly on `device` in `dtype` and loads every weight into it; under
-    tensor or pipeline parallelism only this rank's shard of this rank's stage."""
+    tensor or pipeline parallelism only this rank's shard of this rank's stage.
+
+    load_format "dummy" reads no weight file: every parameter is drawn at random on the
+    device, with the architecture's shapes (for benchmarks of models not at hand)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unsupported load_format {load_format!r}; supported: {', '.join(LOAD_FORMATS)}")
     model_class = model_class_for(config)
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, max_position, parallel)
-    load_weights(model, iter_safetensors(Path(model_dir)))
+    if load_format == "dummy":
+        fill_dummy_weights(model)
+    else:
+        load_weights(model, iter_safetensors(Path(model_dir)))
     return model.eval()
+
+
+LOAD_FORMATS = ("safetensors", "dummy")
+
+
+def fill_dummy_weights(model: nn.Module, seed: int = 0, bound: float = 1e-3) -> None:
+    """Uniform in [-bound, bound]: small enough that activations stay finite through any
+    depth; norm weights too, which keeps every layer's arithmetic that of real weights."""
+    generator: torch.Generator | None = None
+    with torch.no_grad():
+        for param in model.parameters():
+            if generator is None:
+                generator = torch.Generator(device=param.device).manual_seed(seed)
+            param.uniform_(-bound, bound, generator=generator)
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,11 +1,15 @@
-"""What ModelConfig reads from each architecture's config.json, and what it refuses."""
+"""What ModelConfig reads from each architecture's config.json, what it refuses, and a model
+built from config.json alone."""
 
 from __future__ import annotations
 
 import pytest
+from pagedserve.v1 import common_pb2, worker_pb2
 
+from gpu_worker.config import WorkerConfig
 from gpu_worker.model.config import ModelConfig
-from tests.support.tiny_architectures import TINY_DIMS
+from gpu_worker.model_runner import ModelRunner
+from tests.support.tiny_architectures import TINY_DIMS, build_tiny_model
 
 
 def _config(model_type: str, **extra: object) -> ModelConfig:
@@ -86,3 +90,19 @@ def test_moe_layers_and_routing() -> None:
     assert not qwen3_moe.norm_topk_prob and qwen3_moe.moe_intermediate_size == 32
     with pytest.raises(ValueError, match="num_experts_per_tok 9"):
         _config("mixtral", num_local_experts=8, num_experts_per_tok=9)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "phi3", "qwen3_moe"])
+def test_dummy_weights_need_only_the_config(tmp_path, model_type: str) -> None:
+    """load_format "dummy": no weight file is read, and the model runs a step."""
+    build_tiny_model(model_type).config.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    config = WorkerConfig(model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="dummy")
+    runner = ModelRunner(config)
+    assert all(param.abs().max() <= 1e-3 for param in runner.model.parameters())
+    step = worker_pb2.StepRequest(step_id=1)
+    step.new_sequences.add(seq_id=1, token_ids=[5, 6, 7], sampling=common_pb2.SamplingParams(temperature=0))
+    step.scheduled.add(seq_id=1, num_new_tokens=3, new_block_ids=[0])
+    assert len(runner.execute_step(step).token_ids) == 1
+    with pytest.raises(ValueError, match="unsupported load_format 'pt'"):
+        ModelRunner(WorkerConfig(model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="pt"))
