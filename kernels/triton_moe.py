@@ -28,7 +28,9 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
     max_padded = num_pairs + num_experts * (block_m - 1)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # A scatter rather than bincount, whose output size depends on the data (a device sync).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded_counts = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded_counts.cumsum(0)
     order = torch.argsort(flat, stable=True)

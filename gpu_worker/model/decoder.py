@@ -169,7 +169,12 @@ class DecoderModel(nn.Module):
         tp = parallel.tp
         if parallel.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.embedding_scale = embedding_scale
+        # Rounded to the activation dtype, as the Gemma checkpoints expect, once here.
+        self.embedding_scale = (
+            None
+            if embedding_scale is None
+            else float(torch.tensor(embedding_scale, dtype=torch.get_default_dtype()))
+        )
         rotary_emb = RotaryEmbedding(config.head_dim, max_position, config.rope_theta, config.rope_scaling)
         local_rotary_emb = rotary_emb
         if config.local_rope_theta is not None:
@@ -202,8 +207,7 @@ class DecoderModel(nn.Module):
         if self.parallel.is_first_stage:
             hidden_states = self.embed_tokens(input_ids)
             if self.embedding_scale is not None:
-                # Rounded to the activation dtype first, as the Gemma checkpoints expect.
-                hidden_states = hidden_states * torch.tensor(self.embedding_scale, dtype=hidden_states.dtype)
+                hidden_states = hidden_states * self.embedding_scale
         else:
             assert intermediate is not None, "a later pipeline stage runs on the previous stage's output"
             hidden_states = intermediate

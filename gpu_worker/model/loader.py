@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -70,7 +71,15 @@ def fill_dummy_weights(model: nn.Module, seed: int = 0, bound: float = 1e-3) -> 
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(model_dir.glob("*.safetensors"))
+    """Every tensor of the checkpoint: the files that model.safetensors.index.json names
+    when there is one (Mistral's directories also hold consolidated.safetensors, the same
+    weights under other names), else every *.safetensors file."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     for path in files:

@@ -4,10 +4,13 @@ built from config.json alone."""
 from __future__ import annotations
 
 import pytest
+import torch
 from pagedserve.v1 import common_pb2, worker_pb2
+from safetensors.torch import save_file
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.config import ModelConfig
+from gpu_worker.model.loader import iter_safetensors
 from gpu_worker.model_runner import ModelRunner
 from tests.support.tiny_architectures import TINY_DIMS, build_tiny_model
 
@@ -106,3 +109,19 @@ def test_dummy_weights_need_only_the_config(tmp_path, model_type: str) -> None:
     assert len(runner.execute_step(step).token_ids) == 1
     with pytest.raises(ValueError, match="unsupported load_format 'pt'"):
         ModelRunner(WorkerConfig(model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="pt"))
+
+
+def test_sharded_checkpoint_loads_the_files_its_index_names(tmp_path) -> None:
+    """Shards listed by model.safetensors.index.json load; a stray file beside them (as
+    Mistral's consolidated.safetensors) is not read."""
+    hf_model = build_tiny_model("mistral")
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2)}, str(tmp_path / "consolidated.safetensors"))
+    names = {name for name, _ in iter_safetensors(tmp_path)}
+    assert names == set(hf_model.state_dict())
+    runner = ModelRunner(WorkerConfig(model_path=tmp_path, device="cpu", num_kv_blocks=8))
+    torch.testing.assert_close(
+        runner.model.model.embed_tokens.weight, hf_model.model.embed_tokens.weight, atol=0, rtol=0
+    )
