@@ -19,9 +19,27 @@ from torch import nn
 
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.decoder import ACTIVATIONS, DecoderForCausalLM, DecoderLayer, GatedMLP
-from gpu_worker.model.layers import Linear, new_parameter
+from gpu_worker.model.layers import Linear, WeightLoader, new_parameter
 from gpu_worker.parallel.groups import SINGLE_RANK, RankGroup
 from kernels.moe import fused_moe, route
+
+
+class ExpertWeights(nn.Module):
+    """Every expert's projections stacked, under the names that loader.py maps each
+    expert's checkpoint tensors to: gate_up_proj [E, 2 * I, H] (gate rows, then up rows)
+    and down_proj [E, H, I], I being this rank's slice of the intermediate features."""
+
+    def __init__(self, config: ModelConfig, local_size: int, weight_loader: WeightLoader) -> None:
+        super().__init__()
+        experts = range(config.num_experts)
+        self.gate_up_proj = new_parameter(
+            config.num_experts, 2 * local_size, config.hidden_size, weight_loader=weight_loader
+        )
+        self.gate_up_proj.shard_ids = tuple(f"{e}.{p}" for e in experts for p in ("gate", "up"))  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
+        self.down_proj = new_parameter(
+            config.num_experts, config.hidden_size, local_size, weight_loader=weight_loader
+        )
+        self.down_proj.shard_ids = tuple(f"{e}.down" for e in experts)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
 
 class FusedMoE(nn.Module):
@@ -39,16 +57,7 @@ class FusedMoE(nn.Module):
         self.local_size = size // tp.size
         self.act_and_mul = ACTIVATIONS[config.hidden_act]
         self.gate = Linear(config.hidden_size, config.num_experts)
-        self.experts = nn.Module()
-        experts = range(config.num_experts)
-        self.experts.gate_up_proj = new_parameter(
-            config.num_experts, 2 * self.local_size, config.hidden_size, weight_loader=self._load_expert
-        )
-        self.experts.gate_up_proj.shard_ids = tuple(f"{e}.{p}" for e in experts for p in ("gate", "up"))  # type: ignore[attr-defined]  # a loader hook
-        self.experts.down_proj = new_parameter(
-            config.num_experts, config.hidden_size, self.local_size, weight_loader=self._load_expert
-        )
-        self.experts.down_proj.shard_ids = tuple(f"{e}.down" for e in experts)  # type: ignore[attr-defined]  # a loader hook
+        self.experts = ExpertWeights(config, self.local_size, self._load_expert)
 
     def _load_expert(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
