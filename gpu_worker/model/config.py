@@ -29,7 +29,7 @@ _TIED_BY_DEFAULT = ("gemma2", "gemma3_text")
 class RopeScaling:
     """Llama 3.1 style frequency-dependent scaling, YaRN, or plain linear position scaling."""
 
-    rope_type: str  # "llama3", "yarn" or "linear"
+    rope_type: str  # "llama3", "yarn", "longrope" or "linear"
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -40,6 +40,10 @@ class RopeScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     truncate: bool = True
+    # LongRoPE (Phi-3): per-frequency divisors for positions inside the original context
+    # and for positions past it; cos and sin are multiplied by attention_factor.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -255,7 +259,27 @@ def _parse_rope_params(raw: dict[str, Any], params: dict[str, Any]) -> Rope:
         )
     if rope_type == "yarn":
         return rope_theta, _yarn_scaling(raw, scaling)
-    raise ValueError(f"unsupported rope scaling {rope_type!r}; implemented: default, linear, llama3, yarn")
+    if rope_type == "longrope":
+        return rope_theta, _longrope_scaling(raw, scaling)
+    raise ValueError(
+        f"unsupported rope scaling {rope_type!r}; implemented: default, linear, llama3, yarn, longrope"
+    )
+
+
+def _longrope_scaling(raw: dict[str, Any], scaling: dict[str, Any]) -> RopeScaling:
+    original = int(scaling.get("original_max_position_embeddings") or raw["original_max_position_embeddings"])
+    factor = scaling.get("factor") or int(raw["max_position_embeddings"]) / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(
+        rope_type="longrope",
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+        short_factor=tuple(float(f) for f in scaling["short_factor"]),
+        long_factor=tuple(float(f) for f in scaling["long_factor"]),
+    )
 
 
 def _yarn_scaling(raw: dict[str, Any], scaling: dict[str, Any]) -> RopeScaling:

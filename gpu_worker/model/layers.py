@@ -179,6 +179,23 @@ def _yarn_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling) 
     return interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight
 
 
+def _longrope_angles(
+    head_dim: int, base: float, scaling: RopeScaling, positions: torch.Tensor
+) -> torch.Tensor:
+    """Phi-3's LongRoPE, by position: the short factors inside the original context, the
+    long ones past it. Hugging Face switches all positions of a forward to the long
+    factors once any passes the original context; the two agree on every sequence that
+    stays inside it, and per position a token's rotation never depends on its batch."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+
+    def angles(factors: tuple[float, ...]) -> torch.Tensor:
+        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)
+        return torch.outer(positions, inv_freq.to(positions.device))
+
+    inside = positions[:, None] < scaling.original_max_position_embeddings
+    return torch.where(inside, angles(scaling.short_factor), angles(scaling.long_factor))
+
+
 class RotaryEmbedding(nn.Module):
     """The cos/sin table of rotary position embedding in the rotate-half (GPT-NeoX) layout
     used by Llama/Qwen; the attention layer applies it, in one pass with the KV store."""
@@ -188,9 +205,12 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = rope_inverse_frequencies(head_dim, base, scaling)
         positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq.to(positions.device))
+        if scaling is not None and scaling.rope_type == "longrope":
+            freqs = _longrope_angles(head_dim, base, scaling, positions)
+        else:
+            inv_freq = rope_inverse_frequencies(head_dim, base, scaling)
+            freqs = torch.outer(positions, inv_freq.to(positions.device))
         # fp32 whatever the model dtype: bf16 cos/sin lose precision at large positions.
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
         if scaling is not None and scaling.attention_factor != 1.0:

@@ -72,7 +72,22 @@ def _mistral() -> transformers.PreTrainedModel:
 
 
 def _phi3() -> transformers.PreTrainedModel:
-    config = transformers.Phi3Config(sliding_window=SLIDING_WINDOW + 2, **TINY_DIMS)
+    # LongRoPE with an original context longer than the tests' sequences, whose short
+    # factors then apply (see gpu_worker/model/layers.py).
+    half = TINY_DIMS["hidden_size"] // TINY_DIMS["num_attention_heads"] // 2
+    longrope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.25 * i for i in range(half)],
+        "long_factor": [2.0 + 0.5 * i for i in range(half)],
+        "original_max_position_embeddings": 128,
+    }
+    config = transformers.Phi3Config(
+        sliding_window=SLIDING_WINDOW + 2,
+        rope_parameters=longrope,
+        original_max_position_embeddings=128,
+        **TINY_DIMS,
+    )
     return transformers.Phi3ForCausalLM(config)
 
 

@@ -3,13 +3,16 @@ built from config.json alone."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from pagedserve.v1 import common_pb2, worker_pb2
 from safetensors.torch import save_file
 
 from gpu_worker.config import WorkerConfig
-from gpu_worker.model.config import ModelConfig
+from gpu_worker.model.config import ModelConfig, RopeScaling
+from gpu_worker.model.layers import RotaryEmbedding
 from gpu_worker.model.loader import iter_safetensors
 from gpu_worker.model_runner import ModelRunner
 from tests.support.tiny_architectures import TINY_DIMS, build_tiny_model
@@ -125,3 +128,21 @@ def test_sharded_checkpoint_loads_the_files_its_index_names(tmp_path) -> None:
     torch.testing.assert_close(
         runner.model.model.embed_tokens.weight, hf_model.model.embed_tokens.weight, atol=0, rtol=0
     )
+
+
+def test_longrope_switches_factors_by_position() -> None:
+    """Phi-3's LongRoPE: short factors inside the original context, long ones past it,
+    both scaled by the attention factor sqrt(1 + ln(factor) / ln(original))."""
+    scaling = RopeScaling(
+        rope_type="longrope",
+        factor=4.0,
+        original_max_position_embeddings=8,
+        attention_factor=math.sqrt(1 + math.log(4.0) / math.log(8)),
+        short_factor=(1.0, 2.0),
+        long_factor=(3.0, 5.0),
+    )
+    table = RotaryEmbedding(4, 16, 100.0, scaling).cos_sin_cache
+    for position, factors in ((7, (1.0, 2.0)), (8, (3.0, 5.0)), (15, (3.0, 5.0))):
+        angles = torch.tensor([position / factors[0], position / (factors[1] * 10.0)])
+        expected = torch.cat([angles.cos(), angles.sin()]) * scaling.attention_factor
+        torch.testing.assert_close(table[position], expected)

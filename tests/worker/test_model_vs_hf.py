@@ -295,5 +295,5 @@ def test_eos_ids_merge_generation_config(tmp_path) -> None:
     config = ModelConfig.from_model_dir(tmp_path)
     assert config.eos_token_ids == (2, 7)
     assert config.architecture == "LlamaForCausalLM"
-    with pytest.raises(ValueError, match="longrope"):
-        ModelConfig.from_dicts(dict(raw, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
+    with pytest.raises(ValueError, match="dynamic"):
+        ModelConfig.from_dicts(dict(raw, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
