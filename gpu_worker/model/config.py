@@ -121,6 +121,11 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        if raw.get("quantization_config"):
+            method = raw["quantization_config"].get("quant_method", "unknown")
+            raise ValueError(
+                f"unsupported quantization_config (quant_method {method!r}); weights must be unquantized"
+            )
         hidden_act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
         if hidden_act not in SUPPORTED_ACTIVATIONS:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Each kind of architecture served by the three services on CPU, token for token as HF
+"""Every architecture served by the three services on CPU, token for token as HF
 transformers generates: tiny random checkpoints (tests/support/tiny_architectures.py) with
 sliding windows shorter than the prompts, requests batched, prefilled in chunks, sharing
 a cached prefix and preempted from a pool too small for all of them."""
@@ -15,7 +15,7 @@ from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
 
 from tests.support.service_stack import Stack, service_stack
 from tests.support.small_tokenizer import build_tokenizer, write_model_dir
-from tests.support.tiny_architectures import build_tiny_model
+from tests.support.tiny_architectures import BUILDERS, build_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.hf]
 
@@ -48,7 +48,7 @@ def _hf_greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
     return output[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "mixtral"])
+@pytest.mark.parametrize("model_type", sorted(BUILDERS))
 def test_served_architecture_matches_hf(model_type: str, tmp_path: Path) -> None:
     model_dir = write_model_dir(tmp_path / "model")
     torch.manual_seed(0)

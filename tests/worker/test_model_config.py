@@ -70,6 +70,11 @@ def test_attention_scale_follows_query_pre_attn_scalar() -> None:
         ("model_type", "gpt2", "unsupported model_type 'gpt2'"),
         ("hidden_act", "relu", "unsupported hidden_act 'relu'"),
         ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "unsupported rope scaling 'dynamic'"),
+        (
+            "quantization_config",
+            {"quant_method": "awq"},
+            "unsupported quantization_config .quant_method 'awq'",
+        ),
     ],
 )
 def test_unsupported_options_are_refused_by_name(field: str, value: object, message: str) -> None:
