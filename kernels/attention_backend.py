@@ -97,7 +97,6 @@ def attention(
             sliding_window,
             logit_softcap,
         )
-    plain = sliding_window is None and logit_softcap is None
     if max_query_len == 1:
         from kernels.triton_decode_attention import decode_attention_triton
 
@@ -115,8 +114,9 @@ def attention(
     # The varlen kernels are called without window or soft-cap options: those steps go to
     # the paged prefill kernel, which has both.
     if (
-        plain
-        and no_cached_context
+        no_cached_context
+        and sliding_window is None
+        and logit_softcap is None
         and key is not None
         and fresh_prefill is not None
         and not _fresh_prefill_failed
