@@ -57,6 +57,9 @@ class WorkerConfig:
     seed: int | None = 0
     # Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
     enforce_eager: bool = False
+    # "safetensors": the model directory's weights; "dummy": random weights made on the
+    # device with the architecture's shapes, only config.json read (benchmarks).
+    load_format: str = "safetensors"
     # Most sequences in one step: the largest decode batch captured in a CUDA graph and
     # the size of the input staging buffers. Reported in WorkerInfo; the scheduler adopts it.
     max_num_seqs: int = StepLimits.max_num_seqs

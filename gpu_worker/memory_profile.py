@@ -18,7 +18,7 @@ from gpu_worker.config import WorkerConfig
 from gpu_worker.kv_cache import KVCacheLayout, allocate_kv_cache, bind_kv_cache
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
-from gpu_worker.model.llama import LlamaForCausalLM
+from gpu_worker.model.decoder import DecoderForCausalLM
 from gpu_worker.parallel.groups import SINGLE_RANK_CONTEXT
 
 # Decode graphs' own activations are small (one token per sequence); this covers them and
@@ -28,7 +28,7 @@ GRAPH_MARGIN_BYTES = 512 << 20
 
 @torch.inference_mode()
 def profile_activation_bytes(
-    model: LlamaForCausalLM,
+    model: DecoderForCausalLM,
     model_config: ModelConfig,
     config: WorkerConfig,
     max_model_len: int,

@@ -90,7 +90,12 @@ class ModelRunner:
                 f"max_position_embeddings {self.model_config.max_position_embeddings}"
             )
         self.model = load_model(
-            config.model_path, self.model_config, self.device, self.dtype, self.max_model_len
+            config.model_path,
+            self.model_config,
+            self.device,
+            self.dtype,
+            self.max_model_len,
+            load_format=config.load_format,
         )
         # Sized after the weights are on the device, from what memory is left once the
         # largest step's activations (measured on CUDA) are set aside.

@@ -80,17 +80,48 @@ def attention(
     max_query_len: int,
     no_cached_context: bool,
     scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """query: [T, H, D]; key, value: this step's [T, H_kv, D], already stored in the cache
-    (key may be None unless no_cached_context). Returns [T, H, D]."""
+    (key may be None unless no_cached_context). sliding_window and logit_softcap as in
+    kernels.paged_attention. Returns [T, H, D]."""
     if not query.is_cuda:
-        return paged_attention(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale)
+        return paged_attention(
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            query_start_loc,
+            seq_lens,
+            scale,
+            sliding_window,
+            logit_softcap,
+        )
     if max_query_len == 1:
         from kernels.triton_decode_attention import decode_attention_triton
 
-        return decode_attention_triton(query, key_cache, value_cache, block_tables, seq_lens, scale)
+        return decode_attention_triton(
+            query,
+            key_cache,
+            value_cache,
+            block_tables,
+            seq_lens,
+            scale,
+            sliding_window=sliding_window,
+            logit_softcap=logit_softcap,
+        )
     fresh_prefill = fresh_prefill_kernel()
-    if no_cached_context and key is not None and fresh_prefill is not None and not _fresh_prefill_failed:
+    # The varlen kernels are called without window or soft-cap options: those steps go to
+    # the paged prefill kernel, which has both.
+    if (
+        no_cached_context
+        and sliding_window is None
+        and logit_softcap is None
+        and key is not None
+        and fresh_prefill is not None
+        and not _fresh_prefill_failed
+    ):
         try:
             return fresh_prefill(query, key, value, query_start_loc, max_query_len, scale)
         except (RuntimeError, TypeError, ValueError) as error:
@@ -100,7 +131,16 @@ def attention(
     from kernels.triton_prefill_attention import prefill_attention_triton
 
     return prefill_attention_triton(
-        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        scale,
+        max_query_len,
+        sliding_window=sliding_window,
+        logit_softcap=logit_softcap,
     )
 
 

@@ -74,6 +74,12 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Gemma's gated MLP activation; PyTorch's own kernel on every device."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _use_triton(x):
         from kernels.triton_elementwise import silu_and_mul_triton

@@ -59,6 +59,8 @@ def paged_attention(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flattened mixed batch over its paged KV cache.
 
@@ -70,6 +72,9 @@ def paged_attention(
         last block are padding and never read.
     query_start_loc: [num_seqs + 1] offsets of each sequence's query tokens in `query`.
     seq_lens: [num_seqs] context length of each sequence, its query tokens included.
+    sliding_window: a query at position p sees keys at positions (p - sliding_window, p];
+        None: all of [0, p].
+    logit_softcap: scores (after scaling) become cap * tanh(score / cap) before softmax.
     Returns [num_tokens, num_heads, head_dim] in the query's dtype; the arithmetic is fp32.
     """
     num_tokens, num_heads, head_dim = query.shape
@@ -94,10 +99,14 @@ def paged_attention(
 
         q = query[q_start:q_end].float()
         scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
+        if logit_softcap is not None:
+            scores = torch.tanh(scores / logit_softcap) * logit_softcap
         query_positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
         key_positions = torch.arange(seq_len, device=query.device)
-        future = key_positions[None, :] > query_positions[:, None]
-        scores.masked_fill_(future, float("-inf"))
+        hidden = key_positions[None, :] > query_positions[:, None]
+        if sliding_window is not None:
+            hidden |= key_positions[None, :] <= query_positions[:, None] - sliding_window
+        scores.masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         output[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, values).to(query.dtype)
     return output

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import pdl_launch, wait_for_previous_kernel
+from kernels.triton_attention_options import soft_cap
 
 # Enough programs to occupy every multiprocessor about twice is where splitting stops
 # paying; more splits only add merge work.
@@ -41,6 +42,8 @@ def _decode_kernel(
     partial_output_ptr,
     partial_lse_ptr,
     scale_log2,
+    window,
+    softcap_log2,
     query_token_stride,
     query_head_stride,
     block_table_stride,
@@ -55,6 +58,8 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -80,6 +85,10 @@ def _decode_kernel(
     row_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    if USE_WINDOW:
+        # The query sits at seq_len - 1 and sees the `window` positions up to it; the
+        # splits before the window stay empty.
+        start = tl.maximum(start, seq_len - window)
     for tile_start in range(start, end, BLOCK_N):
         positions = tile_start + tl.arange(0, BLOCK_N)
         valid = positions < end
@@ -92,6 +101,8 @@ def _decode_kernel(
         keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         values = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
+        if USE_SOFTCAP:
+            scores = soft_cap(scores, softcap_log2)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         probs = tl.exp2(scores - new_max[:, None])
@@ -169,6 +180,19 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int) -> int:
     return min(triton.next_power_of_2(splits), _MAX_SPLITS)
 
 
+def _split_buffers(output: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each split's fp32 partial output and log-sum-exp, merged by a second kernel; with one
+    split the kernel writes the output directly and these are unused."""
+    if num_splits == 1:
+        return output, output
+    num_seqs, num_heads, head_dim = output.shape
+    partial_output = torch.empty(
+        num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=output.device
+    )
+    partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=output.device)
+    return partial_output, partial_lse
+
+
 def decode_attention_triton(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -176,13 +200,16 @@ def decode_attention_triton(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """query: [num_seqs, num_heads, head_dim], one token per sequence; the caches, block
-    tables and seq_lens as in kernels.paged_attention. Returns [num_seqs, num_heads, head_dim]."""
+    tables, seq_lens, sliding_window and logit_softcap as in kernels.paged_attention. Returns
+    [num_seqs, num_heads, head_dim]."""
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
     assert cache_head_dim == head_dim and num_heads % num_kv_heads == 0
@@ -197,13 +224,7 @@ def decode_attention_triton(
     output = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
     if num_seqs == 0:
         return output
-    if num_splits > 1:
-        partial_output = torch.empty(
-            num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device
-        )
-        partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
-    else:
-        partial_output = partial_lse = output  # unused
+    partial_output, partial_lse = _split_buffers(output, num_splits)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         key_cache,
@@ -214,6 +235,8 @@ def decode_attention_triton(
         partial_output,
         partial_lse,
         scale * _LOG2E,
+        sliding_window or 0,
+        (logit_softcap or 1.0) * _LOG2E,
         query.stride(0),
         query.stride(1),
         block_tables.stride(0),
@@ -230,6 +253,8 @@ def decode_attention_triton(
         NUM_SPLITS=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
+        USE_WINDOW=sliding_window is not None,
+        USE_SOFTCAP=logit_softcap is not None,
         **pdl_launch(query.device),
     )
     if num_splits > 1:

@@ -5,7 +5,8 @@ Computes exactly kernels.paged_attention.paged_attention. One program handles BL
 tokens of one sequence for all the query heads of one KV head: the rows of its tile are
 (token, head-in-group) pairs, so each KV tile is loaded once per group rather than once per
 query head. Query token i of a sequence with q_len new tokens and seq_len in its context
-sits at position seq_len - q_len + i and sees keys [0, position].
+sits at position seq_len - q_len + i and sees keys [0, position], or the last
+`sliding_window` of them; scores may be soft-capped.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels.launch import pdl_launch, wait_for_previous_kernel
+from kernels.triton_attention_options import soft_cap
 
 _LOG2E = 1.4426950408889634
 
@@ -31,6 +33,8 @@ def _prefill_kernel(
     seq_lens_ptr,
     output_ptr,
     scale_log2,
+    window,
+    softcap_log2,
     query_token_stride,
     query_head_stride,
     output_token_stride,
@@ -45,6 +49,8 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -83,7 +89,11 @@ def _prefill_kernel(
     block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
     # Keys past the tile's last query position are masked for every row of the tile.
     key_end = tl.minimum(seq_len, context_len + first_token + BLOCK_M)
-    for tile_start in range(0, key_end, BLOCK_N):
+    key_start = 0
+    if USE_WINDOW:
+        # The tile's first query sees no key before its own position - window + 1.
+        key_start = tl.maximum(context_len + first_token - window + 1, 0)
+    for tile_start in range(key_start, key_end, BLOCK_N):
         key_positions = tile_start + tl.arange(0, BLOCK_N)
         key_valid = key_positions < key_end
         block_ids = tl.load(block_table + key_positions // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
@@ -97,7 +107,11 @@ def _prefill_kernel(
             value_cache_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0
         )
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
+        if USE_SOFTCAP:
+            scores = soft_cap(scores, softcap_log2)
         visible = key_valid[None, :] & (key_positions[None, :] <= query_positions[:, None])
+        if USE_WINDOW:
+            visible &= key_positions[None, :] > query_positions[:, None] - window
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         # Rows that have seen no visible key yet (padding rows) keep a finite reference.
@@ -128,6 +142,8 @@ def prefill_attention_triton(
     seq_lens: torch.Tensor,
     scale: float,
     max_query_len: int,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
     block_m: int | None = None,
     block_n: int = 32,
     num_warps: int | None = None,
@@ -161,6 +177,8 @@ def prefill_attention_triton(
         seq_lens,
         output,
         scale * _LOG2E,
+        sliding_window or 0,
+        (logit_softcap or 1.0) * _LOG2E,
         query.stride(0),
         query.stride(1),
         output.stride(0),
@@ -177,6 +195,8 @@ def prefill_attention_triton(
         BLOCK_N=block_n,
         num_warps=num_warps or (4 if block_m * group_pad <= 64 else 8),
         num_stages=num_stages,
+        USE_WINDOW=sliding_window is not None,
+        USE_SOFTCAP=logit_softcap is not None,
         **pdl_launch(query.device),
     )
     return output

@@ -65,9 +65,20 @@ class PagedAttention(nn.Module):
     paged cache, then attends over it."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        rotary_emb: RotaryEmbedding,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         super().__init__()
+        # A query attends to this many most recent positions (None: all); scores are
+        # soft-capped at logit_softcap (None: not capped).
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -126,5 +137,7 @@ class PagedAttention(nn.Module):
             metadata.max_query_len,
             metadata.no_cached_context,
             self.scale,
+            self.sliding_window,
+            self.logit_softcap,
         )
         return output.reshape(output.shape[0], self.num_heads * self.head_dim)

@@ -38,7 +38,7 @@ def default_weight_loader(
 WeightLoader = Callable[..., None]
 
 
-def _new_parameter(*shape: int, weight_loader: WeightLoader = default_weight_loader) -> nn.Parameter:
+def new_parameter(*shape: int, weight_loader: WeightLoader = default_weight_loader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(*shape), requires_grad=False)
     param.weight_loader = weight_loader  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
     return param
@@ -51,8 +51,8 @@ class Linear(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = _new_parameter(output_size, input_size)
-        self.bias = _new_parameter(output_size) if bias else None
+        self.weight = new_parameter(output_size, input_size)
+        self.bias = new_parameter(output_size) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -117,7 +117,7 @@ class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _new_parameter(hidden_size)
+        self.weight = new_parameter(hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 whatever the activation dtype, as the models were trained.
@@ -137,6 +137,8 @@ def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | 
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_inverse_frequencies(head_dim, base, scaling)
     if scaling.rope_type == "llama3":
         # Llama 3.1: keep high frequencies, divide low frequencies by `factor`, and blend
         # smoothly in between, measured by wavelength against the original context.
@@ -154,6 +156,46 @@ def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | 
     raise ValueError(f"unsupported rope scaling {scaling.rope_type!r}")
 
 
+def _yarn_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original context are
+    interpolated (divided by factor), those turning more than beta_fast times kept, with a
+    linear ramp over the dimensions in between."""
+    position_freqs = base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolated = 1.0 / position_freqs
+    interpolated = 1.0 / (scaling.factor * position_freqs)
+
+    def correction_dim(num_rotations: float) -> float:
+        context = scaling.original_max_position_embeddings
+        return head_dim * math.log(context / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    return interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight
+
+
+def _longrope_angles(
+    head_dim: int, base: float, scaling: RopeScaling, positions: torch.Tensor
+) -> torch.Tensor:
+    """Phi-3's LongRoPE, by position: the short factors inside the original context, the
+    long ones past it. Hugging Face switches all positions of a forward to the long
+    factors once any passes the original context; the two agree on every sequence that
+    stays inside it, and per position a token's rotation never depends on its batch."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+
+    def angles(factors: tuple[float, ...]) -> torch.Tensor:
+        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)
+        return torch.outer(positions, inv_freq.to(positions.device))
+
+    inside = positions[:, None] < scaling.original_max_position_embeddings
+    return torch.where(inside, angles(scaling.short_factor), angles(scaling.long_factor))
+
+
 class RotaryEmbedding(nn.Module):
     """The cos/sin table of rotary position embedding in the rotate-half (GPT-NeoX) layout
     used by Llama/Qwen; the attention layer applies it, in one pass with the KV store."""
@@ -163,18 +205,23 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: RopeScaling | None) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = rope_inverse_frequencies(head_dim, base, scaling)
         positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq.to(positions.device))
+        if scaling is not None and scaling.rope_type == "longrope":
+            freqs = _longrope_angles(head_dim, base, scaling, positions)
+        else:
+            inv_freq = rope_inverse_frequencies(head_dim, base, scaling)
+            freqs = torch.outer(positions, inv_freq.to(positions.device))
         # fp32 whatever the model dtype: bf16 cos/sin lose precision at large positions.
         cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+        if scaling is not None and scaling.attention_factor != 1.0:
+            cos_sin = cos_sin * scaling.attention_factor
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = _new_parameter(vocab_size, hidden_size)
+        self.weight = new_parameter(vocab_size, hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)
@@ -188,7 +235,7 @@ class LMHead(nn.Module):
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
-            self.weight = _new_parameter(vocab_size, hidden_size)
+            self.weight = new_parameter(vocab_size, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states, self.weight)

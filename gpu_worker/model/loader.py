@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +14,7 @@ from torch import nn
 
 from gpu_worker.model import model_class_for
 from gpu_worker.model.config import ModelConfig
-from gpu_worker.model.llama import LlamaForCausalLM
+from gpu_worker.model.decoder import DecoderForCausalLM
 from gpu_worker.parallel.groups import SINGLE_RANK_CONTEXT, ParallelContext
 
 # Checkpoint module name -> (fused module name, shard id) for projections the engine fuses.
@@ -35,18 +37,49 @@ def load_model(
     dtype: torch.dtype,
     max_position: int,
     parallel: ParallelContext = SINGLE_RANK_CONTEXT,
-) -> LlamaForCausalLM:
+    load_format: str = "safetensors",
+) -> DecoderForCausalLM:
     """Builds the model directly on `device` in `dtype` and loads every weight into it; under
-    tensor or pipeline parallelism only this rank's shard of this rank's stage."""
+    tensor or pipeline parallelism only this rank's shard of this rank's stage.
+
+    load_format "dummy" reads no weight file: every parameter is drawn at random on the
+    device, with the architecture's shapes (for benchmarks of models not at hand)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unsupported load_format {load_format!r}; supported: {', '.join(LOAD_FORMATS)}")
     model_class = model_class_for(config)
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, max_position, parallel)
-    load_weights(model, iter_safetensors(Path(model_dir)))
+    if load_format == "dummy":
+        fill_dummy_weights(model)
+    else:
+        load_weights(model, iter_safetensors(Path(model_dir)))
     return model.eval()
 
 
+LOAD_FORMATS = ("safetensors", "dummy")
+
+
+def fill_dummy_weights(model: nn.Module, seed: int = 0, bound: float = 1e-3) -> None:
+    """Uniform in [-bound, bound]: small enough that activations stay finite through any
+    depth; norm weights too, which keeps every layer's arithmetic that of real weights."""
+    generator: torch.Generator | None = None
+    with torch.no_grad():
+        for param in model.parameters():
+            if generator is None:
+                generator = torch.Generator(device=param.device).manual_seed(seed)
+            param.uniform_(-bound, bound, generator=generator)
+
+
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(model_dir.glob("*.safetensors"))
+    """Every tensor of the checkpoint: the files that model.safetensors.index.json names
+    when there is one (Mistral's directories also hold consolidated.safetensors, the same
+    weights under other names), else every *.safetensors file."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
     for path in files:
@@ -62,6 +95,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     params = dict(model.named_parameters())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     stage_name = getattr(model, "stage_checkpoint_name", None)
+    split = getattr(model, "split_checkpoint_tensor", None)
+    if split is not None:
+        weights = (part for name, tensor in weights for part in split(name, tensor))
     loaded: dict[str, set[str | None]] = {name: set() for name in params}
     for checkpoint_name, tensor in weights:
         if checkpoint_name.endswith(_IGNORED_SUFFIXES):
@@ -93,7 +129,16 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing))}")
 
 
+# One expert's projection: loads into its rows of the layer's stacked expert weights.
+_EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
 def _map_name(checkpoint_name: str) -> tuple[str, str | None]:
+    expert = _EXPERT_TENSOR.match(checkpoint_name)
+    if expert is not None:
+        prefix, index, part = expert.groups()
+        fused = "down_proj" if part == "down" else "gate_up_proj"
+        return f"{prefix}.{fused}", f"{index}.{part}"
     parts = checkpoint_name.split(".")
     for index, part in enumerate(parts):
         if part in STACKED_PARAMS:

@@ -121,7 +121,9 @@ class PagedBatch:
         self.query = torch.randn(sum(query_lens), num_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
         self.scale = HEAD_DIM**-0.5
 
-    def reference(self) -> torch.Tensor:
+    def reference(
+        self, sliding_window: int | None = None, logit_softcap: float | None = None
+    ) -> torch.Tensor:
         return paged_attention(
             self.query,
             self.key_cache,
@@ -130,6 +132,8 @@ class PagedBatch:
             self.query_start_loc,
             self.seq_lens,
             self.scale,
+            sliding_window,
+            logit_softcap,
         )
 
 
@@ -197,6 +201,64 @@ def test_prefill_attention_matches_reference_on_mixed_batch(num_heads: int, num_
     )
     assert not output.isnan().any()
     torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
+
+
+# Windows shorter than a tile, than a block, and reaching back across split boundaries; a
+# cap low enough that tanh bends the random scores.
+WINDOW_SOFTCAP_CASES = [(5, None), (None, 2.0), (3, 2.0), (BLOCK_SIZE * 4 + 1, None)]
+
+
+@pytest.mark.parametrize("sliding_window,logit_softcap", WINDOW_SOFTCAP_CASES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_attention_window_and_softcap(
+    sliding_window: int | None, logit_softcap: float | None, num_splits: int
+) -> None:
+    seq_lens = [1, 7, 3 * BLOCK_SIZE + 1, 70] if not ON_GPU else [1, 17, 300, 2000]
+    batch = PagedBatch(seq_lens, [1] * len(seq_lens), 4, 2, seed=num_splits)
+    output = decode_attention_triton(
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.scale,
+        sliding_window=sliding_window,
+        logit_softcap=logit_softcap,
+        num_splits=num_splits,
+        block_n=16 if not ON_GPU else 64,
+    )
+    assert not output.isnan().any()
+    expected = batch.reference(sliding_window, logit_softcap).float()
+    assert _relative_error(expected, batch.reference().float()) > 1e-2, "the options change nothing"
+    torch.testing.assert_close(output.float(), expected, **TOLERANCE)
+
+
+@pytest.mark.parametrize("sliding_window,logit_softcap", WINDOW_SOFTCAP_CASES)
+def test_prefill_attention_window_and_softcap(
+    sliding_window: int | None, logit_softcap: float | None
+) -> None:
+    if ON_GPU:
+        shapes = [(700, 700), (1500, 333), (900, 1), (2000, 1000)]
+    else:
+        shapes = [(7, 7), (13, 5), (9, 1), (40, 37)]
+    batch = PagedBatch([s for s, _ in shapes], [q for _, q in shapes], 4, 2, seed=5)
+    output = prefill_attention_triton(
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.scale,
+        max(q for _, q in shapes),
+        sliding_window=sliding_window,
+        logit_softcap=logit_softcap,
+        block_n=16 if not ON_GPU else 64,
+    )
+    assert not output.isnan().any()
+    torch.testing.assert_close(
+        output.float(), batch.reference(sliding_window, logit_softcap).float(), **TOLERANCE
+    )
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

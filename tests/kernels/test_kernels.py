@@ -1,4 +1,4 @@
-"""Runs the kernel cases (tests/kernels/kernel_cases.py) in a fresh Python process.
+"""Runs the kernel cases (tests/kernels/kernel_cases.py, moe_cases.py) in a fresh Python process.
 
 Triton decides between its interpreter and its compiler per function when the function is
 defined, the functions of triton.language included. Other tests in the session import
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CASES = Path(__file__).with_name("kernel_cases.py")
+CASES = [Path(__file__).with_name(name) for name in ("kernel_cases.py", "moe_cases.py")]
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_triton_kernels_match_references() -> None:
         "no:cacheprovider",
         "--noconftest",
         "-rs",
-        str(CASES),
+        *map(str, CASES),
     ]
     completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stdout[-8000:] + completed.stderr[-2000:]

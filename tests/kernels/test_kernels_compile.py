@@ -22,12 +22,15 @@ from triton.compiler import ASTSource  # noqa: E402
 from kernels.triton_decode_attention import _decode_kernel, _merge_splits_kernel  # noqa: E402
 from kernels.triton_elementwise import _add_rms_norm_kernel, _silu_and_mul_kernel  # noqa: E402
 from kernels.triton_linear import _partial_sums_kernel  # noqa: E402
+from kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
 from kernels.triton_prefill_attention import _prefill_kernel  # noqa: E402
 from kernels.triton_rope_store import _rope_store_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-ATTENTION = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16)
+ATTENTION = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=16, USE_WINDOW=False, USE_SOFTCAP=False)
+# Gemma 2's options: a sliding window and soft-capped scores.
+WINDOWED_SOFTCAPPED = dict(ATTENTION, USE_WINDOW=True, USE_SOFTCAP=True)
 DECODE_TYPES = dict(
     query_ptr="*bf16",
     key_cache_ptr="*bf16",
@@ -38,6 +41,27 @@ DECODE_TYPES = dict(
     partial_output_ptr="*fp32",
     partial_lse_ptr="*fp32",
     scale_log2="fp32",
+    softcap_log2="fp32",
+)
+PREFILL_TYPES = dict(
+    query_ptr="*bf16",
+    key_cache_ptr="*bf16",
+    value_cache_ptr="*bf16",
+    block_tables_ptr="*i32",
+    query_start_loc_ptr="*i32",
+    seq_lens_ptr="*i32",
+    output_ptr="*bf16",
+    scale_log2="fp32",
+    softcap_log2="fp32",
+)
+EXPERT_GEMM_TYPES = dict(
+    a_ptr="*bf16",
+    b_ptr="*bf16",
+    c_ptr="*bf16",
+    weights_ptr="*bf16",
+    sorted_ids_ptr="*i64",
+    expert_of_block_ptr="*i64",
+    num_padded_ptr="*i64",
 )
 ROPE_STORE_TYPES = dict(
     query_ptr="*bf16",
@@ -76,20 +100,35 @@ CASES = {
         dict(HEAD_DIM=128, NUM_SPLITS=4),
         dict(num_warps=4),
     ),
+    "decode attention, windowed and soft-capped": (
+        _decode_kernel,
+        DECODE_TYPES,
+        dict(WINDOWED_SOFTCAPPED, BLOCK_N=64, NUM_SPLITS=4),
+        dict(num_warps=4, num_stages=3),
+    ),
     "prefill attention": (
         _prefill_kernel,
-        dict(
-            query_ptr="*bf16",
-            key_cache_ptr="*bf16",
-            value_cache_ptr="*bf16",
-            block_tables_ptr="*i32",
-            query_start_loc_ptr="*i32",
-            seq_lens_ptr="*i32",
-            output_ptr="*bf16",
-            scale_log2="fp32",
-        ),
+        PREFILL_TYPES,
         dict(ATTENTION, BLOCK_M=32, BLOCK_N=32),
         dict(num_warps=4, num_stages=2),
+    ),
+    "prefill attention, windowed and soft-capped": (
+        _prefill_kernel,
+        PREFILL_TYPES,
+        dict(WINDOWED_SOFTCAPPED, BLOCK_M=32, BLOCK_N=32),
+        dict(num_warps=4, num_stages=2),
+    ),
+    "fused MoE gate/up": (
+        _expert_gemm_kernel,
+        EXPERT_GEMM_TYPES,
+        dict(A_ROW_DIV=8, MUL_WEIGHT=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
+        dict(num_warps=4, num_stages=3),
+    ),
+    "fused MoE down, weighted": (
+        _expert_gemm_kernel,
+        EXPERT_GEMM_TYPES,
+        dict(A_ROW_DIV=1, MUL_WEIGHT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
+        dict(num_warps=4, num_stages=3),
     ),
     "rope + KV store, decode": (
         _rope_store_kernel,

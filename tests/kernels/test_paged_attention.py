@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,12 +15,17 @@ NUM_BLOCKS = 32
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 
 
-def _dense_causal(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _dense_causal(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, window: int | None = None
+) -> torch.Tensor:
     """query: [q_len, H, D] for the last q_len positions of keys/values [seq_len, H_kv, D]."""
     q_len, seq_len = query.shape[0], keys.shape[0]
     group = NUM_HEADS // NUM_KV_HEADS
-    # Query i sits at position seq_len - q_len + i and sees keys up to it.
+    # Query i sits at position seq_len - q_len + i and sees keys up to it (and, with a
+    # window, not `window` or more positions back).
     allowed = torch.ones(q_len, seq_len, dtype=torch.bool).tril(diagonal=seq_len - q_len)
+    if window is not None:
+        allowed &= torch.ones(q_len, seq_len, dtype=torch.bool).triu(diagonal=seq_len - q_len - window + 1)
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1),
         keys.repeat_interleave(group, dim=1).transpose(0, 1),
@@ -30,7 +36,20 @@ def _dense_causal(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     return out.transpose(0, 1)
 
 
-def test_mixed_batch_matches_dense_causal_attention() -> None:
+def _dense_softcapped(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cap: float
+) -> torch.Tensor:
+    q_len, seq_len = query.shape[0], keys.shape[0]
+    group = NUM_HEADS // NUM_KV_HEADS
+    scores = torch.einsum("qhd,khd->hqk", query, keys.repeat_interleave(group, dim=1)) * HEAD_DIM**-0.5
+    scores = cap * torch.tanh(scores / cap)
+    allowed = torch.ones(q_len, seq_len, dtype=torch.bool).tril(diagonal=seq_len - q_len)
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, values.repeat_interleave(group, dim=1))
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (6, None), (None, 1.5)])
+def test_mixed_batch_matches_dense_causal_attention(window: int | None, softcap: float | None) -> None:
     torch.manual_seed(0)
     # (context length after the step, query tokens this step): full prefill, prefill chunk
     # over a cached prefix, decodes at and across block boundaries.
@@ -50,14 +69,25 @@ def test_mixed_batch_matches_dense_causal_attention() -> None:
         store_kv(keys, values, key_cache, value_cache, slots)
         query = torch.randn(q_len, NUM_HEADS, HEAD_DIM)
         queries.append(query)
-        expected.append(_dense_causal(query, keys, values))
+        if softcap is None:
+            expected.append(_dense_causal(query, keys, values, window))
+        else:
+            expected.append(_dense_softcapped(query, keys, values, softcap))
 
     max_blocks = max(len(b) for b in block_tables)
     padded = torch.tensor([b + [0] * (max_blocks - len(b)) for b in block_tables], dtype=torch.int32)
     query_start_loc = torch.tensor([0] + [q for _, q in shapes], dtype=torch.int32).cumsum(0)
     seq_lens = torch.tensor([s for s, _ in shapes], dtype=torch.int32)
     output = paged_attention(
-        torch.cat(queries), key_cache, value_cache, padded, query_start_loc, seq_lens, HEAD_DIM**-0.5
+        torch.cat(queries),
+        key_cache,
+        value_cache,
+        padded,
+        query_start_loc,
+        seq_lens,
+        HEAD_DIM**-0.5,
+        window,
+        softcap,
     )
     # Unwritten slots hold NaN: any read of them would poison the output.
     assert not output.isnan().any()

@@ -1,4 +1,5 @@
-"""The engine's Llama/Qwen3 against Hugging Face transformers with the same weights (CPU, fp32).
+"""The engine's architectures against Hugging Face transformers with the same weights (CPU,
+fp32), one tiny random checkpoint per architecture (tests/support/tiny_architectures.py).
 
 The batched tests drive ModelRunner.execute_step with a small scripted scheduler: prompts
 join at different steps, a token budget splits prefills into chunks that share steps with
@@ -16,42 +17,21 @@ from pathlib import Path
 import pytest
 import torch
 from pagedserve.v1 import common_pb2, worker_pb2
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model_runner import ModelRunner
+from tests.support.tiny_architectures import BUILDERS, build_tiny_model
 from tests.support.tiny_llama import TINY_DIMS, VOCAB_SIZE
 
 BLOCK_SIZE = 4
 NUM_KV_BLOCKS = 48
 
 
-def _build_llama() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        tie_word_embeddings=False,
-        # A small original context so that the llama3 scaling changes real frequencies.
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 4.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
-        **TINY_DIMS,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _build_qwen3() -> Qwen3ForCausalLM:
-    return Qwen3ForCausalLM(Qwen3Config(tie_word_embeddings=True, head_dim=16, **TINY_DIMS))
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
 def tiny_model(request, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
-    hf_model = {"llama": _build_llama, "qwen3": _build_qwen3}[request.param]()
-    hf_model.eval()
+    hf_model = build_tiny_model(request.param)
     model_dir = tmp_path_factory.mktemp(f"tiny_{request.param}")
     hf_model.save_pretrained(model_dir)
     # Greedy references run to their full length.
@@ -316,5 +296,5 @@ def test_eos_ids_merge_generation_config(tmp_path) -> None:
     config = ModelConfig.from_model_dir(tmp_path)
     assert config.eos_token_ids == (2, 7)
     assert config.architecture == "LlamaForCausalLM"
-    with pytest.raises(ValueError, match="yarn"):
-        ModelConfig.from_dicts(dict(raw, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+    with pytest.raises(ValueError, match="dynamic"):
+        ModelConfig.from_dicts(dict(raw, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))

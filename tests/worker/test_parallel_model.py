@@ -21,6 +21,7 @@ from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
 from gpu_worker.parallel import SINGLE_RANK_CONTEXT, ParallelContext
+from tests.support.tiny_architectures import build_tiny_model
 from tests.support.tiny_llama import PARALLEL_DIMS
 
 # Each case starts two to four ranks over gloo: tens of seconds on two cores.
@@ -165,4 +166,21 @@ def test_embedded_model_splits(embedded_model_dir, embedded_single_rank, tp: int
         for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
             # Thirty layers summed in another order: fp32 rounding, far below the logits' spread.
             torch.testing.assert_close(logits, reference, atol=1e-3, rtol=1e-4)
+            assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize(
+    "model_type", ["qwen2", "mistral", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe"]
+)
+def test_every_architecture_splits(tmp_path, model_type: str) -> None:
+    """Two ranks by two stages: each architecture's own layers (biases, fused checkpoint
+    tensors cut per rank, Gemma's extra norms, windowed layers, experts sliced per rank)
+    shard like Llama's."""
+    torch.manual_seed(0)
+    build_tiny_model(model_type).save_pretrained(tmp_path)
+    expected = _run_rank(SINGLE_RANK_CONTEXT, tmp_path)
+    ranks = run_ranks(_run_rank, 2, 2, args=(tmp_path,))
+    for rank in ranks[2:]:
+        for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
+            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
             assert torch.equal(logits.argmax(-1), reference.argmax(-1))

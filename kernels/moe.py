@@ -1,0 +1,59 @@
+"""Mixture-of-experts routing and expert computation: PyTorch references and dispatch.
+
+Expert weights are stacked per layer: w13 [E, 2 * I, H] holds each expert's gate rows then
+its up rows, w2 [E, H, I] its down projection. A token's output is the sum over its top-k
+experts of weight * down(act(gate(x)) * up(x)). The references are the CPU path and what
+the fused Triton kernel (kernels/triton_moe.py) must compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts in fp32, then the top_k, optionally renormalized to sum to
+    one (Mixtral always, Qwen3-MoE per norm_topk_prob). Returns (weights [T, k] fp32,
+    expert ids [T, k] int64)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe_reference(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act_and_mul: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """x: [T, H]. Each expert computes over the tokens routed to it, and its weighted
+    output is added into theirs; the arithmetic follows Hugging Face's expert loop
+    (weights rounded to the activation dtype)."""
+    output = torch.zeros_like(x)
+    weights = topk_weights.to(x.dtype)
+    for expert in torch.unique(topk_ids).tolist():
+        tokens, slots = torch.nonzero(topk_ids == expert, as_tuple=True)
+        hidden = act_and_mul(x[tokens] @ w13[expert].t()) @ w2[expert].t()
+        output.index_add_(0, tokens, hidden * weights[tokens, slots, None])
+    return output
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act_and_mul: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    if x.is_cuda:
+        from kernels.triton_moe import fused_moe_triton
+
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, act_and_mul)
+    return fused_moe_reference(x, w13, w2, topk_weights, topk_ids, act_and_mul)

@@ -1,0 +1,167 @@
+"""Fused mixture-of-experts in Triton: a grouped GEMM over tokens sorted by expert.
+
+Computes kernels.moe.fused_moe_reference. The (token, choice) pairs of a batch, T * k of
+them, are sorted by expert and each expert's run is padded to a multiple of BLOCK_M, so
+that every tile of BLOCK_M rows belongs to one expert: the tile multiplies its rows by
+that expert's weights only, and no expert's weights are read for tokens that did not pick
+it. Two launches: gate/up for every pair, then (after the activation) down, scaled by the
+pair's routing weight; the k outputs of each token are summed last.
+
+Every buffer is sized for the worst case (each expert's run padded by BLOCK_M - 1), so
+the launch depends only on the batch size and the shapes: CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """Returns (sorted_ids, expert_of_block, num_padded): sorted_ids [max_padded] holds
+    flat pair indices (token * k + choice) grouped by expert, each group padded with
+    num_pairs to a multiple of block_m; expert_of_block the expert of each tile;
+    num_padded [1] how many rows are in use."""
+    flat = topk_ids.flatten()
+    num_pairs = flat.numel()
+    max_padded = num_pairs + num_experts * (block_m - 1)
+    # A scatter rather than bincount, whose output size depends on the data (a device sync).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    padded_ends = padded_counts.cumsum(0)
+    order = torch.argsort(flat, stable=True)
+    experts_in_order = flat[order]
+    first_of_expert = counts.cumsum(0) - counts
+    rank_in_expert = torch.arange(num_pairs, device=flat.device) - first_of_expert[experts_in_order]
+    destination = (padded_ends - padded_counts)[experts_in_order] + rank_in_expert
+    sorted_ids = torch.full((max_padded,), num_pairs, dtype=torch.int64, device=flat.device)
+    sorted_ids[destination] = order
+    block_starts = torch.arange(0, max_padded, block_m, device=flat.device)
+    expert_of_block = torch.searchsorted(padded_ends, block_starts, right=True).clamp_max(num_experts - 1)
+    return sorted_ids, expert_of_block, padded_ends[-1:]
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    weights_ptr,
+    sorted_ids_ptr,
+    expert_of_block_ptr,
+    num_padded_ptr,
+    num_pairs,
+    N,
+    K,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    A_ROW_DIV: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """C[pair] = A[pair // A_ROW_DIV] @ B[expert]^T (times the pair's weight), for the
+    pairs of one tile of sorted rows and one tile of output columns."""
+    tile_m = tl.program_id(0)
+    tile_n = tl.program_id(1)
+    if tile_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_ids_ptr + rows)
+    valid = pairs < num_pairs
+    expert = tl.load(expert_of_block_ptr + tile_m).to(tl.int64)
+    a_rows = (pairs // A_ROW_DIV).to(tl.int64)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_valid = ks < K
+        a = tl.load(
+            a_ptr + a_rows[:, None] * stride_am + ks[None, :],
+            mask=valid[:, None] & k_valid[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk,
+            mask=col_valid[None, :] & k_valid[:, None],
+            other=0.0,
+        )
+        acc += tl.dot(a, b)
+    if MUL_WEIGHT:
+        weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+        acc = acc * weights[:, None]
+    tl.store(
+        c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + cols[None, :],
+        acc.to(c_ptr.dtype.element_ty),
+        mask=valid[:, None] & col_valid[None, :],
+    )
+
+
+def _expert_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    weights: torch.Tensor,
+    alignment: tuple[torch.Tensor, ...],
+    a_row_div: int,
+    mul_weight: bool,
+    block_m: int,
+) -> None:
+    sorted_ids, expert_of_block, num_padded = alignment
+    n, k = b.shape[1], b.shape[2]
+    block_n, block_k = 64, 64 if k >= 64 else max(16, triton.next_power_of_2(k))
+    grid = (triton.cdiv(sorted_ids.numel(), block_m), triton.cdiv(n, block_n))
+    _expert_gemm_kernel[grid](
+        a,
+        b,
+        out,
+        weights,
+        sorted_ids,
+        expert_of_block,
+        num_padded,
+        out.shape[0],
+        n,
+        k,
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        out.stride(0),
+        A_ROW_DIV=a_row_div,
+        MUL_WEIGHT=mul_weight,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+
+
+def fused_moe_triton(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    act_and_mul: Callable[[torch.Tensor], torch.Tensor],
+    block_m: int = 16,
+) -> torch.Tensor:
+    """Same contract as kernels.moe.fused_moe_reference."""
+    num_tokens, top_k = topk_ids.shape
+    assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
+    num_pairs = num_tokens * top_k
+    alignment = align_by_expert(topk_ids, w13.shape[0], block_m)
+    weights = topk_weights.flatten().to(x.dtype)
+    gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
+    _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, block_m)
+    hidden = act_and_mul(gate_up)
+    down = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
+    _expert_gemm(hidden, w2, down, weights, alignment, 1, True, block_m)
+    return down.view(num_tokens, top_k, -1).sum(dim=1)
