@@ -1,0 +1,76 @@
+"""OpenAI request bodies → the public gRPC API's GenerateRequest, so that HTTP requests
+take the same validation, tokenizing and generation path as gRPC ones."""
+
+from __future__ import annotations
+
+from pagedserve.v1 import common_pb2, generation_pb2
+
+from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+def sampling_of(body: SamplingFields, max_tokens: int | None) -> common_pb2.SamplingParams:
+    sampling = common_pb2.SamplingParams(
+        top_k=body.top_k,
+        stop=body.stop_strings(),
+        stop_token_ids=body.stop_token_ids or [],
+        ignore_eos=body.ignore_eos,
+        n=body.n,
+    )
+    if body.temperature is not None:
+        sampling.temperature = body.temperature
+    if body.top_p is not None:
+        sampling.top_p = body.top_p
+    if body.seed is not None:
+        sampling.seed = body.seed
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    return sampling
+
+
+def completion_requests(body: CompletionRequest, request_id: str) -> list[generation_pb2.GenerateRequest]:
+    """One request per prompt of the body (a batch has several), ids `request_id-i`."""
+    body.refuse_unsupported()
+    sampling = sampling_of(body, body.max_tokens)
+    prompts = _prompt_list(body.prompt)
+    requests = []
+    for index, prompt in enumerate(prompts):
+        request = generation_pb2.GenerateRequest(
+            request_id=request_id if len(prompts) == 1 else f"{request_id}-{index}", sampling=sampling
+        )
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            request.prompt_token_ids.extend(prompt)
+        requests.append(request)
+    return requests
+
+
+def chat_request(body: ChatCompletionRequest, request_id: str) -> generation_pb2.GenerateRequest:
+    body.refuse_unsupported()
+    return generation_pb2.GenerateRequest(
+        request_id=request_id,
+        messages=[
+            generation_pb2.ChatMessage(role=message.template_role(), content=message.text())
+            for message in body.messages
+        ],
+        sampling=sampling_of(body, body.max_new_tokens()),
+    )
+
+
+def openai_param(field: str) -> str:
+    """The OpenAI parameter that a GenerateRequest field (as an InvalidArgumentError names
+    it) came from."""
+    if field.startswith("sampling."):
+        return field.removeprefix("sampling.")
+    if field.startswith("prompt_token_ids"):
+        return "prompt" + field.removeprefix("prompt_token_ids")
+    return field
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(item, int) for item in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    # An empty list is one empty prompt, which validation refuses by name.
+    return list(prompt) or [""]  # type: ignore[arg-type]
