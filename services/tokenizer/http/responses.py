@@ -7,7 +7,7 @@ from typing import Literal
 from pagedserve.v1 import common_pb2
 from pydantic import BaseModel
 
-FINISH_REASONS = {
+FINISH_REASONS: dict[int, str] = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 
 import uvicorn
@@ -56,7 +57,8 @@ class HttpApiServer:
         deadline = asyncio.get_running_loop().time() + grace_s
         while self.state.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        self._server.config.timeout_graceful_shutdown = max(0.1, deadline - asyncio.get_running_loop().time())
+        left_s = deadline - asyncio.get_running_loop().time()
+        self._server.config.timeout_graceful_shutdown = max(1, math.ceil(left_s))
         self._server.should_exit = True
         if self._task is not None:
             await self._task
