@@ -1,8 +1,10 @@
 """Turns one step's logits into tokens.
 
-Rows with temperature 0 take the exact argmax of their logits. The other rows are scaled by
-temperature, filtered by top-k then top-p, and sampled with the exponential race
-(argmax of p / E with E ~ Exp(1)), which draws exactly from p.
+Each row's logit_bias is added to its logits first. Rows with temperature 0 then take the
+exact argmax. The other rows are scaled by temperature, filtered by min-p, then top-k, then
+top-p (the order vLLM applies them in), and sampled with the exponential race (argmax of
+p / E with E ~ Exp(1)), which draws exactly from p. Each stage is one batched pass over the
+rows that use it, skipped when none does.
 
 The noise E of a row at vocabulary entry v is a pure function of (the request's seed, the
 position of the token being sampled, the completion index, v): a counter-based hash computed
@@ -88,6 +90,9 @@ class SequenceSampling:
     # Tokens its next sample draws: n for the first sample of an n-completion request
     # (completion indices 0..n-1 from the same logits), then 1.
     num_samples: int = 1
+    min_p: float = 0.0
+    # (token id, value added to its logit), ids sorted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def from_proto(
@@ -100,6 +105,8 @@ class SequenceSampling:
             seed=_as_int64(sampling.seed if sampling.HasField("seed") else fallback_seed),
             index=index,
             num_samples=sampling.n if sampling.HasField("n") and sampling.n > 1 else 1,
+            min_p=sampling.min_p,
+            logit_bias=tuple(sorted(sampling.logit_bias.items())),
         )
 
     @property
@@ -183,6 +190,7 @@ class Sampler:
         positions: Sequence[int],
         indices: Sequence[int],
     ) -> torch.Tensor:
+        logits = _add_logit_bias(logits, rows)
         # The argmax of the logits as they come (bf16 on GPU) is the argmax of their float32
         # values, without writing a float32 copy of every row's vocabulary first.
         tokens = logits.argmax(dim=-1)
@@ -198,6 +206,7 @@ class Sampler:
         scaled = logits[row_index].float() / column([r.temperature for r in picked], torch.float32).unsqueeze(
             1
         )
+        scaled = _filter_min_p(scaled, picked)
         scaled = self._filter_top_k_top_p(scaled, picked)
         probs = torch.softmax(scaled, dim=-1)
         noise = exponential_noise(
@@ -230,3 +239,30 @@ class Sampler:
         outside_nucleus[:, 0] = False
         sorted_logits.masked_fill_(outside_nucleus, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, sorted_index, sorted_logits)
+
+
+def _add_logit_bias(logits: torch.Tensor, rows: Sequence[SequenceSampling]) -> torch.Tensor:
+    """The logits with each row's bias added, in float32, in one scatter over all rows;
+    the logits themselves when no row has a bias."""
+    if not any(row.logit_bias for row in rows):
+        return logits
+    row_ids = [r for r, row in enumerate(rows) for _ in row.logit_bias]
+    token_ids = [token for row in rows for token, _ in row.logit_bias]
+    values = [value for row in rows for _, value in row.logit_bias]
+    biased = logits.to(torch.float32, copy=True)
+    indices = (
+        to_device(row_ids, torch.int64, logits.device),
+        to_device(token_ids, torch.int64, logits.device),
+    )
+    biased.index_put_(indices, to_device(values, torch.float32, logits.device), accumulate=True)
+    return biased
+
+
+def _filter_min_p(logits: torch.Tensor, rows: Sequence[SequenceSampling]) -> torch.Tensor:
+    """Drops, per row, the tokens less likely than min_p times its most likely token."""
+    min_p = [row.min_p for row in rows]
+    if not any(p > 0 for p in min_p):
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * to_device(min_p, torch.float32, logits.device)[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))

@@ -156,6 +156,10 @@ def test_batched_prompts_answer_each_prompt(client: openai.OpenAI) -> None:
         ({"stop": [""]}, "stop[0]"),
         ({"prompt": [1, 10**9]}, "prompt[1]"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"100000000": 1}}, "logit_bias[100000000]"),
+        ({"logit_bias": {"5": 101}}, "logit_bias[5]"),
+        ({"extra_body": {"min_p": 2}}, "min_p"),
     ],
 )
 def test_bad_parameters_get_400_naming_them(client: openai.OpenAI, arguments: dict, param: str) -> None:
@@ -242,3 +246,45 @@ def test_client_that_leaves_aborts_its_request(client: openai.OpenAI, http_stack
     while http_stack.scheduler.GetStats(scheduler_pb2.GetStatsRequest()).num_running:
         assert time.monotonic() < deadline, "the request kept running after its client left"
         time.sleep(0.1)
+
+
+@pytest.mark.hf
+def test_logit_bias_moves_the_pick_as_on_hf_logits(
+    client: openai.OpenAI, http_stack: Stack, hf_embedded_model
+) -> None:
+    import torch
+
+    prompt_ids = list(http_stack.generation.Tokenize(generation_pb2.TokenizeRequest(text=PROMPT)).token_ids)
+    with torch.no_grad():
+        logits = hf_embedded_model(torch.tensor([prompt_ids])).logits[0, -1]
+    banned, boosted = int(logits.argmax()), int(logits.topk(5).indices[4])
+    bias = {banned: -100.0, boosted: 2.0}
+    biased = logits.clone()
+    for token_id, value in bias.items():
+        biased[token_id] += value
+    expected = http_stack.generation.Detokenize(
+        generation_pb2.DetokenizeRequest(token_ids=[int(biased.argmax())])
+    ).text
+    answer = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=1,
+        temperature=0,
+        logit_bias={str(token_id): value for token_id, value in bias.items()},
+    )
+    assert answer.choices[0].text == expected
+    # The gRPC API takes the same parameter and gives the same token.
+    request = generation_pb2.GenerateRequest(
+        prompt=PROMPT, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=1, logit_bias=bias)
+    )
+    assert [t for m in http_stack.generation.Generate(request, timeout=300) for t in m.token_ids] == [
+        int(biased.argmax())
+    ]
+
+
+def test_min_p_one_samples_the_greedy_answer(client: openai.OpenAI) -> None:
+    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    sampled = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.0, seed=3, extra_body={"min_p": 1.0}
+    )
+    assert sampled.choices[0].text == greedy.choices[0].text

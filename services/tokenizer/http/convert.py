@@ -15,7 +15,10 @@ def sampling_of(body: SamplingFields, max_tokens: int | None) -> common_pb2.Samp
         stop_token_ids=body.stop_token_ids or [],
         ignore_eos=body.ignore_eos,
         n=body.n,
+        logit_bias=body.token_logit_bias(),
     )
+    if body.min_p is not None:
+        sampling.min_p = body.min_p
     if body.temperature is not None:
         sampling.temperature = body.temperature
     if body.top_p is not None:

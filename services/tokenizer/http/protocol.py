@@ -12,9 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.errors import InvalidArgumentError
 
 MAX_SEED = (1 << 64) - 1
+# Token ids travel as int32.
+MAX_TOKEN_ID = (1 << 31) - 1
 
 PositiveInt = Annotated[int, Field(ge=1)]
-TokenId = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class UnsupportedParameterError(InvalidArgumentError):
@@ -46,11 +48,27 @@ class SamplingFields(BaseModel):
     user: str | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    # Token id (as a string, JSON's only key type) → value added to its logit.
     logit_bias: dict[str, float] | None = None
     # Extensions that vLLM's API has too.
     top_k: Annotated[int, Field(ge=-1)] = 0
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+
+    def token_logit_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids; raises InvalidArgumentError for a key
+        that is not one."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise InvalidArgumentError("logit_bias", f"keys must be token ids, got {key!r}") from None
+            if not 0 <= token_id <= MAX_TOKEN_ID:
+                raise InvalidArgumentError(f"logit_bias[{key}]", f"token id must be in [0, {MAX_TOKEN_ID}]")
+            bias[token_id] = value
+        return bias
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -68,7 +86,6 @@ class SamplingFields(BaseModel):
         return [
             ("presence_penalty", self.presence_penalty, 0.0),
             ("frequency_penalty", self.frequency_penalty, 0.0),
-            ("logit_bias", self.logit_bias or None, None),
         ]
 
 
