@@ -3,8 +3,12 @@ take the same validation, tokenizing and generation path as gRPC ones."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from pagedserve.v1 import common_pb2, generation_pb2
 
+from services.common.errors import InvalidArgumentError
 from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
@@ -33,6 +37,11 @@ def sampling_of(body: SamplingFields, max_tokens: int | None) -> common_pb2.Samp
 def completion_requests(body: CompletionRequest, request_id: str) -> list[generation_pb2.GenerateRequest]:
     """One request per prompt of the body (a batch has several), ids `request_id-i`."""
     body.refuse_unsupported()
+    with _representable():
+        return _completion_requests(body, request_id)
+
+
+def _completion_requests(body: CompletionRequest, request_id: str) -> list[generation_pb2.GenerateRequest]:
     sampling = sampling_of(body, body.max_tokens)
     prompts = _prompt_list(body.prompt)
     requests = []
@@ -50,6 +59,11 @@ def completion_requests(body: CompletionRequest, request_id: str) -> list[genera
 
 def chat_request(body: ChatCompletionRequest, request_id: str) -> generation_pb2.GenerateRequest:
     body.refuse_unsupported()
+    with _representable():
+        return _chat_request(body, request_id)
+
+
+def _chat_request(body: ChatCompletionRequest, request_id: str) -> generation_pb2.GenerateRequest:
     return generation_pb2.GenerateRequest(
         request_id=request_id,
         messages=[
@@ -58,6 +72,16 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> generation_pb2
         ],
         sampling=sampling_of(body, body.max_new_tokens()),
     )
+
+
+@contextmanager
+def _representable() -> Iterator[None]:
+    """JSON strings may hold unpaired UTF-16 surrogates, which are not text and which
+    protobuf strings (UTF-8) refuse."""
+    try:
+        yield
+    except (ValueError, UnicodeError) as error:
+        raise InvalidArgumentError("body", f"holds a value that is not valid text: {error}") from error
 
 
 def openai_param(field: str) -> str:

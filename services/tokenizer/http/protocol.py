@@ -15,7 +15,11 @@ MAX_SEED = (1 << 64) - 1
 # Token ids travel as int32.
 MAX_TOKEN_ID = (1 << 31) - 1
 
-PositiveInt = Annotated[int, Field(ge=1)]
+# Prompts one completions request may batch.
+MAX_BATCHED_PROMPTS = 64
+
+# Counts travel as int32.
+PositiveInt = Annotated[int, Field(ge=1, le=MAX_TOKEN_ID)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
@@ -51,7 +55,7 @@ class SamplingFields(BaseModel):
     # Token id (as a string, JSON's only key type) → value added to its logit.
     logit_bias: dict[str, float] | None = None
     # Extensions that vLLM's API has too.
-    top_k: Annotated[int, Field(ge=-1)] = 0
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOKEN_ID)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
@@ -91,7 +95,12 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     # Text, token ids, or a batch of either: each prompt gets n choices.
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: (
+        str
+        | Annotated[list[str], Field(max_length=MAX_BATCHED_PROMPTS)]
+        | list[TokenId]
+        | Annotated[list[list[TokenId]], Field(max_length=MAX_BATCHED_PROMPTS)]
+    )
     # OpenAI's default for completions.
     max_tokens: PositiveInt | None = 16
     echo: bool = False
