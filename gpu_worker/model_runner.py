@@ -63,6 +63,8 @@ class LaunchedStep:
     samples: list[tuple[int, SequenceState, int]] = field(default_factory=list)
     # The draws, in host memory once `copied` has completed (or at once, on CPU).
     host_tokens: torch.Tensor | None = None
+    # The draws' logprobs (sampled, top ids, top values), when a sequence asked for them.
+    host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     copied: torch.cuda.Event | None = None
     device: torch.device | None = None
 
@@ -216,6 +218,13 @@ class ModelRunner:
             if count > 1:
                 state.sampling = state.sampling.after_sample()
         launched.samples = list(zip(batch.sample_seq_ids, states, sampled.counts))
+        if sampled.logprobs is not None:
+            lp = sampled.logprobs
+            launched.host_logprobs = (
+                self._copy_to_host(lp.sampled),
+                self._copy_to_host(lp.top_ids),
+                self._copy_to_host(lp.top_values),
+            )
         launched.host_tokens = self._copy_to_host(tokens)
 
     def finish_step(self, launched: LaunchedStep) -> worker_pb2.StepResult:
@@ -245,6 +254,8 @@ class ModelRunner:
                         state.newest_pending_token = None
             result.seq_ids.extend(seq_ids)
             result.token_ids.extend(tokens)
+            if launched.host_logprobs is not None:
+                result.logprobs.extend(token_logprobs(*launched.host_logprobs))
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns
@@ -267,3 +278,13 @@ class ModelRunner:
 
     def _prepare_batch(self, scheduled: Sequence[worker_pb2.ScheduledSequence]) -> _Batch:
         return self.step_inputs.build(scheduled, self.sequences)
+
+
+def token_logprobs(
+    sampled: torch.Tensor, top_ids: torch.Tensor, top_values: torch.Tensor
+) -> list[common_pb2.TokenLogprobs]:
+    """One TokenLogprobs per draw, from the host copies of SampledLogprobs."""
+    return [
+        common_pb2.TokenLogprobs(logprob=logprob, top_token_ids=ids, top_logprobs=values)
+        for logprob, ids, values in zip(sampled.tolist(), top_ids.tolist(), top_values.tolist())
+    ]

@@ -93,6 +93,8 @@ class SequenceSampling:
     min_p: float = 0.0
     # (token id, value added to its logit), ids sorted.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Top tokens whose log-probabilities come back with each draw; None: no logprobs.
+    logprobs: int | None = None
 
     @classmethod
     def from_proto(
@@ -107,6 +109,7 @@ class SequenceSampling:
             num_samples=sampling.n if sampling.HasField("n") and sampling.n > 1 else 1,
             min_p=sampling.min_p,
             logit_bias=tuple(sorted(sampling.logit_bias.items())),
+            logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
         )
 
     @property
@@ -125,6 +128,22 @@ def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> tor
 
 
 @dataclass(frozen=True)
+class SampledLogprobs:
+    """Log-softmax of the raw logits at each draw: of the drawn token [draws], and the
+    top_k most likely tokens' ids and values [draws, top_k]."""
+
+    sampled: torch.Tensor
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, tokens: torch.Tensor, top_k: int) -> SampledLogprobs:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top_values, top_ids = logprobs.topk(top_k, dim=-1)
+        return cls(logprobs.gather(1, tokens[:, None]).squeeze(1), top_ids, top_values)
+
+
+@dataclass(frozen=True)
 class SampledTokens:
     """One step's draws, on the device: each row's num_samples tokens, rows in order."""
 
@@ -132,6 +151,8 @@ class SampledTokens:
     counts: list[int]
     # Where each row's draws start in `tokens`: the token its sequence continues with.
     first_indices: list[int]
+    # Set when a row asked for logprobs: for every draw, with the most top tokens asked.
+    logprobs: SampledLogprobs | None = None
 
     def grouped(self, tokens: list[int]) -> list[list[int]]:
         """`tokens` (read from the device) split into each row's draws."""
@@ -163,14 +184,13 @@ class Sampler:
         assert logits.shape[0] == len(rows) == len(positions)
         repeats = [row.num_samples for row in rows]
         num_draws = sum(repeats)
+        top_k = max((row.logprobs for row in rows if row.logprobs is not None), default=None)
         if num_draws == len(rows):
             # Every row draws one token (the usual case): nothing to expand, and row r's
             # draw is tokens[r].
-            return SampledTokens(
-                self._sample_rows(logits, rows, positions, [row.index for row in rows]),
-                repeats,
-                list(range(num_draws)),
-            )
+            tokens = self._sample_rows(logits, rows, positions, [row.index for row in rows])
+            logprobs = None if top_k is None else SampledLogprobs.of(logits, tokens, top_k)
+            return SampledTokens(tokens, repeats, list(range(num_draws)), logprobs)
         # A row that draws n tokens becomes n rows of the same logits.
         expanded = [row for row in rows for _ in range(row.num_samples)]
         logits = logits.repeat_interleave(
@@ -181,7 +201,9 @@ class Sampler:
             i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])
         ]
         first_indices = [0, *accumulate(repeats[:-1])]
-        return SampledTokens(self._sample_rows(logits, expanded, positions, indices), repeats, first_indices)
+        tokens = self._sample_rows(logits, expanded, positions, indices)
+        logprobs = None if top_k is None else SampledLogprobs.of(logits, tokens, top_k)
+        return SampledTokens(tokens, repeats, first_indices, logprobs)
 
     def _sample_rows(
         self,

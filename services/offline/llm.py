@@ -32,6 +32,9 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     # "stop" or "length".
     finish_reason: str | None = None
+    # With SamplingParams.logprobs: per generated token, token id → log-probability for
+    # the sampled token and the top ones.
+    logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -152,6 +155,9 @@ class _Run:
             output = self._outputs[message.index]
             output.text += message.text
             output.token_ids.extend(message.token_ids)
+            for token_id, entry in zip(message.token_ids, message.logprobs):
+                top = dict(zip(entry.top_token_ids, entry.top_logprobs))
+                output.logprobs.append({token_id: entry.logprob, **top})
             if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
                 output.finish_reason = finish_reason_name(message.finish_reason)
                 self._cached_tokens = message.usage.cached_tokens

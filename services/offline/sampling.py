@@ -27,6 +27,8 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    # Top tokens per position whose log-probabilities come back; None: none.
+    logprobs: int | None = None
 
     def to_proto(self) -> common_pb2.SamplingParams:
         sampling = common_pb2.SamplingParams(
@@ -44,4 +46,6 @@ class SamplingParams:
             sampling.max_tokens = self.max_tokens
         if self.seed is not None:
             sampling.seed = self.seed
+        if self.logprobs is not None:
+            sampling.logprobs = self.logprobs
         return sampling

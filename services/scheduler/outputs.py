@@ -107,6 +107,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Every completion of the request has finished: its stream ends with this output.
     request_finished: bool = False
+    # With sampling.logprobs: those of new_token_ids, aligned.
+    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -115,11 +117,15 @@ class RequestOutput:
     def absorb_earlier(self, earlier: "RequestOutput") -> "RequestOutput":
         """Makes this output (the later of two of one completion) carry both's tokens."""
         self.new_token_ids[:0] = earlier.new_token_ids
+        self.logprobs[:0] = earlier.logprobs
         return self
 
     def to_proto(self) -> scheduler_pb2.SubmitResponse:
         response = scheduler_pb2.SubmitResponse(
-            token_ids=self.new_token_ids, finish_reason=self.finish_reason, index=self.index
+            token_ids=self.new_token_ids,
+            finish_reason=self.finish_reason,
+            index=self.index,
+            logprobs=self.logprobs,
         )
         response.usage.prompt_tokens = self.num_prompt_tokens
         response.usage.completion_tokens = self.num_output_tokens

@@ -31,6 +31,8 @@ class SamplingLimits:
     max_stop_token_ids: int = 64
     # Completions per request: each takes a seat in the scheduler's batch.
     max_n: int = 16
+    # Top tokens whose logprobs come back per position (OpenAI's limit).
+    max_logprobs: int = 20
     max_logit_bias_entries: int = 1024
 
 
@@ -100,6 +102,10 @@ def validate_sampling(
     if sampling.HasField("min_p") and not 0 <= sampling.min_p <= 1:
         raise InvalidArgumentError("sampling.min_p", f"must be in [0, 1], got {sampling.min_p:g}")
     _validate_logit_bias(sampling.logit_bias, vocab_size, limits)
+    if sampling.HasField("logprobs") and not 0 <= sampling.logprobs <= limits.max_logprobs:
+        raise InvalidArgumentError(
+            "sampling.logprobs", f"must be in [0, {limits.max_logprobs}], got {sampling.logprobs}"
+        )
     if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
         raise InvalidArgumentError("sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}")
     if sampling.HasField("n") and not 1 <= sampling.n <= limits.max_n:

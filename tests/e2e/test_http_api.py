@@ -156,6 +156,7 @@ def test_batched_prompts_answer_each_prompt(client: openai.OpenAI) -> None:
         ({"stop": [""]}, "stop[0]"),
         ({"prompt": [1, 10**9]}, "prompt[1]"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logprobs": 21}, "logprobs"),
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"logit_bias": {"100000000": 1}}, "logit_bias[100000000]"),
         ({"logit_bias": {"5": 101}}, "logit_bias[5]"),
@@ -288,3 +289,69 @@ def test_min_p_one_samples_the_greedy_answer(client: openai.OpenAI) -> None:
         model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.0, seed=3, extra_body={"min_p": 1.0}
     )
     assert sampled.choices[0].text == greedy.choices[0].text
+
+
+@pytest.mark.hf
+def test_logprobs_equal_hf_log_softmax(client: openai.OpenAI, http_stack: Stack, hf_embedded_model) -> None:
+    import torch
+
+    prompt_ids = list(http_stack.generation.Tokenize(generation_pb2.TokenizeRequest(text=PROMPT)).token_ids)
+    generated = hf_greedy(hf_embedded_model, prompt_ids, 4, [2])
+    with torch.no_grad():
+        logits = hf_embedded_model(torch.tensor([prompt_ids + generated])).logits[0]
+    reference = torch.log_softmax(logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(generated)], dim=-1)
+    expected = reference.gather(1, torch.tensor(generated)[:, None]).squeeze(1).tolist()
+
+    answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)
+    logprobs = answer.choices[0].logprobs
+    assert logprobs.token_logprobs == pytest.approx(expected, abs=1e-3)
+    for position, top in enumerate(logprobs.top_logprobs):
+        assert sorted(top.values(), reverse=True) == pytest.approx(
+            reference[position].topk(3).values.tolist(), abs=1e-3
+        )
+    texts = [
+        http_stack.generation.Detokenize(
+            generation_pb2.DetokenizeRequest(token_ids=[t], skip_special_tokens=False)
+        ).text
+        for t in generated
+    ]
+    assert logprobs.tokens == texts
+    assert "".join(texts) == answer.choices[0].text
+
+    # The gRPC API returns the same numbers with its tokens.
+    request = generation_pb2.GenerateRequest(
+        prompt=PROMPT, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=4, logprobs=3)
+    )
+    grpc_logprobs = [
+        lp.logprob for m in http_stack.generation.Generate(request, timeout=300) for lp in m.logprobs
+    ]
+    assert grpc_logprobs == pytest.approx(logprobs.token_logprobs, abs=1e-6)
+
+
+def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
+    request = {
+        "model": MODEL,
+        "messages": CHAT,
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    whole = client.chat.completions.create(**request)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        # Greedy: the sampled token is the likeliest.
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert entry.bytes == list(entry.token.encode())
+    streamed = [
+        entry
+        for chunk in client.chat.completions.create(**request, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content
+    ]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**{**request, "logprobs": False})
+    assert refused.value.body["param"] == "top_logprobs"

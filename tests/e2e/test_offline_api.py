@@ -54,10 +54,18 @@ def test_greedy_generate_equals_the_server(llm, stack: Stack) -> None:
 def test_seeded_samples_equal_the_servers(llm, stack: Stack) -> None:
     from pagedserve import SamplingParams
 
-    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=11, n=2, ignore_eos=True)
+    params = SamplingParams(
+        temperature=1.0, top_p=0.9, max_tokens=10, seed=11, n=2, ignore_eos=True, logprobs=2
+    )
     output = llm.generate(PROMPTS[0], params)[0]
     served = _server_completions(stack, params.to_proto(), prompt=PROMPTS[0])
     assert [c.token_ids for c in output.outputs] == [served[0][0], served[1][0]]
+    for completion in output.outputs:
+        assert len(completion.logprobs) == len(completion.token_ids)
+        for token_id, position in zip(completion.token_ids, completion.logprobs):
+            # The sampled token and the two likeliest (which may include it).
+            assert token_id in position and 2 <= len(position) <= 3
+            assert max(position.values()) <= 0
     assert output.outputs[0].token_ids != output.outputs[1].token_ids
 
 

@@ -86,3 +86,30 @@ def test_min_p_zero_and_one() -> None:
 
 def _seeded(num: int = NUM_DRAWS, **fields) -> list[common_pb2.SamplingParams]:
     return [common_pb2.SamplingParams(seed=seed, **fields) for seed in range(num)]
+
+
+def test_logprobs_are_the_raw_logits_log_softmax_for_every_draw() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, generator=generator)
+    params = [
+        common_pb2.SamplingParams(temperature=0, logprobs=3, logit_bias={5: 4.0}),
+        common_pb2.SamplingParams(seed=1, temperature=0.5, top_k=4),
+        common_pb2.SamplingParams(seed=2, n=2, logprobs=1),
+    ]
+    rows = [SequenceSampling.from_proto(p, 0, fallback_seed=i) for i, p in enumerate(params)]
+    sampled = Sampler(CPU, seed=0).sample_on_device(logits, rows, [0, 0, 0])
+    assert sampled.logprobs is not None
+    # The most any row asked for, for every draw; the third row drew two tokens.
+    expected_rows = logits[[0, 1, 2, 2]]
+    expected = torch.log_softmax(expected_rows, dim=-1)
+    tokens = sampled.tokens
+    torch.testing.assert_close(sampled.logprobs.sampled, expected.gather(1, tokens[:, None]).squeeze(1))
+    torch.testing.assert_close(sampled.logprobs.top_values, expected.topk(3).values)
+    assert torch.equal(sampled.logprobs.top_ids, expected.topk(3).indices)
+    # Greedy with a bias picks by the biased logits, but reports the model's own logprobs.
+    assert int(tokens[0]) == int(_reference_biased(logits[0], {5: 4.0}).argmax())
+
+
+def test_no_logprobs_unless_asked() -> None:
+    rows = [SequenceSampling.from_proto(common_pb2.SamplingParams(temperature=0), 0, fallback_seed=0)]
+    assert Sampler(CPU, seed=0).sample_on_device(torch.randn(1, 8), rows, [0]).logprobs is None

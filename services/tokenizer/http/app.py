@@ -21,6 +21,7 @@ from services.tokenizer.http.chat import chat_chunks, chat_complete
 from services.tokenizer.http.completions import ResponseHeader, complete, completion_chunks
 from services.tokenizer.http.convert import chat_request, completion_requests
 from services.tokenizer.http.errors import HttpApiError, install_error_handlers
+from services.tokenizer.http.logprobs import LogprobsFormatter
 from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from services.tokenizer.http.responses import ModelCard, ModelList
 from services.tokenizer.http.runner import RequestRun
@@ -105,6 +106,9 @@ def build_app(
             if not streaming:
                 state.in_flight -= 1
 
+    def logprobs_formatter(num_top: int | None) -> LogprobsFormatter | None:
+        return None if num_top is None else LogprobsFormatter(core.ready_frontend.tokenizer, num_top)
+
     @app.get("/health")
     async def health() -> Response:
         ready = core.frontend is not None and not state.draining
@@ -126,7 +130,11 @@ def build_app(
         response_id = f"cmpl-{uuid.uuid4().hex}"
         generate_requests = completion_requests(body, response_id)
         header = ResponseHeader(
-            response_id, int(time.time()), config.served_model_name, len(generate_requests) * body.n
+            response_id,
+            int(time.time()),
+            config.served_model_name,
+            len(generate_requests) * body.n,
+            logprobs_formatter(body.logprobs),
         )
         return await respond(request, body, generate_requests, header, complete, completion_chunks)
 
@@ -135,7 +143,13 @@ def build_app(
         admit(body)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         generate_requests = [chat_request(body, response_id)]
-        header = ResponseHeader(response_id, int(time.time()), config.served_model_name, body.n)
+        header = ResponseHeader(
+            response_id,
+            int(time.time()),
+            config.served_model_name,
+            body.n,
+            logprobs_formatter(body.num_logprobs()),
+        )
         return await respond(request, body, generate_requests, header, chat_complete, chat_chunks)
 
     return app

@@ -13,21 +13,27 @@ from services.tokenizer.http.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     finish_reason_name,
 )
 from services.tokenizer.http.runner import RequestRun
 
 
 async def chat_complete(run: RequestRun, header: ResponseHeader) -> ChatCompletionResponse:
-    texts = [""] * header.num_choices
-    reasons: list[str | None] = [None] * header.num_choices
-    async for index, message in run.messages():
-        texts[index] += message.text
-        reasons[index] = finish_reason_name(message.finish_reason) or reasons[index]
     choices = [
-        ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=reason)
-        for index, (text, reason) in enumerate(zip(texts, reasons))
+        ChatChoice(
+            index=index,
+            message=AssistantMessage(content=""),
+            logprobs=None if header.logprobs is None else ChatLogprobs(content=[]),
+        )
+        for index in range(header.num_choices)
     ]
+    async for index, message in run.messages():
+        choice = choices[index]
+        choice.message.content = (choice.message.content or "") + message.text
+        choice.finish_reason = finish_reason_name(message.finish_reason) or choice.finish_reason
+        if header.logprobs is not None and choice.logprobs is not None:
+            choice.logprobs.content += header.logprobs.chat(message.token_ids, message.logprobs)
     return ChatCompletionResponse(
         id=header.id, created=header.created, model=header.model, choices=choices, usage=run.tally.usage()
     )
@@ -47,10 +53,13 @@ async def chat_chunks(
     )
     async for index, message in run.messages():
         reason = finish_reason_name(message.finish_reason)
-        if not message.text and reason is None:
+        if not message.text and reason is None and not message.logprobs:
             continue
         delta = ChatDelta(content=message.text) if message.text else ChatDelta()
-        yield chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=reason)])
+        logprobs = None
+        if header.logprobs is not None:
+            logprobs = ChatLogprobs(content=header.logprobs.chat(message.token_ids, message.logprobs))
+        yield chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)])
     if include_usage:
         final = chunk([])
         final.usage = run.tally.usage()

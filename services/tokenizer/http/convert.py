@@ -12,7 +12,9 @@ from services.common.errors import InvalidArgumentError
 from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
-def sampling_of(body: SamplingFields, max_tokens: int | None) -> common_pb2.SamplingParams:
+def sampling_of(
+    body: SamplingFields, max_tokens: int | None, logprobs: int | None = None
+) -> common_pb2.SamplingParams:
     sampling = common_pb2.SamplingParams(
         top_k=body.top_k,
         stop=body.stop_strings(),
@@ -31,6 +33,8 @@ def sampling_of(body: SamplingFields, max_tokens: int | None) -> common_pb2.Samp
         sampling.seed = body.seed
     if max_tokens is not None:
         sampling.max_tokens = max_tokens
+    if logprobs is not None:
+        sampling.logprobs = logprobs
     return sampling
 
 
@@ -42,7 +46,7 @@ def completion_requests(body: CompletionRequest, request_id: str) -> list[genera
 
 
 def _completion_requests(body: CompletionRequest, request_id: str) -> list[generation_pb2.GenerateRequest]:
-    sampling = sampling_of(body, body.max_tokens)
+    sampling = sampling_of(body, body.max_tokens, body.logprobs)
     prompts = _prompt_list(body.prompt)
     requests = []
     for index, prompt in enumerate(prompts):
@@ -70,7 +74,7 @@ def _chat_request(body: ChatCompletionRequest, request_id: str) -> generation_pb
             generation_pb2.ChatMessage(role=message.template_role(), content=message.text())
             for message in body.messages
         ],
-        sampling=sampling_of(body, body.max_new_tokens()),
+        sampling=sampling_of(body, body.max_new_tokens(), body.num_logprobs()),
     )
 
 
@@ -80,6 +84,8 @@ def _representable() -> Iterator[None]:
     protobuf strings (UTF-8) refuse."""
     try:
         yield
+    except InvalidArgumentError:
+        raise
     except (ValueError, UnicodeError) as error:
         raise InvalidArgumentError("body", f"holds a value that is not valid text: {error}") from error
 

@@ -112,7 +112,6 @@ class CompletionRequest(SamplingFields):
         return [
             *super()._unsupported_values(),
             ("echo", self.echo, False),
-            ("logprobs", self.logprobs, None),
             ("best_of", self.best_of if self.best_of != self.n else None, None),
             ("suffix", self.suffix or None, None),
         ]
@@ -155,6 +154,12 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
 
+    def num_logprobs(self) -> int | None:
+        """Top tokens per position to return logprobs for; None: no logprobs."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidArgumentError("top_logprobs", "requires logprobs to be true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
@@ -162,8 +167,6 @@ class ChatCompletionRequest(SamplingFields):
         response_format = None if self.response_format is None else self.response_format.type
         return [
             *super()._unsupported_values(),
-            ("logprobs", self.logprobs, False),
-            ("top_logprobs", self.top_logprobs, None),
             ("response_format", response_format if response_format != "text" else None, None),
             ("tools", self.tools or None, None),
         ]
