@@ -37,6 +37,7 @@ from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_a
 from gpu_worker.model.attention import attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
+from gpu_worker.penalties import PenaltyTable
 from gpu_worker.sampler import Sampler, SequenceSampling
 from gpu_worker.step_observer import StepObserver
 
@@ -122,6 +123,7 @@ class ModelRunner:
             )
             self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed)
+        self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
         self.observer = StepObserver(self.device, config.step_timeline_path)
         self.sequences: dict[int, SequenceState] = {}
         self.step_inputs = StepInputBuilder(
@@ -153,6 +155,7 @@ class ModelRunner:
     def reset(self) -> None:
         """Forgets every sequence, as when a new scheduler stream starts from scratch."""
         self.sequences.clear()
+        self.penalties.clear()
         self.step_inputs.clear()
 
     def execute_step(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
@@ -185,16 +188,19 @@ class ModelRunner:
         for seq_id in step.finished_seq_ids:
             self.sequences.pop(seq_id, None)
             self.step_inputs.remove(seq_id)
+            self.penalties.remove(seq_id)
         for new in step.new_sequences:
             # A new sequence brings its whole block table in this step's scheduled entry.
             self.step_inputs.remove(new.seq_id)
-            self.sequences[new.seq_id] = SequenceState(
+            state = self.sequences[new.seq_id] = SequenceState(
                 token_ids=list(new.token_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 sampling=SequenceSampling.from_proto(
                     new.sampling, new.index, self.sampler.fallback_seed(new.seq_id)
                 ),
             )
+            if state.sampling.has_penalties:
+                self.penalties.add(new.seq_id, state.token_ids, new.num_prompt_tokens)
         apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
 
     def _sample(self, batch: _Batch, hidden_states: torch.Tensor, launched: LaunchedStep) -> None:
@@ -204,10 +210,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
         sequences = self.sequences
         states = [sequences[seq_id] for seq_id in batch.sample_seq_ids]
+        penalties = self.penalties if self.penalties else None
         sampled = self.sampler.sample_on_device(
             logits,
             [s.sampling for s in states],
             [len(s.token_ids) + s.num_pending_tokens for s in states],
+            penalties,
+            penalties.rows(batch.sample_seq_ids) if penalties is not None else (),
         )
         # A sequence that drew n tokens (its request's first sample) continues with the
         # one of its own completion index, its first draw; the scheduler forks the others.

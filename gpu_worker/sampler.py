@@ -25,9 +25,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 from pagedserve.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from gpu_worker.penalties import PenaltyTable
 
 # Temperatures at or below this are greedy: dividing by them would overflow anyway.
 _GREEDY_TEMPERATURE = 1e-5
@@ -95,6 +99,9 @@ class SequenceSampling:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Top tokens whose log-probabilities come back with each draw; None: no logprobs.
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     @classmethod
     def from_proto(
@@ -110,7 +117,16 @@ class SequenceSampling:
             min_p=sampling.min_p,
             logit_bias=tuple(sorted(sampling.logit_bias.items())),
             logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty
+            if sampling.HasField("repetition_penalty")
+            else 1.0,
         )
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
 
     @property
     def is_greedy(self) -> bool:
@@ -178,9 +194,32 @@ class Sampler:
         return sampled.grouped(sampled.tokens.tolist())
 
     def sample_on_device(
-        self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int]
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SequenceSampling],
+        positions: Sequence[int],
+        penalties: PenaltyTable | None = None,
+        penalty_rows: Sequence[int] = (),
     ) -> SampledTokens:
-        """As `sample`, leaving the tokens on the device."""
+        """As `sample`, leaving the tokens on the device. penalties: the sequences'
+        histories, penalty_rows each row's in it (penalties.rows); each row's first draw
+        is counted into it."""
+        sampled = self._draw(logits, rows, positions, penalties, penalty_rows)
+        if penalties is not None:
+            firsts = sampled.tokens
+            if len(sampled.first_indices) != firsts.shape[0]:
+                firsts = firsts[to_device(sampled.first_indices, torch.int64, logits.device)]
+            penalties.count(penalty_rows, firsts)
+        return sampled
+
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SequenceSampling],
+        positions: Sequence[int],
+        penalties: PenaltyTable | None,
+        penalty_rows: Sequence[int],
+    ) -> SampledTokens:
         assert logits.shape[0] == len(rows) == len(positions)
         repeats = [row.num_samples for row in rows]
         num_draws = sum(repeats)
@@ -188,7 +227,8 @@ class Sampler:
         if num_draws == len(rows):
             # Every row draws one token (the usual case): nothing to expand, and row r's
             # draw is tokens[r].
-            tokens = self._sample_rows(logits, rows, positions, [row.index for row in rows])
+            penalized = logits if penalties is None else penalties.apply(logits, rows, penalty_rows)
+            tokens = self._sample_rows(penalized, rows, positions, [row.index for row in rows])
             logprobs = None if top_k is None else SampledLogprobs.of(logits, tokens, top_k)
             return SampledTokens(tokens, repeats, list(range(num_draws)), logprobs)
         # A row that draws n tokens becomes n rows of the same logits.
@@ -201,7 +241,11 @@ class Sampler:
             i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])
         ]
         first_indices = [0, *accumulate(repeats[:-1])]
-        tokens = self._sample_rows(logits, expanded, positions, indices)
+        penalized = logits
+        if penalties is not None:
+            expanded_rows = [r for r, k in zip(penalty_rows, repeats) for _ in range(k)]
+            penalized = penalties.apply(logits, expanded, expanded_rows)
+        tokens = self._sample_rows(penalized, expanded, positions, indices)
         logprobs = None if top_k is None else SampledLogprobs.of(logits, tokens, top_k)
         return SampledTokens(tokens, repeats, first_indices, logprobs)
 

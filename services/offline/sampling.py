@@ -29,6 +29,9 @@ class SamplingParams:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     # Top tokens per position whose log-probabilities come back; None: none.
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def to_proto(self) -> common_pb2.SamplingParams:
         sampling = common_pb2.SamplingParams(
@@ -41,6 +44,9 @@ class SamplingParams:
             ignore_eos=self.ignore_eos,
             n=self.n,
             logit_bias=dict(self.logit_bias),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
         )
         if self.max_tokens is not None:
             sampling.max_tokens = self.max_tokens

@@ -24,6 +24,7 @@ class NewSequenceData:
     token_ids: tuple[int, ...]
     num_computed_tokens: int
     sampling: common_pb2.SamplingParams
+    num_prompt_tokens: int = 0
 
     def to_proto(self) -> worker_pb2.NewSequence:
         return worker_pb2.NewSequence(
@@ -32,6 +33,7 @@ class NewSequenceData:
             num_computed_tokens=self.num_computed_tokens,
             sampling=self.sampling,
             index=self.index,
+            num_prompt_tokens=self.num_prompt_tokens,
         )
 
 

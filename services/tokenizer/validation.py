@@ -102,6 +102,14 @@ def validate_sampling(
     if sampling.HasField("min_p") and not 0 <= sampling.min_p <= 1:
         raise InvalidArgumentError("sampling.min_p", f"must be in [0, 1], got {sampling.min_p:g}")
     _validate_logit_bias(sampling.logit_bias, vocab_size, limits)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sampling, name)
+        if not -2 <= value <= 2:
+            raise InvalidArgumentError(f"sampling.{name}", f"must be in [-2, 2], got {value:g}")
+    if sampling.HasField("repetition_penalty") and not 0 < sampling.repetition_penalty <= 2:
+        raise InvalidArgumentError(
+            "sampling.repetition_penalty", f"must be in (0, 2], got {sampling.repetition_penalty:g}"
+        )
     if sampling.HasField("logprobs") and not 0 <= sampling.logprobs <= limits.max_logprobs:
         raise InvalidArgumentError(
             "sampling.logprobs", f"must be in [0, {limits.max_logprobs}], got {sampling.logprobs}"

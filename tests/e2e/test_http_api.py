@@ -155,7 +155,8 @@ def test_batched_prompts_answer_each_prompt(client: openai.OpenAI) -> None:
         ({"seed": -1}, "seed"),
         ({"stop": [""]}, "stop[0]"),
         ({"prompt": [1, 10**9]}, "prompt[1]"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
         ({"logprobs": 21}, "logprobs"),
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"logit_bias": {"100000000": 1}}, "logit_bias[100000000]"),
@@ -355,3 +356,39 @@ def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(**{**request, "logprobs": False})
     assert refused.value.body["param"] == "top_logprobs"
+
+
+@pytest.mark.hf
+def test_penalties_change_greedy_output_as_defined_on_hf_logits(
+    client: openai.OpenAI, http_stack: Stack, hf_embedded_model
+) -> None:
+    import torch
+
+    prompt = "1, 2, 3, 4,"
+    prompt_ids = list(http_stack.generation.Tokenize(generation_pb2.TokenizeRequest(text=prompt)).token_ids)
+    frequency, presence, repetition = 0.8, 0.4, 1.3
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(8):
+            logits = hf_embedded_model(torch.tensor([prompt_ids + generated])).logits[0, -1]
+            for token in set(prompt_ids) | set(generated):
+                logits[token] = (
+                    logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
+                )
+            for token in set(generated):
+                logits[token] -= frequency * generated.count(token) + presence
+            generated.append(int(logits.argmax()))
+    expected = http_stack.generation.Detokenize(generation_pb2.DetokenizeRequest(token_ids=generated)).text
+
+    answer = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
+        frequency_penalty=frequency,
+        presence_penalty=presence,
+        extra_body={"repetition_penalty": repetition, "ignore_eos": True},
+    )
+    assert answer.choices[0].text == expected
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert plain.choices[0].text != expected

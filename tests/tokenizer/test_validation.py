@@ -268,3 +268,20 @@ def test_too_many_logit_bias_entries_are_refused() -> None:
     validate_sampling(
         common_pb2.SamplingParams(logit_bias={1: -100.0, 2: 100.0}, min_p=0.1), VOCAB_SIZE, limits
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "limit"),
+    [
+        ({"presence_penalty": 2.5}, "sampling.presence_penalty", "[-2, 2]"),
+        ({"frequency_penalty": -3.0}, "sampling.frequency_penalty", "[-2, 2]"),
+        ({"frequency_penalty": math.nan}, "sampling.frequency_penalty", "[-2, 2]"),
+        ({"repetition_penalty": 0.0}, "sampling.repetition_penalty", "(0, 2]"),
+        ({"repetition_penalty": 2.5}, "sampling.repetition_penalty", "(0, 2]"),
+        ({"logprobs": 21}, "sampling.logprobs", "[0, 20]"),
+    ],
+)
+def test_penalties_and_logprobs_out_of_range_are_refused(fields: dict, field: str, limit: str) -> None:
+    error = raised(validate_sampling, common_pb2.SamplingParams(**fields), VOCAB_SIZE)
+    assert error.field == field
+    assert limit in str(error)

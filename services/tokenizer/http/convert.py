@@ -22,7 +22,11 @@ def sampling_of(
         ignore_eos=body.ignore_eos,
         n=body.n,
         logit_bias=body.token_logit_bias(),
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
     )
+    if body.repetition_penalty is not None:
+        sampling.repetition_penalty = body.repetition_penalty
     if body.min_p is not None:
         sampling.min_p = body.min_p
     if body.temperature is not None:

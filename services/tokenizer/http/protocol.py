@@ -57,6 +57,7 @@ class SamplingFields(BaseModel):
     # Extensions that vLLM's API has too.
     top_k: Annotated[int, Field(ge=-1, le=MAX_TOKEN_ID)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
 
@@ -87,10 +88,7 @@ class SamplingFields(BaseModel):
                 raise UnsupportedParameterError(name)
 
     def _unsupported_values(self) -> list[tuple[str, Any, Any]]:
-        return [
-            ("presence_penalty", self.presence_penalty, 0.0),
-            ("frequency_penalty", self.frequency_penalty, 0.0),
-        ]
+        return []
 
 
 class CompletionRequest(SamplingFields):
