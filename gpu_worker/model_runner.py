@@ -122,7 +122,7 @@ class ModelRunner:
                 self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device
             )
             self.decode_graphs.capture()
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
         self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
         self.observer = StepObserver(self.device, config.step_timeline_path)
         self.sequences: dict[int, SequenceState] = {}
@@ -196,7 +196,7 @@ class ModelRunner:
                 token_ids=list(new.token_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 sampling=SequenceSampling.from_proto(
-                    new.sampling, new.index, self.sampler.fallback_seed(new.seq_id)
+                    new.sampling, new.index, self.sampler.fallback_seed(new.seq_id), new.num_prompt_tokens
                 ),
             )
             if state.sampling.has_penalties:

@@ -102,10 +102,14 @@ class SequenceSampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # Until the sequence has this many tokens (prompt and min_tokens), its stop tokens are
+    # masked; 0: never.
+    min_length: int = 0
+    stop_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_proto(
-        cls, sampling: common_pb2.SamplingParams, index: int, fallback_seed: int
+        cls, sampling: common_pb2.SamplingParams, index: int, fallback_seed: int, num_prompt_tokens: int = 0
     ) -> SequenceSampling:
         return cls(
             temperature=sampling.temperature if sampling.HasField("temperature") else 1.0,
@@ -122,6 +126,8 @@ class SequenceSampling:
             repetition_penalty=sampling.repetition_penalty
             if sampling.HasField("repetition_penalty")
             else 1.0,
+            min_length=num_prompt_tokens + sampling.min_tokens if sampling.min_tokens > 0 else 0,
+            stop_token_ids=tuple(sampling.stop_token_ids),
         )
 
     @property
@@ -176,8 +182,12 @@ class SampledTokens:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int | None = None) -> None:
+    def __init__(
+        self, device: torch.device, seed: int | None = None, eos_token_ids: Sequence[int] = ()
+    ) -> None:
         self.device = device
+        # Masked, with each row's stop_token_ids, while a row is shorter than its min_length.
+        self.eos_token_ids = tuple(eos_token_ids)
         # Keys the seeds of sequences that come without one (the scheduler always sends
         # one; this covers other callers).
         self._fallback_base = random.getrandbits(64) if seed is None else seed
@@ -227,7 +237,9 @@ class Sampler:
         if num_draws == len(rows):
             # Every row draws one token (the usual case): nothing to expand, and row r's
             # draw is tokens[r].
-            penalized = logits if penalties is None else penalties.apply(logits, rows, penalty_rows)
+            penalized = self._mask_stop_tokens(logits, rows, positions)
+            if penalties is not None:
+                penalized = penalties.apply(penalized, rows, penalty_rows)
             tokens = self._sample_rows(penalized, rows, positions, [row.index for row in rows])
             logprobs = None if top_k is None else SampledLogprobs.of(logits, tokens, top_k)
             return SampledTokens(tokens, repeats, list(range(num_draws)), logprobs)
@@ -241,10 +253,10 @@ class Sampler:
             i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])
         ]
         first_indices = [0, *accumulate(repeats[:-1])]
-        penalized = logits
+        penalized = self._mask_stop_tokens(logits, expanded, positions)
         if penalties is not None:
             expanded_rows = [r for r, k in zip(penalty_rows, repeats) for _ in range(k)]
-            penalized = penalties.apply(logits, expanded, expanded_rows)
+            penalized = penalties.apply(penalized, expanded, expanded_rows)
         tokens = self._sample_rows(penalized, expanded, positions, indices)
         logprobs = None if top_k is None else SampledLogprobs.of(logits, tokens, top_k)
         return SampledTokens(tokens, repeats, first_indices, logprobs)
@@ -283,6 +295,27 @@ class Sampler:
         )
         tokens[row_index] = (probs / noise).argmax(dim=-1)
         return tokens
+
+    def _mask_stop_tokens(
+        self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """The logits with the stop tokens of rows still short of min_length at -inf, in
+        one scatter; the logits themselves when no row is."""
+        banned = [
+            (r, token)
+            for r, (row, position) in enumerate(zip(rows, positions))
+            if position < row.min_length
+            for token in (*self.eos_token_ids, *row.stop_token_ids)
+        ]
+        if not banned:
+            return logits
+        masked = logits.to(torch.float32, copy=True)
+        index = (
+            to_device([r for r, _ in banned], torch.int64, logits.device),
+            to_device([t for _, t in banned], torch.int64, logits.device),
+        )
+        masked.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+        return masked
 
     @staticmethod
     def _filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SequenceSampling]) -> torch.Tensor:

@@ -32,6 +32,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
 
     def to_proto(self) -> common_pb2.SamplingParams:
         sampling = common_pb2.SamplingParams(
@@ -47,6 +49,8 @@ class SamplingParams:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            skip_special_tokens=self.skip_special_tokens,
         )
         if self.max_tokens is not None:
             sampling.max_tokens = self.max_tokens

@@ -116,6 +116,12 @@ def validate_sampling(
         )
     if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
         raise InvalidArgumentError("sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}")
+    if sampling.min_tokens < 0 or (
+        sampling.HasField("max_tokens") and sampling.min_tokens > sampling.max_tokens
+    ):
+        raise InvalidArgumentError(
+            "sampling.min_tokens", f"must be in [0, max_tokens], got {sampling.min_tokens}"
+        )
     if sampling.HasField("n") and not 1 <= sampling.n <= limits.max_n:
         raise InvalidArgumentError("sampling.n", f"must be in [1, {limits.max_n}], got {sampling.n}")
     _validate_stop_strings(sampling.stop, limits)

@@ -392,3 +392,29 @@ def test_penalties_change_greedy_output_as_defined_on_hf_logits(
     assert answer.choices[0].text == expected
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
     assert plain.choices[0].text != expected
+
+
+def test_min_tokens_and_special_tokens(client: openai.OpenAI) -> None:
+    short = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=40, temperature=0
+    )
+    assert short.choices[0].finish_reason == "stop"
+    natural = short.usage.completion_tokens
+    longer = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=natural + 3,
+        temperature=0,
+        extra_body={"min_tokens": natural + 3},
+    )
+    assert longer.usage.completion_tokens == natural + 3
+    assert longer.choices[0].finish_reason == "length"
+    # The end-of-turn token the model ended with shows when special tokens are kept.
+    shown = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hi"}],
+        max_tokens=40,
+        temperature=0,
+        extra_body={"skip_special_tokens": False},
+    )
+    assert shown.choices[0].message.content == short.choices[0].message.content + "<|im_end|>"

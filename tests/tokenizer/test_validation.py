@@ -285,3 +285,9 @@ def test_penalties_and_logprobs_out_of_range_are_refused(fields: dict, field: st
     error = raised(validate_sampling, common_pb2.SamplingParams(**fields), VOCAB_SIZE)
     assert error.field == field
     assert limit in str(error)
+
+
+def test_min_tokens_must_not_exceed_max_tokens() -> None:
+    error = raised(validate_sampling, common_pb2.SamplingParams(min_tokens=5, max_tokens=4), VOCAB_SIZE)
+    assert error.field == "sampling.min_tokens"
+    validate_sampling(common_pb2.SamplingParams(min_tokens=4, max_tokens=4), VOCAB_SIZE)

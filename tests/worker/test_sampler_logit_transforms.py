@@ -113,3 +113,20 @@ def test_logprobs_are_the_raw_logits_log_softmax_for_every_draw() -> None:
 def test_no_logprobs_unless_asked() -> None:
     rows = [SequenceSampling.from_proto(common_pb2.SamplingParams(temperature=0), 0, fallback_seed=0)]
     assert Sampler(CPU, seed=0).sample_on_device(torch.randn(1, 8), rows, [0]).logprobs is None
+
+
+def test_stop_tokens_are_masked_until_min_tokens() -> None:
+    logits = torch.zeros(2, 10)
+    logits[:, 2] = 5.0  # EOS, the likeliest
+    logits[:, 3] = 4.0  # a stop token id of the request
+    logits[:, 4] = 1.0
+    params = common_pb2.SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3])
+    # Prompt of 6 tokens: positions 6 and 7 are outputs 1 and 2 (masked), 8 is output 3.
+    rows = [SequenceSampling.from_proto(params, 0, fallback_seed=0, num_prompt_tokens=6)] * 2
+    sampler = Sampler(CPU, seed=0, eos_token_ids=[2])
+    assert sampler.sample(logits, rows, [7, 8]) == [[4], [2]]
+    sampled = sampler.sample_on_device(logits, rows, [6, 6])
+    assert sampled.tokens.tolist() == [4, 4]
+    # No min_tokens: nothing masked.
+    plain = [SequenceSampling.from_proto(common_pb2.SamplingParams(temperature=0), 0, fallback_seed=0)]
+    assert sampler.sample(logits[:1], plain, [6]) == [[2]]

@@ -24,6 +24,8 @@ def sampling_of(
         logit_bias=body.token_logit_bias(),
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
+        min_tokens=body.min_tokens,
+        skip_special_tokens=body.skip_special_tokens,
     )
     if body.repetition_penalty is not None:
         sampling.repetition_penalty = body.repetition_penalty

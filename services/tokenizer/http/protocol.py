@@ -58,6 +58,8 @@ class SamplingFields(BaseModel):
     top_k: Annotated[int, Field(ge=-1, le=MAX_TOKEN_ID)] = 0
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)] = 0
+    skip_special_tokens: bool = True
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
 
