@@ -230,6 +230,9 @@ def test_health_and_metrics(http_stack: Stack) -> None:
         ["curl", "-s", f"{base}/metrics"], capture_output=True, text=True, timeout=60, check=True
     )
     assert "pagedserve:grpc_server_handled_total" in metrics.stdout
+    # Earlier tests' requests, counted by route and status.
+    assert 'pagedserve:http_requests_total{route="/v1/completions",status="200"}' in metrics.stdout
+    assert 'pagedserve:http_requests_total{route="/v1/completions",status="400"}' in metrics.stdout
 
 
 def test_client_that_leaves_aborts_its_request(client: openai.OpenAI, http_stack: Stack) -> None:

@@ -22,6 +22,7 @@ from services.tokenizer.http.completions import ResponseHeader, complete, comple
 from services.tokenizer.http.convert import chat_request, completion_requests
 from services.tokenizer.http.errors import HttpApiError, install_error_handlers
 from services.tokenizer.http.logprobs import LogprobsFormatter
+from services.tokenizer.http.metrics import RequestCounter
 from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from services.tokenizer.http.responses import ModelCard, ModelList
 from services.tokenizer.http.runner import RequestRun
@@ -152,6 +153,8 @@ def build_app(
         )
         return await respond(request, body, generate_requests, header, chat_complete, chat_chunks)
 
+    routes = [route.path for route in app.routes if hasattr(route, "path")]
+    app.add_middleware(RequestCounter, registry=registry, routes=routes)
     return app
 
 
