@@ -210,14 +210,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
         sequences = self.sequences
         states = [sequences[seq_id] for seq_id in batch.sample_seq_ids]
-        penalties = self.penalties if self.penalties else None
-        sampled = self.sampler.sample_on_device(
-            logits,
-            [s.sampling for s in states],
-            [len(s.token_ids) + s.num_pending_tokens for s in states],
-            penalties,
-            penalties.rows(batch.sample_seq_ids) if penalties is not None else (),
-        )
+        samplings = [s.sampling for s in states]
+        positions = [len(s.token_ids) + s.num_pending_tokens for s in states]
+        if self.penalties:
+            rows = self.penalties.rows(batch.sample_seq_ids)
+            sampled = self.sampler.sample_on_device(logits, samplings, positions, self.penalties, rows)
+        else:
+            sampled = self.sampler.sample_on_device(logits, samplings, positions)
         # A sequence that drew n tokens (its request's first sample) continues with the
         # one of its own completion index, its first draw; the scheduler forks the others.
         tokens = sampled.tokens
