@@ -329,7 +329,7 @@ def test_logprobs_equal_hf_log_softmax(client: openai.OpenAI, http_stack: Stack,
     grpc_logprobs = [
         lp.logprob for m in http_stack.generation.Generate(request, timeout=300) for lp in m.logprobs
     ]
-    assert grpc_logprobs == pytest.approx(logprobs.token_logprobs, abs=1e-6)
+    assert grpc_logprobs == pytest.approx(logprobs.token_logprobs, abs=1e-4)
 
 
 def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
@@ -355,7 +355,9 @@ def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
         if chunk.choices and chunk.choices[0].logprobs
         for entry in chunk.choices[0].logprobs.content
     ]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    # The repeat reads the prompt's KV from the prefix cache: equal up to rounding.
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(**{**request, "logprobs": False})
     assert refused.value.body["param"] == "top_logprobs"
