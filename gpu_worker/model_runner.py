@@ -37,6 +37,7 @@ from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_a
 from gpu_worker.model.attention import attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
+from gpu_worker.penalties import PenaltyTable
 from gpu_worker.sampler import Sampler, SequenceSampling
 from gpu_worker.step_observer import StepObserver
 
@@ -63,6 +64,8 @@ class LaunchedStep:
     samples: list[tuple[int, SequenceState, int]] = field(default_factory=list)
     # The draws, in host memory once `copied` has completed (or at once, on CPU).
     host_tokens: torch.Tensor | None = None
+    # The draws' logprobs (sampled, top ids, top values), when a sequence asked for them.
+    host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     copied: torch.cuda.Event | None = None
     device: torch.device | None = None
 
@@ -124,7 +127,8 @@ class ModelRunner:
                 self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device
             )
             self.decode_graphs.capture()
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
+        self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
         self.observer = StepObserver(self.device, config.step_timeline_path)
         self.sequences: dict[int, SequenceState] = {}
         self.step_inputs = StepInputBuilder(
@@ -156,6 +160,7 @@ class ModelRunner:
     def reset(self) -> None:
         """Forgets every sequence, as when a new scheduler stream starts from scratch."""
         self.sequences.clear()
+        self.penalties.clear()
         self.step_inputs.clear()
 
     def execute_step(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
@@ -188,16 +193,19 @@ class ModelRunner:
         for seq_id in step.finished_seq_ids:
             self.sequences.pop(seq_id, None)
             self.step_inputs.remove(seq_id)
+            self.penalties.remove(seq_id)
         for new in step.new_sequences:
             # A new sequence brings its whole block table in this step's scheduled entry.
             self.step_inputs.remove(new.seq_id)
-            self.sequences[new.seq_id] = SequenceState(
+            state = self.sequences[new.seq_id] = SequenceState(
                 token_ids=list(new.token_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 sampling=SequenceSampling.from_proto(
-                    new.sampling, new.index, self.sampler.fallback_seed(new.seq_id)
+                    new.sampling, new.index, self.sampler.fallback_seed(new.seq_id), new.num_prompt_tokens
                 ),
             )
+            if state.sampling.has_penalties:
+                self.penalties.add(new.seq_id, state.token_ids, new.num_prompt_tokens)
         apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
 
     def _sample(self, batch: _Batch, hidden_states: torch.Tensor, launched: LaunchedStep) -> None:
@@ -207,11 +215,13 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
         sequences = self.sequences
         states = [sequences[seq_id] for seq_id in batch.sample_seq_ids]
-        sampled = self.sampler.sample_on_device(
-            logits,
-            [s.sampling for s in states],
-            [len(s.token_ids) + s.num_pending_tokens for s in states],
-        )
+        samplings = [s.sampling for s in states]
+        positions = [len(s.token_ids) + s.num_pending_tokens for s in states]
+        if self.penalties:
+            rows = self.penalties.rows(batch.sample_seq_ids)
+            sampled = self.sampler.sample_on_device(logits, samplings, positions, self.penalties, rows)
+        else:
+            sampled = self.sampler.sample_on_device(logits, samplings, positions)
         # A sequence that drew n tokens (its request's first sample) continues with the
         # one of its own completion index, its first draw; the scheduler forks the others.
         tokens = sampled.tokens
@@ -221,6 +231,13 @@ class ModelRunner:
             if count > 1:
                 state.sampling = state.sampling.after_sample()
         launched.samples = list(zip(batch.sample_seq_ids, states, sampled.counts))
+        if sampled.logprobs is not None:
+            lp = sampled.logprobs
+            launched.host_logprobs = (
+                self._copy_to_host(lp.sampled),
+                self._copy_to_host(lp.top_ids),
+                self._copy_to_host(lp.top_values),
+            )
         launched.host_tokens = self._copy_to_host(tokens)
 
     def finish_step(self, launched: LaunchedStep) -> worker_pb2.StepResult:
@@ -250,6 +267,8 @@ class ModelRunner:
                         state.newest_pending_token = None
             result.seq_ids.extend(seq_ids)
             result.token_ids.extend(tokens)
+            if launched.host_logprobs is not None:
+                result.logprobs.extend(token_logprobs(*launched.host_logprobs))
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns
@@ -272,3 +291,13 @@ class ModelRunner:
 
     def _prepare_batch(self, scheduled: Sequence[worker_pb2.ScheduledSequence]) -> _Batch:
         return self.step_inputs.build(scheduled, self.sequences)
+
+
+def token_logprobs(
+    sampled: torch.Tensor, top_ids: torch.Tensor, top_values: torch.Tensor
+) -> list[common_pb2.TokenLogprobs]:
+    """One TokenLogprobs per draw, from the host copies of SampledLogprobs."""
+    return [
+        common_pb2.TokenLogprobs(logprob=logprob, top_token_ids=ids, top_logprobs=values)
+        for logprob, ids, values in zip(sampled.tolist(), top_ids.tolist(), top_values.tolist())
+    ]

@@ -1,8 +1,10 @@
 """Turns one step's logits into tokens.
 
-Rows with temperature 0 take the exact argmax of their logits. The other rows are scaled by
-temperature, filtered by top-k then top-p, and sampled with the exponential race
-(argmax of p / E with E ~ Exp(1)), which draws exactly from p.
+Each row's logit_bias is added to its logits first. Rows with temperature 0 then take the
+exact argmax. The other rows are scaled by temperature, filtered by min-p, then top-k, then
+top-p (the order vLLM applies them in), and sampled with the exponential race (argmax of
+p / E with E ~ Exp(1)), which draws exactly from p. Each stage is one batched pass over the
+rows that use it, skipped when none does.
 
 The noise E of a row at vocabulary entry v is a pure function of (the request's seed, the
 position of the token being sampled, the completion index, v): a counter-based hash computed
@@ -23,9 +25,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 from pagedserve.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from gpu_worker.penalties import PenaltyTable
 
 # Temperatures at or below this are greedy: dividing by them would overflow anyway.
 _GREEDY_TEMPERATURE = 1e-5
@@ -88,10 +94,22 @@ class SequenceSampling:
     # Tokens its next sample draws: n for the first sample of an n-completion request
     # (completion indices 0..n-1 from the same logits), then 1.
     num_samples: int = 1
+    min_p: float = 0.0
+    # (token id, value added to its logit), ids sorted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Top tokens whose log-probabilities come back with each draw; None: no logprobs.
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # Until the sequence has this many tokens (prompt and min_tokens), its stop tokens are
+    # masked; 0: never.
+    min_length: int = 0
+    stop_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_proto(
-        cls, sampling: common_pb2.SamplingParams, index: int, fallback_seed: int
+        cls, sampling: common_pb2.SamplingParams, index: int, fallback_seed: int, num_prompt_tokens: int = 0
     ) -> SequenceSampling:
         return cls(
             temperature=sampling.temperature if sampling.HasField("temperature") else 1.0,
@@ -100,7 +118,21 @@ class SequenceSampling:
             seed=_as_int64(sampling.seed if sampling.HasField("seed") else fallback_seed),
             index=index,
             num_samples=sampling.n if sampling.HasField("n") and sampling.n > 1 else 1,
+            min_p=sampling.min_p,
+            logit_bias=tuple(sorted(sampling.logit_bias.items())),
+            logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty
+            if sampling.HasField("repetition_penalty")
+            else 1.0,
+            min_length=num_prompt_tokens + sampling.min_tokens if sampling.min_tokens > 0 else 0,
+            stop_token_ids=tuple(sampling.stop_token_ids),
         )
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
 
     @property
     def is_greedy(self) -> bool:
@@ -118,6 +150,22 @@ def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> tor
 
 
 @dataclass(frozen=True)
+class SampledLogprobs:
+    """Log-softmax of the raw logits at each draw: of the drawn token [draws], and the
+    top_k most likely tokens' ids and values [draws, top_k]."""
+
+    sampled: torch.Tensor
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, tokens: torch.Tensor, top_k: int) -> SampledLogprobs:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top_values, top_ids = logprobs.topk(top_k, dim=-1)
+        return cls(logprobs.gather(1, tokens[:, None]).squeeze(1), top_ids, top_values)
+
+
+@dataclass(frozen=True)
 class SampledTokens:
     """One step's draws, on the device: each row's num_samples tokens, rows in order."""
 
@@ -125,6 +173,8 @@ class SampledTokens:
     counts: list[int]
     # Where each row's draws start in `tokens`: the token its sequence continues with.
     first_indices: list[int]
+    # Set when a row asked for logprobs: for every draw, with the most top tokens asked.
+    logprobs: SampledLogprobs | None = None
 
     def grouped(self, tokens: list[int]) -> list[list[int]]:
         """`tokens` (read from the device) split into each row's draws."""
@@ -132,8 +182,12 @@ class SampledTokens:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int | None = None) -> None:
+    def __init__(
+        self, device: torch.device, seed: int | None = None, eos_token_ids: Sequence[int] = ()
+    ) -> None:
         self.device = device
+        # Masked, with each row's stop_token_ids, while a row is shorter than its min_length.
+        self.eos_token_ids = tuple(eos_token_ids)
         # Keys the seeds of sequences that come without one (the scheduler always sends
         # one; this covers other callers).
         self._fallback_base = random.getrandbits(64) if seed is None else seed
@@ -150,20 +204,45 @@ class Sampler:
         return sampled.grouped(sampled.tokens.tolist())
 
     def sample_on_device(
-        self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int]
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SequenceSampling],
+        positions: Sequence[int],
+        penalties: PenaltyTable | None = None,
+        penalty_rows: Sequence[int] = (),
     ) -> SampledTokens:
-        """As `sample`, leaving the tokens on the device."""
+        """As `sample`, leaving the tokens on the device. penalties: the sequences'
+        histories, penalty_rows each row's in it (penalties.rows); each row's first draw
+        is counted into it."""
+        sampled = self._draw(logits, rows, positions, penalties, penalty_rows)
+        if penalties is not None:
+            firsts = sampled.tokens
+            if len(sampled.first_indices) != firsts.shape[0]:
+                firsts = firsts[to_device(sampled.first_indices, torch.int64, logits.device)]
+            penalties.count(penalty_rows, firsts)
+        return sampled
+
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[SequenceSampling],
+        positions: Sequence[int],
+        penalties: PenaltyTable | None,
+        penalty_rows: Sequence[int],
+    ) -> SampledTokens:
         assert logits.shape[0] == len(rows) == len(positions)
         repeats = [row.num_samples for row in rows]
         num_draws = sum(repeats)
+        top_k = max((row.logprobs for row in rows if row.logprobs is not None), default=None)
         if num_draws == len(rows):
             # Every row draws one token (the usual case): nothing to expand, and row r's
             # draw is tokens[r].
-            return SampledTokens(
-                self._sample_rows(logits, rows, positions, [row.index for row in rows]),
-                repeats,
-                list(range(num_draws)),
-            )
+            penalized = self._mask_stop_tokens(logits, rows, positions)
+            if penalties is not None:
+                penalized = penalties.apply(penalized, rows, penalty_rows)
+            tokens = self._sample_rows(penalized, rows, positions, [row.index for row in rows])
+            logprobs = None if top_k is None else SampledLogprobs.of(logits, tokens, top_k)
+            return SampledTokens(tokens, repeats, list(range(num_draws)), logprobs)
         # A row that draws n tokens becomes n rows of the same logits.
         expanded = [row for row in rows for _ in range(row.num_samples)]
         logits = logits.repeat_interleave(
@@ -174,7 +253,13 @@ class Sampler:
             i for row in rows for i in (range(row.num_samples) if row.num_samples > 1 else [row.index])
         ]
         first_indices = [0, *accumulate(repeats[:-1])]
-        return SampledTokens(self._sample_rows(logits, expanded, positions, indices), repeats, first_indices)
+        penalized = self._mask_stop_tokens(logits, expanded, positions)
+        if penalties is not None:
+            expanded_rows = [r for r, k in zip(penalty_rows, repeats) for _ in range(k)]
+            penalized = penalties.apply(penalized, expanded, expanded_rows)
+        tokens = self._sample_rows(penalized, expanded, positions, indices)
+        logprobs = None if top_k is None else SampledLogprobs.of(logits, tokens, top_k)
+        return SampledTokens(tokens, repeats, first_indices, logprobs)
 
     def _sample_rows(
         self,
@@ -183,6 +268,7 @@ class Sampler:
         positions: Sequence[int],
         indices: Sequence[int],
     ) -> torch.Tensor:
+        logits = _add_logit_bias(logits, rows)
         # The argmax of the logits as they come (bf16 on GPU) is the argmax of their float32
         # values, without writing a float32 copy of every row's vocabulary first.
         tokens = logits.argmax(dim=-1)
@@ -198,6 +284,7 @@ class Sampler:
         scaled = logits[row_index].float() / column([r.temperature for r in picked], torch.float32).unsqueeze(
             1
         )
+        scaled = _filter_min_p(scaled, picked)
         scaled = self._filter_top_k_top_p(scaled, picked)
         probs = torch.softmax(scaled, dim=-1)
         noise = exponential_noise(
@@ -208,6 +295,27 @@ class Sampler:
         )
         tokens[row_index] = (probs / noise).argmax(dim=-1)
         return tokens
+
+    def _mask_stop_tokens(
+        self, logits: torch.Tensor, rows: Sequence[SequenceSampling], positions: Sequence[int]
+    ) -> torch.Tensor:
+        """The logits with the stop tokens of rows still short of min_length at -inf, in
+        one scatter; the logits themselves when no row is."""
+        banned = [
+            (r, token)
+            for r, (row, position) in enumerate(zip(rows, positions))
+            if position < row.min_length
+            for token in (*self.eos_token_ids, *row.stop_token_ids)
+        ]
+        if not banned:
+            return logits
+        masked = logits.to(torch.float32, copy=True)
+        index = (
+            to_device([r for r, _ in banned], torch.int64, logits.device),
+            to_device([t for _, t in banned], torch.int64, logits.device),
+        )
+        masked.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+        return masked
 
     @staticmethod
     def _filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SequenceSampling]) -> torch.Tensor:
@@ -230,3 +338,30 @@ class Sampler:
         outside_nucleus[:, 0] = False
         sorted_logits.masked_fill_(outside_nucleus, float("-inf"))
         return torch.empty_like(logits).scatter_(-1, sorted_index, sorted_logits)
+
+
+def _add_logit_bias(logits: torch.Tensor, rows: Sequence[SequenceSampling]) -> torch.Tensor:
+    """The logits with each row's bias added, in float32, in one scatter over all rows;
+    the logits themselves when no row has a bias."""
+    if not any(row.logit_bias for row in rows):
+        return logits
+    row_ids = [r for r, row in enumerate(rows) for _ in row.logit_bias]
+    token_ids = [token for row in rows for token, _ in row.logit_bias]
+    values = [value for row in rows for _, value in row.logit_bias]
+    biased = logits.to(torch.float32, copy=True)
+    indices = (
+        to_device(row_ids, torch.int64, logits.device),
+        to_device(token_ids, torch.int64, logits.device),
+    )
+    biased.index_put_(indices, to_device(values, torch.float32, logits.device), accumulate=True)
+    return biased
+
+
+def _filter_min_p(logits: torch.Tensor, rows: Sequence[SequenceSampling]) -> torch.Tensor:
+    """Drops, per row, the tokens less likely than min_p times its most likely token."""
+    min_p = [row.min_p for row in rows]
+    if not any(p > 0 for p in min_p):
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * to_device(min_p, torch.float32, logits.device)[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))

@@ -53,6 +53,21 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_http_api_args(parser: argparse.ArgumentParser) -> None:
+    """The OpenAI-compatible HTTP API that the tokenizer serves beside its gRPC API."""
+    parser.add_argument(
+        "--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API on this port"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's id on the HTTP API; default: its directory name",
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="API key the HTTP API requires (Authorization: Bearer KEY)"
+    )
+
+
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=WorkerConfig.device, help="cpu, cuda, cuda:N or auto")
     parser.add_argument(
@@ -223,7 +238,13 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from services.tokenizer.server import TokenizerServiceConfig, run_tokenizer
 
-    config = TokenizerServiceConfig(model_path=_model_dir(args.model), scheduler_address=args.scheduler)
+    config = TokenizerServiceConfig(
+        model_path=_model_dir(args.model),
+        scheduler_address=args.scheduler,
+        http_port=args.http_port,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+    )
     setup_tracing("pagedserve-tokenizer", os.environ)
     run_tokenizer(server_config(args), config)
 
@@ -257,12 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_args(serve)
     add_scheduler_args(serve)
     add_kv_blocks_arg(serve)
+    add_http_api_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
     tokenizer = commands.add_parser("tokenizer", help="run the tokenizer service (public API)")
     add_server_args(tokenizer, default_port=50051)
     add_model_arg(tokenizer)
     tokenizer.add_argument("--scheduler", required=True, help="scheduler address, host:port")
+    add_http_api_args(tokenizer)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")

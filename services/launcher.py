@@ -141,6 +141,9 @@ def service_commands(
             "--scheduler",
             f"127.0.0.1:{scheduler_port}",
             *metrics(0),
+            *_optional("--http-port", args.http_port),
+            *_optional("--served-model-name", args.served_model_name),
+            *_optional("--api-key", args.api_key),
         ],
     }
 

@@ -24,6 +24,7 @@ class NewSequenceData:
     token_ids: tuple[int, ...]
     num_computed_tokens: int
     sampling: common_pb2.SamplingParams
+    num_prompt_tokens: int = 0
 
     def to_proto(self) -> worker_pb2.NewSequence:
         return worker_pb2.NewSequence(
@@ -32,6 +33,7 @@ class NewSequenceData:
             num_computed_tokens=self.num_computed_tokens,
             sampling=self.sampling,
             index=self.index,
+            num_prompt_tokens=self.num_prompt_tokens,
         )
 
 
@@ -107,6 +109,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # Every completion of the request has finished: its stream ends with this output.
     request_finished: bool = False
+    # With sampling.logprobs: those of new_token_ids, aligned.
+    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -115,11 +119,15 @@ class RequestOutput:
     def absorb_earlier(self, earlier: "RequestOutput") -> "RequestOutput":
         """Makes this output (the later of two of one completion) carry both's tokens."""
         self.new_token_ids[:0] = earlier.new_token_ids
+        self.logprobs[:0] = earlier.logprobs
         return self
 
     def to_proto(self) -> scheduler_pb2.SubmitResponse:
         response = scheduler_pb2.SubmitResponse(
-            token_ids=self.new_token_ids, finish_reason=self.finish_reason, index=self.index
+            token_ids=self.new_token_ids,
+            finish_reason=self.finish_reason,
+            index=self.index,
+            logprobs=self.logprobs,
         )
         response.usage.prompt_tokens = self.num_prompt_tokens
         response.usage.completion_tokens = self.num_output_tokens

@@ -41,6 +41,7 @@ class Request:
         self.stop_token_ids = frozenset(self.sampling.stop_token_ids)
         self.max_tokens = self.sampling.max_tokens if self.sampling.HasField("max_tokens") else None
         self.ignore_eos = self.sampling.ignore_eos
+        self.min_tokens = self.sampling.min_tokens
         # What every sequence but a first one awaiting its fork samples with: one token.
         self.sampling_after_fork = common_pb2.SamplingParams()
         self.sampling_after_fork.CopyFrom(self.sampling)
@@ -205,11 +206,19 @@ class Sequence:
         # A stop token wins over a length limit reached by the same token: the model did end.
         last_token = self.token_ids[-1]
         request = self.request
+        num_tokens = self.num_tokens
+        # The first min_tokens tokens cannot stop the sequence (the worker masks stop tokens
+        # while they are sampled; this holds for any worker).
+        if num_tokens - request.num_prompt_tokens <= request.min_tokens:
+            return self._length_reason(num_tokens, max_model_len)
         if last_token in request.stop_token_ids:
             return common_pb2.FINISH_REASON_STOP
         if not request.ignore_eos and last_token in eos_token_ids:
             return common_pb2.FINISH_REASON_STOP
-        num_tokens = self.num_tokens
+        return self._length_reason(num_tokens, max_model_len)
+
+    def _length_reason(self, num_tokens: int, max_model_len: int) -> common_pb2.FinishReason:
+        request = self.request
         if request.max_tokens is not None and num_tokens - request.num_prompt_tokens >= request.max_tokens:
             return common_pb2.FINISH_REASON_LENGTH
         if num_tokens >= max_model_len:

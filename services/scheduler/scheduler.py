@@ -300,11 +300,20 @@ class Scheduler:
             # A sequence that finished or was aborted since expects no token: it is dropped.
             if num_samples and sequence.num_pending_samples:
                 sequence.num_pending_samples -= 1
+                wants_logprobs = bool(result.logprobs) and sequence.request.sampling.HasField("logprobs")
                 if num_samples == 1:  # most: one token, no fork
                     sequence.token_ids.append(sampled[first_sampled])
-                    outputs.append(self._after_sample(sequence))
+                    output = self._after_sample(sequence)
+                    if wants_logprobs:
+                        output.logprobs.append(result.logprobs[first_sampled])
+                    outputs.append(output)
                 else:
-                    outputs.extend(self._apply_first_samples(sequence, sampled[first_sampled:next_sampled]))
+                    forked = self._apply_first_samples(sequence, sampled[first_sampled:next_sampled])
+                    if wants_logprobs:
+                        # The parent's token first, then each fork's, as the draws came.
+                        for output, logprobs in zip(forked, result.logprobs[first_sampled:next_sampled]):
+                            output.logprobs.append(logprobs)
+                    outputs.extend(forked)
                 # The token may complete a block that a step in flight has computed. Only
                 # a token that completes a block can leave more to register than the call
                 # above found.

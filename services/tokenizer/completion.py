@@ -38,6 +38,7 @@ class Completion:
             token_ids=response.token_ids,
             finish_reason=finish_reason,
             index=self.index,
+            logprobs=response.logprobs,
         )
         if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self.finished = True

@@ -77,7 +77,10 @@ class RequestFrontend:
 
     def new_detokenizer(self, sampling: common_pb2.SamplingParams) -> IncrementalDetokenizer:
         """Turns one completion's generated ids into text, cut at its stop strings."""
-        return IncrementalDetokenizer(self._tokenizer, skip_special_tokens=True, stop=tuple(sampling.stop))
+        skip_special_tokens = (
+            sampling.skip_special_tokens if sampling.HasField("skip_special_tokens") else True
+        )
+        return IncrementalDetokenizer(self._tokenizer, skip_special_tokens, stop=tuple(sampling.stop))
 
     def new_completions(self, prepared: PreparedRequest) -> Completions:
         """Text streams for each of the request's n completions."""

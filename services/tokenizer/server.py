@@ -11,6 +11,9 @@ from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, sched
 from services.common.channels import insecure_channel
 from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
+from services.tokenizer.generation import GenerationCore
+from services.tokenizer.http.app import HttpApiConfig
+from services.tokenizer.http.server import HttpApiServer
 from services.tokenizer.scheduler_session import SessionClient
 from services.tokenizer.servicer import GenerationServicer
 from services.tokenizer.tokenizer import TextTokenizer
@@ -26,6 +29,17 @@ class TokenizerServiceConfig:
     scheduler_address: str
     # The scheduler waits for its worker's model to load; the front door waits as long.
     scheduler_startup_timeout_s: float = 900.0
+    # Port of the OpenAI-compatible HTTP API on the same host; None serves none.
+    http_port: int | None = None
+    # The model's id on the HTTP API; None: the model directory's name.
+    served_model_name: str | None = None
+    # API key the HTTP API requires as a bearer token; None: none.
+    api_key: str | None = None
+
+    def http_api_config(self) -> HttpApiConfig:
+        return HttpApiConfig(
+            served_model_name=self.served_model_name or self.model_path.name, api_key=self.api_key
+        )
 
 
 async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceConfig) -> None:
@@ -34,23 +48,40 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
     scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
     host = ServiceHost(server_config, [SERVICE_NAME])
     session = SessionClient(scheduler)
-    servicer = GenerationServicer(session)
-    generation_pb2_grpc.add_GenerationServicer_to_server(servicer, host.server)
+    core = GenerationCore(session)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), host.server)
     port = await host.start()
+    http_api: HttpApiServer | None = None
+    if config.http_port is not None:
+        http_api = HttpApiServer(
+            core, config.http_api_config(), host.registry, server_config.host, config.http_port
+        )
+        await http_api.start()
     log.info("tokenizer listening on port %d, waiting for scheduler at %s", port, config.scheduler_address)
+    http_stopped: asyncio.Task[None] | None = None
+
+    async def stop_http_api() -> None:
+        # Both APIs drain at once: the HTTP one refuses new requests from now on.
+        nonlocal http_stopped
+        if http_api is not None:
+            http_stopped = asyncio.create_task(http_api.stop(server_config.shutdown_grace_s))
 
     async def connect_scheduler() -> None:
         await wait_for_serving(channel, config.scheduler_startup_timeout_s)
         model = await scheduler.GetModelInfo(common_pb2.GetModelInfoRequest())
-        servicer.model = model
-        servicer.frontend = RequestFrontend(
+        core.model = model
+        core.frontend = RequestFrontend(
             tokenizer, FrontendConfig(max_model_len=model.max_model_len, vocab_size=model.vocab_size)
         )
         log.info("tokenizer serving %s", model.model_name)
 
     try:
-        await host.run(prepare=connect_scheduler)
+        await host.run(prepare=connect_scheduler, on_shutdown=stop_http_api)
     finally:
+        if http_stopped is not None:
+            await http_stopped
+        elif http_api is not None:
+            await http_api.stop(0.0)
         session.close()
         await channel.close()
 

@@ -9,7 +9,7 @@ handler runs."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pagedserve.v1 import common_pb2, generation_pb2
@@ -31,6 +31,9 @@ class SamplingLimits:
     max_stop_token_ids: int = 64
     # Completions per request: each takes a seat in the scheduler's batch.
     max_n: int = 16
+    # Top tokens whose logprobs come back per position (OpenAI's limit).
+    max_logprobs: int = 20
+    max_logit_bias_entries: int = 1024
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,29 @@ def validate_sampling(
         raise InvalidArgumentError(
             "sampling.top_k", f"must be -1 or 0 (off) or positive, got {sampling.top_k}"
         )
+    if sampling.HasField("min_p") and not 0 <= sampling.min_p <= 1:
+        raise InvalidArgumentError("sampling.min_p", f"must be in [0, 1], got {sampling.min_p:g}")
+    _validate_logit_bias(sampling.logit_bias, vocab_size, limits)
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sampling, name)
+        if not -2 <= value <= 2:
+            raise InvalidArgumentError(f"sampling.{name}", f"must be in [-2, 2], got {value:g}")
+    if sampling.HasField("repetition_penalty") and not 0 < sampling.repetition_penalty <= 2:
+        raise InvalidArgumentError(
+            "sampling.repetition_penalty", f"must be in (0, 2], got {sampling.repetition_penalty:g}"
+        )
+    if sampling.HasField("logprobs") and not 0 <= sampling.logprobs <= limits.max_logprobs:
+        raise InvalidArgumentError(
+            "sampling.logprobs", f"must be in [0, {limits.max_logprobs}], got {sampling.logprobs}"
+        )
     if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
         raise InvalidArgumentError("sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}")
+    if sampling.min_tokens < 0 or (
+        sampling.HasField("max_tokens") and sampling.min_tokens > sampling.max_tokens
+    ):
+        raise InvalidArgumentError(
+            "sampling.min_tokens", f"must be in [0, max_tokens], got {sampling.min_tokens}"
+        )
     if sampling.HasField("n") and not 1 <= sampling.n <= limits.max_n:
         raise InvalidArgumentError("sampling.n", f"must be in [1, {limits.max_n}], got {sampling.n}")
     _validate_stop_strings(sampling.stop, limits)
@@ -114,6 +138,24 @@ def check_request_id(request_id: str, max_chars: int) -> None:
         raise InvalidArgumentError(
             "request_id", f"must be at most {max_chars} characters, got {len(request_id)}"
         )
+
+
+def _validate_logit_bias(logit_bias: Mapping[int, float], vocab_size: int, limits: SamplingLimits) -> None:
+    if len(logit_bias) > limits.max_logit_bias_entries:
+        raise InvalidArgumentError(
+            "sampling.logit_bias",
+            f"at most {limits.max_logit_bias_entries} entries are allowed, got {len(logit_bias)}",
+        )
+    for token_id, bias in sorted(logit_bias.items()):
+        if not 0 <= token_id < vocab_size:
+            raise InvalidArgumentError(
+                f"sampling.logit_bias[{token_id}]", f"token id must be in [0, {vocab_size})"
+            )
+        # Written so that NaN fails too.
+        if not -100 <= bias <= 100:
+            raise InvalidArgumentError(
+                f"sampling.logit_bias[{token_id}]", f"must be in [-100, 100], got {bias:g}"
+            )
 
 
 def _validate_stop_strings(stop: Sequence[str], limits: SamplingLimits) -> None:

@@ -25,6 +25,8 @@ class Stack:
     log_dir: Path
     # Each service's process, by name.
     processes: dict[str, subprocess.Popen]
+    # Base URL of the OpenAI-compatible HTTP API (".../v1"), when the stack serves it.
+    http_url: str | None = None
 
 
 @contextmanager
@@ -35,11 +37,15 @@ def service_stack(
     scheduler_args: list[str] = (),
     tokenizer_args: list[str] = (),
     env: dict[str, str] | None = None,
+    http_api: bool = False,
 ) -> Iterator[Stack]:
+    """http_api: the tokenizer serves the OpenAI-compatible HTTP API too, on a free port."""
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    http_port = free_port() if http_api else None
+    serve_flags = ["--device", "cpu", *(["--http-port", str(http_port)] if http_port else [])]
     # The command lines `pagedserve serve` would run, each service's own options after.
-    commands = loopback_service_commands(model_dir, ports, ["--device", "cpu"])
+    commands = loopback_service_commands(model_dir, ports, serve_flags)
     for name, own_args in (
         ("worker", worker_args),
         ("scheduler", scheduler_args),
@@ -61,4 +67,5 @@ def service_stack(
             scheduler=scheduler_pb2_grpc.SchedulerStub(scheduler),
             log_dir=log_dir,
             processes=processes,
+            http_url=None if http_port is None else f"http://127.0.0.1:{http_port}/v1",
         )

@@ -233,3 +233,61 @@ def test_new_detokenizer_applies_stop_strings(frontend: RequestFrontend) -> None
     detokenizer = frontend.new_detokenizer(common_pb2.SamplingParams(stop=["world"]))
     assert detokenizer.add(frontend.tokenizer.encode("Hello world")) == "Hello "
     assert detokenizer.stopped
+
+
+# min_p and logit_bias
+
+
+@pytest.mark.parametrize("min_p", [-0.1, 1.5, math.nan])
+def test_min_p_outside_zero_one_is_refused(min_p: float) -> None:
+    error = raised(validate_sampling, common_pb2.SamplingParams(min_p=min_p), VOCAB_SIZE)
+    assert error.field == "sampling.min_p"
+    assert "[0, 1]" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("logit_bias", "field", "limit"),
+    [
+        ({VOCAB_SIZE: 1.0}, f"sampling.logit_bias[{VOCAB_SIZE}]", f"[0, {VOCAB_SIZE})"),
+        ({-1: 1.0}, "sampling.logit_bias[-1]", f"[0, {VOCAB_SIZE})"),
+        ({5: 100.5}, "sampling.logit_bias[5]", "[-100, 100]"),
+        ({5: math.nan}, "sampling.logit_bias[5]", "[-100, 100]"),
+    ],
+)
+def test_bad_logit_bias_is_refused_naming_the_token(logit_bias: dict, field: str, limit: str) -> None:
+    error = raised(validate_sampling, common_pb2.SamplingParams(logit_bias=logit_bias), VOCAB_SIZE)
+    assert error.field == field
+    assert limit in str(error)
+
+
+def test_too_many_logit_bias_entries_are_refused() -> None:
+    limits = SamplingLimits(max_logit_bias_entries=2)
+    sampling = common_pb2.SamplingParams(logit_bias={1: 1.0, 2: 1.0, 3: 1.0})
+    error = raised(validate_sampling, sampling, VOCAB_SIZE, limits)
+    assert error.field == "sampling.logit_bias"
+    validate_sampling(
+        common_pb2.SamplingParams(logit_bias={1: -100.0, 2: 100.0}, min_p=0.1), VOCAB_SIZE, limits
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "limit"),
+    [
+        ({"presence_penalty": 2.5}, "sampling.presence_penalty", "[-2, 2]"),
+        ({"frequency_penalty": -3.0}, "sampling.frequency_penalty", "[-2, 2]"),
+        ({"frequency_penalty": math.nan}, "sampling.frequency_penalty", "[-2, 2]"),
+        ({"repetition_penalty": 0.0}, "sampling.repetition_penalty", "(0, 2]"),
+        ({"repetition_penalty": 2.5}, "sampling.repetition_penalty", "(0, 2]"),
+        ({"logprobs": 21}, "sampling.logprobs", "[0, 20]"),
+    ],
+)
+def test_penalties_and_logprobs_out_of_range_are_refused(fields: dict, field: str, limit: str) -> None:
+    error = raised(validate_sampling, common_pb2.SamplingParams(**fields), VOCAB_SIZE)
+    assert error.field == field
+    assert limit in str(error)
+
+
+def test_min_tokens_must_not_exceed_max_tokens() -> None:
+    error = raised(validate_sampling, common_pb2.SamplingParams(min_tokens=5, max_tokens=4), VOCAB_SIZE)
+    assert error.field == "sampling.min_tokens"
+    validate_sampling(common_pb2.SamplingParams(min_tokens=4, max_tokens=4), VOCAB_SIZE)

@@ -1,0 +1,61 @@
+"""SamplingParams of the offline API: the public SamplingParams message's fields as a
+dataclass, with vLLM's defaults (16 tokens unless told otherwise)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from pagedserve.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How each next token is chosen; each field as common.proto's SamplingParams
+    documents it."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    # None: up to the model's maximum length.
+    max_tokens: int | None = 16
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    # None: a random seed.
+    seed: int | None = None
+    n: int = 1
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    # Top tokens per position whose log-probabilities come back; None: none.
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+
+    def to_proto(self) -> common_pb2.SamplingParams:
+        sampling = common_pb2.SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            n=self.n,
+            logit_bias=dict(self.logit_bias),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        if self.max_tokens is not None:
+            sampling.max_tokens = self.max_tokens
+        if self.seed is not None:
+            sampling.seed = self.seed
+        if self.logprobs is not None:
+            sampling.logprobs = self.logprobs
+        return sampling

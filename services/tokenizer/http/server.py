@@ -1,0 +1,64 @@
+"""The HTTP API's server: uvicorn inside the tokenizer's own event loop, so that HTTP
+requests reach the scheduler session without another hop. The tokenizer process owns
+the signals (services/common/grpc_server.py); on shutdown the HTTP API first answers new
+requests with 503, lets those in flight finish within the grace period, then closes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from services.tokenizer.generation import GenerationCore
+from services.tokenizer.http.app import HttpApiConfig, ServingState, build_app
+
+log = logging.getLogger(__name__)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The host process handles SIGTERM and SIGINT and drains both APIs itself.
+        yield
+
+
+class HttpApiServer:
+    def __init__(
+        self, core: GenerationCore, config: HttpApiConfig, registry: CollectorRegistry, host: str, port: int
+    ) -> None:
+        self.state = ServingState()
+        app = build_app(core, config, registry, self.state)
+        self._server = _EmbeddedServer(
+            uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning", access_log=False)
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Returns once the port accepts connections; raises if it cannot be bound."""
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("the HTTP API server exited while starting")
+            await asyncio.sleep(0.05)
+        log.info("HTTP API listening on port %d", self._server.config.port)
+
+    def begin_draining(self) -> None:
+        self.state.draining = True
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuses new requests, waits up to grace_s for those in flight, then closes."""
+        self.begin_draining()
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.state.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        left_s = deadline - asyncio.get_running_loop().time()
+        self._server.config.timeout_graceful_shutdown = max(1, math.ceil(left_s))
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
