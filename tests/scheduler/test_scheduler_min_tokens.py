@@ -1,7 +1,8 @@
 """min_tokens: the first min_tokens tokens cannot stop a sequence, whatever they are (the
 worker masks stop tokens while sampling them; the scheduler holds to it for any worker)."""
 
-from tests.support.scheduler_harness import EOS_TOKEN_IDS, LENGTH, STOP, Harness, sampling
+from tests.support.fake_worker import EOS_TOKEN_IDS, LENGTH, STOP
+from tests.support.scheduler_harness import Harness, sampling
 
 
 def _always_eos(token_ids, index: int = 0) -> int:
