@@ -5,6 +5,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2_grpc
 
@@ -12,11 +13,13 @@ from services.common.channels import insecure_channel
 from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
 from services.tokenizer.generation import GenerationCore
-from services.tokenizer.http.app import HttpApiConfig
-from services.tokenizer.http.server import HttpApiServer
+from services.tokenizer.http.state import HttpApiConfig
 from services.tokenizer.scheduler_session import SessionClient
 from services.tokenizer.servicer import GenerationServicer
 from services.tokenizer.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:
+    from services.tokenizer.http.server import HttpApiServer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
     port = await host.start()
     http_api: HttpApiServer | None = None
     if config.http_port is not None:
+        # Imported here: a tokenizer that serves gRPC only never loads the HTTP stack.
+        from services.tokenizer.http.server import HttpApiServer
+
         http_api = HttpApiServer(
             core, config.http_api_config(), host.registry, server_config.host, config.http_port
         )
