@@ -6,39 +6,14 @@ seed, stop strings, batched prompts, errors, and a client that leaves."""
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import openai
 import pytest
-from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
+from pagedserve.v1 import generation_pb2, scheduler_pb2
 
 from tests.support.hf_reference import hf_greedy
-from tests.support.service_stack import Stack, service_stack
-
-MODEL = "SmolLM2-135M-Instruct"
-MAX_TOKENS = 12
-PROMPT = "The capital of France is"
-# Longer than a KV block (16 tokens), so that a repeat finds cached blocks.
-LONG_PROMPT = "Paged attention keeps the keys and values of each sequence in fixed-size blocks, " * 3
-CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
-
-
-@pytest.fixture(scope="module")
-def http_stack(embedded_model_dir: Path, tmp_path_factory) -> Stack:
-    with service_stack(embedded_model_dir, tmp_path_factory.mktemp("http"), http_api=True) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(http_stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=http_stack.http_url, api_key="unused", max_retries=0, timeout=300)
-
-
-def _grpc_text(stack: Stack, **prompt) -> str:
-    request = generation_pb2.GenerateRequest(
-        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS), **prompt
-    )
-    return "".join(message.text for message in stack.generation.Generate(request, timeout=300))
+from tests.support.http_api import CHAT, LONG_PROMPT, MAX_TOKENS, MODEL, PROMPT, grpc_text
+from tests.support.service_stack import Stack
 
 
 def test_models_lists_the_model_by_its_directory_name(client: openai.OpenAI) -> None:
@@ -61,7 +36,7 @@ def test_completion_equals_hf_greedy(client: openai.OpenAI, http_stack: Stack, h
 
 
 def test_chat_equals_grpc_and_streams_the_same_text(client: openai.OpenAI, http_stack: Stack) -> None:
-    expected = _grpc_text(http_stack, messages=[generation_pb2.ChatMessage(**m) for m in CHAT])
+    expected = grpc_text(http_stack, messages=[generation_pb2.ChatMessage(**m) for m in CHAT])
     whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
     assert whole.choices[0].message.content == expected
     assert whole.choices[0].message.role == "assistant"
@@ -251,175 +226,3 @@ def test_client_that_leaves_aborts_its_request(client: openai.OpenAI, http_stack
     while http_stack.scheduler.GetStats(scheduler_pb2.GetStatsRequest()).num_running:
         assert time.monotonic() < deadline, "the request kept running after its client left"
         time.sleep(0.1)
-
-
-@pytest.mark.hf
-def test_logit_bias_moves_the_pick_as_on_hf_logits(
-    client: openai.OpenAI, http_stack: Stack, hf_embedded_model
-) -> None:
-    import torch
-
-    prompt_ids = list(http_stack.generation.Tokenize(generation_pb2.TokenizeRequest(text=PROMPT)).token_ids)
-    with torch.no_grad():
-        logits = hf_embedded_model(torch.tensor([prompt_ids])).logits[0, -1]
-    banned, boosted = int(logits.argmax()), int(logits.topk(5).indices[4])
-    bias = {banned: -100.0, boosted: 2.0}
-    biased = logits.clone()
-    for token_id, value in bias.items():
-        biased[token_id] += value
-    expected = http_stack.generation.Detokenize(
-        generation_pb2.DetokenizeRequest(token_ids=[int(biased.argmax())])
-    ).text
-    answer = client.completions.create(
-        model=MODEL,
-        prompt=PROMPT,
-        max_tokens=1,
-        temperature=0,
-        logit_bias={str(token_id): value for token_id, value in bias.items()},
-    )
-    assert answer.choices[0].text == expected
-    # The gRPC API takes the same parameter and gives the same token.
-    request = generation_pb2.GenerateRequest(
-        prompt=PROMPT, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=1, logit_bias=bias)
-    )
-    assert [t for m in http_stack.generation.Generate(request, timeout=300) for t in m.token_ids] == [
-        int(biased.argmax())
-    ]
-
-
-def test_min_p_one_samples_the_greedy_answer(client: openai.OpenAI) -> None:
-    greedy = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
-    sampled = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=1.0, seed=3, extra_body={"min_p": 1.0}
-    )
-    assert sampled.choices[0].text == greedy.choices[0].text
-
-
-@pytest.mark.hf
-def test_logprobs_equal_hf_log_softmax(client: openai.OpenAI, http_stack: Stack, hf_embedded_model) -> None:
-    import torch
-
-    prompt_ids = list(http_stack.generation.Tokenize(generation_pb2.TokenizeRequest(text=PROMPT)).token_ids)
-    generated = hf_greedy(hf_embedded_model, prompt_ids, 4, [2])
-    with torch.no_grad():
-        logits = hf_embedded_model(torch.tensor([prompt_ids + generated])).logits[0]
-    reference = torch.log_softmax(logits[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(generated)], dim=-1)
-    expected = reference.gather(1, torch.tensor(generated)[:, None]).squeeze(1).tolist()
-
-    answer = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)
-    logprobs = answer.choices[0].logprobs
-    assert logprobs.token_logprobs == pytest.approx(expected, abs=1e-3)
-    for position, top in enumerate(logprobs.top_logprobs):
-        assert sorted(top.values(), reverse=True) == pytest.approx(
-            reference[position].topk(3).values.tolist(), abs=1e-3
-        )
-    texts = [
-        http_stack.generation.Detokenize(
-            generation_pb2.DetokenizeRequest(token_ids=[t], skip_special_tokens=False)
-        ).text
-        for t in generated
-    ]
-    assert logprobs.tokens == texts
-    assert "".join(texts) == answer.choices[0].text
-
-    # The gRPC API returns the same numbers with its tokens.
-    request = generation_pb2.GenerateRequest(
-        prompt=PROMPT, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=4, logprobs=3)
-    )
-    grpc_logprobs = [
-        lp.logprob for m in http_stack.generation.Generate(request, timeout=300) for lp in m.logprobs
-    ]
-    assert grpc_logprobs == pytest.approx(logprobs.token_logprobs, abs=1e-4)
-
-
-def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
-    request = {
-        "model": MODEL,
-        "messages": CHAT,
-        "max_tokens": 4,
-        "temperature": 0,
-        "logprobs": True,
-        "top_logprobs": 2,
-    }
-    whole = client.chat.completions.create(**request)
-    content = whole.choices[0].logprobs.content
-    assert len(content) == whole.usage.completion_tokens == 4
-    for entry in content:
-        assert len(entry.top_logprobs) == 2
-        # Greedy: the sampled token is the likeliest.
-        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
-        assert entry.bytes == list(entry.token.encode())
-    streamed = [
-        entry
-        for chunk in client.chat.completions.create(**request, stream=True)
-        if chunk.choices and chunk.choices[0].logprobs
-        for entry in chunk.choices[0].logprobs.content
-    ]
-    assert [e.token for e in streamed] == [e.token for e in content]
-    # The repeat reads the prompt's KV from the prefix cache: equal up to rounding.
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-4)
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(**{**request, "logprobs": False})
-    assert refused.value.body["param"] == "top_logprobs"
-
-
-@pytest.mark.hf
-def test_penalties_change_greedy_output_as_defined_on_hf_logits(
-    client: openai.OpenAI, http_stack: Stack, hf_embedded_model
-) -> None:
-    import torch
-
-    prompt = "1, 2, 3, 4,"
-    prompt_ids = list(http_stack.generation.Tokenize(generation_pb2.TokenizeRequest(text=prompt)).token_ids)
-    frequency, presence, repetition = 0.8, 0.4, 1.3
-    generated: list[int] = []
-    with torch.no_grad():
-        for _ in range(8):
-            logits = hf_embedded_model(torch.tensor([prompt_ids + generated])).logits[0, -1]
-            for token in set(prompt_ids) | set(generated):
-                logits[token] = (
-                    logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
-                )
-            for token in set(generated):
-                logits[token] -= frequency * generated.count(token) + presence
-            generated.append(int(logits.argmax()))
-    expected = http_stack.generation.Detokenize(generation_pb2.DetokenizeRequest(token_ids=generated)).text
-
-    answer = client.completions.create(
-        model=MODEL,
-        prompt=prompt,
-        max_tokens=8,
-        temperature=0,
-        frequency_penalty=frequency,
-        presence_penalty=presence,
-        extra_body={"repetition_penalty": repetition, "ignore_eos": True},
-    )
-    assert answer.choices[0].text == expected
-    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
-    assert plain.choices[0].text != expected
-
-
-def test_min_tokens_and_special_tokens(client: openai.OpenAI) -> None:
-    short = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=40, temperature=0
-    )
-    assert short.choices[0].finish_reason == "stop"
-    natural = short.usage.completion_tokens
-    longer = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Say hi"}],
-        max_tokens=natural + 3,
-        temperature=0,
-        extra_body={"min_tokens": natural + 3},
-    )
-    assert longer.usage.completion_tokens == natural + 3
-    assert longer.choices[0].finish_reason == "length"
-    # The end-of-turn token the model ended with shows when special tokens are kept.
-    shown = client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "Say hi"}],
-        max_tokens=40,
-        temperature=0,
-        extra_body={"skip_special_tokens": False},
-    )
-    assert shown.choices[0].message.content == short.choices[0].message.content + "<|im_end|>"
