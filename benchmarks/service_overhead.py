@@ -8,6 +8,7 @@ and kernel launches do.
 
     python -m benchmarks.service_overhead                       # both runs
     python -m benchmarks.service_overhead --runs grpc --num-seqs 64 --max-steps-in-flight 1
+    python -m benchmarks.service_overhead --runs grpc --ranks 4   # a step to 4 ranks
 
 Prints output tokens per second, the share of the run the pretend device was busy (what
 is left is what the host made it wait), and the CPU seconds each process spent, so that
@@ -33,6 +34,7 @@ from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, ru
 from benchmarks.workload import Workload, nano_vllm_workload
 from gpu_worker.device_time import DECODE, PREFILL
 from services.common.step_limits import StepLimits
+from services.launcher import free_port, worker_name
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,18 @@ class NullRunner:
 
     decode_graphs = None
 
-    def __init__(self, costs: PretendCosts, vocab_size: int = 49152, max_model_len: int = 4096) -> None:
+    def __init__(
+        self,
+        costs: PretendCosts,
+        vocab_size: int = 49152,
+        max_model_len: int = 4096,
+        rank: int = 0,
+        num_ranks: int = 1,
+    ) -> None:
+        """rank, num_ranks: a rank of a tensor-parallel engine, whose rank 0 reports the
+        tokens (as a real engine's only stage does)."""
         self.costs = costs
+        self.rank, self.num_ranks = rank, num_ranks
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.observer = _PretendObserver()
@@ -117,6 +129,10 @@ class NullRunner:
             device="none",
             dtype="none",
             **StepLimits().worker_info_fields(),
+            rank=self.rank,
+            tensor_parallel_size=self.num_ranks,
+            pipeline_parallel_size=1,
+            reports_tokens=self.rank == 0,
         )
 
     def reset(self) -> None:
@@ -152,13 +168,17 @@ class NullRunner:
     def finish_step(self, launched: _PretendLaunch) -> worker_pb2.StepResult:
         launched.wait()
         result = worker_pb2.StepResult(step_id=launched.step_id)
+        if self.rank:
+            return result
         for seq_id, token_id in launched.samples:
             result.seq_ids.append(seq_id)
             result.token_ids.append(token_id)
         return result
 
 
-async def _serve_null_worker(port: int, metrics_port: int, costs: PretendCosts) -> None:
+async def _serve_null_worker(
+    port: int, metrics_port: int | None, costs: PretendCosts, rank: int, num_ranks: int
+) -> None:
     from gpu_worker.servicer import WorkerServicer
     from gpu_worker.step_telemetry import StepTelemetry
     from services.common.grpc_server import ServerConfig, ServiceHost
@@ -171,7 +191,7 @@ async def _serve_null_worker(port: int, metrics_port: int, costs: PretendCosts) 
     await host.start()
 
     async def load() -> None:
-        await servicer.load(lambda: NullRunner(costs))
+        await servicer.load(lambda: NullRunner(costs, rank=rank, num_ranks=num_ranks))
 
     await host.run(prepare=load)
 
@@ -203,7 +223,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="run the scheduler and tokenizer under cProfile, writing NAME.prof here",
     )
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="pretend workers the scheduler sends each step to, as to a tensor-parallel engine",
+    )
     parser.add_argument("--serve-null-worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--metrics-port", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -215,16 +242,27 @@ def run_grpc_with_pretend_device(
     from services.common.embedded_model import materialize_default_model
 
     def pretend_worker(commands: dict[str, list[str]], ports: dict[str, int]) -> None:
-        commands["worker"] = [
-            sys.executable,
-            "-m",
-            "benchmarks.service_overhead",
-            *_cost_args(costs),
-            "--serve-null-worker",
-            str(ports["worker"]),
-            "--metrics-port",
-            str(ports["worker_metrics"]),
-        ]
+        scheduler = commands["scheduler"]
+        first_worker_flag = scheduler.index("--worker")
+        del scheduler[first_worker_flag : first_worker_flag + 2]
+        for rank in range(args.ranks):
+            name = worker_name(rank)
+            ports.setdefault(name, free_port())
+            commands[name] = [
+                sys.executable,
+                "-m",
+                "benchmarks.service_overhead",
+                *_cost_args(costs),
+                "--serve-null-worker",
+                str(ports[name]),
+                "--rank",
+                str(rank),
+                "--ranks",
+                str(args.ranks),
+                *(["--metrics-port", str(ports["worker_metrics"])] if rank == 0 else []),
+            ]
+            scheduler[first_worker_flag:first_worker_flag] = ["--worker", f"127.0.0.1:{ports[name]}"]
+            first_worker_flag += 2
         if args.profile_dir is not None:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
             for name in ("scheduler", "tokenizer"):
@@ -256,6 +294,7 @@ def report(args: argparse.Namespace, costs: PretendCosts, results: list[RunResul
         "max_steps_in_flight": args.max_steps_in_flight,
         "num_seqs": args.num_seqs,
         "max_stream_messages_per_step": args.max_stream_messages_per_step,
+        "ranks": args.ranks,
         "runs": {},
     }
     print(f"pretend device: {costs}")
@@ -289,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     costs = PretendCosts(**{name: getattr(args, name) for name in vars(PretendCosts())})
     if args.serve_null_worker is not None:
-        asyncio.run(_serve_null_worker(args.serve_null_worker, args.metrics_port, costs))
+        asyncio.run(
+            _serve_null_worker(args.serve_null_worker, args.metrics_port, costs, args.rank, args.ranks)
+        )
         return
     workload = nano_vllm_workload(args.num_seqs, 100, 1024, 10000)
     settings = EngineSettings.from_args(args, device="cpu")
