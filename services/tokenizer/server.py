@@ -57,9 +57,9 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
     http_api: HttpApiServer | None = None
     if config.http_port is not None:
         # Imported here: a tokenizer that serves gRPC only never loads the HTTP stack.
-        from services.tokenizer.http.server import HttpApiServer
+        from services.tokenizer.http import server as http_server
 
-        http_api = HttpApiServer(
+        http_api = http_server.HttpApiServer(
             core, config.http_api_config(), host.registry, server_config.host, config.http_port
         )
         await http_api.start()
