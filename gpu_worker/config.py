@@ -5,10 +5,11 @@ until a worker resolves its device and dtype."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpu_worker.parallel.config import ParallelConfig
 from services.common.step_limits import StepLimits
 
 if TYPE_CHECKING:
@@ -69,6 +70,9 @@ class WorkerConfig:
     # Appends one JSON line per step to this file: its host and device times
     # (gpu_worker/step_timeline.py). For finding where a run's time goes.
     step_timeline_path: Path | None = None
+    # This worker's rank among the workers that together hold one model replica, and how
+    # the model is split over them; one rank holds it whole by default.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         # Accept plain strings (CLI, YAML) for the path.
@@ -93,9 +97,14 @@ class WorkerConfig:
     def resolve_device(self) -> torch.device:
         import torch
 
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.parallel.world_size > 1:
+            # One GPU per rank: the ranks of a host take its GPUs in rank order (a host with
+            # one GPU, such as a pod per rank, gives each rank its only GPU).
+            return torch.device("cuda", self.parallel.rank % torch.cuda.device_count())
+        return torch.device(device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         import torch

@@ -65,13 +65,22 @@ class _StaticInputs:
 
 class DecodeGraphs:
     def __init__(
-        self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device
+        self,
+        model: nn.Module,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+        intermediate: torch.Tensor | None = None,
     ) -> None:
+        """intermediate: for a pipeline stage after the first, a [max_num_seqs, hidden] buffer
+        the graphs read the previous stage's output from, instead of embedding input ids."""
         self.model = model
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         max_blocks_per_seq = -(-max_model_len // block_size)
         self.inputs = _StaticInputs.allocate(self.sizes[-1], max_blocks_per_seq, device)
+        self.intermediate = intermediate
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -85,13 +94,14 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             metadata = self.inputs.metadata(size, self.max_model_len)
             input_ids, positions = self.inputs.input_ids[:size], self.inputs.positions[:size]
+            intermediate = None if self.intermediate is None else self.intermediate[:size]
             with attention_context(metadata):
                 # One eager run first: kernels compile and the allocator settles outside capture.
-                self.model(input_ids, positions)
+                self.model(input_ids, positions, intermediate)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[size] = self.model(input_ids, positions)
+                    self.outputs[size] = self.model(input_ids, positions, intermediate)
             self.graphs[size] = graph
         torch.cuda.synchronize()
 
@@ -105,12 +115,19 @@ class DecodeGraphs:
         )
 
     def run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        metadata: AttentionMetadata,
+        intermediate: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Replays the smallest graph that holds the batch; returns [num_seqs, hidden]."""
         num_seqs = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
         inputs = self.inputs
+        if self.intermediate is not None:
+            assert intermediate is not None, "a later pipeline stage runs on the previous stage's output"
+            self.intermediate[:num_seqs].copy_(intermediate, non_blocking=True)
         inputs.input_ids[:num_seqs].copy_(input_ids, non_blocking=True)
         inputs.positions[:num_seqs].copy_(positions, non_blocking=True)
         inputs.slot_mapping[:num_seqs].copy_(metadata.slot_mapping, non_blocking=True)

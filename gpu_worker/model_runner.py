@@ -26,6 +26,7 @@ from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import DeviceToken, StepInputBuilder, StepInputs
 from gpu_worker.kv_cache import (
+    KVCacheLayout,
     allocate_cpu_kv_cache,
     allocate_kv_cache,
     apply_block_ops,
@@ -37,8 +38,10 @@ from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_a
 from gpu_worker.model.attention import attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
+from gpu_worker.parallel.groups import init_parallel
+from gpu_worker.parallel.stage_exchange import StageExchange
 from gpu_worker.penalties import PenaltyTable
-from gpu_worker.sampler import Sampler, SequenceSampling
+from gpu_worker.sampler import SampledTokens, Sampler, SequenceSampling
 from gpu_worker.step_observer import StepObserver
 
 
@@ -92,14 +95,21 @@ class ModelRunner:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.model_config.max_position_embeddings}"
             )
+        # Joins the engine's other ranks first: under tensor parallelism loading, profiling
+        # and graph capture run collectives, in the same order on every rank.
+        self.parallel = init_parallel(config.parallel, self.device)
         self.model = load_model(
             config.model_path,
             self.model_config,
             self.device,
             self.dtype,
             self.max_model_len,
+            self.parallel,
             load_format=config.load_format,
         )
+        self.stages = StageExchange(self.parallel, self.model_config.hidden_size, self.dtype, self.device)
+        # This rank's share of the cache: its stage's layers, its KV heads.
+        layout = KVCacheLayout.of_model(self.model)
         # Sized after the weights are on the device, from what memory is left once the
         # largest step's activations (measured on CUDA) are set aside.
         reserved_bytes = 0
@@ -108,23 +118,26 @@ class ModelRunner:
                 self.model, self.model_config, config, self.max_model_len, self.device, self.dtype
             )
         with memory_held(reserved_bytes, self.device) if reserved_bytes else nullcontext():
-            num_blocks = determine_num_kv_blocks(config, self.model_config, self.device, self.dtype)
-        self.kv_cache = allocate_kv_cache(
-            self.model_config, num_blocks, config.block_size, self.device, self.dtype
-        )
+            num_blocks = determine_num_kv_blocks(config, layout, self.device, self.dtype)
+        self.kv_cache = allocate_kv_cache(layout, num_blocks, config.block_size, self.device, self.dtype)
         bind_kv_cache(self.model.attention_layers(), self.kv_cache)
         # Where preempted sequences' KV waits to be swapped back in.
         self.cpu_kv_cache = allocate_cpu_kv_cache(
-            self.model_config,
-            num_cpu_blocks(config, self.model_config, self.dtype),
+            layout,
+            num_cpu_blocks(config, layout, self.dtype),
             config.block_size,
             self.device,
             self.dtype,
         )
         self.decode_graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
+            intermediate = None
+            if not self.parallel.is_first_stage:
+                intermediate = torch.zeros(
+                    config.max_num_seqs, self.model_config.hidden_size, dtype=self.dtype, device=self.device
+                )
             self.decode_graphs = DecodeGraphs(
-                self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device
+                self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device, intermediate
             )
             self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
@@ -155,6 +168,10 @@ class ModelRunner:
             dtype=str(self.dtype).removeprefix("torch."),
             num_cpu_blocks=self.cpu_kv_cache.num_blocks,
             **self.config.step_limits().worker_info_fields(),
+            rank=self.parallel.config.rank,
+            tensor_parallel_size=self.parallel.config.tensor_parallel_size,
+            pipeline_parallel_size=self.parallel.config.pipeline_parallel_size,
+            reports_tokens=self.parallel.answers,
         )
 
     def reset(self) -> None:
@@ -210,18 +227,23 @@ class ModelRunner:
 
     def _sample(self, batch: _Batch, hidden_states: torch.Tensor, launched: LaunchedStep) -> None:
         """Queues the sampling of the batch's sampling rows and the copy of the draws to
-        the host; each sequence's newest token is then its draw, still on the device."""
-        # index_select: one gather, with less host work than advanced indexing.
-        logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
+        the host; each sequence's newest token is then its draw, still on the device.
+        Pipeline stages before the last receive the last stage's draws instead."""
         sequences = self.sequences
         states = [sequences[seq_id] for seq_id in batch.sample_seq_ids]
         samplings = [s.sampling for s in states]
-        positions = [len(s.token_ids) + s.num_pending_tokens for s in states]
-        if self.penalties:
-            rows = self.penalties.rows(batch.sample_seq_ids)
-            sampled = self.sampler.sample_on_device(logits, samplings, positions, self.penalties, rows)
+        if self.parallel.is_last_stage:
+            # index_select: one gather, with less host work than advanced indexing.
+            logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
+            positions = [len(s.token_ids) + s.num_pending_tokens for s in states]
+            if self.penalties:
+                rows = self.penalties.rows(batch.sample_seq_ids)
+                sampled = self.sampler.sample_on_device(logits, samplings, positions, self.penalties, rows)
+            else:
+                sampled = self.sampler.sample_on_device(logits, samplings, positions)
         else:
-            sampled = self.sampler.sample_on_device(logits, samplings, positions)
+            sampled = SampledTokens.to_receive(samplings, self.device)
+        self.stages.share_draws(sampled.tokens)
         # A sequence that drew n tokens (its request's first sample) continues with the
         # one of its own completion index, its first draw; the scheduler forks the others.
         tokens = sampled.tokens
@@ -265,10 +287,12 @@ class ModelRunner:
                     state.num_pending_tokens -= 1
                     if not state.num_pending_tokens:
                         state.newest_pending_token = None
-            result.seq_ids.extend(seq_ids)
-            result.token_ids.extend(tokens)
-            if launched.host_logprobs is not None:
-                result.logprobs.extend(token_logprobs(*launched.host_logprobs))
+            # Every rank holds the same draws; one answers for the engine.
+            if self.parallel.answers:
+                result.seq_ids.extend(seq_ids)
+                result.token_ids.extend(tokens)
+                if launched.host_logprobs is not None:
+                    result.logprobs.extend(token_logprobs(*launched.host_logprobs))
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns
@@ -284,10 +308,14 @@ class ModelRunner:
         return host
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
+        intermediate = self.stages.receive_activations(batch.input_ids.shape[0])
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch.metadata):
-            return self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
-        with attention_context(batch.metadata):
-            return self.model(batch.input_ids, batch.positions)
+            output = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata, intermediate)
+        else:
+            with attention_context(batch.metadata):
+                output = self.model(batch.input_ids, batch.positions, intermediate)
+        self.stages.send_activations(output)
+        return output
 
     def _prepare_batch(self, scheduled: Sequence[worker_pb2.ScheduledSequence]) -> _Batch:
         return self.step_inputs.build(scheduled, self.sequences)

@@ -176,6 +176,14 @@ class SampledTokens:
     # Set when a row asked for logprobs: for every draw, with the most top tokens asked.
     logprobs: SampledLogprobs | None = None
 
+    @classmethod
+    def to_receive(cls, rows: Sequence[SequenceSampling], device: torch.device) -> SampledTokens:
+        """An empty buffer laid out as the draws of `rows` will be, for a rank that does not
+        sample but receives another's draws (a pipeline stage before the last)."""
+        counts = [row.num_samples for row in rows]
+        tokens = torch.empty(sum(counts), dtype=torch.int64, device=device)
+        return cls(tokens, counts, [0, *accumulate(counts[:-1])])
+
     def grouped(self, tokens: list[int]) -> list[list[int]]:
         """`tokens` (read from the device) split into each row's draws."""
         return [tokens[start : start + count] for start, count in zip(self.first_indices, self.counts)]

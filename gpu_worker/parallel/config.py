@@ -66,6 +66,12 @@ class ParallelConfig:
     def pp_rank(self) -> int:
         return self.rank // self.tensor_parallel_size
 
+    @property
+    def answering_rank(self) -> int:
+        """The rank whose step results carry the engine's tokens and logprobs: the first of
+        the last stage, which samples (every rank learns the draws; one reports them)."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
     def tp_group_ranks(self, pp_rank: int) -> list[int]:
         start = pp_rank * self.tensor_parallel_size
         return list(range(start, start + self.tensor_parallel_size))

@@ -67,6 +67,12 @@ class RankGroup:
         dist.recv(buffer, src=self.ranks[source], group=self.process_group)
         return buffer
 
+    def broadcast(self, tensor: torch.Tensor, source: int) -> torch.Tensor:
+        """Member `source`'s `tensor` in `tensor` on every member (the same shape on each)."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=self.ranks[source], group=self.process_group)
+        return tensor
+
 
 SINGLE_RANK = RankGroup()
 
@@ -95,6 +101,11 @@ class ParallelContext:
     @property
     def is_last_stage(self) -> bool:
         return self.pp.rank == self.pp.size - 1
+
+    @property
+    def answers(self) -> bool:
+        """Whether this rank reports the engine's draws (ParallelConfig.answering_rank)."""
+        return self.config.rank == self.config.answering_rank
 
     def send_to_next_stage(self, activations: torch.Tensor) -> None:
         self.pp.send(activations, self.stage + 1)

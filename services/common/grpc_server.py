@@ -66,6 +66,10 @@ class ServiceHost:
     async def set_serving(self) -> None:
         await self._set_status(health_pb2.HealthCheckResponse.SERVING)
 
+    async def set_not_serving(self) -> None:
+        """Readiness lost after start-up (a peer failed); liveness stays SERVING."""
+        await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def _set_status(self, status: "health_pb2.HealthCheckResponse.ServingStatus") -> None:
         # "" is the whole server, as Kubernetes' grpc probes ask by default.
         for name in ["", *self._service_names]:

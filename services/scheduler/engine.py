@@ -1,17 +1,17 @@
-"""The continuous-batching loop: asks the scheduler for a step, sends it down the worker's
-long-lived step stream, feeds the sampled tokens back and hands each request its output."""
+"""The continuous-batching loop: asks the scheduler for a step, sends it down the workers'
+long-lived step streams, feeds the sampled tokens back and hands each request its output."""
 
 import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from opentelemetry import trace
-from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from pagedserve.v1 import common_pb2, worker_pb2
 
 from services.common.errors import UnavailableError
 from services.common.telemetry import traceparent_of
@@ -19,6 +19,7 @@ from services.scheduler.coalescing import OutputCoalescer
 from services.scheduler.metrics import RequestTimes, SchedulerMetrics, record_request_span
 from services.scheduler.outputs import RequestEvent, SchedulerOutput
 from services.scheduler.scheduler import RequestOutput, Scheduler
+from services.scheduler.worker_group import GroupStepStream, WorkerGroup, WorkerGroupError
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,31 @@ class RequestStream:
     traceparent: str = ""
 
 
+# How often a scheduler whose workers failed asks whether they serve again.
+_RECOVERY_POLL_S = 5.0
+
+# Told False when the workers fail and True once they serve again.
+ReportServing = Callable[[bool], Awaitable[None]]
+
+
+async def _ignore_serving(serving: bool) -> None:
+    pass
+
+
 class Engine:
     def __init__(
         self,
         scheduler: Scheduler,
-        worker: worker_pb2_grpc.WorkerStub,
+        workers: WorkerGroup,
         metrics: SchedulerMetrics | None = None,
+        report_serving: ReportServing = _ignore_serving,
     ) -> None:
         self.scheduler = scheduler
-        self._worker = worker
+        self._workers = workers
         self._metrics = metrics
+        self._report_serving = report_serving
+        # Why the workers cannot take requests now; None while they can.
+        self.worker_failure: UnavailableError | None = None
         self._streams: dict[str, RequestStream] = {}
         self._has_work = asyncio.Event()
         self._coalescer = OutputCoalescer(scheduler.config.max_stream_messages_per_step)
@@ -67,7 +83,10 @@ class Engine:
         span: trace.Span = trace.INVALID_SPAN,
     ) -> RequestStream:
         """Queues a request whose outputs go to `deliver`; raises InvalidArgumentError or
-        ResourceExhaustedError when the scheduler refuses it."""
+        ResourceExhaustedError when the scheduler refuses it, UnavailableError while the
+        workers are down."""
+        if self.worker_failure is not None:
+            raise UnavailableError(f"{self.worker_failure}; waiting for the workers to serve again")
         self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority)
         traceparent = traceparent_of(span) if span.is_recording() else ""
         stream = RequestStream(deliver=deliver, span=span, traceparent=traceparent)
@@ -139,22 +158,43 @@ class Engine:
             stream.deliver(error)
 
     async def run(self) -> None:
-        """Runs steps while there is work; sleeps when there is none. A broken worker
-        stream fails the requests in flight (they get an explicit error, their blocks come
-        back) and the next request opens a new stream."""
+        """Runs steps while there is work; sleeps when there is none. A broken step stream
+        fails the requests in flight (they get an explicit error naming the rank, their
+        blocks come back); new requests are refused until every rank serves again, and then
+        new streams start from scratch."""
         while True:
             await self._has_work.wait()
-            call = self._worker.Steps()
+            steps = self._workers.open_steps()
             try:
-                await self._run_steps(call)
-            except (grpc.aio.AioRpcError, UnavailableError) as error:
-                details = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
-                log.error("worker step stream failed: %s", details)
-                self._fail_all(UnavailableError(f"worker failed: {details}"))
+                await self._run_steps(steps)
+            except UnavailableError as error:
+                log.error("step stream failed: %s", error)
+                self.worker_failure = error
+                self._fail_all(error)
             finally:
-                call.cancel()
+                steps.cancel()
+            await self._recover()
 
-    async def _run_steps(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _recover(self) -> None:
+        """Reports NOT_SERVING until every rank serves again (their supervisor restarts
+        the ranks that failed) with a KV pool at least as large as the scheduler's."""
+        await self._report_serving(False)
+        while True:
+            try:
+                await self._workers.wait_until_serving(_RECOVERY_POLL_S)
+                info = await self._workers.describe()
+            except (UnavailableError, WorkerGroupError, grpc.aio.AioRpcError) as error:
+                log.warning("waiting for the workers to serve again: %s", error)
+                continue
+            if info.num_kv_blocks >= self.scheduler.stats().num_total_blocks:
+                break
+            log.error("the workers came back with %d KV blocks, fewer than before", info.num_kv_blocks)
+            await asyncio.sleep(_RECOVERY_POLL_S)
+        log.info("workers serving again")
+        self.worker_failure = None
+        await self._report_serving(True)
+
+    async def _run_steps(self, call: GroupStepStream) -> None:
         """Keeps up to the scheduler's max_steps_in_flight steps on the worker: with
         overlap, step N+1 is planned and sent while the worker runs step N, so that the
         worker finds its next step waiting when it finishes one."""
@@ -182,8 +222,6 @@ class Engine:
                 scheduled, started = in_flight.popleft()
                 if self._metrics is not None:
                     self._metrics.on_step(len(scheduled.scheduled), time.monotonic() - started)
-                if result is grpc.aio.EOF:
-                    raise UnavailableError("worker closed the step stream")
                 next_result = asyncio.ensure_future(call.read())
                 undelivered = self._coalescer.pace(self.scheduler.update_from_output(scheduled, result))
         finally:
@@ -202,5 +240,5 @@ class Engine:
         finally:
             work.cancel()
         if next_result.done():
-            next_result.result()  # raises the stream's error, if it failed
-            raise UnavailableError("worker closed the step stream")
+            next_result.result()  # raises the stream's error
+            raise UnavailableError("a worker answered a step it was not sent")

@@ -1,19 +1,20 @@
-"""Runs the scheduler process: `pagedserve scheduler --worker ADDRESS --port N`."""
+"""Runs the scheduler process: `pagedserve scheduler --worker ADDRESS [--worker ADDRESS ...]
+--port N`, with one --worker per rank of its model replica, in rank order."""
 
 import asyncio
 import logging
 from dataclasses import dataclass
 
-from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
-from services.common.channels import insecure_channel
-from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
+from services.common.grpc_server import ServerConfig, ServiceHost
 from services.common.step_limits import StepLimits
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.engine import Engine
 from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.servicer import SchedulerServicer
+from services.scheduler.worker_group import WorkerGroup
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 @dataclass(frozen=True)
 class SchedulerServiceConfig:
-    worker_address: str
+    # One address per rank of the model replica, in rank order.
+    worker_addresses: tuple[str, ...]
     scheduling: SchedulerConfig
     # Model loads can take minutes; the scheduler waits for its worker that long.
     worker_startup_timeout_s: float = 600.0
@@ -50,8 +52,8 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
     servicer = SchedulerServicer()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
     port = await host.start()
-    log.info("scheduler listening on port %d, waiting for worker at %s", port, config.worker_address)
-    channel = insecure_channel(config.worker_address)
+    log.info("scheduler listening on port %d, waiting for workers at %s", port, ", ".join(config.worker_addresses))
+    workers = WorkerGroup(config.worker_addresses)
     background: list[asyncio.Task[None]] = []
 
     metrics = SchedulerMetrics(
@@ -60,10 +62,13 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
     )
 
     async def connect_worker() -> None:
-        await wait_for_serving(channel, config.worker_startup_timeout_s)
-        worker = worker_pb2_grpc.WorkerStub(channel)
-        info = await worker.Describe(worker_pb2.DescribeRequest())
-        engine = Engine(build_scheduler(config.scheduling, info), worker, metrics)
+        await workers.wait_until_serving(config.worker_startup_timeout_s)
+        info = await workers.describe()
+
+        async def report_serving(serving: bool) -> None:
+            await (host.set_serving() if serving else host.set_not_serving())
+
+        engine = Engine(build_scheduler(config.scheduling, info), workers, metrics, report_serving)
         servicer.model.CopyFrom(info.model)
         # The pool may hold fewer tokens than the model's context: callers see the real limit.
         servicer.model.max_model_len = engine.scheduler.max_model_len
@@ -72,9 +77,10 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
         stats = engine.scheduler.stats()
         limits = engine.scheduler.limits
         log.info(
-            "scheduler ready: %s, %d KV blocks, %d CPU swap blocks, steps of up to %d sequences "
-            "and %d tokens, %d in flight",
+            "scheduler ready: %s on %d worker ranks, %d KV blocks, %d CPU swap blocks, steps of "
+            "up to %d sequences and %d tokens, %d in flight",
             info.model.model_name,
+            workers.size,
             stats.num_total_blocks,
             stats.num_total_cpu_blocks,
             limits.max_num_seqs,
@@ -87,7 +93,7 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
     finally:
         for task in background:
             task.cancel()
-        await channel.close()
+        await workers.close()
 
 
 def run_scheduler(server_config: ServerConfig, config: SchedulerServiceConfig) -> None:

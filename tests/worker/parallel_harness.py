@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from gpu_worker.parallel import ParallelConfig, close_parallel, init_parallel
+from gpu_worker.parallel.config import ParallelConfig
+from gpu_worker.parallel.groups import close_parallel, init_parallel
 
 
 def free_port() -> int:

@@ -12,7 +12,8 @@ from parallel_harness import run_ranks
 
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.llama import LlamaForCausalLM
-from gpu_worker.parallel import ParallelConfig, ParallelContext, check_model_fits, stage_layer_range
+from gpu_worker.parallel.config import ParallelConfig, check_model_fits, stage_layer_range
+from gpu_worker.parallel.groups import ParallelContext
 from tests.support.tiny_llama import PARALLEL_DIMS
 
 LLAMA = ModelConfig.from_dicts(dict(model_type="llama", **PARALLEL_DIMS))

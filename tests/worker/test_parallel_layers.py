@@ -24,7 +24,7 @@ from gpu_worker.model.parallel_layers import (
     merged_column_parallel_linear,
     qkv_parallel_linear,
 )
-from gpu_worker.parallel import ParallelContext
+from gpu_worker.parallel.groups import ParallelContext
 
 TP = 2
 HIDDEN = 16

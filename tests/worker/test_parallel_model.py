@@ -20,7 +20,7 @@ from gpu_worker.kv_cache import KVCacheLayout, allocate_kv_cache, bind_kv_cache
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
-from gpu_worker.parallel import SINGLE_RANK_CONTEXT, ParallelContext
+from gpu_worker.parallel.groups import SINGLE_RANK_CONTEXT, ParallelContext
 from tests.support.tiny_architectures import build_tiny_model
 from tests.support.tiny_llama import PARALLEL_DIMS
 

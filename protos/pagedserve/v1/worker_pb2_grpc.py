@@ -26,8 +26,11 @@ if _version_not_supported:
 
 
 class WorkerStub:
-    """A GPU worker: owns the weights, the paged KV cache and the sampler of one tensor-parallel
-    rank. Trusts the block ids the scheduler sends.
+    """A GPU worker: owns the weights, the paged KV cache and the sampler of one rank of a model
+    replica (the whole model, or its tensor- and pipeline-parallel share). Trusts the block
+    ids the scheduler sends. A scheduler of several ranks sends every step to each of them;
+    every rank answers each step, and the answer of the rank that says reports_tokens (the
+    first of the last pipeline stage, which samples) carries the tokens and logprobs.
     """
 
     def __init__(self, channel):
@@ -49,8 +52,11 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """A GPU worker: owns the weights, the paged KV cache and the sampler of one tensor-parallel
-    rank. Trusts the block ids the scheduler sends.
+    """A GPU worker: owns the weights, the paged KV cache and the sampler of one rank of a model
+    replica (the whole model, or its tensor- and pipeline-parallel share). Trusts the block
+    ids the scheduler sends. A scheduler of several ranks sends every step to each of them;
+    every rank answers each step, and the answer of the rank that says reports_tokens (the
+    first of the last pipeline stage, which samples) carries the tokens and logprobs.
     """
 
     def Describe(self, request, context):
@@ -90,8 +96,11 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """A GPU worker: owns the weights, the paged KV cache and the sampler of one tensor-parallel
-    rank. Trusts the block ids the scheduler sends.
+    """A GPU worker: owns the weights, the paged KV cache and the sampler of one rank of a model
+    replica (the whole model, or its tensor- and pipeline-parallel share). Trusts the block
+    ids the scheduler sends. A scheduler of several ranks sends every step to each of them;
+    every rank answers each step, and the answer of the rank that says reports_tokens (the
+    first of the last pipeline stage, which samples) carries the tokens and logprobs.
     """
 
     @staticmethod
