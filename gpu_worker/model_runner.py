@@ -137,7 +137,12 @@ class ModelRunner:
                     config.max_num_seqs, self.model_config.hidden_size, dtype=self.dtype, device=self.device
                 )
             self.decode_graphs = DecodeGraphs(
-                self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device, intermediate
+                self.model,
+                config.max_num_seqs,
+                self.max_model_len,
+                config.block_size,
+                self.device,
+                intermediate,
             )
             self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)

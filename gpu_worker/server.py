@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import os
 
 from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
@@ -16,9 +17,21 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
+def _leave_the_group() -> None:
+    """Ends a rank of a parallel group whose step stream ended. Its peers may be waiting in
+    a collective for a step this rank will never run, and a new stream would start them
+    out of step: the whole group restarts instead (each rank's supervisor starts it again,
+    and the scheduler waits until every rank serves). A hard exit, because a thread may be
+    blocked in a collective that nothing can interrupt."""
+    log.error("step stream ended: leaving the parallel group so that it restarts whole")
+    logging.shutdown()
+    os._exit(1)
+
+
 async def serve_worker(server_config: ServerConfig, worker_config: WorkerConfig) -> None:
     host = ServiceHost(server_config, [SERVICE_NAME])
-    servicer = WorkerServicer(StepTelemetry(host.registry))
+    in_group = worker_config.parallel.world_size > 1
+    servicer = WorkerServicer(StepTelemetry(host.registry), _leave_the_group if in_group else None)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, host.server)
     port = await host.start()
     log.info("worker listening on port %d, loading %s", port, worker_config.model_path)

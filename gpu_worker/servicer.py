@@ -17,8 +17,11 @@ from services.common.errors import UnavailableError
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, telemetry: StepTelemetry) -> None:
+    def __init__(self, telemetry: StepTelemetry, on_stream_end: Callable[[], None] | None = None) -> None:
+        """on_stream_end: called when a step stream ends, in place of forgetting its
+        sequences (a rank of a parallel group cannot rejoin its peers mid-stream)."""
         self.telemetry = telemetry
+        self._on_stream_end = on_stream_end
         self.runner: ModelRunner | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._stream_open = False
@@ -60,6 +63,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 async for result in results:
                     yield result
         finally:
+            if self._on_stream_end is not None:
+                self._on_stream_end()
             self._stream_open = False
             # A new stream starts from scratch: sequences of the old one are gone.
             await loop.run_in_executor(self._executor, runner.reset)

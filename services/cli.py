@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from gpu_worker.config import WorkerConfig
+from gpu_worker.parallel.config import ParallelConfig
 from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
@@ -110,6 +111,58 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=ParallelConfig.tensor_parallel_size,
+        help="worker ranks each layer is split over (one GPU each)",
+    )
+    parser.add_argument(
+        "--pipeline-parallel-size",
+        type=int,
+        default=ParallelConfig.pipeline_parallel_size,
+        help="pipeline stages the layers are split over, each of --tensor-parallel-size ranks",
+    )
+
+
+def add_rank_args(parser: argparse.ArgumentParser) -> None:
+    """Where one worker stands in its engine's group of ranks."""
+    parser.add_argument(
+        "--rank", type=int, default=ParallelConfig.rank, help="this worker's rank, stage-major"
+    )
+    parser.add_argument(
+        "--dist-init-addr",
+        default=None,
+        help="host:port where rank 0 meets the other ranks (torch.distributed rendezvous); "
+        "required with more than one rank",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=ParallelConfig.timeout_s,
+        help="seconds the ranks may take to meet, and the limit of any one collective",
+    )
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    sizes = dict(
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        rank=args.rank,
+        timeout_s=args.dist_timeout,
+    )
+    if args.dist_init_addr is None:
+        world_size = args.tensor_parallel_size * args.pipeline_parallel_size
+        if world_size > 1:
+            raise SystemExit(
+                f"pagedserve worker: --dist-init-addr is required for a world of {world_size} ranks"
+            )
+        return ParallelConfig(**sizes)
+    host, _, port = args.dist_init_addr.rpartition(":")
+    return ParallelConfig.from_address(master_addr=host.strip("[]"), master_port=int(port), **sizes)
+
+
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """The worker configuration that `pagedserve worker` options `args` ask for."""
     return WorkerConfig(
@@ -125,6 +178,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         swap_space_bytes=int(args.swap_space * GIB),
         step_timeline_path=args.step_timeline,
+        parallel=parallel_config(args),
     )
 
 
@@ -217,21 +271,26 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    from gpu_worker.parallel.groups import ParallelStartupError
     from gpu_worker.server import run_worker
 
     config = worker_config(args)
-    setup_tracing("pagedserve-worker", os.environ, {"pagedserve.worker.rank": 0})
-    run_worker(server_config(args), config)
+    setup_tracing("pagedserve-worker", os.environ, {"pagedserve.worker.rank": args.rank})
+    try:
+        run_worker(server_config(args), config)
+    except (ValueError, ParallelStartupError) as error:
+        sys.exit(f"pagedserve worker: not starting: {error}")
 
 
 def cmd_scheduler(args: argparse.Namespace) -> None:
     from services.scheduler.server import SchedulerServiceConfig, run_scheduler
+    from services.scheduler.worker_group import WorkerGroupError
 
-    config = SchedulerServiceConfig(worker_address=args.worker, scheduling=scheduler_config(args))
+    config = SchedulerServiceConfig(worker_addresses=tuple(args.worker), scheduling=scheduler_config(args))
     setup_tracing("pagedserve-scheduler", os.environ)
     try:
         run_scheduler(server_config(args), config)
-    except StepLimitsError as error:
+    except (StepLimitsError, WorkerGroupError) as error:
         sys.exit(f"pagedserve scheduler: not starting: {error}")
 
 
@@ -278,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_args(serve)
     add_scheduler_args(serve)
     add_kv_blocks_arg(serve)
+    add_parallel_args(serve)
     add_http_api_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -290,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")
     add_server_args(scheduler, default_port=50052)
-    scheduler.add_argument("--worker", required=True, help="worker address, host:port")
+    scheduler.add_argument(
+        "--worker",
+        action="append",
+        required=True,
+        help="worker address, host:port; once per rank of a parallel engine, in rank order",
+    )
     add_step_limit_args(scheduler)
     add_scheduler_args(scheduler)
     add_kv_blocks_arg(scheduler)
@@ -301,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(worker)
     add_worker_args(worker)
     add_kv_blocks_arg(worker)
+    add_parallel_args(worker)
+    add_rank_args(worker)
     worker.add_argument(
         "--step-timeline",
         type=Path,

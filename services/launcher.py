@@ -1,5 +1,6 @@
-"""`pagedserve serve`: the three services as separate processes on this machine, the
-worker and scheduler on loopback ports, the public API on --port."""
+"""`pagedserve serve`: the three services as separate processes on this machine (one
+worker per rank of a parallel engine), the workers and scheduler on loopback ports, the
+public API on --port."""
 
 import argparse
 import logging
@@ -63,88 +64,104 @@ def _optional(flag: str, value: object) -> list[str]:
     return [] if value is None else [flag, str(value)]
 
 
+def worker_name(rank: int) -> str:
+    """A worker's service name: "worker" for rank 0 (the only one of most engines), then
+    "worker1", "worker2", ..."""
+    return "worker" if rank == 0 else f"worker{rank}"
+
+
 def service_commands(
-    args: argparse.Namespace, model_dir: Path, worker_port: int, scheduler_port: int
+    args: argparse.Namespace, model_dir: Path, ports: dict[str, int]
 ) -> dict[str, list[str]]:
     """Each service's command line for `pagedserve serve` options `args`: every option
-    goes to the services it concerns; the worker and scheduler listen on loopback."""
-    cli = [sys.executable, "-m", "services.cli", "--log-level", args.log_level]
-    grace = ["--shutdown-grace", str(args.shutdown_grace)]
-    kv_cap = _optional("--num-kv-blocks", args.num_kv_blocks)
+    goes to the services it concerns; the workers and scheduler listen on loopback.
 
-    def metrics(offset: int) -> list[str]:
-        # --metrics-port P: the tokenizer's /metrics on P, the scheduler's on P+1, the
-        # worker's on P+2.
-        return [] if args.metrics_port is None else ["--metrics-port", str(args.metrics_port + offset)]
+    ports: by service name, "worker" and "scheduler" at least. The workers of ranks past 0
+    and the ranks' rendezvous ("rendezvous") get free ports where `ports` has none, and are
+    added to it."""
+    world_size = args.tensor_parallel_size * args.pipeline_parallel_size
+    workers = [worker_name(rank) for rank in range(world_size)]
+    for name in [*workers[1:], *(["rendezvous"] if world_size > 1 else [])]:
+        ports.setdefault(name, free_port())
+    commands = _worker_commands(args, model_dir, ports, workers)
+    commands["scheduler"] = [
+        *_service(args, "scheduler", "127.0.0.1", ports["scheduler"], metrics_offset=1),
+        *(flag for name in workers for flag in ("--worker", f"127.0.0.1:{ports[name]}")),
+        *_optional("--num-kv-blocks", args.num_kv_blocks),
+        "--preemption-mode",
+        args.preemption_mode,
+        *_optional("--max-waiting-requests", args.max_waiting_requests),
+        *([] if args.enable_prefix_caching else ["--no-prefix-caching"]),
+        *([] if args.overlap_scheduling else ["--no-overlap-scheduling"]),
+        *_optional("--max-steps-in-flight", args.max_steps_in_flight),
+        "--max-stream-messages-per-step",
+        str(args.max_stream_messages_per_step),
+    ]
+    commands["tokenizer"] = [
+        *_service(args, "tokenizer", args.host, args.port, metrics_offset=0),
+        "--model",
+        str(model_dir),
+        "--scheduler",
+        f"127.0.0.1:{ports['scheduler']}",
+        *_optional("--http-port", args.http_port),
+        *_optional("--served-model-name", args.served_model_name),
+        *_optional("--api-key", args.api_key),
+    ]
+    return commands
 
+
+def _service(args: argparse.Namespace, command: str, host: str, port: int, metrics_offset: int) -> list[str]:
+    """The start of a service's command line. --metrics-port P: the tokenizer's /metrics on
+    P, the scheduler's on P+1, worker rank r's on P+2+r."""
+    metrics = [] if args.metrics_port is None else ["--metrics-port", str(args.metrics_port + metrics_offset)]
+    return [
+        *(sys.executable, "-m", "services.cli", "--log-level", args.log_level, command),
+        *("--host", host, "--port", str(port), "--shutdown-grace", str(args.shutdown_grace)),
+        *metrics,
+    ]
+
+
+def _worker_commands(
+    args: argparse.Namespace, model_dir: Path, ports: dict[str, int], workers: list[str]
+) -> dict[str, list[str]]:
+    flags = [
+        "--model",
+        str(model_dir),
+        # Each rank of a group on "cuda" takes the GPU of its rank (WorkerConfig.resolve_device).
+        "--device",
+        args.device,
+        "--block-size",
+        str(args.block_size),
+        *_optional("--dtype", args.dtype),
+        *_optional("--max-model-len", args.max_model_len),
+        *_optional("--num-kv-blocks", args.num_kv_blocks),
+        "--gpu-memory-utilization",
+        str(args.gpu_memory_utilization),
+        *(["--enforce-eager"] if args.enforce_eager else []),
+        "--swap-space",
+        str(args.swap_space),
+        # The worker is built for steps this large; the scheduler adopts its limits.
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+    ]
+    if len(workers) > 1:
+        flags += [
+            "--tensor-parallel-size",
+            str(args.tensor_parallel_size),
+            "--pipeline-parallel-size",
+            str(args.pipeline_parallel_size),
+            "--dist-init-addr",
+            f"127.0.0.1:{ports['rendezvous']}",
+        ]
     return {
-        "worker": [
-            *cli,
-            "worker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(worker_port),
-            *grace,
-            "--model",
-            str(model_dir),
-            "--device",
-            args.device,
-            "--block-size",
-            str(args.block_size),
-            *_optional("--dtype", args.dtype),
-            *_optional("--max-model-len", args.max_model_len),
-            *kv_cap,
-            "--gpu-memory-utilization",
-            str(args.gpu_memory_utilization),
-            *(["--enforce-eager"] if args.enforce_eager else []),
-            "--swap-space",
-            str(args.swap_space),
-            # The worker is built for steps this large; the scheduler adopts its limits.
-            "--max-num-seqs",
-            str(args.max_num_seqs),
-            "--max-num-batched-tokens",
-            str(args.max_num_batched_tokens),
-            *metrics(2),
-        ],
-        "scheduler": [
-            *cli,
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(scheduler_port),
-            *grace,
-            "--worker",
-            f"127.0.0.1:{worker_port}",
-            *kv_cap,
-            "--preemption-mode",
-            args.preemption_mode,
-            *_optional("--max-waiting-requests", args.max_waiting_requests),
-            *([] if args.enable_prefix_caching else ["--no-prefix-caching"]),
-            *([] if args.overlap_scheduling else ["--no-overlap-scheduling"]),
-            *_optional("--max-steps-in-flight", args.max_steps_in_flight),
-            "--max-stream-messages-per-step",
-            str(args.max_stream_messages_per_step),
-            *metrics(1),
-        ],
-        "tokenizer": [
-            *cli,
-            "tokenizer",
-            "--host",
-            args.host,
-            "--port",
-            str(args.port),
-            *grace,
-            "--model",
-            str(model_dir),
-            "--scheduler",
-            f"127.0.0.1:{scheduler_port}",
-            *metrics(0),
-            *_optional("--http-port", args.http_port),
-            *_optional("--served-model-name", args.served_model_name),
-            *_optional("--api-key", args.api_key),
-        ],
+        name: [
+            *_service(args, "worker", "127.0.0.1", ports[name], metrics_offset=2 + rank),
+            *flags,
+            *(["--rank", str(rank)] if len(workers) > 1 else []),
+        ]
+        for rank, name in enumerate(workers)
     }
 
 
@@ -153,15 +170,16 @@ STOP_ORDER = ("tokenizer", "scheduler", "worker")
 
 
 def loopback_service_commands(
-    model_dir: Path, ports: Mapping[str, int], serve_flags: list[str]
+    model_dir: Path, ports: dict[str, int], serve_flags: list[str]
 ) -> dict[str, list[str]]:
     """The command lines `pagedserve serve SERVE_FLAGS` runs with every service on loopback
-    at `ports` (by service name), for stacks that tests and benchmarks start themselves."""
+    at `ports` (by service name; see service_commands), for stacks that tests and
+    benchmarks start themselves."""
     from services.cli import build_parser
 
     prefix = ["--log-level", "WARNING", "serve", "--host", "127.0.0.1", "--port", str(ports["tokenizer"])]
     args = build_parser().parse_args([*prefix, "--shutdown-grace", "5", *serve_flags])
-    return service_commands(args, model_dir, ports["worker"], ports["scheduler"])
+    return service_commands(args, model_dir, ports)
 
 
 def stop_services(processes: Mapping[str, subprocess.Popen[bytes]], timeout_s: float) -> None:
@@ -210,8 +228,8 @@ def running_services(
 
 
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
-    worker_port, scheduler_port = free_port(), free_port()
-    commands = service_commands(args, model_dir, worker_port, scheduler_port)
+    ports = {"worker": free_port(), "scheduler": free_port(), "tokenizer": args.port}
+    commands = service_commands(args, model_dir, ports)
     stop_requested = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -223,11 +241,7 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
     # Children ignore the terminal's Ctrl-C (own process group); the launcher stops them
     # in order instead.
     processes = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}
-    addresses = {
-        "worker": f"127.0.0.1:{worker_port}",
-        "scheduler": f"127.0.0.1:{scheduler_port}",
-        "tokenizer": f"127.0.0.1:{args.port}",
-    }
+    addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
     ready: set[str] = set()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     exit_code = 0

@@ -14,11 +14,21 @@ KEEPALIVE_TIME_MS = 30_000
 
 CHANNEL_OPTIONS = [*MESSAGE_SIZE_OPTIONS, ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS)]
 
+# The scheduler pings its workers more often: a worker that stops answering (a stopped
+# process, a lost host) holds its engine's every request, and the ranks of a parallel
+# engine wait for each other, so its channel must break within seconds.
+WORKER_KEEPALIVE_TIME_MS = 4_000
+WORKER_CHANNEL_OPTIONS = [
+    *MESSAGE_SIZE_OPTIONS,
+    ("grpc.keepalive_time_ms", WORKER_KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", WORKER_KEEPALIVE_TIME_MS),
+]
+
 # Servers accept those keepalive pings on a stream that carries no data for a while (the
 # scheduler's step stream to an idle worker). By default a server allows one every five
 # minutes and answers more with GOAWAY "too_many_pings", which breaks the stream.
-SERVER_KEEPALIVE_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2)]
+SERVER_KEEPALIVE_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", WORKER_KEEPALIVE_TIME_MS // 2)]
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def insecure_channel(address: str, options: list[tuple[str, int]] = CHANNEL_OPTIONS) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=options)

@@ -52,7 +52,9 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
     servicer = SchedulerServicer()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
     port = await host.start()
-    log.info("scheduler listening on port %d, waiting for workers at %s", port, ", ".join(config.worker_addresses))
+    log.info(
+        "scheduler listening on port %d, waiting for workers at %s", port, ", ".join(config.worker_addresses)
+    )
     workers = WorkerGroup(config.worker_addresses)
     background: list[asyncio.Task[None]] = []
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
-from services.common.channels import insecure_channel
+from services.common.channels import WORKER_CHANNEL_OPTIONS, insecure_channel
 from services.common.errors import UnavailableError
 from services.common.grpc_server import wait_for_serving
 
@@ -42,7 +42,7 @@ class WorkerGroup:
     def __init__(self, addresses: Sequence[str]) -> None:
         if not addresses:
             raise ValueError("a scheduler needs at least one worker address")
-        self._channels = [insecure_channel(address) for address in addresses]
+        self._channels = [insecure_channel(address, WORKER_CHANNEL_OPTIONS) for address in addresses]
         self.ranks = [
             WorkerRank(rank, address, worker_pb2_grpc.WorkerStub(channel))
             for rank, (address, channel) in enumerate(zip(addresses, self._channels))
@@ -60,7 +60,9 @@ class WorkerGroup:
     async def describe(self) -> worker_pb2.WorkerInfo:
         """What the group serves: rank 0's description, with the KV pools cut to what every
         rank holds. Raises WorkerGroupError when the ranks are not one replica in order."""
-        infos = await asyncio.gather(*(rank.stub.Describe(worker_pb2.DescribeRequest()) for rank in self.ranks))
+        infos = await asyncio.gather(
+            *(rank.stub.Describe(worker_pb2.DescribeRequest()) for rank in self.ranks)
+        )
         first = infos[0]
         world_size = (first.tensor_parallel_size or 1) * (first.pipeline_parallel_size or 1)
         if world_size != self.size:
@@ -145,6 +147,7 @@ class GroupStepStream:
             raise rank.failure(f"failed: {error.details()}") from error
         if result is grpc.aio.EOF:
             raise rank.failure("closed its step stream")
+        assert isinstance(result, worker_pb2.StepResult)
         return result
 
     def cancel(self) -> None:

@@ -8,7 +8,7 @@ from services.launcher import service_commands
 
 def _commands(*flags: str) -> dict[str, list[str]]:
     args = build_parser().parse_args(["serve", "--model", "/models/m", *flags])
-    return service_commands(args, Path("/models/m"), worker_port=1, scheduler_port=2)
+    return service_commands(args, Path("/models/m"), {"worker": 1, "scheduler": 2})
 
 
 def _value(command: list[str], flag: str) -> str:
@@ -85,6 +85,30 @@ def test_every_serve_option_reaches_a_service() -> None:
         commands = _commands(*flags)
         received = []
         for name, command in commands.items():
-            service_args = parser.parse_args(command[command.index(name) :])
+            subcommand = name.rstrip("0123456789")  # worker1 runs `pagedserve worker`
+            service_args = parser.parse_args(command[command.index(subcommand) :])
             received.append(getattr(service_args, action.dest, None) == expected)
         assert any(received), f"{action.option_strings[0]} reaches no service"
+
+
+def test_a_parallel_engine_gets_a_worker_per_rank_in_rank_order() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2", "--metrics-port", "9000"]
+    )
+    ports = {"worker": 1, "scheduler": 2}
+    commands = service_commands(args, Path("/models/m"), ports)
+    workers = ["worker", "worker1", "worker2", "worker3"]
+    assert sorted(commands) == sorted([*workers, "scheduler", "tokenizer"])
+    rendezvous = f"127.0.0.1:{ports['rendezvous']}"
+    for rank, name in enumerate(workers):
+        worker = commands[name]
+        assert _value(worker, "--rank") == str(rank)
+        assert _value(worker, "--port") == str(ports[name])
+        assert _value(worker, "--dist-init-addr") == rendezvous
+        assert _value(worker, "--tensor-parallel-size") == "2"
+        assert _value(worker, "--pipeline-parallel-size") == "2"
+        assert _value(worker, "--metrics-port") == str(9002 + rank)
+    scheduler = commands["scheduler"]
+    worker_flags = [scheduler[i + 1] for i, flag in enumerate(scheduler) if flag == "--worker"]
+    assert worker_flags == [f"127.0.0.1:{ports[name]}" for name in workers]
+    assert len({ports[name] for name in workers}) == 4

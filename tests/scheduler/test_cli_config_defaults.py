@@ -27,7 +27,7 @@ def test_scheduler_defaults_are_the_scheduler_configs() -> None:
 
 def test_serve_defaults_reach_each_service_unchanged() -> None:
     commands = service_commands(
-        _parse(["serve", "--model", str(MODEL)]), MODEL, worker_port=1, scheduler_port=2
+        _parse(["serve", "--model", str(MODEL)]), MODEL, {"worker": 1, "scheduler": 2}
     )
     worker, scheduler = commands["worker"], commands["scheduler"]
     assert worker_config(_parse(worker[worker.index("worker") :])) == WorkerConfig(model_path=MODEL)

@@ -38,20 +38,19 @@ def service_stack(
     tokenizer_args: list[str] = (),
     env: dict[str, str] | None = None,
     http_api: bool = False,
+    serve_flags: list[str] = (),
 ) -> Iterator[Stack]:
-    """http_api: the tokenizer serves the OpenAI-compatible HTTP API too, on a free port."""
+    """http_api: the tokenizer serves the OpenAI-compatible HTTP API too, on a free port.
+    serve_flags: `pagedserve serve` options (such as --tensor-parallel-size); worker_args go
+    to every worker rank."""
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
-    addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     http_port = free_port() if http_api else None
-    serve_flags = ["--device", "cpu", *(["--http-port", str(http_port)] if http_port else [])]
+    serve_flags = ["--device", "cpu", *(["--http-port", str(http_port)] if http_port else []), *serve_flags]
     # The command lines `pagedserve serve` would run, each service's own options after.
     commands = loopback_service_commands(model_dir, ports, serve_flags)
-    for name, own_args in (
-        ("worker", worker_args),
-        ("scheduler", scheduler_args),
-        ("tokenizer", tokenizer_args),
-    ):
-        commands[name] += own_args
+    addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
+    for name in commands:
+        commands[name] += {"scheduler": scheduler_args, "tokenizer": tokenizer_args}.get(name, worker_args)
     with (
         running_services(
             commands, addresses, log_dir, env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=30
