@@ -4,122 +4,29 @@ times, resources, wiring between Services and pods, arguments the CLI accepts).
 
 helm comes from `make install` (deploy/install_helm.py); without it these tests fail."""
 
-import functools
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import kubernetes_validate.utils as kubernetes_validate
 import pytest
-import yaml
 
 from services.cli import build_parser
 from services.common.grpc_server import LIVENESS_SERVICE
+from tests.support.helm_chart import (
+    CHART,
+    KUBERNETES_VERSION,
+    VALUE_SETS,
+    WITH_SERVICE_MONITOR,
+    containers,
+    engine_containers,
+    engine_pods,
+    flag,
+    of_kind,
+    rendered,
+    run_helm,
+    worker_containers,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "pagedserve"
-KUBERNETES_VERSION = "1.33.0"
 # Resources whose schema is a CRD that kubernetes-validate does not carry.
 CUSTOM_KINDS = {"ServiceMonitor"}
 MIN_STARTUP_BUDGET_S = 600
-
-VALUE_SETS = {
-    "default": [],
-    "gpu": ["-f", str(REPO / "helm" / "values-gpu.yaml")],
-    # Every optional branch at once: a model volume, trace export, the ServiceMonitor,
-    # and a fixed replica count instead of the autoscaler.
-    "options": [
-        "--set",
-        "model.source=volume",
-        "--set",
-        "model.path=Qwen3-0.6B",
-        "--set-json",
-        'model.volume={"persistentVolumeClaim": {"claimName": "models", "readOnly": true}}',
-        "--set",
-        "otel.endpoint=http://jaeger-collector:4317",
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-        "--set",
-        "tokenizer.autoscaling.enabled=false",
-        "--set",
-        "engine.worker.numKvBlocks=512",
-        "--set",
-        "engine.worker.dtype=bfloat16",
-    ],
-    # A tensor-parallel engine on GPU nodes: two worker containers, one GPU each.
-    "tp2": ["-f", str(REPO / "helm" / "values-gpu.yaml"), "--set", "engine.worker.tensorParallelSize=2"],
-    # Two stages of two ranks, with the ServiceMonitor that scrapes every rank.
-    "tp2pp2": [
-        "--set",
-        "engine.worker.tensorParallelSize=2",
-        "--set",
-        "engine.worker.pipelineParallelSize=2",
-        "--set",
-        "engine.worker.distTimeoutSeconds=120",
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-    ],
-}
-WITH_SERVICE_MONITOR = {"options", "tp2pp2"}
-
-
-def helm() -> str:
-    beside_python = Path(sys.executable).parent / "helm"
-    found = str(beside_python) if beside_python.exists() else shutil.which("helm")
-    if found is None:
-        pytest.fail("helm not found: `make install` puts it in .venv/bin (deploy/install_helm.py)")
-    return found
-
-
-# helm keeps caches and settings under $HOME; the tests keep theirs apart.
-_HELM_HOME = tempfile.TemporaryDirectory(prefix="pagedserve-helm-")
-
-
-def run_helm(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        **{f"HELM_{kind}_HOME": f"{_HELM_HOME.name}/{kind.lower()}" for kind in ("CACHE", "CONFIG", "DATA")},
-    }
-    return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=120, env=env)
-
-
-@functools.cache
-def rendered(value_set: str) -> tuple[dict, ...]:
-    result = run_helm(
-        "template",
-        "pagedserve",
-        str(CHART),
-        "--namespace",
-        "serving",
-        "--kube-version",
-        KUBERNETES_VERSION,
-        *VALUE_SETS[value_set],
-    )
-    assert result.returncode == 0, result.stderr
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def of_kind(docs, kind: str) -> list[dict]:
-    return [doc for doc in docs if doc["kind"] == kind]
-
-
-def containers(docs):
-    for deployment in of_kind(docs, "Deployment"):
-        for container in deployment["spec"]["template"]["spec"]["containers"]:
-            yield deployment, container
-
-
-def flag(args: list[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-        if arg == name:
-            return args[i + 1]
-    return None
 
 
 def prestop_seconds(container: dict) -> int:
@@ -253,24 +160,6 @@ def test_tokenizer_reaches_the_scheduler_service(value_set):
     assert scheduler_port in {p["containerPort"] for c in selected for p in c["ports"]}
 
 
-def engine_pods(docs) -> list[dict]:
-    return [
-        d["spec"]["template"]["spec"]
-        for d in of_kind(docs, "Deployment")
-        if d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "engine"
-    ]
-
-
-def engine_containers(pod: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in pod["containers"]}
-
-
-def worker_containers(pod: dict) -> list[dict]:
-    """The engine's worker containers in rank order, as their --rank flags say."""
-    workers = [c for c in pod["containers"] if c["args"][0] == "worker"]
-    return sorted(workers, key=lambda c: build_parser().parse_args(c["args"]).rank)
-
-
 @value_sets
 def test_scheduler_reaches_every_rank_in_its_own_pod_in_rank_order(value_set):
     (engine,) = engine_pods(rendered(value_set))
@@ -368,100 +257,3 @@ def test_gpu_values_give_each_worker_a_gpu():
     assert worker["image"] != scheduler["image"]
     (autoscaler,) = of_kind(docs, "HorizontalPodAutoscaler")
     assert autoscaler["spec"]["minReplicas"] == 3
-
-
-@pytest.mark.parametrize("value_set, tensor, pipeline", [("tp2", 2, 1), ("tp2pp2", 2, 2)])
-def test_a_parallel_engine_has_one_worker_container_per_rank(value_set, tensor, pipeline):
-    (engine,) = engine_pods(rendered(value_set))
-    workers = worker_containers(engine)
-    parsed = [build_parser().parse_args(worker["args"]) for worker in workers]
-    assert [args.rank for args in parsed] == list(range(tensor * pipeline))
-    assert [w["name"] for w in workers] == ["worker"] + [f"worker{r}" for r in range(1, tensor * pipeline)]
-    assert {(args.tensor_parallel_size, args.pipeline_parallel_size) for args in parsed} == {
-        (tensor, pipeline)
-    }
-    # The ranks meet at rank 0's port on localhost: the pod shares one network namespace.
-    (rendezvous,) = {args.dist_init_addr for args in parsed}
-    assert rendezvous.startswith("localhost:")
-    ports = [args.port for args in parsed]
-    metrics_ports = [args.metrics_port for args in parsed]
-    assert ports == [ports[0] + rank for rank in range(len(parsed))]
-    assert metrics_ports == [metrics_ports[0] + rank for rank in range(len(parsed))]
-    taken = ports + metrics_ports + [int(rendezvous.rsplit(":", 1)[1])]
-    for container in engine_containers(engine).values():
-        if container["args"][0] == "scheduler":
-            taken += [p["containerPort"] for p in container["ports"]]
-    assert len(taken) == len(set(taken)), taken
-    # NCCL between the ranks' containers goes through the pod's shared memory.
-    volumes = {v["name"]: v for v in engine["volumes"]}
-    assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
-    for worker in workers:
-        assert {m["name"]: m["mountPath"] for m in worker["volumeMounts"]}["shm"] == "/dev/shm"
-
-
-def test_a_tensor_parallel_gpu_engine_gives_each_rank_its_own_gpu():
-    (engine,) = engine_pods(rendered("tp2"))
-    workers = worker_containers(engine)
-    assert len(workers) == 2
-    for worker in workers:
-        # One GPU per container: each rank sees exactly one device and takes it.
-        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert flag(worker["args"], "--device") == "cuda"
-    assert "nvidia.com/gpu" not in engine_containers(engine)["scheduler"]["resources"].get("limits", {})
-
-
-def test_service_monitor_scrapes_every_rank():
-    docs = rendered("tp2pp2")
-    (monitor,) = of_kind(docs, "ServiceMonitor")
-    scraped = {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]}
-    (engine,) = engine_pods(docs)
-    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
-    engine_service = next(s for name, s in services.items() if name.endswith("-scheduler"))
-    by_target = {p["targetPort"]: p["port"] for p in engine_service["spec"]["ports"]}
-    for worker in worker_containers(engine):
-        (metrics_port,) = [p for p in worker["ports"] if p["name"].startswith("metrics")]
-        assert metrics_port["name"] in scraped, worker["name"]
-        assert by_target[metrics_port["name"]] == metrics_port["containerPort"]
-
-
-def test_single_rank_engine_has_no_parallel_flags():
-    # An engine of one rank renders as before parallelism existed: no rendezvous, no /dev/shm.
-    (engine,) = engine_pods(rendered("default"))
-    (worker,) = worker_containers(engine)
-    assert flag(worker["args"], "--dist-init-addr") is None
-    assert "shm" not in {v["name"] for v in engine["volumes"]}
-
-
-def test_more_ranks_than_a_node_holds_are_refused_by_name():
-    # `helm lint` prints a template's failure yet exits 0; rendering fails outright.
-    result = run_helm(
-        "template",
-        str(CHART),
-        "--set",
-        "engine.worker.tensorParallelSize=4",
-        "--set",
-        "engine.worker.pipelineParallelSize=4",
-    )
-    assert result.returncode != 0
-    assert "tensorParallelSize x pipelineParallelSize is 16 ranks" in result.stdout + result.stderr
-
-
-def test_schema_rejects_a_parallel_size_of_zero():
-    result = run_helm("lint", "--strict", str(CHART), "--set", "engine.worker.tensorParallelSize=0")
-    assert result.returncode != 0
-    assert "tensorParallelSize" in result.stdout + result.stderr
-
-
-def test_the_commented_tensor_parallel_example_renders_two_ranks(tmp_path):
-    example = re.sub(
-        r"^(\s*)# ((tensor|pipeline)ParallelSize: \d+)$",
-        r"\1\2",
-        (REPO / "helm" / "values-gpu.yaml").read_text(),
-        flags=re.MULTILINE,
-    )
-    values = tmp_path / "values-tp2.yaml"
-    values.write_text(example)
-    result = run_helm("template", "pagedserve", str(CHART), "-f", str(values))
-    assert result.returncode == 0, result.stderr
-    (engine,) = engine_pods([doc for doc in yaml.safe_load_all(result.stdout) if doc])
-    assert [flag(w["args"], "--rank") for w in worker_containers(engine)] == ["0", "1"]
