@@ -31,7 +31,8 @@ def _leave_the_group() -> None:
 async def serve_worker(server_config: ServerConfig, worker_config: WorkerConfig) -> None:
     host = ServiceHost(server_config, [SERVICE_NAME])
     in_group = worker_config.parallel.world_size > 1
-    servicer = WorkerServicer(StepTelemetry(host.registry), _leave_the_group if in_group else None)
+    telemetry = StepTelemetry(host.registry, worker_config.parallel.rank)
+    servicer = WorkerServicer(telemetry, _leave_the_group if in_group else None)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, host.server)
     port = await host.start()
     log.info("worker listening on port %d, loading %s", port, worker_config.model_path)

@@ -28,8 +28,9 @@ def count_tokens(step: worker_pb2.StepRequest) -> tuple[int, int]:
 class _DeviceSeconds(Collector):
     """The device timer's totals, read when Prometheus scrapes (nothing per step)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, rank: str) -> None:
         self.timer: DeviceTimer | None = None
+        self._rank = rank
         registry.register(self)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
@@ -37,28 +38,34 @@ class _DeviceSeconds(Collector):
             PREFIX + "worker_device_seconds",
             "Device time spent computing steps, by kind (decode-only steps, steps with prompt tokens); "
             "its rate is the fraction of time the device is busy.",
-            labels=["kind"],
+            labels=["kind", "rank"],
         )
         if self.timer is not None:
             for kind, seconds in list(self.timer.seconds.items()):
-                family.add_metric([kind], seconds)
+                family.add_metric([kind, self._rank], seconds)
         yield family
 
 
 class StepTelemetry:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._device_seconds = _DeviceSeconds(registry)
+    """`rank`: this worker's rank in its engine, a label on each of its metrics, so that
+    the ranks of one engine can be told apart (0 for an engine of one worker)."""
+
+    def __init__(self, registry: CollectorRegistry, rank: int = 0) -> None:
+        self._device_seconds = _DeviceSeconds(registry, str(rank))
         # Scheduler spans of the live sequences; empty while tracing is off (no traceparent).
         self._request_spans: dict[int, trace.SpanContext] = {}
         self._duration = Histogram(
             PREFIX + "worker_step_duration_seconds",
             "One step on the worker, from its arrival until its result has left.",
+            ["rank"],
             registry=registry,
             buckets=STEP_BUCKETS,
+        ).labels(str(rank))
+        tokens = Counter(
+            PREFIX + "worker_step_tokens", "Tokens computed, by kind.", ["kind", "rank"], registry=registry
         )
-        self._tokens = Counter(
-            PREFIX + "worker_step_tokens", "Tokens computed, by kind.", ["kind"], registry=registry
-        )
+        self._prefill_tokens = tokens.labels("prefill", str(rank))
+        self._decode_tokens = tokens.labels("decode", str(rank))
 
     def watch_device(self, timer: DeviceTimer) -> None:
         """Exports the timer's totals from now on (the worker has one once its model loaded)."""
@@ -108,5 +115,5 @@ class StepTelemetry:
                     }
                 )
         self._duration.observe(time.monotonic() - started)
-        self._tokens.labels("prefill").inc(prefill_tokens)
-        self._tokens.labels("decode").inc(decode_tokens)
+        self._prefill_tokens.inc(prefill_tokens)
+        self._decode_tokens.inc(decode_tokens)

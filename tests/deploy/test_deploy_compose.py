@@ -24,6 +24,8 @@ pytestmark = pytest.mark.docker
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
+# The "tp2" profile's override: the scheduler drives both ranks of a tensor-parallel engine.
+TP2_OVERRIDE = REPO / "deploy" / "compose.tp2.yml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 GRAFANA_PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
@@ -47,13 +49,23 @@ def docker_compose() -> str:
     return found
 
 
-def run_compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_compose(
+    *args: str, env: dict[str, str] | None = None, overrides: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
     # Variables the file reads are set explicitly, so the caller's shell cannot change the result.
     environ = {
         key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "PAGEDSERVE_"))
     }
     return subprocess.run(
-        [docker_compose(), "--project-directory", str(REPO), "-f", str(COMPOSE_FILE), *args],
+        [
+            docker_compose(),
+            "--project-directory",
+            str(REPO),
+            "-f",
+            str(COMPOSE_FILE),
+            *(arg for override in overrides for arg in ("-f", str(override))),
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -91,19 +103,66 @@ def seconds(duration: str | int | float) -> float:
     return sum(float(value) * units[unit] for value, unit in parts)
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "gpu"]], ids=["default", "gpu"])
-def test_compose_accepts_the_file(profile):
-    result = run_compose(*profile, "config", "-q")
+@functools.cache
+def tp2_config() -> dict:
+    """The stack the "tp2" profile runs: the base file and its override."""
+    result = run_compose("--profile", "tp2", "config", overrides=(TP2_OVERRIDE,))
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "profile, overrides",
+    [([], ()), (["--profile", "gpu"], ()), (["--profile", "tp2"], (TP2_OVERRIDE,))],
+    ids=["default", "gpu", "tp2"],
+)
+def test_compose_accepts_the_file(profile, overrides):
+    result = run_compose(*profile, "config", "-q", overrides=overrides)
     assert result.returncode == 0, result.stderr
 
 
-def test_gpu_worker_is_only_in_the_gpu_profile():
+def test_gpu_workers_are_only_in_their_profiles():
     # docker-compose 1.29's `config` lists every service whatever the profile, so the
     # profile assignment itself is what is checked.
     in_profiles = {name: s["profiles"] for name, s in services().items() if "profiles" in s}
-    assert in_profiles == {"worker-gpu": ["gpu"]}
-    (device,) = services()["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert "gpu" in device["capabilities"]
+    assert in_profiles == {"worker-gpu": ["gpu"], "worker-tp0": ["tp2"], "worker-tp1": ["tp2"]}
+    for name in in_profiles:
+        (device,) = services()[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert "gpu" in device["capabilities"]
+
+
+def test_tp2_scheduler_drives_both_ranks_in_rank_order():
+    tp2 = tp2_config()["services"]
+    scheduler = parse_command(tp2["scheduler"])
+    ranks = {}
+    for address in scheduler.worker:
+        host, port = address.rsplit(":", 1)
+        worker = parse_command(tp2[host])
+        assert int(port) == worker.port, address
+        ranks[host] = worker
+    assert [worker.rank for worker in ranks.values()] == [0, 1]
+    assert {(w.tensor_parallel_size, w.pipeline_parallel_size) for w in ranks.values()} == {(2, 1)}
+    assert {w.device for w in ranks.values()} == {"cuda"}
+    # Both meet at rank 0's rendezvous port, which its service exposes.
+    (rendezvous,) = {w.dist_init_addr for w in ranks.values()}
+    host, port = rendezvous.rsplit(":", 1)
+    rank0 = next(name for name, worker in ranks.items() if worker.rank == 0)
+    assert host == rank0
+    assert port in {str(p) for p in tp2[rank0]["expose"]}
+    # Each rank on a GPU of its own.
+    gpus = [
+        tuple(device["device_ids"])
+        for name in ranks
+        for device in tp2[name]["deploy"]["resources"]["reservations"]["devices"]
+    ]
+    assert len(gpus) == 2 and len(set(gpus)) == 2 and all(len(ids) == 1 for ids in gpus), gpus
+
+
+def test_tp2_override_changes_only_the_scheduler_command():
+    base, tp2 = config()["services"], tp2_config()["services"]
+    assert base.keys() == tp2.keys()
+    changed = {name for name in base if base[name].get("command") != tp2[name].get("command")}
+    assert changed == {"scheduler"}
 
 
 def test_commands_are_accepted_by_the_cli():
@@ -141,7 +200,8 @@ def test_tokenizer_and_scheduler_point_at_services():
     assert int(scheduler_port) == parse_command(by_name["scheduler"]).port
     for worker in ("worker", "worker-gpu"):
         chosen = config(worker)["services"] if worker == "worker-gpu" else by_name
-        worker_host, worker_port = parse_command(chosen["scheduler"]).worker.rsplit(":", 1)
+        (worker_address,) = parse_command(chosen["scheduler"]).worker
+        worker_host, worker_port = worker_address.rsplit(":", 1)
         assert worker_host == worker
         assert int(worker_port) == parse_command(by_name[worker]).port
 

@@ -4,107 +4,29 @@ times, resources, wiring between Services and pods, arguments the CLI accepts).
 
 helm comes from `make install` (deploy/install_helm.py); without it these tests fail."""
 
-import functools
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import kubernetes_validate.utils as kubernetes_validate
 import pytest
-import yaml
 
 from services.cli import build_parser
 from services.common.grpc_server import LIVENESS_SERVICE
+from tests.support.helm_chart import (
+    CHART,
+    KUBERNETES_VERSION,
+    VALUE_SETS,
+    WITH_SERVICE_MONITOR,
+    containers,
+    engine_containers,
+    engine_pods,
+    flag,
+    of_kind,
+    rendered,
+    run_helm,
+    worker_containers,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "pagedserve"
-KUBERNETES_VERSION = "1.33.0"
 # Resources whose schema is a CRD that kubernetes-validate does not carry.
 CUSTOM_KINDS = {"ServiceMonitor"}
 MIN_STARTUP_BUDGET_S = 600
-
-VALUE_SETS = {
-    "default": [],
-    "gpu": ["-f", str(REPO / "helm" / "values-gpu.yaml")],
-    # Every optional branch at once: a model volume, trace export, the ServiceMonitor,
-    # and a fixed replica count instead of the autoscaler.
-    "options": [
-        "--set",
-        "model.source=volume",
-        "--set",
-        "model.path=Qwen3-0.6B",
-        "--set-json",
-        'model.volume={"persistentVolumeClaim": {"claimName": "models", "readOnly": true}}',
-        "--set",
-        "otel.endpoint=http://jaeger-collector:4317",
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-        "--set",
-        "tokenizer.autoscaling.enabled=false",
-        "--set",
-        "engine.worker.numKvBlocks=512",
-        "--set",
-        "engine.worker.dtype=bfloat16",
-    ],
-}
-
-
-def helm() -> str:
-    beside_python = Path(sys.executable).parent / "helm"
-    found = str(beside_python) if beside_python.exists() else shutil.which("helm")
-    if found is None:
-        pytest.fail("helm not found: `make install` puts it in .venv/bin (deploy/install_helm.py)")
-    return found
-
-
-# helm keeps caches and settings under $HOME; the tests keep theirs apart.
-_HELM_HOME = tempfile.TemporaryDirectory(prefix="pagedserve-helm-")
-
-
-def run_helm(*args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        **{f"HELM_{kind}_HOME": f"{_HELM_HOME.name}/{kind.lower()}" for kind in ("CACHE", "CONFIG", "DATA")},
-    }
-    return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=120, env=env)
-
-
-@functools.cache
-def rendered(value_set: str) -> tuple[dict, ...]:
-    result = run_helm(
-        "template",
-        "pagedserve",
-        str(CHART),
-        "--namespace",
-        "serving",
-        "--kube-version",
-        KUBERNETES_VERSION,
-        *VALUE_SETS[value_set],
-    )
-    assert result.returncode == 0, result.stderr
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
-
-
-def of_kind(docs, kind: str) -> list[dict]:
-    return [doc for doc in docs if doc["kind"] == kind]
-
-
-def containers(docs):
-    for deployment in of_kind(docs, "Deployment"):
-        for container in deployment["spec"]["template"]["spec"]["containers"]:
-            yield deployment, container
-
-
-def flag(args: list[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-        if arg == name:
-            return args[i + 1]
-    return None
 
 
 def prestop_seconds(container: dict) -> int:
@@ -157,7 +79,7 @@ def test_expected_resources_are_rendered(value_set):
     for kind in ("ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"):
         assert kind in kinds
     assert kinds.count("Deployment") == 2  # tokenizer; scheduler + worker
-    assert ("ServiceMonitor" in kinds) == (value_set == "options")
+    assert ("ServiceMonitor" in kinds) == (value_set in WITH_SERVICE_MONITOR)
     assert ("HorizontalPodAutoscaler" in kinds) == (value_set != "options")
 
 
@@ -169,7 +91,8 @@ def test_container_arguments_are_accepted_by_the_cli(value_set):
             args = parser.parse_args(container["args"])
         except SystemExit:
             pytest.fail(f"{container['name']}: pagedserve rejects {container['args']}")
-        assert args.command == container["name"]
+        # Ranks past 0 of a parallel engine are "worker1", "worker2", ...
+        assert args.command == container["name"].rstrip("0123456789")
 
 
 @value_sets
@@ -199,11 +122,12 @@ def test_pods_are_not_killed_while_draining(value_set):
 
 
 @value_sets
-def test_worker_outlives_the_scheduler_drain(value_set):
-    # Both get SIGTERM when their own preStop ends; the scheduler's drain needs its worker.
-    by_name = {container["name"]: container for _, container in containers(rendered(value_set))}
-    scheduler, worker = by_name["scheduler"], by_name["worker"]
-    assert prestop_seconds(worker) >= prestop_seconds(scheduler) + drain_seconds(scheduler)
+def test_workers_outlive_the_scheduler_drain(value_set):
+    # All get SIGTERM when their own preStop ends; the scheduler's drain needs every rank.
+    (engine,) = engine_pods(rendered(value_set))
+    scheduler = engine_containers(engine)["scheduler"]
+    for worker in worker_containers(engine):
+        assert prestop_seconds(worker) >= prestop_seconds(scheduler) + drain_seconds(scheduler)
 
 
 @value_sets
@@ -237,14 +161,13 @@ def test_tokenizer_reaches_the_scheduler_service(value_set):
 
 
 @value_sets
-def test_scheduler_reaches_the_worker_in_its_own_pod(value_set):
-    for deployment, container in containers(rendered(value_set)):
-        if container["name"] != "scheduler":
-            continue
-        pod_containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
-        host, port = flag(container["args"], "--worker").rsplit(":", 1)
-        assert host == "localhost"
-        assert port == flag(pod_containers["worker"]["args"], "--port")
+def test_scheduler_reaches_every_rank_in_its_own_pod_in_rank_order(value_set):
+    (engine,) = engine_pods(rendered(value_set))
+    scheduler = build_parser().parse_args(engine_containers(engine)["scheduler"]["args"])
+    worker_ports = [flag(worker["args"], "--port") for worker in worker_containers(engine)]
+    assert [address.rsplit(":", 1) for address in scheduler.worker] == [
+        ["localhost", port] for port in worker_ports
+    ]
 
 
 def pods_selected_by(docs, selector_owner: dict) -> list[dict]:

@@ -191,7 +191,9 @@ def _settled_metrics(
     deadline = time.monotonic() + timeout_s
     while True:
         metrics = {name: _scrape(port) for name, port in ports.items()}
-        worker_steps = metrics["worker"].get(("pagedserve:worker_step_duration_seconds_count", ()))
+        worker_steps = metrics["worker"].get(
+            ("pagedserve:worker_step_duration_seconds_count", (("rank", "0"),))
+        )
         scheduler_steps = metrics["scheduler"].get(("pagedserve:step_duration_seconds_count", ()))
         if worker_steps == scheduler_steps:
             return metrics
@@ -251,14 +253,19 @@ def test_metrics_move_by_the_right_amounts(observed) -> None:
         assert handled == num_calls, code
 
     worker_before, worker_after = before["worker"], after["worker"]
-    assert _delta(worker_before, worker_after, "pagedserve:worker_step_tokens_total", kind="decode") == 3 * (
-        MAX_TOKENS - 1
+    assert _delta(
+        worker_before, worker_after, "pagedserve:worker_step_tokens_total", kind="decode", rank="0"
+    ) == 3 * (MAX_TOKENS - 1)
+    assert (
+        _delta(worker_before, worker_after, "pagedserve:worker_step_duration_seconds_count", rank="0")
+        >= MAX_TOKENS
     )
-    assert _delta(worker_before, worker_after, "pagedserve:worker_step_duration_seconds_count") >= MAX_TOKENS
     # Each request's prompt step and its decode steps took device time (on CPU: the
     # compute, timed on the host), all of it within the requests' own wall time.
     device = {
-        kind: _delta(worker_before, worker_after, "pagedserve:worker_device_seconds_total", kind=kind)
+        kind: _delta(
+            worker_before, worker_after, "pagedserve:worker_device_seconds_total", kind=kind, rank="0"
+        )
         for kind in ("prefill", "decode")
     }
     assert all(seconds > 0 for seconds in device.values()), device
