@@ -77,7 +77,9 @@ def test_ci_override_keeps_the_services_on_loopback():
         assert not service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"], name
         peer = {"tokenizer": "scheduler", "scheduler": "worker"}.get(name)
         if peer:
-            assert getattr(args, peer) == f"127.0.0.1:{PORTS[peer]}", name
+            # The scheduler takes a list of workers, one per rank.
+            addresses = getattr(args, peer)
+            assert addresses in (f"127.0.0.1:{PORTS[peer]}", [f"127.0.0.1:{PORTS[peer]}"]), name
     # The dependency that makes the tokenizer wait for a healthy scheduler is the base file's.
     assert services["tokenizer"]["depends_on"] == {"scheduler": {"condition": "service_healthy"}}
 
