@@ -239,7 +239,6 @@ def run_grpc_with_pretend_device(
     args: argparse.Namespace, costs: PretendCosts, workload: Workload, settings: EngineSettings
 ) -> RunResult:
     """The three services on loopback, the worker's process serving a NullRunner."""
-    from services.common.embedded_model import materialize_default_model
 
     def pretend_worker(commands: dict[str, list[str]], ports: dict[str, int]) -> None:
         scheduler = commands["scheduler"]
@@ -277,13 +276,19 @@ def run_grpc_with_pretend_device(
 
     with tempfile.TemporaryDirectory(prefix="service-overhead-") as scratch:
         return run_grpc(
-            args.model or materialize_default_model(),
+            args.model or _embedded_model(),
             workload,
             settings,
             Path(scratch) / "logs",
             args.clients,
             adjust_commands=pretend_worker,
         )
+
+
+def _embedded_model() -> Path:
+    from services.common.embedded_model import materialize_default_model
+
+    return materialize_default_model()
 
 
 def report(args: argparse.Namespace, costs: PretendCosts, results: list[RunResult]) -> None:
