@@ -40,7 +40,7 @@ def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
     packed = (grouped << shifts).sum(dim=-1, dtype=torch.int64)
     # Bit 31 set wraps to a negative int32, as the checkpoints store it.
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-    return packed.to(torch.int32).movedim(-1, dim)
+    return packed.to(torch.int32).movedim(-1, dim).contiguous()
 
 
 def dequantize_int4(

@@ -70,8 +70,11 @@ def _int4_gemm_kernel(
 def int4_linear_triton(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
 ) -> torch.Tensor:
-    """x [rows, in] contiguous rows; returns [rows, out] in x's dtype."""
+    """x [rows, in]; returns [rows, out] in x's dtype. The weight tensors' rows must be
+    contiguous (the kernel steps along them by one)."""
     x = x.contiguous()
+    if qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(0) != scales.stride(0):
+        raise ValueError("int4_linear_triton: qweight, scales and zeros must be contiguous")
     num_rows, in_features = x.shape
     out_features = qweight.shape[1]
     out = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
