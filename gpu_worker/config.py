@@ -27,6 +27,9 @@ _DTYPES_BY_NAME: dict[str, str] = {
     "bf16": "bfloat16",
 }
 
+# How the weights are read (--load-format): the checkpoint's, or random ones of its shapes.
+LOAD_FORMATS = ("safetensors", "dummy")
+
 # Steps launched and not finished at once (gpu_worker/step_pipeline.py): the standard
 # depth, which the worker reports and its scheduler adopts.
 MAX_STEPS_LAUNCHED = StepLimits.max_steps_in_flight

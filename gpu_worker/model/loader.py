@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from gpu_worker.config import LOAD_FORMATS
 from gpu_worker.model import model_class_for
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.decoder import DecoderForCausalLM
@@ -58,9 +59,6 @@ def load_model(
         load_weights(model, iter_safetensors(Path(model_dir)))
     process_quantized_weights(model)
     return model.eval()
-
-
-LOAD_FORMATS = ("safetensors", "dummy")
 
 
 def fill_dummy_weights(model: nn.Module, seed: int = 0, bound: float = 1e-3) -> None:

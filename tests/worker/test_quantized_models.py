@@ -110,3 +110,21 @@ def test_quantization_flag_conflicting_with_the_checkpoint_is_refused(tmp_path: 
     write_int4_checkpoint(tmp_path, "awq", 32)
     with pytest.raises(ValueError, match="--quantization gptq conflicts with the checkpoint's"):
         _runner(tmp_path, "gptq")
+
+
+@pytest.mark.parametrize("method", ["int8", "awq"])
+def test_dummy_weights_serve_quantized(tmp_path: Path, method: str) -> None:
+    """--load-format dummy with --quantization: random weights of the config's shapes,
+    quantized (int8) or made directly as packed 4-bit tensors (awq, group size 128)."""
+    dims = {**TINY_DIMS, "hidden_size": 128, "intermediate_size": 256}
+    transformers.LlamaConfig(**dims).save_pretrained(tmp_path)
+    config = WorkerConfig(
+        model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="dummy", quantization=method
+    )
+    runner = ModelRunner(config)
+    mlp = runner.model.model.layers[0].mlp
+    assert (mlp.down_proj.weight_q if method == "int8" else mlp.down_proj.qweight).dtype in (
+        torch.int8,
+        torch.int32,
+    )
+    assert all(len(tokens) == 3 for tokens in runner_greedy(runner, [[5, 6, 7]], 3))
