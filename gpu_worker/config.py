@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gpu_worker.model.quantization.config import QUANTIZATION_METHODS
 from gpu_worker.parallel.config import ParallelConfig
 from services.common.step_limits import StepLimits
 
@@ -25,6 +26,9 @@ _DTYPES_BY_NAME: dict[str, str] = {
     "bfloat16": "bfloat16",
     "bf16": "bfloat16",
 }
+
+# How the weights are read (--load-format): the checkpoint's, or random ones of its shapes.
+LOAD_FORMATS = ("safetensors", "dummy")
 
 # Steps launched and not finished at once (gpu_worker/step_pipeline.py): the standard
 # depth, which the worker reports and its scheduler adopts.
@@ -61,6 +65,10 @@ class WorkerConfig:
     # "safetensors": the model directory's weights; "dummy": random weights made on the
     # device with the architecture's shapes, only config.json read (benchmarks).
     load_format: str = "safetensors"
+    # Quantize the linear layers (--quantization): "int8" or "fp8" W8A8 from an unquantized
+    # checkpoint, "awq" or "gptq" for checkpoints quantized so; None: as the checkpoint's
+    # quantization_config says (unquantized without one).
+    quantization: str | None = None
     # Most sequences in one step: the largest decode batch captured in a CUDA graph and
     # the size of the input staging buffers. Reported in WorkerInfo; the scheduler adopts it.
     max_num_seqs: int = StepLimits.max_num_seqs
@@ -87,6 +95,11 @@ class WorkerConfig:
             raise ValueError(f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype is not None and self.dtype not in _DTYPES_BY_NAME:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES_BY_NAME)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(
+                f"quantization {self.quantization!r} is not supported; "
+                f"choose one of {', '.join(QUANTIZATION_METHODS)}"
+            )
         # Checks the limits too.
         self.step_limits()
 

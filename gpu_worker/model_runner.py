@@ -38,6 +38,7 @@ from gpu_worker.memory_profile import GRAPH_MARGIN_BYTES, memory_held, profile_a
 from gpu_worker.model.attention import attention_context
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.loader import load_model
+from gpu_worker.model.quantization.support import with_requested_quantization
 from gpu_worker.parallel.groups import init_parallel
 from gpu_worker.parallel.stage_exchange import StageExchange
 from gpu_worker.penalties import PenaltyTable
@@ -88,7 +89,7 @@ class ModelRunner:
         self.config = config
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
-        self.model_config = ModelConfig.from_model_dir(config.model_path)
+        self.model_config = with_requested_quantization(ModelConfig.from_model_dir(config.model_path), config)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(

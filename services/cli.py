@@ -20,8 +20,7 @@ from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
 from services.scheduler.config import SchedulerConfig
-
-GIB = 1 << 30
+from services.worker_flags import GIB, add_worker_args, weight_fields
 
 
 def _model_dir(model: str | None) -> Path:
@@ -66,48 +65,6 @@ def add_http_api_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--api-key", default=None, help="API key the HTTP API requires (Authorization: Bearer KEY)"
-    )
-
-
-def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=WorkerConfig.device, help="cpu, cuda, cuda:N or auto")
-    parser.add_argument(
-        "--dtype",
-        default=WorkerConfig.dtype,
-        help="float32, bfloat16 or float16; default: float32 on CPU, bfloat16 on CUDA",
-    )
-    parser.add_argument("--block-size", type=int, default=WorkerConfig.block_size, help="tokens per KV block")
-    parser.add_argument(
-        "--max-model-len",
-        type=int,
-        default=WorkerConfig.max_model_len,
-        help="longest sequence; default: the model's",
-    )
-    parser.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=WorkerConfig.gpu_memory_utilization,
-        help="fraction of GPU memory for weights, activations and KV cache",
-    )
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    parser.add_argument(
-        "--swap-space",
-        type=float,
-        default=WorkerConfig.swap_space_bytes / GIB,
-        help="GiB of host memory for the CPU swap pool (--preemption-mode swap); 0: none",
-    )
-    parser.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=WorkerConfig.max_num_seqs,
-        help="most sequences in one step: the largest decode batch captured in a CUDA graph; "
-        "the scheduler adopts it",
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=WorkerConfig.max_num_batched_tokens,
-        help="most tokens in one step, profiled to size the KV cache; the scheduler adopts it",
     )
 
 
@@ -179,6 +136,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         swap_space_bytes=int(args.swap_space * GIB),
         step_timeline_path=args.step_timeline,
         parallel=parallel_config(args),
+        **weight_fields(args),
     )
 
 

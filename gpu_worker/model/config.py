@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpu_worker.model.quantization.config import QuantizationConfig, parse_checkpoint_quantization
+
 # The architectures gpu_worker.model.MODEL_CLASSES builds; a test keeps the two in step.
 SUPPORTED_MODEL_TYPES = (
     "llama",
@@ -91,6 +93,9 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    # How the linear layers' weights are quantized (the checkpoint's quantization_config,
+    # or --quantization once the worker resolves it); None: not at all.
+    quantization: QuantizationConfig | None = None
 
     def is_moe_layer(self, layer_index: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer_index]
@@ -120,11 +125,6 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if raw.get("quantization_config"):
-            method = raw["quantization_config"].get("quant_method", "unknown")
-            raise ValueError(
-                f"unsupported quantization_config (quant_method {method!r}); weights must be unquantized"
             )
         hidden_act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
         if hidden_act not in SUPPORTED_ACTIVATIONS:
@@ -167,6 +167,7 @@ class ModelConfig:
             query_pre_attn_scalar=_optional_float(raw.get("query_pre_attn_scalar")),
             local_rope_theta=local_rope[0] if local_rope else None,
             local_rope_scaling=local_rope[1] if local_rope else None,
+            quantization=parse_checkpoint_quantization(raw.get("quantization_config")),
             **_moe_fields(raw, model_type, num_layers),
         )
 

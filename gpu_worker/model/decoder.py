@@ -33,6 +33,7 @@ from gpu_worker.model.parallel_layers import (
     merged_column_parallel_linear,
     qkv_parallel_linear,
 )
+from gpu_worker.model.quantization.methods import make_quant_method
 from gpu_worker.parallel.config import check_model_fits, stage_layer_range
 from gpu_worker.parallel.groups import SINGLE_RANK, SINGLE_RANK_CONTEXT, ParallelContext, RankGroup
 from kernels.elementwise import gelu_tanh_and_mul, silu_and_mul
@@ -64,9 +65,14 @@ class DecoderAttention(nn.Module):
             config.num_key_value_heads,
             bias=config.qkv_bias,
             tp=tp,
+            quant_method=make_quant_method(config.quantization),
         )
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias, tp=tp
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=config.attention_bias,
+            tp=tp,
+            quant_method=make_quant_method(config.quantization),
         )
         if config.use_qk_norm:
             self.q_norm: RMSNorm | None = norm_class(self.head_dim, config.rms_norm_eps)
@@ -98,10 +104,17 @@ class GatedMLP(nn.Module):
     def __init__(self, config: ModelConfig, tp: RankGroup = SINGLE_RANK) -> None:
         super().__init__()
         size = config.intermediate_size
+        quant = config.quantization
         self.gate_up_proj = merged_column_parallel_linear(
-            config.hidden_size, [("gate", size), ("up", size)], bias=config.mlp_bias, tp=tp
+            config.hidden_size,
+            [("gate", size), ("up", size)],
+            bias=config.mlp_bias,
+            tp=tp,
+            quant_method=make_quant_method(quant),
         )
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias, tp=tp)
+        self.down_proj = RowParallelLinear(
+            size, config.hidden_size, bias=config.mlp_bias, tp=tp, quant_method=make_quant_method(quant)
+        )
         self.act_and_mul = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,9 @@ from torch import nn
 
 from gpu_worker.model.config import RopeScaling
 from kernels.elementwise import add_rms_norm
+
+if TYPE_CHECKING:
+    from gpu_worker.model.quantization.methods import QuantMethod
 
 
 def default_weight_loader(
@@ -45,16 +49,39 @@ def new_parameter(*shape: int, weight_loader: WeightLoader = default_weight_load
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), W stored as [output_size, input_size] like the checkpoints."""
+    """y = x W^T (+ b), W stored as [output_size, input_size] like the checkpoints.
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    With a quantization method the method applies the weight, and one that reads a
+    quantized checkpoint creates the weight's tensors instead of `weight` (None then);
+    it cuts them out of the checkpoint's by checkpoint_output_slice and
+    input_shard_index, which the tensor-parallel kinds override."""
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = False, quant_method: QuantMethod | None = None
+    ) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = new_parameter(output_size, input_size)
+        self.quant_method = quant_method
+        # Which slice of the checkpoint's input features this layer holds (row-parallel).
+        self.input_shard_index = 0
+        if quant_method is not None and quant_method.creates_weights:
+            self.weight: nn.Parameter | None = None
+            quant_method.create_weights(self)
+        else:
+            self.weight = new_parameter(output_size, input_size)
         self.bias = new_parameter(output_size) if bias else None
 
+    def checkpoint_output_slice(self, shard_id: str | None) -> tuple[int, int, int]:
+        """(offset in this layer's outputs, size, index of that size's slice of the
+        checkpoint tensor's outputs) for checkpoint shard `shard_id`."""
+        if shard_id is not None:
+            raise ValueError(f"projection of {self.output_size} outputs is not sharded, got {shard_id!r}")
+        return 0, self.output_size, 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -67,7 +94,7 @@ class PartialSumLinear(Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.bias is None:
+        if x.is_cuda and self.bias is None and self.quant_method is None:
             from kernels.triton_linear import linear_partial_sums, split_k_plan
 
             plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
@@ -83,8 +110,14 @@ class MergedLinear(Linear):
     holds them separately and each is loaded into its rows by shard id.
     """
 
-    def __init__(self, input_size: int, shards: Sequence[tuple[str, int]], bias: bool = False) -> None:
-        super().__init__(input_size, sum(size for _, size in shards), bias)
+    def __init__(
+        self,
+        input_size: int,
+        shards: Sequence[tuple[str, int]],
+        bias: bool = False,
+        quant_method: QuantMethod | None = None,
+    ) -> None:
+        super().__init__(input_size, sum(size for _, size in shards), bias, quant_method)
         self.shard_offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for shard_id, size in shards:
@@ -93,7 +126,14 @@ class MergedLinear(Linear):
         for param in (self.weight, self.bias):
             if param is not None:
                 param.weight_loader = self._load_shard  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
-                param.shard_ids = tuple(self.shard_offsets)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
+        for param in self.parameters(recurse=False):
+            param.shard_ids = tuple(self.shard_offsets)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
+
+    def checkpoint_output_slice(self, shard_id: str | None) -> tuple[int, int, int]:
+        if shard_id not in self.shard_offsets:
+            raise ValueError(f"unknown shard {shard_id!r}; expected one of {list(self.shard_offsets)}")
+        offset, size = self.shard_offsets[shard_id]
+        return offset, size, 0
 
     def _load_shard(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None

@@ -12,9 +12,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from gpu_worker.config import LOAD_FORMATS
 from gpu_worker.model import model_class_for
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.decoder import DecoderForCausalLM
+from gpu_worker.model.quantization.methods import process_quantized_weights
+from gpu_worker.model.quantization.support import check_quantization_supported
 from gpu_worker.parallel.groups import SINGLE_RANK_CONTEXT, ParallelContext
 
 # Checkpoint module name -> (fused module name, shard id) for projections the engine fuses.
@@ -47,27 +50,32 @@ def load_model(
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unsupported load_format {load_format!r}; supported: {', '.join(LOAD_FORMATS)}")
     model_class = model_class_for(config)
+    check_quantization_supported(config.quantization, config, device, parallel.config)
     with _default_dtype(dtype), torch.device(device):
         model = model_class(config, max_position, parallel)
     if load_format == "dummy":
         fill_dummy_weights(model)
     else:
         load_weights(model, iter_safetensors(Path(model_dir)))
+    process_quantized_weights(model)
     return model.eval()
-
-
-LOAD_FORMATS = ("safetensors", "dummy")
 
 
 def fill_dummy_weights(model: nn.Module, seed: int = 0, bound: float = 1e-3) -> None:
     """Uniform in [-bound, bound]: small enough that activations stay finite through any
-    depth; norm weights too, which keeps every layer's arithmetic that of real weights."""
+    depth; norm weights too, which keeps every layer's arithmetic that of real weights.
+    Integer (packed 4-bit) tensors get random bits, or what their dummy_fill says."""
     generator: torch.Generator | None = None
     with torch.no_grad():
         for param in model.parameters():
             if generator is None:
                 generator = torch.Generator(device=param.device).manual_seed(seed)
-            param.uniform_(-bound, bound, generator=generator)
+            if hasattr(param, "dummy_fill"):
+                param.dummy_fill(param)
+            elif param.dtype.is_floating_point:
+                param.uniform_(-bound, bound, generator=generator)
+            else:
+                param.random_(generator=generator)
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -13,6 +13,7 @@ collective, no extra copy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from gpu_worker.model.layers import (
 from gpu_worker.parallel.config import kv_head_replicas, padded_vocab_size
 from gpu_worker.parallel.groups import SINGLE_RANK, RankGroup
 
+if TYPE_CHECKING:
+    from gpu_worker.model.quantization.methods import QuantMethod
+
 
 def load_slice(param: nn.Parameter, loaded_weight: torch.Tensor, dim: int, index: int) -> None:
     """Copies slice `index` of `loaded_weight`, as long along `dim` as `param`, into `param`."""
@@ -40,11 +44,16 @@ class ColumnParallelLinear(Linear):
     """Each rank computes output features [rank * n, (rank + 1) * n) of the full projection."""
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, tp: RankGroup = SINGLE_RANK
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        tp: RankGroup = SINGLE_RANK,
+        quant_method: QuantMethod | None = None,
     ) -> None:
         if output_size % tp.size:
             raise ValueError(f"output_size {output_size} is not divisible by tensor_parallel_size {tp.size}")
-        super().__init__(input_size, output_size // tp.size, bias)
+        super().__init__(input_size, output_size // tp.size, bias, quant_method)
         self.tp = tp
         for param in (self.weight, self.bias):
             if param is not None:
@@ -55,14 +64,28 @@ class ColumnParallelLinear(Linear):
             raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
         load_slice(param, loaded_weight, 0, self.tp.rank)
 
+    def checkpoint_output_slice(self, shard_id: str | None) -> tuple[int, int, int]:
+        offset, size, _ = super().checkpoint_output_slice(shard_id)
+        return offset, size, self.tp.rank
+
 
 class ShardedMergedLinear(MergedLinear):
     """Column-parallel projections fused into one matmul. `shards` gives, per projection,
     this rank's output size and which slice of that size of the checkpoint tensor it holds."""
 
-    def __init__(self, input_size: int, shards: Sequence[tuple[str, int, int]], bias: bool = False) -> None:
-        super().__init__(input_size, [(shard_id, size) for shard_id, size, _ in shards], bias)
+    def __init__(
+        self,
+        input_size: int,
+        shards: Sequence[tuple[str, int, int]],
+        bias: bool = False,
+        quant_method: QuantMethod | None = None,
+    ) -> None:
+        super().__init__(input_size, [(shard_id, size) for shard_id, size, _ in shards], bias, quant_method)
         self.slice_index = {shard_id: index for shard_id, _, index in shards}
+
+    def checkpoint_output_slice(self, shard_id: str | None) -> tuple[int, int, int]:
+        offset, size, _ = super().checkpoint_output_slice(shard_id)
+        return offset, size, self.slice_index[shard_id]  # type: ignore[index]  # checked by super()
 
     def _load_shard(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
@@ -75,14 +98,18 @@ class ShardedMergedLinear(MergedLinear):
 
 
 def merged_column_parallel_linear(
-    input_size: int, shards: Sequence[tuple[str, int]], bias: bool = False, tp: RankGroup = SINGLE_RANK
+    input_size: int,
+    shards: Sequence[tuple[str, int]],
+    bias: bool = False,
+    tp: RankGroup = SINGLE_RANK,
+    quant_method: QuantMethod | None = None,
 ) -> ShardedMergedLinear:
     """gate/up: every projection split evenly over the ranks."""
     for shard_id, size in shards:
         if size % tp.size:
             raise ValueError(f"{shard_id} size {size} is not divisible by tensor_parallel_size {tp.size}")
     return ShardedMergedLinear(
-        input_size, [(shard_id, size // tp.size, tp.rank) for shard_id, size in shards], bias
+        input_size, [(shard_id, size // tp.size, tp.rank) for shard_id, size in shards], bias, quant_method
     )
 
 
@@ -93,6 +120,7 @@ def qkv_parallel_linear(
     num_kv_heads: int,
     bias: bool = False,
     tp: RankGroup = SINGLE_RANK,
+    quant_method: QuantMethod | None = None,
 ) -> ShardedMergedLinear:
     """Query heads split evenly; KV heads split evenly too, or, when there are fewer KV heads
     than ranks, each rank holds one KV head, shared by tp / num_kv_heads neighbouring ranks
@@ -109,6 +137,7 @@ def qkv_parallel_linear(
             ("v", local_kv_heads * head_dim, kv_index),
         ],
         bias,
+        quant_method,
     )
 
 
@@ -124,13 +153,20 @@ class RowParallelLinear(PartialSumLinear):
     """
 
     def __init__(
-        self, input_size: int, output_size: int, bias: bool = False, tp: RankGroup = SINGLE_RANK
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        tp: RankGroup = SINGLE_RANK,
+        quant_method: QuantMethod | None = None,
     ) -> None:
         if input_size % tp.size:
             raise ValueError(f"input_size {input_size} is not divisible by tensor_parallel_size {tp.size}")
-        super().__init__(input_size // tp.size, output_size, bias)
+        super().__init__(input_size // tp.size, output_size, bias, quant_method)
         self.tp = tp
-        self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
+        self.input_shard_index = tp.rank
+        if self.weight is not None:
+            self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def _load_weight(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
@@ -142,6 +178,9 @@ class RowParallelLinear(PartialSumLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
+        bias = self.bias if self.tp.rank == 0 else None
+        if self.quant_method is not None:
+            return self.tp.all_reduce(self.quant_method.apply(self, x, bias))
         if x.is_cuda and self.bias is None:
             from kernels.triton_linear import linear_partial_sums, split_k_plan
 
@@ -149,7 +188,6 @@ class RowParallelLinear(PartialSumLinear):
             if plan is not None:
                 partials = linear_partial_sums(x, self.weight, **plan)
                 return self.tp.all_reduce(partials.sum(dim=0, keepdim=True))
-        bias = self.bias if self.tp.rank == 0 else None
         return self.tp.all_reduce(F.linear(x, self.weight, bias))
 
 

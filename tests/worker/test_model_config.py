@@ -73,8 +73,8 @@ def test_attention_scale_follows_query_pre_attn_scalar() -> None:
         ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "unsupported rope scaling 'dynamic'"),
         (
             "quantization_config",
-            {"quant_method": "awq"},
-            "unsupported quantization_config .quant_method 'awq'",
+            {"quant_method": "bitsandbytes"},
+            "unsupported quantization_config .quant_method 'bitsandbytes'",
         ),
     ],
 )

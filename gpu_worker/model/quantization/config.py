@@ -1,0 +1,103 @@
+"""Which quantization a worker serves with: from --quantization, from the checkpoint's
+`quantization_config`, or both (they must agree). Torch-free, so that the command line
+and ModelConfig can read it.
+
+int8 and fp8 (W8A8) quantize a bf16/fp32 checkpoint at load time: per-output-channel
+weight scales, per-token activation scales computed on the fly. awq and gptq read 4-bit
+weight-only checkpoints as AutoAWQ (GEMM version) and auto-gptq/gptqmodel (format
+"gptq") write them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Quantized at load time from an unquantized checkpoint.
+LOAD_TIME_METHODS = ("int8", "fp8")
+# Read from checkpoints quantized ahead of time.
+CHECKPOINT_METHODS = ("awq", "gptq")
+QUANTIZATION_METHODS = LOAD_TIME_METHODS + CHECKPOINT_METHODS
+# Group size a 4-bit method assumes without a checkpoint (random weights, --load-format dummy).
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    method: str
+    bits: int = 8
+    # Input features that share a scale and zero point; -1: the whole input row.
+    group_size: int = -1
+    # GPTQ act_order: input features quantized in an order of their own, so each one's
+    # group comes from g_idx rather than its position.
+    desc_act: bool = False
+
+    @property
+    def weight_only(self) -> bool:
+        return self.method in CHECKPOINT_METHODS
+
+
+def parse_checkpoint_quantization(raw: dict[str, Any] | None) -> QuantizationConfig | None:
+    """The config.json `quantization_config`, or None for an unquantized checkpoint."""
+    if not raw:
+        return None
+    method = str(raw.get("quant_method", "unknown")).lower()
+    if method not in CHECKPOINT_METHODS:
+        raise ValueError(
+            f"unsupported quantization_config (quant_method {method!r}); "
+            f"checkpoints quantized with {', '.join(CHECKPOINT_METHODS)} are supported"
+        )
+    bits = int(raw.get("bits", raw.get("w_bit", 0)))
+    if bits != 4:
+        raise ValueError(f"quantization_config.bits: only 4-bit {method} is supported, got {bits}")
+    group_size = int(raw.get("group_size", raw.get("q_group_size", -1)))
+    if group_size == 0 or group_size < -1:
+        raise ValueError(f"quantization_config.group_size must be positive or -1, got {group_size}")
+    if method == "awq":
+        _check_awq(raw)
+        return QuantizationConfig("awq", bits, group_size)
+    checkpoint_format = str(raw.get("checkpoint_format", "gptq")).lower()
+    if checkpoint_format != "gptq":
+        raise ValueError(
+            f"quantization_config.checkpoint_format {checkpoint_format!r} is not supported; "
+            "GPTQ checkpoints must use the 'gptq' format"
+        )
+    return QuantizationConfig("gptq", bits, group_size, desc_act=bool(raw.get("desc_act", False)))
+
+
+def _check_awq(raw: dict[str, Any]) -> None:
+    version = str(raw.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"quantization_config.version {version!r}: only AWQ's 'gemm' packing is supported")
+    if raw.get("zero_point") is False:
+        raise ValueError("quantization_config.zero_point false: only AWQ with zero points is supported")
+    if raw.get("modules_to_not_convert"):
+        raise ValueError("quantization_config.modules_to_not_convert is not supported")
+
+
+def resolve_quantization(
+    requested: str | None, checkpoint: QuantizationConfig | None, load_format: str = "safetensors"
+) -> QuantizationConfig | None:
+    """The quantization to serve with: the checkpoint's unless --quantization asks for
+    another, which is refused when the two disagree."""
+    if requested is None:
+        return checkpoint
+    if requested not in QUANTIZATION_METHODS:
+        raise ValueError(
+            f"--quantization {requested!r} is not supported; choose one of {', '.join(QUANTIZATION_METHODS)}"
+        )
+    if checkpoint is not None:
+        if checkpoint.method != requested:
+            raise ValueError(
+                f"--quantization {requested} conflicts with the checkpoint's "
+                f"quantization_config (quant_method {checkpoint.method!r})"
+            )
+        return checkpoint
+    if requested in CHECKPOINT_METHODS:
+        if load_format != "dummy":
+            raise ValueError(
+                f"--quantization {requested} needs a checkpoint quantized with {requested} "
+                "(its config.json has no quantization_config), or --load-format dummy"
+            )
+        return QuantizationConfig(requested, bits=4, group_size=DEFAULT_GROUP_SIZE)
+    return QuantizationConfig(requested)

@@ -1,0 +1,84 @@
+"""4-bit weight-only linear layers (AWQ and GPTQ checkpoints, in one common layout).
+
+The layout, to which gpu_worker/model/quantization/int4_formats.py converts both formats:
+qweight int32 [in / 8, out], eight 4-bit values along the input dimension per int32
+(input k in bits 4 * (k % 8) of row k // 8); scales and zeros [groups, out] in the
+activation dtype; g_idx int32 [in], the group of each input feature (k // group_size,
+or GPTQ act_order's own order). The weight is W[n, k] = (q[k, n] - zeros[g, n]) *
+scales[g, n] with g = g_idx[k].
+
+Few rows (decode) run the Triton kernel that dequantizes tiles as it multiplies, reading
+a quarter of bf16's bytes; many rows dequantize the whole weight once and use cuBLAS,
+where the GEMM, not the bytes, is the cost. The PyTorch reference runs on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PACK_FACTOR = 8
+# Most rows the Triton dequantize-GEMM kernel takes; more run dequantize-then-GEMM.
+# A first guess, to be tuned on the device.
+MAX_FUSED_ROWS = 32
+
+
+def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 holding eight 4-bit values each, value i in bits 4i, unpacked along `dim`
+    (which grows 8-fold) in that order, as int32 in [0, 16)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    moved = packed.movedim(dim, -1)
+    values = (moved.unsqueeze(-1) >> shifts) & 0xF
+    return values.flatten(-2).movedim(-1, dim)
+
+
+def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of unpack_int4: eight values in [0, 16) along `dim` per int32."""
+    moved = values.to(torch.int32).movedim(dim, -1)
+    grouped = moved.reshape(*moved.shape[:-1], -1, PACK_FACTOR)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=values.device)
+    packed = (grouped << shifts).sum(dim=-1, dtype=torch.int64)
+    # Bit 31 set wraps to a negative int32, as the checkpoints store it.
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
+    """The weight [out, in] in the scales' dtype, from the common layout."""
+    values = unpack_int4(qweight, dim=0)  # [in, out]
+    groups = g_idx.long()
+    weight = (values.to(scales.dtype) - zeros[groups]) * scales[groups]
+    return weight.t()
+
+
+def int4_linear_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    weight = dequantize_int4(qweight, scales, zeros, g_idx).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [..., in] times the 4-bit weight, chosen by row count (see the module doc)."""
+    rows = x.numel() // x.shape[-1]
+    if x.is_cuda and rows <= MAX_FUSED_ROWS:
+        from kernels.triton_int4_linear import int4_linear_triton
+
+        out = int4_linear_triton(x.reshape(rows, x.shape[-1]), qweight, scales, zeros, g_idx)
+        out = out.reshape(*x.shape[:-1], qweight.shape[1])
+        return out + bias if bias is not None else out
+    return int4_linear_reference(x, qweight, scales, zeros, g_idx, bias)

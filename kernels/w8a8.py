@@ -1,0 +1,104 @@
+"""W8A8 linear layers: int8 or fp8 (e4m3) weights with one scale per output channel, and
+activations quantized per token on the fly.
+
+y[t, n] = (sum_k xq[t, k] * wq[n, k]) * x_scale[t] * w_scale[n]: the products of 8-bit
+values are exact in the GEMM's accumulator, so the two scales apply once per output.
+On CUDA fp8 runs through torch._scaled_mm (Hopper and Ada), int8 through torch._int_mm
+where its shape rules allow; elsewhere the plain PyTorch references below run, which the
+tests also take as the truth for the device paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT8_MAX = 127.0
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+# A zero row would divide by zero; any scale quantizes it to zeros.
+_MIN_SCALE = 1e-12
+
+
+def quant_dtype(kind: str) -> torch.dtype:
+    if kind == "int8":
+        return torch.int8
+    if kind == "fp8":
+        return FP8_DTYPE
+    raise ValueError(f"unknown W8A8 kind {kind!r}; expected 'int8' or 'fp8'")
+
+
+def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of each row of a 2-D tensor: (values, fp32 scale [rows, 1]).
+    Per token for activations, per output channel for weights [out, in]."""
+    x32 = x.float()
+    qmax = INT8_MAX if kind == "int8" else FP8_MAX
+    scale = (x32.abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=_MIN_SCALE)
+    scaled = x32 / scale
+    if kind == "int8":
+        return scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    return scaled.clamp(-FP8_MAX, FP8_MAX).to(quant_dtype(kind)), scale
+
+
+def dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return values.float() * scale.float().view(-1, 1)
+
+
+def w8a8_linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, kind: str
+) -> torch.Tensor:
+    """The dequantize-then-GEMM reference, in fp32 (float64 for int8 products, whose exact
+    sums can pass fp32's 24-bit mantissa), rounded to x's dtype once."""
+    xq, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]), kind)
+    compute = torch.float64 if kind == "int8" else torch.float32
+    out = (xq.to(compute) @ weight.to(compute).t()).float() * x_scale * weight_scale.view(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def w8a8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, kind: str
+) -> torch.Tensor:
+    """x [..., in] by weight [out, in] (int8 or fp8) with weight_scale [out] (fp32)."""
+    if not x.is_cuda:
+        return w8a8_linear_reference(x, weight, weight_scale, bias, kind)
+    x2 = x.reshape(-1, x.shape[-1])
+    if kind == "fp8":
+        out = _fp8_scaled_mm(x2, weight, weight_scale, bias)
+    elif _int_mm_fits(x2.shape[0], weight.shape[0], weight.shape[1]):
+        xq, x_scale = quantize_rows(x2, kind)
+        out = (torch._int_mm(xq, weight.t()).float() * x_scale * weight_scale.view(1, -1)).to(x.dtype)
+        if bias is not None:
+            out = out + bias
+    else:
+        return w8a8_linear_reference(x, weight, weight_scale, bias, kind)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _int_mm_fits(rows: int, out_features: int, in_features: int) -> bool:
+    # torch._int_mm's CUDA shape rules: more than 16 rows, the other sides multiples of 8.
+    return rows > 16 and out_features % 8 == 0 and in_features % 8 == 0
+
+
+def _fp8_scaled_mm(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Row-wise scaled fp8 GEMM: weight [out, in] row-major is the column-major [in, out]
+    operand cuBLASLt wants. Its dims must be multiples of 16, so odd row counts are padded."""
+    xq, x_scale = quantize_rows(x, "fp8")
+    rows = xq.shape[0]
+    padded = -(-rows // 16) * 16
+    if padded != rows:
+        xq = F.pad(xq.view(torch.uint8), (0, 0, 0, padded - rows)).view(FP8_DTYPE)
+        x_scale = F.pad(x_scale, (0, 0, 0, padded - rows), value=1.0)
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    out = torch._scaled_mm(
+        xq,
+        weight.t(),
+        scale_a=x_scale,
+        scale_b=weight_scale.view(1, -1).float(),
+        bias=bias.to(out_dtype) if bias is not None else None,
+        out_dtype=out_dtype,
+    )
+    return out[:rows].to(x.dtype)

@@ -1,0 +1,40 @@
+"""The 4-bit dequantize-GEMM kernel against its PyTorch reference (run with kernel_cases.py
+by tests/kernels/test_kernels.py, whose import sets up the interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# First: importing the cases sets TRITON_INTERPRET before triton is imported.
+from tests.kernels.kernel_cases import DEVICE, DTYPE, ON_GPU, _relative_error, _triton_interpreter_on_cpu
+
+# isort: split
+from kernels.int4_linear import int4_linear_reference, pack_int4, unpack_int4
+from kernels.triton_int4_linear import int4_linear_triton
+
+__all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_gemm_matches_reference(num_rows: int, act_order: bool) -> None:
+    # Output and input sizes that do not fill the kernel's tiles on CPU.
+    in_features, out_features, group_size = (4096, 1536, 128) if ON_GPU else (96, 40, 32)
+    generator = torch.Generator().manual_seed(num_rows)
+    values = torch.randint(0, 16, (in_features, out_features), generator=generator)
+    groups = in_features // group_size
+    g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=generator)]
+    scales = (torch.rand(groups, out_features, generator=generator) * 0.02 + 0.001).to(DEVICE, DTYPE)
+    zeros = torch.randint(0, 16, (groups, out_features), generator=generator).to(DEVICE, DTYPE)
+    qweight = pack_int4(values, dim=0).to(DEVICE)
+    g_idx = g_idx.to(DEVICE)
+    x = torch.randn(num_rows, in_features, generator=generator).to(DEVICE, DTYPE)
+    actual = int4_linear_triton(x, qweight, scales, zeros, g_idx)
+    expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
+    assert actual.shape == (num_rows, out_features) and actual.dtype == DTYPE
+    assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)
+    # The packing round-trips: the reference reads back the values packed.
+    assert torch.equal(unpack_int4(qweight, dim=0).cpu(), values.to(torch.int32))

@@ -1,0 +1,130 @@
+"""The tiny random Llama served quantized through ModelRunner, token for token against
+Hugging Face transformers running the dequantized model (CPU, fp32).
+
+W8A8 (int8, fp8): the reference holds the per-channel quantized-then-dequantized weights
+and quantizes each projection's input per token the same way (a forward pre-hook), so
+both sides compute with the same numbers. AWQ and GPTQ: checkpoints written in each
+format's own packing from the random model; the reference holds their dequantized weights.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from gpu_worker.config import WorkerConfig
+from gpu_worker.model_runner import ModelRunner
+from kernels.w8a8 import dequantize_rows, quantize_rows
+from tests.support.greedy_runs import hf_greedy, runner_greedy
+from tests.support.int4_checkpoints import QUANTIZED_PROJECTIONS, write_int4_checkpoint
+from tests.support.tiny_llama import TINY_DIMS, VOCAB_SIZE
+
+MAX_NEW_TOKENS = 8
+BLOCK_SIZE = 4
+
+
+def _tiny_llama(model_dir: Path) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(tie_word_embeddings=False, **TINY_DIMS)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(model_dir)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(5)
+    return [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in (5, 13, 2)]
+
+
+def _runner(model_dir: Path, quantization: str | None) -> ModelRunner:
+    config = WorkerConfig(
+        model_path=model_dir, device="cpu", block_size=BLOCK_SIZE, num_kv_blocks=32, quantization=quantization
+    )
+    return ModelRunner(config)
+
+
+def _projections(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in QUANTIZED_PROJECTIONS
+    ]
+
+
+def _fake_quantized_w8a8(model: torch.nn.Module, kind: str) -> None:
+    def quantize_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = args[0]
+        values, scale = quantize_rows(x.reshape(-1, x.shape[-1]), kind)
+        return (dequantize_rows(values, scale).reshape(x.shape).to(x.dtype),)
+
+    with torch.no_grad():
+        for _, module in _projections(model):
+            values, scale = quantize_rows(module.weight, kind)
+            module.weight.copy_(dequantize_rows(values, scale))
+            module.register_forward_pre_hook(quantize_input)
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_w8a8_generates_the_dequantized_models_tokens(tmp_path: Path, kind: str) -> None:
+    hf_model = _tiny_llama(tmp_path)
+    runner = _runner(tmp_path, kind)
+    layer = runner.model.model.layers[0]
+    assert layer.mlp.down_proj.weight is None
+    assert layer.self_attn.qkv_proj.weight_q.dtype == (torch.int8 if kind == "int8" else torch.float8_e4m3fn)
+    unquantized = hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
+    _fake_quantized_w8a8(hf_model, kind)
+    expected = hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
+    assert runner_greedy(runner, _prompts(), MAX_NEW_TOKENS) == expected
+    # The quantization changes the numbers the model computes with; it is no no-op.
+    assert expected != unquantized or kind == "int8"
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize(
+    ("method", "group_size", "act_order"), [("awq", 32, False), ("gptq", 32, False), ("gptq", 16, True)]
+)
+def test_int4_checkpoint_generates_the_dequantized_models_tokens(
+    tmp_path: Path, method: str, group_size: int, act_order: bool
+) -> None:
+    hf_model = _tiny_llama(tmp_path)
+    dequantized = write_int4_checkpoint(tmp_path, method, group_size, act_order)
+    # From the checkpoint's quantization_config alone, and with the matching flag.
+    runner = _runner(tmp_path, None)
+    assert runner.model_config.quantization.method == method
+    with torch.no_grad():
+        for name, module in _projections(hf_model):
+            module.weight.copy_(dequantized[name + ".weight"])
+    expected = hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
+    assert runner_greedy(runner, _prompts(), MAX_NEW_TOKENS) == expected
+    assert runner_greedy(_runner(tmp_path, method), _prompts(), MAX_NEW_TOKENS) == expected
+
+
+def test_quantization_flag_conflicting_with_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    _tiny_llama(tmp_path)
+    write_int4_checkpoint(tmp_path, "awq", 32)
+    with pytest.raises(ValueError, match="--quantization gptq conflicts with the checkpoint's"):
+        _runner(tmp_path, "gptq")
+
+
+@pytest.mark.parametrize("method", ["int8", "awq"])
+def test_dummy_weights_serve_quantized(tmp_path: Path, method: str) -> None:
+    """--load-format dummy with --quantization: random weights of the config's shapes,
+    quantized (int8) or made directly as packed 4-bit tensors (awq, group size 128)."""
+    dims = {**TINY_DIMS, "hidden_size": 128, "intermediate_size": 256}
+    transformers.LlamaConfig(**dims).save_pretrained(tmp_path)
+    config = WorkerConfig(
+        model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="dummy", quantization=method
+    )
+    runner = ModelRunner(config)
+    mlp = runner.model.model.layers[0].mlp
+    assert (mlp.down_proj.weight_q if method == "int8" else mlp.down_proj.qweight).dtype in (
+        torch.int8,
+        torch.int32,
+    )
+    assert all(len(tokens) == 3 for tokens in runner_greedy(runner, [[5, 6, 7]], 3))
