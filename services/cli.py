@@ -20,7 +20,7 @@ from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
 from services.scheduler.config import SchedulerConfig
-from services.worker_flags import GIB, add_worker_args, weight_fields
+from services.worker_flags import GIB, add_worker_args
 
 
 def _model_dir(model: str | None) -> Path:
@@ -136,7 +136,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         swap_space_bytes=int(args.swap_space * GIB),
         step_timeline_path=args.step_timeline,
         parallel=parallel_config(args),
-        **weight_fields(args),
+        quantization=args.quantization,
+        load_format=args.load_format,
     )
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.worker_flags import forwarded_weight_flags
+
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 600.0
@@ -135,6 +137,7 @@ def _worker_commands(
         *_optional("--dtype", args.dtype),
         *_optional("--max-model-len", args.max_model_len),
         *_optional("--num-kv-blocks", args.num_kv_blocks),
+        *forwarded_weight_flags(args),
         "--gpu-memory-utilization",
         str(args.gpu_memory_utilization),
         *(["--enforce-eager"] if args.enforce_eager else []),

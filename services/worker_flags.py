@@ -68,11 +68,6 @@ def add_weight_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def weight_fields(args: argparse.Namespace) -> dict[str, str | None]:
-    """The WorkerConfig fields that add_weight_args' flags set."""
-    return {"quantization": args.quantization, "load_format": args.load_format}
-
-
 def forwarded_weight_flags(args: argparse.Namespace) -> list[str]:
     """add_weight_args' flags as `pagedserve serve` passes them on to each worker."""
     flags = ["--load-format", args.load_format]

@@ -65,8 +65,11 @@ class Linear(nn.Module):
         self.quant_method = quant_method
         # Which slice of the checkpoint's input features this layer holds (row-parallel).
         self.input_shard_index = 0
+        # Typed as always present: only layers without a quantization method read it, and
+        # a method that creates its own weights leaves it None.
+        self.weight: nn.Parameter
         if quant_method is not None and quant_method.creates_weights:
-            self.weight: nn.Parameter | None = None
+            self.weight = None  # type: ignore[assignment]
             quant_method.create_weights(self)
         else:
             self.weight = new_parameter(output_size, input_size)

@@ -10,7 +10,7 @@ inputs it holds (row-parallel), both in unpacked feature counts.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -35,17 +35,20 @@ class QuantizedLayer(Protocol):
 
 
 class QuantMethod:
+    """`layer` is Any below: a method adds and reads parameters of its own on the layer,
+    which nn.Module's static type does not know."""
+
     # True: the method creates the layer's parameters (checkpoint layouts); False: the
     # layer keeps its unquantized weight until process_after_loading converts it.
     creates_weights = False
 
-    def create_weights(self, layer: nn.Module) -> None:
+    def create_weights(self, layer: Any) -> None:
         raise NotImplementedError
 
-    def process_after_loading(self, layer: nn.Module) -> None:
+    def process_after_loading(self, layer: Any) -> None:
         """Turns the loaded tensors into what apply() reads, once, after loading."""
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -58,14 +61,14 @@ class W8A8Method(QuantMethod):
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
-    def process_after_loading(self, layer: nn.Module) -> None:
+    def process_after_loading(self, layer: Any) -> None:
         weight, scale = quantize_rows(layer.weight.data, self.kind)
         del layer.weight
         layer.weight = None
         layer.weight_q = nn.Parameter(weight, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale.view(-1), requires_grad=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return w8a8_linear(x, layer.weight_q, layer.weight_scale, bias, self.kind)
 
 
@@ -78,7 +81,7 @@ class Int4Method(QuantMethod):
     def __init__(self, config: QuantizationConfig) -> None:
         self.config = config
 
-    def create_weights(self, layer: nn.Module) -> None:
+    def create_weights(self, layer: Any) -> None:
         in_features, out_features = layer.input_size, layer.output_size
         group_size = self.config.group_size
         if group_size > 0 and in_features % group_size:
@@ -102,11 +105,11 @@ class Int4Method(QuantMethod):
                 param.dummy_fill = _positional_g_idx(group_size)  # type: ignore[attr-defined]  # random weights
             layer.register_parameter(spec.name, param)
 
-    def process_after_loading(self, layer: nn.Module) -> None:
-        params = {
-            name: layer._parameters.pop(name)
+    def process_after_loading(self, layer: Any) -> None:
+        params: dict[str, torch.Tensor] = {
+            name: param
             for name in ("qweight", "qzeros", "scales", "g_idx")
-            if name in layer._parameters
+            if (param := layer._parameters.pop(name, None)) is not None
         }
         if self.config.method == "awq":
             common = awq_to_common(
@@ -124,7 +127,7 @@ class Int4Method(QuantMethod):
         for name in ("qweight", "scales", "zeros", "g_idx"):
             layer.register_buffer(name, getattr(common, name).contiguous(), persistent=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, bias)
 
 
