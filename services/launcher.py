@@ -5,6 +5,7 @@ public API on --port."""
 import argparse
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,10 +26,27 @@ STARTUP_TIMEOUT_S = 600.0
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port free now, chosen below the kernel's ephemeral range: a port from that
+    range can be taken by any outgoing connection (gloo opens many between the ranks of a
+    parallel engine) before the service that was given it binds it."""
+    lowest_ephemeral = _lowest_ephemeral_port()
+    for _ in range(64):
+        port = random.randrange(10_000, lowest_ephemeral) if lowest_ephemeral > 11_000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            bound: int = sock.getsockname()[1]
+            return bound
+    raise RuntimeError("no free loopback port found")
+
+
+def _lowest_ephemeral_port() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def is_serving(address: str) -> bool:

@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MAX_TOKENS = 8
 BLOCK_SIZE = 16
 # Small enough that the prompts below prefill in chunks and preempt each other.
-POOL_ARGS = ["--num-kv-blocks", "12", "--max-num-batched-tokens", "32"]
+POOL_ARGS = ["--num-kv-blocks", "8", "--max-num-batched-tokens", "32"]
 SEEDED = common_pb2.SamplingParams(
     temperature=0.9, top_p=0.95, seed=1234, max_tokens=MAX_TOKENS, ignore_eos=True
 )

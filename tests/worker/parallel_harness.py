@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pickle
 import queue
-import socket
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,12 +18,7 @@ import torch.multiprocessing as mp
 
 from gpu_worker.parallel.config import ParallelConfig
 from gpu_worker.parallel.groups import close_parallel, init_parallel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.launcher import free_port
 
 
 def _process_context() -> Any:
