@@ -25,7 +25,7 @@ from benchmarks.device import release_memory, synchronize
 from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
 from gpu_worker.config import MAX_STEPS_LAUNCHED, WorkerConfig
-from services.cli import GIB, add_worker_args, build_parser, worker_config
+from services.cli import GIB, add_parallel_args, add_worker_args, build_parser, worker_config
 from services.launcher import free_port, loopback_service_commands, running_services
 from services.scheduler.config import SchedulerConfig
 
@@ -53,6 +53,13 @@ class EngineSettings:
     # Where the worker writes its step timeline (gpu_worker/step_timeline.py), one file per
     # engine; None: no timeline.
     step_timeline_dir: Path | None = None
+    # The engine's ranks (gRPC runs only: in-process runs hold one).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # The worker's --load-format ("dummy": random weights, no checkpoint read) and
+    # --quantization.
+    load_format: str = WorkerConfig.load_format
+    quantization: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineSettings:
@@ -66,6 +73,7 @@ def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None =
     """The engine's options: the worker's own (`pagedserve worker`'s, with their defaults),
     then the scheduler's that the benchmarks vary."""
     add_worker_args(parser)
+    add_parallel_args(parser)
     parser.set_defaults(device="cuda", max_model_len=max_model_len)
     parser.add_argument(
         "--max-steps-in-flight", type=int, default=EngineSettings.max_steps_in_flight, help="with overlap on"
@@ -118,6 +126,9 @@ def run_in_process(
 ) -> list[RunResult]:
     """One run per max_steps_in_flight (1: no overlap), on one model runner."""
     from gpu_worker.model_runner import ModelRunner
+
+    if settings.tensor_parallel_size * settings.pipeline_parallel_size > 1:
+        raise SystemExit("an in-process run holds one rank: measure parallel engines with --runs grpc")
 
     # The worker that `pagedserve serve` with these settings starts.
     ports = dict.fromkeys(("worker", "scheduler", "tokenizer"), 0)
@@ -274,6 +285,16 @@ def _service_commands(
         flags.append("--enforce-eager")
     if settings.max_steps_in_flight == 1:
         flags.append("--no-overlap-scheduling")
+    flags += [
+        "--tensor-parallel-size",
+        str(settings.tensor_parallel_size),
+        "--pipeline-parallel-size",
+        str(settings.pipeline_parallel_size),
+        "--load-format",
+        settings.load_format,
+    ]
+    if settings.quantization is not None:
+        flags += ["--quantization", settings.quantization]
     return loopback_service_commands(model_dir, ports, flags)
 
 

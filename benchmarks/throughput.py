@@ -88,7 +88,8 @@ def resolve_model(args: argparse.Namespace, scratch: Path) -> Path:
     if args.model is not None:
         return args.model
     if args.device.startswith("cuda"):
-        return write_random_model(args.model_config, scratch / "model")
+        with_weights = args.load_format != "dummy"
+        return write_random_model(args.model_config, scratch / "model", with_weights=with_weights)
     from services.common.embedded_model import materialize_default_model
 
     return materialize_default_model()

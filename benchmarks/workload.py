@@ -52,12 +52,18 @@ def nano_vllm_workload(
     return Workload(prompts, output_lengths)
 
 
-def write_random_model(config_path: Path, out_dir: Path, seed: int = 0, std: float = 0.02) -> Path:
-    """A model directory with `config_path`'s architecture and seeded random bf16 weights."""
+def write_random_model(
+    config_path: Path, out_dir: Path, seed: int = 0, std: float = 0.02, with_weights: bool = True
+) -> Path:
+    """A model directory with `config_path`'s architecture and seeded random bf16 weights;
+    without weights, for workers that make their own (`--load-format dummy`)."""
     raw = json.loads(Path(config_path).read_text())
     config = ModelConfig.from_dicts(raw)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    if not with_weights:
+        _write_word_level_tokenizer(out_dir, config.vocab_size)
+        return out_dir
     generator = torch.Generator().manual_seed(seed)
 
     def normal(*shape: int) -> torch.Tensor:
