@@ -17,6 +17,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.serve_layout import ServeLayout, loopback_addresses, stop_rank
+
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 600.0
@@ -64,29 +66,61 @@ def _optional(flag: str, value: object) -> list[str]:
     return [] if value is None else [flag, str(value)]
 
 
-def worker_name(rank: int) -> str:
-    """A worker's service name: "worker" for rank 0 (the only one of most engines), then
-    "worker1", "worker2", ..."""
-    return "worker" if rank == 0 else f"worker{rank}"
+def serve_layout(args: argparse.Namespace) -> ServeLayout:
+    return ServeLayout(
+        num_engines=args.engines,
+        num_tokenizers=args.tokenizers,
+        world_size=args.tensor_parallel_size * args.pipeline_parallel_size,
+    )
 
 
 def service_commands(
     args: argparse.Namespace, model_dir: Path, ports: dict[str, int]
 ) -> dict[str, list[str]]:
     """Each service's command line for `pagedserve serve` options `args`: every option
-    goes to the services it concerns; the workers and scheduler listen on loopback.
+    goes to the services it concerns; the workers and schedulers listen on loopback, the
+    tokenizers (several share the port) on --host.
 
-    ports: by service name, "worker" and "scheduler" at least. The workers of ranks past 0
-    and the ranks' rendezvous ("rendezvous") get free ports where `ports` has none, and are
-    added to it."""
-    world_size = args.tensor_parallel_size * args.pipeline_parallel_size
-    workers = [worker_name(rank) for rank in range(world_size)]
-    for name in [*workers[1:], *(["rendezvous"] if world_size > 1 else [])]:
-        ports.setdefault(name, free_port())
-    commands = _worker_commands(args, model_dir, ports, workers)
-    commands["scheduler"] = [
-        *_service(args, "scheduler", "127.0.0.1", ports["scheduler"], metrics_offset=1),
-        *(flag for name in workers for flag in ("--worker", f"127.0.0.1:{ports[name]}")),
+    ports: by service name (services/serve_layout.py), "worker" and "scheduler" at least.
+    Every other engine service, and each parallel engine's rendezvous, gets a free port
+    where `ports` has none, and is added to it; every tokenizer gets --port."""
+    layout = serve_layout(args)
+    commands: dict[str, list[str]] = {}
+    for engine in range(layout.num_engines):
+        extra = [layout.scheduler(engine), *layout.workers(engine)]
+        extra += [layout.rendezvous(engine)] if layout.world_size > 1 else []
+        for name in extra:
+            ports.setdefault(name, free_port())
+        commands.update(_worker_commands(args, model_dir, ports, layout, engine))
+        commands[layout.scheduler(engine)] = _scheduler_command(args, ports, layout, engine)
+    for name in layout.tokenizers():
+        # The tokenizers share the public port: any of them answering there is enough.
+        ports[name] = args.port
+        commands[name] = [
+            *_service(args, "tokenizer", args.host, args.port, layout.metrics_offset(name)),
+            *(["--reuse-port"] if layout.num_tokenizers > 1 else []),
+            "--model",
+            str(model_dir),
+            *(
+                f
+                for address in loopback_addresses(ports, layout.schedulers())
+                for f in ("--scheduler", address)
+            ),
+            # One HTTP port, as one gRPC port: the HTTP API is served by the first tokenizer.
+            *(_optional("--http-port", args.http_port) if name == "tokenizer" else []),
+            *_optional("--served-model-name", args.served_model_name),
+            *_optional("--api-key", args.api_key),
+        ]
+    return commands
+
+
+def _scheduler_command(
+    args: argparse.Namespace, ports: dict[str, int], layout: ServeLayout, engine: int
+) -> list[str]:
+    name = layout.scheduler(engine)
+    return [
+        *_service(args, "scheduler", "127.0.0.1", ports[name], layout.metrics_offset(name)),
+        *(f for address in loopback_addresses(ports, layout.workers(engine)) for f in ("--worker", address)),
         *_optional("--num-kv-blocks", args.num_kv_blocks),
         "--preemption-mode",
         args.preemption_mode,
@@ -97,22 +131,12 @@ def service_commands(
         "--max-stream-messages-per-step",
         str(args.max_stream_messages_per_step),
     ]
-    commands["tokenizer"] = [
-        *_service(args, "tokenizer", args.host, args.port, metrics_offset=0),
-        "--model",
-        str(model_dir),
-        "--scheduler",
-        f"127.0.0.1:{ports['scheduler']}",
-        *_optional("--http-port", args.http_port),
-        *_optional("--served-model-name", args.served_model_name),
-        *_optional("--api-key", args.api_key),
-    ]
-    return commands
 
 
 def _service(args: argparse.Namespace, command: str, host: str, port: int, metrics_offset: int) -> list[str]:
-    """The start of a service's command line. --metrics-port P: the tokenizer's /metrics on
-    P, the scheduler's on P+1, worker rank r's on P+2+r."""
+    """The start of a service's command line. --metrics-port P: service k of the layout's
+    order (services/serve_layout.py) serves /metrics on P+k: with one tokenizer and one
+    engine, the tokenizer on P, the scheduler on P+1, worker rank r on P+2+r."""
     metrics = [] if args.metrics_port is None else ["--metrics-port", str(args.metrics_port + metrics_offset)]
     return [
         *(sys.executable, "-m", "services.cli", "--log-level", args.log_level, command),
@@ -121,10 +145,8 @@ def _service(args: argparse.Namespace, command: str, host: str, port: int, metri
     ]
 
 
-def _worker_commands(
-    args: argparse.Namespace, model_dir: Path, ports: dict[str, int], workers: list[str]
-) -> dict[str, list[str]]:
-    flags = [
+def _worker_flags(args: argparse.Namespace, model_dir: Path) -> list[str]:
+    return [
         "--model",
         str(model_dir),
         # Each rank of a group on "cuda" takes the GPU of its rank (WorkerConfig.resolve_device).
@@ -146,6 +168,13 @@ def _worker_commands(
         "--max-num-batched-tokens",
         str(args.max_num_batched_tokens),
     ]
+
+
+def _worker_commands(
+    args: argparse.Namespace, model_dir: Path, ports: dict[str, int], layout: ServeLayout, engine: int
+) -> dict[str, list[str]]:
+    flags = _worker_flags(args, model_dir)
+    workers = layout.workers(engine)
     if len(workers) > 1:
         flags += [
             "--tensor-parallel-size",
@@ -153,20 +182,22 @@ def _worker_commands(
             "--pipeline-parallel-size",
             str(args.pipeline_parallel_size),
             "--dist-init-addr",
-            f"127.0.0.1:{ports['rendezvous']}",
+            f"127.0.0.1:{ports[layout.rendezvous(engine)]}",
         ]
+    # On CUDA, each engine's ranks see only their own GPUs, continuing the numbering.
+    devices: list[str] = []
+    if layout.num_engines > 1 and args.device.startswith(("cuda", "auto")):
+        visible = layout.cuda_devices(engine, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        devices = ["env", f"CUDA_VISIBLE_DEVICES={visible}"]
     return {
         name: [
-            *_service(args, "worker", "127.0.0.1", ports[name], metrics_offset=2 + rank),
+            *devices,
+            *_service(args, "worker", "127.0.0.1", ports[name], layout.metrics_offset(name)),
             *flags,
             *(["--rank", str(rank)] if len(workers) > 1 else []),
         ]
         for rank, name in enumerate(workers)
     }
-
-
-# Front door first, so that no new work arrives while the others drain.
-STOP_ORDER = ("tokenizer", "scheduler", "worker")
 
 
 def loopback_service_commands(
@@ -183,10 +214,9 @@ def loopback_service_commands(
 
 
 def stop_services(processes: Mapping[str, subprocess.Popen[bytes]], timeout_s: float) -> None:
-    """Stops the services one after another in STOP_ORDER (any others after them): SIGTERM,
-    up to timeout_s for it to drain and exit, then SIGKILL."""
-    order = {name: index for index, name in enumerate(STOP_ORDER)}
-    for name in sorted(processes, key=lambda name: order.get(name, len(order))):
+    """Stops the services one after another, tokenizers first, then schedulers, then
+    workers (stop_rank): SIGTERM, up to timeout_s for it to drain and exit, then SIGKILL."""
+    for name in sorted(processes, key=stop_rank):
         process = processes[name]
         if process.poll() is not None:
             continue
@@ -228,7 +258,7 @@ def running_services(
 
 
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
-    ports = {"worker": free_port(), "scheduler": free_port(), "tokenizer": args.port}
+    ports = {"worker": free_port(), "scheduler": free_port()}
     commands = service_commands(args, model_dir, ports)
     stop_requested = False
 
