@@ -170,6 +170,23 @@ def _worker_flags(args: argparse.Namespace, model_dir: Path) -> list[str]:
     ]
 
 
+def _engine_env(args: argparse.Namespace, layout: ServeLayout, engine: int) -> list[str]:
+    """An `env` prefix that keeps engines apart: on CUDA each engine's ranks see only their
+    own GPUs, continuing the numbering; on CPU each rank takes its share of the cores (its
+    threads would otherwise all spin on every core, and steps slow down many times)."""
+    if layout.num_engines < 2:
+        return []
+    if args.device.startswith(("cuda", "auto")):
+        return [
+            "env",
+            f"CUDA_VISIBLE_DEVICES={layout.cuda_devices(engine, os.environ.get('CUDA_VISIBLE_DEVICES'))}",
+        ]
+    if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // (layout.num_engines * layout.world_size))
+        return ["env", f"OMP_NUM_THREADS={threads}"]
+    return []
+
+
 def _worker_commands(
     args: argparse.Namespace, model_dir: Path, ports: dict[str, int], layout: ServeLayout, engine: int
 ) -> dict[str, list[str]]:
@@ -184,14 +201,9 @@ def _worker_commands(
             "--dist-init-addr",
             f"127.0.0.1:{ports[layout.rendezvous(engine)]}",
         ]
-    # On CUDA, each engine's ranks see only their own GPUs, continuing the numbering.
-    devices: list[str] = []
-    if layout.num_engines > 1 and args.device.startswith(("cuda", "auto")):
-        visible = layout.cuda_devices(engine, os.environ.get("CUDA_VISIBLE_DEVICES"))
-        devices = ["env", f"CUDA_VISIBLE_DEVICES={visible}"]
     return {
         name: [
-            *devices,
+            *_engine_env(args, layout, engine),
             *_service(args, "worker", "127.0.0.1", ports[name], layout.metrics_offset(name)),
             *flags,
             *(["--rank", str(rank)] if len(workers) > 1 else []),
@@ -257,6 +269,36 @@ def running_services(
         stop_services(processes, stop_timeout_s)
 
 
+# A service restarted sooner than this after its last restart means it cannot start.
+_MIN_RESTART_INTERVAL_S = 30.0
+
+
+def _restart_engine_services(
+    dead: Mapping[str, int],
+    processes: dict[str, subprocess.Popen[bytes]],
+    commands: Mapping[str, list[str]],
+    layout: ServeLayout,
+    last_restart: dict[str, float],
+) -> bool:
+    """With several engines of one rank each, an engine's scheduler or worker that exits is
+    started again: the other engines serve meanwhile, the tokenizers route around it and
+    it rejoins once it serves. False when a dead service may not be restarted (a
+    tokenizer, a rank of a parallel group, one that exited again right after a restart)."""
+    if layout.num_engines < 2 or layout.world_size > 1:
+        return False
+    now = time.monotonic()
+    for name, code in dead.items():
+        if (
+            stop_rank(name) == 0
+            or now - last_restart.get(name, -_MIN_RESTART_INTERVAL_S) < _MIN_RESTART_INTERVAL_S
+        ):
+            return False
+        log.warning("%s exited with %d; starting it again", name, code)
+        last_restart[name] = now
+        processes[name] = subprocess.Popen(commands[name], start_new_session=True)
+    return True
+
+
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
     ports = {"worker": free_port(), "scheduler": free_port()}
     commands = service_commands(args, model_dir, ports)
@@ -275,10 +317,13 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
     ready: set[str] = set()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     exit_code = 0
+    last_restart: dict[str, float] = {}
     try:
         while not stop_requested:
             dead = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
-            if dead:
+            if dead and not _restart_engine_services(
+                dead, processes, commands, serve_layout(args), last_restart
+            ):
                 log.error("service exited: %s", dead)
                 exit_code = 1
                 break

@@ -14,6 +14,8 @@ from services.tokenizer.completion import Completions
 from services.tokenizer.engine_pool import EnginePool
 from services.tokenizer.frontend import RequestFrontend
 from services.tokenizer.migration import MigrationConfig, ResumableRequest, is_engine_failure
+from services.tokenizer.routing import NoEngineError
+from services.tokenizer.routing_metrics import RoutingMetrics
 from services.tokenizer.scheduler_session import raise_if_error
 from services.tokenizer.tracing import RequestTrace
 
@@ -22,9 +24,15 @@ class GenerationCore:
     """What the gRPC servicer and the HTTP API share: the engines and, once one has told
     what model it serves, the frontend."""
 
-    def __init__(self, engines: EnginePool, migration: MigrationConfig | None = None) -> None:
+    def __init__(
+        self,
+        engines: EnginePool,
+        migration: MigrationConfig | None = None,
+        metrics: RoutingMetrics | None = None,
+    ) -> None:
         self._engines = engines
         self._migration = migration or MigrationConfig()
+        self._metrics = metrics or RoutingMetrics(registry=None)
         # Set once an engine has told what model it serves.
         self.frontend: RequestFrontend | None = None
         self.model = common_pb2.ModelInfo()
@@ -53,17 +61,25 @@ class GenerationCore:
             priority=request.priority,
         )
         resumable = ResumableRequest(submit, self._migration)
+        # What made the request leave its last engine, if it did.
+        failure: Exception | None = None
         with tracer().start_as_current_span("detokenize_stream") as span:
             try:
                 while not completions.finished:
                     try:
                         async for message in self._stream(resumable, completions, span, request_trace):
                             yield message
+                    except NoEngineError as error:
+                        if failure is None:
+                            raise
+                        raise UnavailableError(
+                            f"{failure}; no other engine serves to move the request to"
+                        ) from error
                     except Exception as error:
                         if not is_engine_failure(error):
                             raise
                         resumable.migrate(error)
-                        span.add_event("migrated", {"pagedserve.migration.reason": str(error)})
+                        failure = error
             finally:
                 request_trace.end()
 
@@ -78,6 +94,7 @@ class GenerationCore:
         (raised, after marking the engine failed)."""
         submit = resumable.submit_request()
         engine, decision = self._engines.choose(submit.prompt_token_ids)
+        self._metrics.on_routed(engine.address, decision.reason)
         span.set_attributes(
             {
                 "pagedserve.engine": engine.address,
@@ -102,6 +119,15 @@ class GenerationCore:
         except Exception as error:
             if is_engine_failure(error):
                 engine.on_failure(str(error))
+                self._metrics.on_migrated(engine.address)
+                span.add_event(
+                    "migrated",
+                    {
+                        "pagedserve.migration.from_engine": engine.address,
+                        "pagedserve.migration.reason": str(error),
+                        "pagedserve.migration.resumed_tokens": len(resumable.generated),
+                    },
+                )
             raise
         finally:
             # The client went away (cancel, deadline) or stop strings finished the

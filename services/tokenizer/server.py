@@ -15,6 +15,7 @@ from services.tokenizer.frontend import FrontendConfig, RequestFrontend
 from services.tokenizer.generation import GenerationCore
 from services.tokenizer.http.state import HttpApiConfig
 from services.tokenizer.migration import MigrationConfig
+from services.tokenizer.routing_metrics import RoutingMetrics
 from services.tokenizer.servicer import GenerationServicer
 from services.tokenizer.tokenizer import TextTokenizer
 
@@ -51,7 +52,7 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
     tokenizer = TextTokenizer.from_model_dir(config.model_path)
     host = ServiceHost(server_config, [SERVICE_NAME])
     engines = EnginePool(config.engines)
-    core = GenerationCore(engines, config.migration)
+    core = GenerationCore(engines, config.migration, RoutingMetrics(host.registry))
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), host.server)
     port = await host.start()
     http_api: HttpApiServer | None = None

@@ -75,7 +75,7 @@ def _stream(stack: Stack, request: generation_pb2.GenerateRequest, started: thre
 
 
 def test_a_killed_worker_moves_its_requests_to_the_other_engine(engines_stack: Stack):
-    max_tokens = 40
+    max_tokens = 32
     requests = [
         _greedy(max_tokens, prompt=f"Story {i}: once upon a time, a {word}")
         for i, word in enumerate(["cat", "dog", "king", "river", "robot", "tree", "ship", "star"])
