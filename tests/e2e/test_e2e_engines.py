@@ -2,9 +2,13 @@
 --tokenizers 2`), on CPU with the embedded model: repeats of a long prompt meet their
 cached prefix whichever tokenizer serves them, distinct concurrent prompts spread over
 both engines, and when one engine's worker is killed mid-stream its requests move to the
-other and finish with exactly the tokens of an undisturbed run."""
+other and finish with exactly the tokens of an undisturbed run; so do a killed
+scheduler's, and a restarted engine rejoins."""
 
+import os
+import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import grpc
 import pytest
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
+from services.launcher import is_serving
 from tests.support.service_stack import Stack, service_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -74,29 +79,68 @@ def _stream(stack: Stack, request: generation_pb2.GenerateRequest, started: thre
     return tokens
 
 
-def test_a_killed_worker_moves_its_requests_to_the_other_engine(engines_stack: Stack):
-    max_tokens = 32
-    requests = [
-        _greedy(max_tokens, prompt=f"Story {i}: once upon a time, a {word}")
-        for i, word in enumerate(["cat", "dog", "king", "river", "robot", "tree", "ship", "star"])
-    ]
-    with ThreadPoolExecutor(8) as pool:
-        undisturbed = list(pool.map(lambda r: _collect_tokens(engines_stack, r), requests))
-    assert all(len(tokens) == max_tokens for tokens in undisturbed)
-    # Every stream has its first tokens before the kill; the kill comes with them still going.
-    started = threading.Barrier(len(requests) + 1)
-    with ThreadPoolExecutor(8) as pool:
-        streams = [pool.submit(_stream, engines_stack, request, started) for request in requests]
-        started.wait(timeout=120)
-        engines_stack.processes["engine1-worker"].kill()
-        disturbed = [stream.result() for stream in streams]
-    assert disturbed == undisturbed
-    assert (
-        "failed"
-        in (engines_stack.log_dir / "tokenizer.log").read_text()
-        + (engines_stack.log_dir / "tokenizer1.log").read_text()
-    )
-
-
 def _collect_tokens(stack: Stack, request: generation_pb2.GenerateRequest) -> list[int]:
     return [t for message in stack.generation.Generate(request, timeout=300) for t in message.token_ids]
+
+
+def _requests(prefix: str) -> list[generation_pb2.GenerateRequest]:
+    words = ["cat", "dog", "king", "river", "robot", "tree", "ship", "star"]
+    return [
+        _greedy(MAX_TOKENS, prompt=f"{prefix} {i}: once upon a time, a {word}")
+        for i, word in enumerate(words)
+    ]
+
+
+def _kill_mid_stream(stack: Stack, requests: list[generation_pb2.GenerateRequest], service: str) -> None:
+    """Runs the requests undisturbed, then again, killing `service` with SIGKILL once every
+    stream has its first tokens: every stream must come out the same, whole."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        undisturbed = list(pool.map(lambda r: _collect_tokens(stack, r), requests))
+    assert all(len(tokens) == MAX_TOKENS for tokens in undisturbed)
+    failures_before = _count_engine_failures(stack)
+    started = threading.Barrier(len(requests) + 1)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        streams = [pool.submit(_stream, stack, request, started) for request in requests]
+        started.wait(timeout=120)
+        stack.processes[service].kill()
+        disturbed = [stream.result() for stream in streams]
+    assert disturbed == undisturbed
+    assert _count_engine_failures(stack) > failures_before, "some requests were on the killed engine"
+
+
+def _count_engine_failures(stack: Stack) -> int:
+    """Requests that left a failed engine, as the tokenizers logged them."""
+    logs = [(stack.log_dir / f"{name}.log").read_text() for name in ("tokenizer", "tokenizer1")]
+    return sum(log.count(" failed: ") for log in logs)
+
+
+MAX_TOKENS = 32
+
+
+def test_a_killed_worker_moves_its_requests_to_the_other_engine(engines_stack: Stack):
+    _kill_mid_stream(engines_stack, _requests("Story"), "engine1-worker")
+
+
+def test_the_engine_rejoins_once_its_worker_is_back(engines_stack: Stack):
+    killed = engines_stack.processes["engine1-worker"]
+    assert killed.poll() is not None, "the previous test killed it"
+    with open(engines_stack.log_dir / "engine1-worker-again.log", "w") as log:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        engines_stack.processes["engine1-worker"] = subprocess.Popen(
+            killed.args, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    engine1 = engines_stack.scheduler_addresses[1]
+    deadline = time.monotonic() + 180
+    while not is_serving(engine1):
+        assert time.monotonic() < deadline, "the engine did not serve again"
+        time.sleep(0.5)
+    time.sleep(2.5)  # past the pause after a failure
+    before = _stats(engine1).num_prompt_tokens
+    requests = [_greedy(4, prompt=f"Question {i}: what is {i} times {i + 3}?") for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda r: _collect_tokens(engines_stack, r), requests))
+    assert _stats(engine1).num_prompt_tokens > before
+
+
+def test_a_killed_scheduler_moves_its_requests_to_the_other_engine(engines_stack: Stack):
+    _kill_mid_stream(engines_stack, _requests("Legend"), "engine1-scheduler")
