@@ -286,11 +286,14 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from services.tokenizer.engine_pool import EnginePoolConfig
+    from services.tokenizer.routing import RoutingConfig
     from services.tokenizer.server import TokenizerServiceConfig, run_tokenizer
 
     config = TokenizerServiceConfig(
         model_path=_model_dir(args.model),
-        engines=EnginePoolConfig(targets=tuple(args.scheduler)),
+        engines=EnginePoolConfig(
+            targets=tuple(args.scheduler), routing=RoutingConfig(policy=args.routing_policy)
+        ),
         http_port=args.http_port,
         served_model_name=args.served_model_name,
         api_key=args.api_key,

@@ -42,6 +42,13 @@ def add_engine_target_args(parser: argparse.ArgumentParser) -> None:
         "(resolved again every few seconds); once per engine",
     )
     parser.add_argument(
+        "--routing-policy",
+        choices=["prefix", "round_robin"],
+        default="prefix",
+        help="prefix: the engine caching the longest prefix unless overloaded, else the least "
+        "loaded; round_robin: each engine in turn",
+    )
+    parser.add_argument(
         "--reuse-port",
         action="store_true",
         help="share the port with other tokenizer processes (SO_REUSEPORT)",

@@ -51,6 +51,7 @@ class EnginePool:
         self._config = config
         self.engines: dict[str, EngineClient] = {}
         self._resolver: asyncio.Task[None] | None = None
+        self._num_routed = 0
 
     async def start(self) -> None:
         await self._update_addresses()
@@ -94,7 +95,13 @@ class EnginePool:
         block_size = engines[0].block_size if engines else 0
         keys = [routing_key(h) for h in chained_hashes(prompt_token_ids, block_size)] if block_size else []
         affinity = keys[0] if keys else routing_key(hash_block(None, prompt_token_ids))
-        decision = route(keys, affinity, [engine.view() for engine in engines], self._config.routing)
+        views = sorted((engine.view() for engine in engines), key=lambda view: view.engine_id)
+        if self._config.routing.policy == "round_robin" and views:
+            view = views[self._num_routed % len(views)]
+            decision = RouteDecision(view.engine_id, "round_robin", 0, view.load)
+        else:
+            decision = route(keys, affinity, views, self._config.routing)
+        self._num_routed += 1
         engine = self.engines[decision.engine_id]
         engine.on_sent()
         return engine, decision

@@ -30,6 +30,9 @@ class RoutingConfig:
     balance_rel: float = 1.5
     # Cached prefixes shorter than this many blocks do not count.
     min_match_blocks: int = 1
+    # "prefix": the rule above; "round_robin": each engine in turn, blind to prefixes and
+    # load (the baseline that benchmarks/prefix_routing.py compares with).
+    policy: str = "prefix"
 
 
 @dataclass(frozen=True)
