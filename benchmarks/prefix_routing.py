@@ -3,6 +3,7 @@ few long system prompts, each user with a question of its own, sent concurrently
 `pagedserve serve --engines N` with the embedded model.
 
     python -m benchmarks.prefix_routing                          # CPU, 2 engines
+    python -m benchmarks.prefix_routing --system-prompts 12 --num-kv-blocks 128   # pools too small for all
     python -m benchmarks.prefix_routing --device cuda --users 512 --concurrency 64
 
 For each policy it prints the prefix-cache hit rate over all engines (prompt tokens
@@ -67,6 +68,7 @@ def _stats(address: str) -> scheduler_pb2.SchedulerStats:
 def run_policy(args: argparse.Namespace, policy: str, log_dir: Path) -> dict:
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     flags = ["--engines", str(args.engines), "--device", args.device]
+    flags += [] if args.num_kv_blocks is None else ["--num-kv-blocks", str(args.num_kv_blocks)]
     commands = loopback_service_commands(materialize_default_model(), ports, flags)
     commands["tokenizer"] += ["--routing-policy", policy]
     addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
@@ -106,6 +108,12 @@ def main() -> None:
     parser.add_argument("--system-prompt-words", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="each engine's KV pool, to make the prompts outgrow one",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     results = []
