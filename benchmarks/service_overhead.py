@@ -34,7 +34,8 @@ from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, ru
 from benchmarks.workload import Workload, nano_vllm_workload
 from gpu_worker.device_time import DECODE, PREFILL
 from services.common.step_limits import StepLimits
-from services.launcher import free_port, worker_name
+from services.launcher import free_port
+from services.serve_layout import worker_name
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from gpu_worker.parallel.config import ParallelConfig
 from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
+from services.frontend_args import add_engine_target_args, add_http_api_args, add_replica_args
 from services.scheduler.config import SchedulerConfig
 from services.worker_flags import GIB, add_worker_args
 
@@ -50,21 +51,6 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
         "--model",
         help="model directory (config.json, *.safetensors, tokenizer.json); "
         "default: the embedded SmolLM2-135M-Instruct",
-    )
-
-
-def add_http_api_args(parser: argparse.ArgumentParser) -> None:
-    """The OpenAI-compatible HTTP API that the tokenizer serves beside its gRPC API."""
-    parser.add_argument(
-        "--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API on this port"
-    )
-    parser.add_argument(
-        "--served-model-name",
-        default=None,
-        help="the model's id on the HTTP API; default: its directory name",
-    )
-    parser.add_argument(
-        "--api-key", default=None, help="API key the HTTP API requires (Authorization: Bearer KEY)"
     )
 
 
@@ -225,7 +211,11 @@ def add_kv_blocks_arg(parser: argparse.ArgumentParser) -> None:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        host=args.host, port=args.port, shutdown_grace_s=args.shutdown_grace, metrics_port=args.metrics_port
+        host=args.host,
+        port=args.port,
+        shutdown_grace_s=args.shutdown_grace,
+        metrics_port=args.metrics_port,
+        reuse_port=getattr(args, "reuse_port", False),
     )
 
 
@@ -254,11 +244,15 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from services.tokenizer.engine_pool import EnginePoolConfig
+    from services.tokenizer.routing import RoutingConfig
     from services.tokenizer.server import TokenizerServiceConfig, run_tokenizer
 
     config = TokenizerServiceConfig(
         model_path=_model_dir(args.model),
-        scheduler_address=args.scheduler,
+        engines=EnginePoolConfig(
+            targets=tuple(args.scheduler), routing=RoutingConfig(policy=args.routing_policy)
+        ),
         http_port=args.http_port,
         served_model_name=args.served_model_name,
         api_key=args.api_key,
@@ -298,12 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_blocks_arg(serve)
     add_parallel_args(serve)
     add_http_api_args(serve)
+    add_replica_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
     tokenizer = commands.add_parser("tokenizer", help="run the tokenizer service (public API)")
     add_server_args(tokenizer, default_port=50051)
     add_model_arg(tokenizer)
-    tokenizer.add_argument("--scheduler", required=True, help="scheduler address, host:port")
+    add_engine_target_args(tokenizer)
     add_http_api_args(tokenizer)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.serve_layout import ServeLayout, loopback_addresses, stop_rank
 from services.worker_flags import forwarded_weight_flags
 
 log = logging.getLogger(__name__)
@@ -84,29 +85,61 @@ def _optional(flag: str, value: object) -> list[str]:
     return [] if value is None else [flag, str(value)]
 
 
-def worker_name(rank: int) -> str:
-    """A worker's service name: "worker" for rank 0 (the only one of most engines), then
-    "worker1", "worker2", ..."""
-    return "worker" if rank == 0 else f"worker{rank}"
+def serve_layout(args: argparse.Namespace) -> ServeLayout:
+    return ServeLayout(
+        num_engines=args.engines,
+        num_tokenizers=args.tokenizers,
+        world_size=args.tensor_parallel_size * args.pipeline_parallel_size,
+    )
 
 
 def service_commands(
     args: argparse.Namespace, model_dir: Path, ports: dict[str, int]
 ) -> dict[str, list[str]]:
     """Each service's command line for `pagedserve serve` options `args`: every option
-    goes to the services it concerns; the workers and scheduler listen on loopback.
+    goes to the services it concerns; the workers and schedulers listen on loopback, the
+    tokenizers (several share the port) on --host.
 
-    ports: by service name, "worker" and "scheduler" at least. The workers of ranks past 0
-    and the ranks' rendezvous ("rendezvous") get free ports where `ports` has none, and are
-    added to it."""
-    world_size = args.tensor_parallel_size * args.pipeline_parallel_size
-    workers = [worker_name(rank) for rank in range(world_size)]
-    for name in [*workers[1:], *(["rendezvous"] if world_size > 1 else [])]:
-        ports.setdefault(name, free_port())
-    commands = _worker_commands(args, model_dir, ports, workers)
-    commands["scheduler"] = [
-        *_service(args, "scheduler", "127.0.0.1", ports["scheduler"], metrics_offset=1),
-        *(flag for name in workers for flag in ("--worker", f"127.0.0.1:{ports[name]}")),
+    ports: by service name (services/serve_layout.py), "worker" and "scheduler" at least.
+    Every other engine service, and each parallel engine's rendezvous, gets a free port
+    where `ports` has none, and is added to it; every tokenizer gets --port."""
+    layout = serve_layout(args)
+    commands: dict[str, list[str]] = {}
+    for engine in range(layout.num_engines):
+        extra = [layout.scheduler(engine), *layout.workers(engine)]
+        extra += [layout.rendezvous(engine)] if layout.world_size > 1 else []
+        for name in extra:
+            ports.setdefault(name, free_port())
+        commands.update(_worker_commands(args, model_dir, ports, layout, engine))
+        commands[layout.scheduler(engine)] = _scheduler_command(args, ports, layout, engine)
+    for name in layout.tokenizers():
+        # The tokenizers share the public port: any of them answering there is enough.
+        ports[name] = args.port
+        commands[name] = [
+            *_service(args, "tokenizer", args.host, args.port, layout.metrics_offset(name)),
+            *(["--reuse-port"] if layout.num_tokenizers > 1 else []),
+            "--model",
+            str(model_dir),
+            *(
+                f
+                for address in loopback_addresses(ports, layout.schedulers())
+                for f in ("--scheduler", address)
+            ),
+            # One HTTP port, as one gRPC port: the HTTP API is served by the first tokenizer.
+            *(_optional("--http-port", args.http_port) if name == "tokenizer" else []),
+            *_optional("--served-model-name", args.served_model_name),
+            *_optional("--api-key", args.api_key),
+        ]
+    return commands
+
+
+def _scheduler_command(
+    args: argparse.Namespace, ports: dict[str, int], layout: ServeLayout, engine: int
+) -> list[str]:
+    name = layout.scheduler(engine)
+    return [
+        *_service(args, "scheduler", "127.0.0.1", ports[name], layout.metrics_offset(name)),
+        *(f for address in loopback_addresses(ports, layout.workers(engine)) for f in ("--worker", address)),
         *_optional("--num-kv-blocks", args.num_kv_blocks),
         "--preemption-mode",
         args.preemption_mode,
@@ -117,22 +150,12 @@ def service_commands(
         "--max-stream-messages-per-step",
         str(args.max_stream_messages_per_step),
     ]
-    commands["tokenizer"] = [
-        *_service(args, "tokenizer", args.host, args.port, metrics_offset=0),
-        "--model",
-        str(model_dir),
-        "--scheduler",
-        f"127.0.0.1:{ports['scheduler']}",
-        *_optional("--http-port", args.http_port),
-        *_optional("--served-model-name", args.served_model_name),
-        *_optional("--api-key", args.api_key),
-    ]
-    return commands
 
 
 def _service(args: argparse.Namespace, command: str, host: str, port: int, metrics_offset: int) -> list[str]:
-    """The start of a service's command line. --metrics-port P: the tokenizer's /metrics on
-    P, the scheduler's on P+1, worker rank r's on P+2+r."""
+    """The start of a service's command line. --metrics-port P: service k of the layout's
+    order (services/serve_layout.py) serves /metrics on P+k: with one tokenizer and one
+    engine, the tokenizer on P, the scheduler on P+1, worker rank r on P+2+r."""
     metrics = [] if args.metrics_port is None else ["--metrics-port", str(args.metrics_port + metrics_offset)]
     return [
         *(sys.executable, "-m", "services.cli", "--log-level", args.log_level, command),
@@ -141,10 +164,8 @@ def _service(args: argparse.Namespace, command: str, host: str, port: int, metri
     ]
 
 
-def _worker_commands(
-    args: argparse.Namespace, model_dir: Path, ports: dict[str, int], workers: list[str]
-) -> dict[str, list[str]]:
-    flags = [
+def _worker_flags(args: argparse.Namespace, model_dir: Path) -> list[str]:
+    return [
         "--model",
         str(model_dir),
         # Each rank of a group on "cuda" takes the GPU of its rank (WorkerConfig.resolve_device).
@@ -167,6 +188,30 @@ def _worker_commands(
         "--max-num-batched-tokens",
         str(args.max_num_batched_tokens),
     ]
+
+
+def _engine_env(args: argparse.Namespace, layout: ServeLayout, engine: int) -> list[str]:
+    """An `env` prefix that keeps engines apart: on CUDA each engine's ranks see only their
+    own GPUs, continuing the numbering; on CPU each rank takes its share of the cores (its
+    threads would otherwise all spin on every core, and steps slow down many times)."""
+    if layout.num_engines < 2:
+        return []
+    if args.device.startswith(("cuda", "auto")):
+        return [
+            "env",
+            f"CUDA_VISIBLE_DEVICES={layout.cuda_devices(engine, os.environ.get('CUDA_VISIBLE_DEVICES'))}",
+        ]
+    if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // (layout.num_engines * layout.world_size))
+        return ["env", f"OMP_NUM_THREADS={threads}"]
+    return []
+
+
+def _worker_commands(
+    args: argparse.Namespace, model_dir: Path, ports: dict[str, int], layout: ServeLayout, engine: int
+) -> dict[str, list[str]]:
+    flags = _worker_flags(args, model_dir)
+    workers = layout.workers(engine)
     if len(workers) > 1:
         flags += [
             "--tensor-parallel-size",
@@ -174,20 +219,17 @@ def _worker_commands(
             "--pipeline-parallel-size",
             str(args.pipeline_parallel_size),
             "--dist-init-addr",
-            f"127.0.0.1:{ports['rendezvous']}",
+            f"127.0.0.1:{ports[layout.rendezvous(engine)]}",
         ]
     return {
         name: [
-            *_service(args, "worker", "127.0.0.1", ports[name], metrics_offset=2 + rank),
+            *_engine_env(args, layout, engine),
+            *_service(args, "worker", "127.0.0.1", ports[name], layout.metrics_offset(name)),
             *flags,
             *(["--rank", str(rank)] if len(workers) > 1 else []),
         ]
         for rank, name in enumerate(workers)
     }
-
-
-# Front door first, so that no new work arrives while the others drain.
-STOP_ORDER = ("tokenizer", "scheduler", "worker")
 
 
 def loopback_service_commands(
@@ -204,10 +246,9 @@ def loopback_service_commands(
 
 
 def stop_services(processes: Mapping[str, subprocess.Popen[bytes]], timeout_s: float) -> None:
-    """Stops the services one after another in STOP_ORDER (any others after them): SIGTERM,
-    up to timeout_s for it to drain and exit, then SIGKILL."""
-    order = {name: index for index, name in enumerate(STOP_ORDER)}
-    for name in sorted(processes, key=lambda name: order.get(name, len(order))):
+    """Stops the services one after another, tokenizers first, then schedulers, then
+    workers (stop_rank): SIGTERM, up to timeout_s for it to drain and exit, then SIGKILL."""
+    for name in sorted(processes, key=stop_rank):
         process = processes[name]
         if process.poll() is not None:
             continue
@@ -248,8 +289,38 @@ def running_services(
         stop_services(processes, stop_timeout_s)
 
 
+# A service restarted sooner than this after its last restart means it cannot start.
+_MIN_RESTART_INTERVAL_S = 30.0
+
+
+def _restart_engine_services(
+    dead: Mapping[str, int],
+    processes: dict[str, subprocess.Popen[bytes]],
+    commands: Mapping[str, list[str]],
+    layout: ServeLayout,
+    last_restart: dict[str, float],
+) -> bool:
+    """With several engines of one rank each, an engine's scheduler or worker that exits is
+    started again: the other engines serve meanwhile, the tokenizers route around it and
+    it rejoins once it serves. False when a dead service may not be restarted (a
+    tokenizer, a rank of a parallel group, one that exited again right after a restart)."""
+    if layout.num_engines < 2 or layout.world_size > 1:
+        return False
+    now = time.monotonic()
+    for name, code in dead.items():
+        if (
+            stop_rank(name) == 0
+            or now - last_restart.get(name, -_MIN_RESTART_INTERVAL_S) < _MIN_RESTART_INTERVAL_S
+        ):
+            return False
+        log.warning("%s exited with %d; starting it again", name, code)
+        last_restart[name] = now
+        processes[name] = subprocess.Popen(commands[name], start_new_session=True)
+    return True
+
+
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
-    ports = {"worker": free_port(), "scheduler": free_port(), "tokenizer": args.port}
+    ports = {"worker": free_port(), "scheduler": free_port()}
     commands = service_commands(args, model_dir, ports)
     stop_requested = False
 
@@ -266,10 +337,13 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
     ready: set[str] = set()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     exit_code = 0
+    last_restart: dict[str, float] = {}
     try:
         while not stop_requested:
             dead = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
-            if dead:
+            if dead and not _restart_engine_services(
+                dead, processes, commands, serve_layout(args), last_restart
+            ):
                 log.error("service exited: %s", dead)
                 exit_code = 1
                 break

@@ -32,6 +32,9 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     # HTTP port of Prometheus' /metrics; None serves no metrics.
     metrics_port: int | None = None
+    # Several processes may listen on the port at once (SO_REUSEPORT), the kernel spreading
+    # the connections over them.
+    reuse_port: bool = False
 
 
 class ServiceHost:
@@ -43,7 +46,11 @@ class ServiceHost:
         self.registry = CollectorRegistry()
         self.server = grpc.aio.server(
             interceptors=[CallInterceptor(self.registry)],
-            options=[("grpc.so_reuseport", 0), *MESSAGE_SIZE_OPTIONS, *SERVER_KEEPALIVE_OPTIONS],
+            options=[
+                ("grpc.so_reuseport", int(config.reuse_port)),
+                *MESSAGE_SIZE_OPTIONS,
+                *SERVER_KEEPALIVE_OPTIONS,
+            ],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

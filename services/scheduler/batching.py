@@ -26,7 +26,8 @@ class StepBatcher:
                     token_ids=tuple(sequence.token_ids),
                     num_computed_tokens=sequence.num_computed_tokens,
                     sampling=sequence.worker_sampling,
-                    num_prompt_tokens=sequence.num_prompt_tokens,
+                    # Resumed tokens were generated elsewhere: penalties count them.
+                    num_prompt_tokens=sequence.num_prompt_tokens - sequence.request.num_resumed_tokens,
                 )
             )
             # A sequence new to the worker brings its whole block table.

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.scheduler.block_hash import BlockHash
+from services.common.block_hash import BlockHash
 
 
 class HoldsBlocks(Protocol):
@@ -80,6 +80,10 @@ class BlockManager:
     def cached_blocks(self) -> dict[BlockHash, int]:
         """A copy of the prefix cache: hash -> block id."""
         return dict(self._block_of_hash)
+
+    def cached_hashes(self) -> list[BlockHash]:
+        """The hashes of every block the prefix cache holds, in no order."""
+        return list(self._block_of_hash)
 
     def num_blocks_to_hold(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)

@@ -81,13 +81,14 @@ class Engine:
         priority: int,
         deliver: Deliver,
         span: trace.Span = trace.INVALID_SPAN,
+        num_resumed_tokens: int = 0,
     ) -> RequestStream:
         """Queues a request whose outputs go to `deliver`; raises InvalidArgumentError or
         ResourceExhaustedError when the scheduler refuses it, UnavailableError while the
         workers are down."""
         if self.worker_failure is not None:
             raise UnavailableError(f"{self.worker_failure}; waiting for the workers to serve again")
-        self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority)
+        self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority, num_resumed_tokens)
         traceparent = traceparent_of(span) if span.is_recording() else ""
         stream = RequestStream(deliver=deliver, span=span, traceparent=traceparent)
         self._streams[request_id] = stream

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2
 
-from services.scheduler.block_hash import BlockHash, extend_block_hashes
+from services.common.block_hash import BlockHash, extend_block_hashes
 
 
 class SequenceStatus(enum.Enum):
@@ -32,6 +32,8 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     # Prompt tokens whose KV came from the prefix cache; None until first admitted.
     num_cached_tokens: int | None = None
+    # The prompt's last tokens that another engine generated (a migrated request).
+    num_resumed_tokens: int = 0
 
     def __post_init__(self) -> None:
         # Read on every step for every sequence: plain attributes, taken once from the
@@ -56,6 +58,7 @@ class Request:
         priority: int,
         arrival_index: int,
         seed_if_unset: int,
+        num_resumed_tokens: int = 0,
     ) -> Request:
         """A request with its first completion, waiting."""
         own_sampling = common_pb2.SamplingParams()
@@ -63,6 +66,7 @@ class Request:
         if not own_sampling.HasField("seed"):
             own_sampling.seed = seed_if_unset
         request = cls(request_id, tuple(prompt_token_ids), own_sampling, priority, arrival_index)
+        request.num_resumed_tokens = num_resumed_tokens
         request.sequences.append(Sequence(request, index=0, token_ids=list(prompt_token_ids)))
         return request
 

@@ -28,6 +28,8 @@ class SchedulerServiceConfig:
     scheduling: SchedulerConfig
     # Model loads can take minutes; the scheduler waits for its worker that long.
     worker_startup_timeout_s: float = 600.0
+    # Shortest time between two WatchLoad reports to a frontend.
+    load_report_interval_s: float = 0.05
 
 
 def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Scheduler:
@@ -49,7 +51,7 @@ def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Sch
 
 async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceConfig) -> None:
     host = ServiceHost(server_config, [SERVICE_NAME])
-    servicer = SchedulerServicer()
+    servicer = SchedulerServicer(config.load_report_interval_s)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, host.server)
     port = await host.start()
     log.info(

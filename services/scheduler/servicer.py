@@ -10,21 +10,31 @@ from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.errors import UnavailableError
 from services.common.prompt_checks import check_token_ids
 from services.scheduler.engine import Engine
+from services.scheduler.load_report import engine_load, load_reports
 from services.scheduler.outputs import RequestOutput
 from services.scheduler.session import SchedulerSession
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self) -> None:
+    def __init__(self, load_report_interval_s: float = 0.05) -> None:
         self.engine: Engine | None = None
         self.model = common_pb2.ModelInfo()
         self._sessions: set[SchedulerSession] = set()
+        self._load_report_interval_s = load_report_interval_s
+        # Set when shutdown begins: WatchLoad streams say so and end.
+        self._draining = asyncio.Event()
 
     async def drain(self) -> None:
         """Shutting down: open Session streams take no new requests and end once theirs
         have (the server itself refuses new calls)."""
+        self._draining.set()
         for session in self._sessions:
             session.drain()
+
+    def _load(self) -> scheduler_pb2.EngineLoad:
+        engine = self.engine
+        serving = engine is not None and engine.worker_failure is None and not self._draining.is_set()
+        return engine_load(engine.scheduler if engine is not None else None, serving)
 
     def _ready_engine(self) -> Engine:
         if self.engine is None:
@@ -45,6 +55,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             request.priority,
             deliver=outputs.put_nowait,
             span=trace.get_current_span(),
+            num_resumed_tokens=request.num_resumed_tokens,
         )
         try:
             while True:
@@ -95,3 +106,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SchedulerStats:
         return self._ready_engine().scheduler.stats()
+
+    async def WatchLoad(
+        self, request: scheduler_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.EngineLoad]:
+        async for report in load_reports(self._load, self._load_report_interval_s, self._draining):
+            yield report

@@ -45,8 +45,9 @@ class Completion:
             message.usage.prompt_tokens = self.num_prompt_tokens
             message.usage.completion_tokens = self.num_completion_tokens
             # The scheduler reports it on every message, so a stop string found here still
-            # knows it.
-            message.usage.cached_tokens = response.usage.cached_tokens
+            # knows it. After a move to another engine, the tokens generated before it are
+            # part of that engine's prompt, but not of the client's.
+            message.usage.cached_tokens = min(response.usage.cached_tokens, self.num_prompt_tokens)
         return message
 
 

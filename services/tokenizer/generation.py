@@ -1,6 +1,7 @@
 """One Generate request's way through the tokenizer process, whichever API it came in by:
-validate and tokenize, send it on the shared scheduler session, turn the ids that come
-back into text messages, and abort it at the scheduler if the caller leaves early."""
+validate and tokenize, route it to an engine and send it on that engine's session, turn
+the ids that come back into text messages, move it to another engine if its engine fails,
+and abort it at the scheduler if the caller leaves early."""
 
 from collections.abc import AsyncIterator
 
@@ -9,18 +10,30 @@ from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
 
 from services.common.errors import UnavailableError
 from services.common.telemetry import traceparent_of, tracer
+from services.tokenizer.completion import Completions
+from services.tokenizer.engine_pool import EnginePool
 from services.tokenizer.frontend import RequestFrontend
-from services.tokenizer.scheduler_session import SessionClient, raise_if_error
+from services.tokenizer.migration import MigrationConfig, ResumableRequest, is_engine_failure
+from services.tokenizer.routing import NoEngineError
+from services.tokenizer.routing_metrics import RoutingMetrics
+from services.tokenizer.scheduler_session import raise_if_error
 from services.tokenizer.tracing import RequestTrace
 
 
 class GenerationCore:
-    """What the gRPC servicer and the HTTP API share: the scheduler session and, once the
-    scheduler has told what model it serves, the frontend."""
+    """What the gRPC servicer and the HTTP API share: the engines and, once one has told
+    what model it serves, the frontend."""
 
-    def __init__(self, session: SessionClient) -> None:
-        self._session = session
-        # Set once the scheduler has told what model it serves.
+    def __init__(
+        self,
+        engines: EnginePool,
+        migration: MigrationConfig | None = None,
+        metrics: RoutingMetrics | None = None,
+    ) -> None:
+        self._engines = engines
+        self._migration = migration or MigrationConfig()
+        self._metrics = metrics or RoutingMetrics(registry=None)
+        # Set once an engine has told what model it serves.
         self.frontend: RequestFrontend | None = None
         self.model = common_pb2.ModelInfo()
 
@@ -47,21 +60,76 @@ class GenerationCore:
             sampling=prepared.sampling,
             priority=request.priority,
         )
+        resumable = ResumableRequest(submit, self._migration)
+        # What made the request leave its last engine, if it did.
+        failure: Exception | None = None
         with tracer().start_as_current_span("detokenize_stream") as span:
-            # The trace context travels with the request, making the scheduler's span a child.
-            updates = self._session.submit(submit, traceparent_of(span) if span.is_recording() else "")
             try:
                 while not completions.finished:
-                    update = await updates.get()
-                    if isinstance(update, Exception):
-                        raise update
-                    raise_if_error(update)
-                    message = completions.on_tokens(update.output)
-                    if message is not None:
-                        request_trace.on_message(message)
-                        yield message
+                    try:
+                        async for message in self._stream(resumable, completions, span, request_trace):
+                            yield message
+                    except NoEngineError as error:
+                        if failure is None:
+                            raise
+                        raise UnavailableError(
+                            f"{failure}; no other engine serves to move the request to"
+                        ) from error
+                    except Exception as error:
+                        if not is_engine_failure(error):
+                            raise
+                        resumable.migrate(error)
+                        failure = error
             finally:
-                # The client went away (cancel, deadline) or stop strings finished the
-                # request early: the scheduler aborts it and frees its blocks.
-                self._session.release(prepared.request_id, abort=not completions.ended_by_scheduler)
                 request_trace.end()
+
+    async def _stream(
+        self,
+        resumable: ResumableRequest,
+        completions: Completions,
+        span: trace.Span,
+        request_trace: RequestTrace,
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """The request's messages from one engine, until it finishes or the engine fails
+        (raised, after marking the engine failed)."""
+        submit = resumable.submit_request()
+        engine, decision = self._engines.choose(submit.prompt_token_ids)
+        self._metrics.on_routed(engine.address, decision.reason)
+        span.set_attributes(
+            {
+                "pagedserve.engine": engine.address,
+                "pagedserve.route.reason": decision.reason,
+                "pagedserve.route.matched_blocks": decision.matched_blocks,
+                "pagedserve.route.load": decision.load,
+            }
+        )
+        # The trace context travels with the request, making the scheduler's span a child.
+        updates = engine.session.submit(submit, traceparent_of(span) if span.is_recording() else "")
+        try:
+            while not completions.finished:
+                update = await updates.get()
+                if isinstance(update, Exception):
+                    raise update
+                raise_if_error(update)
+                resumable.on_output(update.output)
+                message = completions.on_tokens(update.output)
+                if message is not None:
+                    request_trace.on_message(message)
+                    yield message
+        except Exception as error:
+            if is_engine_failure(error):
+                engine.on_failure(str(error))
+                self._metrics.on_migrated(engine.address)
+                span.add_event(
+                    "migrated",
+                    {
+                        "pagedserve.migration.from_engine": engine.address,
+                        "pagedserve.migration.reason": str(error),
+                        "pagedserve.migration.resumed_tokens": len(resumable.generated),
+                    },
+                )
+            raise
+        finally:
+            # The client went away (cancel, deadline) or stop strings finished the
+            # request early: the scheduler aborts it and frees its blocks.
+            engine.session.release(submit.request_id, abort=not completions.ended_by_scheduler)

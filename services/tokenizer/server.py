@@ -1,20 +1,21 @@
 """Runs the tokenizer service, the public front door:
-`pagedserve tokenizer --model DIR --scheduler ADDRESS --port N`."""
+`pagedserve tokenizer --model DIR --scheduler ADDRESS [--scheduler ADDRESS ...] --port N`."""
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2_grpc
+from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 
-from services.common.channels import insecure_channel
-from services.common.grpc_server import ServerConfig, ServiceHost, wait_for_serving
+from services.common.grpc_server import ServerConfig, ServiceHost
+from services.tokenizer.engine_pool import EnginePool, EnginePoolConfig
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
 from services.tokenizer.generation import GenerationCore
 from services.tokenizer.http.state import HttpApiConfig
-from services.tokenizer.scheduler_session import SessionClient
+from services.tokenizer.migration import MigrationConfig
+from services.tokenizer.routing_metrics import RoutingMetrics
 from services.tokenizer.servicer import GenerationServicer
 from services.tokenizer.tokenizer import TextTokenizer
 
@@ -29,7 +30,8 @@ SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_nam
 @dataclass(frozen=True)
 class TokenizerServiceConfig:
     model_path: Path
-    scheduler_address: str
+    # The engines: scheduler addresses and dns:///name:port targets (EnginePoolConfig).
+    engines: EnginePoolConfig
     # The scheduler waits for its worker's model to load; the front door waits as long.
     scheduler_startup_timeout_s: float = 900.0
     # Port of the OpenAI-compatible HTTP API on the same host; None serves none.
@@ -38,6 +40,7 @@ class TokenizerServiceConfig:
     served_model_name: str | None = None
     # API key the HTTP API requires as a bearer token; None: none.
     api_key: str | None = None
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
 
     def http_api_config(self) -> HttpApiConfig:
         return HttpApiConfig(
@@ -47,11 +50,9 @@ class TokenizerServiceConfig:
 
 async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceConfig) -> None:
     tokenizer = TextTokenizer.from_model_dir(config.model_path)
-    channel = insecure_channel(config.scheduler_address)
-    scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
     host = ServiceHost(server_config, [SERVICE_NAME])
-    session = SessionClient(scheduler)
-    core = GenerationCore(session)
+    engines = EnginePool(config.engines)
+    core = GenerationCore(engines, config.migration, RoutingMetrics(host.registry))
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), host.server)
     port = await host.start()
     http_api: HttpApiServer | None = None
@@ -63,7 +64,8 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
             core, config.http_api_config(), host.registry, server_config.host, config.http_port
         )
         await http_api.start()
-    log.info("tokenizer listening on port %d, waiting for scheduler at %s", port, config.scheduler_address)
+    targets = ", ".join(config.engines.targets)
+    log.info("tokenizer listening on port %d, waiting for schedulers at %s", port, targets)
     http_stopped: asyncio.Task[None] | None = None
 
     async def stop_http_api() -> None:
@@ -73,8 +75,8 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
             http_stopped = asyncio.create_task(http_api.stop(server_config.shutdown_grace_s))
 
     async def connect_scheduler() -> None:
-        await wait_for_serving(channel, config.scheduler_startup_timeout_s)
-        model = await scheduler.GetModelInfo(common_pb2.GetModelInfoRequest())
+        await engines.start()
+        model = await engines.wait_for_model(config.scheduler_startup_timeout_s)
         core.model = model
         core.frontend = RequestFrontend(
             tokenizer, FrontendConfig(max_model_len=model.max_model_len, vocab_size=model.vocab_size)
@@ -88,8 +90,7 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
             await http_stopped
         elif http_api is not None:
             await http_api.stop(0.0)
-        session.close()
-        await channel.close()
+        await engines.close()
 
 
 def run_tokenizer(server_config: ServerConfig, config: TokenizerServiceConfig) -> None:

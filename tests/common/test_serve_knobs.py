@@ -69,7 +69,17 @@ def test_every_serve_option_reaches_a_service() -> None:
     """A serve option no service receives would be accepted and silently ignored."""
     parser = build_parser()
     serve_parser = parser._subparsers._group_actions[0].choices["serve"]
-    launcher_own = {"help", "host", "port", "model", "shutdown_grace", "metrics_port"}
+    # --engines and --tokenizers shape the layout (test_replicas_get_their_own_services).
+    launcher_own = {
+        "help",
+        "host",
+        "port",
+        "model",
+        "shutdown_grace",
+        "metrics_port",
+        "engines",
+        "tokenizers",
+    }
     for action in serve_parser._actions:
         if action.dest in launcher_own:
             continue
@@ -112,3 +122,30 @@ def test_a_parallel_engine_gets_a_worker_per_rank_in_rank_order() -> None:
     worker_flags = [scheduler[i + 1] for i, flag in enumerate(scheduler) if flag == "--worker"]
     assert worker_flags == [f"127.0.0.1:{ports[name]}" for name in workers]
     assert len({ports[name] for name in workers}) == 4
+
+
+def test_replicas_get_their_own_services() -> None:
+    commands = _commands(
+        "--engines", "2", "--tokenizers", "2", "--tensor-parallel-size", "2", "--device", "cuda"
+    )
+    assert sorted(commands) == sorted(
+        ["worker", "worker1", "scheduler", "engine1-worker", "engine1-worker1", "engine1-scheduler"]
+        + ["tokenizer", "tokenizer1"]
+    )
+    schedulers = [commands[name] for name in ("scheduler", "engine1-scheduler")]
+    addresses = [f"127.0.0.1:{_value(command, '--port')}" for command in schedulers]
+    for name in ("tokenizer", "tokenizer1"):
+        tokenizer = commands[name]
+        assert [tokenizer[i + 1] for i, flag in enumerate(tokenizer) if flag == "--scheduler"] == addresses
+        assert "--reuse-port" in tokenizer and _value(tokenizer, "--port") == "50051"
+    # Each engine's ranks see their own GPUs, continuing the numbering.
+    assert commands["worker1"][:2] == ["env", "CUDA_VISIBLE_DEVICES=0,1"]
+    assert commands["engine1-worker1"][:2] == ["env", "CUDA_VISIBLE_DEVICES=2,3"]
+    assert _value(commands["engine1-worker"], "--dist-init-addr") != _value(
+        commands["worker"], "--dist-init-addr"
+    )
+    parser = build_parser()
+    for name in ("tokenizer1", "engine1-scheduler", "engine1-worker1"):
+        command = commands[name]
+        kind = name.rsplit("-", 1)[-1].rstrip("0123456789")
+        parser.parse_args(command[command.index(kind) :])

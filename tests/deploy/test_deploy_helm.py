@@ -151,8 +151,11 @@ def test_tokenizer_reaches_the_scheduler_service(value_set):
     docs = rendered(value_set)
     services = {service["metadata"]["name"]: service for service in of_kind(docs, "Service")}
     by_name = {container["name"]: container for _, container in containers(docs)}
-    host, port = flag(by_name["tokenizer"]["args"], "--scheduler").rsplit(":", 1)
+    target = flag(by_name["tokenizer"]["args"], "--scheduler")
+    assert target.startswith("dns:///"), "the tokenizers resolve every engine pod's address"
+    host, port = target.removeprefix("dns:///").rsplit(":", 1)
     assert host in services
+    assert services[host]["spec"]["clusterIP"] == "None", "a headless Service resolves to the pods"
     assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
     scheduler_port = int(flag(by_name["scheduler"]["args"], "--port"))
     selected = pods_selected_by(docs, services[host])

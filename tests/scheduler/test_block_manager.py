@@ -5,7 +5,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.scheduler.block_hash import chained_hashes, hash_block
+from services.common.block_hash import chained_hashes, hash_block
 from services.scheduler.block_manager import BlockManager, SlotAllocation, cdiv
 
 

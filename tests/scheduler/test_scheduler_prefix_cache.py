@@ -2,7 +2,7 @@
 computed, only computed blocks are offered, freed blocks stay cached until the pool needs
 them, and caching never changes a request's tokens."""
 
-from services.scheduler.block_hash import chained_hashes
+from services.common.block_hash import chained_hashes
 from tests.support.fake_worker import reference_output
 from tests.support.scheduler_harness import Harness, sampling
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pagedserve.v1 import common_pb2, worker_pb2
 
-from services.scheduler.block_hash import chained_hashes
+from services.common.block_hash import chained_hashes
 from services.scheduler.block_manager import cdiv
 from services.scheduler.config import PreemptionMode, SchedulerConfig
 from services.scheduler.outputs import RequestOutput, SchedulerOutput

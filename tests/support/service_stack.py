@@ -4,7 +4,7 @@
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -27,6 +27,8 @@ class Stack:
     processes: dict[str, subprocess.Popen]
     # Base URL of the OpenAI-compatible HTTP API (".../v1"), when the stack serves it.
     http_url: str | None = None
+    # Every engine's scheduler address (--engines N), engine 0's first.
+    scheduler_addresses: list[str] = field(default_factory=list)
 
 
 @contextmanager
@@ -50,7 +52,8 @@ def service_stack(
     commands = loopback_service_commands(model_dir, ports, serve_flags)
     addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
     for name in commands:
-        commands[name] += {"scheduler": scheduler_args, "tokenizer": tokenizer_args}.get(name, worker_args)
+        kind = "scheduler" if name.endswith("scheduler") else "tokenizer" if "tokenizer" in name else "worker"
+        commands[name] += {"scheduler": scheduler_args, "tokenizer": tokenizer_args}.get(kind, worker_args)
     with (
         running_services(
             commands, addresses, log_dir, env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=30
@@ -67,4 +70,5 @@ def service_stack(
             log_dir=log_dir,
             processes=processes,
             http_url=None if http_port is None else f"http://127.0.0.1:{http_port}/v1",
+            scheduler_addresses=[addresses[name] for name in commands if name.endswith("scheduler")],
         )

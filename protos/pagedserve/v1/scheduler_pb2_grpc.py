@@ -62,6 +62,11 @@ class SchedulerStub:
                 request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
                 _registered_method=True)
+        self.WatchLoad = channel.unary_stream(
+                '/pagedserve.v1.Scheduler/WatchLoad',
+                request_serializer=pagedserve_dot_v1_dot_scheduler__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.EngineLoad.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -107,6 +112,16 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLoad(self, request, context):
+        """The engine's load and what its prefix cache holds: a message at once, then one each
+        time either changes (at most one per --load-report-interval). Frontends route each
+        request by the latest one instead of asking per request. Ends when the scheduler
+        shuts down, after a last message with serving false.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +149,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.GetStatsRequest.FromString,
                     response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.SchedulerStats.SerializeToString,
+            ),
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=pagedserve_dot_v1_dot_scheduler__pb2.WatchLoadRequest.FromString,
+                    response_serializer=pagedserve_dot_v1_dot_scheduler__pb2.EngineLoad.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +293,33 @@ class Scheduler:
             '/pagedserve.v1.Scheduler/GetStats',
             pagedserve_dot_v1_dot_scheduler__pb2.GetStatsRequest.SerializeToString,
             pagedserve_dot_v1_dot_scheduler__pb2.SchedulerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pagedserve.v1.Scheduler/WatchLoad',
+            pagedserve_dot_v1_dot_scheduler__pb2.WatchLoadRequest.SerializeToString,
+            pagedserve_dot_v1_dot_scheduler__pb2.EngineLoad.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,3 +37,9 @@ def extend_block_hashes(
 def chained_hashes(token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
     """The hashes of every full block of `token_ids`."""
     return extend_block_hashes([], token_ids, block_size, len(token_ids) // block_size)
+
+
+def routing_key(block_hash: BlockHash) -> int:
+    """The low 64 bits of a block's hash: what an engine publishes of its prefix cache for
+    frontends to route by. A collision only misroutes a request, never serves wrong KV."""
+    return block_hash & 0xFFFF_FFFF_FFFF_FFFF

@@ -1,0 +1,55 @@
+"""The command-line options of the tokenizer tier: its HTTP API, the engines it routes to,
+and how many engines and tokenizers `pagedserve serve` runs."""
+
+import argparse
+
+
+def add_http_api_args(parser: argparse.ArgumentParser) -> None:
+    """The OpenAI-compatible HTTP API that the tokenizer serves beside its gRPC API."""
+    parser.add_argument(
+        "--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API on this port"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's id on the HTTP API; default: its directory name",
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="API key the HTTP API requires (Authorization: Bearer KEY)"
+    )
+
+
+def add_replica_args(parser: argparse.ArgumentParser) -> None:
+    """How many engines and tokenizer processes `pagedserve serve` runs."""
+    parser.add_argument(
+        "--engines",
+        type=int,
+        default=1,
+        help="model replicas, each a scheduler and its worker ranks (on CUDA, each on its own GPUs)",
+    )
+    parser.add_argument(
+        "--tokenizers", type=int, default=1, help="tokenizer processes sharing the public port (SO_REUSEPORT)"
+    )
+
+
+def add_engine_target_args(parser: argparse.ArgumentParser) -> None:
+    """The engines a tokenizer routes requests to."""
+    parser.add_argument(
+        "--scheduler",
+        action="append",
+        required=True,
+        help="scheduler address, host:port, or dns:///name:port for every address of a name "
+        "(resolved again every few seconds); once per engine",
+    )
+    parser.add_argument(
+        "--routing-policy",
+        choices=["prefix", "round_robin"],
+        default="prefix",
+        help="prefix: the engine caching the longest prefix unless overloaded, else the least "
+        "loaded; round_robin: each engine in turn",
+    )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the port with other tokenizer processes (SO_REUSEPORT)",
+    )

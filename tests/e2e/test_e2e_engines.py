@@ -1,0 +1,146 @@
+"""Two engines behind two tokenizer processes on one port (`pagedserve serve --engines 2
+--tokenizers 2`), on CPU with the embedded model: repeats of a long prompt meet their
+cached prefix whichever tokenizer serves them, distinct concurrent prompts spread over
+both engines, and when one engine's worker is killed mid-stream its requests move to the
+other and finish with exactly the tokens of an undisturbed run; so do a killed
+scheduler's, and a restarted engine rejoins."""
+
+import os
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+from services.launcher import is_serving
+from tests.support.service_stack import Stack, service_stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+BLOCK_SIZE = 16
+LONG_TEXT = (
+    "Paged attention stores the key and value vectors of every sequence in fixed-size "
+    "blocks, so that memory is allocated on demand and shared between sequences. " * 3
+)
+
+
+@pytest.fixture(scope="module")
+def engines_stack(embedded_model_dir: Path, tmp_path_factory):
+    flags = ["--engines", "2", "--tokenizers", "2"]
+    with service_stack(embedded_model_dir, tmp_path_factory.mktemp("engines"), serve_flags=flags) as stack:
+        yield stack
+
+
+def _stats(address: str) -> scheduler_pb2.SchedulerStats:
+    with grpc.insecure_channel(address) as channel:
+        return scheduler_pb2_grpc.SchedulerStub(channel).GetStats(scheduler_pb2.GetStatsRequest(), timeout=10)
+
+
+def _generate_on_new_connection(stack: Stack, request: generation_pb2.GenerateRequest) -> list:
+    """A connection of its own, which the kernel gives to either tokenizer process."""
+    with grpc.insecure_channel(stack.public_address) as channel:
+        return list(generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=300))
+
+
+def _greedy(max_tokens: int, **prompt) -> generation_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return generation_pb2.GenerateRequest(sampling=sampling, **prompt)
+
+
+def test_repeats_of_a_long_prompt_find_it_cached(engines_stack: Stack):
+    request = _greedy(4, prompt=LONG_TEXT)
+    usages = [_generate_on_new_connection(engines_stack, request)[-1].usage for _ in range(4)]
+    full_blocks = (usages[0].prompt_tokens - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert full_blocks >= 3 * BLOCK_SIZE
+    assert [usage.cached_tokens >= full_blocks for usage in usages[1:]] == [True] * 3, usages
+
+
+def test_distinct_concurrent_prompts_use_both_engines(engines_stack: Stack):
+    before = [_stats(address).num_prompt_tokens for address in engines_stack.scheduler_addresses]
+    requests = [_greedy(8, prompt=f"Request {i}: tell me about the number {i * 7919}.") for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda r: _generate_on_new_connection(engines_stack, r), requests))
+    assert all(sum(len(m.token_ids) for m in messages) == 8 for messages in results)
+    after = [_stats(address).num_prompt_tokens for address in engines_stack.scheduler_addresses]
+    assert len(after) == 2
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def _stream(stack: Stack, request: generation_pb2.GenerateRequest, started: threading.Barrier) -> list[int]:
+    tokens: list[int] = []
+    for message in stack.generation.Generate(request, timeout=300):
+        if not tokens and message.token_ids:
+            started.wait(timeout=120)
+        tokens.extend(message.token_ids)
+    return tokens
+
+
+def _collect_tokens(stack: Stack, request: generation_pb2.GenerateRequest) -> list[int]:
+    return [t for message in stack.generation.Generate(request, timeout=300) for t in message.token_ids]
+
+
+def _requests(prefix: str) -> list[generation_pb2.GenerateRequest]:
+    words = ["cat", "dog", "king", "river", "robot", "tree", "ship", "star"]
+    return [
+        _greedy(MAX_TOKENS, prompt=f"{prefix} {i}: once upon a time, a {word}")
+        for i, word in enumerate(words)
+    ]
+
+
+def _kill_mid_stream(stack: Stack, requests: list[generation_pb2.GenerateRequest], service: str) -> None:
+    """Runs the requests undisturbed, then again, killing `service` with SIGKILL once every
+    stream has its first tokens: every stream must come out the same, whole."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        undisturbed = list(pool.map(lambda r: _collect_tokens(stack, r), requests))
+    assert all(len(tokens) == MAX_TOKENS for tokens in undisturbed)
+    failures_before = _count_engine_failures(stack)
+    started = threading.Barrier(len(requests) + 1)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        streams = [pool.submit(_stream, stack, request, started) for request in requests]
+        started.wait(timeout=120)
+        stack.processes[service].kill()
+        disturbed = [stream.result() for stream in streams]
+    assert disturbed == undisturbed
+    assert _count_engine_failures(stack) > failures_before, "some requests were on the killed engine"
+
+
+def _count_engine_failures(stack: Stack) -> int:
+    """Requests that left a failed engine, as the tokenizers logged them."""
+    logs = [(stack.log_dir / f"{name}.log").read_text() for name in ("tokenizer", "tokenizer1")]
+    return sum(log.count(" failed: ") for log in logs)
+
+
+MAX_TOKENS = 32
+
+
+def test_a_killed_worker_moves_its_requests_to_the_other_engine(engines_stack: Stack):
+    _kill_mid_stream(engines_stack, _requests("Story"), "engine1-worker")
+
+
+def test_the_engine_rejoins_once_its_worker_is_back(engines_stack: Stack):
+    killed = engines_stack.processes["engine1-worker"]
+    assert killed.poll() is not None, "the previous test killed it"
+    with open(engines_stack.log_dir / "engine1-worker-again.log", "w") as log:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        engines_stack.processes["engine1-worker"] = subprocess.Popen(
+            killed.args, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    engine1 = engines_stack.scheduler_addresses[1]
+    deadline = time.monotonic() + 180
+    while not is_serving(engine1):
+        assert time.monotonic() < deadline, "the engine did not serve again"
+        time.sleep(0.5)
+    time.sleep(2.5)  # past the pause after a failure
+    before = _stats(engine1).num_prompt_tokens
+    requests = [_greedy(4, prompt=f"Question {i}: what is {i} times {i + 3}?") for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda r: _collect_tokens(engines_stack, r), requests))
+    assert _stats(engine1).num_prompt_tokens > before
+
+
+def test_a_killed_scheduler_moves_its_requests_to_the_other_engine(engines_stack: Stack):
+    _kill_mid_stream(engines_stack, _requests("Legend"), "engine1-scheduler")
