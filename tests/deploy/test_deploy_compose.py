@@ -195,7 +195,9 @@ def test_dependencies_exist_and_wait_for_health():
 
 def test_tokenizer_and_scheduler_point_at_services():
     by_name = pagedserve_services()
-    scheduler_host, scheduler_port = parse_command(by_name["tokenizer"]).scheduler.rsplit(":", 1)
+    # The tokenizer takes a list of engines' schedulers.
+    (scheduler_address,) = parse_command(by_name["tokenizer"]).scheduler
+    scheduler_host, scheduler_port = scheduler_address.rsplit(":", 1)
     assert scheduler_host == "scheduler"
     assert int(scheduler_port) == parse_command(by_name["scheduler"]).port
     for worker in ("worker", "worker-gpu"):
