@@ -19,7 +19,7 @@ from tests.support.tiny_architectures import BUILDERS, build_tiny_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.hf]
 
-MAX_TOKENS = 8
+MAX_TOKENS = 24
 BLOCK_SIZE = 16
 
 

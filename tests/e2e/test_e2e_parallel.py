@@ -29,7 +29,7 @@ from tests.support.tiny_llama import PARALLEL_DIMS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-MAX_TOKENS = 8
+MAX_TOKENS = 16
 BLOCK_SIZE = 16
 # Small enough that the prompts below prefill in chunks and preempt each other.
 POOL_ARGS = ["--num-kv-blocks", "8", "--max-num-batched-tokens", "32"]
