@@ -19,7 +19,12 @@ from gpu_worker.parallel.config import ParallelConfig
 from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
-from services.frontend_args import add_engine_target_args, add_http_api_args, add_replica_args
+from services.frontend_args import (
+    add_engine_target_args,
+    add_generation_config_arg,
+    add_http_api_args,
+    add_replica_args,
+)
 from services.scheduler.config import SchedulerConfig
 from services.worker_flags import GIB, add_worker_args
 
@@ -256,6 +261,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         http_port=args.http_port,
         served_model_name=args.served_model_name,
         api_key=args.api_key,
+        model_sampling_defaults=args.generation_config == "auto",
     )
     setup_tracing("pagedserve-tokenizer", os.environ)
     run_tokenizer(server_config(args), config)
@@ -292,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_blocks_arg(serve)
     add_parallel_args(serve)
     add_http_api_args(serve)
+    add_generation_config_arg(serve)
     add_replica_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -300,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(tokenizer)
     add_engine_target_args(tokenizer)
     add_http_api_args(tokenizer)
+    add_generation_config_arg(tokenizer)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")

@@ -19,6 +19,17 @@ def add_http_api_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_generation_config_arg(parser: argparse.ArgumentParser) -> None:
+    """Where the sampling defaults of requests that leave a field unset come from."""
+    parser.add_argument(
+        "--generation-config",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto: the model's generation_config.json (temperature, top_p, top_k, min_p, "
+        "repetition_penalty) fills what a request leaves unset; none: the API's own defaults",
+    )
+
+
 def add_replica_args(parser: argparse.ArgumentParser) -> None:
     """How many engines and tokenizer processes `pagedserve serve` runs."""
     parser.add_argument(

@@ -12,6 +12,7 @@ from services.common.errors import InvalidArgumentError
 from services.common.prompt_checks import check_prompt_length, check_token_ids
 from services.tokenizer.completion import Completions
 from services.tokenizer.detokenizer import IncrementalDetokenizer
+from services.tokenizer.sampling_defaults import apply_sampling_defaults
 from services.tokenizer.tokenizer import TextTokenizer
 from services.tokenizer.validation import (
     ChatPrompt,
@@ -32,6 +33,8 @@ class FrontendConfig:
     vocab_size: int
     sampling_limits: SamplingLimits = field(default_factory=SamplingLimits)
     max_request_id_chars: int = 256
+    # Used where a request leaves a field unset: the model's generation_config.json.
+    sampling_defaults: common_pb2.SamplingParams = field(default_factory=common_pb2.SamplingParams)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class RequestFrontend:
         )
         sampling = common_pb2.SamplingParams()
         sampling.CopyFrom(request.sampling)
+        apply_sampling_defaults(sampling, self._config.sampling_defaults)
         sampling.max_tokens = max_tokens
         return PreparedRequest(request_id, prompt_token_ids, sampling)
 

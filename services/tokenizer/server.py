@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pagedserve.v1 import generation_pb2, generation_pb2_grpc
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from services.common.grpc_server import ServerConfig, ServiceHost
 from services.tokenizer.engine_pool import EnginePool, EnginePoolConfig
@@ -16,6 +16,7 @@ from services.tokenizer.generation import GenerationCore
 from services.tokenizer.http.state import HttpApiConfig
 from services.tokenizer.migration import MigrationConfig
 from services.tokenizer.routing_metrics import RoutingMetrics
+from services.tokenizer.sampling_defaults import describe, read_sampling_defaults
 from services.tokenizer.servicer import GenerationServicer
 from services.tokenizer.tokenizer import TextTokenizer
 
@@ -41,6 +42,9 @@ class TokenizerServiceConfig:
     # API key the HTTP API requires as a bearer token; None: none.
     api_key: str | None = None
     migration: MigrationConfig = field(default_factory=MigrationConfig)
+    # Whether the model's generation_config.json fills the sampling fields a request
+    # leaves unset.
+    model_sampling_defaults: bool = True
 
     def http_api_config(self) -> HttpApiConfig:
         return HttpApiConfig(
@@ -78,10 +82,16 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
         await engines.start()
         model = await engines.wait_for_model(config.scheduler_startup_timeout_s)
         core.model = model
+        defaults = common_pb2.SamplingParams()
+        if config.model_sampling_defaults:
+            defaults = read_sampling_defaults(config.model_path, model.vocab_size)
         core.frontend = RequestFrontend(
-            tokenizer, FrontendConfig(max_model_len=model.max_model_len, vocab_size=model.vocab_size)
+            tokenizer,
+            FrontendConfig(
+                max_model_len=model.max_model_len, vocab_size=model.vocab_size, sampling_defaults=defaults
+            ),
         )
-        log.info("tokenizer serving %s", model.model_name)
+        log.info("tokenizer serving %s; sampling defaults: %s", model.model_name, describe(defaults))
 
     try:
         await host.run(prepare=connect_scheduler, on_shutdown=stop_http_api)

@@ -149,3 +149,12 @@ def test_replicas_get_their_own_services() -> None:
         command = commands[name]
         kind = name.rsplit("-", 1)[-1].rstrip("0123456789")
         parser.parse_args(command[command.index(kind) :])
+
+
+def test_generation_config_choice_reaches_the_tokenizer() -> None:
+    parser = build_parser()
+    for choice in ("auto", "none"):
+        tokenizer = _commands("--generation-config", choice)["tokenizer"]
+        assert _value(tokenizer, "--generation-config") == choice
+        args = parser.parse_args(tokenizer[tokenizer.index("tokenizer") :])
+        assert args.generation_config == choice
