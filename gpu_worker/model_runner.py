@@ -91,10 +91,10 @@ class ModelRunner:
         self.dtype = config.resolve_dtype(self.device)
         self.model_config = with_requested_quantization(ModelConfig.from_model_dir(config.model_path), config)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        if self.max_model_len > self.model_config.max_position_embeddings:
+        if self.max_model_len > self.model_config.longest_context:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's "
-                f"max_position_embeddings {self.model_config.max_position_embeddings}"
+                f"longest context {self.model_config.longest_context}"
             )
         # Joins the engine's other ranks first: under tensor parallelism loading, profiling
         # and graph capture run collectives, in the same order on every rank.

@@ -31,7 +31,7 @@ _TIED_BY_DEFAULT = ("gemma2", "gemma3_text")
 class RopeScaling:
     """Llama 3.1 style frequency-dependent scaling, YaRN, or plain linear position scaling."""
 
-    rope_type: str  # "llama3", "yarn", "longrope" or "linear"
+    rope_type: str  # "llama3", "yarn", "longrope", "dynamic" or "linear"
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -102,6 +102,15 @@ class ModelConfig:
 
     def sliding_window(self, layer_index: int) -> int | None:
         return self.sliding_windows[layer_index] if self.sliding_windows else None
+
+    @property
+    def longest_context(self) -> int:
+        """Positions the model is made for: max_position_embeddings, stretched by dynamic
+        NTK scaling's factor, which extends a model past its trained context at run time
+        (the other scalings already count their stretch in max_position_embeddings)."""
+        if self.rope_scaling is not None and self.rope_scaling.rope_type == "dynamic":
+            return int(self.max_position_embeddings * self.rope_scaling.factor)
+        return self.max_position_embeddings
 
     @property
     def attention_scale(self) -> float:
@@ -267,8 +276,15 @@ def _parse_rope_params(raw: dict[str, Any], params: dict[str, Any]) -> Rope:
         return rope_theta, _yarn_scaling(raw, scaling)
     if rope_type == "longrope":
         return rope_theta, _longrope_scaling(raw, scaling)
+    if rope_type == "dynamic":
+        # Hugging Face measures the growth against max_position_embeddings itself.
+        return rope_theta, RopeScaling(
+            rope_type="dynamic",
+            factor=float(scaling["factor"]),
+            original_max_position_embeddings=int(raw["max_position_embeddings"]),
+        )
     raise ValueError(
-        f"unsupported rope scaling {rope_type!r}; implemented: default, linear, llama3, yarn, longrope"
+        f"unsupported rope scaling {rope_type!r}; implemented: default, linear, llama3, yarn, longrope, dynamic"
     )
 
 

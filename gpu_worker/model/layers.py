@@ -239,6 +239,24 @@ def _longrope_angles(
     return torch.where(inside, angles(scaling.short_factor), angles(scaling.long_factor))
 
 
+def _dynamic_ntk_angles(
+    head_dim: int, base: float, scaling: RopeScaling, positions: torch.Tensor
+) -> torch.Tensor:
+    """Dynamic NTK scaling, by position: inside the original context the plain frequencies;
+    past it, position p takes the base Hugging Face computes for a sequence of p + 1
+    tokens. That is the rotation Hugging Face gives each token it decodes one at a time (it
+    recomputes the base as the sequence grows and keeps the keys already cached), and it
+    never depends on the batch; a prompt longer than the original context, prefilled in
+    one forward, is rotated by Hugging Face with its last position's base instead."""
+    original = scaling.original_max_position_embeddings
+    lengths = torch.clamp(positions + 1, min=original)
+    bases = base * ((scaling.factor * lengths / original) - (scaling.factor - 1)) ** (
+        head_dim / (head_dim - 2)
+    )
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return positions[:, None] / bases[:, None] ** exponents[None, :]
+
+
 class RotaryEmbedding(nn.Module):
     """The cos/sin table of rotary position embedding in the rotate-half (GPT-NeoX) layout
     used by Llama/Qwen; the attention layer applies it, in one pass with the KV store."""
@@ -251,6 +269,8 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_position, dtype=torch.float32)
         if scaling is not None and scaling.rope_type == "longrope":
             freqs = _longrope_angles(head_dim, base, scaling, positions)
+        elif scaling is not None and scaling.rope_type == "dynamic":
+            freqs = _dynamic_ntk_angles(head_dim, base, scaling, positions)
         else:
             inv_freq = rope_inverse_frequencies(head_dim, base, scaling)
             freqs = torch.outer(positions, inv_freq.to(positions.device))

@@ -70,7 +70,7 @@ def test_attention_scale_follows_query_pre_attn_scalar() -> None:
     [
         ("model_type", "gpt2", "unsupported model_type 'gpt2'"),
         ("hidden_act", "relu", "unsupported hidden_act 'relu'"),
-        ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "unsupported rope scaling 'dynamic'"),
+        ("rope_scaling", {"rope_type": "ntk", "factor": 2.0}, "unsupported rope scaling 'ntk'"),
         (
             "quantization_config",
             {"quant_method": "bitsandbytes"},

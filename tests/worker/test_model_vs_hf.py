@@ -296,5 +296,47 @@ def test_eos_ids_merge_generation_config(tmp_path) -> None:
     config = ModelConfig.from_model_dir(tmp_path)
     assert config.eos_token_ids == (2, 7)
     assert config.architecture == "LlamaForCausalLM"
-    with pytest.raises(ValueError, match="dynamic"):
-        ModelConfig.from_dicts(dict(raw, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match="ntk"):
+        ModelConfig.from_dicts(dict(raw, rope_scaling={"rope_type": "ntk", "factor": 2.0}))
+
+
+@pytest.mark.hf
+def test_dynamic_ntk_decodes_past_the_trained_context_as_hf(tmp_path: Path) -> None:
+    """Dynamic NTK scaling stretches a 16-position model to 32: prompts inside the
+    trained context, greedy decoding well past it, token for token as HF, which raises
+    the rotary base as each decoded token lengthens the sequence."""
+    import transformers
+
+    torch.manual_seed(0)
+    dims = dict(TINY_DIMS, max_position_embeddings=16)
+    config = transformers.LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **dims)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(tmp_path)
+    hf_model.generation_config.eos_token_id = None
+    runner = ModelRunner(
+        WorkerConfig(
+            model_path=tmp_path, device="cpu", block_size=BLOCK_SIZE, num_kv_blocks=24, max_model_len=32
+        )
+    )
+    assert runner.max_model_len == 32
+    prompts = [[5, 17, 99, 3, 42, 8, 11], [200, 7, 64, 31, 9, 150, 77, 12, 4, 90, 33, 21, 6]]
+    max_new_tokens = 18
+    step = worker_pb2.StepRequest(step_id=1)
+    for seq_id, prompt in enumerate(prompts):
+        step.new_sequences.add(
+            seq_id=seq_id, token_ids=prompt, sampling=common_pb2.SamplingParams(temperature=0)
+        )
+        blocks = list(range(seq_id * 8, seq_id * 8 + 8))
+        step.scheduled.add(seq_id=seq_id, num_new_tokens=len(prompt), new_block_ids=blocks)
+    generated: dict[int, list[int]] = {0: [], 1: []}
+    for step_id in range(1, max_new_tokens + 1):
+        if step_id > 1:
+            step = worker_pb2.StepRequest(step_id=step_id)
+            for seq_id in range(len(prompts)):
+                step.scheduled.add(seq_id=seq_id, num_new_tokens=1)
+        result = runner.execute_step(step)
+        for seq_id, token_id in zip(result.seq_ids, result.token_ids):
+            generated[seq_id].append(token_id)
+    for seq_id, prompt in enumerate(prompts):
+        assert len(prompt) + max_new_tokens > 16
+        assert generated[seq_id] == _hf_greedy(hf_model, prompt, max_new_tokens)
