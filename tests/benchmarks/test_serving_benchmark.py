@@ -1,0 +1,85 @@
+"""The online serving benchmark end to end on CPU with the embedded model and a tiny load:
+both APIs, a finite rate and all at once; every request completes with exactly its
+output length, and the summary's numbers agree with each other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.serving import arrival_offsets
+from benchmarks.serving_datasets import DatasetSpec, build_dataset
+from tests.benchmarks.test_benchmark_smoke import run_benchmark
+
+NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 4, 16, 4
+
+
+def test_arrivals_follow_the_rate_and_burstiness() -> None:
+    poisson = arrival_offsets(4000, 20.0, 1.0, seed=0)
+    bursty = arrival_offsets(4000, 20.0, 0.25, seed=0)
+    assert poisson == sorted(poisson) and poisson[0] == 0.0
+    # The mean gap is 1 / rate either way; burstier gaps vary more.
+    assert poisson[-1] / 3999 == pytest.approx(0.05, rel=0.05)
+    assert bursty[-1] / 3999 == pytest.approx(0.05, rel=0.1)
+    gaps = [b - a for a, b in zip(bursty, bursty[1:])]
+    poisson_gaps = [b - a for a, b in zip(poisson, poisson[1:])]
+    assert max(gaps) > 2 * max(poisson_gaps)
+    assert arrival_offsets(3, float("inf"), 1.0, seed=0) == [0.0, 0.0, 0.0]
+
+
+def test_datasets_draw_their_lengths() -> None:
+    ranged = build_dataset(DatasetSpec("random", 200, input_len=100, output_len=50, range_ratio=0.5))
+    assert {len(r.prompt_token_ids) for r in ranged} <= set(range(50, 151))
+    assert {r.output_len for r in ranged} <= set(range(25, 76))
+    assert len({len(r.prompt_token_ids) for r in ranged}) > 20
+    shared = build_dataset(DatasetSpec("shared-prefix", 12, input_len=8, num_prefixes=2, prefix_len=32))
+    assert len({tuple(r.prompt_token_ids[:32]) for r in shared}) == 2
+    short = build_dataset(DatasetSpec("short", 50))
+    assert all(20 <= len(r.prompt_token_ids) <= 200 and 20 <= r.output_len <= 200 for r in short)
+
+
+@pytest.mark.e2e
+def test_serving_sweep_on_both_apis(tmp_path: Path) -> None:
+    summary, printed = run_benchmark(
+        "serving",
+        "--serve",
+        "--api",
+        "grpc,http",
+        "--dataset",
+        "random",
+        "--num-prompts",
+        str(NUM_PROMPTS),
+        "--input-len",
+        str(INPUT_LEN),
+        "--output-len",
+        str(OUTPUT_LEN),
+        "--request-rates",
+        "16,inf",
+        "--warmup",
+        "1",
+        "--slo-ttft-ms",
+        "1e9",
+        "--plot",
+        str(tmp_path / "serving.png"),
+        out=tmp_path / "serving.json",
+    )
+    results = summary["results"]
+    assert [(r["api"], r["request_rate"]) for r in results] == [
+        ("grpc", 16.0),
+        ("grpc", float("inf")),
+        ("http", 16.0),
+        ("http", float("inf")),
+    ]
+    for result in results:
+        assert (result["completed"], result["failed"]) == (NUM_PROMPTS, 0), result
+        assert result["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
+        assert result["output_throughput"] == pytest.approx(result["output_tokens"] / result["duration_s"])
+        # Every request met an SLO this loose.
+        assert result["goodput"] == pytest.approx(result["request_throughput"])
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            stats = result[metric]
+            assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (metric, stats)
+        assert result["ttft_ms"]["p50"] <= result["e2el_ms"]["p50"]
+    assert printed.count("rate") == 4
+    assert (tmp_path / "serving.png").stat().st_size > 1000
