@@ -35,7 +35,10 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         private_key=args.ssl_keyfile.read_bytes() if args.ssl_keyfile else None,
         certificate_chain=args.ssl_certfile.read_bytes() if args.ssl_certfile else None,
     )
-    return grpc.secure_channel(args.address, credentials)
+    options = (
+        [] if args.ssl_server_name is None else [("grpc.ssl_target_name_override", args.ssl_server_name)]
+    )
+    return grpc.secure_channel(args.address, credentials, options=options)
 
 
 def generate_to_stdout(args: argparse.Namespace) -> int:

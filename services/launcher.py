@@ -151,6 +151,7 @@ def _tls_flags(args: argparse.Namespace) -> list[str]:
         *_optional("--ssl-certfile", args.ssl_certfile),
         *_optional("--ssl-keyfile", args.ssl_keyfile),
         *_optional("--ssl-ca-certs", args.ssl_ca_certs),
+        *_optional("--ssl-server-name", args.ssl_server_name),
     ]
 
 

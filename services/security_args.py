@@ -31,6 +31,12 @@ def add_tls_args(parser: argparse.ArgumentParser) -> None:
         help="PEM CA bundle: clients must present a certificate it signed (mTLS), and the next "
         "service's certificate must be signed by it",
     )
+    parser.add_argument(
+        "--ssl-server-name",
+        default=None,
+        help="name the next service's certificate must carry, when it is dialled by address "
+        "(the scheduler pods behind a headless Service); default: the address dialled",
+    )
 
 
 def add_internal_token_args(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +78,7 @@ def add_security_args(parser: argparse.ArgumentParser, public: bool) -> None:
 
 
 def tls_config(args: argparse.Namespace) -> TlsConfig:
-    return TlsConfig(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs)
+    return TlsConfig(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs, args.ssl_server_name)
 
 
 def internal_token(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:

@@ -20,6 +20,8 @@ class PeerAccess:
 
     def channel(self, address: str, options: list[tuple[str, int]] = CHANNEL_OPTIONS) -> grpc.aio.Channel:
         if self.tls.enabled:
+            if self.tls.server_name is not None:
+                options = [*options, ("grpc.ssl_target_name_override", self.tls.server_name)]
             return grpc.aio.secure_channel(address, channel_credentials(self.tls), options=options)
         return grpc.aio.insecure_channel(address, options=options)
 

@@ -29,6 +29,10 @@ class TlsConfig:
     # PEM CA bundle: peers' certificates must be signed by it, clients' included (mTLS).
     # None: servers ask for no client certificate, clients trust the system's roots.
     ca_certs: Path | None = None
+    # The name the next service's certificate is checked against instead of the address
+    # dialled: addresses resolved from a DNS name (a headless Service's pod IPs) are in no
+    # certificate. None: the address itself.
+    server_name: str | None = None
 
     def __post_init__(self) -> None:
         if (self.certfile is None) != (self.keyfile is None):
