@@ -19,6 +19,7 @@ from gpu_worker.parallel.config import ParallelConfig
 from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
+from services.common.tls import TlsConfigError
 from services.frontend_args import (
     add_engine_target_args,
     add_generation_config_arg,
@@ -26,6 +27,7 @@ from services.frontend_args import (
     add_replica_args,
 )
 from services.scheduler.config import SchedulerConfig
+from services.security_args import add_security_args, add_tls_args, api_keys, internal_token, tls_config
 from services.worker_flags import GIB, add_worker_args
 
 
@@ -215,12 +217,18 @@ def add_kv_blocks_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
+    try:
+        tls = tls_config(args)
+    except TlsConfigError as error:
+        raise SystemExit(f"pagedserve {args.command}: {error}") from error
     return ServerConfig(
         host=args.host,
         port=args.port,
         shutdown_grace_s=args.shutdown_grace,
         metrics_port=args.metrics_port,
         reuse_port=getattr(args, "reuse_port", False),
+        tls=tls,
+        internal_token=internal_token(args, os.environ),
     )
 
 
@@ -253,18 +261,21 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     from services.tokenizer.routing import RoutingConfig
     from services.tokenizer.server import TokenizerServiceConfig, run_tokenizer
 
+    service = server_config(args)
     config = TokenizerServiceConfig(
         model_path=_model_dir(args.model),
         engines=EnginePoolConfig(
-            targets=tuple(args.scheduler), routing=RoutingConfig(policy=args.routing_policy)
+            targets=tuple(args.scheduler),
+            routing=RoutingConfig(policy=args.routing_policy),
+            access=service.peer_access(),
         ),
         http_port=args.http_port,
         served_model_name=args.served_model_name,
-        api_key=args.api_key,
+        api_keys=api_keys(args, os.environ),
         model_sampling_defaults=args.generation_config == "auto",
     )
     setup_tracing("pagedserve-tokenizer", os.environ)
-    run_tokenizer(server_config(args), config)
+    run_tokenizer(service, config)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -300,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_http_api_args(serve)
     add_generation_config_arg(serve)
     add_replica_args(serve)
+    add_security_args(serve, public=True)
     serve.set_defaults(handler=cmd_serve)
 
     tokenizer = commands.add_parser("tokenizer", help="run the tokenizer service (public API)")
@@ -308,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_target_args(tokenizer)
     add_http_api_args(tokenizer)
     add_generation_config_arg(tokenizer)
+    add_security_args(tokenizer, public=True)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")
@@ -321,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_step_limit_args(scheduler)
     add_scheduler_args(scheduler)
     add_kv_blocks_arg(scheduler)
+    add_security_args(scheduler, public=False)
     scheduler.set_defaults(handler=cmd_scheduler)
 
     worker = commands.add_parser("worker", help="run a GPU worker")
@@ -336,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=WorkerConfig.step_timeline_path,
         help="append each step's host and device times to this file, one JSON line per step",
     )
+    add_security_args(worker, public=False)
     worker.set_defaults(handler=cmd_worker)
 
     generate = commands.add_parser("generate", help="stream a completion from a running server")
@@ -345,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-tokens", type=int, default=None)
     generate.add_argument("--temperature", type=float, default=None)
     generate.add_argument("--seed", type=int, default=None)
+    add_tls_args(generate)
+    generate.add_argument(
+        "--api-key", action="append", default=[], help="API key to send (also $PAGEDSERVE_API_KEY)"
+    )
     generate.set_defaults(handler=cmd_generate)
 
     materialize = commands.add_parser("materialize", help="convert the embedded model, print its directory")

@@ -1,11 +1,14 @@
 """`pagedserve generate`: streams one completion from a running server to stdout."""
 
 import argparse
+import os
 import sys
 import uuid
 
 import grpc
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+from services.security_args import plain_api_keys
 
 
 def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
@@ -24,11 +27,27 @@ def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
     return request
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    if args.ssl_ca_certs is None and args.ssl_certfile is None:
+        return grpc.insecure_channel(args.address)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=args.ssl_ca_certs.read_bytes() if args.ssl_ca_certs else None,
+        private_key=args.ssl_keyfile.read_bytes() if args.ssl_keyfile else None,
+        certificate_chain=args.ssl_certfile.read_bytes() if args.ssl_certfile else None,
+    )
+    options = (
+        [] if args.ssl_server_name is None else [("grpc.ssl_target_name_override", args.ssl_server_name)]
+    )
+    return grpc.secure_channel(args.address, credentials, options=options)
+
+
 def generate_to_stdout(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    keys = plain_api_keys(args, os.environ)
+    metadata = [("authorization", f"Bearer {keys[0]}")] if keys else []
+    with _channel(args) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
-            for response in stub.Generate(build_request(args)):
+            for response in stub.Generate(build_request(args), metadata=metadata):
                 sys.stdout.write(response.text)
                 sys.stdout.flush()
                 if response.finish_reason:

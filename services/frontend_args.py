@@ -14,9 +14,6 @@ def add_http_api_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the model's id on the HTTP API; default: its directory name",
     )
-    parser.add_argument(
-        "--api-key", default=None, help="API key the HTTP API requires (Authorization: Bearer KEY)"
-    )
 
 
 def add_generation_config_arg(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.tls import TlsConfig, channel_credentials
+from services.security_args import service_env, tls_config
 from services.serve_layout import ServeLayout, loopback_addresses, stop_rank
 from services.worker_flags import forwarded_weight_flags
 
@@ -50,8 +52,15 @@ def _lowest_ephemeral_port() -> int:
         return 0
 
 
-def is_serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def _probe_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
+    if tls is None or not tls.enabled:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, channel_credentials(tls))
+
+
+def is_serving(address: str, tls: TlsConfig | None = None) -> bool:
+    """Health is open to any caller, but over TLS (and mTLS) when the service serves it."""
+    with _probe_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
         except grpc.RpcError:
@@ -65,6 +74,7 @@ def wait_until_serving(
     addresses: Mapping[str, str],
     log_dir: Path,
     timeout_s: float = STARTUP_TIMEOUT_S,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Waits until every service in `addresses` reports SERVING; raises, with the end of
     its log (`log_dir/NAME.log`), as soon as one of `processes` exits."""
@@ -75,7 +85,7 @@ def wait_until_serving(
             if process.poll() is not None:
                 log_text = (log_dir / f"{name}.log").read_text()
                 raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_text[-4000:]}")
-        pending = {name for name in pending if not is_serving(addresses[name])}
+        pending = {name for name in pending if not is_serving(addresses[name], tls)}
         if time.monotonic() > deadline:
             raise TimeoutError(f"not serving after {timeout_s:.0f}s: {sorted(pending)}")
         time.sleep(0.2)
@@ -128,11 +138,23 @@ def service_commands(
             # One HTTP port, as one gRPC port: the HTTP API is served by the first tokenizer.
             *(_optional("--http-port", args.http_port) if name == "tokenizer" else []),
             *_optional("--served-model-name", args.served_model_name),
-            *_optional("--api-key", args.api_key),
+            # Plain keys travel in the environment (service_env), off the command line.
+            *(f for path in args.api_key_file for f in ("--api-key-file", str(path))),
             "--generation-config",
             args.generation_config,
         ]
     return commands
+
+
+def _tls_flags(args: argparse.Namespace) -> list[str]:
+    """Every service serves with the same certificate, presents it to the next one, and
+    trusts the same CA."""
+    return [
+        *_optional("--ssl-certfile", args.ssl_certfile),
+        *_optional("--ssl-keyfile", args.ssl_keyfile),
+        *_optional("--ssl-ca-certs", args.ssl_ca_certs),
+        *_optional("--ssl-server-name", args.ssl_server_name),
+    ]
 
 
 def _scheduler_command(
@@ -163,6 +185,7 @@ def _service(args: argparse.Namespace, command: str, host: str, port: int, metri
         *(sys.executable, "-m", "services.cli", "--log-level", args.log_level, command),
         *("--host", host, "--port", str(port), "--shutdown-grace", str(args.shutdown_grace)),
         *metrics,
+        *_tls_flags(args),
     ]
 
 
@@ -270,6 +293,7 @@ def running_services(
     env: Mapping[str, str] | None = None,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
     stop_timeout_s: float = 30.0,
+    tls: TlsConfig | None = None,
 ) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     """Starts each command (by service name) with its output in `log_dir/NAME.log` and `env`
     added to this process's environment, waits until every service in `addresses` is
@@ -285,7 +309,7 @@ def running_services(
                 processes[name] = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env=child_env
                 )
-        wait_until_serving(processes, addresses, log_dir, startup_timeout_s)
+        wait_until_serving(processes, addresses, log_dir, startup_timeout_s, tls)
         yield processes
     finally:
         stop_services(processes, stop_timeout_s)
@@ -301,6 +325,7 @@ def _restart_engine_services(
     commands: Mapping[str, list[str]],
     layout: ServeLayout,
     last_restart: dict[str, float],
+    env: Mapping[str, str],
 ) -> bool:
     """With several engines of one rank each, an engine's scheduler or worker that exits is
     started again: the other engines serve meanwhile, the tokenizers route around it and
@@ -317,13 +342,15 @@ def _restart_engine_services(
             return False
         log.warning("%s exited with %d; starting it again", name, code)
         last_restart[name] = now
-        processes[name] = subprocess.Popen(commands[name], start_new_session=True)
+        processes[name] = subprocess.Popen(commands[name], start_new_session=True, env=env)
     return True
 
 
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
     ports = {"worker": free_port(), "scheduler": free_port()}
     commands = service_commands(args, model_dir, ports)
+    env = {**os.environ, **service_env(args, os.environ)}
+    tls = tls_config(args)
     stop_requested = False
 
     def request_stop(signum: int, frame: object) -> None:
@@ -334,7 +361,9 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
     signal.signal(signal.SIGINT, request_stop)
     # Children ignore the terminal's Ctrl-C (own process group); the launcher stops them
     # in order instead.
-    processes = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}
+    processes = {
+        name: subprocess.Popen(cmd, start_new_session=True, env=env) for name, cmd in commands.items()
+    }
     addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
     ready: set[str] = set()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -344,13 +373,13 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
         while not stop_requested:
             dead = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
             if dead and not _restart_engine_services(
-                dead, processes, commands, serve_layout(args), last_restart
+                dead, processes, commands, serve_layout(args), last_restart, env
             ):
                 log.error("service exited: %s", dead)
                 exit_code = 1
                 break
             for name in addresses.keys() - ready:
-                if is_serving(addresses[name]):
+                if is_serving(addresses[name], tls):
                     ready.add(name)
                     if len(ready) == len(addresses):
                         print(f"pagedserve serving on port {args.port}", flush=True)

@@ -15,7 +15,13 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, Counter
 
-from services.common.errors import InvalidArgumentError, RemoteError, ResourceExhaustedError, UnavailableError
+from services.common.errors import (
+    InvalidArgumentError,
+    RateLimitedError,
+    RemoteError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from services.common.metrics import PREFIX
 from services.common.telemetry import context_from_metadata, tracer
 from services.common.wire import find_invalid_utf8_field
@@ -87,7 +93,9 @@ class _Call:
         if self.code == grpc.StatusCode.INTERNAL:
             log.exception("unhandled error in handler", exc_info=error)
         self.span.set_status(Status(StatusCode.ERROR, f"{self.code.name}: {message}"))
-        await context.abort(self.code, message)
+        # A caller over its rate limit learns when to come back.
+        retry = (("retry-after", error.retry_after_header),) if isinstance(error, RateLimitedError) else ()
+        await context.abort(self.code, message, trailing_metadata=retry)
 
 
 # grpc ships no type hints, so its base class is Any to the checker.

@@ -25,3 +25,17 @@ class RemoteError(RuntimeError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class RateLimitedError(ResourceExhaustedError):
+    """The caller's own rate limit is spent; it may retry after `retry_after_s` seconds,
+    which the answer carries (gRPC `retry-after` metadata, HTTP `Retry-After`)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after_header(self) -> str:
+        """Whole seconds, rounded up, as HTTP's Retry-After has them."""
+        return str(max(1, -int(-self.retry_after_s // 1)))

@@ -6,7 +6,7 @@ import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -15,9 +15,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from services.common.call_frame import CallInterceptor
+from services.common.caller_auth import AuthInterceptor, CallerPolicy
 from services.common.channels import MESSAGE_SIZE_OPTIONS, SERVER_KEEPALIVE_OPTIONS
 from services.common.errors import UnavailableError
 from services.common.metrics import serve_metrics
+from services.common.peer_access import PeerAccess
+from services.common.tls import TlsConfig, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +38,35 @@ class ServerConfig:
     # Several processes may listen on the port at once (SO_REUSEPORT), the kernel spreading
     # the connections over them.
     reuse_port: bool = False
+    # The port's certificates, also presented to and trusted from the next service.
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    # Sent to the next service, and required from callers of an internal one.
+    internal_token: str | None = field(default=None, repr=False)
+
+    def peer_access(self) -> PeerAccess:
+        return PeerAccess(self.tls, self.internal_token)
+
+    def internal_callers(self) -> CallerPolicy:
+        """Who may call an internal service (scheduler, worker)."""
+        return CallerPolicy(
+            internal_token=self.internal_token, client_certificates=self.tls.requires_client_certificate
+        )
 
 
 class ServiceHost:
     """A grpc.aio server with health (NOT_SERVING until `set_serving`), reflection, and a
-    Prometheus registry that its metrics port serves."""
+    Prometheus registry that its metrics port serves. `callers`: who may call it; by
+    default the service's own tier only (ServerConfig.internal_callers)."""
 
-    def __init__(self, config: ServerConfig, service_names: list[str]) -> None:
+    def __init__(
+        self, config: ServerConfig, service_names: list[str], callers: CallerPolicy | None = None
+    ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
+        self.callers = callers if callers is not None else config.internal_callers()
         self.server = grpc.aio.server(
-            interceptors=[CallInterceptor(self.registry)],
+            # The frame is outermost, so that refused calls are counted too.
+            interceptors=[CallInterceptor(self.registry), AuthInterceptor(self.callers)],
             options=[
                 ("grpc.so_reuseport", int(config.reuse_port)),
                 *MESSAGE_SIZE_OPTIONS,
@@ -61,7 +82,13 @@ class ServiceHost:
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls.enabled:
+            self.port = self.server.add_secure_port(address, server_credentials(self.config.tls))
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.callers.is_open:
+            log.warning("port %d answers any caller: no API key, internal token or client CA", self.port)
         await self.server.start()
         serve_metrics(self.registry, self.config.metrics_port, self.config.host)
         await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)

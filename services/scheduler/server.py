@@ -57,7 +57,7 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
     log.info(
         "scheduler listening on port %d, waiting for workers at %s", port, ", ".join(config.worker_addresses)
     )
-    workers = WorkerGroup(config.worker_addresses)
+    workers = WorkerGroup(config.worker_addresses, server_config.peer_access())
     background: list[asyncio.Task[None]] = []
 
     metrics = SchedulerMetrics(

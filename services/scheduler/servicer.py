@@ -8,11 +8,11 @@ from opentelemetry import trace
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from services.common.errors import UnavailableError
-from services.common.prompt_checks import check_token_ids
 from services.scheduler.engine import Engine
 from services.scheduler.load_report import engine_load, load_reports
 from services.scheduler.outputs import RequestOutput
 from services.scheduler.session import SchedulerSession
+from services.scheduler.submit_checks import checked_prompt
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -45,8 +45,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.SubmitResponse]:
         engine = self._ready_engine()
-        prompt = list(request.prompt_token_ids)
-        check_token_ids(prompt, self.model.vocab_size, "prompt_token_ids")
+        prompt = checked_prompt(request, self.model.vocab_size)
         outputs: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         stream = engine.add_request(
             request.request_id,

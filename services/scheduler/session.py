@@ -16,10 +16,10 @@ from pagedserve.v1 import common_pb2, scheduler_pb2
 
 from services.common.call_frame import status_of
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
-from services.common.prompt_checks import check_token_ids
 from services.common.telemetry import span_context_of, tracer
 from services.scheduler.engine import Engine
 from services.scheduler.outputs import RequestOutput
+from services.scheduler.submit_checks import checked_prompt
 
 REQUEST_SPAN = "scheduler.request"
 
@@ -73,8 +73,7 @@ class SchedulerSession:
         try:
             if self._draining:
                 raise UnavailableError("the scheduler is shutting down; send the request to another one")
-            prompt = list(request.prompt_token_ids)
-            check_token_ids(prompt, self._model.vocab_size, "prompt_token_ids")
+            prompt = checked_prompt(request, self._model.vocab_size)
             self._engine.add_request(
                 request_id,
                 prompt,

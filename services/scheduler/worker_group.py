@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import grpc
 from pagedserve.v1 import worker_pb2, worker_pb2_grpc
 
-from services.common.channels import WORKER_CHANNEL_OPTIONS, insecure_channel
+from services.common.channels import WORKER_CHANNEL_OPTIONS
 from services.common.errors import UnavailableError
 from services.common.grpc_server import wait_for_serving
+from services.common.peer_access import PeerAccess
 
 
 class WorkerGroupError(RuntimeError):
@@ -33,18 +34,21 @@ class WorkerRank:
     rank: int
     address: str
     stub: worker_pb2_grpc.WorkerStub
+    # What every call to the rank carries (the internal token).
+    metadata: tuple[tuple[str, str], ...] = ()
 
     def failure(self, what: str) -> UnavailableError:
         return UnavailableError(f"worker rank {self.rank} at {self.address} {what}")
 
 
 class WorkerGroup:
-    def __init__(self, addresses: Sequence[str]) -> None:
+    def __init__(self, addresses: Sequence[str], access: PeerAccess | None = None) -> None:
         if not addresses:
             raise ValueError("a scheduler needs at least one worker address")
-        self._channels = [insecure_channel(address, WORKER_CHANNEL_OPTIONS) for address in addresses]
+        access = access or PeerAccess()
+        self._channels = [access.channel(address, WORKER_CHANNEL_OPTIONS) for address in addresses]
         self.ranks = [
-            WorkerRank(rank, address, worker_pb2_grpc.WorkerStub(channel))
+            WorkerRank(rank, address, worker_pb2_grpc.WorkerStub(channel), access.metadata)
             for rank, (address, channel) in enumerate(zip(addresses, self._channels))
         ]
         # Learnt by describe(); a single worker always reports its tokens.
@@ -61,7 +65,7 @@ class WorkerGroup:
         """What the group serves: rank 0's description, with the KV pools cut to what every
         rank holds. Raises WorkerGroupError when the ranks are not one replica in order."""
         infos = await asyncio.gather(
-            *(rank.stub.Describe(worker_pb2.DescribeRequest()) for rank in self.ranks)
+            *(rank.stub.Describe(worker_pb2.DescribeRequest(), metadata=rank.metadata) for rank in self.ranks)
         )
         first = infos[0]
         world_size = (first.tensor_parallel_size or 1) * (first.pipeline_parallel_size or 1)
@@ -109,7 +113,7 @@ class GroupStepStream:
     def __init__(self, ranks: Sequence[WorkerRank], reporting_rank: int) -> None:
         self._ranks = list(ranks)
         self._reporting_rank = reporting_rank
-        self._calls = [rank.stub.Steps() for rank in ranks]
+        self._calls = [rank.stub.Steps(metadata=rank.metadata) for rank in ranks]
 
     async def write(self, step: worker_pb2.StepRequest) -> None:
         for rank, call in zip(self._ranks, self._calls):

@@ -9,7 +9,7 @@ import time
 import grpc
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from services.common.channels import insecure_channel
+from services.common.peer_access import PeerAccess
 from services.tokenizer.routing import EngineView
 from services.tokenizer.scheduler_session import SessionClient
 
@@ -20,11 +20,15 @@ _RECONNECT_S = 0.5
 
 
 class EngineClient:
-    def __init__(self, address: str, suspend_after_failure_s: float = 2.0) -> None:
+    def __init__(
+        self, address: str, suspend_after_failure_s: float = 2.0, access: PeerAccess | None = None
+    ) -> None:
         self.address = address
-        self._channel = insecure_channel(address)
+        access = access or PeerAccess()
+        self._channel = access.channel(address)
+        self._metadata = access.metadata
         self.stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
-        self.session = SessionClient(self.stub)
+        self.session = SessionClient(self.stub, self._metadata)
         # The engine's latest report; None until one comes, and while its stream is down.
         self.load: scheduler_pb2.EngineLoad | None = None
         self._cached_keys: frozenset[int] = frozenset()
@@ -64,14 +68,16 @@ class EngineClient:
 
     async def model_info(self) -> common_pb2.ModelInfo:
         info: common_pb2.ModelInfo = await self.stub.GetModelInfo(
-            common_pb2.GetModelInfoRequest(), timeout=10.0
+            common_pb2.GetModelInfoRequest(), timeout=10.0, metadata=self._metadata
         )
         return info
 
     async def _watch_load(self) -> None:
         while True:
             try:
-                async for report in self.stub.WatchLoad(scheduler_pb2.WatchLoadRequest()):
+                async for report in self.stub.WatchLoad(
+                    scheduler_pb2.WatchLoadRequest(), metadata=self._metadata
+                ):
                     if self.load is None or report.serving != self.load.serving:
                         log.info("engine %s %s", self.address, "serving" if report.serving else "not serving")
                     self.load = report

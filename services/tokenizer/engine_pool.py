@@ -13,6 +13,7 @@ from pagedserve.v1 import common_pb2
 
 from services.common.block_hash import chained_hashes, hash_block, routing_key
 from services.common.errors import UnavailableError
+from services.common.peer_access import PeerAccess
 from services.tokenizer.engine_client import EngineClient
 from services.tokenizer.routing import RouteDecision, RoutingConfig, route
 
@@ -30,6 +31,8 @@ class EnginePoolConfig:
     resolve_interval_s: float = 5.0
     # After a request failed on an engine, how long it gets no new ones at least.
     suspend_after_failure_s: float = 2.0
+    # TLS and the internal token of the link to each scheduler.
+    access: PeerAccess = field(default_factory=PeerAccess)
 
 
 async def resolve(target: str) -> list[str]:
@@ -64,7 +67,7 @@ class EnginePool:
             found.update(await resolve(target))
         for address in sorted(found - self.engines.keys()):
             log.info("engine %s joins", address)
-            engine = EngineClient(address, self._config.suspend_after_failure_s)
+            engine = EngineClient(address, self._config.suspend_after_failure_s, self._config.access)
             self.engines[address] = engine
             engine.start()
         for address in sorted(self.engines.keys() - found):

@@ -13,7 +13,7 @@ from typing import Any
 from pagedserve.v1 import common_pb2
 
 from services.common.errors import InvalidArgumentError
-from services.tokenizer.validation import validate_sampling
+from services.common.sampling_checks import validate_sampling
 
 # Fields of generation_config.json that become request defaults; the names are the same
 # in SamplingParams.

@@ -27,8 +27,12 @@ def raise_if_error(update: scheduler_pb2.RequestUpdate) -> None:
 
 
 class SessionClient:
-    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerStub) -> None:
+    def __init__(
+        self, scheduler: scheduler_pb2_grpc.SchedulerStub, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self._scheduler = scheduler
+        # What the stream's call carries (the internal token).
+        self._metadata = metadata
         # Messages for the open stream; None while no stream is open.
         self._outgoing: asyncio.Queue[scheduler_pb2.SessionRequest | None] | None = None
         # The requests in flight: their queues by handle, their handles by request_id.
@@ -73,7 +77,7 @@ class SessionClient:
                 yield message
 
         self._outgoing = outgoing
-        asyncio.ensure_future(self._read(self._scheduler.Session(messages())))
+        asyncio.ensure_future(self._read(self._scheduler.Session(messages(), metadata=self._metadata)))
         return outgoing
 
     async def _read(self, call: grpc.aio.StreamStreamCall) -> None:

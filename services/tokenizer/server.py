@@ -9,11 +9,14 @@ from typing import TYPE_CHECKING
 
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
+from services.common.api_keys import ApiKeys
+from services.common.caller_auth import CallerPolicy
 from services.common.grpc_server import ServerConfig, ServiceHost
 from services.tokenizer.engine_pool import EnginePool, EnginePoolConfig
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
 from services.tokenizer.generation import GenerationCore
 from services.tokenizer.http.state import HttpApiConfig
+from services.tokenizer.key_gate import KeyGate
 from services.tokenizer.migration import MigrationConfig
 from services.tokenizer.routing_metrics import RoutingMetrics
 from services.tokenizer.sampling_defaults import describe, read_sampling_defaults
@@ -39,25 +42,24 @@ class TokenizerServiceConfig:
     http_port: int | None = None
     # The model's id on the HTTP API; None: the model directory's name.
     served_model_name: str | None = None
-    # API key the HTTP API requires as a bearer token; None: none.
-    api_key: str | None = None
+    # Keys both APIs require as bearer tokens, with their policies; None: the APIs are open.
+    api_keys: ApiKeys | None = None
     migration: MigrationConfig = field(default_factory=MigrationConfig)
     # Whether the model's generation_config.json fills the sampling fields a request
     # leaves unset.
     model_sampling_defaults: bool = True
 
     def http_api_config(self) -> HttpApiConfig:
-        return HttpApiConfig(
-            served_model_name=self.served_model_name or self.model_path.name, api_key=self.api_key
-        )
+        return HttpApiConfig(served_model_name=self.served_model_name or self.model_path.name)
 
 
 async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceConfig) -> None:
     tokenizer = TextTokenizer.from_model_dir(config.model_path)
-    host = ServiceHost(server_config, [SERVICE_NAME])
+    host = ServiceHost(server_config, [SERVICE_NAME], CallerPolicy(api_keys=config.api_keys))
     engines = EnginePool(config.engines)
     core = GenerationCore(engines, config.migration, RoutingMetrics(host.registry))
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core), host.server)
+    gate = KeyGate(config.api_keys)
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core, gate), host.server)
     port = await host.start()
     http_api: HttpApiServer | None = None
     if config.http_port is not None:
@@ -65,7 +67,13 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
         from services.tokenizer.http import server as http_server
 
         http_api = http_server.HttpApiServer(
-            core, config.http_api_config(), host.registry, server_config.host, config.http_port
+            core,
+            config.http_api_config(),
+            host.registry,
+            server_config.host,
+            config.http_port,
+            gate,
+            server_config.tls,
         )
         await http_api.start()
     targets = ", ".join(config.engines.targets)

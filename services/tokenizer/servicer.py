@@ -5,17 +5,22 @@ from collections.abc import AsyncIterator
 import grpc
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
+from services.common.caller_auth import bearer_token
 from services.tokenizer.generation import GenerationCore
+from services.tokenizer.key_gate import KeyGate
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, core: GenerationCore) -> None:
+    def __init__(self, core: GenerationCore, gate: KeyGate | None = None) -> None:
         self._core = core
+        self._gate = gate or KeyGate(None)
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        async for message in self._core.generate(request):
+        # The key was checked on the way in (caller_auth); here its policy applies.
+        caller = self._gate.caller(bearer_token(context.invocation_metadata()))
+        async for message in self._gate.generate(caller, request, self._core.generate):
             yield message
 
     async def Tokenize(

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from services.cli import build_parser
 from services.launcher import service_commands
+from services.security_args import API_KEY_ENV, INTERNAL_TOKEN_ENV, service_env
 
 
 def _commands(*flags: str) -> dict[str, list[str]]:
@@ -69,8 +70,12 @@ def test_every_serve_option_reaches_a_service() -> None:
     """A serve option no service receives would be accepted and silently ignored."""
     parser = build_parser()
     serve_parser = parser._subparsers._group_actions[0].choices["serve"]
-    # --engines and --tokenizers shape the layout (test_replicas_get_their_own_services).
+    # --engines and --tokenizers shape the layout (test_replicas_get_their_own_services);
+    # secrets travel in the services' environment (test_secrets_travel_in_the_environment).
     launcher_own = {
+        "api_key",
+        "internal_token",
+        "internal_token_file",
         "help",
         "host",
         "port",
@@ -89,7 +94,7 @@ def test_every_serve_option_reaches_a_service() -> None:
             expected = (
                 next(c for c in action.choices if c != action.default)
                 if action.choices
-                else ({int: 7, float: 0.7}.get(action.type, "x"))
+                else ({int: 7, float: 0.7, Path: Path("x")}.get(action.type, "x"))
             )
             flags = [action.option_strings[0], str(expected)]
         commands = _commands(*flags)
@@ -97,7 +102,8 @@ def test_every_serve_option_reaches_a_service() -> None:
         for name, command in commands.items():
             subcommand = name.rstrip("0123456789")  # worker1 runs `pagedserve worker`
             service_args = parser.parse_args(command[command.index(subcommand) :])
-            received.append(getattr(service_args, action.dest, None) == expected)
+            value = getattr(service_args, action.dest, None)
+            received.append(value in (expected, [expected]))  # a repeatable option gives a list
         assert any(received), f"{action.option_strings[0]} reaches no service"
 
 
@@ -158,3 +164,13 @@ def test_generation_config_choice_reaches_the_tokenizer() -> None:
         assert _value(tokenizer, "--generation-config") == choice
         args = parser.parse_args(tokenizer[tokenizer.index("tokenizer") :])
         assert args.generation_config == choice
+
+
+def test_secrets_travel_in_the_environment() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--model", "/models/m", "--api-key", "k1", "--internal-token", "t1"]
+    )
+    env = service_env(args, {})
+    assert env[API_KEY_ENV] == "k1" and env[INTERNAL_TOKEN_ENV] == "t1"
+    commands = service_commands(args, Path("/models/m"), {"worker": 1, "scheduler": 2})
+    assert not any("k1" in part or "t1" in part for command in commands.values() for part in command)

@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 # The "tp2" profile's override: the scheduler drives both ranks of a tensor-parallel engine.
 TP2_OVERRIDE = REPO / "deploy" / "compose.tp2.yml"
+# mTLS, API keys and the internal token from files.
+SECURE_OVERRIDE = REPO / "deploy" / "compose.secure.yml"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 GRAFANA_PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
@@ -208,11 +210,35 @@ def test_tokenizer_and_scheduler_point_at_services():
         assert int(worker_port) == parse_command(by_name[worker]).port
 
 
+def published_ports(service: dict) -> list[tuple[str, str]]:
+    """(host address, host port) of each published port: compose renders a port bound to
+    an address as "ADDRESS:PUBLISHED:TARGET/PROTOCOL", the others as mappings."""
+    ports = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            ports.append((port.get("host_ip", "0.0.0.0"), str(port["published"])))
+        else:
+            host, published, _ = (
+                port.rsplit(":", 2) if port.count(":") == 2 else ("0.0.0.0", *port.split(":"))
+            )
+            ports.append((host, published))
+    return ports
+
+
 def test_published_host_ports_are_unique():
-    published = [
-        str(port["published"]) for service in services().values() for port in service.get("ports", [])
-    ]
+    published = [port for service in services().values() for _, port in published_ports(service)]
     assert len(published) == len(set(published)), published
+
+
+def test_only_the_public_api_is_published_beyond_this_host():
+    beyond = {
+        name: port
+        for name, service in services().items()
+        for host, port in published_ports(service)
+        if host != "127.0.0.1"
+    }
+    assert beyond == {"tokenizer": "50051"}
+    assert services()["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
 
 
 def test_stop_grace_outlasts_the_drain():
@@ -282,3 +308,23 @@ def test_dashboards_query_pagedserve_metrics_from_the_provisioned_datasource():
             for target in panel["targets"]:
                 metrics = set(re.findall(r"pagedserve:[a-z0-9_]+", target["expr"]))
                 assert metrics and metrics <= METRIC_NAMES, (path.name, panel["title"], target["expr"])
+
+
+def test_secure_override_serves_mtls_with_keys_and_token_from_files():
+    result = run_compose("config", overrides=(SECURE_OVERRIDE,))
+    assert result.returncode == 0, result.stderr
+    secure = yaml.safe_load(result.stdout)["services"]
+    for name in ("tokenizer", "scheduler", "worker"):
+        args = parse_command(secure[name])
+        mounts = {
+            volume.split(":")[1] if isinstance(volume, str) else volume["target"]
+            for volume in secure[name]["volumes"]
+        }
+        for path in (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs):
+            assert path is not None and str(path.parent) in mounts, name
+        assert str(args.internal_token_file).startswith("/run/secrets/"), name
+        # The health check speaks TLS with the same files, on the service's own port.
+        check = secure[name]["healthcheck"]["test"]
+        assert check[-3] == f"localhost:{args.port}" and check[-1] == str(args.ssl_certfile.parent), name
+    tokenizer = parse_command(secure["tokenizer"])
+    assert [str(path) for path in tokenizer.api_key_file] == ["/run/secrets/api-keys"]

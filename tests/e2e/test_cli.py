@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+
 from services.launcher import free_port
 
 CLI = [sys.executable, "-m", "services.cli", "--log-level", "WARNING"]
@@ -40,6 +43,7 @@ def test_serve_generate_and_stop(embedded_model_dir: Path) -> None:
         assert server.stdout.readline().strip() == f"pagedserve serving on port {port}"
         services = _children(server.pid)
         assert len(services) == 3
+        _assert_internal_ports_want_the_token(services)
         generated = subprocess.run(
             [
                 *CLI,
@@ -66,6 +70,23 @@ def test_serve_generate_and_stop(embedded_model_dir: Path) -> None:
         assert not any(Path(f"/proc/{pid}").exists() for pid in services)
     finally:
         server.kill()
+
+
+def _assert_internal_ports_want_the_token(services: list[int]) -> None:
+    """serve made up an internal token and gave it to its children in their environment:
+    it is on no command line, and the scheduler refuses a caller without it."""
+    for pid in services:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--internal-token" not in command_line
+        if b"scheduler" in command_line:
+            port = command_line[command_line.index(b"--port") + 1].decode()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        try:
+            stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=10)
+            raise AssertionError("the scheduler answered a caller without the internal token")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_generate_reports_an_unreachable_server() -> None:

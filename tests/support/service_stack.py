@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 from pagedserve.v1 import generation_pb2_grpc, scheduler_pb2_grpc
 
+from services.common.tls import TlsConfig, channel_credentials
 from services.launcher import free_port, loopback_service_commands, running_services
 
 STARTUP_TIMEOUT_S = 180.0
@@ -41,10 +42,12 @@ def service_stack(
     env: dict[str, str] | None = None,
     http_api: bool = False,
     serve_flags: list[str] = (),
+    tls: TlsConfig | None = None,
 ) -> Iterator[Stack]:
     """http_api: the tokenizer serves the OpenAI-compatible HTTP API too, on a free port.
     serve_flags: `pagedserve serve` options (such as --tensor-parallel-size); worker_args go
-    to every worker rank."""
+    to every worker rank. tls: the stack serves TLS (serve_flags name the same files); the
+    stack's stubs and health probes use these files as the client's."""
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     http_port = free_port() if http_api else None
     serve_flags = ["--device", "cpu", *(["--http-port", str(http_port)] if http_port else []), *serve_flags]
@@ -56,10 +59,10 @@ def service_stack(
         commands[name] += {"scheduler": scheduler_args, "tokenizer": tokenizer_args}.get(kind, worker_args)
     with (
         running_services(
-            commands, addresses, log_dir, env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=30
+            commands, addresses, log_dir, env, startup_timeout_s=STARTUP_TIMEOUT_S, stop_timeout_s=30, tls=tls
         ) as processes,
-        grpc.insecure_channel(addresses["tokenizer"]) as public,
-        grpc.insecure_channel(addresses["scheduler"]) as scheduler,
+        _channel(addresses["tokenizer"], tls) as public,
+        _channel(addresses["scheduler"], tls) as scheduler,
     ):
         yield Stack(
             public_address=addresses["tokenizer"],
@@ -72,3 +75,9 @@ def service_stack(
             http_url=None if http_port is None else f"http://127.0.0.1:{http_port}/v1",
             scheduler_addresses=[addresses[name] for name in commands if name.endswith("scheduler")],
         )
+
+
+def _channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, channel_credentials(tls))

@@ -72,20 +72,21 @@ resolves by itself. Call sites render them with `with`, so that empty leaves no 
 the whole server (""), which reports NOT_SERVING until the model or the peer is ready and
 again while draining; liveness asks for "liveness", SERVING whenever the process answers,
 so that a frontend waiting for its scheduler is not restarted.
-Pass (dict "port" N "startup" .Values.startupProbe). */}}
+Over TLS the probes run the image's health check instead (pagedserve.probeCheck).
+Pass (dict "root" $ "port" N "startup" .Values.startupProbe). */}}
 {{- define "pagedserve.probes" -}}
 startupProbe:
-  grpc: {port: {{ .port }}}
+  {{- include "pagedserve.probeCheck" (dict "root" .root "port" .port "service" "") | nindent 2 }}
   periodSeconds: {{ .startup.periodSeconds }}
   failureThreshold: {{ .startup.failureThreshold }}
   timeoutSeconds: 5
 readinessProbe:
-  grpc: {port: {{ .port }}}
+  {{- include "pagedserve.probeCheck" (dict "root" .root "port" .port "service" "") | nindent 2 }}
   periodSeconds: 5
   failureThreshold: 2
   timeoutSeconds: 5
 livenessProbe:
-  grpc: {port: {{ .port }}, service: liveness}
+  {{- include "pagedserve.probeCheck" (dict "root" .root "port" .port "service" "liveness") | nindent 2 }}
   periodSeconds: 10
   failureThreshold: 6
   timeoutSeconds: 5

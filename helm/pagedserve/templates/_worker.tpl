@@ -61,6 +61,7 @@ lays out its ranks on one machine. */}}
     - --max-num-batched-tokens={{ . }}
     {{- end }}
     {{- with include "pagedserve.modelArgs" $root }}{{ . | nindent 4 }}{{ end }}
+    {{- with include "pagedserve.tlsArgs" $root }}{{ . | nindent 4 }}{{ end }}
     {{- with $w.extraArgs }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -72,7 +73,8 @@ lays out its ranks on one machine. */}}
         name: {{ include "pagedserve.fullname" $root }}-env
   env:
     - {name: OTEL_SERVICE_NAME, value: pagedserve-worker}
-  {{- include "pagedserve.probes" (dict "port" $port "startup" $root.Values.startupProbe) | nindent 2 }}
+    {{- with include "pagedserve.securityEnv" $root }}{{ . | nindent 4 }}{{ end }}
+  {{- include "pagedserve.probes" (dict "root" $root "port" $port "startup" $root.Values.startupProbe) | nindent 2 }}
   {{- include "pagedserve.preStop" (dict "seconds" (add $root.Values.preStopSleepSeconds $grace)) | nindent 2 }}
   resources:
     {{- toYaml $w.resources | nindent 4 }}
@@ -81,6 +83,7 @@ lays out its ranks on one machine. */}}
   volumeMounts:
     {{- include "pagedserve.scratchMounts" $root | nindent 4 }}
     {{- with include "pagedserve.modelMount" $root }}{{ . | nindent 4 }}{{ end }}
+    {{- with include "pagedserve.securityMounts" (dict "root" $root "apiKeys" false) }}{{ . | nindent 4 }}{{ end }}
     {{- if gt $world 1 }}
     - name: shm
       mountPath: /dev/shm

@@ -19,6 +19,7 @@ from services.tokenizer.http.protocol import SamplingFields
 from services.tokenizer.http.runner import RequestRun
 from services.tokenizer.http.state import HttpApiConfig, ServingState
 from services.tokenizer.http.streaming import event_stream
+from services.tokenizer.key_gate import KeyGate
 
 T = TypeVar("T")
 
@@ -28,8 +29,11 @@ ChunkAnswer = Callable[[RequestRun, ResponseHeader, bool], AsyncIterator[BaseMod
 
 
 class Answering:
-    def __init__(self, core: GenerationCore, config: HttpApiConfig, state: ServingState) -> None:
+    def __init__(
+        self, core: GenerationCore, config: HttpApiConfig, state: ServingState, gate: KeyGate
+    ) -> None:
         self._core = core
+        self._gate = gate
         self._config = config
         self._state = state
 
@@ -62,7 +66,11 @@ class Answering:
         state.in_flight += 1
         streaming = False
         try:
-            start = RequestRun.start(self._core, generate_requests, body.n)
+            # The caller's key, as the API-key check found it (app.py).
+            caller = getattr(request.state, "caller", None)
+            start = RequestRun.start(
+                lambda one: self._gate.generate(caller, one, self._core.generate), generate_requests, body.n
+            )
             run = await _unless_disconnected(request, start)
             if not body.stream:
                 try:

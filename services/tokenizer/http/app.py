@@ -1,7 +1,6 @@
 """The FastAPI application: routes, the API-key check, readiness and metrics. Each
 generation route converts its body to Generate requests and hands them to Answering."""
 
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,17 +21,23 @@ from services.tokenizer.http.metrics import RequestCounter
 from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest
 from services.tokenizer.http.responses import ModelCard, ModelList
 from services.tokenizer.http.state import HttpApiConfig, ServingState
+from services.tokenizer.key_gate import KeyGate
 
 __all__ = ["HttpApiConfig", "ServingState", "build_app"]
 
 
 def build_app(
-    core: GenerationCore, config: HttpApiConfig, registry: CollectorRegistry, state: ServingState
+    core: GenerationCore,
+    config: HttpApiConfig,
+    registry: CollectorRegistry,
+    state: ServingState,
+    gate: KeyGate | None = None,
 ) -> FastAPI:
     app = FastAPI(title="pagedserve", description="OpenAI-compatible API of pagedserve")
     install_error_handlers(app)
-    answering = Answering(core, config, state)
-    authorized = [Depends(_api_key_check(config.api_key))]
+    gate = gate or KeyGate(None)
+    answering = Answering(core, config, state, gate)
+    authorized = [Depends(_api_key_check(gate))]
 
     @app.get("/health")
     async def health() -> Response:
@@ -85,18 +90,21 @@ def build_app(
 _BEARER = HTTPBearer(auto_error=False)
 
 
-def _api_key_check(api_key: str | None) -> Callable[..., Awaitable[None]]:
-    """A dependency that refuses a request without `Authorization: Bearer API_KEY`."""
+def _api_key_check(gate: KeyGate) -> Callable[..., Awaitable[None]]:
+    """A dependency that refuses a request without `Authorization: Bearer API_KEY` when the
+    API has keys, and leaves the caller's key policy on `request.state.caller`."""
 
     async def check_api_key(
+        request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
     ) -> None:
-        if api_key is None:
+        if gate.keys is None:
             return
-        given = credentials.credentials if credentials is not None else ""
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
+        caller = gate.caller(credentials.credentials if credentials is not None else None)
+        if caller is None:
             raise HttpApiError(
                 401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
             )
+        request.state.caller = caller
 
     return check_api_key

@@ -12,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.common.errors import InvalidArgumentError, RemoteError, ResourceExhaustedError, UnavailableError
+from services.common.errors import (
+    InvalidArgumentError,
+    RateLimitedError,
+    RemoteError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from services.tokenizer.http.convert import openai_param
 
 log = logging.getLogger(__name__)
@@ -85,7 +91,10 @@ def _validation_param(location: tuple[int | str, ...]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, error: Exception) -> JSONResponse:
         refusal = http_error_of(error)
-        return error_response(refusal.status, str(refusal), refusal.param, refusal.code)
+        response = error_response(refusal.status, str(refusal), refusal.param, refusal.code)
+        if isinstance(error, RateLimitedError):
+            response.headers["Retry-After"] = error.retry_after_header
+        return response
 
     async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, generation_pb2
 
-from services.tokenizer.generation import GenerationCore
 from services.tokenizer.http.responses import PromptTokensDetails, Usage
+from services.tokenizer.key_gate import Generate
 
 Message = generation_pb2.GenerateResponse
 
@@ -54,14 +54,15 @@ class RequestRun:
 
     @classmethod
     async def start(
-        cls, core: GenerationCore, requests: Sequence[generation_pb2.GenerateRequest], n: int
+        cls, generate: Generate, requests: Sequence[generation_pb2.GenerateRequest], n: int
     ) -> RequestRun:
-        """Starts every request; raises what any of them was refused with (and aborts the
+        """Starts every request with `generate` (the core's, behind the caller's key policy);
+        raises what any of them was refused with (and aborts the
         others)."""
         streams: list[AsyncIterator[Message]] = []
         try:
             for request in requests:
-                generator = core.generate(request)
+                generator = generate(request)
                 first = await anext(generator)
                 streams.append(_prepend(first, generator))
         except BaseException:

@@ -9,15 +9,22 @@ import asyncio
 import contextlib
 import logging
 import math
+import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from services.common.tls import CertificateFiles, TlsConfig, reload_if_changed
 from services.tokenizer.generation import GenerationCore
 from services.tokenizer.http.app import HttpApiConfig, ServingState, build_app
+from services.tokenizer.key_gate import KeyGate
 
 log = logging.getLogger(__name__)
+
+# How often the certificate files are checked for a rotation.
+_CERTIFICATE_CHECK_S = 1.0
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -29,14 +36,31 @@ class _EmbeddedServer(uvicorn.Server):
 
 class HttpApiServer:
     def __init__(
-        self, core: GenerationCore, config: HttpApiConfig, registry: CollectorRegistry, host: str, port: int
+        self,
+        core: GenerationCore,
+        config: HttpApiConfig,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        gate: KeyGate | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.state = ServingState()
-        app = build_app(core, config, registry, self.state)
+        app = build_app(core, config, registry, self.state, gate)
+        ssl_args: dict[str, Any] = {}
+        tls = tls or TlsConfig()
+        if tls.enabled:
+            ssl_args = {"ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile)}
+            if tls.ca_certs is not None:
+                ssl_args |= {"ssl_ca_certs": str(tls.ca_certs), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         self._server = _EmbeddedServer(
-            uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning", access_log=False)
+            uvicorn.Config(
+                app, host=host, port=port, lifespan="off", log_level="warning", access_log=False, **ssl_args
+            )
         )
+        self._certificates = CertificateFiles(tls) if tls.enabled else None
         self._task: asyncio.Task[None] | None = None
+        self._reloads: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Returns once the port accepts connections; raises if it cannot be bound."""
@@ -47,6 +71,17 @@ class HttpApiServer:
                 raise RuntimeError("the HTTP API server exited while starting")
             await asyncio.sleep(0.05)
         log.info("HTTP API listening on port %d", self._server.config.port)
+        if self._certificates is not None:
+            self._certificates.read()
+            self._reloads = asyncio.create_task(self._reload_certificates())
+
+    async def _reload_certificates(self) -> None:
+        assert self._certificates is not None
+        while True:
+            await asyncio.sleep(_CERTIFICATE_CHECK_S)
+            context = self._server.config.ssl
+            if context is not None:
+                reload_if_changed(context, self._certificates)
 
     def begin_draining(self) -> None:
         self.state.draining = True
@@ -60,5 +95,7 @@ class HttpApiServer:
         left_s = deadline - asyncio.get_running_loop().time()
         self._server.config.timeout_graceful_shutdown = max(1, math.ceil(left_s))
         self._server.should_exit = True
+        if self._reloads is not None:
+            self._reloads.cancel()
         if self._task is not None:
             await self._task

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 class HttpApiConfig:
     # The model's id in requests and responses.
     served_model_name: str
-    # Required as `Authorization: Bearer KEY` on /v1/ routes; None: no check.
-    api_key: str | None = None
 
 
 class ServingState:
