@@ -20,6 +20,13 @@ from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
 from services.frontend_args import add_engine_target_args, add_http_api_args, add_replica_args
+from services.reliability_args import (
+    add_engine_wait_arg,
+    add_supervisor_args,
+    add_watchdog_arg,
+    add_worker_watch_args,
+    worker_watch_config,
+)
 from services.scheduler.config import SchedulerConfig
 from services.worker_flags import GIB, add_worker_args
 
@@ -44,6 +51,7 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
     )
+    add_watchdog_arg(parser)
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -216,6 +224,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace_s=args.shutdown_grace,
         metrics_port=args.metrics_port,
         reuse_port=getattr(args, "reuse_port", False),
+        watchdog_timeout_s=args.watchdog_timeout,
     )
 
 
@@ -235,7 +244,11 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
     from services.scheduler.server import SchedulerServiceConfig, run_scheduler
     from services.scheduler.worker_group import WorkerGroupError
 
-    config = SchedulerServiceConfig(worker_addresses=tuple(args.worker), scheduling=scheduler_config(args))
+    config = SchedulerServiceConfig(
+        worker_addresses=tuple(args.worker),
+        scheduling=scheduler_config(args),
+        worker_watch=worker_watch_config(args),
+    )
     setup_tracing("pagedserve-scheduler", os.environ)
     try:
         run_scheduler(server_config(args), config)
@@ -245,6 +258,7 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from services.tokenizer.engine_pool import EnginePoolConfig
+    from services.tokenizer.migration import MigrationConfig
     from services.tokenizer.routing import RoutingConfig
     from services.tokenizer.server import TokenizerServiceConfig, run_tokenizer
 
@@ -256,6 +270,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         http_port=args.http_port,
         served_model_name=args.served_model_name,
         api_key=args.api_key,
+        migration=MigrationConfig(engine_wait_s=args.engine_wait_timeout),
     )
     setup_tracing("pagedserve-tokenizer", os.environ)
     run_tokenizer(server_config(args), config)
@@ -293,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_parallel_args(serve)
     add_http_api_args(serve)
     add_replica_args(serve)
+    add_worker_watch_args(serve)
+    add_engine_wait_arg(serve)
+    add_supervisor_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
     tokenizer = commands.add_parser("tokenizer", help="run the tokenizer service (public API)")
@@ -300,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(tokenizer)
     add_engine_target_args(tokenizer)
     add_http_api_args(tokenizer)
+    add_engine_wait_arg(tokenizer)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")
@@ -313,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_step_limit_args(scheduler)
     add_scheduler_args(scheduler)
     add_kv_blocks_arg(scheduler)
+    add_worker_watch_args(scheduler)
     scheduler.set_defaults(handler=cmd_scheduler)
 
     worker = commands.add_parser("worker", help="run a GPU worker")

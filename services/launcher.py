@@ -13,12 +13,18 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
+from services.common.grpc_server import LIVENESS_SERVICE
+from services.common.metrics import serve_metrics
+from services.reliability_args import supervisor_config
 from services.serve_layout import ServeLayout, loopback_addresses, stop_rank
+from services.supervisor import Supervisor
 from services.worker_flags import forwarded_weight_flags
 
 log = logging.getLogger(__name__)
@@ -50,10 +56,13 @@ def _lowest_ephemeral_port() -> int:
         return 0
 
 
-def is_serving(address: str) -> bool:
+def is_serving(address: str, service: str = "") -> bool:
+    """Whether the service at `address` reports SERVING: ready ("", the default), or alive
+    (services/common/grpc_server.py's LIVENESS_SERVICE)."""
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1.0)
         except grpc.RpcError:
             return False
     serving: bool = reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -129,6 +138,7 @@ def service_commands(
             *(_optional("--http-port", args.http_port) if name == "tokenizer" else []),
             *_optional("--served-model-name", args.served_model_name),
             *_optional("--api-key", args.api_key),
+            *("--engine-wait-timeout", str(args.engine_wait_timeout)),
         ]
     return commands
 
@@ -149,6 +159,8 @@ def _scheduler_command(
         *_optional("--max-steps-in-flight", args.max_steps_in_flight),
         "--max-stream-messages-per-step",
         str(args.max_stream_messages_per_step),
+        *("--worker-timeout", str(args.worker_timeout)),
+        *("--worker-recovery-timeout", str(args.worker_recovery_timeout)),
     ]
 
 
@@ -160,6 +172,7 @@ def _service(args: argparse.Namespace, command: str, host: str, port: int, metri
     return [
         *(sys.executable, "-m", "services.cli", "--log-level", args.log_level, command),
         *("--host", host, "--port", str(port), "--shutdown-grace", str(args.shutdown_grace)),
+        *("--watchdog-timeout", str(args.watchdog_timeout)),
         *metrics,
     ]
 
@@ -289,37 +302,10 @@ def running_services(
         stop_services(processes, stop_timeout_s)
 
 
-# A service restarted sooner than this after its last restart means it cannot start.
-_MIN_RESTART_INTERVAL_S = 30.0
-
-
-def _restart_engine_services(
-    dead: Mapping[str, int],
-    processes: dict[str, subprocess.Popen[bytes]],
-    commands: Mapping[str, list[str]],
-    layout: ServeLayout,
-    last_restart: dict[str, float],
-) -> bool:
-    """With several engines of one rank each, an engine's scheduler or worker that exits is
-    started again: the other engines serve meanwhile, the tokenizers route around it and
-    it rejoins once it serves. False when a dead service may not be restarted (a
-    tokenizer, a rank of a parallel group, one that exited again right after a restart)."""
-    if layout.num_engines < 2 or layout.world_size > 1:
-        return False
-    now = time.monotonic()
-    for name, code in dead.items():
-        if (
-            stop_rank(name) == 0
-            or now - last_restart.get(name, -_MIN_RESTART_INTERVAL_S) < _MIN_RESTART_INTERVAL_S
-        ):
-            return False
-        log.warning("%s exited with %d; starting it again", name, code)
-        last_restart[name] = now
-        processes[name] = subprocess.Popen(commands[name], start_new_session=True)
-    return True
-
-
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
+    """Runs every service until SIGTERM or SIGINT, restarting those that fail
+    (services/supervisor.py); 1 when one fails more often than it may, or the stack is not
+    ready within STARTUP_TIMEOUT_S."""
     ports = {"worker": free_port(), "scheduler": free_port()}
     commands = service_commands(args, model_dir, ports)
     stop_requested = False
@@ -330,33 +316,40 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    # Children ignore the terminal's Ctrl-C (own process group); the launcher stops them
-    # in order instead.
-    processes = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in commands.items()}
+    layout = serve_layout(args)
     addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
+    registry = CollectorRegistry()
+    supervisor = Supervisor(
+        commands,
+        addresses,
+        [layout.workers(engine) for engine in range(layout.num_engines) if layout.world_size > 1],
+        supervisor_config(args),
+        is_alive=partial(is_serving, service=LIVENESS_SERVICE),
+        registry=registry,
+    )
+    if args.metrics_port is not None:
+        # After every service's metrics port (services/serve_layout.py).
+        serve_metrics(registry, args.metrics_port + len(commands), "127.0.0.1")
+    supervisor.start_all()
     ready: set[str] = set()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     exit_code = 0
-    last_restart: dict[str, float] = {}
     try:
         while not stop_requested:
-            dead = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
-            if dead and not _restart_engine_services(
-                dead, processes, commands, serve_layout(args), last_restart
-            ):
-                log.error("service exited: %s", dead)
+            if not supervisor.check(time.monotonic()):
                 exit_code = 1
                 break
-            for name in addresses.keys() - ready:
-                if is_serving(addresses[name]):
-                    ready.add(name)
-                    if len(ready) == len(addresses):
-                        print(f"pagedserve serving on port {args.port}", flush=True)
-            if len(ready) < len(addresses) and time.monotonic() > deadline:
-                log.error("services not ready after %.0fs: %s", STARTUP_TIMEOUT_S, addresses.keys() - ready)
-                exit_code = 1
-                break
+            if len(ready) < len(addresses):
+                ready |= {name for name in addresses.keys() - ready if is_serving(addresses[name])}
+                if len(ready) == len(addresses):
+                    print(f"pagedserve serving on port {args.port}", flush=True)
+                elif time.monotonic() > deadline:
+                    log.error(
+                        "services not ready after %.0fs: %s", STARTUP_TIMEOUT_S, addresses.keys() - ready
+                    )
+                    exit_code = 1
+                    break
             time.sleep(0.25)
     finally:
-        stop_services(processes, args.shutdown_grace + 5)
+        supervisor.stop(stop_rank, args.shutdown_grace + 5)
     return exit_code

@@ -10,6 +10,7 @@ import grpc
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from services.common.channels import insecure_channel
+from services.tokenizer.migration import EngineStoppedServing
 from services.tokenizer.routing import EngineView
 from services.tokenizer.scheduler_session import SessionClient
 
@@ -44,6 +45,11 @@ class EngineClient:
         return self.load is not None and self.load.serving and time.monotonic() >= self._suspended_until
 
     @property
+    def serving(self) -> bool:
+        """Serving, as of its latest report."""
+        return self.load is not None and self.load.serving
+
+    @property
     def block_size(self) -> int:
         return self.load.block_size if self.load is not None else 0
 
@@ -74,6 +80,10 @@ class EngineClient:
                 async for report in self.stub.WatchLoad(scheduler_pb2.WatchLoadRequest()):
                     if self.load is None or report.serving != self.load.serving:
                         log.info("engine %s %s", self.address, "serving" if report.serving else "not serving")
+                    if self.serving and not report.serving:
+                        self.session.notify_all(
+                            EngineStoppedServing(f"engine {self.address} stopped serving")
+                        )
                     self.load = report
                     self._cached_keys = frozenset(report.cached_block_keys)
                     self._num_sent_since_report = 0

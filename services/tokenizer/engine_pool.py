@@ -80,6 +80,21 @@ class EnginePool:
     def available(self) -> list[EngineClient]:
         return [engine for engine in self.engines.values() if engine.available]
 
+    @property
+    def serving(self) -> bool:
+        """Some engine serves, as of their latest reports: the tokenizer's readiness."""
+        return any(engine.serving for engine in self.engines.values())
+
+    async def wait_until_available(self, timeout_s: float) -> bool:
+        """Whether an engine takes requests within timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.available():
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
     async def wait_for_model(self, timeout_s: float) -> common_pb2.ModelInfo:
         """The served model, as the first engine to serve describes it."""
         deadline = asyncio.get_running_loop().time() + timeout_s

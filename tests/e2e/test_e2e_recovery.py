@@ -1,0 +1,220 @@
+"""`pagedserve serve` survives its services' failures, on CPU with the embedded model:
+8 concurrent greedy generations run while the worker is killed (SIGKILL), while the
+scheduler is killed, and while the worker is stopped (SIGSTOP); every one completes with
+the tokens of an undisturbed run, health says NOT_SERVING while the chain is broken and
+SERVING again after, and nobody but serve itself restarts anything."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+from services.launcher import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+MAX_TOKENS = 24
+WORKER_TIMEOUT_S = 2.0
+HANG_TIMEOUT_S = 6.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen
+    port: int
+    metrics_port: int
+    log_path: Path
+
+    def pid_of(self, service: str) -> int:
+        """The pid of serve's child running `pagedserve SERVICE`."""
+        listing = subprocess.run(
+            ["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True
+        )
+        for pid in map(int, listing.stdout.split()):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except FileNotFoundError:
+                continue
+            if service.encode() in argv:
+                return pid
+        raise AssertionError(f"serve runs no {service}")
+
+    def address_of(self, service: str) -> str:
+        argv = Path(f"/proc/{self.pid_of(service)}/cmdline").read_bytes().split(b"\0")
+        return f"127.0.0.1:{argv[argv.index(b'--port') + 1].decode()}"
+
+    def restarts(self, service: str, reason: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        pattern = rf'pagedserve_service_restarts_total{{reason="{reason}",service="{service}"}} (\S+)'
+        found = re.search(pattern, text)
+        return float(found.group(1)) if found else 0.0
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return reply.status == SERVING
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Seconds until `condition` held."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, f"{what}: not within {timeout_s:.0f}s"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def served(embedded_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp_path_factory.mktemp("recovery") / "serve.log"
+    command = [
+        *(sys.executable, "-m", "services.cli", "--log-level", "INFO", "serve"),
+        *("--port", str(port), "--model", str(embedded_model_dir), "--device", "cpu"),
+        *("--num-kv-blocks", "128", "--shutdown-grace", "5"),
+        *("--worker-timeout", str(WORKER_TIMEOUT_S), "--hang-timeout", str(HANG_TIMEOUT_S)),
+        # The supervisor's metrics follow the three services'.
+        *("--metrics-port", str(metrics_port - 3)),
+    ]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            # One compute thread per service: on a small shared machine, threads that spin
+            # waiting for each other slow every step many times over.
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        )
+    try:
+        _wait_for(lambda: "pagedserve serving on port" in log_path.read_text(), 300, "serve ready")
+        yield Served(process, port, metrics_port, log_path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _requests() -> list[generation_pb2.GenerateRequest]:
+    words = ["cat", "dog", "king", "river", "robot", "tree", "ship", "star"]
+    sampling = common_pb2.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [
+        generation_pb2.GenerateRequest(prompt=f"Story {i}: once upon a time, a {word}", sampling=sampling)
+        for i, word in enumerate(words)
+    ]
+
+
+def _generate(
+    served: Served, request: generation_pb2.GenerateRequest, started: threading.Barrier | None
+) -> list[int]:
+    tokens: list[int] = []
+    with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+        for message in generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=300):
+            if started is not None and not tokens and message.token_ids:
+                started.wait(timeout=120)
+            tokens.extend(message.token_ids)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def undisturbed(served: Served) -> list[list[int]]:
+    with ThreadPoolExecutor(8) as pool:
+        tokens = list(pool.map(lambda r: _generate(served, r, None), _requests()))
+    assert all(len(t) == MAX_TOKENS for t in tokens)
+    return tokens
+
+
+def _disturbed_run(served: Served, disturb: Callable[[], None]) -> list[list[int]]:
+    """The 8 requests again, `disturb` called once every stream has its first tokens."""
+    requests = _requests()
+    started = threading.Barrier(len(requests) + 1)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        streams = [pool.submit(_generate, served, request, started) for request in requests]
+        started.wait(timeout=120)
+        disturb()
+        return [stream.result() for stream in streams]
+
+
+def _public(served: Served) -> str:
+    return f"127.0.0.1:{served.port}"
+
+
+def _recovered(served: Served) -> None:
+    _wait_for(
+        lambda: _serving(_public(served)) and _serving(served.address_of("scheduler")), 120, "serving again"
+    )
+
+
+def test_a_killed_worker_is_restarted_and_its_requests_recomputed(
+    served: Served, undisturbed: list[list[int]]
+):
+    worker = served.pid_of("worker")
+    disturbed = _disturbed_run(served, lambda: os.kill(worker, signal.SIGKILL))
+    assert disturbed == undisturbed
+    _recovered(served)
+    assert served.pid_of("worker") != worker
+    assert served.restarts("worker", "exit") == 1
+    assert "wait to be recomputed" in served.log_path.read_text()
+
+
+def test_a_killed_schedulers_requests_continue_on_the_restarted_one(
+    served: Served, undisturbed: list[list[int]]
+):
+    scheduler = served.pid_of("scheduler")
+    disturbed = _disturbed_run(served, lambda: os.kill(scheduler, signal.SIGKILL))
+    assert disturbed == undisturbed
+    _recovered(served)
+    assert served.pid_of("scheduler") != scheduler
+    assert served.restarts("scheduler", "exit") == 1
+
+
+def test_a_stopped_worker_is_declared_dead_within_the_timeout(served: Served, undisturbed: list[list[int]]):
+    worker = served.pid_of("worker")
+    scheduler_address = served.address_of("scheduler")
+    observed: dict[str, float] = {}
+
+    def stop_worker() -> None:
+        os.kill(worker, signal.SIGSTOP)
+        observed["not_serving_after_s"] = _wait_for(
+            lambda: not _serving(scheduler_address) and not _serving(_public(served)),
+            WORKER_TIMEOUT_S + 5,
+            "NOT_SERVING once the worker stopped answering",
+        )
+        with grpc.insecure_channel(scheduler_address) as channel:
+            stats = scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
+                scheduler_pb2.GetStatsRequest(), timeout=5
+            )
+        # Off the stopped worker: every request waits to be recomputed.
+        observed["running"], observed["waiting"] = stats.num_running, stats.num_waiting
+
+    try:
+        disturbed = _disturbed_run(served, stop_worker)
+    finally:
+        if Path(f"/proc/{worker}").exists():
+            os.kill(worker, signal.SIGCONT)
+    assert observed["not_serving_after_s"] < WORKER_TIMEOUT_S + 5
+    assert (observed["running"], observed["waiting"]) == (0, 8)
+    assert disturbed == undisturbed
+    _recovered(served)
+    # Serve killed the stopped worker (its liveness check went unanswered) and started it again.
+    assert served.restarts("worker", "hang") == 1
