@@ -5,16 +5,10 @@ the tokens of an undisturbed run, health says NOT_SERVING while the chain is bro
 SERVING again after, and nobody but serve itself restarts anything."""
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-from services.launcher import free_port
+from tests.support.serve_process import Served, running_serve, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -32,37 +26,15 @@ HANG_TIMEOUT_S = 6.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen
-    port: int
-    metrics_port: int
-    log_path: Path
-
-    def pid_of(self, service: str) -> int:
-        """The pid of serve's child running `pagedserve SERVICE`."""
-        listing = subprocess.run(
-            ["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True
-        )
-        for pid in map(int, listing.stdout.split()):
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except FileNotFoundError:
-                continue
-            if service.encode() in argv:
-                return pid
-        raise AssertionError(f"serve runs no {service}")
-
-    def address_of(self, service: str) -> str:
-        argv = Path(f"/proc/{self.pid_of(service)}/cmdline").read_bytes().split(b"\0")
-        return f"127.0.0.1:{argv[argv.index(b'--port') + 1].decode()}"
-
-    def restarts(self, service: str, reason: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
-        pattern = rf'pagedserve_service_restarts_total{{reason="{reason}",service="{service}"}} (\S+)'
-        found = re.search(pattern, text)
-        return float(found.group(1)) if found else 0.0
+@pytest.fixture(scope="module")
+def served(embedded_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
+    flags = [
+        *("--num-kv-blocks", "128"),
+        *("--worker-timeout", str(WORKER_TIMEOUT_S), "--hang-timeout", str(HANG_TIMEOUT_S)),
+    ]
+    log_path = tmp_path_factory.mktemp("recovery") / "serve.log"
+    with running_serve(embedded_model_dir, log_path, flags) as running:
+        yield running
 
 
 def _serving(address: str) -> bool:
@@ -72,47 +44,6 @@ def _serving(address: str) -> bool:
         except grpc.RpcError:
             return False
     return reply.status == SERVING
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Seconds until `condition` held."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout_s, f"{what}: not within {timeout_s:.0f}s"
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
-@pytest.fixture(scope="module")
-def served(embedded_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
-    port, metrics_port = free_port(), free_port()
-    log_path = tmp_path_factory.mktemp("recovery") / "serve.log"
-    command = [
-        *(sys.executable, "-m", "services.cli", "--log-level", "INFO", "serve"),
-        *("--port", str(port), "--model", str(embedded_model_dir), "--device", "cpu"),
-        *("--num-kv-blocks", "128", "--shutdown-grace", "5"),
-        *("--worker-timeout", str(WORKER_TIMEOUT_S), "--hang-timeout", str(HANG_TIMEOUT_S)),
-        # The supervisor's metrics follow the three services'.
-        *("--metrics-port", str(metrics_port - 3)),
-    ]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            # One compute thread per service: on a small shared machine, threads that spin
-            # waiting for each other slow every step many times over.
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-        )
-    try:
-        _wait_for(lambda: "pagedserve serving on port" in log_path.read_text(), 300, "serve ready")
-        yield Served(process, port, metrics_port, log_path)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _requests() -> list[generation_pb2.GenerateRequest]:
@@ -155,13 +86,11 @@ def _disturbed_run(served: Served, disturb: Callable[[], None]) -> list[list[int
         return [stream.result() for stream in streams]
 
 
-def _public(served: Served) -> str:
-    return f"127.0.0.1:{served.port}"
-
-
 def _recovered(served: Served) -> None:
-    _wait_for(
-        lambda: _serving(_public(served)) and _serving(served.address_of("scheduler")), 120, "serving again"
+    wait_for(
+        lambda: _serving(served.public_address) and _serving(served.address_of("scheduler")),
+        120,
+        "serving again",
     )
 
 
@@ -195,8 +124,8 @@ def test_a_stopped_worker_is_declared_dead_within_the_timeout(served: Served, un
 
     def stop_worker() -> None:
         os.kill(worker, signal.SIGSTOP)
-        observed["not_serving_after_s"] = _wait_for(
-            lambda: not _serving(scheduler_address) and not _serving(_public(served)),
+        observed["not_serving_after_s"] = wait_for(
+            lambda: not _serving(scheduler_address) and not _serving(served.public_address),
             WORKER_TIMEOUT_S + 5,
             "NOT_SERVING once the worker stopped answering",
         )
