@@ -21,7 +21,7 @@ from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
 from services.frontend_args import add_engine_target_args, add_http_api_args, add_replica_args
 from services.reliability_args import (
-    add_engine_wait_arg,
+    add_engine_failure_args,
     add_supervisor_args,
     add_watchdog_arg,
     add_worker_watch_args,
@@ -265,7 +265,9 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     config = TokenizerServiceConfig(
         model_path=_model_dir(args.model),
         engines=EnginePoolConfig(
-            targets=tuple(args.scheduler), routing=RoutingConfig(policy=args.routing_policy)
+            targets=tuple(args.scheduler),
+            routing=RoutingConfig(policy=args.routing_policy),
+            health_timeout_s=args.scheduler_timeout,
         ),
         http_port=args.http_port,
         served_model_name=args.served_model_name,
@@ -309,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_http_api_args(serve)
     add_replica_args(serve)
     add_worker_watch_args(serve)
-    add_engine_wait_arg(serve)
+    add_engine_failure_args(serve)
     add_supervisor_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -318,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(tokenizer)
     add_engine_target_args(tokenizer)
     add_http_api_args(tokenizer)
-    add_engine_wait_arg(tokenizer)
+    add_engine_failure_args(tokenizer)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")

@@ -139,6 +139,7 @@ def service_commands(
             *_optional("--served-model-name", args.served_model_name),
             *_optional("--api-key", args.api_key),
             *("--engine-wait-timeout", str(args.engine_wait_timeout)),
+            *("--scheduler-timeout", str(args.scheduler_timeout)),
         ]
     return commands
 

@@ -8,6 +8,7 @@ import argparse
 from services.common.grpc_server import ServerConfig
 from services.scheduler.worker_watch import WorkerWatchConfig
 from services.supervisor import SupervisorConfig
+from services.tokenizer.engine_pool import EnginePoolConfig
 from services.tokenizer.migration import MigrationConfig
 
 
@@ -48,8 +49,15 @@ def worker_watch_config(args: argparse.Namespace) -> WorkerWatchConfig:
         raise SystemExit(f"pagedserve: --worker-timeout / --worker-recovery-timeout: {error}") from error
 
 
-def add_engine_wait_arg(parser: argparse.ArgumentParser) -> None:
-    """A tokenizer's (and serve's)."""
+def add_engine_failure_args(parser: argparse.ArgumentParser) -> None:
+    """A tokenizer's (and serve's, which passes them on)."""
+    parser.add_argument(
+        "--scheduler-timeout",
+        type=float,
+        default=EnginePoolConfig.health_timeout_s,
+        help="seconds a scheduler may leave its liveness check unanswered before the tokenizer "
+        "takes its engine for down (its requests move if another engine serves)",
+    )
     parser.add_argument(
         "--engine-wait-timeout",
         type=float,

@@ -30,6 +30,9 @@ class EnginePoolConfig:
     resolve_interval_s: float = 5.0
     # After a request failed on an engine, how long it gets no new ones at least.
     suspend_after_failure_s: float = 2.0
+    # Seconds a scheduler may leave its liveness check unanswered before it counts as not
+    # serving (services/tokenizer/engine_health.py).
+    health_timeout_s: float = 10.0
 
 
 async def resolve(target: str) -> list[str]:
@@ -64,7 +67,9 @@ class EnginePool:
             found.update(await resolve(target))
         for address in sorted(found - self.engines.keys()):
             log.info("engine %s joins", address)
-            engine = EngineClient(address, self._config.suspend_after_failure_s)
+            engine = EngineClient(
+                address, self._config.suspend_after_failure_s, self._config.health_timeout_s
+            )
             self.engines[address] = engine
             engine.start()
         for address in sorted(self.engines.keys() - found):

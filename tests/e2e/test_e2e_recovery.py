@@ -1,6 +1,6 @@
 """`pagedserve serve` survives its services' failures, on CPU with the embedded model:
 8 concurrent greedy generations run while the worker is killed (SIGKILL), while the
-scheduler is killed, and while the worker is stopped (SIGSTOP); every one completes with
+scheduler is killed, and while either is stopped (SIGSTOP); every one completes with
 the tokens of an undisturbed run, health says NOT_SERVING while the chain is broken and
 SERVING again after, and nobody but serve itself restarts anything."""
 
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MAX_TOKENS = 24
 WORKER_TIMEOUT_S = 2.0
 HANG_TIMEOUT_S = 6.0
+SCHEDULER_TIMEOUT_S = 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -31,6 +32,7 @@ def served(embedded_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
     flags = [
         *("--num-kv-blocks", "128"),
         *("--worker-timeout", str(WORKER_TIMEOUT_S), "--hang-timeout", str(HANG_TIMEOUT_S)),
+        *("--scheduler-timeout", str(SCHEDULER_TIMEOUT_S)),
     ]
     log_path = tmp_path_factory.mktemp("recovery") / "serve.log"
     with running_serve(embedded_model_dir, log_path, flags) as running:
@@ -147,3 +149,26 @@ def test_a_stopped_worker_is_declared_dead_within_the_timeout(served: Served, un
     _recovered(served)
     # Serve killed the stopped worker (its liveness check went unanswered) and started it again.
     assert served.restarts("worker", "hang") == 1
+
+
+def test_a_stopped_scheduler_is_noticed_and_restarted(served: Served, undisturbed: list[list[int]]):
+    scheduler = served.pid_of("scheduler")
+    observed: dict[str, float] = {}
+
+    def stop_scheduler() -> None:
+        os.kill(scheduler, signal.SIGSTOP)
+        observed["not_serving_after_s"] = wait_for(
+            lambda: not _serving(served.public_address),
+            SCHEDULER_TIMEOUT_S + 5,
+            "the tokenizer NOT_SERVING once its scheduler stopped answering",
+        )
+
+    try:
+        disturbed = _disturbed_run(served, stop_scheduler)
+    finally:
+        if Path(f"/proc/{scheduler}").exists():
+            os.kill(scheduler, signal.SIGCONT)
+    assert observed["not_serving_after_s"] < SCHEDULER_TIMEOUT_S + 5
+    assert disturbed == undisturbed
+    _recovered(served)
+    assert served.restarts("scheduler", "hang") == 1
