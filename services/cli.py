@@ -16,15 +16,17 @@ from pathlib import Path
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.parallel.config import ParallelConfig
+from services import frontend_args
 from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
 from services.common.tls import TlsConfigError
-from services.frontend_args import (
-    add_engine_target_args,
-    add_generation_config_arg,
-    add_http_api_args,
-    add_replica_args,
+from services.reliability_args import (
+    add_engine_failure_args,
+    add_supervisor_args,
+    add_watchdog_arg,
+    add_worker_watch_args,
+    worker_watch_config,
 )
 from services.scheduler.config import SchedulerConfig
 from services.security_args import add_security_args, add_tls_args, api_keys, internal_token, tls_config
@@ -51,6 +53,7 @@ def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument(
         "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
     )
+    add_watchdog_arg(parser)
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -229,6 +232,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         reuse_port=getattr(args, "reuse_port", False),
         tls=tls,
         internal_token=internal_token(args, os.environ),
+        watchdog_timeout_s=args.watchdog_timeout,
     )
 
 
@@ -248,7 +252,11 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
     from services.scheduler.server import SchedulerServiceConfig, run_scheduler
     from services.scheduler.worker_group import WorkerGroupError
 
-    config = SchedulerServiceConfig(worker_addresses=tuple(args.worker), scheduling=scheduler_config(args))
+    config = SchedulerServiceConfig(
+        worker_addresses=tuple(args.worker),
+        scheduling=scheduler_config(args),
+        worker_watch=worker_watch_config(args),
+    )
     setup_tracing("pagedserve-scheduler", os.environ)
     try:
         run_scheduler(server_config(args), config)
@@ -258,6 +266,7 @@ def cmd_scheduler(args: argparse.Namespace) -> None:
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from services.tokenizer.engine_pool import EnginePoolConfig
+    from services.tokenizer.migration import MigrationConfig
     from services.tokenizer.routing import RoutingConfig
     from services.tokenizer.server import TokenizerServiceConfig, run_tokenizer
 
@@ -268,10 +277,12 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
             targets=tuple(args.scheduler),
             routing=RoutingConfig(policy=args.routing_policy),
             access=service.peer_access(),
+            health_timeout_s=args.scheduler_timeout,
         ),
         http_port=args.http_port,
         served_model_name=args.served_model_name,
         api_keys=api_keys(args, os.environ),
+        migration=MigrationConfig(engine_wait_s=args.engine_wait_timeout),
         model_sampling_defaults=args.generation_config == "auto",
     )
     setup_tracing("pagedserve-tokenizer", os.environ)
@@ -308,19 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_args(serve)
     add_kv_blocks_arg(serve)
     add_parallel_args(serve)
-    add_http_api_args(serve)
-    add_generation_config_arg(serve)
-    add_replica_args(serve)
+    frontend_args.add_http_api_args(serve)
+    frontend_args.add_generation_config_arg(serve)
+    frontend_args.add_replica_args(serve)
     add_security_args(serve, public=True)
+    add_worker_watch_args(serve)
+    add_engine_failure_args(serve)
+    add_supervisor_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
     tokenizer = commands.add_parser("tokenizer", help="run the tokenizer service (public API)")
     add_server_args(tokenizer, default_port=50051)
     add_model_arg(tokenizer)
-    add_engine_target_args(tokenizer)
-    add_http_api_args(tokenizer)
-    add_generation_config_arg(tokenizer)
+    frontend_args.add_engine_target_args(tokenizer)
+    frontend_args.add_http_api_args(tokenizer)
+    frontend_args.add_generation_config_arg(tokenizer)
     add_security_args(tokenizer, public=True)
+    add_engine_failure_args(tokenizer)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")
@@ -335,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_args(scheduler)
     add_kv_blocks_arg(scheduler)
     add_security_args(scheduler, public=False)
+    add_worker_watch_args(scheduler)
     scheduler.set_defaults(handler=cmd_scheduler)
 
     worker = commands.add_parser("worker", help="run a GPU worker")

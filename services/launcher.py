@@ -13,14 +13,20 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
+from services.common.grpc_server import LIVENESS_SERVICE
+from services.common.metrics import serve_metrics
 from services.common.tls import TlsConfig, channel_credentials
+from services.reliability_args import supervisor_config
 from services.security_args import service_env, tls_config
 from services.serve_layout import ServeLayout, loopback_addresses, stop_rank
+from services.supervisor import Supervisor
 from services.worker_flags import forwarded_weight_flags
 
 log = logging.getLogger(__name__)
@@ -58,11 +64,14 @@ def _probe_channel(address: str, tls: TlsConfig | None) -> grpc.Channel:
     return grpc.secure_channel(address, channel_credentials(tls))
 
 
-def is_serving(address: str, tls: TlsConfig | None = None) -> bool:
-    """Health is open to any caller, but over TLS (and mTLS) when the service serves it."""
+def is_serving(address: str, tls: TlsConfig | None = None, service: str = "") -> bool:
+    """Whether the service at `address` reports SERVING: ready ("", the default), or alive
+    (services/common/grpc_server.py's LIVENESS_SERVICE). Health is open to any caller, but
+    over TLS (and mTLS) when the service serves it."""
     with _probe_channel(address, tls) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=1.0)
         except grpc.RpcError:
             return False
     serving: bool = reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -140,6 +149,8 @@ def service_commands(
             *_optional("--served-model-name", args.served_model_name),
             # Plain keys travel in the environment (service_env), off the command line.
             *(f for path in args.api_key_file for f in ("--api-key-file", str(path))),
+            *("--engine-wait-timeout", str(args.engine_wait_timeout)),
+            *("--scheduler-timeout", str(args.scheduler_timeout)),
             "--generation-config",
             args.generation_config,
         ]
@@ -173,6 +184,8 @@ def _scheduler_command(
         *_optional("--max-steps-in-flight", args.max_steps_in_flight),
         "--max-stream-messages-per-step",
         str(args.max_stream_messages_per_step),
+        *("--worker-timeout", str(args.worker_timeout)),
+        *("--worker-recovery-timeout", str(args.worker_recovery_timeout)),
     ]
 
 
@@ -184,6 +197,7 @@ def _service(args: argparse.Namespace, command: str, host: str, port: int, metri
     return [
         *(sys.executable, "-m", "services.cli", "--log-level", args.log_level, command),
         *("--host", host, "--port", str(port), "--shutdown-grace", str(args.shutdown_grace)),
+        *("--watchdog-timeout", str(args.watchdog_timeout)),
         *metrics,
         *_tls_flags(args),
     ]
@@ -315,38 +329,10 @@ def running_services(
         stop_services(processes, stop_timeout_s)
 
 
-# A service restarted sooner than this after its last restart means it cannot start.
-_MIN_RESTART_INTERVAL_S = 30.0
-
-
-def _restart_engine_services(
-    dead: Mapping[str, int],
-    processes: dict[str, subprocess.Popen[bytes]],
-    commands: Mapping[str, list[str]],
-    layout: ServeLayout,
-    last_restart: dict[str, float],
-    env: Mapping[str, str],
-) -> bool:
-    """With several engines of one rank each, an engine's scheduler or worker that exits is
-    started again: the other engines serve meanwhile, the tokenizers route around it and
-    it rejoins once it serves. False when a dead service may not be restarted (a
-    tokenizer, a rank of a parallel group, one that exited again right after a restart)."""
-    if layout.num_engines < 2 or layout.world_size > 1:
-        return False
-    now = time.monotonic()
-    for name, code in dead.items():
-        if (
-            stop_rank(name) == 0
-            or now - last_restart.get(name, -_MIN_RESTART_INTERVAL_S) < _MIN_RESTART_INTERVAL_S
-        ):
-            return False
-        log.warning("%s exited with %d; starting it again", name, code)
-        last_restart[name] = now
-        processes[name] = subprocess.Popen(commands[name], start_new_session=True, env=env)
-    return True
-
-
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
+    """Runs every service until SIGTERM or SIGINT, restarting those that fail
+    (services/supervisor.py); 1 when one fails more often than it may, or the stack is not
+    ready within STARTUP_TIMEOUT_S."""
     ports = {"worker": free_port(), "scheduler": free_port()}
     commands = service_commands(args, model_dir, ports)
     env = {**os.environ, **service_env(args, os.environ)}
@@ -359,35 +345,41 @@ def serve_all(args: argparse.Namespace, model_dir: Path) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    # Children ignore the terminal's Ctrl-C (own process group); the launcher stops them
-    # in order instead.
-    processes = {
-        name: subprocess.Popen(cmd, start_new_session=True, env=env) for name, cmd in commands.items()
-    }
+    layout = serve_layout(args)
     addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
+    registry = CollectorRegistry()
+    supervisor = Supervisor(
+        commands,
+        addresses,
+        [layout.workers(engine) for engine in range(layout.num_engines) if layout.world_size > 1],
+        supervisor_config(args),
+        is_alive=partial(is_serving, tls=tls, service=LIVENESS_SERVICE),
+        registry=registry,
+        env=env,
+    )
+    if args.metrics_port is not None:
+        # After every service's metrics port (services/serve_layout.py).
+        serve_metrics(registry, args.metrics_port + len(commands), "127.0.0.1")
+    supervisor.start_all()
     ready: set[str] = set()
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     exit_code = 0
-    last_restart: dict[str, float] = {}
     try:
         while not stop_requested:
-            dead = {name: p.returncode for name, p in processes.items() if p.poll() is not None}
-            if dead and not _restart_engine_services(
-                dead, processes, commands, serve_layout(args), last_restart, env
-            ):
-                log.error("service exited: %s", dead)
+            if not supervisor.check(time.monotonic()):
                 exit_code = 1
                 break
-            for name in addresses.keys() - ready:
-                if is_serving(addresses[name], tls):
-                    ready.add(name)
-                    if len(ready) == len(addresses):
-                        print(f"pagedserve serving on port {args.port}", flush=True)
-            if len(ready) < len(addresses) and time.monotonic() > deadline:
-                log.error("services not ready after %.0fs: %s", STARTUP_TIMEOUT_S, addresses.keys() - ready)
-                exit_code = 1
-                break
+            if len(ready) < len(addresses):
+                ready |= {name for name in addresses.keys() - ready if is_serving(addresses[name], tls)}
+                if len(ready) == len(addresses):
+                    print(f"pagedserve serving on port {args.port}", flush=True)
+                elif time.monotonic() > deadline:
+                    log.error(
+                        "services not ready after %.0fs: %s", STARTUP_TIMEOUT_S, addresses.keys() - ready
+                    )
+                    exit_code = 1
+                    break
             time.sleep(0.25)
     finally:
-        stop_services(processes, args.shutdown_grace + 5)
+        supervisor.stop(stop_rank, args.shutdown_grace + 5)
     return exit_code

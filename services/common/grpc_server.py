@@ -21,10 +21,14 @@ from services.common.errors import UnavailableError
 from services.common.metrics import serve_metrics
 from services.common.peer_access import PeerAccess
 from services.common.tls import TlsConfig, server_credentials
+from services.common.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
 
 LIVENESS_SERVICE = "liveness"
+
+# How often readiness is brought up to date with what the service needs.
+_READINESS_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class ServerConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     # Sent to the next service, and required from callers of an internal one.
     internal_token: str | None = field(default=None, repr=False)
+    # Seconds the service's event loop may stall before the process exits
+    # (services/common/watchdog.py); 0: no watchdog.
+    watchdog_timeout_s: float = 30.0
 
     def peer_access(self) -> PeerAccess:
         return PeerAccess(self.tls, self.internal_token)
@@ -109,20 +116,34 @@ class ServiceHost:
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
 
+    async def _follow_readiness(self, ready: Callable[[], bool]) -> None:
+        """Keeps readiness equal to `ready()`: what the service needs may go and come back."""
+        serving = True
+        while True:
+            await asyncio.sleep(_READINESS_POLL_S)
+            if ready() != serving:
+                serving = not serving
+                log.warning("readiness: %s", "serving" if serving else "not serving")
+                await (self.set_serving() if serving else self.set_not_serving())
+
     async def run(
         self,
         prepare: Callable[[], Coroutine[Any, Any, None]],
         on_shutdown: Callable[[], Awaitable[None]] | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         """Runs `prepare` (load a model, wait for a peer) while health says NOT_SERVING,
         then serves until SIGTERM or SIGINT. A signal during `prepare` ends it too. On the
-        way out: stop admitting, let calls in flight finish within the grace period."""
+        way out: stop admitting, let calls in flight finish within the grace period.
+        ready: once serving, readiness follows it (liveness stays SERVING)."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         preparing = asyncio.create_task(prepare())
         stopping = asyncio.create_task(stop.wait())
+        watchdog: LoopWatchdog | None = None
+        following: asyncio.Task[None] | None = None
         try:
             await asyncio.wait({preparing, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if preparing.done():
@@ -132,7 +153,14 @@ class ServiceHost:
                 # and the pauses that stall the steps in flight stay short.
                 gc.freeze()
                 await self.set_serving()
+                if self.config.watchdog_timeout_s > 0:
+                    watchdog = LoopWatchdog(self.config.watchdog_timeout_s)
+                    watchdog.start()
+                if ready is not None:
+                    following = asyncio.create_task(self._follow_readiness(ready))
                 await stopping
+            if following is not None:
+                following.cancel()
             log.info("shutting down: draining for up to %.0fs", self.config.shutdown_grace_s)
             await self.health.enter_graceful_shutdown()
             if on_shutdown is not None:
@@ -140,6 +168,8 @@ class ServiceHost:
         finally:
             preparing.cancel()
             stopping.cancel()
+            if watchdog is not None:
+                watchdog.stop()
             await self.server.stop(self.config.shutdown_grace_s)
 
 

@@ -56,5 +56,11 @@ class OutputCoalescer:
     def clear(self) -> None:
         self._held.clear()
 
+    def flush(self) -> list[RequestOutput]:
+        """Every held output, at once (their requests' steps are over for now)."""
+        held = list(self._held.values())
+        self._held.clear()
+        return held
+
     def __len__(self) -> int:
         return len(self._held)

@@ -20,6 +20,7 @@ from services.scheduler.metrics import RequestTimes, SchedulerMetrics, record_re
 from services.scheduler.outputs import RequestEvent, SchedulerOutput
 from services.scheduler.scheduler import RequestOutput, Scheduler
 from services.scheduler.worker_group import GroupStepStream, WorkerGroup, WorkerGroupError
+from services.scheduler.worker_watch import WorkerWatchConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ class RequestStream:
     traceparent: str = ""
 
 
-# How often a scheduler whose workers failed asks whether they serve again.
-_RECOVERY_POLL_S = 5.0
+# How often a scheduler whose workers failed asks whether they serve again, at most.
+_RECOVERY_POLL_S = 1.0
+# How often it says that it is still waiting.
+_RECOVERY_REPORT_S = 10.0
 
 # Told False when the workers fail and True once they serve again.
 ReportServing = Callable[[bool], Awaitable[None]]
@@ -61,11 +64,13 @@ class Engine:
         workers: WorkerGroup,
         metrics: SchedulerMetrics | None = None,
         report_serving: ReportServing = _ignore_serving,
+        watch: WorkerWatchConfig | None = None,
     ) -> None:
         self.scheduler = scheduler
         self._workers = workers
         self._metrics = metrics
         self._report_serving = report_serving
+        self._watch = watch or WorkerWatchConfig()
         # Why the workers cannot take requests now; None while they can.
         self.worker_failure: UnavailableError | None = None
         self._streams: dict[str, RequestStream] = {}
@@ -159,39 +164,73 @@ class Engine:
             stream.deliver(error)
 
     async def run(self) -> None:
-        """Runs steps while there is work; sleeps when there is none. A broken step stream
-        fails the requests in flight (they get an explicit error naming the rank, their
-        blocks come back); new requests are refused until every rank serves again, and then
-        new streams start from scratch."""
+        """Runs steps while there is work; sleeps when there is none. When a worker fails
+        (its step stream breaks, or it stops answering: services/scheduler/worker_watch.py)
+        every request in flight stays: each is recomputed from its tokens once every rank
+        serves again, and its stream goes on. Meanwhile new requests are refused and
+        health says NOT_SERVING; requests held longer than the recovery timeout fail with
+        UNAVAILABLE."""
         while True:
-            await self._has_work.wait()
-            steps = self._workers.open_steps()
-            try:
-                await self._run_steps(steps)
-            except UnavailableError as error:
-                log.error("step stream failed: %s", error)
-                self.worker_failure = error
-                self._fail_all(error)
-            finally:
-                steps.cancel()
+            error = await self._serve_until_failure()
+            log.error(
+                "workers failed: %s; %d requests wait to be recomputed",
+                error,
+                len(self.scheduler.requests),
+            )
+            self.worker_failure = error
+            for output in self._coalescer.flush():
+                self._deliver(output)
+            self.scheduler.restart_worker_stream()
             await self._recover()
+            if self.scheduler.has_unfinished_requests():
+                self._has_work.set()
+
+    async def _serve_until_failure(self) -> UnavailableError:
+        """Runs steps on a new step stream while every rank answers; returns why that ended."""
+        steps = self._workers.open_steps()
+        stepping = asyncio.ensure_future(self._run_steps(steps))
+        watching = asyncio.ensure_future(self._workers.watch(self._watch.timeout_s))
+        try:
+            done, _ = await asyncio.wait({stepping, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stepping.cancel()
+            watching.cancel()
+            steps.cancel()
+            # Tokens already applied reach their requests before they are requeued.
+            await asyncio.gather(stepping, watching, return_exceptions=True)
+        error = next(iter(done)).exception()
+        if isinstance(error, UnavailableError):
+            return error
+        raise error if error is not None else RuntimeError("the step loop ended")
 
     async def _recover(self) -> None:
         """Reports NOT_SERVING until every rank serves again (their supervisor restarts
         the ranks that failed) with a KV pool at least as large as the scheduler's."""
         await self._report_serving(False)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._watch.recovery_timeout_s
+        next_report = loop.time()
         while True:
+            if self._streams and loop.time() > give_up_at:
+                self._fail_all(
+                    UnavailableError(
+                        f"{self.worker_failure}; the workers did not serve again within "
+                        f"{self._watch.recovery_timeout_s:g}s"
+                    )
+                )
             try:
                 await self._workers.wait_until_serving(_RECOVERY_POLL_S)
                 info = await self._workers.describe()
             except (UnavailableError, WorkerGroupError, grpc.aio.AioRpcError) as error:
-                log.warning("waiting for the workers to serve again: %s", error)
+                if loop.time() >= next_report:
+                    next_report = loop.time() + _RECOVERY_REPORT_S
+                    log.warning("waiting for the workers to serve again: %s", error)
                 continue
             if info.num_kv_blocks >= self.scheduler.stats().num_total_blocks:
                 break
             log.error("the workers came back with %d KV blocks, fewer than before", info.num_kv_blocks)
             await asyncio.sleep(_RECOVERY_POLL_S)
-        log.info("workers serving again")
+        log.info("workers serving again; recomputing %d requests", len(self.scheduler.requests))
         self.worker_failure = None
         await self._report_serving(True)
 

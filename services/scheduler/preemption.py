@@ -113,6 +113,26 @@ class Preemption:
             )
         )
 
+    def requeue_all(self) -> None:
+        """Every unfinished sequence loses its KV and waits to be recomputed from its
+        tokens, as a sequence new to the worker: for when the workers' state is gone (a
+        worker restarted). Steps in flight must have been abandoned first, so that blocks
+        go straight back to the pool."""
+        queues = self.queues
+        for sequence in [*queues.running, *queues.swapped, *queues.waiting]:
+            queues.remove(sequence)
+            self.block_manager.free(sequence)
+            self.cpu_pool.free(sequence.cpu_block_table)
+            sequence.cpu_block_table = []
+            sequence.num_computed_tokens = 0
+            sequence.num_registered_blocks = 0
+            # What steps in flight would have sampled is lost with them; the new stream
+            # numbers its steps from 1 again.
+            sequence.num_pending_samples = 0
+            sequence.last_step_id = 0
+            sequence.seq_id = None
+            queues.insert(sequence, SequenceStatus.WAITING)
+
     def swap_in(self, sequence: Sequence, num_new_tokens: int) -> SlotAllocation | None:
         """Moves a swapped sequence back into fresh device blocks, with room for the tokens
         it computes next; None when the pool cannot hold them. The caller schedules it and

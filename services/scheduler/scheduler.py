@@ -200,12 +200,20 @@ class Scheduler:
         """
         unfinished = sorted(self.requests.values(), key=lambda r: r.arrival_index)
         outputs = [o for r in unfinished for o in self.abort_request(r.request_id) or []]
+        self.restart_worker_stream()
+        return outputs
+
+    def restart_worker_stream(self) -> None:
+        """Starts over with the worker after its stream is gone, keeping every request: the
+        steps in flight are dropped, each unfinished sequence is recomputed from its tokens
+        (prompt and every token sampled so far), and the next step is step 1 of a new
+        stream that knows no seq_ids. The next stream may reach a restarted worker, whose
+        cache holds no KV."""
         self.in_flight.abandon()
+        self.preemption.requeue_all()
         self._worker_ops.clear()
         self._next_step_id = 1
-        # The next stream may reach a restarted worker, whose cache holds no KV.
         self.block_manager.reset_prefix_cache()
-        return outputs
 
     def _report_event(self, event: RequestEvent) -> None:
         if self.on_event is not None:

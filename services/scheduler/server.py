@@ -3,7 +3,7 @@
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
@@ -15,6 +15,7 @@ from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.worker_group import WorkerGroup
+from services.scheduler.worker_watch import WorkerWatchConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class SchedulerServiceConfig:
     worker_startup_timeout_s: float = 600.0
     # Shortest time between two WatchLoad reports to a frontend.
     load_report_interval_s: float = 0.05
+    # When workers count as dead, and how long their requests wait for them.
+    worker_watch: WorkerWatchConfig = field(default_factory=WorkerWatchConfig)
 
 
 def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Scheduler:
@@ -72,7 +75,9 @@ async def serve_scheduler(server_config: ServerConfig, config: SchedulerServiceC
         async def report_serving(serving: bool) -> None:
             await (host.set_serving() if serving else host.set_not_serving())
 
-        engine = Engine(build_scheduler(config.scheduling, info), workers, metrics, report_serving)
+        engine = Engine(
+            build_scheduler(config.scheduling, info), workers, metrics, report_serving, config.worker_watch
+        )
         servicer.model.CopyFrom(info.model)
         # The pool may hold fewer tokens than the model's context: callers see the real limit.
         servicer.model.max_model_len = engine.scheduler.max_model_len

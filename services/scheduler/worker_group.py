@@ -23,6 +23,7 @@ from services.common.channels import WORKER_CHANNEL_OPTIONS
 from services.common.errors import UnavailableError
 from services.common.grpc_server import wait_for_serving
 from services.common.peer_access import PeerAccess
+from services.scheduler.worker_watch import watch_rank
 
 
 class WorkerGroupError(RuntimeError):
@@ -60,6 +61,21 @@ class WorkerGroup:
 
     async def wait_until_serving(self, timeout_s: float) -> None:
         await asyncio.gather(*(wait_for_serving(channel, timeout_s) for channel in self._channels))
+
+    async def watch(self, timeout_s: float) -> None:
+        """Returns never; raises UnavailableError naming the first rank that has not
+        answered its health check SERVING for timeout_s (services/scheduler/worker_watch.py)."""
+        watches = [
+            asyncio.ensure_future(
+                watch_rank(channel, f"worker rank {rank.rank} at {rank.address}", timeout_s)
+            )
+            for rank, channel in zip(self.ranks, self._channels)
+        ]
+        try:
+            await asyncio.gather(*watches)
+        finally:
+            for watch in watches:
+                watch.cancel()
 
     async def describe(self) -> worker_pb2.WorkerInfo:
         """What the group serves: rank 0's description, with the KV pools cut to what every

@@ -10,6 +10,8 @@ import grpc
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from services.common.peer_access import PeerAccess
+from services.tokenizer.engine_health import EngineLiveness
+from services.tokenizer.migration import EngineStoppedServing
 from services.tokenizer.routing import EngineView
 from services.tokenizer.scheduler_session import SessionClient
 
@@ -21,12 +23,18 @@ _RECONNECT_S = 0.5
 
 class EngineClient:
     def __init__(
-        self, address: str, suspend_after_failure_s: float = 2.0, access: PeerAccess | None = None
+        self,
+        address: str,
+        suspend_after_failure_s: float = 2.0,
+        health_timeout_s: float = 10.0,
+        access: PeerAccess | None = None,
     ) -> None:
         self.address = address
         access = access or PeerAccess()
         self._channel = access.channel(address)
         self._metadata = access.metadata
+        self._liveness = EngineLiveness(self._channel, address, health_timeout_s)
+        self._tasks: list[asyncio.Task[None]] = []
         self.stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self.session = SessionClient(self.stub, self._metadata)
         # The engine's latest report; None until one comes, and while its stream is down.
@@ -37,15 +45,30 @@ class EngineClient:
         self._suspend_after_failure_s = suspend_after_failure_s
         # A request failed here: no new ones until then (monotonic seconds).
         self._suspended_until = 0.0
-        self._watch: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._watch = asyncio.create_task(self._watch_load())
+        self._tasks = [
+            asyncio.create_task(self._watch_load()),
+            asyncio.create_task(self._liveness.follow(self._move_requests)),
+        ]
 
     @property
     def available(self) -> bool:
         """Serving, as of its latest report, and no request failed here just now."""
-        return self.load is not None and self.load.serving and time.monotonic() >= self._suspended_until
+        return self.serving and time.monotonic() >= self._suspended_until
+
+    @property
+    def serving(self) -> bool:
+        """Serving, as of its latest report, and answering."""
+        return self.load is not None and self.load.serving and self._liveness.answers
+
+    def _move_requests(self) -> None:
+        """Tells its requests that they may move to an engine that serves."""
+        self.session.notify_all(EngineStoppedServing(f"engine {self.address} stopped serving"))
+
+    async def _move_requests_if_workers_failed(self) -> None:
+        if await self._liveness.lost_its_workers():
+            self._move_requests()
 
     @property
     def block_size(self) -> int:
@@ -80,6 +103,9 @@ class EngineClient:
                 ):
                     if self.load is None or report.serving != self.load.serving:
                         log.info("engine %s %s", self.address, "serving" if report.serving else "not serving")
+                    if self.load is not None and self.load.serving and not report.serving:
+                        self._tasks = [task for task in self._tasks if not task.done()]
+                        self._tasks.append(asyncio.create_task(self._move_requests_if_workers_failed()))
                     self.load = report
                     self._cached_keys = frozenset(report.cached_block_keys)
                     self._num_sent_since_report = 0
@@ -90,7 +116,7 @@ class EngineClient:
             await asyncio.sleep(_RECONNECT_S)
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in self._tasks:
+            task.cancel()
         self.session.close()
         await self._channel.close()

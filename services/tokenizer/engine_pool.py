@@ -33,6 +33,9 @@ class EnginePoolConfig:
     suspend_after_failure_s: float = 2.0
     # TLS and the internal token of the link to each scheduler.
     access: PeerAccess = field(default_factory=PeerAccess)
+    # Seconds a scheduler may leave its liveness check unanswered before it counts as not
+    # serving (services/tokenizer/engine_health.py).
+    health_timeout_s: float = 10.0
 
 
 async def resolve(target: str) -> list[str]:
@@ -67,7 +70,12 @@ class EnginePool:
             found.update(await resolve(target))
         for address in sorted(found - self.engines.keys()):
             log.info("engine %s joins", address)
-            engine = EngineClient(address, self._config.suspend_after_failure_s, self._config.access)
+            engine = EngineClient(
+                address,
+                self._config.suspend_after_failure_s,
+                self._config.health_timeout_s,
+                self._config.access,
+            )
             self.engines[address] = engine
             engine.start()
         for address in sorted(self.engines.keys() - found):
@@ -82,6 +90,21 @@ class EnginePool:
 
     def available(self) -> list[EngineClient]:
         return [engine for engine in self.engines.values() if engine.available]
+
+    @property
+    def serving(self) -> bool:
+        """Some engine serves, as of their latest reports: the tokenizer's readiness."""
+        return any(engine.serving for engine in self.engines.values())
+
+    async def wait_until_available(self, timeout_s: float) -> bool:
+        """Whether an engine takes requests within timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.available():
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
 
     async def wait_for_model(self, timeout_s: float) -> common_pb2.ModelInfo:
         """The served model, as the first engine to serve describes it."""

@@ -13,7 +13,12 @@ from services.common.telemetry import traceparent_of, tracer
 from services.tokenizer.completion import Completions
 from services.tokenizer.engine_pool import EnginePool
 from services.tokenizer.frontend import RequestFrontend
-from services.tokenizer.migration import MigrationConfig, ResumableRequest, is_engine_failure
+from services.tokenizer.migration import (
+    EngineStoppedServing,
+    MigrationConfig,
+    ResumableRequest,
+    is_engine_failure,
+)
 from services.tokenizer.routing import NoEngineError
 from services.tokenizer.routing_metrics import RoutingMetrics
 from services.tokenizer.scheduler_session import raise_if_error
@@ -72,9 +77,7 @@ class GenerationCore:
                     except NoEngineError as error:
                         if failure is None:
                             raise
-                        raise UnavailableError(
-                            f"{failure}; no other engine serves to move the request to"
-                        ) from error
+                        await self._wait_for_engine(failure, error)
                     except Exception as error:
                         if not is_engine_failure(error):
                             raise
@@ -82,6 +85,16 @@ class GenerationCore:
                         failure = error
             finally:
                 request_trace.end()
+
+    async def _wait_for_engine(self, failure: Exception, error: NoEngineError) -> None:
+        """A request that left a failed engine waits for one to serve: another, or the same
+        one once it is restarted (a single engine's scheduler that comes back at its
+        address is where the request moves to)."""
+        wait_s = self._migration.engine_wait_s
+        if not await self._engines.wait_until_available(wait_s):
+            raise UnavailableError(
+                f"{failure}; no engine served within {wait_s:g}s to move the request to"
+            ) from error
 
     async def _stream(
         self,
@@ -108,6 +121,12 @@ class GenerationCore:
         try:
             while not completions.finished:
                 update = await updates.get()
+                if isinstance(update, EngineStoppedServing):
+                    # Its scheduler recomputes it once the workers are back, unless it can
+                    # go on elsewhere now.
+                    if not any(other is not engine for other in self._engines.available()):
+                        continue
+                    raise update
                 if isinstance(update, Exception):
                     raise update
                 raise_if_error(update)

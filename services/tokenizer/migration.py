@@ -18,6 +18,15 @@ UNAVAILABLE_CODE = 14
 class MigrationConfig:
     # Engine failures one request survives; past them it fails with UNAVAILABLE.
     max_migrations: int = 3
+    # Seconds a request that left a failed engine waits for one to serve (the same one,
+    # restarted, if it is the only one) before it fails with UNAVAILABLE.
+    engine_wait_s: float = 60.0
+
+
+class EngineStoppedServing(UnavailableError):
+    """The engine a request is on stopped serving (its workers failed) while its scheduler
+    still holds the request for recomputation: the request moves if another engine serves,
+    and otherwise waits there."""
 
 
 def is_engine_failure(error: Exception) -> bool:

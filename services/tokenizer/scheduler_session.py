@@ -65,6 +65,11 @@ class SessionClient:
             abort_request = scheduler_pb2.AbortRequest(request_id=request_id)
             self._outgoing.put_nowait(scheduler_pb2.SessionRequest(abort=abort_request))
 
+    def notify_all(self, error: Exception) -> None:
+        """Puts `error` in the queue of every request in flight, after what it has received."""
+        for updates in self._requests.values():
+            updates.put_nowait(error)
+
     def close(self) -> None:
         if self._outgoing is not None:
             self._outgoing.put_nowait(None)

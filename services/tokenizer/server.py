@@ -102,7 +102,8 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
         log.info("tokenizer serving %s; sampling defaults: %s", model.model_name, describe(defaults))
 
     try:
-        await host.run(prepare=connect_scheduler, on_shutdown=stop_http_api)
+        # Ready while some engine serves: a request could go nowhere otherwise.
+        await host.run(prepare=connect_scheduler, on_shutdown=stop_http_api, ready=lambda: engines.serving)
     finally:
         if http_stopped is not None:
             await http_stopped

@@ -84,6 +84,10 @@ def test_every_serve_option_reaches_a_service() -> None:
         "metrics_port",
         "engines",
         "tokenizers",
+        # How serve restarts what fails (tests/common/test_supervisor.py).
+        "max_restarts",
+        "restart_window",
+        "hang_timeout",
     }
     for action in serve_parser._actions:
         if action.dest in launcher_own:

@@ -105,6 +105,8 @@ def test_every_container_has_grpc_probes_on_its_own_port(value_set):
         # Readiness follows the model and the peers; liveness only that the process answers.
         assert "service" not in container["readinessProbe"]["grpc"]
         assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+        # A restarted container whose peers are down must not be restarted for that.
+        assert container["startupProbe"]["grpc"]["service"] == LIVENESS_SERVICE
 
 
 @value_sets

@@ -68,15 +68,20 @@ resolves by itself. Call sites render them with `with`, so that empty leaves no 
   mountPath: /home/pagedserve
 {{- end -}}
 
-{{/* Kubelet gRPC probes ask the standard health service. Startup and readiness ask for
-the whole server (""), which reports NOT_SERVING until the model or the peer is ready and
-again while draining; liveness asks for "liveness", SERVING whenever the process answers,
-so that a frontend waiting for its scheduler is not restarted.
+{{/* Kubelet gRPC probes ask the standard health service. Readiness asks for the whole
+server (""), which reports NOT_SERVING until the model or the peers are ready, again
+whenever a peer it needs is down (a scheduler whose workers failed, a tokenizer with no
+serving engine) and while draining: it follows the chain, and only takes the pod out of
+its Services. Startup and liveness ask for "liveness", SERVING whenever the process's
+event loop answers, so that a frontend waiting for its scheduler, or a scheduler waiting
+for a restarted worker, is never restarted for it; a stopped or hung process is, after
+livenessProbe's failureThreshold x periodSeconds. Startup allows a slow start of the
+process itself (imports, device initialization) before liveness counts.
 Over TLS the probes run the image's health check instead (pagedserve.probeCheck).
 Pass (dict "root" $ "port" N "startup" .Values.startupProbe). */}}
 {{- define "pagedserve.probes" -}}
 startupProbe:
-  {{- include "pagedserve.probeCheck" (dict "root" .root "port" .port "service" "") | nindent 2 }}
+  {{- include "pagedserve.probeCheck" (dict "root" .root "port" .port "service" "liveness") | nindent 2 }}
   periodSeconds: {{ .startup.periodSeconds }}
   failureThreshold: {{ .startup.failureThreshold }}
   timeoutSeconds: 5
@@ -87,8 +92,8 @@ readinessProbe:
   timeoutSeconds: 5
 livenessProbe:
   {{- include "pagedserve.probeCheck" (dict "root" .root "port" .port "service" "liveness") | nindent 2 }}
-  periodSeconds: 10
-  failureThreshold: 6
+  periodSeconds: 5
+  failureThreshold: 4
   timeoutSeconds: 5
 {{- end -}}
 
