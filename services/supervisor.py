@@ -55,6 +55,9 @@ class RestartBudget:
         return now + backoff
 
 
+# How often each service's liveness is asked.
+_LIVENESS_INTERVAL_S = 1.0
+
 # Asks whether the service at an address answers its liveness check.
 IsAlive = Callable[[str], bool]
 
@@ -82,8 +85,10 @@ class Supervisor:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         # Services waiting to start again, and when.
         self._pending: dict[str, float] = {}
-        # When each running service last answered its liveness check (None: not yet).
+        # When each running service last answered its liveness check (None: not yet), and
+        # when it is asked next.
         self._last_alive: dict[str, float | None] = {}
+        self._next_liveness_check: dict[str, float] = {}
         self.restarts = Counter(
             "pagedserve_service_restarts",
             "Services that `pagedserve serve` started again after they exited or hung.",
@@ -130,6 +135,9 @@ class Supervisor:
         return True
 
     def _hung(self, name: str, now: float) -> bool:
+        if now < self._next_liveness_check.get(name, 0.0):
+            return False
+        self._next_liveness_check[name] = now + _LIVENESS_INTERVAL_S
         if self._is_alive(self._addresses[name]):
             self._last_alive[name] = now
             return False

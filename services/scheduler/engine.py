@@ -178,6 +178,8 @@ class Engine:
                 len(self.scheduler.requests),
             )
             self.worker_failure = error
+            if self._metrics is not None:
+                self._metrics.worker_failures.inc()
             for output in self._coalescer.flush():
                 self._deliver(output)
             self.scheduler.restart_worker_stream()
@@ -231,6 +233,8 @@ class Engine:
             log.error("the workers came back with %d KV blocks, fewer than before", info.num_kv_blocks)
             await asyncio.sleep(_RECOVERY_POLL_S)
         log.info("workers serving again; recomputing %d requests", len(self.scheduler.requests))
+        if self._metrics is not None:
+            self._metrics.requests_recomputed.inc(len(self.scheduler.requests))
         self.worker_failure = None
         await self._report_serving(True)
 

@@ -134,6 +134,17 @@ class SchedulerMetrics:
             ["finished_reason"],
             registry=self.registry,
         )
+        self.worker_failures = Counter(
+            PREFIX + "worker_failures",
+            "Times the engine's workers failed (exited or stopped answering); its requests were "
+            "held and recomputed once they served again.",
+            registry=self.registry,
+        )
+        self.requests_recomputed = Counter(
+            PREFIX + "requests_recomputed_after_worker_failure",
+            "Requests held through a worker failure and recomputed on the restarted workers.",
+            registry=self.registry,
+        )
 
     def on_step(self, num_sequences: int, duration_s: float) -> None:
         self.batch_size.observe(num_sequences)

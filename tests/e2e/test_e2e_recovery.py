@@ -106,6 +106,8 @@ def test_a_killed_worker_is_restarted_and_its_requests_recomputed(
     assert served.pid_of("worker") != worker
     assert served.restarts("worker", "exit") == 1
     assert "wait to be recomputed" in served.log_path.read_text()
+    assert served.scheduler_metric("pagedserve:worker_failures_total") == 1
+    assert served.scheduler_metric("pagedserve:requests_recomputed_after_worker_failure_total") == 8
 
 
 def test_a_killed_schedulers_requests_continue_on_the_restarted_one(

@@ -23,6 +23,8 @@ class Served:
     # The supervisor's own metrics port.
     metrics_port: int
     log_path: Path
+    # The services' metrics ports follow one another from here, the tokenizer's first.
+    first_metrics_port: int
 
     @property
     def public_address(self) -> str:
@@ -52,11 +54,19 @@ class Served:
 
     def restarts(self, service: str, reason: str) -> float:
         """pagedserve_service_restarts_total of `service` for `reason`, as serve publishes it."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
-        pattern = rf'pagedserve_service_restarts_total{{reason="{reason}",service="{service}"}} (\S+)'
-        found = re.search(pattern, text)
-        return float(found.group(1)) if found else 0.0
+        labels = f'{{reason="{reason}",service="{service}"}}'
+        return _metric(self.metrics_port, "pagedserve_service_restarts_total" + labels)
+
+    def scheduler_metric(self, name: str) -> float:
+        """A metric of the scheduler (of one tokenizer and one engine: the second port)."""
+        return _metric(self.first_metrics_port + 1, name)
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -88,7 +98,7 @@ def running_serve(model_dir: Path, log_path: Path, flags: list[str]) -> Iterator
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: "pagedserve serving on port" in log_path.read_text(), 300, "serve ready")
-        yield Served(process, port, metrics_port, log_path)
+        yield Served(process, port, metrics_port, log_path, metrics_port - num_services)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
