@@ -25,6 +25,8 @@ WORKER_TIMEOUT_S = 2.0
 HANG_TIMEOUT_S = 6.0
 SCHEDULER_TIMEOUT_S = 3.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# The scheduler answers only callers with serve's internal token.
+INTERNAL_TOKEN = "recovery-test-token"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def served(embedded_model_dir: Path, tmp_path_factory) -> Iterator[Served]:
         *("--num-kv-blocks", "128"),
         *("--worker-timeout", str(WORKER_TIMEOUT_S), "--hang-timeout", str(HANG_TIMEOUT_S)),
         *("--scheduler-timeout", str(SCHEDULER_TIMEOUT_S)),
+        *("--internal-token", INTERNAL_TOKEN),
     ]
     log_path = tmp_path_factory.mktemp("recovery") / "serve.log"
     with running_serve(embedded_model_dir, log_path, flags) as running:
@@ -135,7 +138,9 @@ def test_a_stopped_worker_is_declared_dead_within_the_timeout(served: Served, un
         )
         with grpc.insecure_channel(scheduler_address) as channel:
             stats = scheduler_pb2_grpc.SchedulerStub(channel).GetStats(
-                scheduler_pb2.GetStatsRequest(), timeout=5
+                scheduler_pb2.GetStatsRequest(),
+                timeout=5,
+                metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),),
             )
         # Off the stopped worker: every request waits to be recomputed.
         observed["running"], observed["waiting"] = stats.num_running, stats.num_waiting
