@@ -139,7 +139,8 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
         "--max-waiting-requests",
         type=int,
         default=SchedulerConfig.max_waiting_requests,
-        help="queued requests past which new ones get RESOURCE_EXHAUSTED; default: no limit",
+        help="requests that may wait for seats or KV blocks; past it new ones get "
+        "RESOURCE_EXHAUSTED; default: no limit",
     )
     parser.add_argument(
         "--no-prefix-caching",
