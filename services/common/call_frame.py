@@ -5,7 +5,7 @@ Servicers stay thin: they raise, this answers."""
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +90,20 @@ class _Call:
         await context.abort(self.code, message)
 
 
+def _current(call: _Call) -> AbstractContextManager[trace.Span]:
+    """The call's span as the current one, for one step of its handler within one task."""
+    return trace.use_span(call.span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
+
+def _cancellation_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """A handler cancelled because its deadline passed ended in DEADLINE_EXCEEDED (what
+    the caller sees); otherwise the caller cancelled it."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 # grpc ships no type hints, so its base class is Any to the checker.
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -102,31 +116,30 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     @contextmanager
     def _frame(self, method: str, context: grpc.aio.ServicerContext, traced: bool) -> Iterator[_Call]:
+        """The call's span, started but not made current: a stream's handler may be closed
+        by another task than the one that began it (a cancelled stream's generator is
+        finalized later), and a context attached in one task cannot be detached in
+        another. The handler's steps run inside `_current(call)` instead."""
         service, _, name = method.lstrip("/").partition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         parent = context_from_metadata(context.invocation_metadata())
-        span_or_none = (
-            tracer().start_as_current_span(
-                method.lstrip("/"),
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-                record_exception=False,
-                set_status_on_exception=False,
+        span = (
+            tracer().start_span(
+                method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=attributes
             )
             if traced
-            else nullcontext(trace.INVALID_SPAN)
+            else trace.INVALID_SPAN
         )
-        with span_or_none as span:
-            call = _Call(span)
-            try:
-                yield call
-            except asyncio.CancelledError:
-                call.code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                span.set_attribute("rpc.grpc.status_code", call.code.value[0])
-                self._handled.labels(name, call.code.name).inc()
+        call = _Call(span)
+        try:
+            yield call
+        except asyncio.CancelledError:
+            call.code = _cancellation_code(context)
+            raise
+        finally:
+            span.set_attribute("rpc.grpc.status_code", call.code.value[0])
+            span.end()
+            self._handled.labels(name, call.code.name).inc()
 
     def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -134,7 +147,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     if isinstance(request, _UndecodableRequest):
                         raise request.error
-                    return await behavior(request, context)
+                    with _current(call):
+                        return await behavior(request, context)
                 except Exception as error:
                     await call.fail(error, context)
 
@@ -145,13 +159,24 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with self._frame(method, context, traced) as call:
+                responses = behavior(request, context)
                 try:
                     if isinstance(request, _UndecodableRequest):
                         raise request.error
-                    async for response in behavior(request, context):
+                    while True:
+                        with _current(call):
+                            try:
+                                response = await anext(responses)
+                            except StopAsyncIteration:
+                                break
                         yield response
                 except Exception as error:
                     await call.fail(error, context)
+                finally:
+                    # Whichever task closes this generator closes the handler's at once,
+                    # so that its cleanup (aborting the request) does not wait for the
+                    # collector.
+                    await responses.aclose()
 
         return wrapper
 
