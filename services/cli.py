@@ -16,10 +16,16 @@ from pathlib import Path
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.parallel.config import ParallelConfig
+from services.common.channels import MAX_MESSAGE_BYTES
 from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
-from services.frontend_args import add_engine_target_args, add_http_api_args, add_replica_args
+from services.frontend_args import (
+    add_engine_target_args,
+    add_http_api_args,
+    add_replica_args,
+    add_request_limit_args,
+)
 from services.scheduler.config import SchedulerConfig
 from services.worker_flags import GIB, add_worker_args
 
@@ -217,6 +223,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace_s=args.shutdown_grace,
         metrics_port=args.metrics_port,
         reuse_port=getattr(args, "reuse_port", False),
+        # Only the tokenizer's port is public; internal ones take the large step messages.
+        max_receive_message_bytes=getattr(args, "max_request_bytes", MAX_MESSAGE_BYTES),
     )
 
 
@@ -257,6 +265,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         http_port=args.http_port,
         served_model_name=args.served_model_name,
         api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
     )
     setup_tracing("pagedserve-tokenizer", os.environ)
     run_tokenizer(server_config(args), config)
@@ -293,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_blocks_arg(serve)
     add_parallel_args(serve)
     add_http_api_args(serve)
+    add_request_limit_args(serve)
     add_replica_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -301,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(tokenizer)
     add_engine_target_args(tokenizer)
     add_http_api_args(tokenizer)
+    add_request_limit_args(tokenizer)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")

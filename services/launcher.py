@@ -129,6 +129,8 @@ def service_commands(
             *(_optional("--http-port", args.http_port) if name == "tokenizer" else []),
             *_optional("--served-model-name", args.served_model_name),
             *_optional("--api-key", args.api_key),
+            "--max-request-bytes",
+            str(args.max_request_bytes),
         ]
     return commands
 

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from services.common.call_frame import CallInterceptor
-from services.common.channels import MESSAGE_SIZE_OPTIONS, SERVER_KEEPALIVE_OPTIONS
+from services.common.channels import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS, message_size_options
 from services.common.errors import UnavailableError
 from services.common.metrics import serve_metrics
 
@@ -35,6 +35,8 @@ class ServerConfig:
     # Several processes may listen on the port at once (SO_REUSEPORT), the kernel spreading
     # the connections over them.
     reuse_port: bool = False
+    # Largest message a caller may send; a larger one ends its call with RESOURCE_EXHAUSTED.
+    max_receive_message_bytes: int = MAX_MESSAGE_BYTES
 
 
 class ServiceHost:
@@ -48,7 +50,7 @@ class ServiceHost:
             interceptors=[CallInterceptor(self.registry)],
             options=[
                 ("grpc.so_reuseport", int(config.reuse_port)),
-                *MESSAGE_SIZE_OPTIONS,
+                *message_size_options(config.max_receive_message_bytes),
                 *SERVER_KEEPALIVE_OPTIONS,
             ],
         )

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from pagedserve.v1 import generation_pb2, generation_pb2_grpc
 
+from services.common.channels import DEFAULT_MAX_REQUEST_BYTES
 from services.common.grpc_server import ServerConfig, ServiceHost
 from services.tokenizer.engine_pool import EnginePool, EnginePoolConfig
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
@@ -41,10 +42,14 @@ class TokenizerServiceConfig:
     # API key the HTTP API requires as a bearer token; None: none.
     api_key: str | None = None
     migration: MigrationConfig = field(default_factory=MigrationConfig)
+    # Largest HTTP body a client may send (the gRPC port's limit is ServerConfig's).
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     def http_api_config(self) -> HttpApiConfig:
         return HttpApiConfig(
-            served_model_name=self.served_model_name or self.model_path.name, api_key=self.api_key
+            served_model_name=self.served_model_name or self.model_path.name,
+            api_key=self.api_key,
+            max_body_bytes=self.max_request_bytes,
         )
 
 

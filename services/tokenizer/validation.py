@@ -133,6 +133,18 @@ def validate_sampling(
     check_token_ids(sampling.stop_token_ids, vocab_size, "sampling.stop_token_ids")
 
 
+def check_text_fits(num_chars: int, field: str, max_model_len: int, max_token_chars: int) -> None:
+    """Refuses, before tokenizing it, a text too long to fit a sequence in any tokenization:
+    tokenizing a huge text costs seconds and much memory only to find that out."""
+    limit = max_model_len * max_token_chars
+    if num_chars > limit:
+        raise InvalidArgumentError(
+            field,
+            f"has {num_chars} characters, more than the {limit} that can fit a sequence "
+            f"({max_model_len} tokens of at most {max_token_chars} characters each)",
+        )
+
+
 def check_request_id(request_id: str, max_chars: int) -> None:
     if len(request_id) > max_chars:
         raise InvalidArgumentError(

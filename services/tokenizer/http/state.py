@@ -3,6 +3,8 @@
 import time
 from dataclasses import dataclass
 
+from services.common.channels import DEFAULT_MAX_REQUEST_BYTES
+
 
 @dataclass(frozen=True)
 class HttpApiConfig:
@@ -10,6 +12,8 @@ class HttpApiConfig:
     served_model_name: str
     # Required as `Authorization: Bearer KEY` on /v1/ routes; None: no check.
     api_key: str | None = None
+    # Largest request body; a larger one is answered 413 before it is read whole.
+    max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 class ServingState:
