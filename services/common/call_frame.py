@@ -95,11 +95,17 @@ def _current(call: _Call) -> AbstractContextManager[trace.Span]:
     return trace.use_span(call.span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
 
 
+# The caller's deadline passes first on its side, which then resets the stream: the
+# server sees a cancel while its own copy of the deadline, taken as the call arrived, has
+# about the way back still to run.
+_DEADLINE_SLACK_S = 0.5
+
+
 def _cancellation_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """A handler cancelled because its deadline passed ended in DEADLINE_EXCEEDED (what
-    the caller sees); otherwise the caller cancelled it."""
+    """A handler cancelled as its deadline passed ended in DEADLINE_EXCEEDED (what the
+    caller sees); otherwise the caller cancelled it."""
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= _DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
 
