@@ -25,8 +25,9 @@ from benchmarks.device import release_memory, synchronize
 from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
 from gpu_worker.config import MAX_STEPS_LAUNCHED, WorkerConfig
-from services.cli import GIB, add_parallel_args, add_worker_args, build_parser, worker_config
+from services.cli import GIB, add_worker_args, build_parser, worker_config
 from services.launcher import free_port, loopback_service_commands, running_services
+from services.parallel_args import add_parallel_args
 from services.scheduler.config import SchedulerConfig
 
 if TYPE_CHECKING:

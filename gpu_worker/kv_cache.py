@@ -112,11 +112,10 @@ def allocate_kv_cache(
     device: torch.device,
     dtype: torch.dtype,
 ) -> KVCache:
-    # The reference attention reads only written slots, so CPU memory stays untouched until
-    # used; on CUDA a memset is nearly free and keeps NaN garbage away from kernels that
-    # load whole blocks and mask afterwards.
-    allocate = torch.zeros if device.type == "cuda" else torch.empty
-    storage = allocate(
+    # Zeroed: it keeps NaN garbage away from kernels that load whole blocks and mask
+    # afterwards, and in host memory it touches every page now, so that the process's
+    # memory at start-up is what it will hold under load.
+    storage = torch.zeros(
         KVCacheLayout.of(model_config).shape(num_blocks, block_size), dtype=dtype, device=device
     )
     return KVCache(storage=storage, num_blocks=num_blocks, block_size=block_size)
@@ -142,12 +141,16 @@ def allocate_cpu_kv_cache(
     dtype: torch.dtype,
 ) -> KVCache:
     """The swap pool for a cache on `device`: pinned host memory when that is CUDA, so that
-    copies to and from it are DMA transfers. Untouched pages cost nothing until a swap."""
+    copies to and from it are DMA transfers. Every page is touched now (pinned pages are
+    resident anyway): the process's memory at start-up is what the pool will ever take,
+    rather than growing with the first swaps, so a container's memory limit can be set
+    from what start-up shows."""
     storage = torch.empty(
         KVCacheLayout.of(model_config).shape(num_blocks, block_size),
         dtype=dtype,
         pin_memory=device.type == "cuda" and num_blocks > 0,
     )
+    storage.zero_()
     return KVCache(storage=storage, num_blocks=num_blocks, block_size=block_size)
 
 

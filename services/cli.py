@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 from gpu_worker.config import WorkerConfig
-from gpu_worker.parallel.config import ParallelConfig
 from services import frontend_args
+from services.common.channels import MAX_MESSAGE_BYTES
 from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
 from services.common.tls import TlsConfigError
+from services.parallel_args import add_parallel_args, add_rank_args, parallel_config
 from services.reliability_args import (
     add_engine_failure_args,
     add_supervisor_args,
@@ -64,58 +65,6 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=ParallelConfig.tensor_parallel_size,
-        help="worker ranks each layer is split over (one GPU each)",
-    )
-    parser.add_argument(
-        "--pipeline-parallel-size",
-        type=int,
-        default=ParallelConfig.pipeline_parallel_size,
-        help="pipeline stages the layers are split over, each of --tensor-parallel-size ranks",
-    )
-
-
-def add_rank_args(parser: argparse.ArgumentParser) -> None:
-    """Where one worker stands in its engine's group of ranks."""
-    parser.add_argument(
-        "--rank", type=int, default=ParallelConfig.rank, help="this worker's rank, stage-major"
-    )
-    parser.add_argument(
-        "--dist-init-addr",
-        default=None,
-        help="host:port where rank 0 meets the other ranks (torch.distributed rendezvous); "
-        "required with more than one rank",
-    )
-    parser.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=ParallelConfig.timeout_s,
-        help="seconds the ranks may take to meet, and the limit of any one collective",
-    )
-
-
-def parallel_config(args: argparse.Namespace) -> ParallelConfig:
-    sizes = dict(
-        tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
-        rank=args.rank,
-        timeout_s=args.dist_timeout,
-    )
-    if args.dist_init_addr is None:
-        world_size = args.tensor_parallel_size * args.pipeline_parallel_size
-        if world_size > 1:
-            raise SystemExit(
-                f"pagedserve worker: --dist-init-addr is required for a world of {world_size} ranks"
-            )
-        return ParallelConfig(**sizes)
-    host, _, port = args.dist_init_addr.rpartition(":")
-    return ParallelConfig.from_address(master_addr=host.strip("[]"), master_port=int(port), **sizes)
-
-
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """The worker configuration that `pagedserve worker` options `args` ask for."""
     return WorkerConfig(
@@ -149,7 +98,8 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
         "--max-waiting-requests",
         type=int,
         default=SchedulerConfig.max_waiting_requests,
-        help="queued requests past which new ones get RESOURCE_EXHAUSTED; default: no limit",
+        help="requests that may wait for seats or KV blocks; past it new ones get "
+        "RESOURCE_EXHAUSTED; default: no limit",
     )
     parser.add_argument(
         "--no-prefix-caching",
@@ -233,6 +183,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         tls=tls,
         internal_token=internal_token(args, os.environ),
         watchdog_timeout_s=args.watchdog_timeout,
+        # Only the tokenizer's port is public; internal ones take the large step messages.
+        max_receive_message_bytes=getattr(args, "max_request_bytes", MAX_MESSAGE_BYTES),
     )
 
 
@@ -284,6 +236,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
         api_keys=api_keys(args, os.environ),
         migration=MigrationConfig(engine_wait_s=args.engine_wait_timeout),
         model_sampling_defaults=args.generation_config == "auto",
+        max_request_bytes=args.max_request_bytes,
     )
     setup_tracing("pagedserve-tokenizer", os.environ)
     run_tokenizer(service, config)
@@ -305,6 +258,30 @@ def cmd_materialize(args: argparse.Namespace) -> None:
     print(_model_dir(None))
 
 
+def _add_front_door_args(parser: argparse.ArgumentParser) -> None:
+    """What the tokenizer tier takes, from `pagedserve tokenizer` or `serve`."""
+    frontend_args.add_http_api_args(parser)
+    frontend_args.add_generation_config_arg(parser)
+    frontend_args.add_request_limit_args(parser)
+    add_security_args(parser, public=True)
+    add_engine_failure_args(parser)
+
+
+def _add_generate_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    generate = commands.add_parser("generate", help="stream a completion from a running server")
+    generate.add_argument("prompt", help="prompt text (a user message with --chat)")
+    generate.add_argument("--address", default="localhost:50051")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
+    generate.add_argument("--max-tokens", type=int, default=None)
+    generate.add_argument("--temperature", type=float, default=None)
+    generate.add_argument("--seed", type=int, default=None)
+    add_tls_args(generate)
+    generate.add_argument(
+        "--api-key", action="append", default=[], help="API key to send (also $PAGEDSERVE_API_KEY)"
+    )
+    generate.set_defaults(handler=cmd_generate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagedserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -319,12 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_args(serve)
     add_kv_blocks_arg(serve)
     add_parallel_args(serve)
-    frontend_args.add_http_api_args(serve)
-    frontend_args.add_generation_config_arg(serve)
+    _add_front_door_args(serve)
     frontend_args.add_replica_args(serve)
-    add_security_args(serve, public=True)
     add_worker_watch_args(serve)
-    add_engine_failure_args(serve)
     add_supervisor_args(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -332,10 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(tokenizer, default_port=50051)
     add_model_arg(tokenizer)
     frontend_args.add_engine_target_args(tokenizer)
-    frontend_args.add_http_api_args(tokenizer)
-    frontend_args.add_generation_config_arg(tokenizer)
-    add_security_args(tokenizer, public=True)
-    add_engine_failure_args(tokenizer)
+    _add_front_door_args(tokenizer)
     tokenizer.set_defaults(handler=cmd_tokenizer)
 
     scheduler = commands.add_parser("scheduler", help="run the scheduler service")
@@ -369,18 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_security_args(worker, public=False)
     worker.set_defaults(handler=cmd_worker)
 
-    generate = commands.add_parser("generate", help="stream a completion from a running server")
-    generate.add_argument("prompt", help="prompt text (a user message with --chat)")
-    generate.add_argument("--address", default="localhost:50051")
-    generate.add_argument("--chat", action="store_true", help="send the prompt as a chat message")
-    generate.add_argument("--max-tokens", type=int, default=None)
-    generate.add_argument("--temperature", type=float, default=None)
-    generate.add_argument("--seed", type=int, default=None)
-    add_tls_args(generate)
-    generate.add_argument(
-        "--api-key", action="append", default=[], help="API key to send (also $PAGEDSERVE_API_KEY)"
-    )
-    generate.set_defaults(handler=cmd_generate)
+    _add_generate_parser(commands)
 
     materialize = commands.add_parser("materialize", help="convert the embedded model, print its directory")
     materialize.set_defaults(handler=cmd_materialize)

@@ -3,6 +3,8 @@ and how many engines and tokenizers `pagedserve serve` runs."""
 
 import argparse
 
+from services.common.channels import DEFAULT_MAX_REQUEST_BYTES
+
 
 def add_http_api_args(parser: argparse.ArgumentParser) -> None:
     """The OpenAI-compatible HTTP API that the tokenizer serves beside its gRPC API."""
@@ -24,6 +26,17 @@ def add_generation_config_arg(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto: the model's generation_config.json (temperature, top_p, top_k, min_p, "
         "repetition_penalty) fills what a request leaves unset; none: the API's own defaults",
+    )
+
+
+def add_request_limit_args(parser: argparse.ArgumentParser) -> None:
+    """Bounds on what one public request may make the tokenizer read."""
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest gRPC message or HTTP body a client may send; larger ones are refused "
+        "(RESOURCE_EXHAUSTED, HTTP 413) before they are parsed",
     )
 
 

@@ -153,6 +153,8 @@ def service_commands(
             *("--scheduler-timeout", str(args.scheduler_timeout)),
             "--generation-config",
             args.generation_config,
+            "--max-request-bytes",
+            str(args.max_request_bytes),
         ]
     return commands
 

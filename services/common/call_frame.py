@@ -4,8 +4,8 @@ Servicers stay thin: they raise, this answers."""
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,26 @@ class _Call:
         await context.abort(self.code, message, trailing_metadata=retry)
 
 
+def _current(call: _Call) -> AbstractContextManager[trace.Span]:
+    """The call's span as the current one, for one step of its handler within one task."""
+    return trace.use_span(call.span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
+
+# The caller's deadline passes first on its side, which then resets the stream: the
+# server sees a cancel while its own copy of the deadline, taken as the call arrived, has
+# about the way back still to run.
+_DEADLINE_SLACK_S = 0.5
+
+
+def _cancellation_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """A handler cancelled as its deadline passed ended in DEADLINE_EXCEEDED (what the
+    caller sees); otherwise the caller cancelled it."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= _DEADLINE_SLACK_S:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 # grpc ships no type hints, so its base class is Any to the checker.
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -110,31 +130,30 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     @contextmanager
     def _frame(self, method: str, context: grpc.aio.ServicerContext, traced: bool) -> Iterator[_Call]:
+        """The call's span, started but not made current: a stream's handler may be closed
+        by another task than the one that began it (a cancelled stream's generator is
+        finalized later), and a context attached in one task cannot be detached in
+        another. The handler's steps run inside `_current(call)` instead."""
         service, _, name = method.lstrip("/").partition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         parent = context_from_metadata(context.invocation_metadata())
-        span_or_none = (
-            tracer().start_as_current_span(
-                method.lstrip("/"),
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-                record_exception=False,
-                set_status_on_exception=False,
+        span = (
+            tracer().start_span(
+                method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=attributes
             )
             if traced
-            else nullcontext(trace.INVALID_SPAN)
+            else trace.INVALID_SPAN
         )
-        with span_or_none as span:
-            call = _Call(span)
-            try:
-                yield call
-            except asyncio.CancelledError:
-                call.code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                span.set_attribute("rpc.grpc.status_code", call.code.value[0])
-                self._handled.labels(name, call.code.name).inc()
+        call = _Call(span)
+        try:
+            yield call
+        except asyncio.CancelledError:
+            call.code = _cancellation_code(context)
+            raise
+        finally:
+            span.set_attribute("rpc.grpc.status_code", call.code.value[0])
+            span.end()
+            self._handled.labels(name, call.code.name).inc()
 
     def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -142,24 +161,36 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     if isinstance(request, _UndecodableRequest):
                         raise request.error
-                    return await behavior(request, context)
+                    with _current(call):
+                        return await behavior(request, context)
                 except Exception as error:
                     await call.fail(error, context)
 
         return wrapper
 
     def _stream(
-        self, method: str, behavior: Callable[..., AsyncIterator[Any]], traced: bool = True
+        self, method: str, behavior: Callable[..., AsyncGenerator[Any, None]], traced: bool = True
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             with self._frame(method, context, traced) as call:
+                responses = behavior(request, context)
                 try:
                     if isinstance(request, _UndecodableRequest):
                         raise request.error
-                    async for response in behavior(request, context):
+                    while True:
+                        with _current(call):
+                            try:
+                                response = await anext(responses)
+                            except StopAsyncIteration:
+                                break
                         yield response
                 except Exception as error:
                     await call.fail(error, context)
+                finally:
+                    # Whichever task closes this generator closes the handler's at once,
+                    # so that its cleanup (aborting the request) does not wait for the
+                    # collector.
+                    await responses.aclose()
 
         return wrapper
 

@@ -2,13 +2,24 @@
 
 import grpc
 
-# Step messages for large batches and long prompts outgrow gRPC's 4 MiB default.
+# Between services: step messages for large batches and long prompts outgrow gRPC's
+# 4 MiB default.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
-MESSAGE_SIZE_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+# What the public port accepts in one request (gRPC message or HTTP body). A prompt that
+# fits a sequence is far smaller, and gRPC refuses a larger message from its length
+# prefix, before it is read whole or parsed.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+def message_size_options(max_receive_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_receive_bytes),
+    ]
+
+
+MESSAGE_SIZE_OPTIONS = message_size_options()
 
 KEEPALIVE_TIME_MS = 30_000
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.call_frame import CallInterceptor
 from services.common.caller_auth import AuthInterceptor, CallerPolicy
-from services.common.channels import MESSAGE_SIZE_OPTIONS, SERVER_KEEPALIVE_OPTIONS
+from services.common.channels import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS, message_size_options
 from services.common.errors import UnavailableError
 from services.common.metrics import serve_metrics
 from services.common.peer_access import PeerAccess
@@ -49,6 +49,8 @@ class ServerConfig:
     # Seconds the service's event loop may stall before the process exits
     # (services/common/watchdog.py); 0: no watchdog.
     watchdog_timeout_s: float = 30.0
+    # Largest message a caller may send; a larger one ends its call with RESOURCE_EXHAUSTED.
+    max_receive_message_bytes: int = MAX_MESSAGE_BYTES
 
     def peer_access(self) -> PeerAccess:
         return PeerAccess(self.tls, self.internal_token)
@@ -76,7 +78,7 @@ class ServiceHost:
             interceptors=[CallInterceptor(self.registry), AuthInterceptor(self.callers)],
             options=[
                 ("grpc.so_reuseport", int(config.reuse_port)),
-                *MESSAGE_SIZE_OPTIONS,
+                *message_size_options(config.max_receive_message_bytes),
                 *SERVER_KEEPALIVE_OPTIONS,
             ],
         )

@@ -7,7 +7,7 @@ from collections.abc import Sequence as Seq
 
 from pagedserve.v1 import common_pb2
 
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 from services.common.prompt_checks import check_prompt_length
 from services.scheduler.block_manager import BlockManager, SlotAllocation
 from services.scheduler.cpu_block_pool import CpuBlockPool
@@ -56,6 +56,50 @@ class Admission:
         self.cpu_pool = cpu_pool
         self.preemption = preemption
         self.report_event = report_event
+
+    def check_waiting_limit(self, limit: int | None, num_seats: int, num_tokens: int) -> None:
+        """Refuses a newcomer that would make more than `limit` requests wait: those the
+        free seats and blocks could not start now. A burst that fits is not refused,
+        however many of it queue at once."""
+        if limit is None:
+            return
+        num_left = self.num_requests_left_waiting(num_seats, num_tokens)
+        if num_left > limit:
+            raise ResourceExhaustedError(
+                f"{num_left - 1} requests already wait for seats or KV blocks, the limit "
+                f"(max_waiting_requests {limit}); retry later"
+            )
+
+    def num_requests_left_waiting(self, newcomer_seats: int = 0, newcomer_tokens: int = 0) -> int:
+        """Requests among the swapped and waiting ones, and a newcomer with these seats and
+        tokens after them (0 seats: none), that the seats and blocks free now could not
+        start: walked in scheduling order, as the next step would admit them, stopping
+        at the first that does not fit. Whole prompts are counted in blocks, though a
+        prefill may start with a chunk: what could start at once is not overstated."""
+        queues = self.queues
+        free_seats = self.max_num_seqs - sum(s.num_seats for s in queues.running)
+        free_blocks = self.block_manager.num_free_blocks
+        candidates: list[tuple[tuple[int, int, int], int, int, str | None]] = [
+            (s.sort_key, s.num_seats, self._blocks_to_start(s), s.request.request_id)
+            for s in (*queues.swapped, *queues.waiting)
+        ]
+        candidates.sort(key=lambda candidate: candidate[0])
+        if newcomer_seats:
+            blocks = self.block_manager.num_blocks_to_hold(newcomer_tokens)
+            candidates.append(((0, 0, 0), newcomer_seats, blocks, None))
+        left: set[str | None] = set()
+        for _, seats, blocks, request_id in candidates:
+            if left or seats > free_seats or blocks > free_blocks:
+                left.add(request_id)
+                continue
+            free_seats -= seats
+            free_blocks -= blocks
+        return len(left)
+
+    def _blocks_to_start(self, sequence: Sequence) -> int:
+        if sequence.status is SequenceStatus.SWAPPED:
+            return len(sequence.cpu_block_table)
+        return self.block_manager.num_blocks_to_hold(sequence.num_tokens)
 
     def resume_and_admit(self, output: SchedulerOutput, budget: int, add_to_batch: AddToBatch) -> None:
         """Best first among swapped and waiting sequences; stops at the first that does not

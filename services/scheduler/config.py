@@ -32,7 +32,8 @@ class SchedulerConfig:
     # Reuse the KV of full blocks whose tokens (and every token before them) match.
     enable_prefix_caching: bool = True
     preemption_mode: PreemptionMode = PreemptionMode.RECOMPUTE
-    # Requests that may queue unadmitted; past it new ones are refused at once
+    # Requests that may wait for seats or KV blocks (those the free ones could not start
+    # now; a burst that fits is not counted); past it new ones are refused at once
     # (RESOURCE_EXHAUSTED). None: no limit.
     max_waiting_requests: int | None = None
     # Seeds the seeds drawn for requests that bring none; None: from the OS.

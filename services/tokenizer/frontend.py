@@ -4,6 +4,7 @@ methods over protobuf messages, so that the servicer only forwards calls."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, generation_pb2
@@ -19,6 +20,7 @@ from services.tokenizer.validation import (
     SamplingLimits,
     TextPrompt,
     check_request_id,
+    check_text_fits,
     prompt_source,
     validate_sampling,
 )
@@ -64,9 +66,9 @@ class RequestFrontend:
         source = prompt_source(request)
         validate_sampling(request.sampling, self._config.vocab_size, self._config.sampling_limits)
         if isinstance(source, TextPrompt):
-            prompt_token_ids = self._tokenizer.encode(source.text)
+            prompt_token_ids = self._encode(source.text, source.field)
         elif isinstance(source, ChatPrompt):
-            prompt_token_ids = self._tokenizer.encode(self._tokenizer.render_chat(source.messages))
+            prompt_token_ids = self._encode(self._render_chat(source.messages), source.field)
         else:
             check_token_ids(source.token_ids, self._config.vocab_size, source.field)
             prompt_token_ids = list(source.token_ids)
@@ -97,18 +99,37 @@ class RequestFrontend:
         )
 
     def tokenize(self, request: generation_pb2.TokenizeRequest) -> generation_pb2.TokenizeResponse:
+        """The text, or the conversation as its chat template writes it, and its ids; as
+        long as a sequence may be at most, as for a prompt."""
         if request.text and request.messages:
             raise InvalidArgumentError("messages", "only one of text and messages may be given")
         if request.messages:
-            text = self._tokenizer.render_chat(
-                [(message.role, message.content) for message in request.messages]
-            )
+            field = "messages"
+            text = self._render_chat([(message.role, message.content) for message in request.messages])
         else:
+            field = "text"
             text = request.text
-        return generation_pb2.TokenizeResponse(token_ids=self._tokenizer.encode(text), text=text)
+        return generation_pb2.TokenizeResponse(token_ids=self._encode(text, field), text=text)
 
     def detokenize(self, request: generation_pb2.DetokenizeRequest) -> generation_pb2.DetokenizeResponse:
+        max_ids = self._config.max_model_len
+        if len(request.token_ids) > max_ids:
+            raise InvalidArgumentError(
+                "token_ids",
+                f"at most {max_ids} ids (the longest sequence) are allowed, got {len(request.token_ids)}",
+            )
         check_token_ids(request.token_ids, self._config.vocab_size, "token_ids")
         skip_special_tokens = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         text = self._tokenizer.decode(request.token_ids, skip_special_tokens=skip_special_tokens)
         return generation_pb2.DetokenizeResponse(text=text)
+
+    def _encode(self, text: str, field: str) -> list[int]:
+        self._check_fits(len(text), field)
+        return self._tokenizer.encode(text)
+
+    def _render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
+        self._check_fits(sum(len(role) + len(content) for role, content in messages), "messages")
+        return self._tokenizer.render_chat(messages)
+
+    def _check_fits(self, num_chars: int, field: str) -> None:
+        check_text_fits(num_chars, field, self._config.max_model_len, self._tokenizer.max_token_chars)

@@ -3,9 +3,13 @@ validate and tokenize, route it to an engine and send it on that engine's sessio
 the ids that come back into text messages, move it to another engine if its engine fails,
 and abort it at the scheduler if the caller leaves early."""
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
 
 from services.common.errors import UnavailableError
@@ -24,6 +28,11 @@ from services.tokenizer.routing_metrics import RoutingMetrics
 from services.tokenizer.scheduler_session import raise_if_error
 from services.tokenizer.tracing import RequestTrace
 
+Request = TypeVar("Request")
+Reply = TypeVar("Reply")
+
+TOKENIZER_THREADS = 2
+
 
 class GenerationCore:
     """What the gRPC servicer and the HTTP API share: the engines and, once one has told
@@ -41,6 +50,11 @@ class GenerationCore:
         # Set once an engine has told what model it serves.
         self.frontend: RequestFrontend | None = None
         self.model = common_pb2.ModelInfo()
+        # Few threads: they bound how many prompts are tokenized, and held in memory as
+        # tokens and offsets, at once; the others wait their turn.
+        self._tokenizer_threads = ThreadPoolExecutor(
+            max_workers=TOKENIZER_THREADS, thread_name_prefix="tokenize"
+        )
 
     @property
     def ready_frontend(self) -> RequestFrontend:
@@ -56,7 +70,7 @@ class GenerationCore:
         what the scheduler refused or failed the request with."""
         frontend = self.ready_frontend
         with tracer().start_as_current_span("tokenize"):
-            prepared = frontend.prepare_generate(request)
+            prepared = await self._off_loop(frontend.prepare_generate, request)
         request_trace = RequestTrace(trace.get_current_span(), self.model, request, prepared)
         completions = frontend.new_completions(prepared)
         submit = scheduler_pb2.SubmitRequest(
@@ -68,23 +82,43 @@ class GenerationCore:
         resumable = ResumableRequest(submit, self._migration)
         # What made the request leave its last engine, if it did.
         failure: Exception | None = None
-        with tracer().start_as_current_span("detokenize_stream") as span:
-            try:
-                while not completions.finished:
-                    try:
-                        async for message in self._stream(resumable, completions, span, request_trace):
-                            yield message
-                    except NoEngineError as error:
-                        if failure is None:
-                            raise
-                        await self._wait_for_engine(failure, error)
-                    except Exception as error:
-                        if not is_engine_failure(error):
-                            raise
-                        resumable.migrate(error)
-                        failure = error
-            finally:
-                request_trace.end()
+        # Started, not made current: this generator may be closed by another task than
+        # the one that began it, which could not detach a context attached here.
+        span = tracer().start_span("detokenize_stream")
+        try:
+            while not completions.finished:
+                try:
+                    async for message in self._stream(resumable, completions, span, request_trace):
+                        yield message
+                except NoEngineError as error:
+                    if failure is None:
+                        raise
+                    await self._wait_for_engine(failure, error)
+                except Exception as error:
+                    if not is_engine_failure(error):
+                        raise
+                    resumable.migrate(error)
+                    failure = error
+        except Exception as error:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+            raise
+        finally:
+            span.end()
+            request_trace.end()
+
+    async def tokenize(self, request: generation_pb2.TokenizeRequest) -> generation_pb2.TokenizeResponse:
+        return await self._off_loop(self.ready_frontend.tokenize, request)
+
+    async def detokenize(
+        self, request: generation_pb2.DetokenizeRequest
+    ) -> generation_pb2.DetokenizeResponse:
+        return await self._off_loop(self.ready_frontend.detokenize, request)
+
+    async def _off_loop(self, work: Callable[[Request], Reply], request: Request) -> Reply:
+        """Runs tokenizer work on its threads, so that a long prompt does not stall the
+        loop that streams every other request (the tokenizer releases the GIL)."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_threads, work, request)
 
     async def _wait_for_engine(self, failure: Exception, error: NoEngineError) -> None:
         """A request that left a failed engine waits for one to serve: another, or the same

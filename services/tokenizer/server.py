@@ -11,6 +11,7 @@ from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from services.common.api_keys import ApiKeys
 from services.common.caller_auth import CallerPolicy
+from services.common.channels import DEFAULT_MAX_REQUEST_BYTES
 from services.common.grpc_server import ServerConfig, ServiceHost
 from services.tokenizer.engine_pool import EnginePool, EnginePoolConfig
 from services.tokenizer.frontend import FrontendConfig, RequestFrontend
@@ -49,8 +50,14 @@ class TokenizerServiceConfig:
     # leaves unset.
     model_sampling_defaults: bool = True
 
+    # Largest HTTP body a client may send (the gRPC port's limit is ServerConfig's).
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
     def http_api_config(self) -> HttpApiConfig:
-        return HttpApiConfig(served_model_name=self.served_model_name or self.model_path.name)
+        return HttpApiConfig(
+            served_model_name=self.served_model_name or self.model_path.name,
+            max_body_bytes=self.max_request_bytes,
+        )
 
 
 async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceConfig) -> None:

@@ -86,6 +86,9 @@ class TextTokenizer:
         self._eos_token_id = self._special_token_id("eos_token")
         own_eos = () if self._eos_token_id is None else (self._eos_token_id,)
         self._eos_token_ids = tuple(dict.fromkeys((*own_eos, *extra_eos_token_ids)))
+        self._max_token_chars = max(
+            (len(token) for token in tokenizer.get_vocab(with_added_tokens=True)), default=1
+        )
 
     @classmethod
     def from_model_dir(cls, path: Path) -> TextTokenizer:
@@ -110,6 +113,13 @@ class TextTokenizer:
         """Ids the tokenizer knows, added tokens included; the model's embedding may have
         more rows (padding), which decode to nothing."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token stands for: its longest entry. Byte-level
+        vocabularies spell each byte with one character, so this bounds bytes too. A text
+        longer than max_model_len times this cannot fit a sequence, whatever it says."""
+        return self._max_token_chars
 
     @property
     def eos_token_id(self) -> int | None:

@@ -68,5 +68,17 @@ def prompt_source(request: generation_pb2.GenerateRequest) -> PromptSource:
     return ChatPrompt(tuple((message.role, message.content) for message in request.messages))
 
 
+def check_text_fits(num_chars: int, field: str, max_model_len: int, max_token_chars: int) -> None:
+    """Refuses, before tokenizing it, a text too long to fit a sequence in any tokenization:
+    tokenizing a huge text costs seconds and much memory only to find that out."""
+    limit = max_model_len * max_token_chars
+    if num_chars > limit:
+        raise InvalidArgumentError(
+            field,
+            f"has {num_chars} characters, more than the {limit} that can fit a sequence "
+            f"({max_model_len} tokens of at most {max_token_chars} characters each)",
+        )
+
+
 def _join_names(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"

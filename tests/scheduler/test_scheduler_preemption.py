@@ -102,18 +102,45 @@ def test_the_victim_is_the_lowest_priority_then_latest_running_request() -> None
 
 def test_past_the_waiting_limit_requests_are_refused_until_the_queue_drains() -> None:
     h = Harness(num_blocks=64, block_size=4, max_num_seqs=1, max_waiting_requests=2)
-    h.add("a", [2, 3], PARAMS)
+    h.add("a", [2, 3], PARAMS)  # takes the one seat at the next step: it does not wait
     h.add("b", [2, 3], PARAMS)
-    with pytest.raises(ResourceExhaustedError):
-        h.add("c", [2, 3], PARAMS)
-    assert "c" not in h.scheduler.requests
-    h.step()  # a is admitted: one waiting seat opens
     h.add("c", [2, 3], PARAMS)
+    with pytest.raises(ResourceExhaustedError, match=r"2 requests already wait .*max_waiting_requests 2"):
+        h.add("d", [2, 3], PARAMS)
+    assert "d" not in h.scheduler.requests
+    h.step()  # a is admitted; b and c still wait
     with pytest.raises(ResourceExhaustedError):
         h.add("d", [2, 3], PARAMS)
     h.drain()
     h.add("d", [2, 3], PARAMS)
     h.drain()
+
+
+def test_a_burst_that_fits_the_free_seats_is_not_refused() -> None:
+    # Two requests run; a burst of 14 fits the 14 free seats, however few may wait.
+    h = Harness(num_blocks=256, block_size=4, max_num_seqs=16, max_waiting_requests=2)
+    h.add("running-0", [2, 3], PARAMS)
+    h.add("running-1", [2, 3], PARAMS)
+    h.step()
+    for index in range(14):
+        h.add(f"burst-{index}", [4, 5, 6], PARAMS)
+    h.add("waits-0", [4, 5], PARAMS)
+    h.add("waits-1", [4, 5], PARAMS)
+    with pytest.raises(ResourceExhaustedError):
+        h.add("refused", [4, 5], PARAMS)
+    h.drain()
+    assert len(h.finished_requests) == 18
+
+
+def test_requests_that_wait_for_blocks_count_against_the_limit() -> None:
+    # Seats are free, but the pool holds one 9-token prompt at a time.
+    h = Harness(num_blocks=4, block_size=4, max_num_seqs=8, max_waiting_requests=1)
+    h.add("first", [2] * 9, PARAMS)
+    h.add("waits", [3] * 9, PARAMS)
+    with pytest.raises(ResourceExhaustedError):
+        h.add("refused", [4] * 9, PARAMS)
+    h.drain()
+    assert h.finished_requests == {"first", "waits"}
 
 
 def test_a_request_without_a_seed_keeps_the_one_it_was_given() -> None:

@@ -50,7 +50,13 @@ def service_stack(
     stack's stubs and health probes use these files as the client's."""
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
     http_port = free_port() if http_api else None
-    serve_flags = ["--device", "cpu", *(["--http-port", str(http_port)] if http_port else []), *serve_flags]
+    # The worker touches its pools at start-up; a small swap pool keeps the many stacks of
+    # a test run light (a test that swaps sets its own).
+    serve_flags = [
+        *("--device", "cpu", "--swap-space", "0.25"),
+        *(["--http-port", str(http_port)] if http_port else []),
+        *serve_flags,
+    ]
     # The command lines `pagedserve serve` would run, each service's own options after.
     commands = loopback_service_commands(model_dir, ports, serve_flags)
     addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}

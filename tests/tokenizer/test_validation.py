@@ -291,3 +291,31 @@ def test_min_tokens_must_not_exceed_max_tokens() -> None:
     error = raised(validate_sampling, common_pb2.SamplingParams(min_tokens=5, max_tokens=4), VOCAB_SIZE)
     assert error.field == "sampling.min_tokens"
     validate_sampling(common_pb2.SamplingParams(min_tokens=4, max_tokens=4), VOCAB_SIZE)
+
+
+def test_texts_too_long_to_fit_a_sequence_are_refused_before_tokenizing(frontend: RequestFrontend) -> None:
+    limit = 64 * frontend.tokenizer.max_token_chars
+    assert frontend.tokenizer.max_token_chars >= max(len(frontend.tokenizer.decode([i])) for i in range(100))
+    too_long = "a" * (limit + 1)
+    error = raised(frontend.prepare_generate, generation_pb2.GenerateRequest(prompt=too_long))
+    assert str(error) == (
+        f"prompt: has {limit + 1} characters, more than the {limit} that can fit a sequence "
+        f"(64 tokens of at most {frontend.tokenizer.max_token_chars} characters each)"
+    )
+    chat = [generation_pb2.ChatMessage(role="user", content=too_long)]
+    assert (
+        raised(frontend.prepare_generate, generation_pb2.GenerateRequest(messages=chat)).field == "messages"
+    )
+    assert raised(frontend.tokenize, generation_pb2.TokenizeRequest(text=too_long)).field == "text"
+    assert raised(frontend.tokenize, generation_pb2.TokenizeRequest(messages=chat)).field == "messages"
+    # At the bound the text is tokenized, and then found too long in tokens.
+    assert (
+        raised(frontend.prepare_generate, generation_pb2.GenerateRequest(prompt="a" * limit)).field
+        == "prompt"
+    )
+
+
+def test_detokenize_takes_at_most_a_sequences_ids(frontend: RequestFrontend) -> None:
+    assert frontend.detokenize(generation_pb2.DetokenizeRequest(token_ids=[5] * 64)).text
+    error = raised(frontend.detokenize, generation_pb2.DetokenizeRequest(token_ids=[5] * 65))
+    assert str(error) == "token_ids: at most 64 ids (the longest sequence) are allowed, got 65"

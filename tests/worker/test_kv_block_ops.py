@@ -1,12 +1,22 @@
 """The worker's block operations: swap-out, swap-in and copy-on-write copies move whole
 blocks of every layer, in that order, before a step's forward."""
 
+import os
+
 import pytest
 import torch
 from pagedserve.v1 import worker_pb2
 
 from gpu_worker.config import WorkerConfig
-from gpu_worker.kv_cache import KVCache, apply_block_ops, bytes_per_block, num_cpu_blocks
+from gpu_worker.kv_cache import (
+    KVCache,
+    KVCacheLayout,
+    allocate_cpu_kv_cache,
+    allocate_kv_cache,
+    apply_block_ops,
+    bytes_per_block,
+    num_cpu_blocks,
+)
 from gpu_worker.model.config import ModelConfig
 
 
@@ -60,3 +70,22 @@ def test_swap_space_sizes_the_cpu_pool(embedded_model_dir) -> None:
     assert num_cpu_blocks(config, model_config, torch.float32) == 10
     with pytest.raises(ValueError):
         WorkerConfig(model_path=embedded_model_dir, swap_space_bytes=-1)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("allocate", [allocate_kv_cache, allocate_cpu_kv_cache])
+def test_pools_in_host_memory_are_resident_from_the_start(allocate) -> None:
+    # Memory known at start-up: the pool's pages are touched when it is made, not as
+    # sequences first use them.
+    layout = KVCacheLayout(num_layers=4, num_kv_heads=2, head_dim=64)
+    # 64 MiB: past what malloc serves from memory it already holds.
+    num_blocks = 1024
+    size = bytes_per_block(layout, 16, torch.float32) * num_blocks
+    before = _rss_bytes()
+    cache = allocate(layout, num_blocks, 16, torch.device("cpu"), torch.float32)
+    assert _rss_bytes() - before >= 0.9 * size
+    assert cache.storage.nbytes == size and not cache.storage.any()

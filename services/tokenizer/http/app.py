@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from services.tokenizer.generation import GenerationCore
 from services.tokenizer.http.answering import Answering
+from services.tokenizer.http.body_limit import BodySizeLimit
 from services.tokenizer.http.chat import chat_chunks, chat_complete
 from services.tokenizer.http.completions import ResponseHeader, complete, completion_chunks
 from services.tokenizer.http.convert import chat_request, completion_requests
@@ -83,6 +84,7 @@ def build_app(
         return await answering.respond(request, body, generate_requests, header, chat_complete, chat_chunks)
 
     routes = [route.path for route in app.routes if hasattr(route, "path")]
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestCounter, registry=registry, routes=routes)
     return app
 

@@ -3,11 +3,15 @@
 import time
 from dataclasses import dataclass
 
+from services.common.channels import DEFAULT_MAX_REQUEST_BYTES
+
 
 @dataclass(frozen=True)
 class HttpApiConfig:
     # The model's id in requests and responses.
     served_model_name: str
+    # Largest request body; a larger one is answered 413 before it is read whole.
+    max_body_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 class ServingState:
