@@ -44,6 +44,7 @@ from gpu_worker.parallel.stage_exchange import StageExchange
 from gpu_worker.penalties import PenaltyTable
 from gpu_worker.sampler import SampledTokens, Sampler, SequenceSampling
 from gpu_worker.step_observer import StepObserver
+from gpu_worker.structured_output import GrammarMasks, unmasked_logprobs
 
 
 @dataclass
@@ -148,6 +149,11 @@ class ModelRunner:
             self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
         self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
+        self.grammars = GrammarMasks(
+            config.model_path / "tokenizer.json",
+            self.model_config.vocab_size,
+            self.model_config.eos_token_ids,
+        )
         self.observer = StepObserver(self.device, config.step_timeline_path)
         self.sequences: dict[int, SequenceState] = {}
         self.step_inputs = StepInputBuilder(
@@ -184,6 +190,7 @@ class ModelRunner:
         """Forgets every sequence, as when a new scheduler stream starts from scratch."""
         self.sequences.clear()
         self.penalties.clear()
+        self.grammars.clear()
         self.step_inputs.clear()
 
     def execute_step(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
@@ -217,6 +224,7 @@ class ModelRunner:
             self.sequences.pop(seq_id, None)
             self.step_inputs.remove(seq_id)
             self.penalties.remove(seq_id)
+            self.grammars.remove(seq_id)
         for new in step.new_sequences:
             # A new sequence brings its whole block table in this step's scheduled entry.
             self.step_inputs.remove(new.seq_id)
@@ -229,6 +237,10 @@ class ModelRunner:
             )
             if state.sampling.has_penalties:
                 self.penalties.add(new.seq_id, state.token_ids, new.num_prompt_tokens)
+            if self.parallel.is_last_stage and new.sampling.HasField("structured_output"):
+                # A caller that leaves num_prompt_tokens unset generated nothing yet.
+                num_prompt_tokens = new.num_prompt_tokens or len(new.token_ids)
+                self.grammars.add(new.seq_id, new.sampling, new.token_ids[num_prompt_tokens:])
         apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
 
     def _sample(self, batch: _Batch, hidden_states: torch.Tensor, launched: LaunchedStep) -> None:
@@ -242,11 +254,16 @@ class ModelRunner:
             # index_select: one gather, with less host work than advanced indexing.
             logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
             positions = [len(s.token_ids) + s.num_pending_tokens for s in states]
+            allowed = self.grammars.masked(logits, batch.sample_seq_ids) if self.grammars else logits
             if self.penalties:
                 rows = self.penalties.rows(batch.sample_seq_ids)
-                sampled = self.sampler.sample_on_device(logits, samplings, positions, self.penalties, rows)
+                sampled = self.sampler.sample_on_device(allowed, samplings, positions, self.penalties, rows)
             else:
-                sampled = self.sampler.sample_on_device(logits, samplings, positions)
+                sampled = self.sampler.sample_on_device(allowed, samplings, positions)
+            if allowed is not logits:
+                sampled = unmasked_logprobs(logits, sampled)
+                for seq_id, first in zip(batch.sample_seq_ids, sampled.first_indices):
+                    self.grammars.note_draw(seq_id, launched, first)
         else:
             sampled = SampledTokens.to_receive(samplings, self.device)
         self.stages.share_draws(sampled.tokens)
