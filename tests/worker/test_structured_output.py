@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections import deque
 from pathlib import Path
 
 import jsonschema
@@ -19,16 +18,12 @@ from pagedserve.v1 import common_pb2
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gpu_worker.config import WorkerConfig
-from gpu_worker.model_runner import ModelRunner
 from gpu_worker.structured_output import allowed_tokens
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.scheduler import Scheduler
+from tests.support.engine_loop import run_engine
 from tests.support.small_tokenizer import build_tokenizer
 from tests.support.tiny_llama import EOS_TOKEN_ID, TINY_DIMS
 
 VOCAB_SIZE = 420
-BLOCK_SIZE = 4
 REGEX = r"[a-z]{2,5}( [a-z]{2,5}){1,3}"
 CHOICES = ["alpha", "beta", "gamma delta"]
 SCHEMA = {
@@ -71,53 +66,15 @@ def _requests() -> list[tuple[str, list[int], common_pb2.SamplingParams]]:
     return requests
 
 
-def _run(
-    model_dir: Path, requests, steps_in_flight: int, num_kv_blocks: int, preemption_mode: str = "recompute"
-) -> dict[tuple[str, int], list[int]]:
-    runner = ModelRunner(
-        WorkerConfig(
-            model_path=model_dir,
-            device="cpu",
-            block_size=BLOCK_SIZE,
-            num_kv_blocks=num_kv_blocks,
-            swap_space_bytes=1 << 20,
-        )
-    )
-    info = runner.info()
-    scheduler = Scheduler(
-        SchedulerConfig(
-            max_num_batched_tokens=24,
-            max_steps_in_flight=steps_in_flight,
-            preemption_mode=preemption_mode,
-            seed=0,
-        ),
-        num_blocks=info.num_kv_blocks,
-        block_size=BLOCK_SIZE,
-        max_model_len=info.model.max_model_len,
-        eos_token_ids=[EOS_TOKEN_ID],
-        num_cpu_blocks=info.num_cpu_blocks,
-    )
-    for request_id, prompt, sampling in requests:
-        scheduler.add_request(request_id, prompt, sampling)
-    tokens: dict[tuple[str, int], list[int]] = {}
-    in_flight = deque()
-    while scheduler.has_unfinished_requests() or in_flight:
-        while len(in_flight) < scheduler.max_steps_in_flight:
-            step = scheduler.schedule()
-            if step is None:
-                break
-            in_flight.append((step, runner.launch_step(step.to_proto())))
-        step, launched = in_flight.popleft()
-        for output in scheduler.update_from_output(step, runner.finish_step(launched)):
-            tokens.setdefault((output.request_id, output.index), []).extend(output.new_token_ids)
-    return tokens
+def _run(model_dir: Path, requests, **engine) -> dict[tuple[str, int], list[int]]:
+    return run_engine(model_dir, requests, EOS_TOKEN_ID, **engine).tokens
 
 
 def test_constrained_completions_match_and_survive_overlap_and_preemption(model_dir: Path) -> None:
     requests = _requests()
     alone: dict[tuple[str, int], list[int]] = {}
     for request in requests:
-        alone.update(_run(model_dir, [request], steps_in_flight=1, num_kv_blocks=64))
+        alone.update(_run(model_dir, [request]))
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     for (request_id, _), tokens in alone.items():
         sampling = next(s for r, _, s in requests if r == request_id)
@@ -136,9 +93,11 @@ def test_constrained_completions_match_and_survive_overlap_and_preemption(model_
     assert ("r2", 1) in alone
     # Unconstrained completions batched with constrained ones get their own tokens, and
     # constrained ones whose steps overlap or that are preempted get theirs.
-    assert _run(model_dir, requests, 2, num_kv_blocks=64) == alone
+    assert _run(model_dir, requests, steps_in_flight=2) == alone
     for mode in ("recompute", "swap"):
-        assert _run(model_dir, requests, 2, num_kv_blocks=16, preemption_mode=mode) == alone, mode
+        assert (
+            _run(model_dir, requests, steps_in_flight=2, num_kv_blocks=16, preemption_mode=mode) == alone
+        ), mode
 
 
 def test_bitmask_bits_become_allowed_tokens() -> None:

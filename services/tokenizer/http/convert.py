@@ -57,6 +57,8 @@ def completion_requests(body: CompletionRequest, request_id: str) -> list[genera
 
 def _completion_requests(body: CompletionRequest, request_id: str) -> list[generation_pb2.GenerateRequest]:
     sampling = sampling_of(body, body.max_tokens, body.logprobs)
+    if body.echo and body.logprobs is not None:
+        sampling.prompt_logprobs = body.logprobs
     prompts = _prompt_list(body.prompt)
     requests = []
     for index, prompt in enumerate(prompts):

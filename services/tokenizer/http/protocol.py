@@ -124,6 +124,8 @@ class CompletionRequest(SamplingFields):
     )
     # OpenAI's default for completions.
     max_tokens: PositiveInt | None = 16
+    # Prepend the prompt to each choice's text (and, with logprobs, its tokens'
+    # logprobs). Not with stream.
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: PositiveInt | None = None
@@ -132,7 +134,7 @@ class CompletionRequest(SamplingFields):
     def _unsupported_values(self) -> list[tuple[str, Any, Any]]:
         return [
             *super()._unsupported_values(),
-            ("echo", self.echo, False),
+            ("echo", self.echo and self.stream, False),
             ("best_of", self.best_of if self.best_of != self.n else None, None),
             ("suffix", self.suffix or None, None),
         ]
