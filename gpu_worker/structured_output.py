@@ -81,9 +81,14 @@ class GrammarMasks:
         self._sequences.pop(seq_id, None)
         if not sampling.HasField("structured_output") or constraint_kind(sampling.structured_output) is None:
             return
-        matcher = llguidance.LLMatcher(
-            self._vocabulary(), grammar_of(sampling.structured_output), log_level=0
-        )
+        try:
+            grammar = grammar_of(sampling.structured_output)
+        except (ValueError, RecursionError) as error:
+            # The tokenizer service refuses such constraints: a caller that skipped it
+            # gets free text rather than a failed step for every sequence of the batch.
+            log.warning("sequence %d: constraint cannot be read, left free: %s", seq_id, error)
+            return
+        matcher = llguidance.LLMatcher(self._vocabulary(), grammar, log_level=0)
         if matcher.is_error():
             log.warning("sequence %d: constraint does not compile: %s", seq_id, matcher.get_error())
         elif generated and not matcher.consume_tokens(list(generated)):

@@ -68,10 +68,16 @@ def check_structured_output(
     if kind is None:
         return
     _check_size(spec, kind, limits)
-    grammar = grammar_of(spec)
-    error = _grammar_error(grammar)
+    field = f"{FIELD}.{kind}"
+    try:
+        error = _grammar_error(grammar_of(spec))
+    except InvalidArgumentError:
+        raise
+    except (ValueError, RecursionError) as failure:
+        # llguidance refuses what it cannot read (a schema nested too deeply) this way.
+        error = str(failure) or type(failure).__name__
     if error:
-        raise InvalidArgumentError(f"{FIELD}.{kind}", f"does not compile: {error}")
+        raise InvalidArgumentError(field, f"does not compile: {error}")
 
 
 def grammar_of(spec: common_pb2.StructuredOutput) -> str:
@@ -115,6 +121,8 @@ def _schema_object(text: str) -> dict[str, Any]:
         schema = json.loads(text)
     except json.JSONDecodeError as error:
         raise InvalidArgumentError(field, f"is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise InvalidArgumentError(field, "is nested too deeply") from error
     if not isinstance(schema, dict):
         raise InvalidArgumentError(field, f"must be a JSON object, got {type(schema).__name__}")
     return schema

@@ -19,6 +19,13 @@ from tests.support.small_tokenizer import build_tokenizer
 Spec = common_pb2.StructuredOutput
 
 
+def _nested_schema(depth: int) -> str:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return json.dumps(schema)
+
+
 @pytest.fixture(scope="module")
 def vocabulary() -> llguidance.LLTokenizer:
     return llguidance.LLTokenizer(build_tokenizer().to_str())
@@ -61,6 +68,8 @@ def test_no_constraint_is_free_text() -> None:
         (Spec(choice=common_pb2.Choices()), "choice", "1 to 256"),
         (Spec(choice=common_pb2.Choices(choices=["a", ""])), "choice[1]", "1 to 1024 characters"),
         (Spec(regex="a" * 5000), "regex", "at most 4096 characters"),
+        (Spec(json_schema=_nested_schema(200)), "json_schema", "does not compile"),
+        (Spec(json_schema="[" * 5000 + "]" * 5000), "json_schema", "nested too deeply"),
     ],
 )
 def test_a_broken_constraint_is_refused_by_name(spec: Spec, field: str, words: str) -> None:
