@@ -93,7 +93,8 @@ class PromptLogprobs:
         self, scheduled: Sequence[worker_pb2.ScheduledSequence], sequences: Mapping[int, _SequenceLike]
     ) -> list[PromptSlice]:
         """The slices of a step not built yet (each sequence's num_computed_tokens still
-        where the step starts): rows follow the scheduled order, num_new_tokens each."""
+        where the step starts): rows follow the scheduled order, num_new_tokens each. A
+        sequence whose prompt this step finishes is not planned again."""
         slices = []
         first_row = 0
         for entry in scheduled:
@@ -107,6 +108,8 @@ class PromptLogprobs:
                 if end > start:
                     targets = state.token_ids[start + 1 : end + 1]
                     slices.append(PromptSlice(entry.seq_id, first_row, start + 1, targets, wanted.num_top))
+                if start + entry.num_new_tokens >= wanted.num_prompt_tokens - 1:
+                    del self._wanted[entry.seq_id]  # its whole prompt is scored
             first_row += entry.num_new_tokens
         return slices
 
