@@ -42,8 +42,10 @@ from gpu_worker.model.quantization.support import with_requested_quantization
 from gpu_worker.parallel.groups import init_parallel
 from gpu_worker.parallel.stage_exchange import StageExchange
 from gpu_worker.penalties import PenaltyTable
+from gpu_worker.prompt_logprobs import PromptLogprobs, ScoredPrompt, score_prompts
 from gpu_worker.sampler import SampledTokens, Sampler, SequenceSampling
 from gpu_worker.step_observer import StepObserver
+from gpu_worker.structured_output import GrammarMasks, unmasked_logprobs
 
 
 @dataclass
@@ -72,6 +74,8 @@ class LaunchedStep:
     host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     copied: torch.cuda.Event | None = None
     device: torch.device | None = None
+    # Prompt logprobs computed by the step (PromptLogprobs), in host memory once copied.
+    prompt_scores: list[ScoredPrompt] = field(default_factory=list)
 
     def wait(self) -> None:
         """Blocks until the draws are in host memory; safe from any thread."""
@@ -148,8 +152,14 @@ class ModelRunner:
             self.decode_graphs.capture()
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
         self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
+        self.grammars = GrammarMasks(
+            config.model_path / "tokenizer.json",
+            self.model_config.vocab_size,
+            self.model_config.eos_token_ids,
+        )
         self.observer = StepObserver(self.device, config.step_timeline_path)
         self.sequences: dict[int, SequenceState] = {}
+        self.prompt_logprobs = PromptLogprobs()
         self.step_inputs = StepInputBuilder(
             -(-self.max_model_len // config.block_size),
             config.block_size,
@@ -184,6 +194,8 @@ class ModelRunner:
         """Forgets every sequence, as when a new scheduler stream starts from scratch."""
         self.sequences.clear()
         self.penalties.clear()
+        self.grammars.clear()
+        self.prompt_logprobs.clear()
         self.step_inputs.clear()
 
     def execute_step(self, step: worker_pb2.StepRequest) -> worker_pb2.StepResult:
@@ -200,13 +212,21 @@ class ModelRunner:
         if not step.scheduled:
             self.observer.on_launch(step, start_ns, None)
             return launched
+        # Planned before the batch is built, which advances the sequences.
+        prompt_slices = (
+            self.prompt_logprobs.plan(step.scheduled, self.sequences) if self.prompt_logprobs else []
+        )
         batch = self._prepare_batch(step.scheduled)
         self.observer.on_device_start()
         hidden_states = self._forward(batch)
+        if prompt_slices:
+            launched.prompt_scores = score_prompts(
+                hidden_states, prompt_slices, self.model.compute_logits, self._copy_to_host
+            )
         if batch.sample_seq_ids:
             self._sample(batch, hidden_states, launched)
         ended = self.observer.on_launch(step, start_ns, batch)
-        if launched.samples:
+        if launched.samples or launched.prompt_scores:
             launched.copied, launched.device = ended, self.device
         return launched
 
@@ -217,6 +237,8 @@ class ModelRunner:
             self.sequences.pop(seq_id, None)
             self.step_inputs.remove(seq_id)
             self.penalties.remove(seq_id)
+            self.grammars.remove(seq_id)
+            self.prompt_logprobs.remove(seq_id)
         for new in step.new_sequences:
             # A new sequence brings its whole block table in this step's scheduled entry.
             self.step_inputs.remove(new.seq_id)
@@ -229,6 +251,12 @@ class ModelRunner:
             )
             if state.sampling.has_penalties:
                 self.penalties.add(new.seq_id, state.token_ids, new.num_prompt_tokens)
+            if self.parallel.is_last_stage and new.sampling.HasField("structured_output"):
+                # A caller that leaves num_prompt_tokens unset generated nothing yet.
+                num_prompt_tokens = new.num_prompt_tokens or len(new.token_ids)
+                self.grammars.add(new.seq_id, new.sampling, new.token_ids[num_prompt_tokens:])
+            if self.parallel.is_last_stage and new.sampling.HasField("prompt_logprobs"):
+                self.prompt_logprobs.add(new)
         apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
 
     def _sample(self, batch: _Batch, hidden_states: torch.Tensor, launched: LaunchedStep) -> None:
@@ -242,11 +270,16 @@ class ModelRunner:
             # index_select: one gather, with less host work than advanced indexing.
             logits = self.model.compute_logits(hidden_states.index_select(0, batch.sample_rows))
             positions = [len(s.token_ids) + s.num_pending_tokens for s in states]
+            allowed = self.grammars.masked(logits, batch.sample_seq_ids) if self.grammars else logits
             if self.penalties:
                 rows = self.penalties.rows(batch.sample_seq_ids)
-                sampled = self.sampler.sample_on_device(logits, samplings, positions, self.penalties, rows)
+                sampled = self.sampler.sample_on_device(allowed, samplings, positions, self.penalties, rows)
             else:
-                sampled = self.sampler.sample_on_device(logits, samplings, positions)
+                sampled = self.sampler.sample_on_device(allowed, samplings, positions)
+            if allowed is not logits:
+                sampled = unmasked_logprobs(logits, sampled)
+                for seq_id, first in zip(batch.sample_seq_ids, sampled.first_indices):
+                    self.grammars.note_draw(seq_id, launched, first)
         else:
             sampled = SampledTokens.to_receive(samplings, self.device)
         self.stages.share_draws(sampled.tokens)
@@ -299,6 +332,8 @@ class ModelRunner:
                 result.token_ids.extend(tokens)
                 if launched.host_logprobs is not None:
                     result.logprobs.extend(token_logprobs(*launched.host_logprobs))
+        if launched.prompt_scores and self.parallel.answers:
+            result.prompt_logprobs.extend(scored.to_proto() for scored in launched.prompt_scores)
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns

@@ -9,6 +9,7 @@ _OFFLINE_NAMES = {
     "RequestOutput": "services.offline.llm",
     "CompletionOutput": "services.offline.llm",
     "SamplingParams": "services.offline.sampling",
+    "StructuredOutputsParams": "services.offline.sampling",
 }
 
 

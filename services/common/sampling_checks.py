@@ -64,6 +64,11 @@ def validate_sampling(
         raise InvalidArgumentError(
             "sampling.logprobs", f"must be in [0, {limits.max_logprobs}], got {sampling.logprobs}"
         )
+    if sampling.HasField("prompt_logprobs") and not 0 <= sampling.prompt_logprobs <= limits.max_logprobs:
+        raise InvalidArgumentError(
+            "sampling.prompt_logprobs",
+            f"must be in [0, {limits.max_logprobs}], got {sampling.prompt_logprobs}",
+        )
     if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
         raise InvalidArgumentError("sampling.max_tokens", f"must be at least 1, got {sampling.max_tokens}")
     if sampling.min_tokens < 0 or (

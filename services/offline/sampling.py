@@ -3,10 +3,38 @@ dataclass, with vLLM's defaults (16 tokens unless told otherwise)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedserve.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the completion must match (common.proto's StructuredOutput), vLLM's names: set
+    one of them."""
+
+    # A JSON Schema, as a dict or as JSON text.
+    json: Mapping[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    # Lark's EBNF, from the rule `start`.
+    grammar: str | None = None
+
+    def to_proto(self) -> common_pb2.StructuredOutput:
+        if self.json is not None:
+            schema = self.json if isinstance(self.json, str) else json.dumps(self.json)
+            return common_pb2.StructuredOutput(json_schema=schema)
+        if self.regex is not None:
+            return common_pb2.StructuredOutput(regex=self.regex)
+        if self.choice is not None:
+            return common_pb2.StructuredOutput(choice=common_pb2.Choices(choices=list(self.choice)))
+        if self.grammar is not None:
+            return common_pb2.StructuredOutput(grammar=self.grammar)
+        return common_pb2.StructuredOutput(json_object=self.json_object)
 
 
 @dataclass(frozen=True)
@@ -34,6 +62,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def to_proto(self) -> common_pb2.SamplingParams:
         sampling = common_pb2.SamplingParams(
@@ -58,4 +87,6 @@ class SamplingParams:
             sampling.seed = self.seed
         if self.logprobs is not None:
             sampling.logprobs = self.logprobs
+        if self.structured_outputs is not None:
+            sampling.structured_output.CopyFrom(self.structured_outputs.to_proto())
         return sampling

@@ -137,7 +137,9 @@ class Admission:
     ) -> int | None:
         """Starts a waiting sequence past its cached prefix; the tokens it computes this
         step, or None when the pool cannot hold them."""
-        cached_blocks = self.prefix_cache.lookup(sequence)
+        # Prompt logprobs need every prompt position's logits: no cached prefix.
+        wants_prompt_logprobs = sequence.request.sampling.HasField("prompt_logprobs")
+        cached_blocks = [] if wants_prompt_logprobs else self.prefix_cache.lookup(sequence)
         num_cached_tokens = len(cached_blocks) * self.block_manager.block_size
         num_new_tokens = min(sequence.num_tokens - num_cached_tokens, budget)
         allocation = self.block_manager.allocate_slots(sequence, num_new_tokens, cached_blocks)

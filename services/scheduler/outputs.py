@@ -111,6 +111,8 @@ class RequestOutput:
     request_finished: bool = False
     # With sampling.logprobs: those of new_token_ids, aligned.
     logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    # With sampling.prompt_logprobs, on the request's first output: the prompt's.
+    prompt_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -120,6 +122,7 @@ class RequestOutput:
         """Makes this output (the later of two of one completion) carry both's tokens."""
         self.new_token_ids[:0] = earlier.new_token_ids
         self.logprobs[:0] = earlier.logprobs
+        self.prompt_logprobs[:0] = earlier.prompt_logprobs
         return self
 
     def to_proto(self) -> scheduler_pb2.SubmitResponse:
@@ -128,6 +131,7 @@ class RequestOutput:
             finish_reason=self.finish_reason,
             index=self.index,
             logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
         )
         response.usage.prompt_tokens = self.num_prompt_tokens
         response.usage.completion_tokens = self.num_output_tokens

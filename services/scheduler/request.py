@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from pagedserve.v1 import common_pb2
+from pagedserve.v1 import common_pb2, worker_pb2
 
 from services.common.block_hash import BlockHash, extend_block_hashes
 
@@ -34,6 +34,9 @@ class Request:
     num_cached_tokens: int | None = None
     # The prompt's last tokens that another engine generated (a migrated request).
     num_resumed_tokens: int = 0
+    # With sampling.prompt_logprobs: those received so far, of prompt positions 1, 2, ...
+    # in order; None once sent with the request's first output.
+    prompt_logprobs: list[common_pb2.TokenLogprobs] | None = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Read on every step for every sequence: plain attributes, taken once from the
@@ -48,6 +51,22 @@ class Request:
         self.sampling_after_fork = common_pb2.SamplingParams()
         self.sampling_after_fork.CopyFrom(self.sampling)
         self.sampling_after_fork.ClearField("n")
+
+    def receive_prompt_logprobs(self, received: worker_pb2.PromptLogprobs | None) -> None:
+        """Keeps the positions not received yet: a sequence preempted in the middle of its
+        prompt computes it again from the start."""
+        kept = self.prompt_logprobs
+        if received is None or kept is None:
+            return
+        skip = len(kept) + 1 - received.first_position
+        if 0 <= skip < len(received.logprobs):
+            kept.extend(received.logprobs[skip:])
+
+    def take_prompt_logprobs(self) -> list[common_pb2.TokenLogprobs]:
+        """What the request's first output carries: the prompt logprobs, if it asked."""
+        kept = self.prompt_logprobs if self.sampling.HasField("prompt_logprobs") else None
+        self.prompt_logprobs = None
+        return kept or []
 
     @classmethod
     def new(

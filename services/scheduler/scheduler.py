@@ -306,6 +306,7 @@ class Scheduler:
         next_sampled = 0
         block_size = self.block_manager.block_size
 
+        prompt_logprobs = {entry.seq_id: entry for entry in result.prompt_logprobs}
         outputs: list[RequestOutput] = []
         for item in scheduled.scheduled:
             # The result is in batch order: this item's tokens come next.
@@ -315,6 +316,9 @@ class Scheduler:
             sequence = item.sequence
             if sequence.status is SequenceStatus.RUNNING:
                 self.prefix_cache.register_computed_blocks(sequence)
+            if prompt_logprobs:
+                sequence.request.receive_prompt_logprobs(prompt_logprobs.get(item.seq_id))
+            num_outputs = len(outputs)
             # A sequence that finished or was aborted since expects no token: it is dropped.
             if num_samples and sequence.num_pending_samples:
                 sequence.num_pending_samples -= 1
@@ -337,6 +341,8 @@ class Scheduler:
                 # above found.
                 if sequence.status is SequenceStatus.RUNNING and sequence.num_tokens % block_size == 0:
                     self.prefix_cache.register_computed_blocks(sequence)
+            if len(outputs) > num_outputs and sequence.request.prompt_logprobs is not None:
+                outputs[num_outputs].prompt_logprobs = sequence.request.take_prompt_logprobs()
         return outputs
 
     def _apply_first_samples(self, sequence: Sequence, tokens: list[int]) -> list[RequestOutput]:

@@ -8,6 +8,7 @@ from pagedserve.v1 import scheduler_pb2
 from services.common.errors import InvalidArgumentError
 from services.common.prompt_checks import check_token_ids
 from services.common.sampling_checks import check_request_id, validate_sampling
+from services.common.structured_output import check_structured_output
 
 MAX_REQUEST_ID_CHARS = 256
 
@@ -21,4 +22,6 @@ def checked_prompt(request: scheduler_pb2.SubmitRequest, vocab_size: int) -> lis
     prompt = list(request.prompt_token_ids)
     check_token_ids(prompt, vocab_size, "prompt_token_ids")
     validate_sampling(request.sampling, vocab_size)
+    if request.sampling.HasField("structured_output"):
+        check_structured_output(request.sampling.structured_output)
     return prompt

@@ -39,6 +39,7 @@ class Completion:
             finish_reason=finish_reason,
             index=self.index,
             logprobs=response.logprobs,
+            prompt_logprobs=response.prompt_logprobs,
         )
         if finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self.finished = True

@@ -11,6 +11,7 @@ from pagedserve.v1 import common_pb2, generation_pb2
 
 from services.common.errors import InvalidArgumentError
 from services.common.prompt_checks import check_prompt_length, check_token_ids
+from services.common.structured_output import check_structured_output
 from services.tokenizer.completion import Completions
 from services.tokenizer.detokenizer import IncrementalDetokenizer
 from services.tokenizer.sampling_defaults import apply_sampling_defaults
@@ -65,6 +66,8 @@ class RequestFrontend:
         check_request_id(request_id, self._config.max_request_id_chars)
         source = prompt_source(request)
         validate_sampling(request.sampling, self._config.vocab_size, self._config.sampling_limits)
+        if request.sampling.HasField("structured_output"):
+            check_structured_output(request.sampling.structured_output)
         if isinstance(source, TextPrompt):
             prompt_token_ids = self._encode(source.text, source.field)
         elif isinstance(source, ChatPrompt):

@@ -2,6 +2,7 @@
 process and gives what the server gives: the same tokens greedily and for a seed, the same
 text after stop strings."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,18 @@ def test_chat_with_a_stop_string_equals_the_server(llm, stack: Stack) -> None:
     assert output.text == served[0][1]
     assert output.finish_reason == "stop" and served[0][2] == common_pb2.FINISH_REASON_STOP
     assert "," not in output.text
+
+
+def test_structured_output_equals_the_servers(llm, stack: Stack) -> None:
+    from pagedserve import SamplingParams, StructuredOutputsParams
+
+    pattern = r"(19|20)\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d)"
+    params = SamplingParams(
+        temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(regex=pattern)
+    )
+    prompt = "The first moon landing happened on"
+    output = llm.generate(prompt, params)[0].outputs[0]
+    assert re.fullmatch(pattern, output.text) and output.finish_reason == "stop"
+    assert (output.token_ids, output.text) == _server_completions(stack, params.to_proto(), prompt=prompt)[0][
+        :2
+    ]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/common.proto\x12\rpagedserve.v1\"\xec\x04\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x02H\x05\x88\x01\x01\x12@\n\nlogit_bias\x18\x0b \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\r \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x10 \x01(\x05\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x08\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x04\n\x02_nB\x08\n\x06_min_pB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokens\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"w\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\"\x15\n\x13GetModelInfoRequest*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/common.proto\x12\rpagedserve.v1\"\xda\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x02H\x05\x88\x01\x01\x12@\n\nlogit_bias\x18\x0b \x03(\x0b\x32,.pagedserve.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\r \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x10 \x01(\x05\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x08\x88\x01\x01\x12:\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1f.pagedserve.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\x05H\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x04\n\x02_nB\x08\n\x06_min_pB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"\x9c\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.pagedserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"M\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x03 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"w\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x12\n\nvocab_size\x18\x04 \x01(\x05\x12\x15\n\reos_token_ids\x18\x05 \x03(\x05\"\x15\n\x13GetModelInfoRequest*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=973
-  _globals['_FINISHREASON']._serialized_end=1093
+  _globals['_FINISHREASON']._serialized_start=1270
+  _globals['_FINISHREASON']._serialized_end=1390
   _globals['_SAMPLINGPARAMS']._serialized_start=46
-  _globals['_SAMPLINGPARAMS']._serialized_end=666
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=492
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=540
-  _globals['_TOKENLOGPROBS']._serialized_start=668
-  _globals['_TOKENLOGPROBS']._serialized_end=745
-  _globals['_USAGE']._serialized_start=747
-  _globals['_USAGE']._serialized_end=827
-  _globals['_MODELINFO']._serialized_start=829
-  _globals['_MODELINFO']._serialized_end=948
-  _globals['_GETMODELINFOREQUEST']._serialized_start=950
-  _globals['_GETMODELINFOREQUEST']._serialized_end=971
+  _globals['_SAMPLINGPARAMS']._serialized_end=776
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=582
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=630
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=779
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=935
+  _globals['_CHOICES']._serialized_start=937
+  _globals['_CHOICES']._serialized_end=963
+  _globals['_TOKENLOGPROBS']._serialized_start=965
+  _globals['_TOKENLOGPROBS']._serialized_end=1042
+  _globals['_USAGE']._serialized_start=1044
+  _globals['_USAGE']._serialized_end=1124
+  _globals['_MODELINFO']._serialized_start=1126
+  _globals['_MODELINFO']._serialized_end=1245
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1247
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1268
 # @@protoc_insertion_point(module_scope)

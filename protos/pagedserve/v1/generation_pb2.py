@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epagedserve/v1/generation.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd4\x01\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\r\n\x0b_request_id\"\xdf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\x05\x12.\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\"M\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xc9\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .pagedserve.v1.DetokenizeRequest\x1a!.pagedserve.v1.DetokenizeResponse\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epagedserve/v1/generation.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd4\x01\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12,\n\x08messages\x18\x04 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\x12/\n\x08sampling\x18\x05 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\r\n\x0b_request_id\"\x96\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\x05\x12.\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x35\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\"M\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.ChatMessage\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t2\xc9\x02\n\nGeneration\x12M\n\x08Generate\x12\x1e.pagedserve.v1.GenerateRequest\x1a\x1f.pagedserve.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.pagedserve.v1.TokenizeRequest\x1a\x1f.pagedserve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .pagedserve.v1.DetokenizeRequest\x1a!.pagedserve.v1.DetokenizeResponse\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=124
   _globals['_GENERATEREQUEST']._serialized_end=336
   _globals['_GENERATERESPONSE']._serialized_start=339
-  _globals['_GENERATERESPONSE']._serialized_end=562
-  _globals['_TOKENIZEREQUEST']._serialized_start=564
-  _globals['_TOKENIZEREQUEST']._serialized_end=641
-  _globals['_TOKENIZERESPONSE']._serialized_start=643
-  _globals['_TOKENIZERESPONSE']._serialized_end=694
-  _globals['_DETOKENIZEREQUEST']._serialized_start=696
-  _globals['_DETOKENIZEREQUEST']._serialized_end=792
-  _globals['_DETOKENIZERESPONSE']._serialized_start=794
-  _globals['_DETOKENIZERESPONSE']._serialized_end=828
-  _globals['_GENERATION']._serialized_start=831
-  _globals['_GENERATION']._serialized_end=1160
+  _globals['_GENERATERESPONSE']._serialized_end=617
+  _globals['_TOKENIZEREQUEST']._serialized_start=619
+  _globals['_TOKENIZEREQUEST']._serialized_end=696
+  _globals['_TOKENIZERESPONSE']._serialized_start=698
+  _globals['_TOKENIZERESPONSE']._serialized_end=749
+  _globals['_DETOKENIZEREQUEST']._serialized_start=751
+  _globals['_DETOKENIZEREQUEST']._serialized_end=847
+  _globals['_DETOKENIZERESPONSE']._serialized_start=849
+  _globals['_DETOKENIZERESPONSE']._serialized_end=883
+  _globals['_GENERATION']._serialized_start=886
+  _globals['_GENERATION']._serialized_end=1215
 # @@protoc_insertion_point(module_scope)

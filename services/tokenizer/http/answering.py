@@ -50,6 +50,18 @@ class Answering:
                 code="model_not_found",
             )
 
+    def echoed_prompts(self, requests: list[generation_pb2.GenerateRequest]) -> list[tuple[str, list[int]]]:
+        """Each request's prompt as text and as the token ids it is tokenized into."""
+        tokenizer = self._core.ready_frontend.tokenizer
+        echoed = []
+        for request in requests:
+            if request.prompt:
+                echoed.append((request.prompt, tokenizer.encode(request.prompt)))
+            else:
+                token_ids = list(request.prompt_token_ids)
+                echoed.append((tokenizer.decode(token_ids, skip_special_tokens=False), token_ids))
+        return echoed
+
     def logprobs_formatter(self, num_top: int | None) -> LogprobsFormatter | None:
         return None if num_top is None else LogprobsFormatter(self._core.ready_frontend.tokenizer, num_top)
 

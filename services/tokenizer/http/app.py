@@ -66,6 +66,7 @@ def build_app(
             config.served_model_name,
             len(generate_requests) * body.n,
             answering.logprobs_formatter(body.logprobs),
+            answering.echoed_prompts(generate_requests) if body.echo else None,
         )
         return await answering.respond(request, body, generate_requests, header, complete, completion_chunks)
 

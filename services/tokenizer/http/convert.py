@@ -10,6 +10,7 @@ from pagedserve.v1 import common_pb2, generation_pb2
 
 from services.common.errors import InvalidArgumentError
 from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from services.tokenizer.http.structured_output import structured_output_of, structured_output_param
 
 
 def sampling_of(
@@ -41,6 +42,9 @@ def sampling_of(
         sampling.max_tokens = max_tokens
     if logprobs is not None:
         sampling.logprobs = logprobs
+    structured_output = structured_output_of(body)
+    if structured_output is not None:
+        sampling.structured_output.CopyFrom(structured_output)
     return sampling
 
 
@@ -53,6 +57,8 @@ def completion_requests(body: CompletionRequest, request_id: str) -> list[genera
 
 def _completion_requests(body: CompletionRequest, request_id: str) -> list[generation_pb2.GenerateRequest]:
     sampling = sampling_of(body, body.max_tokens, body.logprobs)
+    if body.echo and body.logprobs is not None:
+        sampling.prompt_logprobs = body.logprobs
     prompts = _prompt_list(body.prompt)
     requests = []
     for index, prompt in enumerate(prompts):
@@ -99,6 +105,9 @@ def _representable() -> Iterator[None]:
 def openai_param(field: str) -> str:
     """The OpenAI parameter that a GenerateRequest field (as an InvalidArgumentError names
     it) came from."""
+    structured = structured_output_param(field)
+    if structured is not None:
+        return structured
     if field.startswith("sampling."):
         return field.removeprefix("sampling.")
     if field.startswith("prompt_token_ids"):

@@ -35,6 +35,28 @@ class LogprobsFormatter:
             into.text_offset.append(offset)
             offset += len(text)
 
+    def with_prompt(
+        self,
+        generated: CompletionLogprobs,
+        prompt_ids: Sequence[int],
+        prompt_logprobs: Sequence[common_pb2.TokenLogprobs],
+    ) -> CompletionLogprobs:
+        """An echoed choice's logprobs: the prompt's tokens (the first with none, as
+        nothing predicts it), then the generated ones, offsets continuing the prompt's."""
+        echoed = CompletionLogprobs()
+        if prompt_ids:
+            echoed.tokens.append(self.token_text(prompt_ids[0]))
+            echoed.token_logprobs.append(None)
+            echoed.top_logprobs.append(None)
+            echoed.text_offset.append(0)
+            self.add_completion(echoed, prompt_ids[1:], prompt_logprobs)
+        shift = echoed.text_offset[-1] + len(echoed.tokens[-1]) if echoed.tokens else 0
+        echoed.tokens += generated.tokens
+        echoed.token_logprobs += generated.token_logprobs
+        echoed.top_logprobs += generated.top_logprobs
+        echoed.text_offset += [offset + shift for offset in generated.text_offset]
+        return echoed
+
     def chat(
         self, token_ids: Sequence[int], logprobs: Sequence[common_pb2.TokenLogprobs]
     ) -> list[ChatTokenLogprob]:

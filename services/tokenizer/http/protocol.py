@@ -35,6 +35,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str | None = None
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    # Whether the output must follow the schema exactly: it always does here.
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(BaseModel):
     """What both endpoints take to sample, with OpenAI's names and ranges."""
 
@@ -62,6 +77,12 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    # Structured output: OpenAI's response_format, and vLLM's guided_* constraints.
+    response_format: ResponseFormat | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    # Lark's EBNF syntax (SamplingParams.structured_output.grammar).
+    guided_grammar: str | None = None
 
     def token_logit_bias(self) -> dict[int, float]:
         """logit_bias with its keys as token ids; raises InvalidArgumentError for a key
@@ -103,6 +124,8 @@ class CompletionRequest(SamplingFields):
     )
     # OpenAI's default for completions.
     max_tokens: PositiveInt | None = 16
+    # Prepend the prompt to each choice's text (and, with logprobs, its tokens'
+    # logprobs). Not with stream.
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     best_of: PositiveInt | None = None
@@ -111,7 +134,7 @@ class CompletionRequest(SamplingFields):
     def _unsupported_values(self) -> list[tuple[str, Any, Any]]:
         return [
             *super()._unsupported_values(),
-            ("echo", self.echo, False),
+            ("echo", self.echo and self.stream, False),
             ("best_of", self.best_of if self.best_of != self.n else None, None),
             ("suffix", self.suffix or None, None),
         ]
@@ -139,11 +162,6 @@ class ChatMessage(BaseModel):
         return "system" if self.role == "developer" else self.role
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "json_object", "json_schema"]
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     # max_completion_tokens is OpenAI's newer name; when both are given it wins.
@@ -151,7 +169,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
 
     def num_logprobs(self) -> int | None:
@@ -164,9 +181,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def _unsupported_values(self) -> list[tuple[str, Any, Any]]:
-        response_format = None if self.response_format is None else self.response_format.type
         return [
             *super()._unsupported_values(),
-            ("response_format", response_format if response_format != "text" else None, None),
             ("tools", self.tools or None, None),
         ]

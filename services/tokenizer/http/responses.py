@@ -47,8 +47,9 @@ class CompletionLogprobs(BaseModel):
     """The legacy completions shape: parallel lists, one entry per token."""
 
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    # None for an echoed prompt's first token, which nothing predicts.
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 
