@@ -21,7 +21,7 @@ from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
 from services.frontend_args import add_engine_target_args, add_http_api_args, add_replica_args
 from services.scheduler.config import SchedulerConfig
-from services.worker_flags import GIB, add_worker_args
+from services.worker_flags import GIB, add_worker_args, speculative_config
 
 
 def _model_dir(model: str | None) -> Path:
@@ -124,6 +124,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         parallel=parallel_config(args),
         quantization=args.quantization,
         load_format=args.load_format,
+        speculative=speculative_config(args),
     )
 
 
@@ -168,6 +169,26 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
         help="token messages streamed per step at most: beyond it, completions' tokens "
         "wait merged for their turn (first tokens and last messages never wait); 0: no limit",
     )
+    parser.add_argument(
+        "--speculative-max-batch-size",
+        type=int,
+        default=SchedulerConfig.speculative_max_batch_size,
+        help="with a speculating worker: no speculation in steps planned while more sequences "
+        "run; 0: never speculate",
+    )
+    parser.add_argument(
+        "--speculative-min-accepted-tokens",
+        type=float,
+        default=SchedulerConfig.speculative_min_accepted_tokens,
+        help="a sequence whose speculating steps accept fewer proposals on average decodes "
+        "plainly for --speculative-backoff-steps steps",
+    )
+    parser.add_argument(
+        "--speculative-backoff-steps",
+        type=int,
+        default=SchedulerConfig.speculative_backoff_steps,
+        help="plain steps of a sequence whose speculation stopped paying, before it tries again",
+    )
 
 
 def add_step_limit_args(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +218,9 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         max_waiting_requests=args.max_waiting_requests,
         max_steps_in_flight=args.max_steps_in_flight if args.overlap_scheduling else 1,
         max_stream_messages_per_step=args.max_stream_messages_per_step or None,
+        speculative_max_batch_size=args.speculative_max_batch_size,
+        speculative_min_accepted_tokens=args.speculative_min_accepted_tokens,
+        speculative_backoff_steps=args.speculative_backoff_steps,
     )
 
 

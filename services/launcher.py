@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.serve_layout import ServeLayout, loopback_addresses, stop_rank
-from services.worker_flags import forwarded_weight_flags
+from services.worker_flags import forwarded_speculative_flags, forwarded_weight_flags
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,9 @@ def _scheduler_command(
         *_optional("--max-steps-in-flight", args.max_steps_in_flight),
         "--max-stream-messages-per-step",
         str(args.max_stream_messages_per_step),
+        *("--speculative-max-batch-size", str(args.speculative_max_batch_size)),
+        *("--speculative-min-accepted-tokens", str(args.speculative_min_accepted_tokens)),
+        *("--speculative-backoff-steps", str(args.speculative_backoff_steps)),
     ]
 
 
@@ -177,6 +180,7 @@ def _worker_flags(args: argparse.Namespace, model_dir: Path) -> list[str]:
         *_optional("--max-model-len", args.max_model_len),
         *_optional("--num-kv-blocks", args.num_kv_blocks),
         *forwarded_weight_flags(args),
+        *forwarded_speculative_flags(args),
         "--gpu-memory-utilization",
         str(args.gpu_memory_utilization),
         *(["--enforce-eager"] if args.enforce_eager else []),

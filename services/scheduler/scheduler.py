@@ -44,8 +44,10 @@ from services.scheduler.outputs import (
 )
 from services.scheduler.preemption import NoRoom, Preemption
 from services.scheduler.prefix_cache import PrefixCache
-from services.scheduler.queues import SequenceQueues, num_requests
+from services.scheduler.queues import SequenceQueues
 from services.scheduler.request import Request, Sequence, SequenceStatus
+from services.scheduler.speculation import SpeculationPolicy, sampled_counts
+from services.scheduler.stats import scheduler_stats
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput", "RequestOutput"]
 
@@ -60,7 +62,9 @@ class Scheduler:
         eos_token_ids: Seq[int],
         num_cpu_blocks: int = 0,
         worker_limits: StepLimits | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
+        """num_speculative_tokens: the most the worker proposes per sequence and step."""
         if config.num_kv_blocks is not None:
             num_blocks = min(num_blocks, config.num_kv_blocks)
         self.config = config
@@ -105,6 +109,9 @@ class Scheduler:
             self._report_event,
         )
 
+        self.speculation = SpeculationPolicy(
+            config, num_speculative_tokens, self.block_manager, self.prefix_cache
+        )
         self.batcher = StepBatcher()
         self._num_arrivals = 0
         self._next_step_id = 1
@@ -215,23 +222,7 @@ class Scheduler:
         return bool(self.requests)
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
-        return scheduler_pb2.SchedulerStats(
-            num_running=num_requests(self.running),
-            num_waiting=num_requests(self.waiting),
-            num_swapped=num_requests(self.swapped),
-            num_total_blocks=self.block_manager.num_total_blocks,
-            num_free_blocks=self.block_manager.num_free_blocks,
-            num_total_cpu_blocks=self.cpu_pool.num_total_blocks,
-            num_free_cpu_blocks=self.cpu_pool.num_free_blocks,
-            num_preemptions=self.num_preemptions,
-            num_preemptions_recompute=self.num_preemptions_recompute,
-            num_preemptions_swap=self.num_preemptions_swap,
-            prefix_cache_queries=self.prefix_cache.num_queried_tokens,
-            prefix_cache_hits=self.prefix_cache.num_hit_tokens,
-            num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens,
-            num_steps=self.num_steps,
-        )
+        return scheduler_stats(self)
 
     # --- one step ------------------------------------------------------------------------
 
@@ -245,6 +236,7 @@ class Scheduler:
 
         num_preemptions_before = self.num_preemptions
         waits_for_blocks = False
+        speculates = self.speculation.in_step(len(self.running))
         index = 0
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
@@ -252,12 +244,17 @@ class Scheduler:
             num_new_tokens = min(sequence.num_tokens_to_schedule(self.max_model_len), budget)
             if not num_new_tokens:
                 continue  # a result in flight decides what it does next
-            allocation = self.preemption.allocate_or_preempt(sequence, num_new_tokens)
+            planned = self.speculation.plan(sequence, num_new_tokens, budget, self.max_model_len, speculates)
+            if planned is None:
+                continue  # speculates once its sample in flight is back
+            allocation, lookahead = planned
+            if allocation is None:
+                allocation = self.preemption.allocate_or_preempt(sequence, num_new_tokens)
             if isinstance(allocation, NoRoom):
                 waits_for_blocks = allocation is NoRoom.BLOCKS_RETURNING
                 break
-            self.batcher.add(output, sequence, num_new_tokens, allocation)
-            budget -= num_new_tokens
+            self.batcher.add(output, sequence, num_new_tokens, allocation, lookahead)
+            budget -= num_new_tokens + lookahead
 
         # Blocks just taken from a preempted sequence, or about to come back from steps in
         # flight, go to the running ones on the next steps, not to a newcomer that would
@@ -285,26 +282,26 @@ class Scheduler:
         # caller abort_all() and start a fresh stream. Nothing is changed before this.
         if result.step_id != scheduled.step_id:
             raise UnavailableError(f"worker answered step {result.step_id} to step {scheduled.step_id}")
-        expected = scheduled.sampling_seq_ids
-        if len(result.seq_ids) != len(result.token_ids) or list(result.seq_ids) != expected:
-            raise UnavailableError(
-                f"worker answered step {scheduled.step_id} with {len(result.token_ids)} tokens for "
-                f"seq_ids {list(result.seq_ids)}, expected tokens for {expected} in that order"
-            )
+        counts = sampled_counts(scheduled, result)
         self.in_flight.returned(scheduled)
         sampled = list(result.token_ids)
         next_sampled = 0
         block_size = self.block_manager.block_size
 
         outputs: list[RequestOutput] = []
-        for item in scheduled.scheduled:
+        for index, item in enumerate(scheduled.scheduled):
             # The result is in batch order: this item's tokens come next.
             first_sampled = next_sampled
-            num_samples = item.num_samples
+            num_samples = item.num_samples if counts is None else counts[index]
             next_sampled += num_samples
             sequence = item.sequence
             if sequence.status is SequenceStatus.RUNNING:
                 self.prefix_cache.register_computed_blocks(sequence)
+            if item.num_lookahead_tokens:
+                outputs.extend(
+                    self.speculation.apply(sequence, sampled[first_sampled:next_sampled], self._stops)
+                )
+                continue
             # A sequence that finished or was aborted since expects no token: it is dropped.
             if num_samples and sequence.num_pending_samples:
                 sequence.num_pending_samples -= 1
@@ -339,12 +336,18 @@ class Scheduler:
     def _after_sample(self, sequence: Sequence) -> RequestOutput:
         """Finishes a sequence whose new last token stops it; its output either way. It may
         have been preempted since the step that sampled the token was sent."""
+        self._stops(sequence)
+        return RequestOutput.of(sequence, [sequence.token_ids[-1]])
+
+    def _stops(self, sequence: Sequence) -> bool:
+        """Counts the sequence's new last token; finishes it when that token stops it."""
         self.num_generation_tokens += 1
         stop_reason = sequence.stop_reason(self.eos_token_ids, self.max_model_len)
-        if stop_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-            self.queues.remove(sequence)
-            self._finish(sequence, stop_reason)
-        return RequestOutput.of(sequence, [sequence.token_ids[-1]])
+        if stop_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+            return False
+        self.queues.remove(sequence)
+        self._finish(sequence, stop_reason)
+        return True
 
     # --- running -------------------------------------------------------------------------
 
@@ -381,6 +384,7 @@ class Scheduler:
         sequence.cpu_block_table = []
         # Whatever steps in flight still sample for it is dropped.
         sequence.num_pending_samples = 0
+        sequence.speculating = False
         sequence.status = SequenceStatus.FINISHED
         sequence.finish_reason = finish_reason
         request = sequence.request
