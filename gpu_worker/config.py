@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from gpu_worker.model.quantization.config import QUANTIZATION_METHODS
 from gpu_worker.parallel.config import ParallelConfig
+from services.common.speculative import SpeculativeConfig
 from services.common.step_limits import StepLimits
 
 if TYPE_CHECKING:
@@ -81,6 +82,8 @@ class WorkerConfig:
     # This worker's rank among the workers that together hold one model replica, and how
     # the model is split over them; one rank holds it whole by default.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Speculative decoding: how tokens are proposed and how many per step at most.
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         # Accept plain strings (CLI, YAML) for the path.
@@ -99,6 +102,10 @@ class WorkerConfig:
             raise ValueError(
                 f"quantization {self.quantization!r} is not supported; "
                 f"choose one of {', '.join(QUANTIZATION_METHODS)}"
+            )
+        if self.speculative.enabled and self.parallel.world_size > 1:
+            raise ValueError(
+                f"speculative decoding runs on an engine of one rank, not {self.parallel.world_size}"
             )
         # Checks the limits too.
         self.step_limits()

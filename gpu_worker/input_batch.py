@@ -14,7 +14,7 @@ input ids there, after the copy, so no step waits for another's result on the ho
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ from pagedserve.v1 import worker_pb2
 from gpu_worker.config import MAX_STEPS_LAUNCHED
 from gpu_worker.input_staging import StagingBuffer
 from gpu_worker.model.attention import AttentionMetadata
+from gpu_worker.speculative.gather import Verification, gather_speculative
 
 
 class DeviceToken(NamedTuple):
@@ -69,6 +70,11 @@ class BlockTables:
             self.num_blocks[row] = end
         return row
 
+    def truncate(self, seq_id: int, num_blocks: int) -> None:
+        """Keeps the sequence's first num_blocks blocks (speculative lookahead given back)."""
+        row = self.row_of[seq_id]
+        self.num_blocks[row] = min(int(self.num_blocks[row]), num_blocks)
+
     def remove(self, seq_id: int) -> None:
         row = self.row_of.pop(seq_id, None)
         if row is not None:
@@ -99,6 +105,10 @@ class StepInputs:
     # Rows of the flattened batch whose logits are sampled, and their sequences.
     sample_rows: torch.Tensor
     sample_seq_ids: list[int]
+    # Batch indices of the sampling sequences, aligned with sample_seq_ids.
+    sample_index: list[int] = field(default_factory=list)
+    # The speculating sequences, verified rather than sampled.
+    verification: Verification | None = None
 
 
 @dataclass(slots=True)
@@ -116,6 +126,7 @@ class _Gathered:
     fed_tokens: list[DeviceToken]
     sample_index: list[int]
     sample_seq_ids: list[int]
+    verification: Verification | None = None
 
 
 @dataclass(slots=True)
@@ -173,10 +184,20 @@ class StepInputBuilder:
         self.block_tables.clear()
 
     def build(
-        self, scheduled: Sequence[worker_pb2.ScheduledSequence], sequences: Mapping[int, _SequenceLike]
+        self,
+        scheduled: Sequence[worker_pb2.ScheduledSequence],
+        sequences: Mapping[int, _SequenceLike],
+        proposals: Mapping[int, Sequence[int]] | None = None,
+        tables_extended: bool = False,
     ) -> StepInputs:
-        """Advances each scheduled sequence's num_computed_tokens and returns the inputs."""
-        gathered = self._gather(scheduled, sequences)
+        """Advances each scheduled sequence's num_computed_tokens and returns the inputs.
+        proposals: per speculating sequence, the tokens it proposed (gpu_worker/speculative/
+        gather.py)."""
+        if proposals is None:
+            gathered = self._gather(scheduled, sequences)
+        else:
+            empty = _Gathered([], [], [], [], [], [], [], [])
+            gathered = gather_speculative(self, scheduled, sequences, proposals, tables_extended, empty)
         host = self._lay_out(gathered, scheduled)
         ids_d, positions_d, slots_d, samples_d, starts_d, lens_d, tables_d = self._stage(gathered, host)
         metadata = AttentionMetadata(
@@ -188,13 +209,17 @@ class StepInputBuilder:
             max_seq_len=int(host.seq_lens.max()),
             no_cached_context=not host.starts.any(),
         )
-        return StepInputs(
+        inputs = StepInputs(
             input_ids=ids_d,
             positions=positions_d,
             metadata=metadata,
             sample_rows=samples_d,
             sample_seq_ids=gathered.sample_seq_ids,
+            sample_index=gathered.sample_index,
         )
+        if gathered.verification is not None:
+            inputs.verification = gathered.verification.with_rows(host.query_start_loc, self.device)
+        return inputs
 
     def _gather(
         self, scheduled: Sequence[worker_pb2.ScheduledSequence], sequences: Mapping[int, _SequenceLike]

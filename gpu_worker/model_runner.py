@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
@@ -42,47 +41,14 @@ from gpu_worker.model.quantization.support import with_requested_quantization
 from gpu_worker.parallel.groups import init_parallel
 from gpu_worker.parallel.stage_exchange import StageExchange
 from gpu_worker.penalties import PenaltyTable
-from gpu_worker.prompt_logprobs import PromptLogprobs, ScoredPrompt, score_prompts
+from gpu_worker.prompt_logprobs import PromptLogprobs, score_prompts
 from gpu_worker.sampler import SampledTokens, Sampler, SequenceSampling
+from gpu_worker.speculative.decoding import SpeculativeDecoding, merge_gained
+from gpu_worker.speculative.gather import extend_tables
+from gpu_worker.speculative.setup import build_speculation, kv_blocks_with_draft, load_draft
 from gpu_worker.step_observer import StepObserver
+from gpu_worker.step_state import LaunchedStep, SequenceState
 from gpu_worker.structured_output import GrammarMasks, unmasked_logprobs
-
-
-@dataclass
-class SequenceState:
-    # Tokens the host knows: the prompt, then each sampled token once its step finished.
-    token_ids: list[int]
-    num_computed_tokens: int
-    sampling: SequenceSampling
-    block_table: list[int] = field(default_factory=list)
-    # Tokens sampled by launched steps that have not finished, and the newest of them.
-    num_pending_tokens: int = 0
-    newest_pending_token: DeviceToken | None = None
-
-
-@dataclass
-class LaunchedStep:
-    """A step whose work is queued on the device."""
-
-    step_id: int
-    start_ns: int
-    # (seq_id, its state, how many tokens it draws) of each sampling sequence, in batch order.
-    samples: list[tuple[int, SequenceState, int]] = field(default_factory=list)
-    # The draws, in host memory once `copied` has completed (or at once, on CPU).
-    host_tokens: torch.Tensor | None = None
-    # The draws' logprobs (sampled, top ids, top values), when a sequence asked for them.
-    host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    copied: torch.cuda.Event | None = None
-    device: torch.device | None = None
-    # Prompt logprobs computed by the step (PromptLogprobs), in host memory once copied.
-    prompt_scores: list[ScoredPrompt] = field(default_factory=list)
-
-    def wait(self) -> None:
-        """Blocks until the draws are in host memory; safe from any thread."""
-        if self.copied is not None:
-            with torch.cuda.device(self.device):
-                self.copied.synchronize()
-
 
 # What one step feeds the model and the sampler (built by gpu_worker.input_batch).
 _Batch = StepInputs
@@ -112,6 +78,7 @@ class ModelRunner:
             self.parallel,
             load_format=config.load_format,
         )
+        self.draft_model = load_draft(config, self.model_config, self.max_model_len, self.device, self.dtype)
         self.stages = StageExchange(self.parallel, self.model_config.hidden_size, self.dtype, self.device)
         # This rank's share of the cache: its stage's layers, its KV heads.
         layout = KVCacheLayout.of_model(self.model)
@@ -124,6 +91,10 @@ class ModelRunner:
             )
         with memory_held(reserved_bytes, self.device) if reserved_bytes else nullcontext():
             num_blocks = determine_num_kv_blocks(config, layout, self.device, self.dtype)
+            if self.draft_model is not None:
+                num_blocks = kv_blocks_with_draft(
+                    num_blocks, config, layout, self.draft_model, self.device, self.dtype
+                )
         self.kv_cache = allocate_kv_cache(layout, num_blocks, config.block_size, self.device, self.dtype)
         bind_kv_cache(self.model.attention_layers(), self.kv_cache)
         # Where preempted sequences' KV waits to be swapped back in.
@@ -134,22 +105,7 @@ class ModelRunner:
             self.device,
             self.dtype,
         )
-        self.decode_graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
-            intermediate = None
-            if not self.parallel.is_first_stage:
-                intermediate = torch.zeros(
-                    config.max_num_seqs, self.model_config.hidden_size, dtype=self.dtype, device=self.device
-                )
-            self.decode_graphs = DecodeGraphs(
-                self.model,
-                config.max_num_seqs,
-                self.max_model_len,
-                config.block_size,
-                self.device,
-                intermediate,
-            )
-            self.decode_graphs.capture()
+        self.decode_graphs = self._capture_decode_graphs()
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
         self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
         self.grammars = GrammarMasks(
@@ -167,6 +123,31 @@ class ModelRunner:
             config.max_num_batched_tokens,
             config.max_num_seqs,
         )
+        self.speculation: SpeculativeDecoding | None = build_speculation(
+            config,
+            self.draft_model,
+            self.kv_cache,
+            self.cpu_kv_cache,
+            self.step_inputs,
+            self.sampler,
+            self.device,
+        )
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        """Decode-step CUDA graphs (gpu_worker/cuda_graphs.py), on CUDA unless eager."""
+        config = self.config
+        if self.device.type != "cuda" or config.enforce_eager:
+            return None
+        intermediate = None
+        if not self.parallel.is_first_stage:
+            intermediate = torch.zeros(
+                config.max_num_seqs, self.model_config.hidden_size, dtype=self.dtype, device=self.device
+            )
+        graphs = DecodeGraphs(
+            self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device, intermediate
+        )
+        graphs.capture()
+        return graphs
 
     def info(self) -> worker_pb2.WorkerInfo:
         model = common_pb2.ModelInfo(
@@ -188,6 +169,7 @@ class ModelRunner:
             tensor_parallel_size=self.parallel.config.tensor_parallel_size,
             pipeline_parallel_size=self.parallel.config.pipeline_parallel_size,
             reports_tokens=self.parallel.answers,
+            num_speculative_tokens=self.config.speculative.max_lookahead,
         )
 
     def reset(self) -> None:
@@ -216,17 +198,30 @@ class ModelRunner:
         prompt_slices = (
             self.prompt_logprobs.plan(step.scheduled, self.sequences) if self.prompt_logprobs else []
         )
-        batch = self._prepare_batch(step.scheduled)
+        speculation = self.speculation
+        if speculation is not None and any(entry.num_lookahead_tokens for entry in step.scheduled):
+            extend_tables(self.step_inputs, step.scheduled)
+            proposals = speculation.propose(step.scheduled, self.sequences)
+            batch = self.step_inputs.build(step.scheduled, self.sequences, proposals, tables_extended=True)
+        else:
+            batch = self._prepare_batch(step.scheduled)
         self.observer.on_device_start()
         hidden_states = self._forward(batch)
+        if speculation is not None:
+            speculation.proposer.after_forward(batch)
         if prompt_slices:
             launched.prompt_scores = score_prompts(
                 hidden_states, prompt_slices, self.model.compute_logits, self._copy_to_host
             )
         if batch.sample_seq_ids:
             self._sample(batch, hidden_states, launched)
+        if speculation is not None and batch.verification is not None:
+            launched.verified = speculation.verify(
+                self.model, hidden_states, batch, self.sequences, self._copy_to_host
+            )
+            launched.sample_index = batch.sample_index
         ended = self.observer.on_launch(step, start_ns, batch)
-        if launched.samples or launched.prompt_scores:
+        if launched.samples or launched.prompt_scores or launched.verified is not None:
             launched.copied, launched.device = ended, self.device
         return launched
 
@@ -258,6 +253,8 @@ class ModelRunner:
             if self.parallel.is_last_stage and new.sampling.HasField("prompt_logprobs"):
                 self.prompt_logprobs.add(new)
         apply_block_ops(self.kv_cache, self.cpu_kv_cache, step)
+        if self.speculation is not None:
+            self.speculation.proposer.apply_block_ops(step)
 
     def _sample(self, batch: _Batch, hidden_states: torch.Tensor, launched: LaunchedStep) -> None:
         """Queues the sampling of the batch's sampling rows and the copy of the draws to
@@ -334,6 +331,10 @@ class ModelRunner:
                     result.logprobs.extend(token_logprobs(*launched.host_logprobs))
         if launched.prompt_scores and self.parallel.answers:
             result.prompt_logprobs.extend(scored.to_proto() for scored in launched.prompt_scores)
+        if launched.verified is not None and self.speculation is not None:
+            gained = self.speculation.finish(launched.verified, self.sequences)
+            if self.parallel.answers:
+                merge_gained(result, gained, launched.sample_index)
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns

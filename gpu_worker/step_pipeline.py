@@ -17,11 +17,21 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
+from dataclasses import dataclass
 
 from pagedserve.v1 import worker_pb2
 
 from gpu_worker.config import MAX_STEPS_LAUNCHED
-from gpu_worker.model_runner import LaunchedStep, ModelRunner
+from gpu_worker.model_runner import ModelRunner
+from gpu_worker.step_state import LaunchedStep
+
+
+@dataclass
+class StepRecord:
+    """What an around_step context manager may yield: the pipeline puts the step's
+    result in it before closing it, for what is known only then (speculation's counts)."""
+
+    result: worker_pb2.StepResult | None = None
 
 
 class _StepScope:
@@ -32,7 +42,11 @@ class _StepScope:
     def __init__(self, manager: AbstractContextManager) -> None:
         self._context = contextvars.copy_context()
         self._stack = ExitStack()
-        self._context.run(self._stack.enter_context, manager)
+        self.entered = self._context.run(self._stack.enter_context, manager)
+
+    def took(self, result: worker_pb2.StepResult) -> None:
+        if isinstance(self.entered, StepRecord):
+            self.entered.result = result
 
     def close(self) -> None:
         self._context.run(self._stack.close)
@@ -90,7 +104,9 @@ async def pipelined_steps(
                 continue
             launched.popleft()
             try:
-                yield finished.result()
+                result = finished.result()
+                scope.took(result)
+                yield result
             finally:
                 # Once the result has left: what the scope does then (telemetry) does not
                 # delay it.

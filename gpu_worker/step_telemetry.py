@@ -13,6 +13,8 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from gpu_worker.device_time import DeviceTimer
+from gpu_worker.speculative.metrics import SpeculationMetrics
+from gpu_worker.step_pipeline import StepRecord
 from services.common.metrics import PREFIX, STEP_BUCKETS
 from services.common.telemetry import span_context_of, tracer
 
@@ -66,6 +68,7 @@ class StepTelemetry:
         )
         self._prefill_tokens = tokens.labels("prefill", str(rank))
         self._decode_tokens = tokens.labels("decode", str(rank))
+        self._speculation = SpeculationMetrics(registry, rank)
 
     def watch_device(self, timer: DeviceTimer) -> None:
         """Exports the timer's totals from now on (the worker has one once its model loaded)."""
@@ -80,7 +83,7 @@ class StepTelemetry:
                 self._request_spans[new.seq_id] = context
 
     @contextmanager
-    def step(self, step: worker_pb2.StepRequest, cuda_graphs: bool) -> Iterator[None]:
+    def step(self, step: worker_pb2.StepRequest, cuda_graphs: bool) -> Iterator[StepRecord]:
         """Around one step, from its arrival until its result has left. Only what the span
         needs at its start is computed on arrival; the rest once the result is on its way,
         off the path from the scheduler to the device and back."""
@@ -101,16 +104,22 @@ class StepTelemetry:
         with tracer().start_as_current_span(
             "worker.step", context=Context(), links=links, attributes=attributes
         ) as span:
-            yield
+            record = StepRecord()
+            yield record
             prefill_tokens, decode_tokens = count_tokens(step)
+            if record.result is not None and record.result.speculation:
+                self._speculation.record(record.result.speculation, span)
             if span.is_recording():
                 span.set_attributes(
                     {
                         "pagedserve.step.prefill_tokens": prefill_tokens,
                         "pagedserve.step.decode_tokens": decode_tokens,
                         # Decode-only steps replay a captured CUDA graph when the worker has them.
+                        # Verifying proposals runs eagerly.
                         "pagedserve.step.mode": "cuda_graph"
-                        if cuda_graphs and prefill_tokens == 0
+                        if cuda_graphs
+                        and prefill_tokens == 0
+                        and not any(s.num_lookahead_tokens for s in step.scheduled)
                         else "eager",
                     }
                 )

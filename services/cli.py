@@ -31,7 +31,7 @@ from services.reliability_args import (
 )
 from services.scheduler.config import SchedulerConfig
 from services.security_args import add_security_args, add_tls_args, api_keys, internal_token, tls_config
-from services.worker_flags import GIB, add_worker_args
+from services.worker_flags import GIB, add_worker_args, speculative_config
 
 
 def _model_dir(model: str | None) -> Path:
@@ -83,6 +83,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         parallel=parallel_config(args),
         quantization=args.quantization,
         load_format=args.load_format,
+        speculative=speculative_config(args),
     )
 
 
@@ -128,6 +129,26 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
         help="token messages streamed per step at most: beyond it, completions' tokens "
         "wait merged for their turn (first tokens and last messages never wait); 0: no limit",
     )
+    parser.add_argument(
+        "--speculative-max-batch-size",
+        type=int,
+        default=SchedulerConfig.speculative_max_batch_size,
+        help="with a speculating worker: no speculation in steps planned while more sequences "
+        "run; 0: never speculate",
+    )
+    parser.add_argument(
+        "--speculative-min-accepted-tokens",
+        type=float,
+        default=SchedulerConfig.speculative_min_accepted_tokens,
+        help="a sequence whose speculating steps accept fewer proposals on average decodes "
+        "plainly for --speculative-backoff-steps steps",
+    )
+    parser.add_argument(
+        "--speculative-backoff-steps",
+        type=int,
+        default=SchedulerConfig.speculative_backoff_steps,
+        help="plain steps of a sequence whose speculation stopped paying, before it tries again",
+    )
 
 
 def add_step_limit_args(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +178,9 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         max_waiting_requests=args.max_waiting_requests,
         max_steps_in_flight=args.max_steps_in_flight if args.overlap_scheduling else 1,
         max_stream_messages_per_step=args.max_stream_messages_per_step or None,
+        speculative_max_batch_size=args.speculative_max_batch_size,
+        speculative_min_accepted_tokens=args.speculative_min_accepted_tokens,
+        speculative_backoff_steps=args.speculative_backoff_steps,
     )
 
 

@@ -27,7 +27,7 @@ from services.reliability_args import supervisor_config
 from services.security_args import service_env, tls_config
 from services.serve_layout import ServeLayout, loopback_addresses, stop_rank
 from services.supervisor import Supervisor
-from services.worker_flags import forwarded_weight_flags
+from services.worker_flags import forwarded_speculative_flags, forwarded_weight_flags
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +188,9 @@ def _scheduler_command(
         str(args.max_stream_messages_per_step),
         *("--worker-timeout", str(args.worker_timeout)),
         *("--worker-recovery-timeout", str(args.worker_recovery_timeout)),
+        *("--speculative-max-batch-size", str(args.speculative_max_batch_size)),
+        *("--speculative-min-accepted-tokens", str(args.speculative_min_accepted_tokens)),
+        *("--speculative-backoff-steps", str(args.speculative_backoff_steps)),
     ]
 
 
@@ -218,6 +221,7 @@ def _worker_flags(args: argparse.Namespace, model_dir: Path) -> list[str]:
         *_optional("--max-model-len", args.max_model_len),
         *_optional("--num-kv-blocks", args.num_kv_blocks),
         *forwarded_weight_flags(args),
+        *forwarded_speculative_flags(args),
         "--gpu-memory-utilization",
         str(args.gpu_memory_utilization),
         *(["--enforce-eager"] if args.enforce_eager else []),

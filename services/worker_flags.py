@@ -5,6 +5,7 @@ import argparse
 
 from gpu_worker.config import LOAD_FORMATS, WorkerConfig
 from gpu_worker.model.quantization.config import QUANTIZATION_METHODS
+from services.common.speculative import SPECULATIVE_METHODS, SpeculativeConfig
 
 GIB = 1 << 30
 
@@ -50,6 +51,67 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="most tokens in one step, profiled to size the KV cache; the scheduler adopts it",
     )
     add_weight_args(parser)
+    add_speculative_args(parser)
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speculative-method",
+        choices=SPECULATIVE_METHODS,
+        default=SpeculativeConfig.method,
+        help="propose tokens by n-gram prompt lookup or with a draft model (--speculative-model) "
+        "and verify them in one forward; default: no speculation",
+    )
+    parser.add_argument(
+        "--speculative-model",
+        default=SpeculativeConfig.draft_model_path,
+        help="the draft model's directory (same tokenizer); implies --speculative-method draft",
+    )
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=SpeculativeConfig.num_speculative_tokens,
+        help="tokens proposed per sequence and step at most",
+    )
+    parser.add_argument(
+        "--prompt-lookup-max",
+        type=int,
+        default=SpeculativeConfig.prompt_lookup_max,
+        help="n-gram lookup: the longest suffix of a sequence looked up earlier in it",
+    )
+    parser.add_argument(
+        "--prompt-lookup-min",
+        type=int,
+        default=SpeculativeConfig.prompt_lookup_min,
+        help="n-gram lookup: the shortest suffix looked up",
+    )
+
+
+def speculative_config(args: argparse.Namespace) -> SpeculativeConfig:
+    return SpeculativeConfig(
+        method=args.speculative_method,
+        num_speculative_tokens=args.num_speculative_tokens,
+        prompt_lookup_max=args.prompt_lookup_max,
+        prompt_lookup_min=args.prompt_lookup_min,
+        draft_model_path=args.speculative_model,
+    )
+
+
+def forwarded_speculative_flags(args: argparse.Namespace) -> list[str]:
+    """add_speculative_args' flags as `pagedserve serve` passes them on to each worker."""
+    flags = [
+        "--num-speculative-tokens",
+        str(args.num_speculative_tokens),
+        "--prompt-lookup-max",
+        str(args.prompt_lookup_max),
+        "--prompt-lookup-min",
+        str(args.prompt_lookup_min),
+    ]
+    if args.speculative_method is not None:
+        flags += ["--speculative-method", args.speculative_method]
+    if args.speculative_model is not None:
+        flags += ["--speculative-model", str(args.speculative_model)]
+    return flags
 
 
 def add_weight_args(parser: argparse.ArgumentParser) -> None:

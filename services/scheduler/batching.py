@@ -14,8 +14,15 @@ class StepBatcher:
         self._next_seq_id = 1
 
     def add(
-        self, output: SchedulerOutput, sequence: Sequence, num_new_tokens: int, allocation: SlotAllocation
+        self,
+        output: SchedulerOutput,
+        sequence: Sequence,
+        num_new_tokens: int,
+        allocation: SlotAllocation,
+        num_lookahead_tokens: int = 0,
     ) -> None:
+        """num_lookahead_tokens: slots allocated past the new tokens for the worker's
+        proposals; they are not counted as computed (the result says how many are)."""
         if sequence.seq_id is None:
             sequence.seq_id = self._next_seq_id
             self._next_seq_id += 1
@@ -49,8 +56,12 @@ class StepBatcher:
                 num_new_tokens=num_new_tokens,
                 new_block_ids=new_block_ids,
                 num_samples=num_samples,
+                num_lookahead_tokens=num_lookahead_tokens,
             )
         )
+        if num_lookahead_tokens:
+            sequence.speculating = True
+            output.num_speculating += 1
         # Counted as computed once sent: the worker runs steps in order, so every later
         # step finds this KV in place.
         sequence.num_computed_tokens += num_new_tokens

@@ -196,6 +196,14 @@ class BlockManager:
             self._release(block_id)
         seq.block_table.clear()
 
+    def shrink(self, seq: HoldsBlocks, num_blocks: int) -> None:
+        """Gives back the tail blocks of the sequence's table past its first num_blocks
+        (lookahead slots that speculation did not fill). They hold no cached KV: only
+        computed full blocks are cached, and those lie before the slots."""
+        table = seq.block_table
+        while len(table) > num_blocks:
+            self._release(table.pop())
+
     def free_blocks(self, block_ids: Sequence[int]) -> None:
         """Releases blocks taken with `allocate_blocks` and not put into a table."""
         for block_id in block_ids:

@@ -51,6 +51,15 @@ class SchedulerConfig:
     # once); the other completions' tokens wait, merged, for their turn. None: no limit,
     # a message per completion per step.
     max_stream_messages_per_step: int | None = 32
+    # Speculative decoding, when the worker proposes tokens (its num_speculative_tokens):
+    # no sequence speculates in a step while more than this many run (a large batch is
+    # compute-bound: verifying proposals costs what it saves); 0: never speculate.
+    speculative_max_batch_size: int = 32
+    # A sequence whose speculating steps accept fewer proposed tokens than this on
+    # average (an exponential mean, half weight on the latest step) decodes plainly for
+    # speculative_backoff_steps steps, then tries again.
+    speculative_min_accepted_tokens: float = 0.5
+    speculative_backoff_steps: int = 16
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_steps_in_flight"):
@@ -61,6 +70,13 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_stream_messages_per_step must be at least 1, got {self.max_stream_messages_per_step}"
             )
+        for name in (
+            "speculative_max_batch_size",
+            "speculative_min_accepted_tokens",
+            "speculative_backoff_steps",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         # Accept the plain string of a CLI flag.

@@ -46,13 +46,18 @@ class ScheduledSequenceData:
     num_new_tokens: int
     new_block_ids: tuple[int, ...]
     # Tokens the worker samples for it: 0 for a prompt chunk that stops short of the end
-    # of the known tokens, n for the first sample of an n-completion request, else 1.
+    # of the known tokens, n for the first sample of an n-completion request, else 1
+    # (a speculating sequence: between 1 and 1 + num_lookahead_tokens).
     num_samples: int
+    # Slots past num_new_tokens for the worker's proposals (speculative decoding).
+    num_lookahead_tokens: int = 0
 
     def add_to(self, step: worker_pb2.StepRequest) -> None:
         """Appends itself to the step's message. Built in place: a message built apart is
         copied again into the step."""
         entry = step.scheduled.add(seq_id=self.seq_id, num_new_tokens=self.num_new_tokens)
+        if self.num_lookahead_tokens:
+            entry.num_lookahead_tokens = self.num_lookahead_tokens
         # Most entries bring no new block, and even an empty repeated field costs a copy.
         if self.new_block_ids:
             entry.new_block_ids.extend(self.new_block_ids)
@@ -68,10 +73,12 @@ class SchedulerOutput:
     swap_out: list[BlockPair] = field(default_factory=list)  # device block -> CPU block
     swap_in: list[BlockPair] = field(default_factory=list)  # CPU block -> device block
     copy_blocks: list[BlockPair] = field(default_factory=list)  # device -> device
+    # Sequences given lookahead slots: their token counts are known only from the result.
+    num_speculating: int = 0
 
     @property
     def num_scheduled_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(s.num_new_tokens + s.num_lookahead_tokens for s in self.scheduled)
 
     @property
     def sampling_seq_ids(self) -> list[int]:

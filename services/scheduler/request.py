@@ -51,6 +51,17 @@ class Request:
         self.sampling_after_fork = common_pb2.SamplingParams()
         self.sampling_after_fork.CopyFrom(self.sampling)
         self.sampling_after_fork.ClearField("n")
+        # Penalties count every token before the one sampled, logprobs come per draw and a
+        # grammar masks one position at a time: none is computed for verified proposals,
+        # so such requests never speculate.
+        sampling = self.sampling
+        self.can_speculate = not (
+            sampling.HasField("logprobs")
+            or sampling.HasField("structured_output")
+            or sampling.presence_penalty
+            or sampling.frequency_penalty
+            or (sampling.HasField("repetition_penalty") and sampling.repetition_penalty != 1.0)
+        )
 
     def receive_prompt_logprobs(self, received: worker_pb2.PromptLogprobs | None) -> None:
         """Keeps the positions not received yet: a sequence preempted in the middle of its
@@ -137,6 +148,13 @@ class Sequence:
     # The last step that computes anything for it: its blocks stay held until that step's
     # result is back.
     last_step_id: int = 0
+    # Speculative decoding (services/scheduler/speculation.py): whether the step in
+    # flight that samples for it speculates (how many tokens it gains is unknown until it
+    # returns), the recent mean of tokens accepted per speculating step, and the steps it
+    # still decodes plainly after that mean fell too low.
+    speculating: bool = False
+    accepted_mean: float | None = None
+    plain_steps_left: int = 0
 
     @property
     def request_id(self) -> str:
@@ -175,10 +193,11 @@ class Sequence:
 
         Running ahead of a sample is only worth it when the sample may not stop the
         sequence: one that samples its last token by length, or whose sample forks it into
-        its request's n completions, waits for that result."""
+        its request's n completions, waits for that result; so does one whose sample
+        speculates, which gains an unknown number of tokens."""
         num_planned_tokens = self.num_planned_tokens
         if self.num_pending_samples:
-            if self.awaits_fork:
+            if self.awaits_fork or self.speculating:
                 return 0
             max_tokens = self.request.max_tokens
             num_planned_output_tokens = num_planned_tokens - self.request.num_prompt_tokens

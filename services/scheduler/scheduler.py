@@ -36,16 +36,13 @@ from services.scheduler.block_manager import BlockManager
 from services.scheduler.config import PreemptionMode, SchedulerConfig
 from services.scheduler.cpu_block_pool import CpuBlockPool
 from services.scheduler.in_flight import InFlightSteps
-from services.scheduler.outputs import (
-    PendingWorkerOps,
-    RequestEvent,
-    RequestOutput,
-    SchedulerOutput,
-)
+from services.scheduler.outputs import PendingWorkerOps, RequestEvent, RequestOutput, SchedulerOutput
 from services.scheduler.preemption import NoRoom, Preemption
 from services.scheduler.prefix_cache import PrefixCache
-from services.scheduler.queues import SequenceQueues, num_requests
+from services.scheduler.queues import SequenceQueues
 from services.scheduler.request import Request, Sequence, SequenceStatus
+from services.scheduler.speculation import SpeculationPolicy, sampled_counts
+from services.scheduler.stats import scheduler_stats
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulerOutput", "RequestOutput"]
 
@@ -60,7 +57,9 @@ class Scheduler:
         eos_token_ids: Seq[int],
         num_cpu_blocks: int = 0,
         worker_limits: StepLimits | None = None,
+        num_speculative_tokens: int = 0,
     ) -> None:
+        """num_speculative_tokens: the most the worker proposes per sequence and step."""
         if config.num_kv_blocks is not None:
             num_blocks = min(num_blocks, config.num_kv_blocks)
         self.config = config
@@ -75,12 +74,8 @@ class Scheduler:
         self._seed_source = random.Random(config.seed)
 
         self.requests: dict[str, Request] = {}
-        self.queues = SequenceQueues()
-        self.waiting, self.running, self.swapped = (
-            self.queues.waiting,
-            self.queues.running,
-            self.queues.swapped,
-        )
+        queues = self.queues = SequenceQueues()
+        self.waiting, self.running, self.swapped = queues.waiting, queues.running, queues.swapped
         self.in_flight = InFlightSteps(self.block_manager)
         self._worker_ops = PendingWorkerOps()
         # Told of prefix-cache hits, preemptions and swap-ins as they happen (the service
@@ -105,6 +100,9 @@ class Scheduler:
             self._report_event,
         )
 
+        self.speculation = SpeculationPolicy(
+            config, num_speculative_tokens, self.block_manager, self.prefix_cache
+        )
         self.batcher = StepBatcher()
         self._num_arrivals = 0
         self._next_step_id = 1
@@ -225,23 +223,7 @@ class Scheduler:
         return bool(self.requests)
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
-        return scheduler_pb2.SchedulerStats(
-            num_running=num_requests(self.running),
-            num_waiting=num_requests(self.waiting),
-            num_swapped=num_requests(self.swapped),
-            num_total_blocks=self.block_manager.num_total_blocks,
-            num_free_blocks=self.block_manager.num_free_blocks,
-            num_total_cpu_blocks=self.cpu_pool.num_total_blocks,
-            num_free_cpu_blocks=self.cpu_pool.num_free_blocks,
-            num_preemptions=self.num_preemptions,
-            num_preemptions_recompute=self.num_preemptions_recompute,
-            num_preemptions_swap=self.num_preemptions_swap,
-            prefix_cache_queries=self.prefix_cache.num_queried_tokens,
-            prefix_cache_hits=self.prefix_cache.num_hit_tokens,
-            num_prompt_tokens=self.num_prompt_tokens,
-            num_generation_tokens=self.num_generation_tokens,
-            num_steps=self.num_steps,
-        )
+        return scheduler_stats(self)
 
     # --- one step ------------------------------------------------------------------------
 
@@ -255,6 +237,7 @@ class Scheduler:
 
         num_preemptions_before = self.num_preemptions
         waits_for_blocks = False
+        speculates = self.speculation.in_step(len(self.running))
         index = 0
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
@@ -262,12 +245,16 @@ class Scheduler:
             num_new_tokens = min(sequence.num_tokens_to_schedule(self.max_model_len), budget)
             if not num_new_tokens:
                 continue  # a result in flight decides what it does next
-            allocation = self.preemption.allocate_or_preempt(sequence, num_new_tokens)
-            if isinstance(allocation, NoRoom):
-                waits_for_blocks = allocation is NoRoom.BLOCKS_RETURNING
+            planned = self.speculation.plan(sequence, num_new_tokens, budget, self.max_model_len, speculates)
+            if planned is None:
+                continue  # speculates once its sample in flight is back
+            allocation, lookahead = planned
+            granted = allocation or self.preemption.allocate_or_preempt(sequence, num_new_tokens)
+            if isinstance(granted, NoRoom):
+                waits_for_blocks = granted is NoRoom.BLOCKS_RETURNING
                 break
-            self.batcher.add(output, sequence, num_new_tokens, allocation)
-            budget -= num_new_tokens
+            self.batcher.add(output, sequence, num_new_tokens, granted, lookahead)
+            budget -= num_new_tokens + lookahead
 
         # Blocks just taken from a preempted sequence, or about to come back from steps in
         # flight, go to the running ones on the next steps, not to a newcomer that would
@@ -295,23 +282,17 @@ class Scheduler:
         # caller abort_all() and start a fresh stream. Nothing is changed before this.
         if result.step_id != scheduled.step_id:
             raise UnavailableError(f"worker answered step {result.step_id} to step {scheduled.step_id}")
-        expected = scheduled.sampling_seq_ids
-        if len(result.seq_ids) != len(result.token_ids) or list(result.seq_ids) != expected:
-            raise UnavailableError(
-                f"worker answered step {scheduled.step_id} with {len(result.token_ids)} tokens for "
-                f"seq_ids {list(result.seq_ids)}, expected tokens for {expected} in that order"
-            )
+        counts = sampled_counts(scheduled, result)
         self.in_flight.returned(scheduled)
         sampled = list(result.token_ids)
         next_sampled = 0
-        block_size = self.block_manager.block_size
 
         prompt_logprobs = {entry.seq_id: entry for entry in result.prompt_logprobs}
         outputs: list[RequestOutput] = []
-        for item in scheduled.scheduled:
+        for index, item in enumerate(scheduled.scheduled):
             # The result is in batch order: this item's tokens come next.
             first_sampled = next_sampled
-            num_samples = item.num_samples
+            num_samples = item.num_samples if counts is None else counts[index]
             next_sampled += num_samples
             sequence = item.sequence
             if sequence.status is SequenceStatus.RUNNING:
@@ -319,6 +300,11 @@ class Scheduler:
             if prompt_logprobs:
                 sequence.request.receive_prompt_logprobs(prompt_logprobs.get(item.seq_id))
             num_outputs = len(outputs)
+            if item.num_lookahead_tokens:
+                outputs.extend(
+                    self.speculation.apply(sequence, sampled[first_sampled:next_sampled], self._stops)
+                )
+                continue
             # A sequence that finished or was aborted since expects no token: it is dropped.
             if num_samples and sequence.num_pending_samples:
                 sequence.num_pending_samples -= 1
@@ -339,7 +325,10 @@ class Scheduler:
                 # The token may complete a block that a step in flight has computed. Only
                 # a token that completes a block can leave more to register than the call
                 # above found.
-                if sequence.status is SequenceStatus.RUNNING and sequence.num_tokens % block_size == 0:
+                if (
+                    sequence.status is SequenceStatus.RUNNING
+                    and not sequence.num_tokens % self.block_manager.block_size
+                ):
                     self.prefix_cache.register_computed_blocks(sequence)
             if len(outputs) > num_outputs and sequence.request.prompt_logprobs is not None:
                 outputs[num_outputs].prompt_logprobs = sequence.request.take_prompt_logprobs()
@@ -355,20 +344,24 @@ class Scheduler:
     def _after_sample(self, sequence: Sequence) -> RequestOutput:
         """Finishes a sequence whose new last token stops it; its output either way. It may
         have been preempted since the step that sampled the token was sent."""
-        self.num_generation_tokens += 1
-        stop_reason = sequence.stop_reason(self.eos_token_ids, self.max_model_len)
-        if stop_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-            self.queues.remove(sequence)
-            self._finish(sequence, stop_reason)
+        self._stops(sequence)
         return RequestOutput.of(sequence, [sequence.token_ids[-1]])
 
-    # --- running -------------------------------------------------------------------------
+    def _stops(self, sequence: Sequence) -> bool:
+        """Counts the sequence's new last token; finishes it when that token stops it."""
+        self.num_generation_tokens += 1
+        stop_reason = sequence.stop_reason(self.eos_token_ids, self.max_model_len)
+        if stop_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+            return False
+        self.queues.remove(sequence)
+        self._finish(sequence, stop_reason)
+        return True
+
+    # --- preempting, forking, finishing -------------------------------------------------
 
     def preempt(self, sequence: Sequence, mode: PreemptionMode | None = None) -> None:
         """Preempts a running sequence now (see Preemption.preempt)."""
         self.preemption.preempt(sequence, mode)
-
-    # --- after a step --------------------------------------------------------------------
 
     def _fork(self, parent: Sequence, first_tokens: list[int]) -> list[Sequence]:
         """Completions 1..n-1 of the parent's request, each starting from the prompt the
@@ -397,6 +390,7 @@ class Scheduler:
         sequence.cpu_block_table = []
         # Whatever steps in flight still sample for it is dropped.
         sequence.num_pending_samples = 0
+        sequence.speculating = False
         sequence.status = SequenceStatus.FINISHED
         sequence.finish_reason = finish_reason
         request = sequence.request

@@ -49,6 +49,7 @@ def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Sch
         eos_token_ids=list(info.model.eos_token_ids),
         num_cpu_blocks=info.num_cpu_blocks,
         worker_limits=StepLimits.from_worker_info(info),
+        num_speculative_tokens=info.num_speculative_tokens,
     )
 
 

@@ -162,3 +162,21 @@ def test_launch_profile_splits_each_launch_into_its_operations(
     top = window["top_self_us_per_step"]
     assert "aten::mm" in top and "launch_step (Python)" in top, top
     assert sum(top.values()) <= window["launch_us_per_step"] * 1.001, window
+
+
+def test_speculative_benchmark_compares_both_ways(tmp_path: Path) -> None:
+    """benchmarks/speculative.py runs each workload with and without speculation, and
+    greedy tokens agree."""
+    summary, printed = run_benchmark(
+        "speculative",
+        *("--device", "cpu", "--batch-sizes", "1", "--max-tokens", "8"),
+        *("--nano-batch", "2", "--nano-max-len", "8"),
+        out=tmp_path / "speculative.json",
+    )
+    assert [(row["workload"], row["batch"]) for row in summary["rows"]] == [
+        ("copy-heavy", 1),
+        ("nano-vllm", 2),
+    ]
+    assert all(row["tokens_identical"] for row in summary["rows"])
+    assert summary["rows"][0]["on"]["proposed"] > 0
+    assert "speedup" in printed

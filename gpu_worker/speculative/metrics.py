@@ -1,0 +1,66 @@
+"""Speculative decoding's counters, with vLLM's meanings: drafts (sequences that proposed
+at least one token in a step), draft tokens (tokens proposed), accepted tokens, and
+accepted tokens per position (position i counts the drafts whose i-th proposal was
+accepted). The acceptance rate is accepted / draft tokens; at position i it is
+accepted_per_pos[i] / drafts. The same counts of each step go on its span."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opentelemetry import trace
+from pagedserve.v1 import worker_pb2
+from prometheus_client import CollectorRegistry, Counter
+
+from services.common.metrics import PREFIX
+
+
+class SpeculationMetrics:
+    def __init__(self, registry: CollectorRegistry, rank: int = 0) -> None:
+        self._rank = str(rank)
+        self._drafts = Counter(
+            PREFIX + "spec_decode_num_drafts",
+            "Sequences that proposed at least one token, once per step.",
+            ["rank"],
+            registry=registry,
+        ).labels(self._rank)
+        self._draft_tokens = Counter(
+            PREFIX + "spec_decode_num_draft_tokens", "Tokens proposed.", ["rank"], registry=registry
+        ).labels(self._rank)
+        self._accepted_tokens = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens",
+            "Proposed tokens accepted by verification.",
+            ["rank"],
+            registry=registry,
+        ).labels(self._rank)
+        self._accepted_per_position = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Drafts whose proposal at this position (0 first) was accepted.",
+            ["position", "rank"],
+            registry=registry,
+        )
+
+    def record(self, outcomes: Sequence[worker_pb2.SpeculationOutcome], span: trace.Span) -> None:
+        """One step's outcomes, on the metrics and on the step's span."""
+        drafts = [o for o in outcomes if o.num_proposed]
+        proposed = sum(o.num_proposed for o in drafts)
+        accepted = sum(o.num_accepted for o in drafts)
+        per_position = [0] * max((o.num_proposed for o in drafts), default=0)
+        for outcome in drafts:
+            for position in range(outcome.num_accepted):
+                per_position[position] += 1
+        self._drafts.inc(len(drafts))
+        self._draft_tokens.inc(proposed)
+        self._accepted_tokens.inc(accepted)
+        for position, count in enumerate(per_position):
+            self._accepted_per_position.labels(str(position), self._rank).inc(count)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "pagedserve.spec_decode.num_speculating": len(outcomes),
+                    "pagedserve.spec_decode.num_drafts": len(drafts),
+                    "pagedserve.spec_decode.num_draft_tokens": proposed,
+                    "pagedserve.spec_decode.num_accepted_tokens": accepted,
+                    "pagedserve.spec_decode.num_accepted_tokens_per_pos": per_position,
+                }
+            )
