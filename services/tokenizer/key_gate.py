@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, generation_pb2
@@ -136,8 +137,9 @@ class KeyGate:
         self, caller: KeyPolicy | None, request: generation_pb2.GenerateRequest, generate: Generate
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         if caller is None:
-            async for message in generate(request):
-                yield message
+            async with aclosing(generate(request)) as messages:
+                async for message in messages:
+                    yield message
             return
         try:
             priority = allowed_priority(caller, request.priority)
@@ -157,13 +159,15 @@ class KeyGate:
             adjusted.priority = priority
             request = adjusted
         prompt_counted = False
-        async for message in generate(request):
-            # Each completion's last message carries its usage; the prompt counts once.
-            if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                tokens = message.usage.completion_tokens
-                if not prompt_counted:
-                    tokens += message.usage.prompt_tokens
-                    prompt_counted = True
-                account.charge_tokens(tokens)
-                self._tokens.labels(caller.name).inc(tokens)
-            yield message
+        # Closed with this generator, so that a caller who leaves early aborts the request.
+        async with aclosing(generate(request)) as messages:
+            async for message in messages:
+                # Each completion's last message carries its usage; the prompt counts once.
+                if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    tokens = message.usage.completion_tokens
+                    if not prompt_counted:
+                        tokens += message.usage.prompt_tokens
+                        prompt_counted = True
+                    account.charge_tokens(tokens)
+                    self._tokens.labels(caller.name).inc(tokens)
+                yield message
