@@ -19,14 +19,13 @@ class PeerAccess:
     tls: TlsConfig = field(default_factory=TlsConfig)
     internal_token: str | None = field(default=None, repr=False)
 
-    def channel(
-        self, address: str, options: Sequence[tuple[str, int | str]] = CHANNEL_OPTIONS
-    ) -> grpc.aio.Channel:
-        if self.tls.enabled:
-            if self.tls.server_name is not None:
-                options = [*options, ("grpc.ssl_target_name_override", self.tls.server_name)]
-            return grpc.aio.secure_channel(address, channel_credentials(self.tls), options=options)
-        return grpc.aio.insecure_channel(address, options=options)
+    def channel(self, address: str, options: Sequence[tuple[str, int]] = CHANNEL_OPTIONS) -> grpc.aio.Channel:
+        if not self.tls.enabled:
+            return grpc.aio.insecure_channel(address, options=options)
+        secure_options: list[tuple[str, int | str]] = [*options]
+        if self.tls.server_name is not None:
+            secure_options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return grpc.aio.secure_channel(address, channel_credentials(self.tls), options=secure_options)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:

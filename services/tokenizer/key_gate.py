@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from pagedserve.v1 import common_pb2, generation_pb2
+from prometheus_client import CollectorRegistry, Counter
 
 from services.common.api_keys import ApiKeys, KeyPolicy
 from services.common.errors import InvalidArgumentError, RateLimitedError
+from services.common.metrics import PREFIX
 
 Clock = Callable[[], float]
 Generate = Callable[[generation_pb2.GenerateRequest], AsyncIterator[generation_pb2.GenerateResponse]]
@@ -97,10 +100,25 @@ def allowed_priority(policy: KeyPolicy, priority: int) -> int:
 class KeyGate:
     """What both APIs ask before and while generating for a caller."""
 
-    def __init__(self, keys: ApiKeys | None, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, keys: ApiKeys | None, clock: Clock = time.monotonic, registry: CollectorRegistry | None = None
+    ) -> None:
         self.keys = keys
         self._clock = clock
         self._accounts: dict[str, KeyAccount] = {}
+        # By the key's name (a short hash unless the key file names it), never the key.
+        self._requests = Counter(
+            PREFIX + "api_key_requests",
+            "Generate requests by API key name and outcome (admitted, rate_limited, priority_refused).",
+            ["key", "outcome"],
+            registry=registry,
+        )
+        self._tokens = Counter(
+            PREFIX + "api_key_tokens",
+            "Prompt and generated tokens by API key name.",
+            ["key"],
+            registry=registry,
+        )
 
     def caller(self, token: str | None) -> KeyPolicy | None:
         """The policy of the key `token` is; None when the API needs no key (or the token is
@@ -119,23 +137,51 @@ class KeyGate:
         self, caller: KeyPolicy | None, request: generation_pb2.GenerateRequest, generate: Generate
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
         if caller is None:
-            async for message in generate(request):
-                yield message
+            async with _closing(generate(request)) as messages:
+                async for message in messages:
+                    yield message
             return
-        priority = allowed_priority(caller, request.priority)
+        try:
+            priority = allowed_priority(caller, request.priority)
+        except InvalidArgumentError:
+            self._requests.labels(caller.name, "priority_refused").inc()
+            raise
         account = self._account(caller)
-        account.admit()
+        try:
+            account.admit()
+        except RateLimitedError:
+            self._requests.labels(caller.name, "rate_limited").inc()
+            raise
+        self._requests.labels(caller.name, "admitted").inc()
         if priority != request.priority:
             adjusted = generation_pb2.GenerateRequest()
             adjusted.CopyFrom(request)
             adjusted.priority = priority
             request = adjusted
         prompt_counted = False
-        async for message in generate(request):
-            # Each completion's last message carries its usage; the prompt counts once.
-            if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-                account.charge_tokens(message.usage.completion_tokens)
-                if not prompt_counted:
-                    account.charge_tokens(message.usage.prompt_tokens)
-                    prompt_counted = True
-            yield message
+        # Closed with this generator, so that a caller who leaves early aborts the request.
+        async with _closing(generate(request)) as messages:
+            async for message in messages:
+                # Each completion's last message carries its usage; the prompt counts once.
+                if message.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    tokens = message.usage.completion_tokens
+                    if not prompt_counted:
+                        tokens += message.usage.prompt_tokens
+                        prompt_counted = True
+                    account.charge_tokens(tokens)
+                    self._tokens.labels(caller.name).inc(tokens)
+                yield message
+
+
+@asynccontextmanager
+async def _closing(
+    messages: AsyncIterator[generation_pb2.GenerateResponse],
+) -> AsyncIterator[AsyncIterator[generation_pb2.GenerateResponse]]:
+    """Closes the stream on the way out when it can be closed (a generator), so that a
+    caller who leaves early aborts its request at once."""
+    try:
+        yield messages
+    finally:
+        close = getattr(messages, "aclose", None)
+        if close is not None:
+            await close()

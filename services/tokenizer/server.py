@@ -65,7 +65,7 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
     host = ServiceHost(server_config, [SERVICE_NAME], CallerPolicy(api_keys=config.api_keys))
     engines = EnginePool(config.engines)
     core = GenerationCore(engines, config.migration, RoutingMetrics(host.registry))
-    gate = KeyGate(config.api_keys)
+    gate = KeyGate(config.api_keys, registry=host.registry)
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(core, gate), host.server)
     port = await host.start()
     http_api: HttpApiServer | None = None

@@ -27,6 +27,7 @@ from pagedserve.v1 import (
 )
 
 from services.common.tls import TlsConfig
+from services.launcher import free_port
 from tests.support.certificates import Authority, issue, make_authority, serial_number, tls_flags
 from tests.support.service_stack import Stack, service_stack
 
@@ -75,13 +76,21 @@ def certificates(tmp_path_factory) -> Certificates:
 
 
 @pytest.fixture(scope="module")
-def secure_stack(embedded_model_dir: Path, tmp_path_factory, certificates: Certificates) -> Stack:
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def secure_stack(
+    embedded_model_dir: Path, tmp_path_factory, certificates: Certificates, metrics_port: int
+) -> Stack:
     key_file = tmp_path_factory.mktemp("keys") / "keys.toml"
     key_file.write_text(KEY_FILE)
     with service_stack(
         embedded_model_dir,
         tmp_path_factory.mktemp("mtls-stack"),
         serve_flags=[*tls_flags(certificates.server), "--api-key-file", str(key_file)],
+        tokenizer_args=["--metrics-port", str(metrics_port)],
         http_api=True,
         tls=certificates.client,
     ) as running:
@@ -285,6 +294,19 @@ def test_http_rate_limit_answers_429_with_retry_after(secure_stack: Stack, certi
         assert refused.status_code == 429
         assert refused.json()["error"]["type"] == "rate_limit_error"
         assert 1 <= int(refused.headers["retry-after"]) <= 61
+
+
+def test_keys_are_counted_by_name_and_appear_in_no_log_or_metric(
+    secure_stack: Stack, metrics_port: int
+) -> None:
+    """After the tests above: every key was used, refused or not."""
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    assert 'pagedserve:api_key_requests_total{key="few-requests",outcome="rate_limited"} 1.0' in metrics
+    assert 'pagedserve:api_key_requests_total{key="narrow",outcome="priority_refused"} 3.0' in metrics
+    assert 'pagedserve:api_key_tokens_total{key="main"}' in metrics
+    logs = "".join(path.read_text() for path in secure_stack.log_dir.glob("*.log"))
+    for secret in ("sk-main", "sk-narrow", "sk-few-requests", "sk-few-tokens", "sk-http-few", "sk-wrong"):
+        assert secret not in metrics and secret not in logs, secret
 
 
 def _served_serial(address: str, client: TlsConfig) -> int:

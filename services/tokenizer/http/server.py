@@ -11,7 +11,6 @@ import logging
 import math
 import ssl
 from collections.abc import Iterator
-from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -47,15 +46,20 @@ class HttpApiServer:
     ) -> None:
         self.state = ServingState()
         app = build_app(core, config, registry, self.state, gate)
-        ssl_args: dict[str, Any] = {}
         tls = tls or TlsConfig()
-        if tls.enabled:
-            ssl_args = {"ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile)}
-            if tls.ca_certs is not None:
-                ssl_args |= {"ssl_ca_certs": str(tls.ca_certs), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+        ca = tls.ca_certs
         self._server = _EmbeddedServer(
             uvicorn.Config(
-                app, host=host, port=port, lifespan="off", log_level="warning", access_log=False, **ssl_args
+                app,
+                host=host,
+                port=port,
+                lifespan="off",
+                log_level="warning",
+                access_log=False,
+                ssl_certfile=tls.certfile,
+                ssl_keyfile=tls.keyfile,
+                ssl_ca_certs=None if ca is None else str(ca),
+                ssl_cert_reqs=int(ssl.CERT_NONE if ca is None else ssl.CERT_REQUIRED),
             )
         )
         self._certificates = CertificateFiles(tls) if tls.enabled else None
