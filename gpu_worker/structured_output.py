@@ -141,11 +141,13 @@ class GrammarMasks:
 
     def _vocabulary(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = llguidance.LLTokenizer(
-                self._tokenizer_path.read_text(encoding="utf-8"),
-                n_vocab=self._vocab_size,
-                eos_token=self._eos_token_ids or None,
-            )
+            text = self._tokenizer_path.read_text(encoding="utf-8")
+            # A model's EOS may lie past the tokenizer's own ids (padded embeddings, or a
+            # model served with another vocabulary's tokenizer); the grammar ends on the
+            # tokenizer's EOS then, rather than refusing every constrained sequence.
+            size = llguidance.LLTokenizer(text).vocab_size
+            known = [token for token in self._eos_token_ids if token < size]
+            self._tokenizer = llguidance.LLTokenizer(text, n_vocab=self._vocab_size, eos_token=known or None)
         return self._tokenizer
 
     def _parallel(self) -> llguidance.LLExecutor:

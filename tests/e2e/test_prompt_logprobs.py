@@ -1,7 +1,7 @@
 """Prompt logprobs against the three services as processes with the embedded model: on
 gRPC (sampling.prompt_logprobs) and on the completions API (echo with logprobs), equal to
 HF transformers' log-softmax of the same prompt, also when the prompt's prefix is cached
-(tests/worker/test_prompt_logprobs.py covers chunks, overlap and preemption)."""
+(tests/worker/test_worker_prompt_logprobs.py covers chunks, overlap and preemption)."""
 
 from __future__ import annotations
 

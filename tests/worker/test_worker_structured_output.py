@@ -109,3 +109,22 @@ def test_bitmask_bits_become_allowed_tokens() -> None:
     assert wide[1].nonzero().flatten().tolist() == [32]
     # Cut to the vocabulary: the logits' width.
     assert allowed_tokens(words, 40)[0].nonzero().flatten().tolist() == [0, 1, 3]
+
+
+def test_a_model_eos_past_the_tokenizers_ids_leaves_grammars_working(tmp_path: Path) -> None:
+    """Padded embeddings: the model's EOS id is past the tokenizer's vocabulary. The
+    grammar ends on the tokenizer's own EOS instead of failing every constrained step."""
+    from gpu_worker.structured_output import GrammarMasks
+
+    tokenizer = build_tokenizer()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    vocab_size = tokenizer.get_vocab_size() + 64
+    masks = GrammarMasks(tmp_path / "tokenizer.json", vocab_size, (vocab_size - 1,))
+    sampling = common_pb2.SamplingParams(structured_output=common_pb2.StructuredOutput(regex="[ab]+"))
+    masks.add(7, sampling, [])
+    assert 7 in masks
+    allowed = torch.isfinite(masks.masked(torch.zeros(1, vocab_size), [7]))[0]
+    text_of = {i: tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size())}
+    assert allowed.any() and all(
+        re.fullmatch("[ab]+", text_of[i]) for i in allowed.nonzero().flatten().tolist()
+    )
