@@ -132,7 +132,9 @@ def test_a_killed_rank_restarts_its_group_and_every_request_completes(
     """Under `pagedserve serve`, a rank killed mid-generation: serve restarts every rank of
     the group, the scheduler recomputes the requests it held, and each completes with the
     tokens of an undisturbed run."""
-    flags = ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2", "--worker-timeout", "3"]
+    # A killed rank is seen at once (its stream ends); a long timeout keeps slow but live
+    # ranks on a busy machine from being declared dead too.
+    flags = ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "2", "--worker-timeout", "15"]
     prompts = _prompts(build_tokenizer().get_vocab_size())[3:]
     with running_serve(random_llama_dir, tmp_path / "serve.log", flags) as served:
         address = served.public_address
