@@ -87,6 +87,9 @@ def running_serve(model_dir: Path, log_path: Path, flags: list[str]) -> Iterator
     command = [
         *(sys.executable, "-m", "services.cli", "--log-level", "INFO", "serve", "--host", "127.0.0.1"),
         *("--port", str(port), "--model", str(model_dir), "--device", "cpu", "--shutdown-grace", "5"),
+        # Each worker fills its CPU swap pool at start-up: a small one, so that a group of
+        # ranks fits the machine's memory (as tests/support/service_stack.py does).
+        *("--swap-space", "0.25"),
         # The supervisor's metrics follow the services' own.
         *("--metrics-port", str(metrics_port - num_services)),
         *flags,
