@@ -26,7 +26,7 @@ from services.common.tls import TlsConfig, channel_credentials
 from services.reliability_args import supervisor_config
 from services.security_args import service_env, tls_config
 from services.serve_layout import ServeLayout, loopback_addresses, stop_rank
-from services.supervisor import Supervisor
+from services.supervisor import Supervisor, stop_services
 from services.worker_flags import forwarded_speculative_flags, forwarded_weight_flags
 
 log = logging.getLogger(__name__)
@@ -290,21 +290,6 @@ def loopback_service_commands(
     return service_commands(args, model_dir, ports)
 
 
-def stop_services(processes: Mapping[str, subprocess.Popen[bytes]], timeout_s: float) -> None:
-    """Stops the services one after another, tokenizers first, then schedulers, then
-    workers (stop_rank): SIGTERM, up to timeout_s for it to drain and exit, then SIGKILL."""
-    for name in sorted(processes, key=stop_rank):
-        process = processes[name]
-        if process.poll() is not None:
-            continue
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextmanager
 def running_services(
     commands: Mapping[str, list[str]],
@@ -332,7 +317,7 @@ def running_services(
         wait_until_serving(processes, addresses, log_dir, startup_timeout_s, tls)
         yield processes
     finally:
-        stop_services(processes, stop_timeout_s)
+        stop_services(processes, stop_timeout_s, stop_rank)
 
 
 def serve_all(args: argparse.Namespace, model_dir: Path) -> int:

@@ -167,14 +167,23 @@ class Supervisor:
         return True
 
     def stop(self, order: Callable[[str], int], timeout_s: float) -> None:
-        """Stops the services in `order`: SIGTERM, up to timeout_s to drain, then SIGKILL."""
-        for name in sorted(self.processes, key=order):
-            process = self.processes[name]
-            if process.poll() is not None:
-                continue
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        """Stops the services in `order` (see stop_services)."""
+        stop_services(self.processes, timeout_s, order)
+
+
+def stop_services(
+    processes: Mapping[str, subprocess.Popen[bytes]], timeout_s: float, order: Callable[[str], int]
+) -> None:
+    """Stops the services one after another in `order` (serve's: tokenizers, then
+    schedulers, then workers): SIGTERM, up to timeout_s for each to drain and exit, then
+    SIGKILL."""
+    for name in sorted(processes, key=order):
+        process = processes[name]
+        if process.poll() is not None:
+            continue
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

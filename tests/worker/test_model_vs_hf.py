@@ -21,6 +21,7 @@ from pagedserve.v1 import common_pb2, worker_pb2
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model_runner import ModelRunner
+from tests.support.greedy_runs import hf_greedy, runner_greedy
 from tests.support.tiny_architectures import BUILDERS, build_tiny_model
 from tests.support.tiny_llama import TINY_DIMS, VOCAB_SIZE
 
@@ -321,22 +322,5 @@ def test_dynamic_ntk_decodes_past_the_trained_context_as_hf(tmp_path: Path) -> N
     assert runner.max_model_len == 32
     prompts = [[5, 17, 99, 3, 42, 8, 11], [200, 7, 64, 31, 9, 150, 77, 12, 4, 90, 33, 21, 6]]
     max_new_tokens = 18
-    step = worker_pb2.StepRequest(step_id=1)
-    for seq_id, prompt in enumerate(prompts):
-        step.new_sequences.add(
-            seq_id=seq_id, token_ids=prompt, sampling=common_pb2.SamplingParams(temperature=0)
-        )
-        blocks = list(range(seq_id * 8, seq_id * 8 + 8))
-        step.scheduled.add(seq_id=seq_id, num_new_tokens=len(prompt), new_block_ids=blocks)
-    generated: dict[int, list[int]] = {0: [], 1: []}
-    for step_id in range(1, max_new_tokens + 1):
-        if step_id > 1:
-            step = worker_pb2.StepRequest(step_id=step_id)
-            for seq_id in range(len(prompts)):
-                step.scheduled.add(seq_id=seq_id, num_new_tokens=1)
-        result = runner.execute_step(step)
-        for seq_id, token_id in zip(result.seq_ids, result.token_ids):
-            generated[seq_id].append(token_id)
-    for seq_id, prompt in enumerate(prompts):
-        assert len(prompt) + max_new_tokens > 16
-        assert generated[seq_id] == _hf_greedy(hf_model, prompt, max_new_tokens)
+    assert all(len(prompt) + max_new_tokens > 16 for prompt in prompts)
+    assert runner_greedy(runner, prompts, max_new_tokens) == hf_greedy(hf_model, prompts, max_new_tokens)
