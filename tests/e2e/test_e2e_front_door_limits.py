@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import grpc
-import httpx2
+import httpx
 import pytest
 from pagedserve.v1 import common_pb2, generation_pb2
 
@@ -85,11 +85,11 @@ def _refused(stack: Stack, request: generation_pb2.GenerateRequest) -> tuple[grp
     return refused.value, min(times)
 
 
-def _http_refused(stack: Stack, body: bytes) -> tuple[httpx2.Response, float]:
+def _http_refused(stack: Stack, body: bytes) -> tuple[httpx.Response, float]:
     times: list[float] = []
     for _ in range(3):
         started = time.monotonic()
-        reply = httpx2.post(f"{stack.http_url}/completions", content=body, timeout=60)
+        reply = httpx.post(f"{stack.http_url}/completions", content=body, timeout=60)
         times.append(time.monotonic() - started)
     return reply, min(times)
 

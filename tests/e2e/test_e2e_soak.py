@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-import httpx2
+import httpx
 import pytest
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2
 
@@ -59,7 +59,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def _handled(metrics_port: int, method: str, code: str) -> float:
-    text = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     line = f'pagedserve:grpc_server_handled_total{{code="{code}",method="{method}"}}'
     return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
 

@@ -6,7 +6,7 @@ counts, n and prompt batches capped) so that the run stays small on a CPU."""
 from collections import Counter
 from pathlib import Path
 
-import httpx2
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -66,7 +66,7 @@ def test_no_server_errors(fuzz_stack: Stack) -> None:
 
 
 def test_still_serving_after_fuzzing(fuzz_stack: Stack) -> None:
-    reply = httpx2.post(
+    reply = httpx.post(
         f"{fuzz_stack.http_url}/completions",
         json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
         timeout=120,

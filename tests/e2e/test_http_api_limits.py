@@ -7,7 +7,7 @@ import threading
 import time
 from pathlib import Path
 
-import httpx2
+import httpx
 import openai
 import pytest
 from pagedserve.v1 import scheduler_pb2
@@ -49,10 +49,10 @@ def test_wrong_or_missing_api_key_gets_401(limited_stack: Stack) -> None:
         _client(limited_stack, "wrong").models.list()
     assert refused.value.status_code == 401
     assert refused.value.body["code"] == "invalid_api_key"
-    no_key = httpx2.get(f"{limited_stack.http_url}/models")
+    no_key = httpx.get(f"{limited_stack.http_url}/models")
     assert no_key.status_code == 401
     # Probes need no key.
-    assert httpx2.get(f"{limited_stack.http_url.removesuffix('/v1')}/health").status_code == 200
+    assert httpx.get(f"{limited_stack.http_url.removesuffix('/v1')}/health").status_code == 200
 
 
 def test_served_model_name_is_the_model_id(limited_stack: Stack) -> None:
