@@ -104,6 +104,12 @@ def _assert_no_block_in_use(stack: Stack) -> None:
         time.sleep(0.1)
 
 
+def _assert_unharmed(stack: Stack) -> None:
+    """What fuzzing must leave: every KV block free and every service process running."""
+    _assert_no_block_in_use(stack)
+    assert all(process.poll() is None for process in stack.processes.values())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fuzzed_messages_get_an_answer_or_an_explicit_refusal(
     fuzz_stack: Stack, channel: grpc.Channel, method: str
@@ -124,8 +130,7 @@ def test_fuzzed_messages_get_an_answer_or_an_explicit_refusal(
     if method != "GetModelInfo":
         # The strategies reach past validation as well as into it.
         assert outcomes["OK"] and outcomes["INVALID_ARGUMENT"], outcomes
-    _assert_no_block_in_use(fuzz_stack)
-    assert all(process.poll() is None for process in fuzz_stack.processes.values())
+    _assert_unharmed(fuzz_stack)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -142,8 +147,7 @@ def test_random_bytes_get_an_answer_or_an_explicit_refusal(
 
     fuzz()
     print(f"{method} (random bytes): {dict(outcomes)}")
-    _assert_no_block_in_use(fuzz_stack)
-    assert all(process.poll() is None for process in fuzz_stack.processes.values())
+    _assert_unharmed(fuzz_stack)
 
 
 def test_still_serving_after_fuzzing(fuzz_stack: Stack) -> None:
