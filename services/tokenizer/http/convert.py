@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pagedserve.v1 import common_pb2, generation_pb2
 
 from services.common.errors import InvalidArgumentError
-from services.common.proto_fields import set_given
+from services.common.proto_fields import set_given, set_prompt
 from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from services.tokenizer.http.structured_output import structured_output_of, structured_output_param
 
@@ -62,10 +62,7 @@ def _completion_requests(body: CompletionRequest, request_id: str) -> list[gener
         request = generation_pb2.GenerateRequest(
             request_id=request_id if len(prompts) == 1 else f"{request_id}-{index}", sampling=sampling
         )
-        if isinstance(prompt, str):
-            request.prompt = prompt
-        else:
-            request.prompt_token_ids.extend(prompt)
+        set_prompt(request, prompt)
         requests.append(request)
     return requests
 
