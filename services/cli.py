@@ -21,6 +21,7 @@ from services.common.grpc_server import ServerConfig
 from services.common.step_limits import StepLimitsError
 from services.common.telemetry import setup_tracing
 from services.common.tls import TlsConfigError
+from services.flag_table import Flag, add_flags
 from services.parallel_args import add_parallel_args, add_rank_args, parallel_config
 from services.reliability_args import (
     add_engine_failure_args,
@@ -43,16 +44,12 @@ def _model_dir(model: str | None) -> Path:
 
 
 def add_server_args(parser: argparse.ArgumentParser, default_port: int) -> None:
-    parser.add_argument("--host", default=ServerConfig.host, help="address to listen on")
-    parser.add_argument("--port", type=int, default=default_port, help="port to listen on")
-    parser.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=ServerConfig.shutdown_grace_s,
-        help="seconds to drain on SIGTERM",
-    )
-    parser.add_argument(
-        "--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port"
+    add_flags(
+        parser,
+        Flag("--host", None, ServerConfig.host, "address to listen on"),
+        Flag("--port", int, default_port, "port to listen on"),
+        Flag("--shutdown-grace", float, ServerConfig.shutdown_grace_s, "seconds to drain on SIGTERM"),
+        Flag("--metrics-port", int, None, "serve Prometheus /metrics on this port"),
     )
     add_watchdog_arg(parser)
 
@@ -115,55 +112,61 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
         help="plan each step only once the previous one's result is back, instead of "
         "while the worker runs it",
     )
-    parser.add_argument(
-        "--max-steps-in-flight",
-        type=int,
-        default=SchedulerConfig.max_steps_in_flight,
-        help="with overlapped scheduling, steps sent to the worker before the oldest one's result "
-        "is back; default: as many as the worker runs at once",
-    )
-    parser.add_argument(
-        "--max-stream-messages-per-step",
-        type=int,
-        default=SchedulerConfig.max_stream_messages_per_step,
-        help="token messages streamed per step at most: beyond it, completions' tokens "
-        "wait merged for their turn (first tokens and last messages never wait); 0: no limit",
-    )
-    parser.add_argument(
-        "--speculative-max-batch-size",
-        type=int,
-        default=SchedulerConfig.speculative_max_batch_size,
-        help="with a speculating worker: no speculation in steps planned while more sequences "
-        "run; 0: never speculate",
-    )
-    parser.add_argument(
-        "--speculative-min-accepted-tokens",
-        type=float,
-        default=SchedulerConfig.speculative_min_accepted_tokens,
-        help="a sequence whose speculating steps accept fewer proposals on average decodes "
-        "plainly for --speculative-backoff-steps steps",
-    )
-    parser.add_argument(
-        "--speculative-backoff-steps",
-        type=int,
-        default=SchedulerConfig.speculative_backoff_steps,
-        help="plain steps of a sequence whose speculation stopped paying, before it tries again",
+    add_flags(
+        parser,
+        Flag(
+            "--max-steps-in-flight",
+            int,
+            SchedulerConfig.max_steps_in_flight,
+            "with overlapped scheduling, steps sent to the worker before the oldest one's result "
+            "is back; default: as many as the worker runs at once",
+        ),
+        Flag(
+            "--max-stream-messages-per-step",
+            int,
+            SchedulerConfig.max_stream_messages_per_step,
+            "token messages streamed per step at most: beyond it, completions' tokens "
+            "wait merged for their turn (first tokens and last messages never wait); 0: no limit",
+        ),
+        Flag(
+            "--speculative-max-batch-size",
+            int,
+            SchedulerConfig.speculative_max_batch_size,
+            "with a speculating worker: no speculation in steps planned while more sequences "
+            "run; 0: never speculate",
+        ),
+        Flag(
+            "--speculative-min-accepted-tokens",
+            float,
+            SchedulerConfig.speculative_min_accepted_tokens,
+            "a sequence whose speculating steps accept fewer proposals on average decodes "
+            "plainly for --speculative-backoff-steps steps",
+        ),
+        Flag(
+            "--speculative-backoff-steps",
+            int,
+            SchedulerConfig.speculative_backoff_steps,
+            "plain steps of a sequence whose speculation stopped paying, before it tries again",
+        ),
     )
 
 
 def add_step_limit_args(parser: argparse.ArgumentParser) -> None:
     """The scheduler's own caps on a step's size, which may not exceed its worker's."""
-    parser.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=SchedulerConfig.max_num_seqs,
-        help="most sequences in one step; default: the worker's, and more is refused",
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=SchedulerConfig.max_num_batched_tokens,
-        help="most tokens in one step; default: the worker's, and more is refused",
+    add_flags(
+        parser,
+        Flag(
+            "--max-num-seqs",
+            int,
+            SchedulerConfig.max_num_seqs,
+            "most sequences in one step; default: the worker's, and more is refused",
+        ),
+        Flag(
+            "--max-num-batched-tokens",
+            int,
+            SchedulerConfig.max_num_batched_tokens,
+            "most tokens in one step; default: the worker's, and more is refused",
+        ),
     )
 
 

@@ -8,17 +8,13 @@ import uuid
 import grpc
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
+from services.common.proto_fields import set_given
 from services.security_args import plain_api_keys
 
 
 def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams()
-    if args.max_tokens is not None:
-        sampling.max_tokens = args.max_tokens
-    if args.temperature is not None:
-        sampling.temperature = args.temperature
-    if args.seed is not None:
-        sampling.seed = args.seed
+    set_given(sampling, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     request = generation_pb2.GenerateRequest(request_id=f"cli-{uuid.uuid4().hex[:12]}", sampling=sampling)
     if args.chat:
         request.messages.add(role="user", content=args.prompt)

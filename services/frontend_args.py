@@ -4,17 +4,17 @@ and how many engines and tokenizers `pagedserve serve` runs."""
 import argparse
 
 from services.common.channels import DEFAULT_MAX_REQUEST_BYTES
+from services.flag_table import Flag, add_flags
 
 
 def add_http_api_args(parser: argparse.ArgumentParser) -> None:
     """The OpenAI-compatible HTTP API that the tokenizer serves beside its gRPC API."""
-    parser.add_argument(
-        "--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API on this port"
-    )
-    parser.add_argument(
-        "--served-model-name",
-        default=None,
-        help="the model's id on the HTTP API; default: its directory name",
+    add_flags(
+        parser,
+        Flag("--http-port", int, None, "serve the OpenAI-compatible HTTP API on this port"),
+        Flag(
+            "--served-model-name", None, None, "the model's id on the HTTP API; default: its directory name"
+        ),
     )
 
 
@@ -42,14 +42,15 @@ def add_request_limit_args(parser: argparse.ArgumentParser) -> None:
 
 def add_replica_args(parser: argparse.ArgumentParser) -> None:
     """How many engines and tokenizer processes `pagedserve serve` runs."""
-    parser.add_argument(
-        "--engines",
-        type=int,
-        default=1,
-        help="model replicas, each a scheduler and its worker ranks (on CUDA, each on its own GPUs)",
-    )
-    parser.add_argument(
-        "--tokenizers", type=int, default=1, help="tokenizer processes sharing the public port (SO_REUSEPORT)"
+    add_flags(
+        parser,
+        Flag(
+            "--engines",
+            int,
+            1,
+            "model replicas, each a scheduler and its worker ranks (on CUDA, each on its own GPUs)",
+        ),
+        Flag("--tokenizers", int, 1, "tokenizer processes sharing the public port (SO_REUSEPORT)"),
     )
 
 

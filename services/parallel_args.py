@@ -4,39 +4,45 @@ one rank stands in it."""
 import argparse
 
 from gpu_worker.parallel.config import ParallelConfig
+from services.flag_table import Flag, add_flags
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=ParallelConfig.tensor_parallel_size,
-        help="worker ranks each layer is split over (one GPU each)",
-    )
-    parser.add_argument(
-        "--pipeline-parallel-size",
-        type=int,
-        default=ParallelConfig.pipeline_parallel_size,
-        help="pipeline stages the layers are split over, each of --tensor-parallel-size ranks",
+    add_flags(
+        parser,
+        Flag(
+            "--tensor-parallel-size",
+            int,
+            ParallelConfig.tensor_parallel_size,
+            "worker ranks each layer is split over (one GPU each)",
+        ),
+        Flag(
+            "--pipeline-parallel-size",
+            int,
+            ParallelConfig.pipeline_parallel_size,
+            "pipeline stages the layers are split over, each of --tensor-parallel-size ranks",
+        ),
     )
 
 
 def add_rank_args(parser: argparse.ArgumentParser) -> None:
     """Where one worker stands in its engine's group of ranks."""
-    parser.add_argument(
-        "--rank", type=int, default=ParallelConfig.rank, help="this worker's rank, stage-major"
-    )
-    parser.add_argument(
-        "--dist-init-addr",
-        default=None,
-        help="host:port where rank 0 meets the other ranks (torch.distributed rendezvous); "
-        "required with more than one rank",
-    )
-    parser.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=ParallelConfig.timeout_s,
-        help="seconds the ranks may take to meet, and the limit of any one collective",
+    add_flags(
+        parser,
+        Flag("--rank", int, ParallelConfig.rank, "this worker's rank, stage-major"),
+        Flag(
+            "--dist-init-addr",
+            None,
+            None,
+            "host:port where rank 0 meets the other ranks (torch.distributed rendezvous); "
+            "required with more than one rank",
+        ),
+        Flag(
+            "--dist-timeout",
+            float,
+            ParallelConfig.timeout_s,
+            "seconds the ranks may take to meet, and the limit of any one collective",
+        ),
     )
 
 

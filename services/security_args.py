@@ -10,44 +10,51 @@ from pathlib import Path
 
 from services.common.api_keys import ApiKeyFileError, ApiKeys
 from services.common.tls import TlsConfig
+from services.flag_table import Flag, add_flags
 
 API_KEY_ENV = "PAGEDSERVE_API_KEY"
 INTERNAL_TOKEN_ENV = "PAGEDSERVE_INTERNAL_TOKEN"
 
 
 def add_tls_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ssl-certfile",
-        type=Path,
-        default=None,
-        help="PEM certificate chain to serve TLS with (gRPC and HTTP), also presented to the next "
-        "service; read again when it changes",
-    )
-    parser.add_argument("--ssl-keyfile", type=Path, default=None, help="PEM private key of --ssl-certfile")
-    parser.add_argument(
-        "--ssl-ca-certs",
-        type=Path,
-        default=None,
-        help="PEM CA bundle: clients must present a certificate it signed (mTLS), and the next "
-        "service's certificate must be signed by it",
-    )
-    parser.add_argument(
-        "--ssl-server-name",
-        default=None,
-        help="name the next service's certificate must carry, when it is dialled by address "
-        "(the scheduler pods behind a headless Service); default: the address dialled",
+    add_flags(
+        parser,
+        Flag(
+            "--ssl-certfile",
+            Path,
+            None,
+            "PEM certificate chain to serve TLS with (gRPC and HTTP), also presented to the next "
+            "service; read again when it changes",
+        ),
+        Flag("--ssl-keyfile", Path, None, "PEM private key of --ssl-certfile"),
+        Flag(
+            "--ssl-ca-certs",
+            Path,
+            None,
+            "PEM CA bundle: clients must present a certificate it signed (mTLS), and the next "
+            "service's certificate must be signed by it",
+        ),
+        Flag(
+            "--ssl-server-name",
+            None,
+            None,
+            "name the next service's certificate must carry, when it is dialled by address "
+            "(the scheduler pods behind a headless Service); default: the address dialled",
+        ),
     )
 
 
 def add_internal_token_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--internal-token",
-        default=None,
-        help=f"shared secret the services send to each other (also ${INTERNAL_TOKEN_ENV}); the "
-        "scheduler and worker then answer only callers that send it or show a client certificate",
-    )
-    parser.add_argument(
-        "--internal-token-file", type=Path, default=None, help="file holding --internal-token"
+    add_flags(
+        parser,
+        Flag(
+            "--internal-token",
+            None,
+            None,
+            f"shared secret the services send to each other (also ${INTERNAL_TOKEN_ENV}); the "
+            "scheduler and worker then answer only callers that send it or show a client certificate",
+        ),
+        Flag("--internal-token-file", Path, None, "file holding --internal-token"),
     )
 
 

@@ -6,49 +6,52 @@ import argparse
 from gpu_worker.config import LOAD_FORMATS, WorkerConfig
 from gpu_worker.model.quantization.config import QUANTIZATION_METHODS
 from services.common.speculative import SPECULATIVE_METHODS, SpeculativeConfig
+from services.flag_table import Flag, add_flags
 
 GIB = 1 << 30
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default=WorkerConfig.device, help="cpu, cuda, cuda:N or auto")
-    parser.add_argument(
-        "--dtype",
-        default=WorkerConfig.dtype,
-        help="float32, bfloat16 or float16; default: float32 on CPU, bfloat16 on CUDA",
-    )
-    parser.add_argument("--block-size", type=int, default=WorkerConfig.block_size, help="tokens per KV block")
-    parser.add_argument(
-        "--max-model-len",
-        type=int,
-        default=WorkerConfig.max_model_len,
-        help="longest sequence; default: the model's",
-    )
-    parser.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=WorkerConfig.gpu_memory_utilization,
-        help="fraction of GPU memory for weights, activations and KV cache",
+    add_flags(
+        parser,
+        Flag("--device", None, WorkerConfig.device, "cpu, cuda, cuda:N or auto"),
+        Flag(
+            "--dtype",
+            None,
+            WorkerConfig.dtype,
+            "float32, bfloat16 or float16; default: float32 on CPU, bfloat16 on CUDA",
+        ),
+        Flag("--block-size", int, WorkerConfig.block_size, "tokens per KV block"),
+        Flag("--max-model-len", int, WorkerConfig.max_model_len, "longest sequence; default: the model's"),
+        Flag(
+            "--gpu-memory-utilization",
+            float,
+            WorkerConfig.gpu_memory_utilization,
+            "fraction of GPU memory for weights, activations and KV cache",
+        ),
     )
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    parser.add_argument(
-        "--swap-space",
-        type=float,
-        default=WorkerConfig.swap_space_bytes / GIB,
-        help="GiB of host memory for the CPU swap pool (--preemption-mode swap); 0: none",
-    )
-    parser.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=WorkerConfig.max_num_seqs,
-        help="most sequences in one step: the largest decode batch captured in a CUDA graph; "
-        "the scheduler adopts it",
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=WorkerConfig.max_num_batched_tokens,
-        help="most tokens in one step, profiled to size the KV cache; the scheduler adopts it",
+    add_flags(
+        parser,
+        Flag(
+            "--swap-space",
+            float,
+            WorkerConfig.swap_space_bytes / GIB,
+            "GiB of host memory for the CPU swap pool (--preemption-mode swap); 0: none",
+        ),
+        Flag(
+            "--max-num-seqs",
+            int,
+            WorkerConfig.max_num_seqs,
+            "most sequences in one step: the largest decode batch captured in a CUDA graph; "
+            "the scheduler adopts it",
+        ),
+        Flag(
+            "--max-num-batched-tokens",
+            int,
+            WorkerConfig.max_num_batched_tokens,
+            "most tokens in one step, profiled to size the KV cache; the scheduler adopts it",
+        ),
     )
     add_weight_args(parser)
     add_speculative_args(parser)
@@ -62,28 +65,32 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
         help="propose tokens by n-gram prompt lookup or with a draft model (--speculative-model) "
         "and verify them in one forward; default: no speculation",
     )
-    parser.add_argument(
-        "--speculative-model",
-        default=SpeculativeConfig.draft_model_path,
-        help="the draft model's directory (same tokenizer); implies --speculative-method draft",
-    )
-    parser.add_argument(
-        "--num-speculative-tokens",
-        type=int,
-        default=SpeculativeConfig.num_speculative_tokens,
-        help="tokens proposed per sequence and step at most",
-    )
-    parser.add_argument(
-        "--prompt-lookup-max",
-        type=int,
-        default=SpeculativeConfig.prompt_lookup_max,
-        help="n-gram lookup: the longest suffix of a sequence looked up earlier in it",
-    )
-    parser.add_argument(
-        "--prompt-lookup-min",
-        type=int,
-        default=SpeculativeConfig.prompt_lookup_min,
-        help="n-gram lookup: the shortest suffix looked up",
+    add_flags(
+        parser,
+        Flag(
+            "--speculative-model",
+            None,
+            SpeculativeConfig.draft_model_path,
+            "the draft model's directory (same tokenizer); implies --speculative-method draft",
+        ),
+        Flag(
+            "--num-speculative-tokens",
+            int,
+            SpeculativeConfig.num_speculative_tokens,
+            "tokens proposed per sequence and step at most",
+        ),
+        Flag(
+            "--prompt-lookup-max",
+            int,
+            SpeculativeConfig.prompt_lookup_max,
+            "n-gram lookup: the longest suffix of a sequence looked up earlier in it",
+        ),
+        Flag(
+            "--prompt-lookup-min",
+            int,
+            SpeculativeConfig.prompt_lookup_min,
+            "n-gram lookup: the shortest suffix looked up",
+        ),
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from pagedserve.v1 import common_pb2, generation_pb2, scheduler_pb2
 
+from services.common.proto_fields import set_prompt
 from services.offline.sampling import SamplingParams
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.server import build_scheduler
@@ -84,10 +85,7 @@ class LLM:
             request = generation_pb2.GenerateRequest(
                 sampling=(sampling_params or SamplingParams()).to_proto()
             )
-            if isinstance(prompt, str):
-                request.prompt = prompt
-            else:
-                request.prompt_token_ids.extend(prompt)
+            set_prompt(request, prompt)
             requests.append(request)
         return self._run(requests)
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from pagedserve.v1 import common_pb2
 
+from services.common.proto_fields import set_given
+
 
 @dataclass(frozen=True)
 class StructuredOutputsParams:
@@ -81,12 +83,7 @@ class SamplingParams:
             min_tokens=self.min_tokens,
             skip_special_tokens=self.skip_special_tokens,
         )
-        if self.max_tokens is not None:
-            sampling.max_tokens = self.max_tokens
-        if self.seed is not None:
-            sampling.seed = self.seed
-        if self.logprobs is not None:
-            sampling.logprobs = self.logprobs
+        set_given(sampling, max_tokens=self.max_tokens, seed=self.seed, logprobs=self.logprobs)
         if self.structured_outputs is not None:
             sampling.structured_output.CopyFrom(self.structured_outputs.to_proto())
         return sampling

@@ -12,40 +12,24 @@ def _sampling(**fields) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(**fields)
 
 
+def _hello(**sampling) -> generation_pb2.GenerateRequest:
+    """The prompt "Hello" with the sampling fields given: each case sets one out of bounds."""
+    return generation_pb2.GenerateRequest(prompt="Hello", sampling=_sampling(**sampling))
+
+
 BAD_REQUESTS = {
     "no prompt": (generation_pb2.GenerateRequest(), ["prompt"]),
     "prompt and token ids": (
         generation_pb2.GenerateRequest(prompt="Hello", prompt_token_ids=[1, 2]),
         ["prompt", "prompt_token_ids"],
     ),
-    "too long for the model": (
-        generation_pb2.GenerateRequest(prompt="Hello", sampling=_sampling(max_tokens=9000)),
-        ["max_tokens", "8192"],
-    ),
-    "max_tokens zero": (
-        generation_pb2.GenerateRequest(prompt="Hello", sampling=_sampling(max_tokens=0)),
-        ["sampling.max_tokens", "1"],
-    ),
-    "max_tokens negative": (
-        generation_pb2.GenerateRequest(prompt="Hello", sampling=_sampling(max_tokens=-3)),
-        ["sampling.max_tokens"],
-    ),
-    "negative temperature": (
-        generation_pb2.GenerateRequest(prompt="Hello", sampling=_sampling(temperature=-0.5)),
-        ["sampling.temperature", "0"],
-    ),
-    "top_p zero": (
-        generation_pb2.GenerateRequest(prompt="Hello", sampling=_sampling(top_p=0.0)),
-        ["sampling.top_p", "(0, 1]"],
-    ),
-    "top_p above one": (
-        generation_pb2.GenerateRequest(prompt="Hello", sampling=_sampling(top_p=1.5)),
-        ["sampling.top_p", "(0, 1]"],
-    ),
-    "top_k below -1": (
-        generation_pb2.GenerateRequest(prompt="Hello", sampling=_sampling(top_k=-2)),
-        ["sampling.top_k", "-1"],
-    ),
+    "too long for the model": (_hello(max_tokens=9000), ["max_tokens", "8192"]),
+    "max_tokens zero": (_hello(max_tokens=0), ["sampling.max_tokens", "1"]),
+    "max_tokens negative": (_hello(max_tokens=-3), ["sampling.max_tokens"]),
+    "negative temperature": (_hello(temperature=-0.5), ["sampling.temperature", "0"]),
+    "top_p zero": (_hello(top_p=0.0), ["sampling.top_p", "(0, 1]"]),
+    "top_p above one": (_hello(top_p=1.5), ["sampling.top_p", "(0, 1]"]),
+    "top_k below -1": (_hello(top_k=-2), ["sampling.top_k", "-1"]),
     "token id past the vocabulary": (
         generation_pb2.GenerateRequest(prompt_token_ids=[1, 49152]),
         ["prompt_token_ids[1]", "49152"],

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -79,6 +80,27 @@ def _caller(channel: grpc.Channel, method: str) -> Callable[[bytes], grpc.Status
     return send
 
 
+def _outcomes(
+    channel: grpc.Channel,
+    method: str,
+    examples: int,
+    payloads: st.SearchStrategy[Any],
+    serialize: Callable[[Any], bytes],
+) -> Counter[str]:
+    """How many of `examples` calls of `method`, each with a payload drawn from `payloads`,
+    ended with each status code."""
+    send = _caller(channel, method)
+    outcomes: Counter[str] = Counter()
+
+    @_fuzz_settings(examples)
+    @given(payloads)
+    def fuzz(payload: Any) -> None:
+        outcomes[send(serialize(payload)).name] += 1
+
+    fuzz()
+    return outcomes
+
+
 def _quick(request: Message) -> Message:
     """Bounds what makes a request that passes validation slow on a CPU: at most 4 tokens
     (the default is all the model length leaves) and 2 completions. Values validation
@@ -104,19 +126,23 @@ def _assert_no_block_in_use(stack: Stack) -> None:
         time.sleep(0.1)
 
 
+def _assert_unharmed(stack: Stack) -> None:
+    """What fuzzing must leave: every KV block free and every service process running."""
+    _assert_no_block_in_use(stack)
+    assert all(process.poll() is None for process in stack.processes.values())
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fuzzed_messages_get_an_answer_or_an_explicit_refusal(
     fuzz_stack: Stack, channel: grpc.Channel, method: str
 ) -> None:
-    send = _caller(channel, method)
-    outcomes: Counter[str] = Counter()
-
-    @_fuzz_settings(EXAMPLES[method])
-    @given(messages(METHODS[method][0]))
-    def fuzz(request: Message) -> None:
-        outcomes[send(_quick(request).SerializeToString()).name] += 1
-
-    fuzz()
+    outcomes = _outcomes(
+        channel,
+        method,
+        EXAMPLES[method],
+        messages(METHODS[method][0]),
+        lambda request: _quick(request).SerializeToString(),
+    )
     print(f"{method}: {dict(outcomes)}")
     if METHODS[method][0].DESCRIPTOR.fields:
         # Distinct messages (one with no fields has a single form).
@@ -124,26 +150,16 @@ def test_fuzzed_messages_get_an_answer_or_an_explicit_refusal(
     if method != "GetModelInfo":
         # The strategies reach past validation as well as into it.
         assert outcomes["OK"] and outcomes["INVALID_ARGUMENT"], outcomes
-    _assert_no_block_in_use(fuzz_stack)
-    assert all(process.poll() is None for process in fuzz_stack.processes.values())
+    _assert_unharmed(fuzz_stack)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_random_bytes_get_an_answer_or_an_explicit_refusal(
     fuzz_stack: Stack, channel: grpc.Channel, method: str
 ) -> None:
-    send = _caller(channel, method)
-    outcomes: Counter[str] = Counter()
-
-    @_fuzz_settings(RANDOM_PAYLOADS_PER_METHOD)
-    @given(st.binary(max_size=256))
-    def fuzz(payload: bytes) -> None:
-        outcomes[send(payload).name] += 1
-
-    fuzz()
+    outcomes = _outcomes(channel, method, RANDOM_PAYLOADS_PER_METHOD, st.binary(max_size=256), bytes)
     print(f"{method} (random bytes): {dict(outcomes)}")
-    _assert_no_block_in_use(fuzz_stack)
-    assert all(process.poll() is None for process in fuzz_stack.processes.values())
+    _assert_unharmed(fuzz_stack)
 
 
 def test_still_serving_after_fuzzing(fuzz_stack: Stack) -> None:

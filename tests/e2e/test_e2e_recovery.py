@@ -99,15 +99,37 @@ def _recovered(served: Served) -> None:
     )
 
 
+def _assert_recovered(
+    served: Served, disturbed: list[list[int]], undisturbed: list[list[int]], service: str, reason: str
+) -> None:
+    """The disturbed streams got the tokens undisturbed ones did, the stack serves again, and
+    serve restarted `service` once, for `reason` (exit or hang)."""
+    assert disturbed == undisturbed
+    _recovered(served)
+    assert served.restarts(service, reason) == 1
+
+
+def _assert_restarted_after_kill(served: Served, undisturbed: list[list[int]], service: str) -> None:
+    pid = served.pid_of(service)
+    disturbed = _disturbed_run(served, lambda: os.kill(pid, signal.SIGKILL))
+    _assert_recovered(served, disturbed, undisturbed, service, "exit")
+    assert served.pid_of(service) != pid
+
+
+def _run_while_stopped(served: Served, pid: int, stop: Callable[[], None]) -> list[list[int]]:
+    """The disturbed run with `stop` (which stops `pid`); `pid` runs on again whatever happens,
+    so that a failed check leaves no stopped process behind."""
+    try:
+        return _disturbed_run(served, stop)
+    finally:
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_a_killed_worker_is_restarted_and_its_requests_recomputed(
     served: Served, undisturbed: list[list[int]]
 ):
-    worker = served.pid_of("worker")
-    disturbed = _disturbed_run(served, lambda: os.kill(worker, signal.SIGKILL))
-    assert disturbed == undisturbed
-    _recovered(served)
-    assert served.pid_of("worker") != worker
-    assert served.restarts("worker", "exit") == 1
+    _assert_restarted_after_kill(served, undisturbed, "worker")
     assert "wait to be recomputed" in served.log_path.read_text()
     assert served.scheduler_metric("pagedserve:worker_failures_total") == 1
     assert served.scheduler_metric("pagedserve:requests_recomputed_after_worker_failure_total") == 8
@@ -116,12 +138,7 @@ def test_a_killed_worker_is_restarted_and_its_requests_recomputed(
 def test_a_killed_schedulers_requests_continue_on_the_restarted_one(
     served: Served, undisturbed: list[list[int]]
 ):
-    scheduler = served.pid_of("scheduler")
-    disturbed = _disturbed_run(served, lambda: os.kill(scheduler, signal.SIGKILL))
-    assert disturbed == undisturbed
-    _recovered(served)
-    assert served.pid_of("scheduler") != scheduler
-    assert served.restarts("scheduler", "exit") == 1
+    _assert_restarted_after_kill(served, undisturbed, "scheduler")
 
 
 def test_a_stopped_worker_is_declared_dead_within_the_timeout(served: Served, undisturbed: list[list[int]]):
@@ -145,17 +162,11 @@ def test_a_stopped_worker_is_declared_dead_within_the_timeout(served: Served, un
         # Off the stopped worker: every request waits to be recomputed.
         observed["running"], observed["waiting"] = stats.num_running, stats.num_waiting
 
-    try:
-        disturbed = _disturbed_run(served, stop_worker)
-    finally:
-        if Path(f"/proc/{worker}").exists():
-            os.kill(worker, signal.SIGCONT)
+    disturbed = _run_while_stopped(served, worker, stop_worker)
     assert observed["not_serving_after_s"] < WORKER_TIMEOUT_S + 5
     assert (observed["running"], observed["waiting"]) == (0, 8)
-    assert disturbed == undisturbed
-    _recovered(served)
     # Serve killed the stopped worker (its liveness check went unanswered) and started it again.
-    assert served.restarts("worker", "hang") == 1
+    _assert_recovered(served, disturbed, undisturbed, "worker", "hang")
 
 
 def test_a_stopped_scheduler_is_noticed_and_restarted(served: Served, undisturbed: list[list[int]]):
@@ -170,12 +181,6 @@ def test_a_stopped_scheduler_is_noticed_and_restarted(served: Served, undisturbe
             "the tokenizer NOT_SERVING once its scheduler stopped answering",
         )
 
-    try:
-        disturbed = _disturbed_run(served, stop_scheduler)
-    finally:
-        if Path(f"/proc/{scheduler}").exists():
-            os.kill(scheduler, signal.SIGCONT)
+    disturbed = _run_while_stopped(served, scheduler, stop_scheduler)
     assert observed["not_serving_after_s"] < SCHEDULER_TIMEOUT_S + 5
-    assert disturbed == undisturbed
-    _recovered(served)
-    assert served.restarts("scheduler", "hang") == 1
+    _assert_recovered(served, disturbed, undisturbed, "scheduler", "hang")

@@ -46,10 +46,16 @@ def _result(step: SchedulerOutput, tokens: dict[int, list[int]]) -> worker_pb2.S
     return result
 
 
-def _prefilled(scheduler: Scheduler, prompt_len: int = 5, **sampling: object) -> None:
-    scheduler.add_request("r", list(range(10, 10 + prompt_len)), _sampling(**sampling))
+def _planned(scheduler: Scheduler) -> SchedulerOutput:
+    """The next step, which the test expects there to be."""
     step = scheduler.schedule()
     assert step is not None
+    return step
+
+
+def _prefilled(scheduler: Scheduler, prompt_len: int = 5, **sampling: object) -> None:
+    scheduler.add_request("r", list(range(10, 10 + prompt_len)), _sampling(**sampling))
+    step = _planned(scheduler)
     scheduler.update_from_output(step, _result(step, {}))
 
 
@@ -57,8 +63,7 @@ def test_lookahead_is_budgeted_and_rejected_slots_go_back() -> None:
     scheduler = _scheduler()
     _prefilled(scheduler)  # 6 tokens known, 5 computed
     free_before = scheduler.block_manager.num_free_blocks
-    step = scheduler.schedule()
-    assert step is not None
+    step = _planned(scheduler)
     (item,) = step.scheduled
     assert (item.num_new_tokens, item.num_lookahead_tokens) == (1, K)
     assert step.num_scheduled_tokens == 1 + K
@@ -77,8 +82,7 @@ def test_lookahead_is_budgeted_and_rejected_slots_go_back() -> None:
 def test_accepted_tokens_count_as_computed() -> None:
     scheduler = _scheduler()
     _prefilled(scheduler)
-    step = scheduler.schedule()
-    assert step is not None
+    step = _planned(scheduler)
     (item,) = step.scheduled
     outputs = scheduler.update_from_output(step, _result(step, {item.seq_id: [20, 21, 22, 23]}))
     assert outputs[0].new_token_ids == [20, 21, 22, 23]
@@ -91,8 +95,7 @@ def test_accepted_tokens_count_as_computed() -> None:
 def test_a_stop_token_ends_the_run_of_accepted_tokens() -> None:
     scheduler = _scheduler()
     _prefilled(scheduler, stop_token_ids=[21])
-    step = scheduler.schedule()
-    assert step is not None
+    step = _planned(scheduler)
     (item,) = step.scheduled
     (output,) = scheduler.update_from_output(step, _result(step, {item.seq_id: [20, 21, 22]}))
     assert output.new_token_ids == [20, 21]
@@ -103,11 +106,9 @@ def test_a_stop_token_ends_the_run_of_accepted_tokens() -> None:
 def test_lookahead_stays_within_max_tokens() -> None:
     scheduler = _scheduler()
     scheduler.add_request("r", [10, 11, 12], common_pb2.SamplingParams(temperature=0.0, max_tokens=3))
-    step = scheduler.schedule()
-    assert step is not None
+    step = _planned(scheduler)
     scheduler.update_from_output(step, _result(step, {}))
-    step = scheduler.schedule()
-    assert step is not None
+    step = _planned(scheduler)
     assert step.scheduled[0].num_lookahead_tokens == 1  # 1 output so far, 2 more at most
 
 
@@ -115,11 +116,9 @@ def test_no_speculation_in_large_batches() -> None:
     scheduler = _scheduler(speculative_max_batch_size=1)
     for name in ("a", "b"):
         scheduler.add_request(name, [10, 11, 12, 13], _sampling())
-    step = scheduler.schedule()
-    assert step is not None
+    step = _planned(scheduler)
     scheduler.update_from_output(step, _result(step, {}))
-    step = scheduler.schedule()
-    assert step is not None
+    step = _planned(scheduler)
     assert [item.num_lookahead_tokens for item in step.scheduled] == [0, 0]
 
 
@@ -130,8 +129,7 @@ def test_a_sequence_whose_proposals_fail_backs_off_then_retries() -> None:
     _prefilled(scheduler)
     lookaheads = []
     for _ in range(7):
-        step = scheduler.schedule()
-        assert step is not None
+        step = _planned(scheduler)
         item = step.scheduled[0]
         lookaheads.append(item.num_lookahead_tokens)
         scheduler.update_from_output(step, _result(step, {item.seq_id: [20]}))
@@ -143,8 +141,7 @@ def test_a_sequence_whose_proposals_fail_backs_off_then_retries() -> None:
 def test_a_result_with_more_tokens_than_slots_is_refused() -> None:
     scheduler = _scheduler()
     _prefilled(scheduler)
-    step = scheduler.schedule()
-    assert step is not None
+    step = _planned(scheduler)
     (item,) = step.scheduled
     with pytest.raises(UnavailableError, match="do not fit"):
         scheduler.update_from_output(step, _result(step, {item.seq_id: [20] * (K + 2)}))

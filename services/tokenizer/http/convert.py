@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pagedserve.v1 import common_pb2, generation_pb2
 
 from services.common.errors import InvalidArgumentError
+from services.common.proto_fields import set_given, set_prompt
 from services.tokenizer.http.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from services.tokenizer.http.structured_output import structured_output_of, structured_output_param
 
@@ -28,20 +29,16 @@ def sampling_of(
         min_tokens=body.min_tokens,
         skip_special_tokens=body.skip_special_tokens,
     )
-    if body.repetition_penalty is not None:
-        sampling.repetition_penalty = body.repetition_penalty
-    if body.min_p is not None:
-        sampling.min_p = body.min_p
-    if body.temperature is not None:
-        sampling.temperature = body.temperature
-    if body.top_p is not None:
-        sampling.top_p = body.top_p
-    if body.seed is not None:
-        sampling.seed = body.seed
-    if max_tokens is not None:
-        sampling.max_tokens = max_tokens
-    if logprobs is not None:
-        sampling.logprobs = logprobs
+    set_given(
+        sampling,
+        repetition_penalty=body.repetition_penalty,
+        min_p=body.min_p,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+    )
     structured_output = structured_output_of(body)
     if structured_output is not None:
         sampling.structured_output.CopyFrom(structured_output)
@@ -65,10 +62,7 @@ def _completion_requests(body: CompletionRequest, request_id: str) -> list[gener
         request = generation_pb2.GenerateRequest(
             request_id=request_id if len(prompts) == 1 else f"{request_id}-{index}", sampling=sampling
         )
-        if isinstance(prompt, str):
-            request.prompt = prompt
-        else:
-            request.prompt_token_ids.extend(prompt)
+        set_prompt(request, prompt)
         requests.append(request)
     return requests
 
