@@ -40,6 +40,11 @@ WORKER_CHANNEL_OPTIONS = [
 # minutes and answers more with GOAWAY "too_many_pings", which breaks the stream.
 SERVER_KEEPALIVE_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", WORKER_KEEPALIVE_TIME_MS // 2)]
 
+# gRPC holds back the answer to a stream it ends with an error (a message over the size
+# limit) by 0.1 to 1 s at random, to slow abusive clients down; it would delay every such
+# refusal as much, while API keys and their rate limits already bound what a caller costs.
+SERVER_ERROR_TARPIT_OPTIONS = [("grpc.http.tarpit", 0)]
+
 
 def insecure_channel(address: str, options: list[tuple[str, int]] = CHANNEL_OPTIONS) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=options)

@@ -16,7 +16,12 @@ from prometheus_client import CollectorRegistry
 
 from services.common.call_frame import CallInterceptor
 from services.common.caller_auth import AuthInterceptor, CallerPolicy
-from services.common.channels import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS, message_size_options
+from services.common.channels import (
+    MAX_MESSAGE_BYTES,
+    SERVER_ERROR_TARPIT_OPTIONS,
+    SERVER_KEEPALIVE_OPTIONS,
+    message_size_options,
+)
 from services.common.errors import UnavailableError
 from services.common.metrics import serve_metrics
 from services.common.peer_access import PeerAccess
@@ -80,6 +85,7 @@ class ServiceHost:
                 ("grpc.so_reuseport", int(config.reuse_port)),
                 *message_size_options(config.max_receive_message_bytes),
                 *SERVER_KEEPALIVE_OPTIONS,
+                *SERVER_ERROR_TARPIT_OPTIONS,
             ],
         )
         self.health = health.aio.HealthServicer()
