@@ -127,17 +127,7 @@ class PagedBatch:
     def reference(
         self, sliding_window: int | None = None, logit_softcap: float | None = None
     ) -> torch.Tensor:
-        return paged_attention(
-            self.query,
-            self.key_cache,
-            self.value_cache,
-            self.block_tables,
-            self.query_start_loc,
-            self.seq_lens,
-            self.scale,
-            sliding_window,
-            logit_softcap,
-        )
+        return paged_attention(*self._paged_inputs(), sliding_window, logit_softcap)
 
     def decode(self, seq_lens: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
         """The Triton decode kernel over this batch, or over it with other seq_lens."""
@@ -154,7 +144,13 @@ class PagedBatch:
     def prefill(self, **options: Any) -> torch.Tensor:
         """The Triton paged prefill kernel over this batch."""
         max_query_len = int((self.query_start_loc[1:] - self.query_start_loc[:-1]).max())
-        return prefill_attention_triton(
+        return prefill_attention_triton(*self._paged_inputs(), max_query_len, **options)
+
+    def _paged_inputs(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """The arguments that paged_attention and the prefill kernel both begin with."""
+        return (
             self.query,
             self.key_cache,
             self.value_cache,
@@ -162,8 +158,6 @@ class PagedBatch:
             self.query_start_loc,
             self.seq_lens,
             self.scale,
-            max_query_len,
-            **options,
         )
 
 
