@@ -111,13 +111,23 @@ def allocate_kv_cache(
     block_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    swap_pool: bool = False,
 ) -> KVCache:
-    # Zeroed: it keeps NaN garbage away from kernels that load whole blocks and mask
-    # afterwards, and in host memory it touches every page now, so that the process's
-    # memory at start-up is what it will hold under load.
-    storage = torch.zeros(
-        KVCacheLayout.of(model_config).shape(num_blocks, block_size), dtype=dtype, device=device
-    )
+    """The cache on `device`, zeroed: it keeps NaN garbage away from kernels that load
+    whole blocks and mask afterwards, and in host memory it touches every page now, so
+    that the process's memory at start-up is what it will hold under load.
+
+    With swap_pool, the pool for a cache on `device` instead: host memory, pinned when
+    `device` is CUDA so that copies to and from it are DMA transfers. Every page is
+    touched now (pinned pages are resident anyway): the process's memory at start-up is
+    what the pool will ever take, rather than growing with the first swaps, so a
+    container's memory limit can be set from what start-up shows."""
+    shape = KVCacheLayout.of(model_config).shape(num_blocks, block_size)
+    if swap_pool:
+        storage = torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda" and num_blocks > 0)
+        storage.zero_()
+    else:
+        storage = torch.zeros(shape, dtype=dtype, device=device)
     return KVCache(storage=storage, num_blocks=num_blocks, block_size=block_size)
 
 
@@ -131,27 +141,6 @@ def num_cpu_blocks(
     config: WorkerConfig, model_config: ModelConfig | KVCacheLayout, dtype: torch.dtype
 ) -> int:
     return config.swap_space_bytes // bytes_per_block(model_config, config.block_size, dtype)
-
-
-def allocate_cpu_kv_cache(
-    model_config: ModelConfig | KVCacheLayout,
-    num_blocks: int,
-    block_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> KVCache:
-    """The swap pool for a cache on `device`: pinned host memory when that is CUDA, so that
-    copies to and from it are DMA transfers. Every page is touched now (pinned pages are
-    resident anyway): the process's memory at start-up is what the pool will ever take,
-    rather than growing with the first swaps, so a container's memory limit can be set
-    from what start-up shows."""
-    storage = torch.empty(
-        KVCacheLayout.of(model_config).shape(num_blocks, block_size),
-        dtype=dtype,
-        pin_memory=device.type == "cuda" and num_blocks > 0,
-    )
-    storage.zero_()
-    return KVCache(storage=storage, num_blocks=num_blocks, block_size=block_size)
 
 
 def _copy_blocks(source: KVCache, destination: KVCache, pairs: Sequence[worker_pb2.BlockCopy]) -> None:

@@ -26,7 +26,6 @@ from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import DeviceToken, StepInputBuilder, StepInputs
 from gpu_worker.kv_cache import (
     KVCacheLayout,
-    allocate_cpu_kv_cache,
     allocate_kv_cache,
     apply_block_ops,
     bind_kv_cache,
@@ -98,12 +97,13 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(layout, num_blocks, config.block_size, self.device, self.dtype)
         bind_kv_cache(self.model.attention_layers(), self.kv_cache)
         # Where preempted sequences' KV waits to be swapped back in.
-        self.cpu_kv_cache = allocate_cpu_kv_cache(
+        self.cpu_kv_cache = allocate_kv_cache(
             layout,
             num_cpu_blocks(config, layout, self.dtype),
             config.block_size,
             self.device,
             self.dtype,
+            swap_pool=True,
         )
         self.decode_graphs = self._capture_decode_graphs()
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)

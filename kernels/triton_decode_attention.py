@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kernels.launch import pdl_launch, wait_for_previous_kernel
 from kernels.triton_attention_options import soft_cap
+from kernels.triton_paged_kv import load_kv_tile
 
 # Enough programs to occupy every multiprocessor about twice is where splitting stops
 # paying; more splits only add merge work.
@@ -92,14 +93,19 @@ def _decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         positions = tile_start + tl.arange(0, BLOCK_N)
         valid = positions < end
-        block_ids = tl.load(block_table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        offsets = (
-            block_ids * cache_block_stride
-            + (positions % BLOCK_SIZE) * cache_slot_stride
-            + kv_head * cache_head_stride
+        keys, values = load_kv_tile(
+            key_cache_ptr,
+            value_cache_ptr,
+            block_table,
+            positions,
+            valid,
+            kv_head,
+            dims,
+            cache_block_stride,
+            cache_slot_stride,
+            cache_head_stride,
+            BLOCK_SIZE,
         )
-        keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-        values = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
         if USE_SOFTCAP:
             scores = soft_cap(scores, softcap_log2)

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kernels.launch import pdl_launch, wait_for_previous_kernel
 from kernels.triton_attention_options import soft_cap
+from kernels.triton_paged_kv import load_kv_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -96,15 +97,18 @@ def _prefill_kernel(
     for tile_start in range(key_start, key_end, BLOCK_N):
         key_positions = tile_start + tl.arange(0, BLOCK_N)
         key_valid = key_positions < key_end
-        block_ids = tl.load(block_table + key_positions // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
-        offsets = (
-            block_ids * cache_block_stride
-            + (key_positions % BLOCK_SIZE) * cache_slot_stride
-            + kv_head * cache_head_stride
-        )
-        keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
-        values = tl.load(
-            value_cache_ptr + offsets[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0
+        keys, values = load_kv_tile(
+            key_cache_ptr,
+            value_cache_ptr,
+            block_table,
+            key_positions,
+            key_valid,
+            kv_head,
+            dims,
+            cache_block_stride,
+            cache_slot_stride,
+            cache_head_stride,
+            BLOCK_SIZE,
         )
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
         if USE_SOFTCAP:

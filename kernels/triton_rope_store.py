@@ -20,10 +20,15 @@ from kernels.launch import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
-def _norm_and_rotate(x1, x2, weight_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
-    """x1, x2: [tokens, HEAD_DIM / 2], the two halves of one head. Returns the rotated
-    halves in fp32, from inputs rounded where the reference rounds."""
+def _load_norm_and_rotate(
+    source, valid, weight_ptr, cos, sin, eps, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr
+):
+    """source: [tokens, HEAD_DIM / 2] pointers to the first half of one head, the second
+    half HEAD_DIM / 2 further. Returns the rotated halves in fp32, from inputs rounded where
+    the reference rounds."""
     HALF: tl.constexpr = HEAD_DIM // 2
+    x1 = tl.load(source, mask=valid, other=0.0)
+    x2 = tl.load(source + HALF, mask=valid, other=0.0)
     if HAS_NORM:
         half = tl.arange(0, HALF)
         a = x1.to(tl.float32)
@@ -80,31 +85,15 @@ def _rope_store_kernel(
     sin = tl.load(cos_sin_ptr + positions * HEAD_DIM + HALF + half, mask=valid, other=0.0)
     if head < NUM_HEADS:
         source = query_ptr + rows * query_token_stride + head * HEAD_DIM + half
-        out1, out2 = _norm_and_rotate(
-            tl.load(source, mask=valid, other=0.0),
-            tl.load(source + HALF, mask=valid, other=0.0),
-            q_weight_ptr,
-            cos,
-            sin,
-            eps,
-            HEAD_DIM,
-            HAS_NORM,
-        )
+        out1, out2 = _load_norm_and_rotate(source, valid, q_weight_ptr, cos, sin, eps, HEAD_DIM, HAS_NORM)
         target = query_out_ptr + (rows * NUM_HEADS + head) * HEAD_DIM + half
         tl.store(target, out1.to(query_out_ptr.dtype.element_ty), mask=valid)
         tl.store(target + HALF, out2.to(query_out_ptr.dtype.element_ty), mask=valid)
     else:
         kv_head = head - NUM_HEADS
         key_source = key_ptr + rows * key_token_stride + kv_head * HEAD_DIM + half
-        rotated1, rotated2 = _norm_and_rotate(
-            tl.load(key_source, mask=valid, other=0.0),
-            tl.load(key_source + HALF, mask=valid, other=0.0),
-            k_weight_ptr,
-            cos,
-            sin,
-            eps,
-            HEAD_DIM,
-            HAS_NORM,
+        rotated1, rotated2 = _load_norm_and_rotate(
+            key_source, valid, k_weight_ptr, cos, sin, eps, HEAD_DIM, HAS_NORM
         )
         key1 = rotated1.to(key_cache_ptr.dtype.element_ty)
         key2 = rotated2.to(key_cache_ptr.dtype.element_ty)

@@ -145,14 +145,19 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it). The residual
         add is deferred into the next norm, so that each add and norm is one pass."""
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
+        hidden_states, residual = self.add_and_input_norm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
         hidden_states, residual = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
         return self.mlp(hidden_states), residual
+
+    def add_and_input_norm(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The previous layer's deferred residual add, then this layer's input norm; the
+        first layer of a stage starts the residual stream instead. Returns (normed, residual)."""
+        if residual is None:
+            return self.input_layernorm(hidden_states), hidden_states
+        return self.input_layernorm.add_and_norm(hidden_states, residual)
 
 
 class OtherStageLayer(nn.Module):

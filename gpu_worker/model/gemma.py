@@ -56,11 +56,7 @@ class GemmaDecoderLayer(DecoderLayer):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm.add_and_norm(hidden_states, residual)
+        hidden_states, residual = self.add_and_input_norm(hidden_states, residual)
         dtype = residual.dtype
         hidden_states = self.post_attention_layernorm(whole(self.self_attn(positions, hidden_states), dtype))
         hidden_states, residual = self.pre_feedforward_layernorm.add_and_norm(hidden_states, residual)

@@ -27,11 +27,16 @@ if TYPE_CHECKING:
     from gpu_worker.model.quantization.methods import QuantMethod
 
 
+def refuse_shard_id(param: nn.Parameter, shard_id: str | None) -> None:
+    """A loader of a parameter that holds one checkpoint tensor takes no shard id."""
+    if shard_id is not None:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
+
+
 def default_weight_loader(
     param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
 ) -> None:
-    if shard_id is not None:
-        raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
+    refuse_shard_id(param, shard_id)
     if param.shape != loaded_weight.shape:
         raise ValueError(
             f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded_weight.shape)}"

@@ -45,16 +45,11 @@ class ExpertWeights(nn.Module):
 class FusedMoE(nn.Module):
     def __init__(self, config: ModelConfig, tp: RankGroup = SINGLE_RANK) -> None:
         super().__init__()
-        size = config.moe_intermediate_size
-        if size % tp.size:
-            raise ValueError(
-                f"moe_intermediate_size {size} is not divisible by tensor_parallel_size {tp.size}"
-            )
         self.tp = tp
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
-        self.local_size = size // tp.size
+        self.local_size = tp.share_of("moe_intermediate_size", config.moe_intermediate_size)
         self.act_and_mul = ACTIVATIONS[config.hidden_act]
         self.gate = Linear(config.hidden_size, config.num_experts)
         self.experts = ExpertWeights(config, self.local_size, self._load_expert)

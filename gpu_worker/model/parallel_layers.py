@@ -12,6 +12,7 @@ collective, no extra copy.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from gpu_worker.model.layers import (
     PartialSumLinear,
     VocabEmbedding,
     default_weight_loader,
+    refuse_shard_id,
 )
 from gpu_worker.parallel.config import kv_head_replicas, padded_vocab_size
 from gpu_worker.parallel.groups import SINGLE_RANK, RankGroup
@@ -34,8 +36,12 @@ if TYPE_CHECKING:
     from gpu_worker.model.quantization.methods import QuantMethod
 
 
-def load_slice(param: nn.Parameter, loaded_weight: torch.Tensor, dim: int, index: int) -> None:
-    """Copies slice `index` of `loaded_weight`, as long along `dim` as `param`, into `param`."""
+def load_slice(
+    param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None, *, dim: int, index: int
+) -> None:
+    """Copies slice `index` of `loaded_weight`, as long along `dim` as `param`, into `param`
+    (a weight_loader once `dim` and `index` are bound)."""
+    refuse_shard_id(param, shard_id)
     size = param.shape[dim]
     default_weight_loader(param, loaded_weight.narrow(dim, index * size, size))
 
@@ -51,18 +57,11 @@ class ColumnParallelLinear(Linear):
         tp: RankGroup = SINGLE_RANK,
         quant_method: QuantMethod | None = None,
     ) -> None:
-        if output_size % tp.size:
-            raise ValueError(f"output_size {output_size} is not divisible by tensor_parallel_size {tp.size}")
-        super().__init__(input_size, output_size // tp.size, bias, quant_method)
+        super().__init__(input_size, tp.share_of("output_size", output_size), bias, quant_method)
         self.tp = tp
         for param in (self.weight, self.bias):
             if param is not None:
-                param.weight_loader = self._load  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
-
-    def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
-        if shard_id is not None:
-            raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
-        load_slice(param, loaded_weight, 0, self.tp.rank)
+                param.weight_loader = functools.partial(load_slice, dim=0, index=tp.rank)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def checkpoint_output_slice(self, shard_id: str | None) -> tuple[int, int, int]:
         offset, size, _ = super().checkpoint_output_slice(shard_id)
@@ -105,11 +104,11 @@ def merged_column_parallel_linear(
     quant_method: QuantMethod | None = None,
 ) -> ShardedMergedLinear:
     """gate/up: every projection split evenly over the ranks."""
-    for shard_id, size in shards:
-        if size % tp.size:
-            raise ValueError(f"{shard_id} size {size} is not divisible by tensor_parallel_size {tp.size}")
     return ShardedMergedLinear(
-        input_size, [(shard_id, size // tp.size, tp.rank) for shard_id, size in shards], bias, quant_method
+        input_size,
+        [(shard_id, tp.share_of(f"{shard_id} size", size), tp.rank) for shard_id, size in shards],
+        bias,
+        quant_method,
     )
 
 
@@ -160,20 +159,11 @@ class RowParallelLinear(PartialSumLinear):
         tp: RankGroup = SINGLE_RANK,
         quant_method: QuantMethod | None = None,
     ) -> None:
-        if input_size % tp.size:
-            raise ValueError(f"input_size {input_size} is not divisible by tensor_parallel_size {tp.size}")
-        super().__init__(input_size // tp.size, output_size, bias, quant_method)
+        super().__init__(tp.share_of("input_size", input_size), output_size, bias, quant_method)
         self.tp = tp
         self.input_shard_index = tp.rank
         if self.weight is not None:
-            self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
-
-    def _load_weight(
-        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
-    ) -> None:
-        if shard_id is not None:
-            raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
-        load_slice(param, loaded_weight, 1, self.tp.rank)
+            self.weight.weight_loader = functools.partial(load_slice, dim=1, index=tp.rank)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -198,14 +188,10 @@ class VocabParallelEmbedding(VocabEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: RankGroup = SINGLE_RANK) -> None:
         self.vocab_size = vocab_size
-        self.rows_per_rank = padded_vocab_size(vocab_size, tp.size) // tp.size
+        self.vocab_start, self.rows_per_rank = vocab_rows_of_rank(vocab_size, tp)
         super().__init__(self.rows_per_rank, hidden_size)
         self.tp = tp
-        self.vocab_start = tp.rank * self.rows_per_rank
-        self.weight.weight_loader = self._load  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
-
-    def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
-        load_vocab_rows(param, loaded_weight, self.vocab_start, shard_id)
+        self.weight.weight_loader = functools.partial(load_vocab_rows, start=self.vocab_start)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -217,13 +203,18 @@ class VocabParallelEmbedding(VocabEmbedding):
         return self.tp.all_reduce(embeddings)
 
 
+def vocab_rows_of_rank(vocab_size: int, tp: RankGroup) -> tuple[int, int]:
+    """(first row, number of rows) of this rank's slice of the padded vocabulary."""
+    rows_per_rank = padded_vocab_size(vocab_size, tp.size) // tp.size
+    return tp.rank * rows_per_rank, rows_per_rank
+
+
 def load_vocab_rows(
-    param: nn.Parameter, loaded_weight: torch.Tensor, start: int, shard_id: str | None = None
+    param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None, *, start: int
 ) -> None:
     """Rows [start, start + len(param)) of a [vocab, hidden] tensor; rows past the real
-    vocabulary (padding) are zero."""
-    if shard_id is not None:
-        raise ValueError(f"parameter of shape {tuple(param.shape)} is not sharded, got {shard_id!r}")
+    vocabulary (padding) are zero (a weight_loader once `start` is bound)."""
+    refuse_shard_id(param, shard_id)
     if loaded_weight.shape[1:] != param.shape[1:]:
         raise ValueError(
             f"shape mismatch: parameter rows {tuple(param.shape[1:])}, checkpoint {tuple(loaded_weight.shape)}"
@@ -246,15 +237,11 @@ class ParallelLMHead(LMHead):
         tp: RankGroup = SINGLE_RANK,
     ) -> None:
         self.vocab_size = vocab_size
-        rows_per_rank = padded_vocab_size(vocab_size, tp.size) // tp.size
+        self.vocab_start, rows_per_rank = vocab_rows_of_rank(vocab_size, tp)
         super().__init__(rows_per_rank, hidden_size, tied_to=tied_to)
         self.tp = tp
-        self.vocab_start = tp.rank * rows_per_rank
         if tied_to is None:
-            self.weight.weight_loader = self._load  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
-
-    def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
-        load_vocab_rows(param, loaded_weight, self.vocab_start, shard_id)
+            self.weight.weight_loader = functools.partial(load_vocab_rows, start=self.vocab_start)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden_states, self.weight)

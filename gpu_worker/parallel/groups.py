@@ -40,6 +40,12 @@ class RankGroup:
     def size(self) -> int:
         return len(self.ranks)
 
+    def share_of(self, name: str, total: int) -> int:
+        """Each rank's equal share of `total` (the size called `name`), or an error naming it."""
+        if total % self.size:
+            raise ValueError(f"{name} {total} is not divisible by tensor_parallel_size {self.size}")
+        return total // self.size
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sums `tensor` over the group, in place; returns it."""
         if self.size > 1:

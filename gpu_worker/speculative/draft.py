@@ -25,7 +25,6 @@ from gpu_worker.input_batch import BlockTables, StepInputs
 from gpu_worker.kv_cache import (
     KVCache,
     KVCacheLayout,
-    allocate_cpu_kv_cache,
     allocate_kv_cache,
     apply_block_ops,
     bind_kv_cache,
@@ -95,7 +94,9 @@ class DraftModelProposer:
         self.model = model
         layout = KVCacheLayout.of_model(model)
         self.kv_cache: KVCache = allocate_kv_cache(layout, num_blocks, block_size, device, dtype)
-        self.cpu_kv_cache = allocate_cpu_kv_cache(layout, num_cpu_blocks, block_size, device, dtype)
+        self.cpu_kv_cache = allocate_kv_cache(
+            layout, num_cpu_blocks, block_size, device, dtype, swap_pool=True
+        )
         bind_kv_cache(model.attention_layers(), self.kv_cache)
         self.block_size = block_size
         self.tables = tables

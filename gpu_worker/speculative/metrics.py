@@ -18,21 +18,17 @@ from services.common.metrics import PREFIX
 class SpeculationMetrics:
     def __init__(self, registry: CollectorRegistry, rank: int = 0) -> None:
         self._rank = str(rank)
-        self._drafts = Counter(
-            PREFIX + "spec_decode_num_drafts",
-            "Sequences that proposed at least one token, once per step.",
-            ["rank"],
-            registry=registry,
-        ).labels(self._rank)
-        self._draft_tokens = Counter(
-            PREFIX + "spec_decode_num_draft_tokens", "Tokens proposed.", ["rank"], registry=registry
-        ).labels(self._rank)
-        self._accepted_tokens = Counter(
-            PREFIX + "spec_decode_num_accepted_tokens",
-            "Proposed tokens accepted by verification.",
-            ["rank"],
-            registry=registry,
-        ).labels(self._rank)
+
+        def rank_counter(name: str, documentation: str) -> Counter:
+            return Counter(PREFIX + name, documentation, ["rank"], registry=registry).labels(self._rank)
+
+        self._drafts = rank_counter(
+            "spec_decode_num_drafts", "Sequences that proposed at least one token, once per step."
+        )
+        self._draft_tokens = rank_counter("spec_decode_num_draft_tokens", "Tokens proposed.")
+        self._accepted_tokens = rank_counter(
+            "spec_decode_num_accepted_tokens", "Proposed tokens accepted by verification."
+        )
         self._accepted_per_position = Counter(
             PREFIX + "spec_decode_num_accepted_tokens_per_pos",
             "Drafts whose proposal at this position (0 first) was accepted.",

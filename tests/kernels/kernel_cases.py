@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -109,7 +110,9 @@ class PagedBatch:
             slots.extend(blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(seq_len))
         keys = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
         values = torch.randn(len(slots), num_kv_heads, HEAD_DIM, generator=generator).to(DEVICE, DTYPE)
-        store_kv(keys, values, self.key_cache, self.value_cache, torch.tensor(slots, device=DEVICE))
+        # The cache slot of each context token, sequence after sequence.
+        self.slots = torch.tensor(slots, device=DEVICE)
+        store_kv(keys, values, self.key_cache, self.value_cache, self.slots)
         width = max(max(len(t) for t in tables), 1) + 2
         self.block_tables = torch.tensor(
             [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE
@@ -124,7 +127,30 @@ class PagedBatch:
     def reference(
         self, sliding_window: int | None = None, logit_softcap: float | None = None
     ) -> torch.Tensor:
-        return paged_attention(
+        return paged_attention(*self._paged_inputs(), sliding_window, logit_softcap)
+
+    def decode(self, seq_lens: torch.Tensor | None = None, **options: Any) -> torch.Tensor:
+        """The Triton decode kernel over this batch, or over it with other seq_lens."""
+        return decode_attention_triton(
+            self.query,
+            self.key_cache,
+            self.value_cache,
+            self.block_tables,
+            self.seq_lens if seq_lens is None else seq_lens,
+            self.scale,
+            **options,
+        )
+
+    def prefill(self, **options: Any) -> torch.Tensor:
+        """The Triton paged prefill kernel over this batch."""
+        max_query_len = int((self.query_start_loc[1:] - self.query_start_loc[:-1]).max())
+        return prefill_attention_triton(*self._paged_inputs(), max_query_len, **options)
+
+    def _paged_inputs(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """The arguments that paged_attention and the prefill kernel both begin with."""
+        return (
             self.query,
             self.key_cache,
             self.value_cache,
@@ -132,8 +158,6 @@ class PagedBatch:
             self.query_start_loc,
             self.seq_lens,
             self.scale,
-            sliding_window,
-            logit_softcap,
         )
 
 
@@ -145,13 +169,7 @@ def test_decode_attention_matches_reference(
 ) -> None:
     seq_lens = [1, 7, BLOCK_SIZE, 3 * BLOCK_SIZE + 1, 70] if not ON_GPU else [1, 17, 300, 1024, 2000, 64]
     batch = PagedBatch(seq_lens, [1] * len(seq_lens), num_heads, num_kv_heads, seed=num_heads + num_splits)
-    output = decode_attention_triton(
-        batch.query,
-        batch.key_cache,
-        batch.value_cache,
-        batch.block_tables,
-        batch.seq_lens,
-        batch.scale,
+    output = batch.decode(
         num_splits=num_splits,
         block_n=block_n,
     )
@@ -163,13 +181,8 @@ def test_decode_attention_padding_rows_are_zero() -> None:
     batch = PagedBatch([5, 9], [1, 1], 4, 2, seed=3)
     seq_lens = torch.tensor([5, 0], dtype=torch.int32, device=DEVICE)
     for num_splits in (1, 2):
-        output = decode_attention_triton(
-            batch.query,
-            batch.key_cache,
-            batch.value_cache,
-            batch.block_tables,
+        output = batch.decode(
             seq_lens,
-            batch.scale,
             num_splits=num_splits,
             block_n=16,
         )
@@ -187,16 +200,7 @@ def test_prefill_attention_matches_reference_on_mixed_batch(num_heads: int, num_
     batch = PagedBatch(
         [s for s, _ in shapes], [q for _, q in shapes], num_heads, num_kv_heads, seed=num_heads
     )
-    max_query_len = max(q for _, q in shapes)
-    output = prefill_attention_triton(
-        batch.query,
-        batch.key_cache,
-        batch.value_cache,
-        batch.block_tables,
-        batch.query_start_loc,
-        batch.seq_lens,
-        batch.scale,
-        max_query_len,
+    output = batch.prefill(
         block_n=16 if not ON_GPU else 64,
     )
     assert not output.isnan().any()
@@ -215,13 +219,7 @@ def test_decode_attention_window_and_softcap(
 ) -> None:
     seq_lens = [1, 7, 3 * BLOCK_SIZE + 1, 70] if not ON_GPU else [1, 17, 300, 2000]
     batch = PagedBatch(seq_lens, [1] * len(seq_lens), 4, 2, seed=num_splits)
-    output = decode_attention_triton(
-        batch.query,
-        batch.key_cache,
-        batch.value_cache,
-        batch.block_tables,
-        batch.seq_lens,
-        batch.scale,
+    output = batch.decode(
         sliding_window=sliding_window,
         logit_softcap=logit_softcap,
         num_splits=num_splits,
@@ -242,15 +240,7 @@ def test_prefill_attention_window_and_softcap(
     else:
         shapes = [(7, 7), (13, 5), (9, 1), (40, 37)]
     batch = PagedBatch([s for s, _ in shapes], [q for _, q in shapes], 4, 2, seed=5)
-    output = prefill_attention_triton(
-        batch.query,
-        batch.key_cache,
-        batch.value_cache,
-        batch.block_tables,
-        batch.query_start_loc,
-        batch.seq_lens,
-        batch.scale,
-        max(q for _, q in shapes),
+    output = batch.prefill(
         sliding_window=sliding_window,
         logit_softcap=logit_softcap,
         block_n=16 if not ON_GPU else 64,
@@ -371,12 +361,8 @@ def test_fresh_prefill_kernel_matches_reference() -> None:
         pytest.skip("no varlen attention kernel in this environment")
     query_lens = [300, 1, 1024, 77]
     batch = PagedBatch(query_lens, query_lens, 16, 8, seed=5)
-    slots_keys = []
-    for index, n in enumerate(query_lens):
-        blocks = batch.block_tables[index].tolist()
-        slots_keys.extend(blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n))
-    slots = torch.tensor(slots_keys, device=DEVICE)
-    key = batch.key_cache.view(-1, 8, HEAD_DIM)[slots]
-    value = batch.value_cache.view(-1, 8, HEAD_DIM)[slots]
+    # Every token is a query: the whole context is this step's keys and values.
+    key = batch.key_cache.view(-1, 8, HEAD_DIM)[batch.slots]
+    value = batch.value_cache.view(-1, 8, HEAD_DIM)[batch.slots]
     output = kernel(batch.query, key, value, batch.query_start_loc, max(query_lens), batch.scale)
     assert _relative_error(output, batch.reference()) < 2e-2

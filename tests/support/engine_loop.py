@@ -24,6 +24,10 @@ class EngineRun:
     tokens: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     # Prompt logprobs by request id, for requests that asked.
     prompt_logprobs: dict[str, list[common_pb2.TokenLogprobs]] = field(default_factory=dict)
+    # Finish reason by (request id, completion index), for completions that finished.
+    finish_reasons: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Whether every KV block was back in the free pool once all requests finished.
+    all_blocks_freed: bool = False
 
 
 def run_engine(
@@ -75,4 +79,8 @@ def run_engine(
             if output.prompt_logprobs:
                 assert output.request_id not in run.prompt_logprobs, "prompt logprobs sent twice"
                 run.prompt_logprobs[output.request_id] = list(output.prompt_logprobs)
+            if output.finished:
+                run.finish_reasons[output.request_id, output.index] = output.finish_reason
+    blocks = scheduler.block_manager
+    run.all_blocks_freed = blocks.num_free_blocks == blocks.num_total_blocks
     return run

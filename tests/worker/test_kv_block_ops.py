@@ -11,7 +11,6 @@ from gpu_worker.config import WorkerConfig
 from gpu_worker.kv_cache import (
     KVCache,
     KVCacheLayout,
-    allocate_cpu_kv_cache,
     allocate_kv_cache,
     apply_block_ops,
     bytes_per_block,
@@ -77,8 +76,8 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.parametrize("allocate", [allocate_kv_cache, allocate_cpu_kv_cache])
-def test_pools_in_host_memory_are_resident_from_the_start(allocate) -> None:
+@pytest.mark.parametrize("swap_pool", [False, True])
+def test_pools_in_host_memory_are_resident_from_the_start(swap_pool: bool) -> None:
     # Memory known at start-up: the pool's pages are touched when it is made, not as
     # sequences first use them.
     layout = KVCacheLayout(num_layers=4, num_kv_heads=2, head_dim=64)
@@ -86,6 +85,6 @@ def test_pools_in_host_memory_are_resident_from_the_start(allocate) -> None:
     num_blocks = 1024
     size = bytes_per_block(layout, 16, torch.float32) * num_blocks
     before = _rss_bytes()
-    cache = allocate(layout, num_blocks, 16, torch.device("cpu"), torch.float32)
+    cache = allocate_kv_cache(layout, num_blocks, 16, torch.device("cpu"), torch.float32, swap_pool)
     assert _rss_bytes() - before >= 0.9 * size
     assert cache.storage.nbytes == size and not cache.storage.any()

@@ -170,14 +170,6 @@ class _ScriptedScheduler:
                 self.free_blocks.extend(seq.block_ids)
 
 
-def _hf_greedy(hf_model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        output = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
-        )
-    return output[0, len(prompt) :].tolist()
-
-
 @pytest.mark.hf
 def test_batched_greedy_matches_hf(tiny_model) -> None:
     hf_model, model_dir = tiny_model
@@ -224,7 +216,7 @@ def test_batched_greedy_matches_hf(tiny_model) -> None:
     assert preempted and scheduler.saw_partial_prefill and scheduler.saw_mixed_step
     assert not scheduler.running
     for seq, prompt in zip(sequences, prompts):
-        assert seq.token_ids[len(prompt) :] == _hf_greedy(hf_model, prompt, max_new_tokens), seq.seq_id
+        assert seq.token_ids[len(prompt) :] == hf_greedy(hf_model, [prompt], max_new_tokens)[0], seq.seq_id
         assert sampled_logits[seq.seq_id]
         for context, row in sampled_logits[seq.seq_id]:
             torch.testing.assert_close(row, _hf_logits(hf_model, context)[-1], atol=2e-5, rtol=1e-5)
@@ -250,7 +242,7 @@ def test_prefix_cache_hit_starts_from_shared_blocks(tiny_model) -> None:
     step.new_sequences.add(seq_id=2, token_ids=second, num_computed_tokens=8, sampling=greedy)
     step.scheduled.add(seq_id=2, num_new_tokens=2, new_block_ids=[30, 12, 44])
     result = runner.execute_step(step)
-    assert list(result.token_ids) == _hf_greedy(hf_model, second, 1)
+    assert list(result.token_ids) == hf_greedy(hf_model, [second], 1)[0]
 
 
 @pytest.mark.hf
@@ -268,24 +260,10 @@ def test_real_model_greedy_matches_hf(request) -> None:
     runner = ModelRunner(WorkerConfig(model_path=model_dir, device="cpu", block_size=16, num_kv_blocks=4))
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33]]
     max_new_tokens = 6
-    step = worker_pb2.StepRequest(step_id=1)
-    for seq_id, prompt in enumerate(prompts):
-        step.new_sequences.add(
-            seq_id=seq_id, token_ids=prompt, sampling=common_pb2.SamplingParams(temperature=0)
-        )
-        # Two blocks each cover prompt and completion; interleaved ids.
-        step.scheduled.add(seq_id=seq_id, num_new_tokens=len(prompt), new_block_ids=[seq_id + 2, seq_id])
-    generated: dict[int, list[int]] = {0: [], 1: []}
-    for step_id in range(1, max_new_tokens + 1):
-        if step_id > 1:
-            step = worker_pb2.StepRequest(step_id=step_id)
-            for seq_id in range(len(prompts)):
-                step.scheduled.add(seq_id=seq_id, num_new_tokens=1)
-        result = runner.execute_step(step)
-        for seq_id, token_id in zip(result.seq_ids, result.token_ids):
-            generated[seq_id].append(token_id)
-    for seq_id, prompt in enumerate(prompts):
-        assert generated[seq_id] == _hf_greedy(hf_model, prompt, max_new_tokens)
+    # Two blocks each cover prompt and completion; interleaved ids.
+    block_ids = [[2, 0], [3, 1]]
+    generated = runner_greedy(runner, prompts, max_new_tokens, block_ids)
+    assert generated == hf_greedy(hf_model, prompts, max_new_tokens)
 
 
 def test_eos_ids_merge_generation_config(tmp_path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +17,8 @@ import torch
 from pagedserve.v1 import common_pb2, worker_pb2
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gpu_worker.config import WorkerConfig
-from gpu_worker.model_runner import ModelRunner
 from gpu_worker.step_pipeline import MAX_STEPS_LAUNCHED, pipelined_steps
-from services.scheduler.config import SchedulerConfig
-from services.scheduler.scheduler import Scheduler
+from tests.support.engine_loop import EngineRequest, run_engine
 from tests.support.tiny_llama import EOS_TOKEN_ID, TINY_DIMS, VOCAB_SIZE
 
 BLOCK_SIZE = 4
@@ -37,7 +33,7 @@ def tiny_llama(tmp_path_factory) -> Path:
     return model_dir
 
 
-def _requests() -> list[tuple[str, list[int], common_pb2.SamplingParams]]:
+def _requests() -> list[EngineRequest]:
     rng = random.Random(7)
     requests = []
     for i in range(8):
@@ -54,53 +50,22 @@ def _requests() -> list[tuple[str, list[int], common_pb2.SamplingParams]]:
 
 def _run(
     model_dir: Path,
-    requests,
+    requests: list[EngineRequest],
     steps_in_flight: int,
     num_kv_blocks: int,
     preemption_mode: str = "recompute",
-    max_num_batched_tokens: int = 24,
 ) -> dict[tuple[str, int], tuple[list[int], int]]:
-    runner = ModelRunner(
-        WorkerConfig(
-            model_path=model_dir,
-            device="cpu",
-            block_size=BLOCK_SIZE,
-            num_kv_blocks=num_kv_blocks,
-            swap_space_bytes=1 << 20,
-        )
-    )
-    info = runner.info()
-    scheduler = Scheduler(
-        SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_steps_in_flight=steps_in_flight,
-            preemption_mode=preemption_mode,
-            seed=0,
-        ),
-        num_blocks=info.num_kv_blocks,
+    run = run_engine(
+        model_dir,
+        requests,
+        EOS_TOKEN_ID,
+        steps_in_flight=steps_in_flight,
+        num_kv_blocks=num_kv_blocks,
+        preemption_mode=preemption_mode,
         block_size=BLOCK_SIZE,
-        max_model_len=info.model.max_model_len,
-        eos_token_ids=[EOS_TOKEN_ID],
-        num_cpu_blocks=info.num_cpu_blocks,
     )
-    for request_id, prompt, sampling in requests:
-        scheduler.add_request(request_id, prompt, sampling)
-    tokens: dict[tuple[str, int], list[int]] = {}
-    finals: dict[tuple[str, int], int] = {}
-    in_flight = deque()
-    while scheduler.has_unfinished_requests() or in_flight:
-        while len(in_flight) < scheduler.max_steps_in_flight:
-            step = scheduler.schedule()
-            if step is None:
-                break
-            in_flight.append((step, runner.launch_step(step.to_proto())))
-        step, launched = in_flight.popleft()
-        for output in scheduler.update_from_output(step, runner.finish_step(launched)):
-            tokens.setdefault((output.request_id, output.index), []).extend(output.new_token_ids)
-            if output.finished:
-                finals[output.request_id, output.index] = output.finish_reason
-    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_total_blocks
-    return {key: (value, finals[key]) for key, value in tokens.items()}
+    assert run.all_blocks_freed
+    return {key: (tokens, run.finish_reasons[key]) for key, tokens in run.tokens.items()}
 
 
 def test_overlapped_steps_give_each_completion_its_tokens(tiny_llama: Path) -> None:
