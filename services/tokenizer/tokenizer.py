@@ -145,7 +145,9 @@ class TextTokenizer:
         with it (chat templates usually write it)."""
         # add_special_tokens=False skips tokenizer.json's post-processor: the BOS policy is
         # tokenizer_config.json's alone, as HF's fast tokenizers apply it.
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the interpreter lock while it works (encode holds it: a
+        # long text would stall the event loop and every stream on it for its duration).
+        ids = self._tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         if (
             self._settings.add_bos_token
             and self._bos_token_id is not None
