@@ -132,7 +132,9 @@ class SchedulerSession:
                 yield scheduler_pb2.SessionResponse(updates=updates)
             if incoming.done():
                 incoming.result()
-            if (incoming.done() or self._draining) and not self._spans:
+            # Updates pushed while the last message was being sent (a request's final
+            # tokens among them) go out before the stream ends.
+            if (incoming.done() or self._draining) and not self._spans and not self._updates:
                 return
 
     def close(self) -> None:
