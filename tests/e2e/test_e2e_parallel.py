@@ -21,8 +21,8 @@ import torch
 import transformers
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2
 
-from services.launcher import free_port, loopback_service_commands, running_services
-from tests.support.serve_process import running_serve
+from services.launcher import free_port, is_serving, loopback_service_commands, running_services
+from tests.support.serve_process import running_serve, wait_for
 from tests.support.service_stack import Stack, service_stack
 from tests.support.small_tokenizer import build_tokenizer, write_model_dir
 from tests.support.tiny_llama import PARALLEL_DIMS
@@ -141,13 +141,17 @@ def test_a_killed_rank_restarts_its_group_and_every_request_completes(
         with ThreadPoolExecutor(len(prompts)) as pool:
             undisturbed = list(pool.map(lambda prompt: _greedy_tokens(address, prompt), prompts))
         ranks = [served.pid_of("worker", rank) for rank in range(4)]
+        scheduler_address = served.address_of("scheduler")
         started = threading.Barrier(len(prompts) + 1)
         with ThreadPoolExecutor(len(prompts)) as pool:
             streams = [pool.submit(_greedy_tokens, address, prompt, started) for prompt in prompts]
             started.wait(timeout=120)
             os.kill(ranks[2], signal.SIGKILL)
+            # Until the group serves again, the engine says it cannot.
+            wait_for(lambda: not is_serving(scheduler_address), 10, "NOT_SERVING once a rank died")
             disturbed = [stream.result() for stream in streams]
         assert disturbed == undisturbed
+        assert is_serving(scheduler_address)
         restarted = [served.pid_of("worker", rank) for rank in range(4)]
         assert not set(restarted) & set(ranks), "the whole group started again"
         # One restart of the group, counted for whichever rank serve found gone first (the
