@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gpu_worker.kernels.paged_attention import PADDING_SLOT
 from gpu_worker.model.attention import AttentionMetadata, attention_context
-from kernels.paged_attention import PADDING_SLOT
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:

@@ -29,9 +29,9 @@ from benchmarks.arguments import benchmark_parser
 from benchmarks.kernels.cuda_runner import build_cuda_runner
 from benchmarks.kernels.decode_step import build_decode_batch, copy_bandwidth
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
+from gpu_worker.kernels import triton_linear
+from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
 from gpu_worker.model.attention import attention_context
-from kernels import triton_linear
-from kernels.triton_decode_attention import decode_attention_triton
 
 BLOCK_SIZE, NUM_KV_HEADS, NUM_HEADS, HEAD_DIM, NUM_LAYERS = 16, 8, 16, 128, 28
 # (name, out_features, in_features) of Qwen3-0.6B's projections that an add + RMSNorm reads.
@@ -148,8 +148,8 @@ def split_sweep(bandwidth_read: float) -> list[dict]:
 def projection_table() -> list[dict]:
     """o_proj and down_proj with the add + RMSNorm that reads them, all layers in one graph:
     cuBLAS then the norm, against split-K partial sums that the norm adds up."""
-    from kernels.triton_elementwise import add_rms_norm_triton
-    from kernels.triton_linear import linear_partial_sums, split_k_plan
+    from gpu_worker.kernels.triton_elementwise import add_rms_norm_triton
+    from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
 
     norm_weight = torch.ones(1024, dtype=torch.bfloat16, device="cuda")
     rows = []

@@ -22,9 +22,9 @@ import triton.testing
 from benchmarks.arguments import benchmark_parser
 from benchmarks.kernels.cuda_runner import build_cuda_runner
 from benchmarks.workload import QWEN3_CONFIG, kv_bytes_per_token, model_weight_bytes, write_random_model
+from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model_runner import ModelRunner
-from kernels.triton_decode_attention import decode_attention_triton
 
 
 def copy_bandwidth(num_bytes: int = 4 << 30) -> float:

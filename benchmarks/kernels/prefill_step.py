@@ -23,9 +23,9 @@ from benchmarks.arguments import benchmark_parser
 from benchmarks.kernels.cuda_runner import build_cuda_runner
 from benchmarks.kernels.decode_step import kernel_table
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
+from gpu_worker.kernels.attention_backend import fresh_prefill_kernel
+from gpu_worker.kernels.triton_prefill_attention import prefill_attention_triton
 from gpu_worker.model.attention import AttentionMetadata, attention_context
-from kernels.attention_backend import fresh_prefill_kernel
-from kernels.triton_prefill_attention import prefill_attention_triton
 
 BLOCK_SIZE = 16
 

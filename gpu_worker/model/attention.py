@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gpu_worker.kernels.attention_backend import attention, rotate_and_store
 from gpu_worker.model.layers import RMSNorm, RotaryEmbedding
-from kernels.attention_backend import attention, rotate_and_store
 
 
 @dataclass(frozen=True)

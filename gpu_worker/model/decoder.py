@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from gpu_worker.kernels.elementwise import gelu_tanh_and_mul, silu_and_mul
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.layers import RMSNorm, RotaryEmbedding
@@ -36,7 +37,6 @@ from gpu_worker.model.parallel_layers import (
 from gpu_worker.model.quantization.methods import make_quant_method
 from gpu_worker.parallel.config import check_model_fits, stage_layer_range
 from gpu_worker.parallel.groups import SINGLE_RANK, SINGLE_RANK_CONTEXT, ParallelContext, RankGroup
-from kernels.elementwise import gelu_tanh_and_mul, silu_and_mul
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": silu_and_mul,

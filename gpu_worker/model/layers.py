@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.kernels.elementwise import add_rms_norm
 from gpu_worker.model.config import RopeScaling
-from kernels.elementwise import add_rms_norm
 
 if TYPE_CHECKING:
     from gpu_worker.model.quantization.methods import QuantMethod
@@ -103,7 +103,7 @@ class PartialSumLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.bias is None and self.quant_method is None:
-            from kernels.triton_linear import linear_partial_sums, split_k_plan
+            from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
 
             plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
             if plan is not None:

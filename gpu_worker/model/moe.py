@@ -17,11 +17,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from gpu_worker.kernels.moe import fused_moe, route
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.decoder import ACTIVATIONS, DecoderForCausalLM, DecoderLayer, GatedMLP
 from gpu_worker.model.layers import Linear, WeightLoader, new_parameter
 from gpu_worker.parallel.groups import SINGLE_RANK, RankGroup
-from kernels.moe import fused_moe, route
 
 
 class ExpertWeights(nn.Module):

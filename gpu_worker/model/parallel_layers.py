@@ -172,7 +172,7 @@ class RowParallelLinear(PartialSumLinear):
         if self.quant_method is not None:
             return self.tp.all_reduce(self.quant_method.apply(self, x, bias))
         if x.is_cuda and self.bias is None:
-            from kernels.triton_linear import linear_partial_sums, split_k_plan
+            from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
 
             plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
             if plan is not None:

@@ -10,8 +10,8 @@ import torch
 from tests.kernels.kernel_cases import DEVICE, DTYPE, ON_GPU, _relative_error, _triton_interpreter_on_cpu
 
 # isort: split
-from kernels.int4_linear import int4_linear_reference, pack_int4, unpack_int4
-from kernels.triton_int4_linear import int4_linear_triton
+from gpu_worker.kernels.int4_linear import int4_linear_reference, pack_int4, unpack_int4
+from gpu_worker.kernels.triton_int4_linear import int4_linear_triton
 
 __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
 

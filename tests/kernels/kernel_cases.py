@@ -23,24 +23,24 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton")
-    from kernels.triton_decode_attention import decode_attention_triton
-    from kernels.triton_elementwise import add_rms_norm_triton, silu_and_mul_triton
-    from kernels.triton_linear import linear_partial_sums, split_k_plan
-    from kernels.triton_prefill_attention import prefill_attention_triton
-    from kernels.triton_rope_store import rope_store_triton
+    from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
+    from gpu_worker.kernels.triton_elementwise import add_rms_norm_triton, silu_and_mul_triton
+    from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
+    from gpu_worker.kernels.triton_prefill_attention import prefill_attention_triton
+    from gpu_worker.kernels.triton_rope_store import rope_store_triton
 finally:
     if _previous_interpret is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _previous_interpret
 
-from kernels.attention_backend import fresh_prefill_kernel  # noqa: E402
-from kernels.elementwise import (  # noqa: E402
+from gpu_worker.kernels.attention_backend import fresh_prefill_kernel  # noqa: E402
+from gpu_worker.kernels.elementwise import (  # noqa: E402
     add_rms_norm_reference,
     qk_norm_rope_reference,
     silu_and_mul_reference,
 )
-from kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv  # noqa: E402
+from gpu_worker.kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv  # noqa: E402
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32

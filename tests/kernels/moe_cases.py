@@ -10,9 +10,9 @@ import torch
 from tests.kernels.kernel_cases import DEVICE, DTYPE, ON_GPU, _relative_error, _triton_interpreter_on_cpu
 
 # isort: split
-from kernels.elementwise import silu_and_mul_reference
-from kernels.moe import fused_moe_reference, route
-from kernels.triton_moe import align_by_expert, fused_moe_triton
+from gpu_worker.kernels.elementwise import silu_and_mul_reference
+from gpu_worker.kernels.moe import fused_moe_reference, route
+from gpu_worker.kernels.triton_moe import align_by_expert, fused_moe_triton
 
 __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
 

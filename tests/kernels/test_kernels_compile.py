@@ -19,12 +19,12 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.triton_decode_attention import _decode_kernel, _merge_splits_kernel  # noqa: E402
-from kernels.triton_elementwise import _add_rms_norm_kernel, _silu_and_mul_kernel  # noqa: E402
-from kernels.triton_linear import _partial_sums_kernel  # noqa: E402
-from kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
-from kernels.triton_prefill_attention import _prefill_kernel  # noqa: E402
-from kernels.triton_rope_store import _rope_store_kernel  # noqa: E402
+from gpu_worker.kernels.triton_decode_attention import _decode_kernel, _merge_splits_kernel  # noqa: E402
+from gpu_worker.kernels.triton_elementwise import _add_rms_norm_kernel, _silu_and_mul_kernel  # noqa: E402
+from gpu_worker.kernels.triton_linear import _partial_sums_kernel  # noqa: E402
+from gpu_worker.kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
+from gpu_worker.kernels.triton_prefill_attention import _prefill_kernel  # noqa: E402
+from gpu_worker.kernels.triton_rope_store import _rope_store_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv
+from gpu_worker.kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 32

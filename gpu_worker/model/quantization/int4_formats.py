@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.int4_linear import PACK_FACTOR, pack_int4, unpack_int4
+from gpu_worker.kernels.int4_linear import PACK_FACTOR, pack_int4, unpack_int4
 
 # Nibble i of an AWQ int32 holds output column 8 * word + AWQ_ORDER[i].
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

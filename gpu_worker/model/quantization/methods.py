@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from gpu_worker.kernels.int4_linear import PACK_FACTOR, int4_linear
+from gpu_worker.kernels.w8a8 import quantize_rows, w8a8_linear
 from gpu_worker.model.quantization.config import QuantizationConfig
 from gpu_worker.model.quantization.int4_formats import (
     awq_to_common,
@@ -22,8 +24,6 @@ from gpu_worker.model.quantization.int4_formats import (
     tensor_shape,
     tensor_specs,
 )
-from kernels.int4_linear import PACK_FACTOR, int4_linear
-from kernels.w8a8 import quantize_rows, w8a8_linear
 
 
 class QuantizedLayer(Protocol):

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from kernels.elementwise import qk_norm_rope_reference
-from kernels.paged_attention import paged_attention, store_kv
+from gpu_worker.kernels.elementwise import qk_norm_rope_reference
+from gpu_worker.kernels.paged_attention import paged_attention, store_kv
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def rotate_and_store(
     embedding of both, and keys and values into their cache slots. Returns the rotated
     queries, and the rotated keys if keep_key (a fresh prefill attends to them directly)."""
     if query.is_cuda:
-        from kernels.triton_rope_store import rope_store_triton
+        from gpu_worker.kernels.triton_rope_store import rope_store_triton
 
         return rope_store_triton(
             positions,
@@ -99,7 +99,7 @@ def attention(
             logit_softcap,
         )
     if max_query_len == 1:
-        from kernels.triton_decode_attention import decode_attention_triton
+        from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
 
         return decode_attention_triton(
             query,
@@ -128,7 +128,7 @@ def attention(
             # A varlen kernel that rejects this build's arguments or dtypes is not worth a
             # failed step: the paged kernel computes the same thing.
             _disable_fresh_prefill(error)
-    from kernels.triton_prefill_attention import prefill_attention_triton
+    from gpu_worker.kernels.triton_prefill_attention import prefill_attention_triton
 
     return prefill_attention_triton(
         query,

@@ -53,7 +53,7 @@ def fused_moe(
     act_and_mul: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     if x.is_cuda:
-        from kernels.triton_moe import fused_moe_triton
+        from gpu_worker.kernels.triton_moe import fused_moe_triton
 
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, act_and_mul)
     return fused_moe_reference(x, w13, w2, topk_weights, topk_ids, act_and_mul)

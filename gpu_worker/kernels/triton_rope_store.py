@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit

@@ -76,7 +76,7 @@ def int4_linear(
     """x [..., in] times the 4-bit weight, chosen by row count (see the module doc)."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and rows <= MAX_FUSED_ROWS:
-        from kernels.triton_int4_linear import int4_linear_triton
+        from gpu_worker.kernels.triton_int4_linear import int4_linear_triton
 
         out = int4_linear_triton(x.reshape(rows, x.shape[-1]), qweight, scales, zeros, g_idx)
         out = out.reshape(*x.shape[:-1], qweight.shape[1])

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 
 # Reduction columns per loop iteration; plans split the reduction into whole tiles of it.
 _BLOCK_K = 128

@@ -37,7 +37,7 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if _use_triton(x) and (x.dim() == 2 or (residual is not None and x.dim() == 3)):
-        from kernels.triton_elementwise import add_rms_norm_triton
+        from gpu_worker.kernels.triton_elementwise import add_rms_norm_triton
 
         return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
@@ -82,7 +82,7 @@ def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _use_triton(x):
-        from kernels.triton_elementwise import silu_and_mul_triton
+        from gpu_worker.kernels.triton_elementwise import silu_and_mul_triton
 
         return silu_and_mul_triton(x)
     return silu_and_mul_reference(x)

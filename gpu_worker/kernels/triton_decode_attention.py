@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import pdl_launch, wait_for_previous_kernel
-from kernels.triton_attention_options import soft_cap
-from kernels.triton_paged_kv import load_kv_tile
+from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.triton_attention_options import soft_cap
+from gpu_worker.kernels.triton_paged_kv import load_kv_tile
 
 # Enough programs to occupy every multiprocessor about twice is where splitting stops
 # paying; more splits only add merge work.
