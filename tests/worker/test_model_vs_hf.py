@@ -25,6 +25,9 @@ from tests.support.greedy_runs import hf_greedy, runner_greedy
 from tests.support.tiny_architectures import BUILDERS, build_tiny_model
 from tests.support.tiny_llama import TINY_DIMS, VOCAB_SIZE
 
+# Every architecture and format against its reference: the full suite's, not the quick round's.
+pytestmark = pytest.mark.slow
+
 BLOCK_SIZE = 4
 NUM_KV_BLOCKS = 48
 

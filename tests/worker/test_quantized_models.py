@@ -23,6 +23,9 @@ from tests.support.greedy_runs import hf_greedy, runner_greedy
 from tests.support.int4_checkpoints import QUANTIZED_PROJECTIONS, write_int4_checkpoint
 from tests.support.tiny_llama import TINY_DIMS, VOCAB_SIZE
 
+# Every architecture and format against its reference: the full suite's, not the quick round's.
+pytestmark = pytest.mark.slow
+
 MAX_NEW_TOKENS = 8
 BLOCK_SIZE = 4
 
