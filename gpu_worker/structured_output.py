@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Protocol
 
 import llguidance
-import numpy as np
 import torch
-from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
+from llguidance.numpy import fill_next_token_bitmask_par
 from pagedserve.v1 import common_pb2
 
 from gpu_worker.sampler import SampledLogprobs, SampledTokens
@@ -111,33 +110,51 @@ class GrammarMasks:
     def masked(self, logits: torch.Tensor, seq_ids: Sequence[int]) -> torch.Tensor:
         """The logits ([len(seq_ids), vocab]) with every token that a constrained row's
         grammar does not allow next at -inf; the logits themselves when no row is
-        constrained. Other rows are left as they are."""
+        constrained. Other rows are left as they are.
+
+        This runs on the step's critical path (the device samples only once the mask is
+        there), so the host work is kept to one wait per earlier step, one parallel fill
+        straight into pinned memory and a handful of kernels over the whole batch."""
         rows = [
-            (row, self._sequences[seq_id]) for row, seq_id in enumerate(seq_ids) if seq_id in self._sequences
+            (row, constrained)
+            for row, seq_id in enumerate(seq_ids)
+            if (constrained := self._sequences.get(seq_id)) is not None
         ]
         if not rows:
             return logits
-        matchers = [self._caught_up(constrained, seq_ids[row]) for row, constrained in rows]
-        bitmask = allocate_token_bitmask(len(matchers), self._vocab_size)
-        fill_next_token_bitmask_par(self._parallel(), [(m, i) for i, m in enumerate(matchers)], bitmask)
-        allowed = allowed_tokens(_to_device(bitmask, logits.device), logits.shape[-1])
-        row_index = _to_device(np.array([row for row, _ in rows], dtype=np.int64), logits.device)
-        masked = logits.clone()
-        masked[row_index] = logits[row_index].masked_fill(~allowed, float("-inf"))
-        return masked
+        draws: dict[int, list[int]] = {}
+        for row, constrained in rows:
+            self._catch_up(constrained, seq_ids[row], draws)
+        # Unconstrained rows keep every bit set: they allow every token.
+        bitmask = torch.full(
+            (len(seq_ids), -(-self._vocab_size // _BITS_PER_WORD)),
+            -1,
+            dtype=torch.int32,
+            pin_memory=logits.device.type == "cuda",
+        )
+        fill_next_token_bitmask_par(
+            self._parallel(), [(constrained.matcher, row) for row, constrained in rows], bitmask.numpy()
+        )
+        allowed = allowed_tokens(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
+        return logits.masked_fill(~allowed, float("-inf"))
 
-    def _caught_up(self, constrained: _ConstrainedSequence, seq_id: int) -> llguidance.LLMatcher:
+    def _catch_up(self, constrained: _ConstrainedSequence, seq_id: int, draws: dict[int, list[int]]) -> None:
+        """Feeds the matcher the sequence's draws it has not consumed; `draws` keeps each
+        step's draws once read, so that a step is waited for and copied once, not once
+        per sequence."""
         matcher = constrained.matcher
         while constrained.pending:
             step, index = constrained.pending.popleft()
-            step.wait()
-            assert step.host_tokens is not None
-            token = int(step.host_tokens[index])
+            step_draws = draws.get(id(step))
+            if step_draws is None:
+                step.wait()
+                assert step.host_tokens is not None
+                step_draws = draws[id(step)] = step.host_tokens.tolist()
+            token = step_draws[index]
             if not matcher.consume_token(token) and not matcher.is_stopped():
                 log.warning(
                     "sequence %d: token %d leaves its constraint: %s", seq_id, token, matcher.get_error()
                 )
-        return matcher
 
     def _vocabulary(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
@@ -165,14 +182,6 @@ def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if bits.shape[1] >= vocab_size:
         return bits[:, :vocab_size]
     return torch.nn.functional.pad(bits, (0, vocab_size - bits.shape[1]), value=False)
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Without waiting for the work queued on the device: see sampler.to_device."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def unmasked_logprobs(logits: torch.Tensor, sampled: SampledTokens) -> SampledTokens:
