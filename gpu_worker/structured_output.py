@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -94,6 +94,9 @@ class GrammarMasks:
             log.warning("sequence %d: its tokens leave its constraint: %s", seq_id, matcher.get_error())
         self._sequences[seq_id] = _ConstrainedSequence(matcher)
 
+    def any_constrained(self, seq_ids: Iterable[int]) -> bool:
+        return any(seq_id in self._sequences for seq_id in seq_ids)
+
     def remove(self, seq_id: int) -> None:
         self._sequences.pop(seq_id, None)
 
@@ -125,15 +128,18 @@ class GrammarMasks:
         draws: dict[int, list[int]] = {}
         for row, constrained in rows:
             self._catch_up(constrained, seq_ids[row], draws)
-        # Unconstrained rows keep every bit set: they allow every token.
-        bitmask = torch.full(
+        bitmask = torch.empty(
             (len(seq_ids), -(-self._vocab_size // _BITS_PER_WORD)),
-            -1,
             dtype=torch.int32,
             pin_memory=logits.device.type == "cuda",
         )
+        # Filled through numpy: torch would start its CPU thread pool for it, whose spinning
+        # threads then compete with the grammar engine's. Unconstrained rows keep every bit
+        # set: they allow every token.
+        words = bitmask.numpy()
+        words.fill(-1)
         fill_next_token_bitmask_par(
-            self._parallel(), [(constrained.matcher, row) for row, constrained in rows], bitmask.numpy()
+            self._parallel(), [(constrained.matcher, row) for row, constrained in rows], words
         )
         allowed = allowed_tokens(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
         return logits.masked_fill(~allowed, float("-inf"))
