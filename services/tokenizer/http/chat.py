@@ -43,7 +43,11 @@ async def chat_chunks(
     run: RequestRun, header: ResponseHeader, include_usage: bool
 ) -> AsyncIterator[ChatCompletionChunk]:
     def chunk(choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=header.id, created=header.created, model=header.model, choices=choices)
+        # Built from values this service made, so not validated again: one chunk per
+        # message makes this the API's hottest path.
+        return ChatCompletionChunk.model_construct(
+            id=header.id, created=header.created, model=header.model, choices=choices
+        )
 
     yield chunk(
         [
@@ -55,11 +59,14 @@ async def chat_chunks(
         reason = finish_reason_name(message.finish_reason)
         if not message.text and reason is None and not message.logprobs:
             continue
-        delta = ChatDelta(content=message.text) if message.text else ChatDelta()
+        delta = ChatDelta.model_construct(content=message.text or None)
         logprobs = None
         if header.logprobs is not None:
             logprobs = ChatLogprobs(content=header.logprobs.chat(message.token_ids, message.logprobs))
-        yield chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=reason, logprobs=logprobs)])
+        choice = ChatChunkChoice.model_construct(
+            index=index, delta=delta, finish_reason=reason, logprobs=logprobs
+        )
+        yield chunk([choice])
     if include_usage:
         final = chunk([])
         final.usage = run.tally.usage()

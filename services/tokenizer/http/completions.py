@@ -66,11 +66,15 @@ async def completion_chunks(
         reason = finish_reason_name(message.finish_reason)
         if not message.text and reason is None and not message.logprobs:
             continue
-        choice = CompletionChoice(index=index, text=message.text, finish_reason=reason)
+        # Built from values this service made, so not validated again: one chunk per
+        # message makes this the API's hottest path.
+        choice = CompletionChoice.model_construct(index=index, text=message.text, finish_reason=reason)
         if header.logprobs is not None:
             choice.logprobs = CompletionLogprobs()
             header.logprobs.add_completion(choice.logprobs, message.token_ids, message.logprobs)
-        yield CompletionResponse(id=header.id, created=header.created, model=header.model, choices=[choice])
+        yield CompletionResponse.model_construct(
+            id=header.id, created=header.created, model=header.model, choices=[choice]
+        )
     if include_usage:
         yield CompletionResponse(
             id=header.id, created=header.created, model=header.model, choices=[], usage=run.tally.usage()

@@ -54,6 +54,7 @@ class HttpApiServer:
                 host=host,
                 port=port,
                 lifespan="off",
+                http="httptools",
                 log_level="warning",
                 access_log=False,
                 ssl_certfile=tls.certfile,

@@ -17,7 +17,8 @@ DONE_EVENT = format_sse_event(data_str="[DONE]")
 
 
 def event_of(chunk: BaseModel) -> bytes:
-    return format_sse_event(data_str=chunk.model_dump_json())
+    # JSON escapes every line break, so the chunk is one `data:` line.
+    return b"data: " + chunk.model_dump_json().encode() + b"\n\n"
 
 
 async def _events(run: RequestRun, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
