@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -93,9 +93,6 @@ class GrammarMasks:
         elif generated and not matcher.consume_tokens(list(generated)):
             log.warning("sequence %d: its tokens leave its constraint: %s", seq_id, matcher.get_error())
         self._sequences[seq_id] = _ConstrainedSequence(matcher)
-
-    def any_constrained(self, seq_ids: Iterable[int]) -> bool:
-        return any(seq_id in self._sequences for seq_id in seq_ids)
 
     def remove(self, seq_id: int) -> None:
         self._sequences.pop(seq_id, None)
