@@ -8,6 +8,9 @@ benchmarks/serving_metrics.py).
     python -m benchmarks.serving --grpc 127.0.0.1:50051 --dataset nano-vllm --num-prompts 300 \\
         --request-rates 10,20,40,inf
     python -m benchmarks.serving --http http://127.0.0.1:8000 --dataset short --request-rates 50,inf
+    # the load from 4 client processes, so that the client's parsing does not set the pace
+    python -m benchmarks.serving --http http://127.0.0.1:8000 --dataset nano-vllm --num-prompts 256 \
+        --request-rates inf --client-processes 4
     # a local `pagedserve serve` started for the run (CPU: the embedded model)
     python -m benchmarks.serving --serve --api grpc,http --dataset short --num-prompts 16 \\
         --request-rates 4,inf --plot serving.png
@@ -38,6 +41,7 @@ from benchmarks.arguments import benchmark_parser
 from benchmarks.serving_clients import grpc_sender, http_sender, run_open_loop, served_model_name
 from benchmarks.serving_datasets import DATASETS, DatasetSpec, ServingRequest, build_dataset
 from benchmarks.serving_metrics import Slo, summarize
+from benchmarks.serving_processes import run_in_processes
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 
@@ -85,7 +89,9 @@ def sweep(args: argparse.Namespace, targets: dict[str, str]) -> list[dict]:
         asyncio.run(_run_rate(api, target, warmup, [0.0] * len(warmup)))
         for rate in args.request_rates:
             offsets = arrival_offsets(len(requests), rate, args.burstiness, args.seed)
-            records, duration = asyncio.run(_run_rate(api, target, requests, offsets))
+            records, duration = run_in_processes(
+                _run_rate, api, target, requests, offsets, args.client_processes
+            )
             summary = {"api": api, "request_rate": rate, **summarize(records, duration, slo)}
             print(_row(summary), flush=True)
             results.append(summary)
@@ -181,6 +187,7 @@ def main() -> None:
         help="requests per second, comma-separated; inf sends all at once",
     )
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1: Poisson")
+    load.add_argument("--client-processes", type=int, default=1, help="processes sending the requests")
     load.add_argument("--warmup", type=int, default=4, help="short requests sent before each API's sweep")
     slo = parser.add_argument_group("goodput's SLO (ms)")
     slo.add_argument("--slo-ttft-ms", type=float, default=None)

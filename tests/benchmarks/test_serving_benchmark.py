@@ -58,6 +58,9 @@ def test_serving_sweep_on_both_apis(tmp_path: Path) -> None:
         "16,inf",
         "--warmup",
         "1",
+        # Two client processes: their records merge into each rate's one run.
+        "--client-processes",
+        "2",
         "--slo-ttft-ms",
         "1e9",
         "--plot",
