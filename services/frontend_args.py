@@ -50,7 +50,7 @@ def add_replica_args(parser: argparse.ArgumentParser) -> None:
             1,
             "model replicas, each a scheduler and its worker ranks (on CUDA, each on its own GPUs)",
         ),
-        Flag("--tokenizers", int, 1, "tokenizer processes sharing the public port (SO_REUSEPORT)"),
+        Flag("--tokenizers", int, 1, "tokenizer processes sharing the public ports (SO_REUSEPORT)"),
     )
 
 
@@ -73,5 +73,5 @@ def add_engine_target_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reuse-port",
         action="store_true",
-        help="share the port with other tokenizer processes (SO_REUSEPORT)",
+        help="share the gRPC and HTTP ports with other tokenizer processes (SO_REUSEPORT)",
     )

@@ -144,8 +144,8 @@ def service_commands(
                 for address in loopback_addresses(ports, layout.schedulers())
                 for f in ("--scheduler", address)
             ),
-            # One HTTP port, as one gRPC port: the HTTP API is served by the first tokenizer.
-            *(_optional("--http-port", args.http_port) if name == "tokenizer" else []),
+            # The HTTP port is shared as the gRPC one is.
+            *_optional("--http-port", args.http_port),
             *_optional("--served-model-name", args.served_model_name),
             # Plain keys travel in the environment (service_env), off the command line.
             *(f for path in args.api_key_file for f in ("--api-key-file", str(path))),

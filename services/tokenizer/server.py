@@ -81,6 +81,7 @@ async def serve_tokenizer(server_config: ServerConfig, config: TokenizerServiceC
             config.http_port,
             gate,
             server_config.tls,
+            reuse_port=server_config.reuse_port,
         )
         await http_api.start()
     targets = ", ".join(config.engines.targets)

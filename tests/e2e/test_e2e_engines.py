@@ -1,18 +1,21 @@
 """Two engines behind two tokenizer processes on one port (`pagedserve serve --engines 2
---tokenizers 2`), on CPU with the embedded model: repeats of a long prompt meet their
-cached prefix whichever tokenizer serves them, distinct concurrent prompts spread over
-both engines, and when one engine's worker is killed mid-stream its requests move to the
+--tokenizers 2 --http-port`), on CPU with the embedded model: repeats of a long prompt
+meet their cached prefix whichever tokenizer serves them, distinct concurrent prompts
+spread over both engines, HTTP connections reach both tokenizers, and when one engine's worker is killed mid-stream its requests move to the
 other and finish with exactly the tokens of an undisturbed run; so do a killed
 scheduler's, and a restarted engine rejoins."""
 
+import contextlib
 import os
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
+import httpx
 import pytest
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -31,7 +34,8 @@ LONG_TEXT = (
 @pytest.fixture(scope="module")
 def engines_stack(embedded_model_dir: Path, tmp_path_factory):
     flags = ["--engines", "2", "--tokenizers", "2"]
-    with service_stack(embedded_model_dir, tmp_path_factory.mktemp("engines"), serve_flags=flags) as stack:
+    log_dir = tmp_path_factory.mktemp("engines")
+    with service_stack(embedded_model_dir, log_dir, serve_flags=flags, http_api=True) as stack:
         yield stack
 
 
@@ -68,6 +72,41 @@ def test_distinct_concurrent_prompts_use_both_engines(engines_stack: Stack):
     after = [_stats(address).num_prompt_tokens for address in engines_stack.scheduler_addresses]
     assert len(after) == 2
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def _established_connections(pid: int, port: int) -> int:
+    """The process's established TCP connections on local port `port`, from /proc: the
+    sockets in /proc/net/tcp* in state 01 (established) that the process holds open."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                inodes.add(f"socket:[{fields[9]}]")
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd) in inodes
+    return count
+
+
+def test_http_connections_reach_both_tokenizers(engines_stack: Stack):
+    assert engines_stack.http_url is not None
+    port = urlsplit(engines_stack.http_url).port
+    assert port is not None
+    clients = [httpx.Client(base_url=engines_stack.http_url, timeout=60) for _ in range(16)]
+    try:
+        # Each client keeps its connection open after its answer.
+        assert [client.get("/models").status_code for client in clients] == [200] * 16
+        counts = [
+            _established_connections(engines_stack.processes[name].pid, port)
+            for name in ("tokenizer", "tokenizer1")
+        ]
+    finally:
+        for client in clients:
+            client.close()
+    # 16 connections spread by the kernel: one tokenizer holding all of them has odds 2^-15.
+    assert sum(counts) == 16 and min(counts) > 0, counts
 
 
 def _stream(stack: Stack, request: generation_pb2.GenerateRequest, started: threading.Barrier) -> list[int]:

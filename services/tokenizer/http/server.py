@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import socket
 import ssl
 from collections.abc import Iterator
 
@@ -43,8 +44,12 @@ class HttpApiServer:
         port: int,
         gate: KeyGate | None = None,
         tls: TlsConfig | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        """reuse_port: share the port with other tokenizer processes (SO_REUSEPORT), the
+        kernel spreading new connections over them, as their gRPC port is shared."""
         self.state = ServingState()
+        self._reuse_port = reuse_port
         app = build_app(core, config, registry, self.state, gate)
         tls = tls or TlsConfig()
         ca = tls.ca_certs
@@ -69,7 +74,11 @@ class HttpApiServer:
 
     async def start(self) -> None:
         """Returns once the port accepts connections; raises if it cannot be bound."""
-        self._task = asyncio.create_task(self._server.serve())
+        sockets = None
+        if self._reuse_port:
+            config = self._server.config
+            sockets = [socket.create_server((config.host, config.port), reuse_port=True)]
+        self._task = asyncio.create_task(self._server.serve(sockets))
         while not self._server.started:
             if self._task.done():
                 self._task.result()
