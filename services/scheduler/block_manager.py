@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.common.block_hash import BlockHash
+from services.common.block_hash import BlockHash, routing_key
+from services.scheduler.cached_keys import CachedKeys
 
 
 class HoldsBlocks(Protocol):
@@ -62,6 +63,8 @@ class BlockManager:
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         self._hash_of_block: list[BlockHash | None] = [None] * num_blocks
         self._block_of_hash: dict[BlockHash, int] = {}
+        # What the engine's load reports tell frontends of this cache.
+        self.cached_keys = CachedKeys()
 
     # --- the books -----------------------------------------------------------------------
 
@@ -80,10 +83,6 @@ class BlockManager:
     def cached_blocks(self) -> dict[BlockHash, int]:
         """A copy of the prefix cache: hash -> block id."""
         return dict(self._block_of_hash)
-
-    def cached_hashes(self) -> list[BlockHash]:
-        """The hashes of every block the prefix cache holds, in no order."""
-        return list(self._block_of_hash)
 
     def num_blocks_to_hold(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -118,12 +117,14 @@ class BlockManager:
             if block_hash not in self._block_of_hash:
                 self._block_of_hash[block_hash] = block_id
                 self._hash_of_block[block_id] = block_hash
+                self.cached_keys.add(routing_key(block_hash))
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached block, as when the worker that held their KV is gone."""
         for block_id in self._block_of_hash.values():
             self._hash_of_block[block_id] = None
         self._block_of_hash.clear()
+        self.cached_keys.clear()
         self._free_uncached.update(self._free_cached)
         self._free_cached.clear()
 
@@ -232,6 +233,7 @@ class BlockManager:
             assert evicted is not None
             del self._block_of_hash[evicted]
             self._hash_of_block[block_id] = None
+            self.cached_keys.remove(routing_key(evicted))
         assert self._ref_counts[block_id] == 0, f"block {block_id} was free but referenced"
         self._ref_counts[block_id] = 1
         return block_id

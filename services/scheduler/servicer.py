@@ -8,6 +8,7 @@ from opentelemetry import trace
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from services.common.errors import UnavailableError
+from services.scheduler.cached_keys import KeyCursor
 from services.scheduler.engine import Engine
 from services.scheduler.load_report import engine_load, load_reports
 from services.scheduler.outputs import RequestOutput
@@ -31,10 +32,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         for session in self._sessions:
             session.drain()
 
-    def _load(self) -> scheduler_pb2.EngineLoad:
+    def _load(self, seen: KeyCursor | None) -> tuple[scheduler_pb2.EngineLoad, KeyCursor | None]:
         engine = self.engine
         serving = engine is not None and engine.worker_failure is None and not self._draining.is_set()
-        return engine_load(engine.scheduler if engine is not None else None, serving)
+        return engine_load(engine.scheduler if engine is not None else None, serving, seen)
 
     def _ready_engine(self) -> Engine:
         if self.engine is None:

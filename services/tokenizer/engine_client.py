@@ -39,7 +39,8 @@ class EngineClient:
         self.session = SessionClient(self.stub, self._metadata)
         # The engine's latest report; None until one comes, and while its stream is down.
         self.load: scheduler_pb2.EngineLoad | None = None
-        self._cached_keys: frozenset[int] = frozenset()
+        # The keys the engine's reports have built up (whole, then changes).
+        self._cached_keys: set[int] = set()
         # Requests this frontend sent since the latest report, which does not count them.
         self._num_sent_since_report = 0
         self._suspend_after_failure_s = suspend_after_failure_s
@@ -107,7 +108,11 @@ class EngineClient:
                         self._tasks = [task for task in self._tasks if not task.done()]
                         self._tasks.append(asyncio.create_task(self._move_requests_if_workers_failed()))
                     self.load = report
-                    self._cached_keys = frozenset(report.cached_block_keys)
+                    if report.cached_keys_changed:
+                        self._cached_keys.difference_update(report.removed_block_keys)
+                        self._cached_keys.update(report.cached_block_keys)
+                    else:
+                        self._cached_keys = set(report.cached_block_keys)
                     self._num_sent_since_report = 0
             except grpc.aio.AioRpcError as error:
                 if self.load is not None:

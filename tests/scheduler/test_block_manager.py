@@ -5,7 +5,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from services.common.block_hash import chained_hashes, hash_block
+from services.common.block_hash import chained_hashes, hash_block, routing_key
 from services.scheduler.block_manager import BlockManager, SlotAllocation, cdiv
 
 
@@ -199,7 +199,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     - free blocks are exactly the blocks with ref count 0, listed once;
     - a block's ref count is the number of tables holding it (the cache holds none);
     - every block a sequence is about to write is held by it alone;
-    - every cached hash maps to a full block whose recorded tokens produce that hash.
+    - every cached hash maps to a full block whose recorded tokens produce that hash;
+    - a frontend applying the published key changes holds the cache's keys.
     """
 
     BLOCK_SIZE = 2
@@ -207,6 +208,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.manager = BlockManager(num_blocks=8, block_size=self.BLOCK_SIZE)
+        # A frontend's view of the cache's keys, built from the changes published.
+        self.keys_seen: set[int] = set()
+        self.keys_cursor = self.manager.cached_keys.snapshot()[1]
         self.seqs: list[tuple[Seq, list[int]]] = []  # (sequence, its tokens)
         # What each block holds, as the tokens of its whole prefix: a stand-in for KV.
         self.contents: dict[int, tuple[int, ...]] = {}
@@ -280,6 +284,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
             prefix = self.contents[block_id]
             assert len(prefix) % self.BLOCK_SIZE == 0
             assert chained_hashes(prefix, self.BLOCK_SIZE)[-1] == block_hash
+
+    @invariant()
+    def published_keys_follow_the_cache(self) -> None:
+        keys = self.manager.cached_keys
+        expected = {routing_key(block_hash) for block_hash in self.manager.cached_blocks}
+        changes = keys.changes_since(self.keys_cursor)
+        assert changes is not None, "the changes of a pool this small are all kept"
+        added, removed, self.keys_cursor = changes
+        self.keys_seen = (self.keys_seen - set(removed)) | set(added)
+        assert self.keys_seen == expected == set(keys.snapshot()[0])
 
     def teardown(self) -> None:
         for seq, _ in self.seqs:

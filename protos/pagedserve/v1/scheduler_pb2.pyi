@@ -136,7 +136,7 @@ class WatchLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineLoad(_message.Message):
-    __slots__ = ("serving", "num_running", "num_waiting", "num_total_blocks", "num_free_blocks", "block_size", "cached_block_keys")
+    __slots__ = ("serving", "num_running", "num_waiting", "num_total_blocks", "num_free_blocks", "block_size", "cached_block_keys", "cached_keys_changed", "removed_block_keys")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,8 @@ class EngineLoad(_message.Message):
     NUM_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CACHED_BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_KEYS_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     num_running: int
     num_waiting: int
@@ -151,4 +153,6 @@ class EngineLoad(_message.Message):
     num_free_blocks: int
     block_size: int
     cached_block_keys: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, serving: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., cached_block_keys: _Optional[_Iterable[int]] = ...) -> None: ...
+    cached_keys_changed: bool
+    removed_block_keys: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, serving: _Optional[bool] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., cached_block_keys: _Optional[_Iterable[int]] = ..., cached_keys_changed: _Optional[bool] = ..., removed_block_keys: _Optional[_Iterable[int]] = ...) -> None: ...
