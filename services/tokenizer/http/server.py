@@ -77,7 +77,8 @@ class HttpApiServer:
         sockets = None
         if self._reuse_port:
             config = self._server.config
-            sockets = [socket.create_server((config.host, config.port), reuse_port=True)]
+            family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+            sockets = [socket.create_server((config.host, config.port), family=family, reuse_port=True)]
         self._task = asyncio.create_task(self._server.serve(sockets))
         while not self._server.started:
             if self._task.done():
