@@ -9,7 +9,7 @@ benchmarks/serving_metrics.py).
         --request-rates 10,20,40,inf
     python -m benchmarks.serving --http http://127.0.0.1:8000 --dataset short --request-rates 50,inf
     # the load from 4 client processes, so that the client's parsing does not set the pace
-    python -m benchmarks.serving --http http://127.0.0.1:8000 --dataset nano-vllm --num-prompts 256 \
+    python -m benchmarks.serving --http http://127.0.0.1:8000 --dataset nano-vllm --num-prompts 256 \\
         --request-rates inf --client-processes 4
     # a local `pagedserve serve` started for the run (CPU: the embedded model)
     python -m benchmarks.serving --serve --api grpc,http --dataset short --num-prompts 16 \\

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -75,8 +76,6 @@ def _part(
     results: Any,
     index: int,
 ) -> None:
-    import time
-
     async def run() -> tuple:
         barrier.wait()
         started = time.perf_counter()
