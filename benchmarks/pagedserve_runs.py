@@ -187,7 +187,7 @@ def drive_runs(
         profile["device_busy_s"] = profile["device_busy_decode_s"] + profile["device_busy_prefill_s"]
         runner.reset()
         profile["num_kv_blocks"] = float(info.num_kv_blocks)
-        profile["cuda_graphs"] = float(runner.decode_graphs is not None)
+        profile["cuda_graphs"] = float(bool(runner.step_graphs))
         name = run_name("pagedserve in-process", max_steps_in_flight)
         result = RunResult(name, seconds, sum(len(o) for o in outputs), outputs, profile)
         timeline = runner.observer.timeline

@@ -93,7 +93,7 @@ class NullRunner:
     """Speaks the worker's step protocol and samples a fixed token per sequence; steps
     take the pretend device's time, one after another, as on a device."""
 
-    decode_graphs = None
+    step_graphs: tuple = ()
 
     def __init__(
         self,

@@ -70,8 +70,10 @@ def parse_args(argv: list[str] | None) -> Any:
     return parser.parse_args(argv)
 
 
-def document_prompts(tokenizer: Tokenizer, count: int) -> list[list[int]]:
-    """'Repeat this document' prompts over README paragraphs, the copy begun."""
+def document_prompts(count: int) -> list[list[int]]:
+    """'Repeat this document' prompts over README paragraphs, the copy begun, in the
+    embedded model's tokens."""
+    tokenizer = Tokenizer.from_file(str(materialize_default_model() / "tokenizer.json"))
     paragraphs = [p.strip() for p in README.read_text().split("\n\n") if len(p.strip()) > 300]
     prompts = []
     for i in range(count):
@@ -152,45 +154,46 @@ def compare(runner: Any, prompts: list[list[int]], max_tokens: list[int], args: 
         speculative_max_batch_size=args.speculative_max_batch_size, num_kv_blocks=args.num_kv_blocks
     )
     on = run(runner, prompts, max_tokens, on_config)
-    same = on.pop("outputs") == off.pop("outputs")
+    on_outputs, off_outputs = on.pop("outputs"), off.pop("outputs")
+    differing = [i for i, (a, b) in enumerate(zip(on_outputs, off_outputs)) if a != b]
     return {
         "off": off,
         "on": on,
         "speedup_per_request": on["decode_tok_s_per_request"] / off["decode_tok_s_per_request"],
-        "tokens_identical": same,
+        "tokens_identical": not differing,
+        # Per differing request: its output length and the index of its first difference.
+        "differing": [
+            (
+                len(off_outputs[i]),
+                next((j for j, (a, b) in enumerate(zip(on_outputs[i], off_outputs[i])) if a != b), -1),
+            )
+            for i in differing
+        ],
     }
+
+
+def warm_up(runner: Any, args: Any) -> None:
+    """One short run each way before anything is timed: the first steps of each shape
+    compile kernels and set up the library state that later steps reuse."""
+    prompts = [[i % 50 for i in range(64)] for _ in range(2)]
+    compare(runner, prompts, [2 * args.num_speculative_tokens + 4] * 2, args)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from gpu_worker.model_runner import ModelRunner
-
-    scratch = Path(tempfile.mkdtemp())
-    model = args.model or materialize_default_model()
-    load_format = "safetensors"
-    if args.model_config is not None:
-        model = write_random_model(args.model_config, scratch / "model")
-    tokenizer = Tokenizer.from_file(str(materialize_default_model() / "tokenizer.json"))
-    spec = SpeculativeConfig(
-        method=args.method,
-        num_speculative_tokens=args.num_speculative_tokens,
-        draft_model_path=args.speculative_model,
-    )
-    worker = WorkerConfig(
-        model_path=model, device=args.device, speculative=spec, load_format=load_format, max_model_len=4096
-    )
-    runner = ModelRunner(worker)
+    runner = build_runner(args)
     print(
         f"{'workload':<11} {'batch':>5} {'off tok/s/req':>13} {'on tok/s/req':>12} {'speedup':>7} "
         f"{'accept':>6} {'acc/draft':>9} same",
         flush=True,
     )
+    warm_up(runner, args)
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         if args.select_copy_heavy:
             prompts = copy_heavy_under_model(runner, batch, args)
         else:
-            prompts = document_prompts(tokenizer, batch)
+            prompts = document_prompts(batch)
         rows.append(_row("copy-heavy", batch, compare(runner, prompts, [args.max_tokens] * batch, args)))
         # Written after each row, so that a run cut short keeps what it measured.
         _write(args, rows)
@@ -199,6 +202,25 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [min(n, args.nano_max_len) for n in nano.output_lengths]
     rows.append(_row("nano-vllm", args.nano_batch, compare(runner, prompts, lengths, args)))
     _write(args, rows)
+
+
+def build_runner(args: Any) -> Any:
+    """The speculating model runner of the arguments, on random weights of --model-config
+    or on --model (default: the embedded model)."""
+    from gpu_worker.model_runner import ModelRunner
+
+    if args.model_config is not None:
+        model = write_random_model(args.model_config, Path(tempfile.mkdtemp()) / "model")
+    else:
+        model = args.model or materialize_default_model()
+    spec = SpeculativeConfig(
+        method=args.method,
+        num_speculative_tokens=args.num_speculative_tokens,
+        draft_model_path=args.speculative_model,
+    )
+    return ModelRunner(
+        WorkerConfig(model_path=model, device=args.device, speculative=spec, max_model_len=4096)
+    )
 
 
 def copy_heavy_under_model(runner: Any, batch: int, args: Any) -> list[list[int]]:
@@ -222,7 +244,9 @@ def _row(workload: str, batch: int, result: dict) -> dict:
     print(
         f"{workload:<11} {batch:>5} {off['decode_tok_s_per_request']:>13.2f} "
         f"{on['decode_tok_s_per_request']:>12.2f} {row['speedup_per_request']:>7.2f} {rate:>6} {per:>9} "
-        f"{row['tokens_identical']}",
+        "yes"
+        if row["tokens_identical"]
+        else f"{len(row['differing'])} differ",
         flush=True,
     )
     return row

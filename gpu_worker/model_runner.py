@@ -105,7 +105,7 @@ class ModelRunner:
             self.dtype,
             swap_pool=True,
         )
-        self.decode_graphs = self._capture_decode_graphs()
+        self.step_graphs = self._capture_step_graphs()
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
         self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
         self.grammars = GrammarMasks(
@@ -133,20 +133,43 @@ class ModelRunner:
             self.device,
         )
 
-    def _capture_decode_graphs(self) -> DecodeGraphs | None:
-        """Decode-step CUDA graphs (gpu_worker/cuda_graphs.py), on CUDA unless eager."""
+    def _capture_step_graphs(self) -> list[DecodeGraphs]:
+        """CUDA graphs (gpu_worker/cuda_graphs.py) on CUDA unless eager: decode steps', and
+        verification steps' when the worker speculates (on one pipeline stage), tried in
+        this order."""
         config = self.config
         if self.device.type != "cuda" or config.enforce_eager:
-            return None
+            return []
         intermediate = None
         if not self.parallel.is_first_stage:
             intermediate = torch.zeros(
                 config.max_num_seqs, self.model_config.hidden_size, dtype=self.dtype, device=self.device
             )
-        graphs = DecodeGraphs(
-            self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device, intermediate
-        )
-        graphs.capture()
+        graphs = [
+            DecodeGraphs(
+                self.model,
+                config.max_num_seqs,
+                self.max_model_len,
+                config.block_size,
+                self.device,
+                intermediate,
+            )
+        ]
+        lookahead = config.speculative.max_lookahead
+        if lookahead and self.parallel.is_first_stage and self.parallel.is_last_stage:
+            graphs.append(
+                DecodeGraphs(
+                    self.model,
+                    config.max_num_seqs,
+                    self.max_model_len,
+                    config.block_size,
+                    self.device,
+                    query_len=1 + lookahead,
+                )
+            )
+        pool = None
+        for step_graphs in graphs:
+            pool = step_graphs.capture(pool)
         return graphs
 
     def info(self) -> worker_pb2.WorkerInfo:
@@ -351,8 +374,9 @@ class ModelRunner:
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         intermediate = self.stages.receive_activations(batch.input_ids.shape[0])
-        if self.decode_graphs is not None and self.decode_graphs.can_run(batch.metadata):
-            output = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata, intermediate)
+        graphs = next((g for g in self.step_graphs if g.can_run(batch.metadata)), None)
+        if graphs is not None:
+            output = graphs.run(batch.input_ids, batch.positions, batch.metadata, intermediate)
         else:
             with attention_context(batch.metadata):
                 output = self.model(batch.input_ids, batch.positions, intermediate)

@@ -51,7 +51,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise UnavailableError("another scheduler already holds this worker's step stream")
         self._stream_open = True
         loop = asyncio.get_running_loop()
-        cuda_graphs = runner.decode_graphs is not None
+        cuda_graphs = bool(runner.step_graphs)
         try:
             results = pipelined_steps(
                 runner,

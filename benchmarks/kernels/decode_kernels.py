@@ -202,7 +202,7 @@ def step_by_batch(model_config: Path) -> list[dict]:
         query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         with torch.inference_mode():
             step = triton.testing.do_bench(
-                lambda: runner.decode_graphs.run(input_ids, positions, metadata),
+                lambda: runner.step_graphs[0].run(input_ids, positions, metadata),
                 warmup=20,
                 rep=200,
                 return_mode="median",
@@ -217,7 +217,7 @@ def step_by_batch(model_config: Path) -> list[dict]:
                     HEAD_DIM**-0.5,
                 )
             )
-            graph_hidden = runner.decode_graphs.run(input_ids, positions, metadata).float()
+            graph_hidden = runner.step_graphs[0].run(input_ids, positions, metadata).float()
             # The same step eagerly with cuBLAS projections: split-K must change nothing
             # beyond rounding.
             limit, triton_linear.MAX_SPLIT_K_ROWS = triton_linear.MAX_SPLIT_K_ROWS, 0

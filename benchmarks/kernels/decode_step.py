@@ -105,13 +105,13 @@ def main() -> None:
             return model(input_ids, positions)
 
     def graph_step() -> torch.Tensor:
-        hidden = runner.decode_graphs.run(input_ids, positions, metadata)
+        hidden = runner.step_graphs[0].run(input_ids, positions, metadata)
         return model.compute_logits(hidden).argmax(dim=-1)
 
     hidden = eager_forward()
     with torch.inference_mode():
         timings = {
-            "graph_forward_ms": time_ms(lambda: runner.decode_graphs.run(input_ids, positions, metadata)),
+            "graph_forward_ms": time_ms(lambda: runner.step_graphs[0].run(input_ids, positions, metadata)),
             "graph_step_with_lm_head_argmax_ms": time_ms(graph_step),
             "eager_forward_ms": time_ms(eager_forward),
             "lm_head_ms": time_ms(lambda: model.compute_logits(hidden)),

@@ -71,7 +71,10 @@ def paged_attention(
     block_tables: [num_seqs, max_blocks_per_seq] block ids; entries past a sequence's
         last block are padding and never read.
     query_start_loc: [num_seqs + 1] offsets of each sequence's query tokens in `query`.
-    seq_lens: [num_seqs] context length of each sequence, its query tokens included.
+    seq_lens: [num_seqs] context length of each sequence, its query tokens included. A
+        sequence's queries are its last positions; where it has more queries than context
+        (the padding rows of a verification graph's layout), the first ones sit at negative
+        positions, see no key and get zeros.
     sliding_window: a query at position p sees keys at positions (p - sliding_window, p];
         None: all of [0, p].
     logit_softcap: scores (after scaling) become cap * tanh(score / cap) before softmax.
@@ -89,7 +92,6 @@ def paged_attention(
         q_len = q_end - q_start
         if q_len == 0:
             continue
-        assert q_len <= seq_len, "a sequence cannot have more query tokens than context"
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = block_tables[seq_index, :num_blocks].long()
         keys = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
@@ -107,6 +109,7 @@ def paged_attention(
         if sliding_window is not None:
             hidden |= key_positions[None, :] <= query_positions[:, None] - sliding_window
         scores.masked_fill_(hidden, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        # A row that sees no key (a negative position) gets zeros, not NaN.
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         output[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, values).to(query.dtype)
     return output

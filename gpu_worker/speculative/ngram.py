@@ -1,6 +1,7 @@
 """N-gram prompt lookup: the sequence's last n tokens are looked up earlier in the
 sequence (prompt and output), and the tokens that followed their latest earlier
-occurrence are proposed. Longer suffixes are tried first (prompt_lookup_max down to
+occurrence are proposed; where those run into the end of the sequence (a span repeating
+itself), the repetition goes on. Longer suffixes are tried first (prompt_lookup_max down to
 prompt_lookup_min). Copy-heavy text (summaries, edits, code) repeats spans of its prompt,
 and costs nothing to propose for: no model runs."""
 
@@ -16,7 +17,8 @@ from gpu_worker.speculative.proposer import ProposalRequest, Proposals
 
 def lookup(token_ids: Sequence[int], max_tokens: int, min_n: int, max_n: int) -> list[int]:
     """Up to max_tokens tokens that followed the latest earlier occurrence of the longest
-    suffix of token_ids (of min_n..max_n tokens) found earlier in it."""
+    suffix of token_ids (of min_n..max_n tokens) found earlier in it, continued
+    periodically where they reach the end."""
     tokens = np.asarray(token_ids, dtype=np.int64)
     length = len(tokens)
     for n in range(min(max_n, length - 1), min_n - 1, -1):
@@ -26,7 +28,13 @@ def lookup(token_ids: Sequence[int], max_tokens: int, min_n: int, max_n: int) ->
         matches = np.flatnonzero((windows == suffix).all(axis=1))
         if len(matches):
             start = int(matches[-1]) + n
-            return tokens[start : start + max_tokens].tolist()
+            proposal = tokens[start : start + max_tokens].tolist()
+            # The copy overlaps its own source, as in LZ77: a loop of period
+            # length - start predicts its next turn.
+            period = length - start
+            while len(proposal) < max_tokens:
+                proposal.append(proposal[len(proposal) - period])
+            return proposal
     return []
 
 

@@ -207,6 +207,18 @@ def test_prefill_attention_matches_reference_on_mixed_batch(num_heads: int, num_
     torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
 
 
+def test_prefill_attention_on_a_verification_graphs_layout() -> None:
+    # Five query rows per sequence, as a verification graph lays them out: a sequence with
+    # less context than rows has padding rows at negative positions, which must get zeros
+    # (not NaN, not keys); a sequence of the graph past the batch has no context at all.
+    batch = PagedBatch([3, 9, 1, 0], [5, 5, 5, 5], num_heads=4, num_kv_heads=2, seed=7)
+    output = batch.prefill(block_n=16 if not ON_GPU else 64)
+    expected = batch.reference()
+    assert not output.isnan().any()
+    torch.testing.assert_close(output.float(), expected.float(), **TOLERANCE)
+    assert not output[:2].any() and not output[10:14].any() and not output[15:].any()
+
+
 # Windows shorter than a tile, than a block, and reaching back across split boundaries; a
 # cap low enough that tanh bends the random scores.
 WINDOW_SOFTCAP_CASES = [(5, None), (None, 2.0), (3, 2.0), (BLOCK_SIZE * 4 + 1, None)]

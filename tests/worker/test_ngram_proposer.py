@@ -17,8 +17,12 @@ def test_the_longest_suffix_wins_and_its_latest_occurrence() -> None:
 def test_no_match_or_too_short_proposes_nothing() -> None:
     assert lookup([1, 2, 3, 4], 3, 2, 4) == []
     assert lookup([7], 3, 1, 4) == []
-    # A match right before the end proposes only the tokens that follow it.
-    assert lookup([1, 1, 1], 5, 1, 1) == [1]
+
+
+def test_a_match_reaching_the_end_repeats_its_loop() -> None:
+    assert lookup([1, 1, 1], 5, 1, 1) == [1, 1, 1, 1, 1]
+    # [7, 8] last occurred at 3, followed by 9, 7, 8 up to the end: a loop of period 3.
+    assert lookup([5, 7, 8, 9, 7, 8, 9, 7, 8], 7, 2, 2) == [9, 7, 8, 9, 7, 8, 9]
 
 
 def test_the_proposer_respects_each_requests_lookahead() -> None:
