@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None) -> Any:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", type=Path, default=None, help="default: the embedded model")
     parser.add_argument("--model-config", type=Path, default=None, help="random weights of this architecture")
+    parser.add_argument("--dtype", default=None, help="float32 shows whether bf16 rounding is what differs")
     parser.add_argument("--method", default="ngram", choices=["ngram", "draft"])
     parser.add_argument("--speculative-model", type=Path, default=None)
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
@@ -64,7 +65,9 @@ def parse_args(argv: list[str] | None) -> Any:
     parser.add_argument("--batch-sizes", default="1,8,64")
     parser.add_argument("--max-tokens", type=int, default=128, help="copy-heavy output tokens per request")
     parser.add_argument("--select-copy-heavy", type=int, default=0, help="random prompts to choose from")
-    parser.add_argument("--nano-batch", type=int, default=8)
+    parser.add_argument(
+        "--nano-batch", default="8", help="batch sizes of the nano-vllm rows, comma-separated"
+    )
     parser.add_argument("--nano-max-len", type=int, default=1024)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     return parser.parse_args(argv)
@@ -197,11 +200,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(_row("copy-heavy", batch, compare(runner, prompts, [args.max_tokens] * batch, args)))
         # Written after each row, so that a run cut short keeps what it measured.
         _write(args, rows)
-    nano = nano_vllm_workload(args.nano_batch)
-    prompts = [p[: args.nano_max_len] for p in nano.prompts]
-    lengths = [min(n, args.nano_max_len) for n in nano.output_lengths]
-    rows.append(_row("nano-vllm", args.nano_batch, compare(runner, prompts, lengths, args)))
-    _write(args, rows)
+    for batch in [int(b) for b in args.nano_batch.split(",")]:
+        nano = nano_vllm_workload(batch)
+        prompts = [p[: args.nano_max_len] for p in nano.prompts]
+        lengths = [min(n, args.nano_max_len) for n in nano.output_lengths]
+        rows.append(_row("nano-vllm", batch, compare(runner, prompts, lengths, args)))
+        _write(args, rows)
 
 
 def build_runner(args: Any) -> Any:
@@ -219,7 +223,9 @@ def build_runner(args: Any) -> Any:
         draft_model_path=args.speculative_model,
     )
     return ModelRunner(
-        WorkerConfig(model_path=model, device=args.device, speculative=spec, max_model_len=4096)
+        WorkerConfig(
+            model_path=model, device=args.device, dtype=args.dtype, speculative=spec, max_model_len=4096
+        )
     )
 
 
@@ -241,12 +247,11 @@ def _row(workload: str, batch: int, result: dict) -> dict:
     on, off = row["on"], row["off"]
     rate = "-" if on["acceptance_rate"] is None else f"{on['acceptance_rate']:.2f}"
     per = "-" if on["accepted_per_draft"] is None else f"{on['accepted_per_draft']:.2f}"
+    same = "yes" if row["tokens_identical"] else f"{len(row['differing'])} differ"
     print(
         f"{workload:<11} {batch:>5} {off['decode_tok_s_per_request']:>13.2f} "
         f"{on['decode_tok_s_per_request']:>12.2f} {row['speedup_per_request']:>7.2f} {rate:>6} {per:>9} "
-        "yes"
-        if row["tokens_identical"]
-        else f"{len(row['differing'])} differ",
+        f"{same}",
         flush=True,
     )
     return row

@@ -133,7 +133,7 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
             int,
             SchedulerConfig.speculative_max_batch_size,
             "with a speculating worker: no speculation in steps planned while more sequences "
-            "run; 0: never speculate",
+            "run or wait to run; 0: never speculate",
         ),
         Flag(
             "--speculative-min-accepted-tokens",

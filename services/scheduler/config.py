@@ -52,8 +52,8 @@ class SchedulerConfig:
     # a message per completion per step.
     max_stream_messages_per_step: int | None = 32
     # Speculative decoding, when the worker proposes tokens (its num_speculative_tokens):
-    # no sequence speculates in a step while more than this many run (a large batch is
-    # compute-bound: verifying proposals costs what it saves); 0: never speculate.
+    # no sequence speculates in a step while more than this many run or wait to run (a
+    # large batch is compute-bound: verifying proposals costs what it saves); 0: never.
     speculative_max_batch_size: int = 32
     # A sequence whose speculating steps accept fewer proposed tokens than this on
     # average (an exponential mean, half weight on the latest step) decodes plainly for

@@ -237,7 +237,7 @@ class Scheduler:
 
         num_preemptions_before = self.num_preemptions
         waits_for_blocks = False
-        speculates = self.speculation.in_step(len(self.running))
+        speculates = self.speculation.in_step(len(self.running) + len(self.waiting) + len(self.swapped))
         index = 0
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]

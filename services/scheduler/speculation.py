@@ -9,8 +9,9 @@ waits for the result of the plain step it is in. Sequences that do not speculate
 running ahead as before.
 
 When speculation pays (the rule): only in steps planned while at most
-speculative_max_batch_size sequences run (a large batch is compute-bound, and verifying
-rejected proposals costs what speculation would save), and only for sequences whose
+speculative_max_batch_size sequences run or wait to run (a large batch is compute-bound,
+and verifying rejected proposals costs what speculation would save; a queue means the
+batch is about to grow), and only for sequences whose
 recent speculating steps accepted at least speculative_min_accepted_tokens proposed tokens
 on average (half weight on the latest step); one that falls below decodes plainly, with
 overlap, for speculative_backoff_steps steps, then tries again. A sequence starts out
@@ -49,9 +50,10 @@ class SpeculationPolicy:
         self.min_accepted_tokens = config.speculative_min_accepted_tokens
         self.backoff_steps = config.speculative_backoff_steps
 
-    def in_step(self, num_running: int) -> bool:
-        """Whether sequences may speculate in a step planned while num_running run."""
-        return self.max_lookahead > 0 and num_running <= self.max_batch_size
+    def in_step(self, num_unfinished: int) -> bool:
+        """Whether sequences may speculate in a step planned while num_unfinished
+        sequences run, wait or are swapped out."""
+        return self.max_lookahead > 0 and num_unfinished <= self.max_batch_size
 
     def lookahead(self, sequence: Sequence, max_model_len: int) -> int | None:
         """Lookahead slots for a running sequence this step (0: decode plainly), or None

@@ -122,6 +122,18 @@ def test_no_speculation_in_large_batches() -> None:
     assert [item.num_lookahead_tokens for item in step.scheduled] == [0, 0]
 
 
+def test_no_speculation_while_requests_queue() -> None:
+    # Two may speculate, but a third waits: the batch is about to grow.
+    scheduler = _scheduler(speculative_max_batch_size=2, max_num_seqs=2)
+    for name in ("a", "b", "c"):
+        scheduler.add_request(name, [10, 11, 12, 13], _sampling())
+    step = _planned(scheduler)
+    assert len(step.scheduled) == 2 and len(scheduler.waiting) == 1
+    scheduler.update_from_output(step, _result(step, {}))
+    step = _planned(scheduler)
+    assert [item.num_lookahead_tokens for item in step.scheduled] == [0, 0]
+
+
 def test_a_sequence_whose_proposals_fail_backs_off_then_retries() -> None:
     scheduler = _scheduler(
         speculative_min_accepted_tokens=0.5, speculative_backoff_steps=2, max_steps_in_flight=1
