@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> Any:
     )
     parser.add_argument("--nano-max-len", type=int, default=1024)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="alternating pairs per row; the median is shown"
+    )
     return parser.parse_args(argv)
 
 
@@ -147,6 +150,16 @@ def run(runner: Any, prompts: list[list[int]], max_tokens: list[int], config: Sc
 
 
 def compare(runner: Any, prompts: list[list[int]], max_tokens: list[int], args: Any) -> dict:
+    """--repeats alternating pairs of runs without and with speculation; the pair of the
+    median speedup, with every pair's speedup."""
+    pairs = sorted(
+        (_pair(runner, prompts, max_tokens, args) for _ in range(args.repeats)),
+        key=lambda pair: pair["speedup_per_request"],
+    )
+    return {**pairs[len(pairs) // 2], "speedups": [pair["speedup_per_request"] for pair in pairs]}
+
+
+def _pair(runner: Any, prompts: list[list[int]], max_tokens: list[int], args: Any) -> dict:
     off = run(
         runner,
         prompts,
@@ -251,7 +264,7 @@ def _row(workload: str, batch: int, result: dict) -> dict:
     print(
         f"{workload:<11} {batch:>5} {off['decode_tok_s_per_request']:>13.2f} "
         f"{on['decode_tok_s_per_request']:>12.2f} {row['speedup_per_request']:>7.2f} {rate:>6} {per:>9} "
-        f"{same}",
+        f"{same}  {' '.join(f'{x:.2f}' for x in row['speedups']) if len(row['speedups']) > 1 else ''}",
         flush=True,
     )
     return row
