@@ -193,6 +193,8 @@ class ModelRunner:
             pipeline_parallel_size=self.parallel.config.pipeline_parallel_size,
             reports_tokens=self.parallel.answers,
             num_speculative_tokens=self.config.speculative.max_lookahead,
+            # A draft model may see the whole context: it needs every block kept.
+            sliding_window=(self.model_config.window_of_every_layer or 0) if self.draft_model is None else 0,
         )
 
     def reset(self) -> None:

@@ -104,6 +104,14 @@ class ModelConfig:
         return self.sliding_windows[layer_index] if self.sliding_windows else None
 
     @property
+    def window_of_every_layer(self) -> int | None:
+        """The largest window when every layer attends within one; None when some layer
+        sees the whole context."""
+        if not self.sliding_windows or None in self.sliding_windows:
+            return None
+        return max(w for w in self.sliding_windows if w is not None)
+
+    @property
     def longest_context(self) -> int:
         """Positions the model is made for: max_position_embeddings, stretched by dynamic
         NTK scaling's factor, which extends a model past its trained context at run time

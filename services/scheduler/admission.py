@@ -9,7 +9,7 @@ from pagedserve.v1 import common_pb2
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 from services.common.prompt_checks import check_prompt_length
-from services.scheduler.block_manager import BlockManager, SlotAllocation
+from services.scheduler.block_manager import BlockManager, SlotAllocation, num_freed_blocks
 from services.scheduler.cpu_block_pool import CpuBlockPool
 from services.scheduler.outputs import RequestEvent, SchedulerOutput
 from services.scheduler.preemption import Preemption
@@ -98,7 +98,7 @@ class Admission:
 
     def _blocks_to_start(self, sequence: Sequence) -> int:
         if sequence.status is SequenceStatus.SWAPPED:
-            return len(sequence.cpu_block_table)
+            return len(sequence.cpu_block_table) - num_freed_blocks(sequence.cpu_block_table)
         return self.block_manager.num_blocks_to_hold(sequence.num_tokens)
 
     def resume_and_admit(self, output: SchedulerOutput, budget: int, add_to_batch: AddToBatch) -> None:
@@ -181,7 +181,8 @@ class Admission:
         allocation = self.preemption.swap_in(sequence, num_new_tokens)
         if allocation is None:
             return None
-        output.swap_in.extend(zip(sequence.cpu_block_table, sequence.block_table))
+        num_freed = num_freed_blocks(sequence.cpu_block_table)
+        output.swap_in.extend(zip(sequence.cpu_block_table[num_freed:], sequence.block_table[num_freed:]))
         cpu_blocks_read.extend(sequence.cpu_block_table)
         sequence.cpu_block_table = []
         add_to_batch(output, sequence, num_new_tokens, allocation)

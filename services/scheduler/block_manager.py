@@ -14,6 +14,10 @@ it keeps (tests/scheduler/test_block_manager.py checks them after every operatio
   computed all of it.
 - A block that several tables hold is never written: a sequence about to write into a
   shared block gets a private copy first (copy on write, see `allocate_slots`).
+- With a model whose every layer attends within a sliding window, a table's leading
+  blocks that lie wholly before the window of the sequence's next token go back to the
+  pool (`drop_leading_blocks`); FREED_BLOCK keeps their places, so that a block's index
+  in the table stays its position in the sequence. The placeholders form a leading run.
 """
 
 from collections import OrderedDict
@@ -32,8 +36,23 @@ class HoldsBlocks(Protocol):
     block_table: list[int]
 
 
+# A table entry whose block went back to the pool (see the books above); the worker's
+# attention kernels never read it.
+FREED_BLOCK = -1
+
+
 def cdiv(a: int, b: int) -> int:
     return -(a // -b)
+
+
+def num_freed_blocks(table: Sequence[int]) -> int:
+    """The length of the table's leading run of FREED_BLOCK placeholders."""
+    count = 0
+    for block_id in table:
+        if block_id != FREED_BLOCK:
+            break
+        count += 1
+    return count
 
 
 @dataclass(frozen=True)
@@ -107,6 +126,8 @@ class BlockManager:
         """Offers blocks whose tokens' KV is all computed to the cache, each under the
         chained hash of its tokens (aligned lists)."""
         for block_id, block_hash in zip(block_ids, block_hashes, strict=True):
+            if block_id == FREED_BLOCK:
+                continue  # dropped before its tokens were all known: not worth keeping now
             assert self._ref_counts[block_id] > 0, f"block {block_id} is cached while nobody holds it"
             known = self._hash_of_block[block_id]
             if known is not None:
@@ -205,6 +226,19 @@ class BlockManager:
         while len(table) > num_blocks:
             self._release(table.pop())
 
+    def drop_leading_blocks(self, seq: HoldsBlocks, num_blocks: int) -> list[int]:
+        """Puts FREED_BLOCK in place of the table's first num_blocks blocks; returns the
+        blocks so taken out, for the caller to release (now, or once the steps in flight
+        that read them have returned)."""
+        table = seq.block_table
+        dropped = []
+        index = min(num_blocks, len(table)) - 1
+        while index >= 0 and table[index] != FREED_BLOCK:
+            dropped.append(table[index])
+            table[index] = FREED_BLOCK
+            index -= 1
+        return dropped
+
     def free_blocks(self, block_ids: Sequence[int]) -> None:
         """Releases blocks taken with `allocate_blocks` and not put into a table."""
         for block_id in block_ids:
@@ -213,11 +247,15 @@ class BlockManager:
     # --- helpers -------------------------------------------------------------------------
 
     def _hold(self, block_id: int) -> None:
+        if block_id == FREED_BLOCK:
+            return  # a fork's copy of a placeholder
         if self._ref_counts[block_id] == 0:
             del self._free_cached[block_id]  # only cached blocks are held while free
         self._ref_counts[block_id] += 1
 
     def _release(self, block_id: int) -> None:
+        if block_id == FREED_BLOCK:
+            return  # went back to the pool when it was dropped
         assert self._ref_counts[block_id] > 0, f"block {block_id} freed twice"
         self._ref_counts[block_id] -= 1
         if self._ref_counts[block_id] == 0:

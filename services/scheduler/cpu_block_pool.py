@@ -3,6 +3,8 @@ swapped-out sequence's block; nothing shares or caches CPU blocks."""
 
 from collections import deque
 
+from services.scheduler.block_manager import FREED_BLOCK
+
 
 class CpuBlockPool:
     def __init__(self, num_blocks: int) -> None:
@@ -25,4 +27,6 @@ class CpuBlockPool:
         return [self._free.popleft() for _ in range(num_blocks)]
 
     def free(self, block_ids: list[int]) -> None:
-        self._free.extend(block_ids)
+        """block_ids: a swapped sequence's CPU table, whose FREED_BLOCK placeholders
+        (blocks dropped before the swap) hold no CPU block."""
+        self._free.extend(block_id for block_id in block_ids if block_id != FREED_BLOCK)

@@ -10,7 +10,7 @@ them to another sequence.
 
 from collections import deque
 
-from services.scheduler.block_manager import BlockManager
+from services.scheduler.block_manager import FREED_BLOCK, BlockManager
 from services.scheduler.outputs import SchedulerOutput
 from services.scheduler.request import Sequence
 
@@ -50,10 +50,17 @@ class InFlightSteps:
             self.block_manager.free(sequence)
             return
         # Tail blocks first, as BlockManager.free does.
-        blocks = sequence.block_table[::-1]
-        self._held_for_step.setdefault(sequence.last_step_id, []).extend(blocks)
-        self.num_held_blocks += len(blocks)
+        self.release(sequence, [b for b in reversed(sequence.block_table) if b != FREED_BLOCK])
         sequence.block_table.clear()
+
+    def release(self, sequence: Sequence, block_ids: list[int]) -> None:
+        """Blocks out of the sequence's table go back to the pool now, or once the steps in
+        flight that use the sequence have returned."""
+        if not self.uses(sequence):
+            self.block_manager.free_blocks(block_ids)
+            return
+        self._held_for_step.setdefault(sequence.last_step_id, []).extend(block_ids)
+        self.num_held_blocks += len(block_ids)
 
     def abandon(self) -> None:
         """Forgets every step in flight (the worker stream is gone) and frees what they held."""

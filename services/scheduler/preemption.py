@@ -5,7 +5,7 @@ back into fresh device blocks."""
 import enum
 from collections.abc import Callable
 
-from services.scheduler.block_manager import BlockManager, SlotAllocation
+from services.scheduler.block_manager import FREED_BLOCK, BlockManager, SlotAllocation, num_freed_blocks
 from services.scheduler.config import PreemptionMode
 from services.scheduler.cpu_block_pool import CpuBlockPool
 from services.scheduler.in_flight import InFlightSteps
@@ -86,13 +86,15 @@ class Preemption:
         num_computed_tokens = sequence.num_computed_tokens
         cpu_blocks = None
         forks_in_flight = sequence.awaits_fork and sequence.num_pending_samples > 0
+        num_freed = num_freed_blocks(sequence.block_table)
         if (mode or self.mode) is PreemptionMode.SWAP and not forks_in_flight:
-            cpu_blocks = self.cpu_pool.allocate(len(sequence.block_table))
+            cpu_blocks = self.cpu_pool.allocate(len(sequence.block_table) - num_freed)
         if cpu_blocks is not None:
             # The next step copies the KV out before it computes anything, so the freed
             # device blocks may serve that very step (once no step in flight uses them).
-            self.worker_ops.swap_out.extend(zip(sequence.block_table, cpu_blocks))
-            sequence.cpu_block_table = cpu_blocks
+            self.worker_ops.swap_out.extend(zip(sequence.block_table[num_freed:], cpu_blocks))
+            # Placeholders keep their places in the CPU table too.
+            sequence.cpu_block_table = [FREED_BLOCK] * num_freed + cpu_blocks
             self.in_flight.free(sequence)
             self.queues.insert(sequence, SequenceStatus.SWAPPED)
             self.num_swap += 1
@@ -138,12 +140,13 @@ class Preemption:
         it computes next; None when the pool cannot hold them. The caller schedules it and
         frees its CPU blocks once the step that reads them is built."""
         manager = self.block_manager
-        needed = manager.num_blocks_to_hold(sequence.num_computed_tokens + num_new_tokens)
+        num_freed = num_freed_blocks(sequence.cpu_block_table)
+        needed = manager.num_blocks_to_hold(sequence.num_computed_tokens + num_new_tokens) - num_freed
         if needed > manager.num_free_blocks:
             return None
-        device_blocks = manager.allocate_blocks(len(sequence.cpu_block_table))
+        device_blocks = manager.allocate_blocks(len(sequence.cpu_block_table) - num_freed)
         assert device_blocks is not None
-        sequence.block_table = device_blocks
+        sequence.block_table = [FREED_BLOCK] * num_freed + device_blocks
         allocation = manager.allocate_slots(sequence, num_new_tokens)
         assert allocation is not None and not allocation.copies
         self.queues.remove(sequence)

@@ -41,6 +41,7 @@ from services.scheduler.preemption import NoRoom, Preemption
 from services.scheduler.prefix_cache import PrefixCache
 from services.scheduler.queues import SequenceQueues
 from services.scheduler.request import Request, Sequence, SequenceStatus
+from services.scheduler.sliding_window import WindowedBlocks
 from services.scheduler.speculation import SpeculationPolicy, sampled_counts
 from services.scheduler.stats import scheduler_stats
 
@@ -58,8 +59,10 @@ class Scheduler:
         num_cpu_blocks: int = 0,
         worker_limits: StepLimits | None = None,
         num_speculative_tokens: int = 0,
+        sliding_window: int = 0,
     ) -> None:
-        """num_speculative_tokens: the most the worker proposes per sequence and step."""
+        """num_speculative_tokens: the most the worker proposes per sequence and step;
+        sliding_window: every layer's attention window at most (0: some layer has none)."""
         if config.num_kv_blocks is not None:
             num_blocks = min(num_blocks, config.num_kv_blocks)
         self.config = config
@@ -77,9 +80,10 @@ class Scheduler:
         queues = self.queues = SequenceQueues()
         self.waiting, self.running, self.swapped = queues.waiting, queues.running, queues.swapped
         self.in_flight = InFlightSteps(self.block_manager)
+        caching = config.enable_prefix_caching
+        self.windowed_blocks = WindowedBlocks(sliding_window, self.block_manager, self.in_flight, caching)
         self._worker_ops = PendingWorkerOps()
-        # Told of prefix-cache hits, preemptions and swap-ins as they happen (the service
-        # puts them on the requests' spans).
+        # Told of cache hits, preemptions and swap-ins (the service puts them on spans).
         self.on_event: Callable[[RequestEvent], None] | None = None
         self.preemption = Preemption(
             config.preemption_mode,
@@ -106,7 +110,6 @@ class Scheduler:
         self.batcher = StepBatcher()
         self._num_arrivals = 0
         self._next_step_id = 1
-
         self.num_steps = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -192,12 +195,10 @@ class Scheduler:
         return outputs
 
     def abort_all(self) -> list[RequestOutput]:
-        """Aborts every request in flight, in arrival order, and starts over with the worker.
-
-        For when the worker stream is over (the worker died, or shutdown): the steps in
-        flight are dropped, and the next step is step 1 of a new stream that knows no
-        seq_ids. To abort everything on a live stream, abort each request instead.
-        """
+        """Aborts every request in flight, in arrival order, and starts over with the worker,
+        for when its stream is over (the worker died, or shutdown): the steps in flight are
+        dropped, and the next step is step 1 of a new stream that knows no seq_ids. To
+        abort everything on a live stream, abort each request instead."""
         unfinished = sorted(self.requests.values(), key=lambda r: r.arrival_index)
         outputs = [o for r in unfinished for o in self.abort_request(r.request_id) or []]
         self.restart_worker_stream()
@@ -205,10 +206,9 @@ class Scheduler:
 
     def restart_worker_stream(self) -> None:
         """Starts over with the worker after its stream is gone, keeping every request: the
-        steps in flight are dropped, each unfinished sequence is recomputed from its tokens
-        (prompt and every token sampled so far), and the next step is step 1 of a new
-        stream that knows no seq_ids. The next stream may reach a restarted worker, whose
-        cache holds no KV."""
+        steps in flight are dropped, each unfinished sequence is recomputed from its tokens,
+        and the next step is step 1 of a new stream that knows no seq_ids (the next stream
+        may reach a restarted worker, whose cache holds no KV)."""
         self.in_flight.abandon()
         self.preemption.requeue_all()
         self._worker_ops.clear()
@@ -245,6 +245,7 @@ class Scheduler:
             num_new_tokens = min(sequence.num_tokens_to_schedule(self.max_model_len), budget)
             if not num_new_tokens:
                 continue  # a result in flight decides what it does next
+            self.windowed_blocks.release_outside(sequence)
             planned = self.speculation.plan(sequence, num_new_tokens, budget, self.max_model_len, speculates)
             if planned is None:
                 continue  # speculates once its sample in flight is back

@@ -50,6 +50,7 @@ def build_scheduler(config: SchedulerConfig, info: worker_pb2.WorkerInfo) -> Sch
         num_cpu_blocks=info.num_cpu_blocks,
         worker_limits=StepLimits.from_worker_info(info),
         num_speculative_tokens=info.num_speculative_tokens,
+        sliding_window=info.sliding_window,
     )
 
 

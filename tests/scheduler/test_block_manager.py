@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.common.block_hash import chained_hashes, hash_block, routing_key
-from services.scheduler.block_manager import BlockManager, SlotAllocation, cdiv
+from services.scheduler.block_manager import FREED_BLOCK, BlockManager, SlotAllocation, cdiv, num_freed_blocks
 
 
 @dataclass
@@ -194,7 +194,8 @@ def test_hash_chains_over_the_whole_prefix() -> None:
 
 class BlockManagerMachine(RuleBasedStateMachine):
     """Sequences as the scheduler drives them: grow (computing what they were given),
-    fork, take cache hits, free. The books must hold after every operation:
+    fork, take cache hits, drop blocks before a sliding window, free. The books must hold
+    after every operation:
 
     - free blocks are exactly the blocks with ref count 0, listed once;
     - a block's ref count is the number of tables holding it (the cache holds none);
@@ -245,6 +246,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.seqs.append((child, list(tokens)))
 
     @precondition(lambda self: self.seqs)
+    @rule(which=st.integers(0, 20), num_blocks=st.integers(1, 4))
+    def drop(self, which: int, num_blocks: int) -> None:
+        # Never the block the sequence writes next: a window holds at least its newest token.
+        seq, _ = self.seqs[which % len(self.seqs)]
+        num_blocks = min(num_blocks, seq.num_computed_tokens // self.BLOCK_SIZE)
+        self.manager.free_blocks(self.manager.drop_leading_blocks(seq, num_blocks))
+
+    @precondition(lambda self: self.seqs)
     @rule(which=st.integers(0, 20))
     def free(self, which: int) -> None:
         seq, _ = self.seqs.pop(which % len(self.seqs))
@@ -267,14 +276,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
         manager = self.manager
         free = manager.free_block_ids
         assert len(free) == len(set(free))
-        holders = [b for seq, _ in self.seqs for b in seq.block_table]
+        holders = [b for seq, _ in self.seqs for b in seq.block_table if b != FREED_BLOCK]
         for block_id in range(manager.num_total_blocks):
             assert manager.ref_count(block_id) == holders.count(block_id)
             assert (block_id in free) == (manager.ref_count(block_id) == 0)
         for seq, tokens in self.seqs:
             assert len(seq.block_table) == cdiv(len(tokens), self.BLOCK_SIZE)
             # Reading a sequence's context through its table gives its own tokens.
-            for block_index, block_id in enumerate(seq.block_table):
+            num_freed = num_freed_blocks(seq.block_table)
+            assert FREED_BLOCK not in seq.block_table[num_freed:]
+            for block_index, block_id in enumerate(seq.block_table[num_freed:], start=num_freed):
                 end = min(len(tokens), (block_index + 1) * self.BLOCK_SIZE)
                 assert self.contents[block_id][:end] == tuple(tokens[:end])
 

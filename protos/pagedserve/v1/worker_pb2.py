@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/worker.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\x9d\x04\n\nWorkerInfo\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12\x15\n\rnum_kv_blocks\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0enum_cpu_blocks\x18\x06 \x01(\x05\x12\x19\n\x0cmax_num_seqs\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12#\n\x16max_num_batched_tokens\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12max_steps_launched\x18\t \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04rank\x18\n \x01(\x05\x12!\n\x14tensor_parallel_size\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12#\n\x16pipeline_parallel_size\x18\x0c \x01(\x05H\x04\x88\x01\x01\x12\x16\n\x0ereports_tokens\x18\r \x01(\x08\x12#\n\x16num_speculative_tokens\x18\x0e \x01(\x05H\x05\x88\x01\x01\x42\x0f\n\r_max_num_seqsB\x19\n\x17_max_num_batched_tokensB\x15\n\x13_max_steps_launchedB\x17\n\x15_tensor_parallel_sizeB\x19\n\x17_pipeline_parallel_sizeB\x19\n\x17_num_speculative_tokens\"7\n\tBlockCopy\x12\x14\n\x0csrc_block_id\x18\x01 \x01(\x05\x12\x14\n\x0c\x64st_block_id\x18\x02 \x01(\x05\"\xbd\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\x05\"p\n\x11ScheduledSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0enum_new_tokens\x18\x02 \x01(\x05\x12\x15\n\rnew_block_ids\x18\x03 \x03(\x05\x12\x1c\n\x14num_lookahead_tokens\x18\x04 \x01(\x05\"\xa6\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x31\n\rnew_sequences\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.NewSequence\x12\x33\n\tscheduled\x18\x03 \x03(\x0b\x32 .pagedserve.v1.ScheduledSequence\x12\x18\n\x10\x66inished_seq_ids\x18\x04 \x03(\x04\x12*\n\x08swap_out\x18\x05 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\x12)\n\x07swap_in\x18\x06 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\x12-\n\x0b\x63opy_blocks\x18\x07 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\"\xf5\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nexecute_ns\x18\x04 \x01(\x04\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x36\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1d.pagedserve.v1.PromptLogprobs\x12\x36\n\x0bspeculation\x18\x07 \x03(\x0b\x32!.pagedserve.v1.SpeculationOutcome\"h\n\x0ePromptLogprobs\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x02 \x01(\x05\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\"P\n\x12SpeculationOutcome\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x14\n\x0cnum_proposed\x18\x02 \x01(\x05\x12\x14\n\x0cnum_accepted\x18\x03 \x01(\x05\x32\x93\x01\n\x06Worker\x12\x45\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x19.pagedserve.v1.WorkerInfo\x12\x42\n\x05Steps\x12\x1a.pagedserve.v1.StepRequest\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apagedserve/v1/worker.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\x11\n\x0f\x44\x65scribeRequest\"\xcd\x04\n\nWorkerInfo\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.pagedserve.v1.ModelInfo\x12\x15\n\rnum_kv_blocks\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x16\n\x0enum_cpu_blocks\x18\x06 \x01(\x05\x12\x19\n\x0cmax_num_seqs\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12#\n\x16max_num_batched_tokens\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12max_steps_launched\x18\t \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04rank\x18\n \x01(\x05\x12!\n\x14tensor_parallel_size\x18\x0b \x01(\x05H\x03\x88\x01\x01\x12#\n\x16pipeline_parallel_size\x18\x0c \x01(\x05H\x04\x88\x01\x01\x12\x16\n\x0ereports_tokens\x18\r \x01(\x08\x12#\n\x16num_speculative_tokens\x18\x0e \x01(\x05H\x05\x88\x01\x01\x12\x1b\n\x0esliding_window\x18\x0f \x01(\x05H\x06\x88\x01\x01\x42\x0f\n\r_max_num_seqsB\x19\n\x17_max_num_batched_tokensB\x15\n\x13_max_steps_launchedB\x17\n\x15_tensor_parallel_sizeB\x19\n\x17_pipeline_parallel_sizeB\x19\n\x17_num_speculative_tokensB\x11\n\x0f_sliding_window\"7\n\tBlockCopy\x12\x14\n\x0csrc_block_id\x18\x01 \x01(\x05\x12\x14\n\x0c\x64st_block_id\x18\x02 \x01(\x05\"\xbd\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\r\n\x05index\x18\x05 \x01(\x05\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\x05\"p\n\x11ScheduledSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0enum_new_tokens\x18\x02 \x01(\x05\x12\x15\n\rnew_block_ids\x18\x03 \x03(\x05\x12\x1c\n\x14num_lookahead_tokens\x18\x04 \x01(\x05\"\xa6\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x31\n\rnew_sequences\x18\x02 \x03(\x0b\x32\x1a.pagedserve.v1.NewSequence\x12\x33\n\tscheduled\x18\x03 \x03(\x0b\x32 .pagedserve.v1.ScheduledSequence\x12\x18\n\x10\x66inished_seq_ids\x18\x04 \x03(\x04\x12*\n\x08swap_out\x18\x05 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\x12)\n\x07swap_in\x18\x06 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\x12-\n\x0b\x63opy_blocks\x18\x07 \x03(\x0b\x32\x18.pagedserve.v1.BlockCopy\"\xf5\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x0f\n\x07seq_ids\x18\x02 \x03(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x12\n\nexecute_ns\x18\x04 \x01(\x04\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x36\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1d.pagedserve.v1.PromptLogprobs\x12\x36\n\x0bspeculation\x18\x07 \x03(\x0b\x32!.pagedserve.v1.SpeculationOutcome\"h\n\x0ePromptLogprobs\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0e\x66irst_position\x18\x02 \x01(\x05\x12.\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\"P\n\x12SpeculationOutcome\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x14\n\x0cnum_proposed\x18\x02 \x01(\x05\x12\x14\n\x0cnum_accepted\x18\x03 \x01(\x05\x32\x93\x01\n\x06Worker\x12\x45\n\x08\x44\x65scribe\x12\x1e.pagedserve.v1.DescribeRequest\x1a\x19.pagedserve.v1.WorkerInfo\x12\x42\n\x05Steps\x12\x1a.pagedserve.v1.StepRequest\x1a\x19.pagedserve.v1.StepResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=73
   _globals['_DESCRIBEREQUEST']._serialized_end=90
   _globals['_WORKERINFO']._serialized_start=93
-  _globals['_WORKERINFO']._serialized_end=634
-  _globals['_BLOCKCOPY']._serialized_start=636
-  _globals['_BLOCKCOPY']._serialized_end=691
-  _globals['_NEWSEQUENCE']._serialized_start=694
-  _globals['_NEWSEQUENCE']._serialized_end=883
-  _globals['_SCHEDULEDSEQUENCE']._serialized_start=885
-  _globals['_SCHEDULEDSEQUENCE']._serialized_end=997
-  _globals['_STEPREQUEST']._serialized_start=1000
-  _globals['_STEPREQUEST']._serialized_end=1294
-  _globals['_STEPRESULT']._serialized_start=1297
-  _globals['_STEPRESULT']._serialized_end=1542
-  _globals['_PROMPTLOGPROBS']._serialized_start=1544
-  _globals['_PROMPTLOGPROBS']._serialized_end=1648
-  _globals['_SPECULATIONOUTCOME']._serialized_start=1650
-  _globals['_SPECULATIONOUTCOME']._serialized_end=1730
-  _globals['_WORKER']._serialized_start=1733
-  _globals['_WORKER']._serialized_end=1880
+  _globals['_WORKERINFO']._serialized_end=682
+  _globals['_BLOCKCOPY']._serialized_start=684
+  _globals['_BLOCKCOPY']._serialized_end=739
+  _globals['_NEWSEQUENCE']._serialized_start=742
+  _globals['_NEWSEQUENCE']._serialized_end=931
+  _globals['_SCHEDULEDSEQUENCE']._serialized_start=933
+  _globals['_SCHEDULEDSEQUENCE']._serialized_end=1045
+  _globals['_STEPREQUEST']._serialized_start=1048
+  _globals['_STEPREQUEST']._serialized_end=1342
+  _globals['_STEPRESULT']._serialized_start=1345
+  _globals['_STEPRESULT']._serialized_end=1590
+  _globals['_PROMPTLOGPROBS']._serialized_start=1592
+  _globals['_PROMPTLOGPROBS']._serialized_end=1696
+  _globals['_SPECULATIONOUTCOME']._serialized_start=1698
+  _globals['_SPECULATIONOUTCOME']._serialized_end=1778
+  _globals['_WORKER']._serialized_start=1781
+  _globals['_WORKER']._serialized_end=1928
 # @@protoc_insertion_point(module_scope)

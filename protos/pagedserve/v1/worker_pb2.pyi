@@ -12,7 +12,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("model", "num_kv_blocks", "block_size", "device", "dtype", "num_cpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_steps_launched", "rank", "tensor_parallel_size", "pipeline_parallel_size", "reports_tokens", "num_speculative_tokens")
+    __slots__ = ("model", "num_kv_blocks", "block_size", "device", "dtype", "num_cpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_steps_launched", "rank", "tensor_parallel_size", "pipeline_parallel_size", "reports_tokens", "num_speculative_tokens", "sliding_window")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class WorkerInfo(_message.Message):
     PIPELINE_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     REPORTS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelInfo
     num_kv_blocks: int
     block_size: int
@@ -41,7 +42,8 @@ class WorkerInfo(_message.Message):
     pipeline_parallel_size: int
     reports_tokens: bool
     num_speculative_tokens: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_cpu_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_steps_launched: _Optional[int] = ..., rank: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., reports_tokens: _Optional[bool] = ..., num_speculative_tokens: _Optional[int] = ...) -> None: ...
+    sliding_window: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_cpu_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_steps_launched: _Optional[int] = ..., rank: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., pipeline_parallel_size: _Optional[int] = ..., reports_tokens: _Optional[bool] = ..., num_speculative_tokens: _Optional[int] = ..., sliding_window: _Optional[int] = ...) -> None: ...
 
 class BlockCopy(_message.Message):
     __slots__ = ("src_block_id", "dst_block_id")
