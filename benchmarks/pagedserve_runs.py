@@ -61,6 +61,8 @@ class EngineSettings:
     # --quantization.
     load_format: str = WorkerConfig.load_format
     quantization: str | None = None
+    # The worker's --kv-cache-dtype ("fp8": a float8 cache).
+    kv_cache_dtype: str = WorkerConfig.kv_cache_dtype
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineSettings:
@@ -293,6 +295,8 @@ def _service_commands(
         str(settings.pipeline_parallel_size),
         "--load-format",
         settings.load_format,
+        "--kv-cache-dtype",
+        settings.kv_cache_dtype,
     ]
     if settings.quantization is not None:
         flags += ["--quantization", settings.quantization]

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     import torch
 
 # Each accepted dtype name, and the torch dtype it names.
+# --kv-cache-dtype values.
+KV_CACHE_DTYPES = ("auto", "fp8")
+
 _DTYPES_BY_NAME: dict[str, str] = {
     "float32": "float32",
     "fp32": "float32",
@@ -70,6 +73,9 @@ class WorkerConfig:
     # checkpoint, "awq" or "gptq" for checkpoints quantized so; None: as the checkpoint's
     # quantization_config says (unquantized without one).
     quantization: str | None = None
+    # The KV cache's element (--kv-cache-dtype): "auto", the model's dtype; "fp8", float8
+    # e4m3 with a per-tensor scale of 1.0 (half the bytes of bf16, twice the sequences).
+    kv_cache_dtype: str = "auto"
     # Most sequences in one step: the largest decode batch captured in a CUDA graph and
     # the size of the input staging buffers. Reported in WorkerInfo; the scheduler adopts it.
     max_num_seqs: int = StepLimits.max_num_seqs
@@ -98,10 +104,20 @@ class WorkerConfig:
             raise ValueError(f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype is not None and self.dtype not in _DTYPES_BY_NAME:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {sorted(_DTYPES_BY_NAME)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; choose one of "
+                f"{', '.join(KV_CACHE_DTYPES)}"
+            )
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(
                 f"quantization {self.quantization!r} is not supported; "
                 f"choose one of {', '.join(QUANTIZATION_METHODS)}"
+            )
+        if self.kv_cache_dtype != "auto" and self.speculative.method == "draft":
+            raise ValueError(
+                f"kv_cache_dtype {self.kv_cache_dtype} with a draft model is not supported: "
+                "the draft's cache keeps the model's dtype"
             )
         if self.speculative.enabled and self.parallel.world_size > 1:
             raise ValueError(
@@ -132,3 +148,9 @@ class WorkerConfig:
         if self.dtype is not None:
             return getattr(torch, _DTYPES_BY_NAME[self.dtype])
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def resolve_kv_cache_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The cache's element, for a model computing in `dtype`."""
+        import torch
+
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else dtype

@@ -26,6 +26,7 @@ import torch
 from pagedserve.v1 import worker_pb2
 
 from gpu_worker.config import WorkerConfig
+from gpu_worker.kernels.paged_attention import as_bytes
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
 
@@ -150,8 +151,8 @@ def _copy_blocks(source: KVCache, destination: KVCache, pairs: Sequence[worker_p
     dst = torch.tensor([p.dst_block_id for p in pairs], dtype=torch.int64, device=destination.storage.device)
     # Gathered first, then scattered: no pair reads a block another pair of the same kind
     # writes, and swap-out finishes reading before swap-in overwrites a block.
-    blocks = source.storage.index_select(2, src).to(destination.storage.device)
-    destination.storage.index_copy_(2, dst, blocks)
+    blocks = as_bytes(source.storage).index_select(2, src).to(destination.storage.device)
+    as_bytes(destination.storage).index_copy_(2, dst, blocks)
 
 
 def apply_block_ops(device_cache: KVCache, cpu_cache: KVCache, step: worker_pb2.StepRequest) -> None:

@@ -81,6 +81,7 @@ class ModelRunner:
         self.stages = StageExchange(self.parallel, self.model_config.hidden_size, self.dtype, self.device)
         # This rank's share of the cache: its stage's layers, its KV heads.
         layout = KVCacheLayout.of_model(self.model)
+        kv_dtype = config.resolve_kv_cache_dtype(self.dtype)
         # Sized after the weights are on the device, from what memory is left once the
         # largest step's activations (measured on CUDA) are set aside.
         reserved_bytes = 0
@@ -89,20 +90,20 @@ class ModelRunner:
                 self.model, self.model_config, config, self.max_model_len, self.device, self.dtype
             )
         with memory_held(reserved_bytes, self.device) if reserved_bytes else nullcontext():
-            num_blocks = determine_num_kv_blocks(config, layout, self.device, self.dtype)
+            num_blocks = determine_num_kv_blocks(config, layout, self.device, kv_dtype)
             if self.draft_model is not None:
                 num_blocks = kv_blocks_with_draft(
                     num_blocks, config, layout, self.draft_model, self.device, self.dtype
                 )
-        self.kv_cache = allocate_kv_cache(layout, num_blocks, config.block_size, self.device, self.dtype)
+        self.kv_cache = allocate_kv_cache(layout, num_blocks, config.block_size, self.device, kv_dtype)
         bind_kv_cache(self.model.attention_layers(), self.kv_cache)
         # Where preempted sequences' KV waits to be swapped back in.
         self.cpu_kv_cache = allocate_kv_cache(
             layout,
-            num_cpu_blocks(config, layout, self.dtype),
+            num_cpu_blocks(config, layout, kv_dtype),
             config.block_size,
             self.device,
-            self.dtype,
+            kv_dtype,
             swap_pool=True,
         )
         self.step_graphs = self._capture_step_graphs()

@@ -79,6 +79,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         step_timeline_path=args.step_timeline,
         parallel=parallel_config(args),
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         load_format=args.load_format,
         speculative=speculative_config(args),
     )

@@ -3,7 +3,7 @@ and the flags that choose how the weights are read and stored."""
 
 import argparse
 
-from gpu_worker.config import LOAD_FORMATS, WorkerConfig
+from gpu_worker.config import KV_CACHE_DTYPES, LOAD_FORMATS, WorkerConfig
 from gpu_worker.model.quantization.config import QUANTIZATION_METHODS
 from services.common.speculative import SPECULATIVE_METHODS, SpeculativeConfig
 from services.flag_table import Flag, add_flags
@@ -130,6 +130,12 @@ def add_weight_args(parser: argparse.ArgumentParser) -> None:
         "default: as the checkpoint's quantization_config says",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=WorkerConfig.kv_cache_dtype,
+        help="auto: the model's dtype; fp8: float8 e4m3 (scale 1.0), half the bytes of bf16 per token",
+    )
+    parser.add_argument(
         "--load-format",
         choices=LOAD_FORMATS,
         default=WorkerConfig.load_format,
@@ -139,7 +145,7 @@ def add_weight_args(parser: argparse.ArgumentParser) -> None:
 
 def forwarded_weight_flags(args: argparse.Namespace) -> list[str]:
     """add_weight_args' flags as `pagedserve serve` passes them on to each worker."""
-    flags = ["--load-format", args.load_format]
+    flags = ["--load-format", args.load_format, "--kv-cache-dtype", args.kv_cache_dtype]
     if args.quantization is not None:
         flags += ["--quantization", args.quantization]
     return flags

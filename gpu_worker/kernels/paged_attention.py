@@ -47,8 +47,16 @@ def store_kv(
     valid = slots != PADDING_SLOT
     if not bool(valid.all()):
         slots, key, value = slots[valid], key[valid], value[valid]
-    flat_key_cache.index_copy_(0, slots, key.to(key_cache.dtype))
-    flat_value_cache.index_copy_(0, slots, value.to(value_cache.dtype))
+    as_bytes(flat_key_cache).index_copy_(0, slots, as_bytes(key.to(key_cache.dtype)))
+    as_bytes(flat_value_cache).index_copy_(0, slots, as_bytes(value.to(value_cache.dtype)))
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor as its bytes, for the index copies torch does not implement for
+    float8 (an fp8 KV cache); any other tensor as it is."""
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return tensor.view(torch.uint8)
+    return tensor
 
 
 def paged_attention(

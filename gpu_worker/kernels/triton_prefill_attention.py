@@ -110,6 +110,8 @@ def _prefill_kernel(
             cache_head_stride,
             BLOCK_SIZE,
         )
+        # An fp8 cache is read in the query's dtype (a no-op for a cache of that dtype).
+        keys, values = keys.to(query.dtype), values.to(query.dtype)
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
         if USE_SOFTCAP:
             scores = soft_cap(scores, softcap_log2)

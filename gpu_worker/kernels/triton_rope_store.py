@@ -95,12 +95,13 @@ def _rope_store_kernel(
         rotated1, rotated2 = _load_norm_and_rotate(
             key_source, valid, k_weight_ptr, cos, sin, eps, HEAD_DIM, HAS_NORM
         )
-        key1 = rotated1.to(key_cache_ptr.dtype.element_ty)
-        key2 = rotated2.to(key_cache_ptr.dtype.element_ty)
         if KEEP_KEY:
             key_target = key_out_ptr + (rows * NUM_KV_HEADS + kv_head) * HEAD_DIM + half
-            tl.store(key_target, key1, mask=valid)
-            tl.store(key_target + HALF, key2, mask=valid)
+            tl.store(key_target, rotated1.to(key_out_ptr.dtype.element_ty), mask=valid)
+            tl.store(key_target + HALF, rotated2.to(key_out_ptr.dtype.element_ty), mask=valid)
+        # Rounded to the cache's element: the model's dtype, or fp8 (--kv-cache-dtype).
+        key1 = rotated1.to(key_cache_ptr.dtype.element_ty)
+        key2 = rotated2.to(key_cache_ptr.dtype.element_ty)
         slots = tl.load(slot_mapping_ptr + rows, mask=valid, other=-1).to(tl.int64)
         stored = valid & (slots >= 0)
         cache_slot = slots * ROW + kv_head * HEAD_DIM
@@ -108,7 +109,7 @@ def _rope_store_kernel(
         tl.store(key_cache_ptr + cache_slot + HALF + half, key2, mask=stored)
         dims = tl.arange(0, HEAD_DIM)[None, :]
         value = tl.load(value_ptr + rows * value_token_stride + kv_head * HEAD_DIM + dims, mask=stored)
-        tl.store(value_cache_ptr + cache_slot + dims, value, mask=stored)
+        tl.store(value_cache_ptr + cache_slot + dims, value.to(value_cache_ptr.dtype.element_ty), mask=stored)
 
 
 # Tokens per program: one in decode steps, so that a small batch still spreads over many
@@ -141,7 +142,9 @@ def rope_store_triton(
         assert tensor.stride(2) == 1 and tensor.stride(1) == head_dim, "heads must be contiguous"
     assert cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
     assert key_cache.is_contiguous() and value_cache.is_contiguous()
-    assert key.dtype == key_cache.dtype, "the store casts nothing: project in the cache dtype"
+    assert key.dtype == key_cache.dtype or key_cache.dtype == torch.float8_e4m3fn, (
+        "the store casts to fp8 caches only: project in the cache dtype"
+    )
     has_norm = q_weight is not None and k_weight is not None
     query_out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     key_out = (

@@ -207,18 +207,6 @@ def test_prefill_attention_matches_reference_on_mixed_batch(num_heads: int, num_
     torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
 
 
-def test_prefill_attention_on_a_verification_graphs_layout() -> None:
-    # Five query rows per sequence, as a verification graph lays them out: a sequence with
-    # less context than rows has padding rows at negative positions, which must get zeros
-    # (not NaN, not keys); a sequence of the graph past the batch has no context at all.
-    batch = PagedBatch([3, 9, 1, 0], [5, 5, 5, 5], num_heads=4, num_kv_heads=2, seed=7)
-    output = batch.prefill(block_n=16 if not ON_GPU else 64)
-    expected = batch.reference()
-    assert not output.isnan().any()
-    torch.testing.assert_close(output.float(), expected.float(), **TOLERANCE)
-    assert not output[:2].any() and not output[10:14].any() and not output[15:].any()
-
-
 # Windows shorter than a tile, than a block, and reaching back across split boundaries; a
 # cap low enough that tanh bends the random scores.
 WINDOW_SOFTCAP_CASES = [(5, None), (None, 2.0), (3, 2.0), (BLOCK_SIZE * 4 + 1, None)]
@@ -313,12 +301,17 @@ def test_add_rms_norm_sums_projection_partials() -> None:
 
 
 @pytest.mark.parametrize(
-    "num_tokens, with_norm, keep_key",
-    [(6, False, True), (6, True, False), (6, True, True), (530, True, True)],
+    "num_tokens, with_norm, keep_key, fp8_cache",
+    [(6, False, True, False), (6, True, False, False), (6, True, True, False), (530, True, True, False)]
+    + [(6, True, True, True), (530, False, False, True)],
 )
 def test_rope_store_matches_reference_and_skips_padding(
-    num_tokens: int, with_norm: bool, keep_key: bool
+    num_tokens: int, with_norm: bool, keep_key: bool, fp8_cache: bool
 ) -> None:
+    if fp8_cache and not ON_GPU:
+        # Triton 3.6's interpreter loses the carry when rounding to float8 crosses a power
+        # of two (1.97 becomes 1.0, not 2.0); the compiled store converts in hardware.
+        pytest.skip("float8 stores are checked compiled, on CUDA")
     num_heads, num_kv_heads = 6, 2
     # Strided views, as the q, k and v slices of a fused qkv projection are.
     fused = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * HEAD_DIM, device=DEVICE).to(DTYPE)
@@ -344,7 +337,9 @@ def test_rope_store_matches_reference_and_skips_padding(
         else [None, None]
     )
     shape = (num_slots // BLOCK_SIZE, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
-    expected_k, expected_v = (torch.randn(shape, device=DEVICE).to(DTYPE) for _ in range(2))
+    # An fp8 cache (--kv-cache-dtype fp8) stores each value rounded to float8 e4m3.
+    cache_dtype = torch.float8_e4m3fn if fp8_cache else DTYPE
+    expected_k, expected_v = (torch.randn(shape, device=DEVICE).to(cache_dtype) for _ in range(2))
     actual_k, actual_v = expected_k.clone(), expected_v.clone()
 
     query_out, key_out = rope_store_triton(
@@ -356,9 +351,11 @@ def test_rope_store_matches_reference_and_skips_padding(
     assert (key_out is not None) == keep_key
     if keep_key:
         torch.testing.assert_close(key_out, expected_key, **TOLERANCE)
-    # Padding tokens leave the cache alone; the others land in their slots.
-    torch.testing.assert_close(actual_k, expected_k, **TOLERANCE)
-    assert torch.equal(actual_v, expected_v)
+    # Padding tokens leave the cache alone; the others land in their slots. Keys computed a
+    # little differently may round to neighbouring fp8 values (a step is 1/8 of a power of 2).
+    cache_tolerance = dict(atol=0.07, rtol=0.07) if fp8_cache else TOLERANCE
+    torch.testing.assert_close(actual_k.float(), expected_k.float(), **cache_tolerance)
+    assert torch.equal(actual_v.float(), expected_v.float())
 
 
 def test_silu_and_mul_matches_reference() -> None:

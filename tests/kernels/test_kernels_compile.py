@@ -94,6 +94,19 @@ CASES = {
         dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=1),
         dict(num_warps=4, num_stages=3),
     ),
+    # --kv-cache-dtype fp8: float8 e4m3 keys and values read as bf16.
+    "decode attention, fp8 cache": (
+        _decode_kernel,
+        dict(DECODE_TYPES, key_cache_ptr="*fp8e4nv", value_cache_ptr="*fp8e4nv"),
+        dict(ATTENTION, BLOCK_N=64, NUM_SPLITS=4),
+        dict(num_warps=4, num_stages=3),
+    ),
+    "prefill attention, fp8 cache": (
+        _prefill_kernel,
+        dict(PREFILL_TYPES, key_cache_ptr="*fp8e4nv", value_cache_ptr="*fp8e4nv"),
+        dict(ATTENTION, BLOCK_M=32, BLOCK_N=32),
+        dict(num_warps=4, num_stages=2),
+    ),
     "split merge": (
         _merge_splits_kernel,
         dict(partial_output_ptr="*fp32", partial_lse_ptr="*fp32", output_ptr="*bf16"),
@@ -139,6 +152,12 @@ CASES = {
     "rope + KV store, prefill": (
         _rope_store_kernel,
         ROPE_STORE_TYPES,
+        dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_T=16, HAS_NORM=True, KEEP_KEY=True),
+        dict(num_warps=4),
+    ),
+    "rope + KV store into an fp8 cache, prefill": (
+        _rope_store_kernel,
+        dict(ROPE_STORE_TYPES, key_cache_ptr="*fp8e4nv", value_cache_ptr="*fp8e4nv"),
         dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_T=16, HAS_NORM=True, KEEP_KEY=True),
         dict(num_warps=4),
     ),
