@@ -351,11 +351,15 @@ def test_rope_store_matches_reference_and_skips_padding(
     assert (key_out is not None) == keep_key
     if keep_key:
         torch.testing.assert_close(key_out, expected_key, **TOLERANCE)
-    # Padding tokens leave the cache alone; the others land in their slots. Keys computed a
-    # little differently may round to neighbouring fp8 values (a step is 1/8 of a power of 2).
-    cache_tolerance = dict(atol=0.07, rtol=0.07) if fp8_cache else TOLERANCE
-    torch.testing.assert_close(actual_k.float(), expected_k.float(), **cache_tolerance)
-    assert torch.equal(actual_v.float(), expected_v.float())
+    # Padding tokens leave the cache alone; the others land in their slots. In an fp8 cache
+    # a key may round to the neighbouring float8 (the reference's keys are rounded to bf16
+    # first, the kernel's once): a step is at most 1/8 of the value, 2**-9 below normals.
+    if fp8_cache:
+        for actual, expected in ((actual_k, expected_k), (actual_v, expected_v)):
+            torch.testing.assert_close(actual.float(), expected.float(), atol=2**-9, rtol=0.126)
+        return
+    torch.testing.assert_close(actual_k, expected_k, **TOLERANCE)
+    assert torch.equal(actual_v, expected_v)
 
 
 def test_silu_and_mul_matches_reference() -> None:
