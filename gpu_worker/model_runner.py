@@ -146,28 +146,11 @@ class ModelRunner:
             intermediate = torch.zeros(
                 config.max_num_seqs, self.model_config.hidden_size, dtype=self.dtype, device=self.device
             )
-        graphs = [
-            DecodeGraphs(
-                self.model,
-                config.max_num_seqs,
-                self.max_model_len,
-                config.block_size,
-                self.device,
-                intermediate,
-            )
-        ]
+        shape = (self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device)
+        graphs = [DecodeGraphs(*shape, intermediate)]
         lookahead = config.speculative.max_lookahead
         if lookahead and self.parallel.is_first_stage and self.parallel.is_last_stage:
-            graphs.append(
-                DecodeGraphs(
-                    self.model,
-                    config.max_num_seqs,
-                    self.max_model_len,
-                    config.block_size,
-                    self.device,
-                    query_len=1 + lookahead,
-                )
-            )
+            graphs.append(DecodeGraphs(*shape, query_len=1 + lookahead))
         pool = None
         for step_graphs in graphs:
             pool = step_graphs.capture(pool)

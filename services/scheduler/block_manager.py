@@ -127,7 +127,7 @@ class BlockManager:
         chained hash of its tokens (aligned lists)."""
         for block_id, block_hash in zip(block_ids, block_hashes, strict=True):
             if block_id == FREED_BLOCK:
-                continue  # dropped before its tokens were all known: not worth keeping now
+                continue  # its block left the table (a sliding window): nothing to offer
             assert self._ref_counts[block_id] > 0, f"block {block_id} is cached while nobody holds it"
             known = self._hash_of_block[block_id]
             if known is not None:
