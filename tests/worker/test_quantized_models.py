@@ -3,18 +3,21 @@ Hugging Face transformers running the dequantized model (CPU, fp32).
 
 W8A8 (int8, fp8): the reference holds the per-channel quantized-then-dequantized weights
 and quantizes each projection's input per token the same way (a forward pre-hook), so
-both sides compute with the same numbers. AWQ and GPTQ: checkpoints written in each
-format's own packing from the random model; the reference holds their dequantized weights.
+both sides compute with the same numbers. Pre-quantized fp8 (compressed-tensors), AWQ and
+GPTQ: checkpoints written in each format's own layout from the random model; the
+reference holds their dequantized weights.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.kernels.w8a8 import dequantize_rows, quantize_rows
@@ -59,7 +62,7 @@ def _projections(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     ]
 
 
-def _fake_quantized_w8a8(model: torch.nn.Module, kind: str) -> None:
+def _fake_quantized_w8a8(model: torch.nn.Module, kind: str, per_tensor: bool = False) -> None:
     def quantize_input(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = args[0]
         values, scale = quantize_rows(x.reshape(-1, x.shape[-1]), kind)
@@ -67,9 +70,44 @@ def _fake_quantized_w8a8(model: torch.nn.Module, kind: str) -> None:
 
     with torch.no_grad():
         for _, module in _projections(model):
-            values, scale = quantize_rows(module.weight, kind)
+            values, scale = _quantize_weight(module.weight, kind, per_tensor)
             module.weight.copy_(dequantize_rows(values, scale))
             module.register_forward_pre_hook(quantize_input)
+
+
+def _quantize_weight(weight: torch.Tensor, kind: str, per_tensor: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel, or with one scale for the whole tensor ([rows, 1] either way)."""
+    if not per_tensor:
+        return quantize_rows(weight, kind)
+    values, scale = quantize_rows(weight.reshape(1, -1), kind)
+    return values.reshape(weight.shape), scale.expand(weight.shape[0], 1)
+
+
+def _write_fp8_checkpoint(model_dir: Path, per_tensor: bool) -> None:
+    """The projections as llm-compressor writes fp8 W8A8 (compressed-tensors): `weight` in
+    float8 e4m3, `weight_scale` [out, 1] per channel or [1] per tensor."""
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    for name in [n for n in tensors if n.rsplit(".", 2)[-2] in QUANTIZED_PROJECTIONS]:
+        values, scale = _quantize_weight(tensors[name], "fp8", per_tensor)
+        tensors[name] = values
+        tensors[name + "_scale"] = scale[:1, 0].clone() if per_tensor else scale
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    scheme = {"num_bits": 8, "type": "float", "symmetric": True}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**scheme, "strategy": "tensor" if per_tensor else "channel", "dynamic": False},
+                "input_activations": {**scheme, "strategy": "token", "dynamic": True},
+            }
+        },
+        "ignore": ["lm_head"],
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
 
 
 @pytest.mark.hf
@@ -86,6 +124,37 @@ def test_w8a8_generates_the_dequantized_models_tokens(tmp_path: Path, kind: str)
     assert runner_greedy(runner, _prompts(), MAX_NEW_TOKENS) == expected
     # The quantization changes the numbers the model computes with; it is no no-op.
     assert expected != unquantized or kind == "int8"
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_fp8_checkpoint_generates_the_dequantized_models_tokens(tmp_path: Path, per_tensor: bool) -> None:
+    hf_model = _tiny_llama(tmp_path)
+    _write_fp8_checkpoint(tmp_path, per_tensor)
+    runner = _runner(tmp_path, None)
+    assert runner.model_config.quantization.prequantized
+    qkv = runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight is None and qkv.weight_q.dtype == torch.float8_e4m3fn
+    # Per tensor: q, k and v each bring a scale, spread over their own channels.
+    assert len(set(qkv.weight_scale.tolist())) == (3 if per_tensor else qkv.output_size)
+    _fake_quantized_w8a8(hf_model, "fp8", per_tensor)
+    expected = hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
+    assert runner_greedy(runner, _prompts(), MAX_NEW_TOKENS) == expected
+    assert runner_greedy(_runner(tmp_path, "fp8"), _prompts(), MAX_NEW_TOKENS) == expected
+
+
+def test_unsupported_fp8_checkpoints_are_refused_naming_the_field(tmp_path: Path) -> None:
+    _tiny_llama(tmp_path)
+    _write_fp8_checkpoint(tmp_path, per_tensor=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["input_activations"]["dynamic"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="input activations must be 8-bit float, dynamic, per token"):
+        _runner(tmp_path, None)
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="block-wise scales"):
+        _runner(tmp_path, None)
 
 
 @pytest.mark.hf

@@ -3,9 +3,11 @@
 and ModelConfig can read it.
 
 int8 and fp8 (W8A8) quantize a bf16/fp32 checkpoint at load time: per-output-channel
-weight scales, per-token activation scales computed on the fly. awq and gptq read 4-bit
-weight-only checkpoints as AutoAWQ (GEMM version) and auto-gptq/gptqmodel (format
-"gptq") write them.
+weight scales, per-token activation scales computed on the fly. fp8 also reads
+checkpoints already quantized so, as llm-compressor writes them (compressed-tensors,
+"float-quantized": fp8 weights with per-channel or per-tensor scales, dynamic per-token
+activations). awq and gptq read 4-bit weight-only checkpoints as AutoAWQ (GEMM version)
+and auto-gptq/gptqmodel (format "gptq") write them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class QuantizationConfig:
     # GPTQ act_order: input features quantized in an order of their own, so each one's
     # group comes from g_idx rather than its position.
     desc_act: bool = False
+    # fp8 weights read from the checkpoint with their scales, rather than quantized at load.
+    prequantized: bool = False
 
     @property
     def weight_only(self) -> bool:
@@ -42,6 +46,13 @@ def parse_checkpoint_quantization(raw: dict[str, Any] | None) -> QuantizationCon
     if not raw:
         return None
     method = str(raw.get("quant_method", "unknown")).lower()
+    if method == "compressed-tensors":
+        return _parse_compressed_tensors(raw)
+    if method == "fp8":
+        raise ValueError(
+            "quantization_config quant_method 'fp8' (block-wise scales, weight_block_size) is not "
+            "supported yet; fp8 checkpoints in the compressed-tensors format are"
+        )
     if method not in CHECKPOINT_METHODS:
         raise ValueError(
             f"unsupported quantization_config (quant_method {method!r}); "
@@ -63,6 +74,37 @@ def parse_checkpoint_quantization(raw: dict[str, Any] | None) -> QuantizationCon
             "GPTQ checkpoints must use the 'gptq' format"
         )
     return QuantizationConfig("gptq", bits, group_size, desc_act=bool(raw.get("desc_act", False)))
+
+
+def _parse_compressed_tensors(raw: dict[str, Any]) -> QuantizationConfig:
+    """fp8 W8A8 as llm-compressor writes it: one config group over the Linear layers,
+    8-bit float weights with channel or tensor scales, dynamic per-token 8-bit float
+    activations, nothing but lm_head left unquantized."""
+    prefix = "quantization_config"
+    if raw.get("format") != "float-quantized":
+        raise ValueError(
+            f"{prefix}.format {raw.get('format')!r}: of compressed-tensors, only fp8 "
+            "'float-quantized' checkpoints are supported"
+        )
+    groups = list((raw.get("config_groups") or {}).values())
+    if len(groups) != 1 or "Linear" not in groups[0].get("targets", []):
+        raise ValueError(f"{prefix}.config_groups: exactly one group, targeting Linear, is supported")
+    weights, inputs = groups[0].get("weights") or {}, groups[0].get("input_activations") or {}
+    if (
+        weights.get("num_bits") != 8
+        or weights.get("type") != "float"
+        or weights.get("strategy") not in ("channel", "tensor")
+        or weights.get("dynamic")
+    ):
+        raise ValueError(
+            f"{prefix}: weights must be 8-bit float with static channel or tensor scales, got {weights}"
+        )
+    dynamic_per_token = (8, "float", True, "token")
+    if tuple(inputs.get(key) for key in ("num_bits", "type", "dynamic", "strategy")) != dynamic_per_token:
+        raise ValueError(f"{prefix}: input activations must be 8-bit float, dynamic, per token; got {inputs}")
+    if set(raw.get("ignore") or []) - {"lm_head"}:
+        raise ValueError(f"{prefix}.ignore: only lm_head may stay unquantized, got {raw.get('ignore')}")
+    return QuantizationConfig("fp8", bits=8, prequantized=True)
 
 
 def _check_awq(raw: dict[str, Any]) -> None:
