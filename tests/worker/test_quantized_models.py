@@ -93,9 +93,12 @@ def _write_fp8_checkpoint(model_dir: Path, per_tensor: bool) -> None:
         tensors[name] = values
         tensors[name + "_scale"] = scale[:1, 0].clone() if per_tensor else scale
     save_file(tensors, str(path), metadata={"format": "pt"})
-    config = json.loads((model_dir / "config.json").read_text())
+    _set_quantization_config(model_dir, _compressed_tensors_config(per_tensor))
+
+
+def _compressed_tensors_config(per_tensor: bool) -> dict:
     scheme = {"num_bits": 8, "type": "float", "symmetric": True}
-    config["quantization_config"] = {
+    return {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "config_groups": {
@@ -107,6 +110,15 @@ def _write_fp8_checkpoint(model_dir: Path, per_tensor: bool) -> None:
         },
         "ignore": ["lm_head"],
     }
+
+
+def _fine_grained_fp8_config(block: int) -> dict:
+    return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [block, block]}
+
+
+def _set_quantization_config(model_dir: Path, quantization_config: dict) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = quantization_config
     (model_dir / "config.json").write_text(json.dumps(config))
 
 
@@ -143,6 +155,40 @@ def test_fp8_checkpoint_generates_the_dequantized_models_tokens(tmp_path: Path, 
     assert runner_greedy(_runner(tmp_path, "fp8"), _prompts(), MAX_NEW_TOKENS) == expected
 
 
+def _write_fp8_block_checkpoint(model_dir: Path, block: int) -> dict[str, torch.Tensor]:
+    """The projections as HF's fine-grained fp8 stores them: `weight` in float8 e4m3 and
+    `weight_scale_inv`, one scale per block x block tile. Returns the dequantized weights."""
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    dequantized = {}
+    for name in [n for n in tensors if n.rsplit(".", 2)[-2] in QUANTIZED_PROJECTIONS]:
+        rows, columns = tensors[name].shape
+        tiles = tensors[name].view(rows // block, block, columns // block, block)
+        scale = tiles.abs().amax(dim=(1, 3)) / 448.0
+        values = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+        dequantized[name] = (values.float() * scale[:, None, :, None]).view(rows, columns)
+        tensors[name] = values.view(rows, columns)
+        tensors[name + "_scale_inv"] = scale
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _set_quantization_config(model_dir, _fine_grained_fp8_config(block))
+    return dequantized
+
+
+@pytest.mark.hf
+def test_fp8_block_checkpoint_generates_the_dequantized_models_tokens(tmp_path: Path) -> None:
+    hf_model = _tiny_llama(tmp_path)
+    dequantized = _write_fp8_block_checkpoint(tmp_path, block=16)
+    runner = _runner(tmp_path, None)
+    assert runner.model_config.quantization.weight_block == (16, 16)
+    unquantized = hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
+    with torch.no_grad():
+        for name, module in _projections(hf_model):
+            module.weight.copy_(dequantized[name + ".weight"])
+    expected = hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
+    assert runner_greedy(runner, _prompts(), MAX_NEW_TOKENS) == expected
+    assert expected != unquantized  # the blocks' rounding reaches the tokens
+
+
 def test_unsupported_fp8_checkpoints_are_refused_naming_the_field(tmp_path: Path) -> None:
     _tiny_llama(tmp_path)
     _write_fp8_checkpoint(tmp_path, per_tensor=False)
@@ -151,9 +197,9 @@ def test_unsupported_fp8_checkpoints_are_refused_naming_the_field(tmp_path: Path
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="input activations must be 8-bit float, dynamic, per token"):
         _runner(tmp_path, None)
-    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="block-wise scales"):
+    with pytest.raises(ValueError, match="weight_block_size must be"):
         _runner(tmp_path, None)
 
 
@@ -199,4 +245,18 @@ def test_dummy_weights_serve_quantized(tmp_path: Path, method: str) -> None:
         torch.int8,
         torch.int32,
     )
+    assert all(len(tokens) == 3 for tokens in runner_greedy(runner, [[5, 6, 7]], 3))
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_dummy_weights_of_an_fp8_checkpoints_config(tmp_path: Path, block: int | None) -> None:
+    """A published fp8 model's config with --load-format dummy: fp8 weights and scales made
+    at random in their checkpoint layouts (compressed-tensors, or block-wise)."""
+    dims = {**TINY_DIMS, "hidden_size": 128, "intermediate_size": 256}
+    transformers.LlamaConfig(**dims).save_pretrained(tmp_path)
+    quantization = _compressed_tensors_config(False) if block is None else _fine_grained_fp8_config(block)
+    _set_quantization_config(tmp_path, quantization)
+    config = WorkerConfig(model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="dummy")
+    runner = ModelRunner(config)
+    assert runner.model_config.quantization.prequantized
     assert all(len(tokens) == 3 for tokens in runner_greedy(runner, [[5, 6, 7]], 3))

@@ -33,8 +33,10 @@ class QuantizationConfig:
     # GPTQ act_order: input features quantized in an order of their own, so each one's
     # group comes from g_idx rather than its position.
     desc_act: bool = False
-    # fp8 weights read from the checkpoint with their scales, rather than quantized at load.
+    # fp8 weights read from the checkpoint with their scales, rather than quantized at load;
+    # with weight_block, HF's fine-grained format: one scale per (rows, columns) block.
     prequantized: bool = False
+    weight_block: tuple[int, int] | None = None
 
     @property
     def weight_only(self) -> bool:
@@ -49,10 +51,7 @@ def parse_checkpoint_quantization(raw: dict[str, Any] | None) -> QuantizationCon
     if method == "compressed-tensors":
         return _parse_compressed_tensors(raw)
     if method == "fp8":
-        raise ValueError(
-            "quantization_config quant_method 'fp8' (block-wise scales, weight_block_size) is not "
-            "supported yet; fp8 checkpoints in the compressed-tensors format are"
-        )
+        return _parse_fine_grained_fp8(raw)
     if method not in CHECKPOINT_METHODS:
         raise ValueError(
             f"unsupported quantization_config (quant_method {method!r}); "
@@ -105,6 +104,26 @@ def _parse_compressed_tensors(raw: dict[str, Any]) -> QuantizationConfig:
     if set(raw.get("ignore") or []) - {"lm_head"}:
         raise ValueError(f"{prefix}.ignore: only lm_head may stay unquantized, got {raw.get('ignore')}")
     return QuantizationConfig("fp8", bits=8, prequantized=True)
+
+
+def _parse_fine_grained_fp8(raw: dict[str, Any]) -> QuantizationConfig:
+    """HF's fine-grained fp8: block-wise weight scales, dynamic activations."""
+    block = raw.get("weight_block_size")
+    if not isinstance(block, list) or len(block) != 2 or min(block) < 1:
+        raise ValueError(
+            f"quantization_config.weight_block_size must be [rows, columns], got {block!r} "
+            "(fp8 checkpoints without blocks are read in the compressed-tensors format)"
+        )
+    if raw.get("activation_scheme", "dynamic") != "dynamic":
+        raise ValueError(
+            f"quantization_config.activation_scheme {raw['activation_scheme']!r}: only 'dynamic' is supported"
+        )
+    if set(raw.get("modules_to_not_convert") or []) - {"lm_head"}:
+        raise ValueError(
+            "quantization_config.modules_to_not_convert: only lm_head may stay unquantized, "
+            f"got {raw['modules_to_not_convert']}"
+        )
+    return QuantizationConfig("fp8", bits=8, prequantized=True, weight_block=(int(block[0]), int(block[1])))
 
 
 def _check_awq(raw: dict[str, Any]) -> None:

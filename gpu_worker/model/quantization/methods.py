@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from gpu_worker.kernels.int4_linear import PACK_FACTOR, int4_linear
-from gpu_worker.kernels.w8a8 import FP8_DTYPE, quantize_rows, w8a8_linear
+from gpu_worker.kernels.w8a8 import quantize_rows, w8a8_linear
 from gpu_worker.model.quantization.config import QuantizationConfig
 from gpu_worker.model.quantization.int4_formats import (
-    QuantTensorSpec,
     awq_to_common,
     gptq_to_common,
     tensor_shape,
@@ -71,48 +70,6 @@ class W8A8Method(QuantMethod):
 
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return w8a8_linear(x, layer.weight_q, layer.weight_scale, bias, self.kind)
-
-
-class Fp8CheckpointMethod(W8A8Method):
-    """fp8 weights and their scales read from a compressed-tensors checkpoint: `weight`
-    [out, in] and `weight_scale` ([out, 1] per channel, or one per tensor, which each of a
-    fused layer's projections has its own of and is spread over that projection's
-    channels). Applied as load-time fp8 is."""
-
-    creates_weights = True
-
-    def __init__(self) -> None:
-        super().__init__("fp8")
-
-    def create_weights(self, layer: Any) -> None:
-        del layer.weight  # Linear's placeholder None: the checkpoint's name is taken here
-        specs = (QuantTensorSpec("weight", False, 0, 1), QuantTensorSpec("weight_scale", False, 0, None))
-        shapes = ((layer.output_size, layer.input_size), (layer.output_size,))
-        for spec, shape, dtype in zip(specs, shapes, (FP8_DTYPE, torch.float32)):
-            param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-            param.spec = spec  # type: ignore[attr-defined]  # read by the loader below
-            loader = _quantized_loader(layer) if spec.name == "weight" else _scale_loader(layer)
-            param.weight_loader = loader  # type: ignore[attr-defined]  # a loader hook
-            layer.register_parameter(spec.name, param)
-
-    def process_after_loading(self, layer: Any) -> None:
-        weight = layer._parameters.pop("weight")
-        scale = layer._parameters.pop("weight_scale")
-        layer.weight = None
-        layer.weight_q = nn.Parameter(weight.data, requires_grad=False)
-        layer.weight_scale = nn.Parameter(scale.data, requires_grad=False)
-
-
-def _scale_loader(layer: QuantizedLayer):
-    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None = None) -> None:
-        loaded = loaded.float().reshape(-1)
-        if loaded.numel() == 1:
-            # A per-tensor scale: the same for every output channel of this projection.
-            _, size, index = layer.checkpoint_output_slice(shard_id)
-            loaded = loaded.expand((index + 1) * size)
-        load_quantized_tensor(layer, param, loaded, shard_id)
-
-    return load
 
 
 class Int4Method(QuantMethod):
@@ -233,7 +190,10 @@ def make_quant_method(config: QuantizationConfig | None) -> QuantMethod | None:
     if config.weight_only:
         return Int4Method(config)
     if config.prequantized:
-        return Fp8CheckpointMethod()
+        # Imported here: those methods build on this module's.
+        from gpu_worker.model.quantization.fp8_checkpoints import fp8_checkpoint_method
+
+        return fp8_checkpoint_method(config)
     return W8A8Method(config.method)
 
 
