@@ -260,3 +260,11 @@ def test_dummy_weights_of_an_fp8_checkpoints_config(tmp_path: Path, block: int |
     runner = ModelRunner(config)
     assert runner.model_config.quantization.prequantized
     assert all(len(tokens) == 3 for tokens in runner_greedy(runner, [[5, 6, 7]], 3))
+
+
+def test_fp8_checkpoints_of_fused_phi3_projections_are_refused(tmp_path: Path) -> None:
+    transformers.Phi3Config(**TINY_DIMS).save_pretrained(tmp_path)
+    _set_quantization_config(tmp_path, _fine_grained_fp8_config(16))
+    config = WorkerConfig(model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="dummy")
+    with pytest.raises(ValueError, match="fp8 checkpoints of model_type phi3 are not implemented"):
+        ModelRunner(config)

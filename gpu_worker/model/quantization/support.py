@@ -30,9 +30,10 @@ def check_quantization_supported(
             f"quantization {method} with model_type {model_config.model_type}: "
             "quantized mixture-of-experts layers are not implemented"
         )
-    if quantization.weight_only and model_config.model_type == "phi3":
-        # Phi-3 stores q/k/v and gate/up fused; splitting packed 4-bit tensors is not done.
-        raise ValueError(f"quantization {method} with model_type phi3 is not implemented")
+    if (quantization.weight_only or quantization.prequantized) and model_config.model_type == "phi3":
+        # Phi-3 stores q/k/v and gate/up fused; splitting packed 4-bit tensors, or scales
+        # per tensor or per block, is not done.
+        raise ValueError(f"{method} checkpoints of model_type phi3 are not implemented")
     if method == "gptq" and quantization.desc_act and parallel.tensor_parallel_size > 1:
         raise ValueError(
             "GPTQ act_order (desc_act) checkpoints with tensor_parallel_size "
