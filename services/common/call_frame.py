@@ -147,7 +147,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         call = _Call(span)
         try:
             yield call
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # A stream closed while suspended at a yield sees GeneratorExit rather than
+            # CancelledError; either way the caller stopped listening.
             call.code = _cancellation_code(context)
             raise
         finally:
