@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from devtools.int4_checkpoints import pack_awq, pack_gptq, quantize_int4
 from gpu_worker.kernels.w8a8 import dequantize_rows, quantize_rows, w8a8_linear, w8a8_linear_reference
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.layers import Linear
@@ -19,7 +20,6 @@ from gpu_worker.model.quantization.methods import make_quant_method, process_qua
 from gpu_worker.model.quantization.support import check_quantization_supported
 from gpu_worker.parallel.config import ParallelConfig
 from gpu_worker.parallel.groups import RankGroup
-from tests.support.int4_checkpoints import pack_awq, pack_gptq, quantize_int4
 from tests.support.tiny_llama import TINY_DIMS
 
 IN, OUT = 64, 48

@@ -19,11 +19,11 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from devtools.int4_checkpoints import QUANTIZED_PROJECTIONS, write_int4_checkpoint
 from gpu_worker.config import WorkerConfig
 from gpu_worker.kernels.w8a8 import dequantize_rows, quantize_rows
 from gpu_worker.model_runner import ModelRunner
 from tests.support.greedy_runs import hf_greedy, runner_greedy
-from tests.support.int4_checkpoints import QUANTIZED_PROJECTIONS, write_int4_checkpoint
 from tests.support.tiny_llama import TINY_DIMS, VOCAB_SIZE
 
 # Every architecture and format against its reference: the full suite's, not the quick round's.

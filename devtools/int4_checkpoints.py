@@ -1,4 +1,5 @@
-"""4-bit checkpoints made in the test: a weight quantized group-wise with zero points, and
+"""4-bit checkpoints made from an unquantized one, for the tests and the perplexity
+benchmark: a weight quantized group-wise with zero points, and
 packed the way AutoAWQ (GEMM version) and auto-gptq ("gptq" format) write their tensors,
 written out loop by loop as those tools do rather than by the engine's own unpacking.
 
