@@ -21,9 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,9 @@ from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from benchmarks.arguments import benchmark_parser
 from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, run_grpc
+from benchmarks.serving_datasets import DatasetSpec, build_dataset
 from benchmarks.workload import Workload, nano_vllm_workload
+from devtools.otlp_receiver import trace_receiver, tracing_to
 from gpu_worker.device_time import DECODE, PREFILL
 from services.common.step_limits import StepLimits
 from services.launcher import free_port
@@ -183,11 +188,14 @@ async def _serve_null_worker(
     from gpu_worker.servicer import WorkerServicer
     from gpu_worker.step_telemetry import StepTelemetry
     from services.common.grpc_server import ServerConfig, ServiceHost
+    from services.common.telemetry import setup_tracing
 
     name = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
     config = ServerConfig(host="127.0.0.1", port=port, shutdown_grace_s=1.0, metrics_port=metrics_port)
+    # As `pagedserve worker` does: the OTEL_* variables, when set, turn its tracing on.
+    setup_tracing("pagedserve-worker", os.environ, {"pagedserve.worker.rank": rank})
     host = ServiceHost(config, [name])
-    servicer = WorkerServicer(StepTelemetry(host.registry))
+    servicer = WorkerServicer(StepTelemetry(host.registry, rank))
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, host.server)
     await host.start()
 
@@ -206,6 +214,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, value in vars(PretendCosts()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=value)
     parser.add_argument("--runs", default="inprocess,grpc", help="comma-separated: inprocess, grpc")
+    parser.add_argument(
+        "--dataset",
+        default="nano-vllm",
+        choices=["nano-vllm", "short"],
+        help="short: prompts and outputs of U[20,200] tokens (benchmarks/serving_datasets.py)",
+    )
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument(
@@ -229,6 +243,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="pretend workers the scheduler sends each step to, as to a tensor-parallel engine",
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="the gRPC run with every request traced, exported to an OTLP receiver on loopback",
     )
     parser.add_argument("--serve-null-worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -292,12 +311,32 @@ def _embedded_model() -> Path:
     return materialize_default_model()
 
 
+@contextmanager
+def _tracing(on: bool) -> Iterator[None]:
+    """With `on`, the services started meanwhile trace every request to a receiver here."""
+    if not on:
+        yield
+        return
+    with trace_receiver() as (receiver, endpoint), tracing_to(endpoint):
+        yield
+    print(f"{len(receiver.spans):,} spans received")
+
+
+def _workload(dataset: str, num_seqs: int) -> Workload:
+    if dataset == "nano-vllm":
+        return nano_vllm_workload(num_seqs, 100, 1024, 10000)
+    requests = build_dataset(DatasetSpec(dataset, num_seqs))
+    return Workload([r.prompt_token_ids for r in requests], [r.output_len for r in requests])
+
+
 def report(args: argparse.Namespace, costs: PretendCosts, results: list[RunResult]) -> None:
     """Prints each run's rate, the pretend device's busy share and each process's CPU;
     writes them to args.json."""
     summary = {
         "costs": vars(costs),
         "max_steps_in_flight": args.max_steps_in_flight,
+        "dataset": args.dataset,
+        "tracing": args.tracing,
         "num_seqs": args.num_seqs,
         "max_stream_messages_per_step": args.max_stream_messages_per_step,
         "ranks": args.ranks,
@@ -338,13 +377,14 @@ def main(argv: list[str] | None = None) -> None:
             _serve_null_worker(args.serve_null_worker, args.metrics_port, costs, args.rank, args.ranks)
         )
         return
-    workload = nano_vllm_workload(args.num_seqs, 100, 1024, 10000)
+    workload = _workload(args.dataset, args.num_seqs)
     settings = EngineSettings.from_args(args, device="cpu")
     results: list[RunResult] = []
     if "inprocess" in args.runs:
         results += drive_runs(NullRunner(costs), workload, settings, [settings.max_steps_in_flight])
     if "grpc" in args.runs:
-        results.append(run_grpc_with_pretend_device(args, costs, workload, settings))
+        with _tracing(args.tracing):
+            results.append(run_grpc_with_pretend_device(args, costs, workload, settings))
     report(args, costs, results)
 
 

@@ -9,58 +9,60 @@ thread (OMP_NUM_THREADS=1), so that its compute does not swing with how busy the
 processes keep the cores; a first run, not counted, warms the machine up.
 
     python -m benchmarks.tracing_overhead [--device cpu] [--repeats 6] [--json tracing.json]
+    python -m benchmarks.tracing_overhead --device cuda --swap-space 0 --num-seqs 256 \
+        --min-len 100 --max-len 1024 --repeats 3      # the nano-vllm workload on a GPU
+
+On CUDA the model is --model-config's architecture with random weights, as in
+benchmarks/throughput.py; on CPU the embedded model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.arguments import benchmark_parser
-from benchmarks.pagedserve_runs import EngineSettings, run_grpc
-from benchmarks.workload import nano_vllm_workload
-from devtools.otlp_receiver import trace_receiver
+from benchmarks.pagedserve_runs import EngineSettings, add_engine_args, run_grpc
+from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
+from devtools.otlp_receiver import trace_receiver, tracing_to
 from services.common.embedded_model import materialize_default_model
-
-TRACING_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_INSECURE", "OTEL_TRACES_SAMPLER")
 
 
 def main() -> None:
     parser = benchmark_parser(__doc__, "tracing_overhead.json")
-    parser.add_argument("--device", default="cpu")
+    add_engine_args(parser, max_model_len=4096)
+    parser.set_defaults(device="cpu")
+    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
     parser.add_argument("--num-seqs", type=int, default=32)
     parser.add_argument("--min-len", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=6)
     args = parser.parse_args()
 
-    model_dir = materialize_default_model()
     workload = nano_vllm_workload(args.num_seqs, args.min_len, args.max_len)
-    settings = EngineSettings(device=args.device)
+    settings = EngineSettings.from_args(args)
     rates: dict[str, list[float]] = {"off": [], "on": []}
     # mode -> service -> CPU microseconds per output token, per run.
     cpu_per_token: dict[str, dict[str, list[float]]] = {"off": {}, "on": {}}
     os.environ["OMP_NUM_THREADS"] = "1"
     with trace_receiver() as (receiver, endpoint), tempfile.TemporaryDirectory() as scratch:
+        if args.device.startswith("cuda"):
+            model_dir = write_random_model(args.model_config, Path(scratch) / "model", with_weights=False)
+            settings = replace(settings, load_format="dummy")
+        else:
+            model_dir = materialize_default_model()
         run_grpc(model_dir, workload, settings, Path(scratch) / "warm-up")
         for repeat in range(args.repeats):
             # Alternating which goes first cancels what the first run of a pair pays.
             for mode in ("off", "on") if repeat % 2 == 0 else ("on", "off"):
-                for name in TRACING_VARIABLES:
-                    os.environ.pop(name, None)
-                if mode == "on":
-                    os.environ.update(
-                        {
-                            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
-                            "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                            "OTEL_TRACES_SAMPLER": "always_on",
-                        }
-                    )
-                result = run_grpc(model_dir, workload, settings, Path(scratch) / f"{mode}{repeat}")
+                with tracing_to(endpoint) if mode == "on" else contextlib.nullcontext():
+                    result = run_grpc(model_dir, workload, settings, Path(scratch) / f"{mode}{repeat}")
                 rates[mode].append(result.tokens_per_second)
                 for key, value in result.profile.items():
                     if key.startswith("cpu_s."):

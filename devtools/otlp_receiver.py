@@ -1,6 +1,7 @@
 """A real OTLP/gRPC trace receiver on loopback, built from opentelemetry-proto's collector
 service, that keeps every span it is sent."""
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ class ReceivedSpan:
     # (name, attributes) in the order the span recorded them.
     events: list[tuple[str, dict[str, object]]]
     links: list[tuple[str, str]]
+    start_time_unix_nano: int = 0
+    end_time_unix_nano: int = 0
 
 
 class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -63,6 +66,8 @@ class TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                                 for event in span.events
                             ],
                             links=[(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
+                            start_time_unix_nano=span.start_time_unix_nano,
+                            end_time_unix_nano=span.end_time_unix_nano,
                         )
                     )
         with self._lock:
@@ -93,3 +98,20 @@ def trace_receiver() -> Iterator[tuple[TraceReceiver, str]]:
         yield receiver, f"http://127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+@contextmanager
+def tracing_to(endpoint: str) -> Iterator[None]:
+    """Services started meanwhile (they read the OTEL_* variables) sample every request
+    and export its spans to `endpoint`."""
+    variables = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name in variables:
+            os.environ.pop(name, None)
