@@ -1,12 +1,13 @@
 """What the worker tells about its steps: one span per batch step, linked to the scheduler
 spans of the requests it served (never a span per token), and Prometheus metrics."""
 
+import atexit
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-from opentelemetry import trace
-from opentelemetry.context import Context
+from opentelemetry.util.types import AttributeValue
 from pagedserve.v1 import worker_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -15,16 +16,39 @@ from prometheus_client.registry import Collector
 from gpu_worker.device_time import DeviceTimer
 from gpu_worker.speculative.metrics import SpeculationMetrics
 from gpu_worker.step_pipeline import StepRecord
+from gpu_worker.step_spans import StepSpanRecord, StepSpanWriter, tracing_installed
 from services.common.metrics import PREFIX, STEP_BUCKETS
-from services.common.telemetry import span_context_of, tracer
 
 
-def count_tokens(step: worker_pb2.StepRequest) -> tuple[int, int]:
-    """(prefill tokens, decode tokens): a decode is one token of a sequence already known."""
+@dataclass(slots=True)
+class _StepContents:
+    prefill_tokens: int = 0
+    # A decode is one token of a sequence already known.
+    decode_tokens: int = 0
+    # Whether any sequence verifies proposed tokens.
+    verifies: bool = False
+    # The scheduled sequences, in order; only gathered for the step's span.
+    seq_ids: list[int] = field(default_factory=list)
+
+
+def _contents(step: worker_pb2.StepRequest, with_seq_ids: bool) -> _StepContents:
+    """One pass over the scheduled sequences: at 256 of them each pass costs tens of
+    microseconds of protobuf field reads."""
+    contents = _StepContents()
     new_seq_ids = {new.seq_id for new in step.new_sequences}
-    decode = sum(1 for s in step.scheduled if s.num_new_tokens == 1 and s.seq_id not in new_seq_ids)
-    total = sum(s.num_new_tokens for s in step.scheduled)
-    return total - decode, decode
+    seq_ids = contents.seq_ids
+    total = 0
+    for scheduled in step.scheduled:
+        seq_id, num_new_tokens = scheduled.seq_id, scheduled.num_new_tokens
+        total += num_new_tokens
+        if num_new_tokens == 1 and seq_id not in new_seq_ids:
+            contents.decode_tokens += 1
+        if scheduled.num_lookahead_tokens:
+            contents.verifies = True
+        if with_seq_ids:
+            seq_ids.append(seq_id)
+    contents.prefill_tokens = total - contents.decode_tokens
+    return contents
 
 
 class _DeviceSeconds(Collector):
@@ -50,12 +74,14 @@ class _DeviceSeconds(Collector):
 
 class StepTelemetry:
     """`rank`: this worker's rank in its engine, a label on each of its metrics, so that
-    the ranks of one engine can be told apart (0 for an engine of one worker)."""
+    the ranks of one engine can be told apart (0 for an engine of one worker). With tracing
+    installed, each step's span goes to a span process of its own (gpu_worker/step_spans.py)."""
 
     def __init__(self, registry: CollectorRegistry, rank: int = 0) -> None:
         self._device_seconds = _DeviceSeconds(registry, str(rank))
-        # Scheduler spans of the live sequences; empty while tracing is off (no traceparent).
-        self._request_spans: dict[int, trace.SpanContext] = {}
+        self._spans = StepSpanWriter() if tracing_installed() else None
+        if self._spans is not None:
+            atexit.register(self._spans.close)
         self._duration = Histogram(
             PREFIX + "worker_step_duration_seconds",
             "One step on the worker, from its arrival until its result has left.",
@@ -74,55 +100,47 @@ class StepTelemetry:
         """Exports the timer's totals from now on (the worker has one once its model loaded)."""
         self._device_seconds.timer = timer
 
-    def _follow_sequences(self, step: worker_pb2.StepRequest) -> None:
-        for seq_id in step.finished_seq_ids:
-            self._request_spans.pop(seq_id, None)
-        for new in step.new_sequences:
-            context = span_context_of(new.traceparent)
-            if context is not None:
-                self._request_spans[new.seq_id] = context
-
     @contextmanager
     def step(self, step: worker_pb2.StepRequest, cuda_graphs: bool) -> Iterator[StepRecord]:
-        """Around one step, from its arrival until its result has left. Only what the span
-        needs at its start is computed on arrival; the rest once the result is on its way,
-        off the path from the scheduler to the device and back."""
-        self._follow_sequences(step)
-        request_spans = self._request_spans
-        links = (
-            [trace.Link(request_spans[s.seq_id]) for s in step.scheduled if s.seq_id in request_spans]
-            if request_spans
-            else []
+        """Around one step, from its arrival until its result has left. Nothing but the
+        clock is read on arrival; the rest once the result is on its way, off the path from
+        the scheduler to the device and back."""
+        started = time.monotonic()
+        started_ns = time.time_ns()
+        record = StepRecord()
+        yield record
+        ended_ns = time.time_ns()
+        self._duration.observe(time.monotonic() - started)
+        contents = _contents(step, with_seq_ids=self._spans is not None)
+        self._prefill_tokens.inc(contents.prefill_tokens)
+        self._decode_tokens.inc(contents.decode_tokens)
+        speculation = (
+            self._speculation.record(record.result.speculation)
+            if record.result is not None and record.result.speculation
+            else {}
         )
-        attributes = {
+        if self._spans is None:
+            return
+        # Decode-only steps replay a captured CUDA graph when the worker has them; verifying
+        # proposals and prompt tokens run eagerly.
+        graph = cuda_graphs and contents.prefill_tokens == 0 and not contents.verifies
+        attributes: dict[str, AttributeValue] = {
             "pagedserve.step.id": step.step_id,
             "pagedserve.step.batch_size": len(step.scheduled),
-            "pagedserve.step.num_requests": len({link.context.span_id for link in links}),
+            "pagedserve.step.prefill_tokens": contents.prefill_tokens,
+            "pagedserve.step.decode_tokens": contents.decode_tokens,
+            "pagedserve.step.mode": "cuda_graph" if graph else "eager",
+            **speculation,
         }
-        started = time.monotonic()
-        # A root span: a step serves many requests, so it belongs to no single trace.
-        with tracer().start_as_current_span(
-            "worker.step", context=Context(), links=links, attributes=attributes
-        ) as span:
-            record = StepRecord()
-            yield record
-            prefill_tokens, decode_tokens = count_tokens(step)
-            if record.result is not None and record.result.speculation:
-                self._speculation.record(record.result.speculation, span)
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        "pagedserve.step.prefill_tokens": prefill_tokens,
-                        "pagedserve.step.decode_tokens": decode_tokens,
-                        # Decode-only steps replay a captured CUDA graph when the worker has them.
-                        # Verifying proposals runs eagerly.
-                        "pagedserve.step.mode": "cuda_graph"
-                        if cuda_graphs
-                        and prefill_tokens == 0
-                        and not any(s.num_lookahead_tokens for s in step.scheduled)
-                        else "eager",
-                    }
-                )
-        self._duration.observe(time.monotonic() - started)
-        self._prefill_tokens.inc(prefill_tokens)
-        self._decode_tokens.inc(decode_tokens)
+        self._spans.write(
+            StepSpanRecord(
+                start_ns=started_ns,
+                end_ns=ended_ns,
+                seq_ids=contents.seq_ids,
+                attributes=attributes,
+                new_traceparents=[
+                    (new.seq_id, new.traceparent) for new in step.new_sequences if new.traceparent
+                ],
+                finished_seq_ids=list(step.finished_seq_ids),
+            )
+        )

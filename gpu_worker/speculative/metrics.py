@@ -2,13 +2,13 @@
 at least one token in a step), draft tokens (tokens proposed), accepted tokens, and
 accepted tokens per position (position i counts the drafts whose i-th proposal was
 accepted). The acceptance rate is accepted / draft tokens; at position i it is
-accepted_per_pos[i] / drafts. The same counts of each step go on its span."""
+accepted_per_pos[i] / drafts. The same counts of each step go on its span, as attributes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 from pagedserve.v1 import worker_pb2
 from prometheus_client import CollectorRegistry, Counter
 
@@ -36,8 +36,8 @@ class SpeculationMetrics:
             registry=registry,
         )
 
-    def record(self, outcomes: Sequence[worker_pb2.SpeculationOutcome], span: trace.Span) -> None:
-        """One step's outcomes, on the metrics and on the step's span."""
+    def record(self, outcomes: Sequence[worker_pb2.SpeculationOutcome]) -> dict[str, AttributeValue]:
+        """Counts one step's outcomes; returns them as its span's attributes."""
         drafts = [o for o in outcomes if o.num_proposed]
         proposed = sum(o.num_proposed for o in drafts)
         accepted = sum(o.num_accepted for o in drafts)
@@ -50,13 +50,10 @@ class SpeculationMetrics:
         self._accepted_tokens.inc(accepted)
         for position, count in enumerate(per_position):
             self._accepted_per_position.labels(str(position), self._rank).inc(count)
-        if span.is_recording():
-            span.set_attributes(
-                {
-                    "pagedserve.spec_decode.num_speculating": len(outcomes),
-                    "pagedserve.spec_decode.num_drafts": len(drafts),
-                    "pagedserve.spec_decode.num_draft_tokens": proposed,
-                    "pagedserve.spec_decode.num_accepted_tokens": accepted,
-                    "pagedserve.spec_decode.num_accepted_tokens_per_pos": per_position,
-                }
-            )
+        return {
+            "pagedserve.spec_decode.num_speculating": len(outcomes),
+            "pagedserve.spec_decode.num_drafts": len(drafts),
+            "pagedserve.spec_decode.num_draft_tokens": proposed,
+            "pagedserve.spec_decode.num_accepted_tokens": accepted,
+            "pagedserve.spec_decode.num_accepted_tokens_per_pos": per_position,
+        }

@@ -6,10 +6,15 @@ cost next to nothing."""
 
 import atexit
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.util.types import AttributeValue
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
 
 TRACER_NAME = "pagedserve"
 
@@ -33,19 +38,26 @@ def setup_tracing(
     if not tracing_enabled(environ):
         return False
     # Imported here so that a service without tracing never loads the SDK.
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     resource_attributes: dict[str, AttributeValue] = dict(attributes)
     if not environ.get("OTEL_SERVICE_NAME"):
         resource_attributes["service.name"] = service_name
-    provider = TracerProvider(resource=Resource.create(resource_attributes))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
+    provider = install_tracer_provider(Resource.create(resource_attributes))
     atexit.register(provider.shutdown)
     return True
+
+
+def install_tracer_provider(resource: "Resource") -> "TracerProvider":
+    """The SDK's provider for `resource`, exporting OTLP/gRPC in batches, made global."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
 
 
 def tracer() -> trace.Tracer:
