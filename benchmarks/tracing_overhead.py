@@ -31,7 +31,6 @@ from benchmarks.arguments import benchmark_parser
 from benchmarks.pagedserve_runs import EngineSettings, add_engine_args, run_grpc
 from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
 from devtools.otlp_receiver import trace_receiver, tracing_to
-from services.common.embedded_model import materialize_default_model
 
 
 def main() -> None:
@@ -56,6 +55,8 @@ def main() -> None:
             model_dir = write_random_model(args.model_config, Path(scratch) / "model", with_weights=False)
             settings = replace(settings, load_format="dummy")
         else:
+            from services.common.embedded_model import materialize_default_model
+
             model_dir = materialize_default_model()
         run_grpc(model_dir, workload, settings, Path(scratch) / "warm-up")
         for repeat in range(args.repeats):
