@@ -63,6 +63,8 @@ class EngineSettings:
     quantization: str | None = None
     # The worker's --kv-cache-dtype ("fp8": a float8 cache).
     kv_cache_dtype: str = WorkerConfig.kv_cache_dtype
+    # The scheduler's --admission-batch-tokens (0: newcomers join as soon as they fit).
+    admission_batch_tokens: int = SchedulerConfig.admission_batch_tokens
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineSettings:
@@ -86,6 +88,12 @@ def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None =
         type=int,
         default=EngineSettings.max_stream_messages_per_step,
         help="the scheduler service's limit in the gRPC runs (0: no limit)",
+    )
+    parser.add_argument(
+        "--admission-batch-tokens",
+        type=int,
+        default=EngineSettings.admission_batch_tokens,
+        help="the scheduler's: a full batch lets newcomers in once they bring this many tokens (0: at once)",
     )
     parser.add_argument(
         "--step-timeline",
@@ -160,6 +168,7 @@ def drive_runs(
                 max_num_seqs=settings.max_num_seqs,
                 max_num_batched_tokens=settings.max_num_batched_tokens,
                 max_steps_in_flight=max_steps_in_flight,
+                admission_batch_tokens=settings.admission_batch_tokens,
             ),
             num_blocks=info.num_kv_blocks,
             block_size=info.block_size,
@@ -279,6 +288,8 @@ def _service_commands(
         str(settings.max_steps_in_flight),
         "--max-stream-messages-per-step",
         str(settings.max_stream_messages_per_step),
+        "--admission-batch-tokens",
+        str(settings.admission_batch_tokens),
     ]
     if settings.max_model_len is not None:
         flags += ["--max-model-len", str(settings.max_model_len)]

@@ -149,6 +149,19 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
             SchedulerConfig.speculative_backoff_steps,
             "plain steps of a sequence whose speculation stopped paying, before it tries again",
         ),
+        Flag(
+            "--admission-batch-tokens",
+            int,
+            SchedulerConfig.admission_batch_tokens,
+            "while more requests wait than the free seats take, a step that would only decode "
+            "lets them in once the free seats would bring this many tokens to compute; 0: at once",
+        ),
+        Flag(
+            "--admission-max-delay-steps",
+            int,
+            SchedulerConfig.admission_max_delay_steps,
+            "most steps that --admission-batch-tokens holds waiting requests back",
+        ),
     )
 
 
@@ -185,6 +198,8 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         speculative_max_batch_size=args.speculative_max_batch_size,
         speculative_min_accepted_tokens=args.speculative_min_accepted_tokens,
         speculative_backoff_steps=args.speculative_backoff_steps,
+        admission_batch_tokens=args.admission_batch_tokens,
+        admission_max_delay_steps=args.admission_max_delay_steps,
     )
 
 

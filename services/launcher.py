@@ -191,6 +191,8 @@ def _scheduler_command(
         *("--speculative-max-batch-size", str(args.speculative_max_batch_size)),
         *("--speculative-min-accepted-tokens", str(args.speculative_min_accepted_tokens)),
         *("--speculative-backoff-steps", str(args.speculative_backoff_steps)),
+        *("--admission-batch-tokens", str(args.admission_batch_tokens)),
+        *("--admission-max-delay-steps", str(args.admission_max_delay_steps)),
     ]
 
 

@@ -1,6 +1,7 @@
 """Admission: the checks a request must pass before it may queue (one that could never
 run is refused now, INVALID_ARGUMENT, rather than left waiting forever), and which queued
-sequences join the running batch when a step has room."""
+sequences join the running batch when a step has room (and, when the batch is full, when
+enough of them can join at once: services/scheduler/admission_pacing.py)."""
 
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -9,6 +10,7 @@ from pagedserve.v1 import common_pb2
 
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError
 from services.common.prompt_checks import check_prompt_length
+from services.scheduler.admission_pacing import AdmissionPacing
 from services.scheduler.block_manager import BlockManager, SlotAllocation, num_freed_blocks
 from services.scheduler.cpu_block_pool import CpuBlockPool
 from services.scheduler.outputs import RequestEvent, SchedulerOutput
@@ -48,6 +50,7 @@ class Admission:
         cpu_pool: CpuBlockPool,
         preemption: Preemption,
         report_event: Callable[[RequestEvent], None],
+        pacing: AdmissionPacing,
     ) -> None:
         self.max_num_seqs = max_num_seqs
         self.queues = queues
@@ -56,6 +59,7 @@ class Admission:
         self.cpu_pool = cpu_pool
         self.preemption = preemption
         self.report_event = report_event
+        self.pacing = pacing
 
     def check_waiting_limit(self, limit: int | None, num_seats: int, num_tokens: int) -> None:
         """Refuses a newcomer that would make more than `limit` requests wait: those the
@@ -108,6 +112,8 @@ class Admission:
         # Most steps have nobody to resume or admit; counting the seats taken would cost a
         # pass over the running batch.
         if not (queues.swapped or queues.waiting):
+            return
+        if not self.pacing.lets_in(output.step_id, [s.num_new_tokens for s in output.scheduled]):
             return
         seats = sum(s.num_seats for s in queues.running)
         cpu_blocks_read: list[int] = []

@@ -60,6 +60,12 @@ class SchedulerConfig:
     # speculative_backoff_steps steps, then tries again.
     speculative_min_accepted_tokens: float = 0.5
     speculative_backoff_steps: int = 16
+    # A full batch lets newcomers in several at once (services/scheduler/admission_pacing.py):
+    # while more wait than the free seats take, a step that would only decode holds them
+    # back until those seats would bring this many tokens to compute, for at most
+    # admission_max_delay_steps steps. 0: whoever fits joins at once.
+    admission_batch_tokens: int = 4096
+    admission_max_delay_steps: int = 8
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_steps_in_flight"):
@@ -74,6 +80,8 @@ class SchedulerConfig:
             "speculative_max_batch_size",
             "speculative_min_accepted_tokens",
             "speculative_backoff_steps",
+            "admission_batch_tokens",
+            "admission_max_delay_steps",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -31,6 +31,7 @@ from pagedserve.v1 import common_pb2, scheduler_pb2, worker_pb2
 from services.common.errors import InvalidArgumentError, UnavailableError
 from services.common.step_limits import StepLimits
 from services.scheduler.admission import Admission, check_request
+from services.scheduler.admission_pacing import AdmissionPacing
 from services.scheduler.batching import StepBatcher
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.config import PreemptionMode, SchedulerConfig
@@ -102,8 +103,8 @@ class Scheduler:
             self.cpu_pool,
             self.preemption,
             self._report_event,
+            AdmissionPacing(config, self.limits.max_num_seqs, queues),
         )
-
         self.speculation = SpeculationPolicy(
             config, num_speculative_tokens, self.block_manager, self.prefix_cache
         )

@@ -50,6 +50,8 @@ class Harness:
         overlap: bool = True,
         worker_runs_ahead: bool = False,
         max_steps_in_flight: int | None = None,
+        admission_batch_tokens: int = SchedulerConfig.admission_batch_tokens,
+        admission_max_delay_steps: int = SchedulerConfig.admission_max_delay_steps,
     ) -> None:
         self.config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -59,6 +61,8 @@ class Harness:
             max_waiting_requests=max_waiting_requests,
             seed=0,
             max_steps_in_flight=max_steps_in_flight or (2 if overlap else 1),
+            admission_batch_tokens=admission_batch_tokens,
+            admission_max_delay_steps=admission_max_delay_steps,
         )
         self.worker_runs_ahead = worker_runs_ahead
         # Steps' entries computing a token whose sample was still in flight, and sampled
