@@ -10,6 +10,11 @@ partials as it loads them (kernels/elementwise.py), so the split costs no extra 
 
 Programs that share a weight tile run side by side (row tiles vary fastest in the grid),
 so each weight tile comes from memory once and from L2 after.
+
+The weight may also be fp8 (e4m3) with one scale per output channel: its tiles are widened
+to the activations' dtype as they load, and the scale applied to each partial sum. At a
+few rows a step is bound by reading weights, and fp8 weights are half the bytes; this is
+how an fp8 model decodes small batches (gpu_worker/kernels/w8a8.py).
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ def _partial_sums_kernel(
     out_features,
     x_stride,
     weight_stride,
+    scale_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -53,10 +60,12 @@ def _partial_sums_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for _ in range(0, K_PER_SPLIT // BLOCK_K):
         x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0)
-        w = tl.load(w_ptrs, mask=col_valid[:, None], other=0.0)
+        w = tl.load(w_ptrs, mask=col_valid[:, None], other=0.0).to(x.dtype)
         acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + cols, mask=col_valid, other=0.0)[None, :]
     out_rows = (split * num_rows + rows).to(tl.int64)
     tl.store(
         partials_ptr + out_rows[:, None] * out_features + cols[None, :],
@@ -77,6 +86,28 @@ def linear_partial_sums(
 ) -> torch.Tensor:
     """x: [M, K]; weight: [N, K]. Returns fp32 [num_splits, M, N] whose sum over the first
     dimension is x W^T; K must split into num_splits slices of whole block_k tiles."""
+    return _launch(x, weight, None, num_splits, block_m, block_n, block_k, num_warps, num_stages)
+
+
+def scaled_linear_partial_sums(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, plan: dict[str, int]
+) -> torch.Tensor:
+    """linear_partial_sums for a weight of another dtype (fp8) with weight_scale [N]
+    (fp32): the partials sum to x (W * scale)^T."""
+    return _launch(x, weight, weight_scale, plan["num_splits"], plan["block_m"], plan["block_n"])
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor | None,
+    num_splits: int,
+    block_m: int,
+    block_n: int,
+    block_k: int = _BLOCK_K,
+    num_warps: int = 4,
+    num_stages: int = 4,
+) -> torch.Tensor:
     num_rows, in_features = x.shape
     out_features = weight.shape[0]
     assert weight.shape[1] == in_features and in_features % (num_splits * block_k) == 0
@@ -91,10 +122,12 @@ def linear_partial_sums(
         out_features,
         x.stride(0),
         weight.stride(0),
+        weight_scale if weight_scale is not None else partials,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         K_PER_SPLIT=in_features // num_splits,
+        HAS_SCALE=weight_scale is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch(x.device),

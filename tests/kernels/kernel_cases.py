@@ -275,6 +275,22 @@ def test_linear_partial_sums_add_up_to_the_matmul(num_rows: int, num_splits: int
     assert _relative_error(partials.sum(dim=0), expected) < (1e-2 if ON_GPU else 1e-5)
 
 
+@pytest.mark.parametrize("num_rows, num_splits", [(1, 4), (20, 1)])
+def test_fp8_weights_with_channel_scales_widen_as_they_load(num_rows: int, num_splits: int) -> None:
+    # A W8A16 decode: fp8 (e4m3) weights with one scale per output channel, bf16 rows.
+    from gpu_worker.kernels.triton_linear import scaled_linear_partial_sums
+    from gpu_worker.kernels.w8a8 import quantize_rows
+
+    out_features, in_features = (1024, 3072) if ON_GPU else (80, 512)
+    x = torch.randn(num_rows, in_features, device=DEVICE).to(DTYPE)
+    weight, scale = quantize_rows(0.05 * torch.randn(out_features, in_features, device=DEVICE), "fp8")
+    plan = {"num_splits": num_splits, "block_m": 16, "block_n": 32}
+    partials = scaled_linear_partial_sums(x, weight, scale.view(-1), plan)
+    assert partials.shape == (num_splits, num_rows, out_features)
+    expected = x.double() @ (weight.double() * scale.double()).T
+    assert _relative_error(partials.sum(dim=0), expected) < (1e-2 if ON_GPU else 1e-5)
+
+
 def test_split_k_plans_divide_the_reduction_and_fill_the_device() -> None:
     for num_rows in (1, 16, 48, 128):
         for out_features, in_features in ((1024, 2048), (1024, 3072)):

@@ -164,7 +164,13 @@ CASES = {
     "split-K partial sums": (
         _partial_sums_kernel,
         dict(x_ptr="*bf16", weight_ptr="*bf16", partials_ptr="*fp32"),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, K_PER_SPLIT=768),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, K_PER_SPLIT=768, HAS_SCALE=False),
+        dict(num_warps=4, num_stages=4),
+    ),
+    "split-K partial sums, fp8 weights with channel scales": (
+        _partial_sums_kernel,
+        dict(x_ptr="*bf16", weight_ptr="*fp8e4nv", partials_ptr="*fp32", scale_ptr="*fp32"),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, K_PER_SPLIT=1024, HAS_SCALE=True),
         dict(num_warps=4, num_stages=4),
     ),
     "add + RMSNorm over partial sums": (
