@@ -37,6 +37,18 @@ def copy_bandwidth(num_bytes: int = 4 << 30) -> float:
     return 2 * num_bytes / seconds
 
 
+def fill_normal(storage: torch.Tensor, generator: torch.Generator) -> None:
+    """Standard normal values in `storage`. torch has no normal_ for float8 (an fp8 KV
+    cache): those are drawn in bf16 and rounded, one layer's keys or values at a time so
+    that the bf16 draw stays a small part of the cache. Random bytes would not do: some
+    are NaN in e4m3."""
+    if storage.element_size() > 1:
+        storage.normal_(generator=generator)
+        return
+    for part in storage.flatten(0, 1):
+        part.copy_(torch.empty_like(part, dtype=torch.bfloat16).normal_(generator=generator))
+
+
 def build_decode_batch(
     runner: ModelRunner, batch: int, context: int
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -47,7 +59,7 @@ def build_decode_batch(
     block_ids = torch.randperm(runner.kv_cache.num_blocks, device="cuda", generator=generator)
     block_tables = block_ids[: batch * blocks_per_seq].view(batch, blocks_per_seq).to(torch.int32)
     # Random KV in every block the batch reads: zeros would flatter the memory system.
-    runner.kv_cache.storage.normal_(generator=generator)
+    fill_normal(runner.kv_cache.storage, generator)
     positions = torch.full((batch,), context, dtype=torch.int64, device="cuda")
     slot_mapping = block_tables[:, context // block_size].long() * block_size + context % block_size
     metadata = AttentionMetadata(
