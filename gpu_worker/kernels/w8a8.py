@@ -14,7 +14,6 @@ kernel of gpu_worker/kernels/triton_linear.py (W8A16: the same weights, fewer ro
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 INT8_MAX = 127.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -116,13 +115,13 @@ def _fp8_scaled_mm(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Row-wise scaled fp8 GEMM: weight [out, in] row-major is the column-major [in, out]
-    operand cuBLASLt wants. Its dims must be multiples of 16, so odd row counts are padded."""
-    xq, x_scale = quantize_rows(x, "fp8")
-    rows = xq.shape[0]
-    padded = -(-rows // 16) * 16
-    if padded != rows:
-        xq = F.pad(xq.view(torch.uint8), (0, 0, 0, padded - rows)).view(FP8_DTYPE)
-        x_scale = F.pad(x_scale, (0, 0, 0, padded - rows), value=1.0)
+    operand cuBLASLt wants. Its dims must be multiples of 16, so the rows are padded; the
+    rows are quantized in one kernel (kernels/triton_quantize.py)."""
+    from gpu_worker.kernels.triton_quantize import quantize_rows_fp8_triton
+
+    rows = x.shape[0]
+    # The padding rows come out of the quantization as zeros.
+    xq, x_scale = quantize_rows_fp8_triton(x.contiguous(), -(-rows // 16) * 16, FP8_MAX, _MIN_SCALE)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     out = torch._scaled_mm(
         xq,

@@ -24,6 +24,7 @@ from gpu_worker.kernels.triton_elementwise import _add_rms_norm_kernel, _silu_an
 from gpu_worker.kernels.triton_linear import _partial_sums_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
 from gpu_worker.kernels.triton_prefill_attention import _prefill_kernel  # noqa: E402
+from gpu_worker.kernels.triton_quantize import _quantize_rows_kernel  # noqa: E402
 from gpu_worker.kernels.triton_rope_store import _rope_store_kernel  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -184,6 +185,12 @@ CASES = {
             eps="fp32",
         ),
         dict(HIDDEN=1024, BLOCK=1024, HAS_RESIDUAL=True, NUM_PARTIALS=4),
+        dict(num_warps=4),
+    ),
+    "per-token fp8 quantization": (
+        _quantize_rows_kernel,
+        dict(x_ptr="*bf16", out_ptr="*fp8e4nv", scale_ptr="*fp32"),
+        dict(COLS=4096, BLOCK=4096, FP8_MAX=448.0, MIN_SCALE=1e-12),
         dict(num_warps=4),
     ),
     "SiLU and mul": (
