@@ -8,7 +8,8 @@ or GPTQ act_order's own order). The weight is W[n, k] = (q[k, n] - zeros[g, n]) 
 scales[g, n] with g = g_idx[k].
 
 Few rows (decode) run the Triton kernel that dequantizes tiles as it multiplies, reading
-a quarter of bf16's bytes; many rows dequantize the whole weight once and use cuBLAS,
+a quarter of bf16's bytes (the fewest, where groups follow the input order, a form split
+along the input dimension); many rows dequantize the whole weight once and use cuBLAS,
 where the GEMM, not the bytes, is the cost. The PyTorch reference runs on CPU.
 """
 
@@ -72,13 +73,24 @@ def int4_linear(
     zeros: torch.Tensor,
     g_idx: torch.Tensor,
     bias: torch.Tensor | None,
+    group_size: int = 0,
 ) -> torch.Tensor:
-    """x [..., in] times the 4-bit weight, chosen by row count (see the module doc)."""
+    """x [..., in] times the 4-bit weight, chosen by row count (see the module doc).
+    group_size: when g_idx is k // group_size (AWQ, GPTQ without act_order), its size,
+    which lets the fewest rows take the split-K kernel; 0: g_idx says."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and rows <= MAX_FUSED_ROWS:
-        from gpu_worker.kernels.triton_int4_linear import int4_linear_triton
+        from gpu_worker.kernels import triton_int4_linear as kernels
 
-        out = int4_linear_triton(x.reshape(rows, x.shape[-1]), qweight, scales, zeros, g_idx)
+        x2 = x.reshape(rows, x.shape[-1])
+        if (
+            rows <= kernels.MAX_SPLIT_K_ROWS
+            and group_size
+            and kernels.grouped_split_k_block(x.shape[-1], group_size)
+        ):
+            out = kernels.int4_linear_grouped_triton(x2, qweight, scales, zeros, group_size)
+        else:
+            out = kernels.int4_linear_triton(x2, qweight, scales, zeros, g_idx)
         out = out.reshape(*x.shape[:-1], qweight.shape[1])
         return out + bias if bias is not None else out
     return int4_linear_reference(x, qweight, scales, zeros, g_idx, bias)

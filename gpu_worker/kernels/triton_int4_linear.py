@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+
 
 @triton.jit
 def _int4_gemm_kernel(
@@ -101,3 +103,120 @@ def int4_linear_triton(
         BLOCK_K=block_k,
     )
     return out
+
+
+@triton.jit
+def _int4_split_k_kernel(
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    partials_ptr,
+    num_rows,
+    out_features,
+    x_stride,
+    qweight_stride,
+    group_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    wait_for_previous_kernel(PDL)
+    col_tile = tl.program_id(0)
+    row_tile = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < num_rows
+    col_valid = cols < out_features
+    shifts = tl.arange(0, 8) * 4
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for step in range(0, K_PER_SPLIT // BLOCK_K):
+        k_start = split * K_PER_SPLIT + step * BLOCK_K
+        # Each int32 word is read once and opened into its eight values along k.
+        words = k_start // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(
+            qweight_ptr + words[:, None].to(tl.int64) * qweight_stride + cols[None, :],
+            mask=col_valid[None, :],
+            other=0,
+        )
+        values = tl.reshape((packed[:, None, :] >> shifts[None, :, None]) & 0xF, [BLOCK_K, BLOCK_N])
+        # The tile lies within one group: one scale and one zero per column.
+        group_offsets = (k_start // GROUP_SIZE) * group_stride + cols
+        scales = tl.load(scales_ptr + group_offsets, mask=col_valid, other=0.0).to(tl.float32)
+        zeros = tl.load(zeros_ptr + group_offsets, mask=col_valid, other=0.0).to(tl.float32)
+        weight = (values.to(tl.float32) - zeros[None, :]) * scales[None, :]
+        ks = k_start + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rows[:, None].to(tl.int64) * x_stride + ks[None, :], mask=row_valid[:, None], other=0.0
+        )
+        acc = tl.dot(x, weight.to(x.dtype), acc)
+    out_rows = (split * num_rows + rows).to(tl.int64)
+    tl.store(
+        partials_ptr + out_rows[:, None] * out_features + cols[None, :],
+        acc,
+        mask=row_valid[:, None] & col_valid[None, :],
+    )
+
+
+# Rows up to which int4_linear_grouped_triton is meant to run (decode at small batches).
+MAX_SPLIT_K_ROWS = 16
+_SPLITS = (8, 4, 2, 1)
+
+
+def grouped_split_k_block(in_features: int, group_size: int) -> int | None:
+    """The reduction tile for a weight whose groups follow the input order, or None where
+    no tile both stays within a group and divides the input features."""
+    block_k = min(128, group_size)
+    if block_k < 16 or group_size % block_k or in_features % block_k:
+        return None
+    return block_k
+
+
+def int4_linear_grouped_triton(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """int4_linear_triton for groups in input order (g_idx = k // group_size: AWQ, and
+    GPTQ without act_order), split along the input dimension as the bf16 and fp8 decode
+    projections are (kernels/triton_linear.py), so that a few rows keep every
+    multiprocessor loading; each tile takes its group's scale and zero once per column."""
+    x = x.contiguous()
+    num_rows, in_features = x.shape
+    out_features = qweight.shape[1]
+    block_k = grouped_split_k_block(in_features, group_size)
+    if (
+        block_k is None
+        or qweight.stride(1) != 1
+        or scales.stride(1) != 1
+        or zeros.stride(0) != scales.stride(0)
+    ):
+        raise ValueError("int4_linear_grouped_triton: groups or layout it cannot tile")
+    k_tiles = in_features // block_k
+    num_splits = next(s for s in _SPLITS if k_tiles % s == 0)
+    block_m, block_n = 16, 64
+    partials = torch.empty(num_splits, num_rows, out_features, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(out_features, block_n), triton.cdiv(num_rows, block_m), num_splits)
+    _int4_split_k_kernel[grid](
+        x,
+        qweight,
+        scales,
+        zeros,
+        partials,
+        num_rows,
+        out_features,
+        x.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        K_PER_SPLIT=in_features // num_splits,
+        GROUP_SIZE=group_size,
+        num_warps=4,
+        num_stages=4,
+        **pdl_launch(x.device),
+    )
+    return (partials[0] if num_splits == 1 else partials.sum(dim=0)).to(x.dtype)

@@ -38,3 +38,24 @@ def test_int4_gemm_matches_reference(num_rows: int, act_order: bool) -> None:
     assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)
     # The packing round-trips: the reference reads back the values packed.
     assert torch.equal(unpack_int4(qweight, dim=0).cpu(), values.to(torch.int32))
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 16])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: int) -> None:
+    # Groups in input order (AWQ, GPTQ without act_order): the split-K form.
+    from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_triton
+
+    in_features, out_features = (4096, 1536) if ON_GPU else (1024, 96)
+    generator = torch.Generator().manual_seed(100 + num_rows)
+    values = torch.randint(0, 16, (in_features, out_features), generator=generator)
+    groups = in_features // group_size
+    g_idx = (torch.arange(in_features, dtype=torch.int32) // group_size).to(DEVICE)
+    scales = (torch.rand(groups, out_features, generator=generator) * 0.02 + 0.001).to(DEVICE, DTYPE)
+    zeros = torch.randint(0, 16, (groups, out_features), generator=generator).to(DEVICE, DTYPE)
+    qweight = pack_int4(values, dim=0).to(DEVICE)
+    x = torch.randn(num_rows, in_features, generator=generator).to(DEVICE, DTYPE)
+    actual = int4_linear_grouped_triton(x, qweight, scales, zeros, group_size)
+    expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
+    assert actual.shape == (num_rows, out_features) and actual.dtype == DTYPE
+    assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from gpu_worker.kernels.triton_decode_attention import _decode_kernel, _merge_splits_kernel  # noqa: E402
 from gpu_worker.kernels.triton_elementwise import _add_rms_norm_kernel, _silu_and_mul_kernel  # noqa: E402
+from gpu_worker.kernels.triton_int4_linear import _int4_split_k_kernel  # noqa: E402
 from gpu_worker.kernels.triton_linear import _partial_sums_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
 from gpu_worker.kernels.triton_prefill_attention import _prefill_kernel  # noqa: E402
@@ -186,6 +187,12 @@ CASES = {
         ),
         dict(HIDDEN=1024, BLOCK=1024, HAS_RESIDUAL=True, NUM_PARTIALS=4),
         dict(num_warps=4),
+    ),
+    "4-bit dequantize-GEMM, split-K, groups in input order": (
+        _int4_split_k_kernel,
+        dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", partials_ptr="*fp32"),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=512, GROUP_SIZE=128),
+        dict(num_warps=4, num_stages=4),
     ),
     "per-token fp8 quantization": (
         _quantize_rows_kernel,

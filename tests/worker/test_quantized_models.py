@@ -215,6 +215,9 @@ def test_int4_checkpoint_generates_the_dequantized_models_tokens(
     # From the checkpoint's quantization_config alone, and with the matching flag.
     runner = _runner(tmp_path, None)
     assert runner.model_config.quantization.method == method
+    # Groups in input order take the split-K kernel on CUDA; act_order's do not.
+    group_sizes = {m.int4_group_size for m in runner.model.modules() if hasattr(m, "int4_group_size")}
+    assert group_sizes == {0 if act_order else group_size}
     with torch.no_grad():
         for name, module in _projections(hf_model):
             module.weight.copy_(dequantized[name + ".weight"])

@@ -126,9 +126,16 @@ class Int4Method(QuantMethod):
             )
         for name in ("qweight", "scales", "zeros", "g_idx"):
             layer.register_buffer(name, getattr(common, name).contiguous(), persistent=False)
+        # Groups in input order (AWQ, GPTQ without act_order) open the split-K kernel.
+        group_size = self.config.group_size
+        positional = torch.arange(len(common.g_idx), device=common.g_idx.device) // max(group_size, 1)
+        in_order = group_size > 0 and torch.equal(common.g_idx.long(), positional)
+        layer.int4_group_size = group_size if in_order else 0
 
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return int4_linear(x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, bias)
+        return int4_linear(
+            x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, bias, layer.int4_group_size
+        )
 
 
 def _positional_g_idx(group_size: int):
