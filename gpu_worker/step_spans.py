@@ -3,9 +3,10 @@
 A step span links to every traced request the step served: at 256 sequences that is 256
 links to validate when the span starts and to encode when it is exported, a millisecond or
 more of Python per step. In the worker that work would hold the interpreter lock the step
-pipeline needs between launches. Instead the worker writes each step's few numbers down a
-pipe (tens of microseconds) and this process keeps the requests' span contexts, builds the
-spans with the step's own start and end times, and exports them.
+pipeline needs between launches. Instead the worker writes each step's sequence ids and
+attributes down a pipe (a small fraction of that), and this process keeps the requests'
+span contexts, builds the spans with the step's own start and end times, and exports
+them.
 
     python -m gpu_worker.step_spans     # started by StepSpanWriter, fed on its stdin
 """
@@ -112,7 +113,7 @@ def _serve(stream: BinaryIO) -> None:
                 if context is not None:
                     links[seq_id] = trace.Link(context)
             step_links = [links[seq_id] for seq_id in record.seq_ids if seq_id in links] if links else []
-            attributes = dict(record.attributes)
+            attributes = record.attributes
             attributes["pagedserve.step.num_requests"] = len({link.context.span_id for link in step_links})
             # A root span: a step serves many requests, so it belongs to no single trace.
             span = step_tracer.start_span(
