@@ -5,6 +5,7 @@ of planning, building and launching, waiting and applying tokens, and how long b
 a step's inputs takes by batch size.
 
     python -m benchmarks.host_cost [--num-seqs 256] [--json host_cost.json]
+    python -m benchmarks.host_cost --num-seqs 600 --min-len 20 --max-len 200   # short requests
 
 On the GPU these are what must fit inside the device's own step time (about 1 ms for one
 sequence, 8 ms for 256) for the device never to wait on the host. The model is a
@@ -81,12 +82,15 @@ def stub_model_and_time_builds() -> dict[int, list[float]]:
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__, "host_cost.json")
     parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100, help="prompt and output lengths, as nano-vllm's")
+    parser.add_argument("--max-len", type=int, default=1024)
     args = parser.parse_args(argv)
     builds = stub_model_and_time_builds()
     settings = EngineSettings(device="cpu", max_model_len=4096, swap_space=0)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = tiny_model(Path(scratch))
-        (result,) = run_in_process(model_dir, nano_vllm_workload(args.num_seqs), settings, [3])
+        workload = nano_vllm_workload(args.num_seqs, args.min_len, args.max_len)
+        (result,) = run_in_process(model_dir, workload, settings, [3])
     steps = result.profile["steps"]
     per_step = {
         part: 1e3 * result.profile[f"{part}_s"] / steps for part in ("schedule", "launch", "finish", "update")
