@@ -8,6 +8,7 @@ stage that is not the last sends its output to the next; the last computes the l
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from parallel_harness import run_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from devtools.int4_checkpoints import write_int4_checkpoint
 from gpu_worker.kv_cache import KVCacheLayout, allocate_kv_cache, bind_kv_cache
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 from gpu_worker.model.config import ModelConfig
@@ -181,6 +183,24 @@ def test_every_architecture_splits(tmp_path, model_type: str) -> None:
     expected = _run_rank(SINGLE_RANK_CONTEXT, tmp_path)
     ranks = run_ranks(_run_rank, 2, 2, args=(tmp_path,))
     for rank in ranks[2:]:
+        for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
+            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+            assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_int4_checkpoints_split_over_tensor_parallel_ranks(
+    tmp_path: Path, tiny_llama_dir: Path, method: str
+) -> None:
+    """Each rank takes its shard of the packed weights, scales and zeros, in each format's
+    own packing, and gives the single rank's logits of the same checkpoint (act_order is
+    refused at start-up under tensor parallelism)."""
+    model_dir = tmp_path / method
+    shutil.copytree(tiny_llama_dir, model_dir)
+    write_int4_checkpoint(model_dir, method, group_size=16)
+    expected = _run_rank(SINGLE_RANK_CONTEXT, model_dir)
+    ranks = run_ranks(_run_rank, 2, 1, args=(model_dir,))
+    for rank in ranks:
         for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
             torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
             assert torch.equal(logits.argmax(-1), reference.argmax(-1))
