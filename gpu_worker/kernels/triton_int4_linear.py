@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.triton_linear import total_of
 
 
 @triton.jit
@@ -219,4 +220,4 @@ def int4_linear_grouped_triton(
         num_stages=4,
         **pdl_launch(x.device),
     )
-    return (partials[0] if num_splits == 1 else partials.sum(dim=0)).to(x.dtype)
+    return total_of(partials, x.dtype)

@@ -97,6 +97,12 @@ def scaled_linear_partial_sums(
     return _launch(x, weight, weight_scale, plan["num_splits"], plan["block_m"], plan["block_n"])
 
 
+def total_of(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of [splits, M, N] partial sums, in `dtype`, for a consumer that cannot read
+    partials itself."""
+    return (partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)).to(dtype)
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -67,10 +67,9 @@ def w8a8_linear(
         return w8a8_linear_reference(x, weight, weight_scale, bias, kind)
     x2 = x.reshape(-1, x.shape[-1])
     if kind == "fp8" and (plan := _fp8_weight_only_plan(x2, weight)) is not None:
-        from gpu_worker.kernels.triton_linear import scaled_linear_partial_sums
+        from gpu_worker.kernels.triton_linear import scaled_linear_partial_sums, total_of
 
-        partials = scaled_linear_partial_sums(x2, weight, weight_scale, plan)
-        out = (partials[0] if plan["num_splits"] == 1 else partials.sum(dim=0)).to(x.dtype)
+        out = total_of(scaled_linear_partial_sums(x2, weight, weight_scale, plan), x.dtype)
         if bias is not None:
             out = out + bias
     elif kind == "fp8":
