@@ -89,11 +89,9 @@ def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None =
         default=EngineSettings.max_stream_messages_per_step,
         help="the scheduler service's limit in the gRPC runs (0: no limit)",
     )
+    help = "the scheduler's: a full batch lets newcomers in once they bring this many tokens (0: at once)"
     parser.add_argument(
-        "--admission-batch-tokens",
-        type=int,
-        default=EngineSettings.admission_batch_tokens,
-        help="the scheduler's: a full batch lets newcomers in once they bring this many tokens (0: at once)",
+        "--admission-batch-tokens", type=int, default=EngineSettings.admission_batch_tokens, help=help
     )
     parser.add_argument(
         "--step-timeline",

@@ -7,11 +7,10 @@ leading blocks computed), recompute after preemption (it starts again from 0) an
 sequence's computation reaches the end of its tokens the worker samples one more, and the
 gap opens again by one.
 
-A step: running sequences first, in scheduling order (priority, then arrival, then
-completion index), each as far as the budget allows; when blocks run out, the last running
-sequence in that order is preempted until the current one fits (services/scheduler/
-preemption.py). Then, if nobody was preempted, swapped and waiting sequences fill the rest
-of the budget and seats, best first.
+A step: running sequences first, in scheduling order (priority, arrival, completion index),
+each as far as the budget allows; when blocks run out, the last running one in that order
+is preempted until the current one fits (preemption.py). Then, if nobody was preempted,
+swapped and waiting ones fill the budget and seats, best first (admission_pacing.py).
 
 Steps overlap: schedule() may plan the next step while up to limits.max_steps_in_flight - 1
 are in flight, and update_from_output() takes results oldest first. Planning ahead, a
