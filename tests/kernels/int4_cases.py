@@ -42,9 +42,11 @@ def test_int4_gemm_matches_reference(num_rows: int, act_order: bool) -> None:
 
 @pytest.mark.parametrize("num_rows", [1, 5, 16])
 @pytest.mark.parametrize("group_size", [32, 128])
-def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: int) -> None:
-    # Groups in input order (AWQ, GPTQ without act_order): the split-K form.
-    from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_triton
+@pytest.mark.parametrize("one_slice", [False, True])
+def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: int, one_slice: bool) -> None:
+    # Groups in input order (AWQ, GPTQ without act_order): the split-K form, split as
+    # planned, or in one slice that writes the result directly.
+    from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_triton, int4_split_k_plan
 
     in_features, out_features = (4096, 1536) if ON_GPU else (1024, 96)
     generator = torch.Generator().manual_seed(100 + num_rows)
@@ -55,7 +57,11 @@ def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: 
     zeros = torch.randint(0, 16, (groups, out_features), generator=generator).to(DEVICE, DTYPE)
     qweight = pack_int4(values, dim=0).to(DEVICE)
     x = torch.randn(num_rows, in_features, generator=generator).to(DEVICE, DTYPE)
-    actual = int4_linear_grouped_triton(x, qweight, scales, zeros, group_size)
+    plan = int4_split_k_plan(out_features, in_features, group_size)
+    assert plan is not None and plan["num_splits"] > 1
+    if one_slice:
+        plan = dict(plan, num_splits=1, block_n=64)
+    actual = int4_linear_grouped_triton(x, qweight, scales, zeros, group_size, plan)
     expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
     assert actual.shape == (num_rows, out_features) and actual.dtype == DTYPE
     assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)
