@@ -19,12 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_worker.kernels.triton_moe_align import align_by_expert_triton, fits_one_program
+
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
     """Returns (sorted_ids, expert_of_block, num_padded): sorted_ids [max_padded] holds
     flat pair indices (token * k + choice) grouped by expert, each group padded with
     num_pairs to a multiple of block_m; expert_of_block the expert of each tile;
     num_padded [1] how many rows are in use."""
+    if fits_one_program(topk_ids, num_experts):
+        # Decode-sized batches: one launch instead of the twenty-odd small ones below.
+        return align_by_expert_triton(topk_ids, num_experts, block_m)
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
     max_padded = num_pairs + num_experts * (block_m - 1)
@@ -106,6 +111,20 @@ def _expert_gemm_kernel(
     )
 
 
+def moe_plan(num_pairs: int, num_experts: int) -> dict[str, int]:
+    """Tile sizes of both expert GEMMs for a batch of num_pairs (token, choice) pairs.
+    The row tile follows the pairs an expert gets on average: few pad few rows and read
+    long slices of weights, many take tensor-core-sized tiles. Depends on the batch size
+    alone, so CUDA graphs stay valid. From a sweep on an H200 with Qwen3-30B-A3B's
+    experts (within 3% of the best tiles at 1 to 8,192 tokens)."""
+    pairs_per_expert = num_pairs / num_experts
+    if pairs_per_expert <= 16:
+        return {"block_m": 16, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}
+    if pairs_per_expert <= 64:
+        return {"block_m": 64, "block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3}
+    return {"block_m": 128, "block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 3}
+
+
 def _expert_gemm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -114,11 +133,12 @@ def _expert_gemm(
     alignment: tuple[torch.Tensor, ...],
     a_row_div: int,
     mul_weight: bool,
-    block_m: int,
+    plan: dict[str, int],
 ) -> None:
     sorted_ids, expert_of_block, num_padded = alignment
     n, k = b.shape[1], b.shape[2]
-    block_n, block_k = 64, 64 if k >= 64 else max(16, triton.next_power_of_2(k))
+    block_m, block_n = plan["block_m"], plan["block_n"]
+    block_k = plan["block_k"] if k >= plan["block_k"] else max(16, triton.next_power_of_2(k))
     grid = (triton.cdiv(sorted_ids.numel(), block_m), triton.cdiv(n, block_n))
     _expert_gemm_kernel[grid](
         a,
@@ -141,6 +161,8 @@ def _expert_gemm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        num_warps=plan["num_warps"],
+        num_stages=plan["num_stages"],
     )
 
 
@@ -151,17 +173,20 @@ def fused_moe_triton(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     act_and_mul: Callable[[torch.Tensor], torch.Tensor],
-    block_m: int = 16,
+    plans: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> torch.Tensor:
-    """Same contract as kernels.moe.fused_moe_reference."""
+    """Same contract as kernels.moe.fused_moe_reference. plans: the gate/up and the down
+    GEMM's tiles (one block_m for both), moe_plan's unless given (benchmarks sweep them)."""
     num_tokens, top_k = topk_ids.shape
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
     num_pairs = num_tokens * top_k
-    alignment = align_by_expert(topk_ids, w13.shape[0], block_m)
+    gate_up_plan, down_plan = plans or (moe_plan(num_pairs, w13.shape[0]),) * 2
+    assert gate_up_plan["block_m"] == down_plan["block_m"], "both GEMMs read one alignment"
+    alignment = align_by_expert(topk_ids, w13.shape[0], gate_up_plan["block_m"])
     weights = topk_weights.flatten().to(x.dtype)
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-    _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, block_m)
+    _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, gate_up_plan)
     hidden = act_and_mul(gate_up)
     down = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
-    _expert_gemm(hidden, w2, down, weights, alignment, 1, True, block_m)
+    _expert_gemm(hidden, w2, down, weights, alignment, 1, True, down_plan)
     return down.view(num_tokens, top_k, -1).sum(dim=1)

@@ -12,14 +12,17 @@ from tests.kernels.kernel_cases import DEVICE, DTYPE, ON_GPU, _relative_error, _
 # isort: split
 from gpu_worker.kernels.elementwise import silu_and_mul_reference
 from gpu_worker.kernels.moe import fused_moe_reference, route
-from gpu_worker.kernels.triton_moe import align_by_expert, fused_moe_triton
+from gpu_worker.kernels.triton_moe import align_by_expert, fused_moe_triton, moe_plan
+from gpu_worker.kernels.triton_moe_align import align_by_expert_triton
 
 __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 4, 2), (5, 8, 2), (37, 8, 3), (64, 4, 1)])
-def test_fused_moe_matches_reference(num_tokens: int, num_experts: int, top_k: int) -> None:
-    # Intermediate and hidden sizes that do not fill the kernel's tiles on CPU.
+@pytest.mark.parametrize("tiles", ["planned", "large"])
+def test_fused_moe_matches_reference(num_tokens: int, num_experts: int, top_k: int, tiles: str) -> None:
+    # Intermediate and hidden sizes that do not fill the kernel's tiles on CPU; the tiles
+    # moe_plan picks for these batches, and the large ones it picks for big batches.
     hidden, intermediate = (1024, 768) if ON_GPU else (48, 40)
     generator = torch.Generator().manual_seed(num_tokens)
 
@@ -30,7 +33,11 @@ def test_fused_moe_matches_reference(num_tokens: int, num_experts: int, top_k: i
     w13 = randn(num_experts, 2 * intermediate, hidden, scale=hidden**-0.5)
     w2 = randn(num_experts, hidden, intermediate, scale=intermediate**-0.5)
     weights, ids = route(randn(num_tokens, num_experts), top_k, renormalize=top_k > 1)
-    output = fused_moe_triton(x, w13, w2, weights, ids, silu_and_mul_reference)
+    plans = None
+    if tiles == "large":
+        plans = (moe_plan(1 << 20, num_experts),) * 2
+        assert plans[0]["block_m"] == 128
+    output = fused_moe_triton(x, w13, w2, weights, ids, silu_and_mul_reference, plans)
     expected = fused_moe_reference(x, w13, w2, weights, ids, silu_and_mul_reference)
     assert _relative_error(output, expected) < (2e-2 if ON_GPU else 1e-5)
 
@@ -44,3 +51,30 @@ def test_align_by_expert_groups_pairs_in_padded_tiles() -> None:
     assert expert_of_block[:3].tolist() == [0, 1, 2]
     assert num_padded.tolist() == [12]
     assert (sorted_ids[12:] == pad).all()
+
+
+def _routing(num_tokens: int, top_k: int, num_experts: int, same: bool, seed: int) -> torch.Tensor:
+    """Distinct experts per token. Expert 0 and the middle one are never picked where top_k
+    leaves room (empty runs first and between); with `same` every token picks one set."""
+    generator = torch.Generator().manual_seed(seed)
+    unpicked = (0, num_experts // 2) if num_experts - top_k >= 2 else ()
+    allowed = torch.tensor([e for e in range(num_experts) if e not in unpicked])
+    rows = [allowed[torch.randperm(len(allowed), generator=generator)[:top_k]] for _ in range(num_tokens)]
+    return torch.stack(rows[:1] * num_tokens if same else rows)
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["random", "same-experts"])
+@pytest.mark.parametrize("block_m", [16, 64])
+@pytest.mark.parametrize("num_experts", [8, 128])
+@pytest.mark.parametrize("top_k", [2, 8])
+@pytest.mark.parametrize("num_tokens", [1, 3, 64])
+def test_align_in_one_kernel_matches_pytorch(
+    num_tokens: int, top_k: int, num_experts: int, block_m: int, same: bool
+) -> None:
+    ids = _routing(num_tokens, top_k, num_experts, same, seed=num_tokens * num_experts + top_k)
+    # On CPU tensors align_by_expert never takes the kernel: it is the PyTorch path.
+    expected = align_by_expert(ids, num_experts, block_m)
+    output = align_by_expert_triton(ids.to(DEVICE), num_experts, block_m)
+    for name, actual, want in zip(("sorted_ids", "expert_of_block", "num_padded"), output, expected):
+        assert actual.dtype == want.dtype and actual.shape == want.shape, name
+        assert torch.equal(actual.cpu(), want), name
