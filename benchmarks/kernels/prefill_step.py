@@ -82,7 +82,6 @@ def attention_results(
             metadata.query_start_loc,
             metadata.seq_lens,
             128**-0.5,
-            metadata.max_query_len,
             **config,
         )
 

@@ -17,12 +17,15 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gpu_worker.kernels.elementwise import qk_norm_rope_reference
 from gpu_worker.kernels.paged_attention import paged_attention, store_kv
+
+if TYPE_CHECKING:
+    from gpu_worker.model.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
 
@@ -74,39 +77,35 @@ def attention(
     value: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    max_query_len: int,
-    no_cached_context: bool,
+    metadata: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
 ) -> torch.Tensor:
     """query: [T, H, D]; key, value: this step's [T, H_kv, D], already stored in the cache
-    (key may be None unless no_cached_context). sliding_window and logit_softcap as in
-    kernels.paged_attention. Returns [T, H, D]."""
+    (key may be None unless metadata.no_cached_context). sliding_window and logit_softcap
+    as in kernels.paged_attention. Returns [T, H, D]."""
     if not query.is_cuda:
         return paged_attention(
             query,
             key_cache,
             value_cache,
-            block_tables,
-            query_start_loc,
-            seq_lens,
+            metadata.block_tables,
+            metadata.query_start_loc,
+            metadata.seq_lens,
             scale,
             sliding_window,
             logit_softcap,
         )
-    if max_query_len == 1:
+    if metadata.max_query_len == 1:
         from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
 
         return decode_attention_triton(
             query,
             key_cache,
             value_cache,
-            block_tables,
-            seq_lens,
+            metadata.block_tables,
+            metadata.seq_lens,
             scale,
             sliding_window=sliding_window,
             logit_softcap=logit_softcap,
@@ -115,7 +114,7 @@ def attention(
     # The varlen kernels are called without window or soft-cap options: those steps go to
     # the paged prefill kernel, which has both.
     if (
-        no_cached_context
+        metadata.no_cached_context
         and sliding_window is None
         and logit_softcap is None
         and key is not None
@@ -123,24 +122,44 @@ def attention(
         and not _fresh_prefill_failed
     ):
         try:
-            return fresh_prefill(query, key, value, query_start_loc, max_query_len, scale)
+            return fresh_prefill(query, key, value, metadata.query_start_loc, metadata.max_query_len, scale)
         except (RuntimeError, TypeError, ValueError) as error:
             # A varlen kernel that rejects this build's arguments or dtypes is not worth a
             # failed step: the paged kernel computes the same thing.
             _disable_fresh_prefill(error)
-    from gpu_worker.kernels.triton_prefill_attention import prefill_attention_triton
+    return _paged_prefill(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap)
 
-    return prefill_attention_triton(
+
+def _paged_prefill(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    logit_softcap: float | None,
+) -> torch.Tensor:
+    from gpu_worker.kernels import triton_prefill_attention as prefill
+
+    block_m = prefill.prefill_block_m(query.shape[1], key_cache.shape[2])
+    num_tiles = prefill.max_prefill_tiles(query.shape[0], metadata.seq_lens.shape[0], block_m)
+    # Made by the step's first layer, read by the others.
+    tile_map = metadata.derived(
+        ("prefill_tiles", block_m),
+        lambda: prefill.prefill_tile_map(metadata.query_start_loc, block_m, num_tiles),
+    )
+    return prefill.prefill_attention_triton(
         query,
         key_cache,
         value_cache,
-        block_tables,
-        query_start_loc,
-        seq_lens,
+        metadata.block_tables,
+        metadata.query_start_loc,
+        metadata.seq_lens,
         scale,
-        max_query_len,
         sliding_window=sliding_window,
         logit_softcap=logit_softcap,
+        block_m=block_m,
+        tile_map=tile_map,
     )
 
 

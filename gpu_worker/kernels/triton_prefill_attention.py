@@ -4,7 +4,10 @@ prefix, and decodes, all reading keys and values from the paged cache.
 Computes exactly kernels.paged_attention.paged_attention. One program handles BLOCK_M query
 tokens of one sequence for all the query heads of one KV head: the rows of its tile are
 (token, head-in-group) pairs, so each KV tile is loaded once per group rather than once per
-query head. Query token i of a sequence with q_len new tokens and seq_len in its context
+query head. The batch's tiles are numbered one after the other across sequences, and a
+map made on the device says each tile's sequence and first token: the grid then depends
+on the token and sequence counts alone, not on the longest query, so one launch serves
+every batch of a CUDA graph's size. Query token i of a sequence with q_len new tokens and seq_len in its context
 sits at position seq_len - q_len + i and sees keys [0, position], or the last
 `sliding_window` of them; scores may be soft-capped.
 """
@@ -32,6 +35,9 @@ def _prefill_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    tile_seq_ptr,
+    tile_first_ptr,
+    num_seqs,
     output_ptr,
     scale_log2,
     window,
@@ -56,13 +62,13 @@ def _prefill_kernel(
 ):
     wait_for_previous_kernel(PDL)
     tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    if seq >= num_seqs:
+        return
+    first_token = tl.load(tile_first_ptr + tile)
     query_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - query_start
-    first_token = tile * BLOCK_M
-    if first_token >= query_len:
-        return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - query_len
 
@@ -139,6 +145,31 @@ def _prefill_kernel(
     )
 
 
+def prefill_tile_map(query_start_loc: torch.Tensor, block_m: int, num_tiles: int) -> tuple[torch.Tensor, ...]:
+    """(tile_seq, tile_first) [num_tiles]: each tile's sequence (num_seqs past the batch's
+    last tile) and its first query token. Device ops only: no host sync."""
+    num_seqs = query_start_loc.shape[0] - 1
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    seq_tiles = (query_lens + block_m - 1) // block_m
+    tile_ends = torch.cumsum(seq_tiles, 0, dtype=torch.int32)
+    tiles = torch.arange(num_tiles, dtype=torch.int32, device=query_start_loc.device)
+    tile_seq = torch.searchsorted(tile_ends, tiles, right=True, out_int32=True)
+    first_tile = (tile_ends - seq_tiles)[tile_seq.clamp(max=max(num_seqs - 1, 0))]
+    return tile_seq, (tiles - first_tile) * block_m
+
+
+def max_prefill_tiles(num_tokens: int, num_seqs: int, block_m: int) -> int:
+    """Tiles enough for any batch of these counts: each sequence's last tile may be partial."""
+    return triton.cdiv(num_tokens, block_m) + num_seqs
+
+
+def prefill_block_m(num_heads: int, num_kv_heads: int) -> int:
+    """About 64 (token, head) rows per tile against 32 keys, whatever the batch: one
+    compiled variant per model, so no step compiles a new one. The fastest of a sweep on
+    an H200 with Qwen3-0.6B's heads (benchmarks/kernels/prefill_step.py)."""
+    return max(1, 64 // triton.next_power_of_2(num_heads // num_kv_heads))
+
+
 def prefill_attention_triton(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -147,16 +178,16 @@ def prefill_attention_triton(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    max_query_len: int,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     block_m: int | None = None,
     block_n: int = 32,
     num_warps: int | None = None,
     num_stages: int = 2,
+    tile_map: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
-    """Same contract as kernels.paged_attention.paged_attention, plus the batch's largest
-    query length (known on the host) to size the launch grid."""
+    """Same contract as kernels.paged_attention.paged_attention. tile_map: prefill_tile_map
+    for this block_m (made here if None; a step's layers share one)."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert num_heads % num_kv_heads == 0 and query.stride(2) == 1 and block_tables.stride(1) == 1
@@ -164,16 +195,17 @@ def prefill_attention_triton(
     assert key_cache.stride() == value_cache.stride()
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    if block_m is None:
-        # About 64 (token, head) rows per tile against 32 keys, whatever the batch: one
-        # compiled variant per model, so no step compiles a new one. The fastest of a
-        # sweep on an H200 with Qwen3-0.6B's heads (benchmarks/kernels/prefill_step.py).
-        block_m = max(1, 64 // group_pad)
+    block_m = block_m or prefill_block_m(num_heads, num_kv_heads)
     output = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return output
-    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_kv_heads)
+    if tile_map is None:
+        tile_map = prefill_tile_map(
+            query_start_loc, block_m, max_prefill_tiles(num_tokens, num_seqs, block_m)
+        )
+    tile_seq, tile_first = tile_map
+    grid = (tile_seq.shape[0], num_kv_heads)
     _prefill_kernel[grid](
         query,
         key_cache,
@@ -181,6 +213,9 @@ def prefill_attention_triton(
         block_tables,
         query_start_loc,
         seq_lens,
+        tile_seq,
+        tile_first,
+        num_seqs,
         output,
         scale * _LOG2E,
         sliding_window or 0,

@@ -7,10 +7,11 @@ once per step by the runner in an attention context that the attention layers re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,6 +38,14 @@ class AttentionMetadata:
     # Every sequence's context is exactly its new tokens (fresh prefills only), so attention
     # may read this step's keys and values directly instead of the cache.
     no_cached_context: bool = False
+    # What kernels derive from the above once per step and every layer reads (derived()).
+    _derived: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def derived(self, key: Any, make: Callable[[], Any]) -> Any:
+        """make()'s result, made on the first call with this key for this step."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return self._derived[key]
 
 
 _current_metadata: ContextVar[AttentionMetadata | None] = ContextVar("attention_metadata", default=None)
@@ -131,11 +140,7 @@ class PagedAttention(nn.Module):
             value,
             self.key_cache,
             self.value_cache,
-            metadata.block_tables,
-            metadata.query_start_loc,
-            metadata.seq_lens,
-            metadata.max_query_len,
-            metadata.no_cached_context,
+            metadata,
             self.scale,
             self.sliding_window,
             self.logit_softcap,

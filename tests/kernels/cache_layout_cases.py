@@ -1,13 +1,19 @@
-"""The attention kernels over the cache layouts of speculative verification graphs and of
-an fp8 cache, against the PyTorch reference (run with kernel_cases.py by
-tests/kernels/test_kernels.py, whose import sets up the interpreter)."""
+"""The attention kernels over the batch layouts of speculative verification graphs and of
+prefill graphs, and over an fp8 cache, against the PyTorch reference (run with
+kernel_cases.py by tests/kernels/test_kernels.py, whose import sets up the interpreter)."""
 
 from __future__ import annotations
 
 import torch
 
 # First: importing the cases sets TRITON_INTERPRET before triton is imported.
-from tests.kernels.kernel_cases import ON_GPU, TOLERANCE, PagedBatch, _triton_interpreter_on_cpu
+from tests.kernels.kernel_cases import (
+    ON_GPU,
+    TOLERANCE,
+    PagedBatch,
+    _triton_interpreter_on_cpu,
+    prefill_attention_triton,
+)
 
 __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
 
@@ -35,3 +41,48 @@ def test_attention_kernels_read_an_fp8_cache() -> None:
     torch.testing.assert_close(
         batch.prefill(block_n=16 if not ON_GPU else 64).float(), expected.float(), **TOLERANCE
     )
+
+
+def test_prefill_tiles_are_numbered_across_sequences() -> None:
+    # Query lengths 3, 0, 70 and 1 in tiles of 32: one tile, none, three, one; the tiles
+    # past the batch's last belong to no sequence (the sequence count, 4).
+    from gpu_worker.kernels.triton_prefill_attention import max_prefill_tiles, prefill_tile_map
+
+    start_loc = torch.tensor([0, 3, 3, 73, 74], dtype=torch.int32)
+    tile_seq, tile_first = prefill_tile_map(start_loc, 32, max_prefill_tiles(74, 4, 32))
+    assert tile_seq.tolist() == [0, 2, 2, 2, 3, 4, 4]
+    assert tile_first[:5].tolist() == [0, 0, 32, 64, 0]
+
+
+def test_prefill_attention_on_a_prefill_graphs_layout() -> None:
+    # A prefill graph's batch: the step's sequences, then empty ones up to the graph's
+    # sequence count (no query, no context), and rows past the step's tokens that belong
+    # to no sequence, with a tile map sized for the graph's token count. The step's rows
+    # must come out as the packed batch's.
+    from gpu_worker.kernels.triton_prefill_attention import max_prefill_tiles, prefill_tile_map
+
+    shapes = [(1500, 333), (900, 1), (2000, 1000)] if ON_GPU else [(13, 5), (9, 1), (40, 37)]
+    seq_lens = [s for s, _ in shapes] + [0, 0]
+    batch = PagedBatch(seq_lens, [q for _, q in shapes] + [0, 0], num_heads=4, num_kv_heads=2, seed=11)
+    expected = batch.reference()
+    num_tokens = batch.query.shape[0]
+    graph_tokens = 2048 if ON_GPU else 64
+    padding = torch.randn(graph_tokens - num_tokens, *batch.query.shape[1:]).to(batch.query)
+    block_m = 32 if ON_GPU else 8
+    tile_map = prefill_tile_map(
+        batch.query_start_loc, block_m, max_prefill_tiles(graph_tokens, len(seq_lens), block_m)
+    )
+    output = prefill_attention_triton(
+        torch.cat([batch.query, padding]),
+        batch.key_cache,
+        batch.value_cache,
+        batch.block_tables,
+        batch.query_start_loc,
+        batch.seq_lens,
+        batch.scale,
+        block_m=block_m,
+        block_n=16 if not ON_GPU else 64,
+        tile_map=tile_map,
+    )
+    assert output.shape[0] == graph_tokens and not output[:num_tokens].isnan().any()
+    torch.testing.assert_close(output[:num_tokens].float(), expected.float(), **TOLERANCE)

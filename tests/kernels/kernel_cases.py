@@ -143,8 +143,7 @@ class PagedBatch:
 
     def prefill(self, **options: Any) -> torch.Tensor:
         """The Triton paged prefill kernel over this batch."""
-        max_query_len = int((self.query_start_loc[1:] - self.query_start_loc[:-1]).max())
-        return prefill_attention_triton(*self._paged_inputs(), max_query_len, **options)
+        return prefill_attention_triton(*self._paged_inputs(), **options)
 
     def _paged_inputs(
         self,

@@ -24,6 +24,7 @@ from gpu_worker.kernels.triton_elementwise import _add_rms_norm_kernel, _silu_an
 from gpu_worker.kernels.triton_int4_linear import _int4_split_k_kernel  # noqa: E402
 from gpu_worker.kernels.triton_linear import _partial_sums_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
+from gpu_worker.kernels.triton_moe_align import _align_kernel  # noqa: E402
 from gpu_worker.kernels.triton_prefill_attention import _prefill_kernel  # noqa: E402
 from gpu_worker.kernels.triton_quantize import _quantize_rows_kernel  # noqa: E402
 from gpu_worker.kernels.triton_rope_store import _rope_store_kernel  # noqa: E402
@@ -52,6 +53,8 @@ PREFILL_TYPES = dict(
     block_tables_ptr="*i32",
     query_start_loc_ptr="*i32",
     seq_lens_ptr="*i32",
+    tile_seq_ptr="*i32",
+    tile_first_ptr="*i32",
     output_ptr="*bf16",
     scale_log2="fp32",
     softcap_log2="fp32",
@@ -144,6 +147,13 @@ CASES = {
         EXPERT_GEMM_TYPES,
         dict(A_ROW_DIV=1, MUL_WEIGHT=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64),
         dict(num_warps=4, num_stages=3),
+    ),
+    # Qwen3-30B-A3B's routing at decode: 8 pairs over 128 experts, 16-row tiles.
+    "MoE align by expert, decode": (
+        _align_kernel,
+        dict(topk_ids_ptr="*i64", sorted_ids_ptr="*i64", expert_of_block_ptr="*i64", num_padded_ptr="*i64"),
+        dict(BLOCK_M=16, BLOCK_M_PAD=16, EXPERTS=128, PAIR_CHUNK=8, TILE_CHUNK=32),
+        dict(num_warps=4),
     ),
     "rope + KV store, decode": (
         _rope_store_kernel,
