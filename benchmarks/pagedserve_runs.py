@@ -42,6 +42,7 @@ class EngineSettings:
     gpu_memory_utilization: float = WorkerConfig.gpu_memory_utilization
     max_model_len: int | None = None
     enforce_eager: bool = False
+    prefill_graphs: bool = False
     block_size: int = WorkerConfig.block_size
     # The scheduler's max_steps_in_flight: 1, no overlap; by default the worker's depth.
     max_steps_in_flight: int = MAX_STEPS_LAUNCHED
@@ -293,8 +294,7 @@ def _service_commands(
         flags += ["--max-model-len", str(settings.max_model_len)]
     if settings.dtype is not None:
         flags += ["--dtype", settings.dtype]
-    if settings.enforce_eager:
-        flags.append("--enforce-eager")
+    flags += ["--enforce-eager"] * settings.enforce_eager + ["--prefill-graphs"] * settings.prefill_graphs
     if settings.max_steps_in_flight == 1:
         flags.append("--no-overlap-scheduling")
     flags += [

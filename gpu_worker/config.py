@@ -64,8 +64,11 @@ class WorkerConfig:
     # Keys the random draws of sequences that come without a seed (the scheduler always
     # sends one); None draws it at random.
     seed: int | None = 0
-    # Run every step eagerly: no CUDA graphs for decode steps (CUDA only).
+    # Run every step eagerly: no CUDA graphs at all (CUDA only).
     enforce_eager: bool = False
+    # Replay CUDA graphs for steps with prompt tokens too (up to 2,048 tokens; CUDA, one
+    # pipeline stage): gpu_worker/prefill_graphs.py.
+    prefill_graphs: bool = False
     # "safetensors": the model directory's weights; "dummy": random weights made on the
     # device with the architecture's shapes, only config.json read (benchmarks).
     load_format: str = "safetensors"

@@ -22,7 +22,6 @@ import torch
 from pagedserve.v1 import common_pb2, worker_pb2
 
 from gpu_worker.config import WorkerConfig
-from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.input_batch import DeviceToken, StepInputBuilder, StepInputs
 from gpu_worker.kv_cache import (
     KVCacheLayout,
@@ -40,11 +39,13 @@ from gpu_worker.model.quantization.support import with_requested_quantization
 from gpu_worker.parallel.groups import init_parallel
 from gpu_worker.parallel.stage_exchange import StageExchange
 from gpu_worker.penalties import PenaltyTable
+from gpu_worker.prefill_graphs import prefill_capture_sizes
 from gpu_worker.prompt_logprobs import PromptLogprobs, score_prompts
 from gpu_worker.sampler import SampledTokens, Sampler, SequenceSampling
 from gpu_worker.speculative.decoding import SpeculativeDecoding, merge_gained
 from gpu_worker.speculative.gather import extend_tables
 from gpu_worker.speculative.setup import build_speculation, kv_blocks_with_draft, load_draft
+from gpu_worker.step_graphs import capture_step_graphs, graphs_prefill
 from gpu_worker.step_observer import StepObserver
 from gpu_worker.step_state import LaunchedStep, SequenceState
 from gpu_worker.structured_output import GrammarMasks, unmasked_logprobs
@@ -82,13 +83,7 @@ class ModelRunner:
         # This rank's share of the cache: its stage's layers, its KV heads.
         layout = KVCacheLayout.of_model(self.model)
         kv_dtype = config.resolve_kv_cache_dtype(self.dtype)
-        # Sized after the weights are on the device, from what memory is left once the
-        # largest step's activations (measured on CUDA) are set aside.
-        reserved_bytes = 0
-        if self.device.type == "cuda":
-            reserved_bytes = GRAPH_MARGIN_BYTES + profile_activation_bytes(
-                self.model, self.model_config, config, self.max_model_len, self.device, self.dtype
-            )
+        reserved_bytes = self._activation_reserve()
         with memory_held(reserved_bytes, self.device) if reserved_bytes else nullcontext():
             num_blocks = determine_num_kv_blocks(config, layout, self.device, kv_dtype)
             if self.draft_model is not None:
@@ -106,7 +101,9 @@ class ModelRunner:
             kv_dtype,
             swap_pool=True,
         )
-        self.step_graphs = self._capture_step_graphs()
+        self.step_graphs = capture_step_graphs(
+            self.model, config, self.parallel, self.max_model_len, self.model_config.hidden_size, self.dtype
+        )
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
         self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
         self.grammars = GrammarMasks(
@@ -134,27 +131,23 @@ class ModelRunner:
             self.device,
         )
 
-    def _capture_step_graphs(self) -> list[DecodeGraphs]:
-        """CUDA graphs (gpu_worker/cuda_graphs.py) on CUDA unless eager: decode steps', and
-        verification steps' when the worker speculates (on one pipeline stage), tried in
-        this order."""
+    def _activation_reserve(self) -> int:
+        """What the KV cache leaves free for activations (CUDA): the KV cache is sized after
+        the weights are on the device, from what memory is left once the largest step's
+        activations, measured, are set aside."""
+        if self.device.type != "cuda":
+            return 0
         config = self.config
-        if self.device.type != "cuda" or config.enforce_eager:
-            return []
-        intermediate = None
-        if not self.parallel.is_first_stage:
-            intermediate = torch.zeros(
-                config.max_num_seqs, self.model_config.hidden_size, dtype=self.dtype, device=self.device
-            )
-        shape = (self.model, config.max_num_seqs, self.max_model_len, config.block_size, self.device)
-        graphs = [DecodeGraphs(*shape, intermediate)]
-        lookahead = config.speculative.max_lookahead
-        if lookahead and self.parallel.is_first_stage and self.parallel.is_last_stage:
-            graphs.append(DecodeGraphs(*shape, query_len=1 + lookahead))
-        pool = None
-        for step_graphs in graphs:
-            pool = step_graphs.capture(pool)
-        return graphs
+        activation_bytes = profile_activation_bytes(
+            self.model, self.model_config, config, self.max_model_len, self.device, self.dtype
+        )
+        # Prefill graphs hold their largest step's activations in their pool, beside what
+        # an eager step takes.
+        graph_tokens = prefill_capture_sizes(config.max_num_batched_tokens)[-1]
+        graph_share = (
+            graph_tokens / config.max_num_batched_tokens if graphs_prefill(config, self.parallel) else 0
+        )
+        return GRAPH_MARGIN_BYTES + int(activation_bytes * (1 + graph_share))
 
     def info(self) -> worker_pb2.WorkerInfo:
         model = common_pb2.ModelInfo(

@@ -73,6 +73,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        prefill_graphs=args.prefill_graphs,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         swap_space_bytes=int(args.swap_space * GIB),
@@ -110,8 +111,7 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
         "--no-overlap-scheduling",
         dest="overlap_scheduling",
         action="store_false",
-        help="plan each step only once the previous one's result is back, instead of "
-        "while the worker runs it",
+        help="plan each step only once the previous one's result is back, not while the worker runs it",
     )
     add_flags(
         parser,

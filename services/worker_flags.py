@@ -30,7 +30,12 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
             "fraction of GPU memory for weights, activations and KV cache",
         ),
     )
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step eager")
+    parser.add_argument(
+        "--prefill-graphs",
+        action="store_true",
+        help="CUDA graphs for steps with prompt tokens too, up to 2,048 tokens (decode steps always have theirs)",
+    )
     add_flags(
         parser,
         Flag(

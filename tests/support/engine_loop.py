@@ -4,6 +4,7 @@ ModelRunner on CPU, with steps overlapped as the services overlap them."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def run_engine(
     preemption_mode: str = "recompute",
     max_num_batched_tokens: int = 24,
     block_size: int = 4,
+    prepare_runner: Callable[[ModelRunner], None] | None = None,
 ) -> EngineRun:
+    """prepare_runner: called with the runner before the first step."""
     runner = ModelRunner(
         WorkerConfig(
             model_path=model_dir,
@@ -49,6 +52,8 @@ def run_engine(
             swap_space_bytes=1 << 20,
         )
     )
+    if prepare_runner is not None:
+        prepare_runner(runner)
     info = runner.info()
     scheduler = Scheduler(
         SchedulerConfig(
