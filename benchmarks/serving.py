@@ -25,7 +25,6 @@ achieved request rate.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import random
@@ -86,7 +85,7 @@ def sweep(args: argparse.Namespace, targets: dict[str, str]) -> list[dict]:
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2el_ms)
     results = []
     for api, target in targets.items():
-        asyncio.run(_run_rate(api, target, warmup, [0.0] * len(warmup)))
+        run_in_processes(_run_rate, api, target, warmup, [0.0] * len(warmup), 1)
         for rate in args.request_rates:
             offsets = arrival_offsets(len(requests), rate, args.burstiness, args.seed)
             records, duration = run_in_processes(

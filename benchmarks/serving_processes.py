@@ -4,7 +4,12 @@ every streamed message can be what limits a run at tens of thousands of tokens a
 
 Request i goes to process i mod N with its own arrival offset; the processes start their
 clocks together, past a barrier (time.perf_counter is CLOCK_MONOTONIC on Linux, shared by
-every process of the machine), so that the merged records read as one open-loop run."""
+every process of the machine), so that the merged records read as one open-loop run.
+
+One process is a process too, and the warm-up a run of its own, so that runs share no
+client state: grpc.aio keeps state per event loop, and `--serve` runs on the H200 machine
+(Python 3.12, grpcio 1.85), which reused one process for several loops, ended in "Event
+loop is closed" errors whose cause was not isolated."""
 
 from __future__ import annotations
 
@@ -29,8 +34,7 @@ def run_in_processes(
     offsets: list[float],
     num_processes: int,
 ) -> tuple[list[RequestRecord], float]:
-    if num_processes <= 1:
-        return asyncio.run(run_rate(api, target, requests, offsets))
+    num_processes = max(1, num_processes)
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(num_processes)
     results = context.Queue()

@@ -39,13 +39,12 @@ from gpu_worker.model.quantization.support import with_requested_quantization
 from gpu_worker.parallel.groups import init_parallel
 from gpu_worker.parallel.stage_exchange import StageExchange
 from gpu_worker.penalties import PenaltyTable
-from gpu_worker.prefill_graphs import prefill_capture_sizes
 from gpu_worker.prompt_logprobs import PromptLogprobs, score_prompts
 from gpu_worker.sampler import SampledTokens, Sampler, SequenceSampling
 from gpu_worker.speculative.decoding import SpeculativeDecoding, merge_gained
 from gpu_worker.speculative.gather import extend_tables
 from gpu_worker.speculative.setup import build_speculation, kv_blocks_with_draft, load_draft
-from gpu_worker.step_graphs import capture_step_graphs, graphs_prefill
+from gpu_worker.step_graphs import capture_step_graphs, prefill_graph_activation_share
 from gpu_worker.step_observer import StepObserver
 from gpu_worker.step_state import LaunchedStep, SequenceState
 from gpu_worker.structured_output import GrammarMasks, unmasked_logprobs
@@ -132,21 +131,15 @@ class ModelRunner:
         )
 
     def _activation_reserve(self) -> int:
-        """What the KV cache leaves free for activations (CUDA): the KV cache is sized after
-        the weights are on the device, from what memory is left once the largest step's
-        activations, measured, are set aside."""
+        """The memory set aside before the KV cache takes the rest (CUDA): the largest
+        step's activations, measured, and what the CUDA graphs hold."""
         if self.device.type != "cuda":
             return 0
         config = self.config
         activation_bytes = profile_activation_bytes(
             self.model, self.model_config, config, self.max_model_len, self.device, self.dtype
         )
-        # Prefill graphs hold their largest step's activations in their pool, beside what
-        # an eager step takes.
-        graph_tokens = prefill_capture_sizes(config.max_num_batched_tokens)[-1]
-        graph_share = (
-            graph_tokens / config.max_num_batched_tokens if graphs_prefill(config, self.parallel) else 0
-        )
+        graph_share = prefill_graph_activation_share(config, self.parallel)
         return GRAPH_MARGIN_BYTES + int(activation_bytes * (1 + graph_share))
 
     def info(self) -> worker_pb2.WorkerInfo:

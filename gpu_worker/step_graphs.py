@@ -8,7 +8,7 @@ from torch import nn
 from gpu_worker.config import WorkerConfig
 from gpu_worker.cuda_graphs import DecodeGraphs
 from gpu_worker.parallel.groups import ParallelContext
-from gpu_worker.prefill_graphs import PrefillGraphs
+from gpu_worker.prefill_graphs import PrefillGraphs, prefill_capture_sizes
 
 StepGraphs = DecodeGraphs | PrefillGraphs
 
@@ -20,6 +20,14 @@ def graphs_prefill(config: WorkerConfig, parallel: ParallelContext) -> bool:
     single_stage = parallel.is_first_stage and parallel.is_last_stage
     wanted = config.prefill_graphs and not config.enforce_eager
     return wanted and config.resolve_device().type == "cuda" and single_stage
+
+
+def prefill_graph_activation_share(config: WorkerConfig, parallel: ParallelContext) -> float:
+    """The prefill graphs' activations as a share of the largest eager step's: their pool
+    holds those of their largest size, beside what a step they cannot take needs."""
+    if not graphs_prefill(config, parallel):
+        return 0.0
+    return prefill_capture_sizes(config.max_num_batched_tokens)[-1] / config.max_num_batched_tokens
 
 
 def capture_step_graphs(

@@ -11,6 +11,7 @@ captured forward on the graph's buffers (what the captured kernels read)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,10 +19,13 @@ from pagedserve.v1 import common_pb2
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from gpu_worker.config import WorkerConfig
 from gpu_worker.kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv
 from gpu_worker.model.attention import attention_context
 from gpu_worker.model_runner import ModelRunner
+from gpu_worker.parallel.groups import ParallelContext
 from gpu_worker.prefill_graphs import PrefillGraphs, prefill_capture_sizes
+from gpu_worker.step_graphs import prefill_graph_activation_share
 from tests.support.engine_loop import run_engine
 from tests.support.tiny_llama import EOS_TOKEN_ID, TINY_DIMS
 from tests.worker.test_overlapped_steps import _requests
@@ -40,6 +44,21 @@ def test_capture_sizes_double_up_to_the_step_budget_or_the_largest_graph() -> No
     assert prefill_capture_sizes(8192) == [256, 512, 1024, 2048]
     assert prefill_capture_sizes(1500) == [256, 512, 1024, 1500]
     assert prefill_capture_sizes(100) == [100]
+
+
+def test_prefill_graphs_are_asked_for_and_reserve_their_activations() -> None:
+    def config(**fields: Any) -> WorkerConfig:
+        return WorkerConfig(model_path=Path("model"), **fields)
+
+    def share(worker: WorkerConfig) -> float:
+        return prefill_graph_activation_share(worker, ParallelContext(config=worker.parallel))
+
+    # 2,048 of the 8,192 tokens an eager step may take.
+    assert share(config(device="cuda", prefill_graphs=True)) == 0.25
+    assert share(config(device="cuda", prefill_graphs=True, max_num_batched_tokens=1024)) == 1.0
+    assert share(config(device="cuda")) == 0.0
+    assert share(config(device="cuda", prefill_graphs=True, enforce_eager=True)) == 0.0
+    assert share(config(device="cpu", prefill_graphs=True)) == 0.0
 
 
 @pytest.mark.parametrize(
