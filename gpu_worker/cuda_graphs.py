@@ -36,6 +36,26 @@ if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
 
 
+def capture_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    intermediate: torch.Tensor | None,
+    metadata: AttentionMetadata,
+    pool: _POOL_HANDLE,
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """The model's forward on these buffers captured into `pool`; returns the graph and
+    the output tensor its replays write."""
+    with attention_context(metadata):
+        # One eager run first: kernels compile and the allocator settles outside capture.
+        model(input_ids, positions, intermediate)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = model(input_ids, positions, intermediate)
+    return graph, output
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (and max_num_seqs itself)."""
     sizes = [size for size in (1, 2, 4, 8) if size < max_num_seqs]
@@ -153,13 +173,9 @@ class DecodeGraphs:
             metadata = self.inputs.metadata(size, self.max_model_len)
             input_ids, positions = self.inputs.tokens(size)
             intermediate = None if self.intermediate is None else self.intermediate[:size]
-            with attention_context(metadata):
-                # One eager run first: kernels compile and the allocator settles outside capture.
-                self.model(input_ids, positions, intermediate)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[size] = self.model(input_ids, positions, intermediate)
+            graph, self.outputs[size] = capture_forward(
+                self.model, input_ids, positions, intermediate, metadata, pool
+            )
             self.graphs[size] = graph
         torch.cuda.synchronize()
         return pool

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from gpu_worker.cuda_graphs import capture_forward
 from gpu_worker.kernels.paged_attention import PADDING_SLOT
-from gpu_worker.model.attention import AttentionMetadata, attention_context
+from gpu_worker.model.attention import AttentionMetadata
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
@@ -92,13 +93,9 @@ class PrefillGraphs:
         pool = torch.cuda.graph_pool_handle() if pool is None else pool
         for size in reversed(self.sizes):
             input_ids, positions = self.input_ids[:size], self.positions[:size]
-            with attention_context(self._metadata(size)):
-                # One eager run first: kernels compile and the allocator settles outside capture.
-                self.model(input_ids, positions, None)
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[size] = self.model(input_ids, positions, None)
+            graph, self.outputs[size] = capture_forward(
+                self.model, input_ids, positions, None, self._metadata(size), pool
+            )
             self.graphs[size] = graph
         torch.cuda.synchronize()
         return pool

@@ -31,11 +31,9 @@ from tests.support.tiny_llama import EOS_TOKEN_ID, TINY_DIMS
 from tests.worker.test_overlapped_steps import _requests
 from tests.worker.test_verification_graph_layout import (
     BLOCK_SIZE,
-    HEAD_DIM,
     NUM_BLOCKS,
-    NUM_HEADS,
-    NUM_KV_HEADS,
     SCALE,
+    PackedStep,
     _packed_batch,
 )
 
@@ -69,24 +67,7 @@ def test_staged_batch_attends_as_the_packed_batch(cached: list[int], query_lens:
     torch.manual_seed(1)
     metadata, positions = _packed_batch(cached, query_lens)
     num_tokens = positions.shape[0]
-    cache_shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
-    query = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM)
-    key, value = (
-        torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM),
-        torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM),
-    )
-    packed_keys, packed_values = key_cache.clone(), value_cache.clone()
-    store_kv(key, value, packed_keys, packed_values, metadata.slot_mapping)
-    expected = paged_attention(
-        query,
-        packed_keys,
-        packed_values,
-        metadata.block_tables,
-        metadata.query_start_loc,
-        metadata.seq_lens,
-        SCALE,
-    )
+    step = PackedStep.random(metadata)
 
     # A budget of 300 tokens: graphs of 256 and 300 tokens, for 6 sequences.
     graphs = PrefillGraphs(nn.Identity(), 6, 300, NUM_BLOCKS * BLOCK_SIZE, BLOCK_SIZE, torch.device("cpu"))
@@ -102,10 +83,10 @@ def test_staged_batch_attends_as_the_packed_batch(cached: list[int], query_lens:
     assert (staged.query_start_loc[num_seqs:] == num_tokens).all()
 
     # Padding rows carry garbage queries, keys and values: none of it may reach a real row.
-    padded = [torch.randn(size, *t.shape[1:]) for t in (query, key, value)]
-    for buffer, real in zip(padded, (query, key, value)):
+    padded = [torch.randn(size, *t.shape[1:]) for t in (step.query, step.key, step.value)]
+    for buffer, real in zip(padded, (step.query, step.key, step.value)):
         buffer[:num_tokens] = real
-    staged_keys, staged_values = key_cache.clone(), value_cache.clone()
+    staged_keys, staged_values = step.key_cache.clone(), step.value_cache.clone()
     store_kv(padded[1], padded[2], staged_keys, staged_values, staged.slot_mapping)
     output = paged_attention(
         padded[0],
@@ -116,8 +97,8 @@ def test_staged_batch_attends_as_the_packed_batch(cached: list[int], query_lens:
         staged.seq_lens,
         SCALE,
     )
-    assert torch.equal(staged_keys, packed_keys) and torch.equal(staged_values, packed_values)
-    torch.testing.assert_close(output[:num_tokens], expected)
+    assert torch.equal(staged_keys, step.packed_keys) and torch.equal(staged_values, step.packed_values)
+    torch.testing.assert_close(output[:num_tokens], step.expected)
 
 
 class _EagerReplay:

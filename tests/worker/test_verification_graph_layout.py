@@ -7,6 +7,8 @@ the Triton kernels are tested against (tests/kernels)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -48,6 +50,42 @@ def _packed_batch(cached: list[int], query_lens: list[int]) -> tuple[AttentionMe
     return metadata, positions
 
 
+@dataclass
+class PackedStep:
+    """A step's random queries, keys and values over a random cache, and what the packed
+    batch stores and attends to."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    packed_keys: torch.Tensor
+    packed_values: torch.Tensor
+    expected: torch.Tensor
+
+    @classmethod
+    def random(cls, metadata: AttentionMetadata) -> PackedStep:
+        num_tokens = metadata.slot_mapping.shape[0]
+        cache_shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
+        query = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM)
+        key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
+        value = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
+        packed_keys, packed_values = key_cache.clone(), value_cache.clone()
+        store_kv(key, value, packed_keys, packed_values, metadata.slot_mapping)
+        expected = paged_attention(
+            query,
+            packed_keys,
+            packed_values,
+            metadata.block_tables,
+            metadata.query_start_loc,
+            metadata.seq_lens,
+            SCALE,
+        )
+        return cls(key_cache, value_cache, query, key, value, packed_keys, packed_values, expected)
+
+
 @pytest.mark.parametrize(
     ("cached", "query_lens"),
     [([7, 2, 0, 11], [5, 1, 3, 2]), ([3], [5]), ([9, 1], [1, 1])],
@@ -56,26 +94,16 @@ def test_padded_queries_attend_as_the_packed_batch(cached: list[int], query_lens
     torch.manual_seed(0)
     metadata, positions = _packed_batch(cached, query_lens)
     num_tokens, num_seqs = len(positions), len(cached)
-    cache_shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
-    query = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM)
-    key, value = (
-        torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM),
-        torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM),
+    step = PackedStep.random(metadata)
+    key_cache, value_cache, query, key, value = (
+        step.key_cache,
+        step.value_cache,
+        step.query,
+        step.key,
+        step.value,
     )
+    packed_keys, packed_values, expected = step.packed_keys, step.packed_values, step.expected
     input_ids = torch.randint(0, 1000, (num_tokens,))
-
-    packed_keys, packed_values = key_cache.clone(), value_cache.clone()
-    store_kv(key, value, packed_keys, packed_values, metadata.slot_mapping)
-    expected = paged_attention(
-        query,
-        packed_keys,
-        packed_values,
-        metadata.block_tables,
-        metadata.query_start_loc,
-        metadata.seq_lens,
-        SCALE,
-    )
 
     graph_size = 8
     inputs = _StaticInputs.allocate(
