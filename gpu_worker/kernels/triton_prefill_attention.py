@@ -149,12 +149,14 @@ def prefill_tile_map(query_start_loc: torch.Tensor, block_m: int, num_tiles: int
     """(tile_seq, tile_first) [num_tiles]: each tile's sequence (num_seqs past the batch's
     last tile) and its first query token. Device ops only: no host sync."""
     num_seqs = query_start_loc.shape[0] - 1
+    tiles = torch.arange(num_tiles, dtype=torch.int32, device=query_start_loc.device)
+    if num_seqs == 0:
+        return torch.zeros_like(tiles), tiles
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     seq_tiles = (query_lens + block_m - 1) // block_m
     tile_ends = torch.cumsum(seq_tiles, 0, dtype=torch.int32)
-    tiles = torch.arange(num_tiles, dtype=torch.int32, device=query_start_loc.device)
     tile_seq = torch.searchsorted(tile_ends, tiles, right=True, out_int32=True)
-    first_tile = (tile_ends - seq_tiles)[tile_seq.clamp(max=max(num_seqs - 1, 0))]
+    first_tile = (tile_ends - seq_tiles)[tile_seq.clamp(max=num_seqs - 1)]
     return tile_seq, (tiles - first_tile) * block_m
 
 

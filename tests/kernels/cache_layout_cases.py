@@ -52,6 +52,8 @@ def test_prefill_tiles_are_numbered_across_sequences() -> None:
     tile_seq, tile_first = prefill_tile_map(start_loc, 32, max_prefill_tiles(74, 4, 32))
     assert tile_seq.tolist() == [0, 2, 2, 2, 3, 4, 4]
     assert tile_first[:5].tolist() == [0, 0, 32, 64, 0]
+    # No sequences: every tile is past the batch.
+    assert prefill_tile_map(torch.zeros(1, dtype=torch.int32), 32, 3)[0].tolist() == [0, 0, 0]
 
 
 def test_prefill_attention_on_a_prefill_graphs_layout() -> None:
