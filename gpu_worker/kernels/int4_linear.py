@@ -8,8 +8,9 @@ or GPTQ act_order's own order). The weight is W[n, k] = (q[k, n] - zeros[g, n]) 
 scales[g, n] with g = g_idx[k].
 
 Few rows (decode) run the Triton kernel that dequantizes tiles as it multiplies, reading
-a quarter of bf16's bytes (the fewest, where groups follow the input order, a form split
-along the input dimension); many rows dequantize the whole weight once and use cuBLAS,
+a quarter of bf16's bytes (where groups follow the input order, a form split along the
+input dimension; for one or two rows, one on the CUDA cores that opens each weight in two
+instructions: kernels/triton_int4_gemv.py); many rows dequantize the whole weight once and use cuBLAS,
 where the GEMM, not the bytes, is the cost. The PyTorch reference runs on CPU.
 """
 
@@ -80,10 +81,17 @@ def int4_linear(
     which lets the fewest rows take the split-K kernel; 0: g_idx says."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and rows <= MAX_FUSED_ROWS:
+        from gpu_worker.kernels import triton_int4_gemv as gemv
         from gpu_worker.kernels import triton_int4_linear as kernels
 
         x2 = x.reshape(rows, x.shape[-1])
         if (
+            rows <= gemv.MAX_GEMV_ROWS
+            and group_size
+            and gemv.int4_gemv_plan(qweight.shape[1], x.shape[-1], group_size)
+        ):
+            out = gemv.int4_gemv_triton(x2, qweight, scales, zeros, group_size)
+        elif (
             rows <= kernels.MAX_SPLIT_K_ROWS
             and group_size
             and kernels.grouped_split_k_block(x.shape[-1], group_size)

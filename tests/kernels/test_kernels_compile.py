@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from gpu_worker.kernels.triton_decode_attention import _decode_kernel, _merge_splits_kernel  # noqa: E402
 from gpu_worker.kernels.triton_elementwise import _add_rms_norm_kernel, _silu_and_mul_kernel  # noqa: E402
+from gpu_worker.kernels.triton_int4_gemv import _int4_gemv_kernel  # noqa: E402
 from gpu_worker.kernels.triton_int4_linear import _int4_split_k_kernel  # noqa: E402
 from gpu_worker.kernels.triton_linear import _partial_sums_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
@@ -204,6 +205,15 @@ CASES = {
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=512, GROUP_SIZE=128),
         dict(num_warps=4, num_stages=4),
     ),
+    **{
+        f"4-bit matrix-vector product, {rows} row(s)": (
+            _int4_gemv_kernel,
+            dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", out_ptr="*fp32"),
+            dict(BLOCK_M=rows, BLOCK_N=128, BLOCK_K=128, K_PER_SPLIT=512, GROUP_SIZE=128),
+            dict(num_warps=4, num_stages=4),
+        )
+        for rows in (1, 2)
+    },
     "per-token fp8 quantization": (
         _quantize_rows_kernel,
         dict(x_ptr="*bf16", out_ptr="*fp8e4nv", scale_ptr="*fp32"),
