@@ -21,7 +21,7 @@ import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 from gpu_worker.kernels.triton_attention_options import soft_cap
-from gpu_worker.kernels.triton_paged_kv import load_kv_tile
+from gpu_worker.kernels.triton_paged_kv import in_operand_dtype, load_kv_tile
 
 # Enough programs to occupy every multiprocessor about twice is where splitting stops
 # paying; more splits only add merge work.
@@ -81,6 +81,7 @@ def _decode_kernel(
         mask=row_valid[:, None],
         other=0.0,
     )
+    query = in_operand_dtype(query, key_cache_ptr)
 
     row_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     row_sum = tl.zeros([GROUP_PAD], tl.float32)
@@ -106,7 +107,7 @@ def _decode_kernel(
             cache_head_stride,
             BLOCK_SIZE,
         )
-        # An fp8 cache is read in the query's dtype (a no-op for a cache of that dtype).
+        # In the dtype of in_operand_dtype's query (a no-op for a cache of the model's dtype).
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
         if USE_SOFTCAP:

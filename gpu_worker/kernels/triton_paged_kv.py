@@ -32,3 +32,15 @@ def load_kv_tile(
     keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
     values = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
     return keys, values
+
+
+@triton.jit
+def in_operand_dtype(query, key_cache_ptr):
+    """The query in the dtype the attention's dot products take, to which each KV tile is
+    converted as it is read: fp16 for an fp8 cache under a bf16 model, since the device
+    widens e4m3 pairs to fp16 pairs in one instruction, where to bf16 it goes through
+    fp32, a quarter-rate conversion per value (the kernels were no faster than on a bf16
+    cache); else the query's own dtype (the cache's, or fp32's precision kept)."""
+    if key_cache_ptr.dtype.element_ty.is_fp8() and query.dtype == tl.bfloat16:
+        query = query.to(tl.float16)
+    return query

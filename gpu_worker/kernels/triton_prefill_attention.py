@@ -20,7 +20,7 @@ import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 from gpu_worker.kernels.triton_attention_options import soft_cap
-from gpu_worker.kernels.triton_paged_kv import load_kv_tile
+from gpu_worker.kernels.triton_paged_kv import in_operand_dtype, load_kv_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -89,6 +89,7 @@ def _prefill_kernel(
         mask=row_valid[:, None],
         other=0.0,
     )
+    query = in_operand_dtype(query, key_cache_ptr)
 
     row_max = tl.full([ROWS], float("-inf"), tl.float32)
     row_sum = tl.zeros([ROWS], tl.float32)
@@ -116,7 +117,7 @@ def _prefill_kernel(
             cache_head_stride,
             BLOCK_SIZE,
         )
-        # An fp8 cache is read in the query's dtype (a no-op for a cache of that dtype).
+        # In the dtype of in_operand_dtype's query (a no-op for a cache of the model's dtype).
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
         if USE_SOFTCAP:

@@ -43,6 +43,19 @@ def test_attention_kernels_read_an_fp8_cache() -> None:
     )
 
 
+def test_attention_kernels_read_an_fp8_cache_under_a_bf16_model() -> None:
+    # A bf16 model's queries over an fp8 cache are multiplied in fp16 (in_operand_dtype):
+    # the outputs stay within bf16's precision of the reference's over the same values.
+    batch = PagedBatch([37, 9, 20], [1, 1, 1], num_heads=4, num_kv_heads=2, seed=5)
+    batch.key_cache = batch.key_cache.to(torch.float8_e4m3fn)
+    batch.value_cache = batch.value_cache.to(torch.float8_e4m3fn)
+    expected = batch.reference().float()
+    batch.query = batch.query.to(torch.bfloat16)
+    for output in (batch.decode(), batch.prefill(block_n=16 if not ON_GPU else 64)):
+        assert output.dtype == torch.bfloat16
+        torch.testing.assert_close(output.float(), expected, atol=2e-2, rtol=2e-2)
+
+
 def test_prefill_tiles_are_numbered_across_sequences() -> None:
     # Query lengths 3, 0, 70 and 1 in tiles of 32: one tile, none, three, one; the tiles
     # past the batch's last belong to no sequence (the sequence count, 4).
