@@ -40,6 +40,28 @@ def test_int4_gemm_matches_reference(num_rows: int, act_order: bool) -> None:
     assert torch.equal(unpack_int4(qweight, dim=0).cpu(), values.to(torch.int32))
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_dequantization_equals_the_reference(act_order: bool) -> None:
+    # The many-rows path widens the weight for cuBLAS: exactly the reference's weight,
+    # rounded as it rounds; sizes that fill no tile, and act_order's scattered groups.
+    from gpu_worker.kernels.int4_linear import dequantize_int4
+    from gpu_worker.kernels.triton_int4_dequantize import dequantize_int4_triton
+
+    in_features, out_features, group_size = (4160, 1000, 64) if ON_GPU else (96, 200, 32)
+    generator = torch.Generator().manual_seed(300)
+    values = torch.randint(0, 16, (in_features, out_features), generator=generator)
+    g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features, generator=generator)]
+    groups = in_features // group_size
+    scales = (torch.rand(groups, out_features, generator=generator) * 0.02 + 0.001).to(DEVICE, DTYPE)
+    zeros = torch.randint(0, 16, (groups, out_features), generator=generator).to(DEVICE, DTYPE)
+    qweight, g_idx = pack_int4(values, dim=0).to(DEVICE), g_idx.to(DEVICE)
+    actual = dequantize_int4_triton(qweight, scales, zeros, g_idx, DTYPE)
+    assert actual.shape == (in_features, out_features) and actual.dtype == DTYPE
+    assert torch.equal(actual.t(), dequantize_int4(qweight, scales, zeros, g_idx).to(DTYPE))
+
+
 @pytest.mark.parametrize("num_rows", [1, 5, 16])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("one_slice", [False, True])

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from gpu_worker.kernels.triton_decode_attention import _decode_kernel, _merge_splits_kernel  # noqa: E402
 from gpu_worker.kernels.triton_elementwise import _add_rms_norm_kernel, _silu_and_mul_kernel  # noqa: E402
+from gpu_worker.kernels.triton_int4_dequantize import _dequantize_int4_kernel  # noqa: E402
 from gpu_worker.kernels.triton_int4_gemv import _int4_gemv_kernel  # noqa: E402
 from gpu_worker.kernels.triton_int4_linear import _int4_split_k_kernel  # noqa: E402
 from gpu_worker.kernels.triton_linear import _partial_sums_kernel  # noqa: E402
@@ -217,6 +218,12 @@ CASES = {
         )
         for rows in (1, 2)
     },
+    "4-bit dequantization": (
+        _dequantize_int4_kernel,
+        dict(qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", g_idx_ptr="*i32", out_ptr="*bf16"),
+        dict(BLOCK_K=64, BLOCK_N=128),
+        dict(num_warps=4),
+    ),
     "per-token fp8 quantization": (
         _quantize_rows_kernel,
         dict(x_ptr="*bf16", out_ptr="*fp8e4nv", scale_ptr="*fp32"),

@@ -1,0 +1,123 @@
+"""The 4-bit decode kernels' launch parameters, swept on Llama-3.1-8B's projections.
+
+    python -m benchmarks.kernels.int4_tiles --kernel gemv --rows 1,2 --json int4_tiles.json
+
+For each projection (qkv, o_proj, gate_up, down; group size 128) and row count, every
+plan in a grid of tile sizes, input slices, warps and stages is timed with Triton's
+do_bench (L2 flushed before each call, median), beside bf16's F.linear on the same shape
+and the plan the worker picks today. Prints, per shape, the worker's plan and the best
+found, with the TB/s at which each read the 4-bit weights; the JSON holds the best few.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from benchmarks.arguments import benchmark_parser
+from gpu_worker.kernels.triton_int4_gemv import int4_gemv_plan, int4_gemv_triton
+from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_triton, int4_split_k_plan
+
+# (in_features, out_features) of Llama-3.1-8B's four projections.
+LLAMA_8B_PROJECTIONS = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
+GROUP_SIZE = 128
+KERNELS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., dict[str, int] | None]]] = {
+    "gemv": (int4_gemv_triton, int4_gemv_plan),
+    "split-k": (int4_linear_grouped_triton, int4_split_k_plan),
+}
+KEEP = 5
+
+
+def _plans(in_features: int, out_features: int) -> list[dict[str, int]]:
+    """The grid: tiles within one group, 1-16 input slices dividing the tiles, and only
+    launches of at least one program per multiprocessor's worth (132) of work."""
+    plans = []
+    for block_n, block_k, warps, stages in itertools.product((64, 128, 256), (64, 128), (4, 8), (1, 2, 4)):
+        k_tiles = in_features // block_k
+        for splits in (s for s in (1, 2, 4, 8, 16) if k_tiles % s == 0):
+            if (out_features // block_n) * splits >= 132:
+                plans.append(
+                    {
+                        "block_k": block_k,
+                        "block_n": block_n,
+                        "num_splits": splits,
+                        "num_warps": warps,
+                        "num_stages": stages,
+                    }
+                )
+    return plans
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def sweep_shape(kernel: str, in_features: int, out_features: int, rows: int) -> dict[str, object]:
+    launch, worker_plan = KERNELS[kernel]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16, generator=generator)
+    qweight = torch.randint(
+        -(2**31),
+        2**31 - 1,
+        (in_features // 8, out_features),
+        device="cuda",
+        dtype=torch.int32,
+        generator=generator,
+    )
+    groups = in_features // GROUP_SIZE
+    scales = torch.rand(groups, out_features, device="cuda", generator=generator).to(torch.bfloat16) * 0.01
+    zeros = torch.full((groups, out_features), 8.0, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16, generator=generator)
+    timed: list[tuple[float, dict[str, int]]] = []
+    for plan in _plans(in_features, out_features):
+        try:
+            timed.append((_ms(functools.partial(launch, x, qweight, scales, zeros, GROUP_SIZE, plan)), plan))
+        except (ValueError, triton.runtime.errors.OutOfResources):
+            continue
+    timed.sort(key=lambda entry: entry[0])
+    default = worker_plan(out_features, in_features, GROUP_SIZE)
+    default_ms = _ms(lambda: launch(x, qweight, scales, zeros, GROUP_SIZE, default))
+    # The 4-bit weights and one bf16 scale and zero per group and column.
+    gigabytes = (qweight.numel() * 4 + scales.numel() * 4) / 1e9
+    return {
+        "shape": [in_features, out_features],
+        "rows": rows,
+        "bf16_ms": _ms(lambda: F.linear(x, weight)),
+        "default_plan": default,
+        "default_ms": default_ms,
+        "default_tbps": gigabytes / default_ms,
+        "best_tbps": gigabytes / timed[0][0],
+        "top": timed[:KEEP],
+    }
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, "int4_tiles.json")
+    parser.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
+    parser.add_argument("--rows", default="1,2", help="comma-separated row counts")
+    args = parser.parse_args()
+    results = []
+    print("| shape | rows | bf16 ms | worker's plan ms | TB/s | best ms | TB/s | best plan |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for rows in (int(r) for r in args.rows.split(",")):
+        for in_features, out_features in LLAMA_8B_PROJECTIONS:
+            result = sweep_shape(args.kernel, in_features, out_features, rows)
+            results.append(result)
+            best_ms, best_plan = result["top"][0]  # type: ignore[index]
+            print(
+                f"| {in_features}x{out_features} | {rows} | {result['bf16_ms']:.4f} | {result['default_ms']:.4f} "
+                f"| {result['default_tbps']:.2f} | {best_ms:.4f} | {result['best_tbps']:.2f} | {best_plan} |",
+                flush=True,
+            )
+            args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
