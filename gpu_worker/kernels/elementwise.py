@@ -9,6 +9,8 @@ path needs no Triton; the q/k norm and rotary embedding run fused with the KV-ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +88,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
         return silu_and_mul_triton(x)
     return silu_and_mul_reference(x)
+
+
+# A config's hidden_act: its gated MLP's activation, act(gate) * up of [..., 2 * I].
+GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": silu_and_mul,
+    "gelu_pytorch_tanh": gelu_tanh_and_mul,
+}

@@ -8,9 +8,9 @@ the fused Triton kernel (kernels/triton_moe.py) must compute.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+
+from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,11 +30,12 @@ def fused_moe_reference(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act_and_mul: Callable[[torch.Tensor], torch.Tensor],
+    hidden_act: str,
 ) -> torch.Tensor:
     """x: [T, H]. Each expert computes over the tokens routed to it, and its weighted
     output is added into theirs; the arithmetic follows Hugging Face's expert loop
-    (weights rounded to the activation dtype)."""
+    (weights rounded to the activation dtype). hidden_act: a key of GATED_ACTIVATIONS."""
+    act_and_mul = GATED_ACTIVATIONS[hidden_act]
     output = torch.zeros_like(x)
     weights = topk_weights.to(x.dtype)
     for expert in torch.unique(topk_ids).tolist():
@@ -50,10 +51,10 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act_and_mul: Callable[[torch.Tensor], torch.Tensor],
+    hidden_act: str,
 ) -> torch.Tensor:
     if x.is_cuda:
         from gpu_worker.kernels.triton_moe import fused_moe_triton
 
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, act_and_mul)
-    return fused_moe_reference(x, w13, w2, topk_weights, topk_ids, act_and_mul)
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, hidden_act)
+    return fused_moe_reference(x, w13, w2, topk_weights, topk_ids, hidden_act)

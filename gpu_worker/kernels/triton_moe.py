@@ -4,8 +4,11 @@ Computes kernels.moe.fused_moe_reference. The (token, choice) pairs of a batch, 
 them, are sorted by expert and each expert's run is padded to a multiple of BLOCK_M, so
 that every tile of BLOCK_M rows belongs to one expert: the tile multiplies its rows by
 that expert's weights only, and no expert's weights are read for tokens that did not pick
-it. Two launches: gate/up for every pair, then (after the activation) down, scaled by the
-pair's routing weight; the k outputs of each token are summed last.
+it. Two launches: gate/up for every pair, then down, scaled by the pair's routing weight;
+the k outputs of each token are summed last. Under SiLU the first launch also applies the
+activation: each program multiplies a tile of gate columns and the matching tile of up
+columns and writes silu(gate) * up, so the [pairs, 2 * I] product is never written and
+read back; other activations run as a separate kernel between the two.
 
 Every buffer is sized for the worst case (each expert's run padded by BLOCK_M - 1), so
 the launch depends only on the batch size and the shapes: CUDA-graph safe.
@@ -13,12 +16,11 @@ the launch depends only on the batch size and the shapes: CUDA-graph safe.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
 
+from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
 from gpu_worker.kernels.triton_moe_align import align_by_expert_triton, fits_one_program
 
 
@@ -69,12 +71,14 @@ def _expert_gemm_kernel(
     stride_cm,
     A_ROW_DIV: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
+    SILU_AND_MUL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """C[pair] = A[pair // A_ROW_DIV] @ B[expert]^T (times the pair's weight), for the
-    pairs of one tile of sorted rows and one tile of output columns."""
+    pairs of one tile of sorted rows and one tile of output columns. SILU_AND_MUL: B has
+    2 * N rows, gate then up, and C[pair] = silu(A B_gate^T) * (A B_up^T)."""
     tile_m = tl.program_id(0)
     tile_n = tl.program_id(1)
     if tile_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -86,7 +90,13 @@ def _expert_gemm_kernel(
     a_rows = (pairs // A_ROW_DIV).to(tl.int64)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # Under SiLU one weight tile holds the gate rows of these columns, then the up rows.
+    B_COLS: tl.constexpr = BLOCK_N * (1 + SILU_AND_MUL)
+    b_offsets = tl.arange(0, B_COLS)
+    b_cols = tile_n * BLOCK_N + b_offsets % BLOCK_N
+    b_col_valid = b_cols < N
+    b_cols += (b_offsets // BLOCK_N) * N
+    acc = tl.zeros([BLOCK_M, B_COLS], tl.float32)
     for k_start in range(0, K, BLOCK_K):
         ks = k_start + tl.arange(0, BLOCK_K)
         k_valid = ks < K
@@ -96,11 +106,18 @@ def _expert_gemm_kernel(
             other=0.0,
         )
         b = tl.load(
-            b_ptr + expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk,
-            mask=col_valid[None, :] & k_valid[:, None],
+            b_ptr + expert * stride_be + b_cols[None, :] * stride_bn + ks[:, None] * stride_bk,
+            mask=b_col_valid[None, :] & k_valid[:, None],
             other=0.0,
         )
         acc += tl.dot(a, b)
+    if SILU_AND_MUL:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
+        # Rounded where the separate kernels round: the product to the activation dtype,
+        # silu(gate) to it again (kernels/triton_elementwise.py).
+        gate = gate.to(c_ptr.dtype.element_ty).to(tl.float32)
+        activated = (gate / (1.0 + tl.exp(-gate))).to(c_ptr.dtype.element_ty)
+        acc = activated.to(tl.float32) * up.to(c_ptr.dtype.element_ty).to(tl.float32)
     if MUL_WEIGHT:
         weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
         acc = acc * weights[:, None]
@@ -134,10 +151,16 @@ def _expert_gemm(
     a_row_div: int,
     mul_weight: bool,
     plan: dict[str, int],
+    silu_and_mul: bool = False,
 ) -> None:
     sorted_ids, expert_of_block, num_padded = alignment
-    n, k = b.shape[1], b.shape[2]
+    k = b.shape[2]
+    n = b.shape[1] // 2 if silu_and_mul else b.shape[1]
     block_m, block_n = plan["block_m"], plan["block_n"]
+    if silu_and_mul:
+        # Two tiles of columns per program, gate and up: the accumulators and the weight
+        # tiles of the plan's width, and as many programs.
+        block_n //= 2
     block_k = plan["block_k"] if k >= plan["block_k"] else max(16, triton.next_power_of_2(k))
     grid = (triton.cdiv(sorted_ids.numel(), block_m), triton.cdiv(n, block_n))
     _expert_gemm_kernel[grid](
@@ -158,6 +181,7 @@ def _expert_gemm(
         out.stride(0),
         A_ROW_DIV=a_row_div,
         MUL_WEIGHT=mul_weight,
+        SILU_AND_MUL=silu_and_mul,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -172,7 +196,7 @@ def fused_moe_triton(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act_and_mul: Callable[[torch.Tensor], torch.Tensor],
+    hidden_act: str,
     plans: tuple[dict[str, int], dict[str, int]] | None = None,
 ) -> torch.Tensor:
     """Same contract as kernels.moe.fused_moe_reference. plans: the gate/up and the down
@@ -184,9 +208,13 @@ def fused_moe_triton(
     assert gate_up_plan["block_m"] == down_plan["block_m"], "both GEMMs read one alignment"
     alignment = align_by_expert(topk_ids, w13.shape[0], gate_up_plan["block_m"])
     weights = topk_weights.flatten().to(x.dtype)
-    gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-    _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, gate_up_plan)
-    hidden = act_and_mul(gate_up)
+    if hidden_act == "silu":
+        hidden = torch.empty(num_pairs, w13.shape[1] // 2, dtype=x.dtype, device=x.device)
+        _expert_gemm(x, w13, hidden, weights, alignment, top_k, False, gate_up_plan, silu_and_mul=True)
+    else:
+        gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
+        _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, gate_up_plan)
+        hidden = GATED_ACTIVATIONS[hidden_act](gate_up)
     down = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     _expert_gemm(hidden, w2, down, weights, alignment, 1, True, down_plan)
     return down.view(num_tokens, top_k, -1).sum(dim=1)

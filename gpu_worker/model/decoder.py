@@ -18,12 +18,12 @@ applies the final norm and the LM head.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from gpu_worker.kernels.elementwise import gelu_tanh_and_mul, silu_and_mul
+from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.layers import RMSNorm, RotaryEmbedding
@@ -37,11 +37,6 @@ from gpu_worker.model.parallel_layers import (
 from gpu_worker.model.quantization.methods import make_quant_method
 from gpu_worker.parallel.config import check_model_fits, stage_layer_range
 from gpu_worker.parallel.groups import SINGLE_RANK, SINGLE_RANK_CONTEXT, ParallelContext, RankGroup
-
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": silu_and_mul,
-    "gelu_pytorch_tanh": gelu_tanh_and_mul,
-}
 
 
 class DecoderAttention(nn.Module):
@@ -115,7 +110,7 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(
             size, config.hidden_size, bias=config.mlp_bias, tp=tp, quant_method=make_quant_method(quant)
         )
-        self.act_and_mul = ACTIVATIONS[config.hidden_act]
+        self.act_and_mul = GATED_ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))

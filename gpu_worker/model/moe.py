@@ -19,7 +19,7 @@ from torch import nn
 
 from gpu_worker.kernels.moe import fused_moe, route
 from gpu_worker.model.config import ModelConfig
-from gpu_worker.model.decoder import ACTIVATIONS, DecoderForCausalLM, DecoderLayer, GatedMLP
+from gpu_worker.model.decoder import DecoderForCausalLM, DecoderLayer, GatedMLP
 from gpu_worker.model.layers import Linear, WeightLoader, new_parameter
 from gpu_worker.parallel.groups import SINGLE_RANK, RankGroup
 
@@ -50,7 +50,7 @@ class FusedMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
         self.local_size = tp.share_of("moe_intermediate_size", config.moe_intermediate_size)
-        self.act_and_mul = ACTIVATIONS[config.hidden_act]
+        self.hidden_act = config.hidden_act
         self.gate = Linear(config.hidden_size, config.num_experts)
         self.experts = ExpertWeights(config, self.local_size, self._load_expert)
 
@@ -79,7 +79,7 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
         output = fused_moe(
-            x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.act_and_mul
+            x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids, self.hidden_act
         )
         return self.tp.all_reduce(output) if self.tp.size > 1 else output
 

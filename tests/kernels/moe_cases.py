@@ -10,7 +10,6 @@ import torch
 from tests.kernels.kernel_cases import DEVICE, DTYPE, ON_GPU, _relative_error, _triton_interpreter_on_cpu
 
 # isort: split
-from gpu_worker.kernels.elementwise import silu_and_mul_reference
 from gpu_worker.kernels.moe import fused_moe_reference, route
 from gpu_worker.kernels.triton_moe import align_by_expert, fused_moe_triton, moe_plan
 from gpu_worker.kernels.triton_moe_align import align_by_expert_triton
@@ -20,9 +19,13 @@ __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by py
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 4, 2), (5, 8, 2), (37, 8, 3), (64, 4, 1)])
 @pytest.mark.parametrize("tiles", ["planned", "large"])
-def test_fused_moe_matches_reference(num_tokens: int, num_experts: int, top_k: int, tiles: str) -> None:
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu_pytorch_tanh"])
+def test_fused_moe_matches_reference(
+    num_tokens: int, num_experts: int, top_k: int, tiles: str, hidden_act: str
+) -> None:
     # Intermediate and hidden sizes that do not fill the kernel's tiles on CPU; the tiles
-    # moe_plan picks for these batches, and the large ones it picks for big batches.
+    # moe_plan picks for these batches, and the large ones it picks for big batches. SiLU
+    # is applied inside the gate/up GEMM, other activations by their own kernel.
     hidden, intermediate = (1024, 768) if ON_GPU else (48, 40)
     generator = torch.Generator().manual_seed(num_tokens)
 
@@ -37,8 +40,8 @@ def test_fused_moe_matches_reference(num_tokens: int, num_experts: int, top_k: i
     if tiles == "large":
         plans = (moe_plan(1 << 20, num_experts),) * 2
         assert plans[0]["block_m"] == 128
-    output = fused_moe_triton(x, w13, w2, weights, ids, silu_and_mul_reference, plans)
-    expected = fused_moe_reference(x, w13, w2, weights, ids, silu_and_mul_reference)
+    output = fused_moe_triton(x, w13, w2, weights, ids, hidden_act, plans)
+    expected = fused_moe_reference(x, w13, w2, weights, ids, hidden_act)
     assert _relative_error(output, expected) < (2e-2 if ON_GPU else 1e-5)
 
 
