@@ -13,7 +13,9 @@ import torch
 from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def route_reference(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts in fp32, then the top_k, optionally renormalized to sum to
     one (Mixtral always, Qwen3-MoE per norm_topk_prob). Returns (weights [T, k] fp32,
     expert ids [T, k] int64)."""
@@ -22,6 +24,16 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[t
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_reference's result: on CUDA in one Triton launch (kernels/triton_moe_route.py)."""
+    if router_logits.is_cuda:
+        from gpu_worker.kernels.triton_moe_route import MAX_ROUTE_EXPERTS, route_triton
+
+        if router_logits.shape[-1] <= MAX_ROUTE_EXPERTS:
+            return route_triton(router_logits.contiguous(), top_k, renormalize)
+    return route_reference(router_logits, top_k, renormalize)
 
 
 def fused_moe_reference(

@@ -81,3 +81,24 @@ def test_align_in_one_kernel_matches_pytorch(
     for name, actual, want in zip(("sorted_ids", "expert_of_block", "num_padded"), output, expected):
         assert actual.dtype == want.dtype and actual.shape == want.shape, name
         assert torch.equal(actual.cpu(), want), name
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 8, 2), (5, 60, 4), (33, 128, 8), (3, 6, 6)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_route_in_one_kernel_matches_pytorch(
+    num_tokens: int, num_experts: int, top_k: int, renormalize: bool
+) -> None:
+    # Expert counts that are not powers of two (padding columns must never be chosen), k
+    # equal to the experts, and the router's logits in the activation dtype: distinct
+    # within a token (multiples of 1/16, exact in bf16), as ties have no defined order.
+    from gpu_worker.kernels.moe import route_reference
+    from gpu_worker.kernels.triton_moe_route import route_triton
+
+    generator = torch.Generator().manual_seed(num_experts + top_k)
+    ranks = torch.stack([torch.randperm(num_experts, generator=generator) for _ in range(num_tokens)])
+    logits = ((ranks - num_experts / 2) / 16).to(DEVICE, DTYPE)
+    weights, ids = route_triton(logits, top_k, renormalize)
+    expected_weights, expected_ids = route_reference(logits, top_k, renormalize)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-7)

@@ -27,6 +27,7 @@ from gpu_worker.kernels.triton_int4_linear import _int4_split_k_kernel  # noqa: 
 from gpu_worker.kernels.triton_linear import _partial_sums_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe_align import _align_kernel  # noqa: E402
+from gpu_worker.kernels.triton_moe_route import _route_kernel  # noqa: E402
 from gpu_worker.kernels.triton_prefill_attention import _prefill_kernel  # noqa: E402
 from gpu_worker.kernels.triton_quantize import _quantize_rows_kernel  # noqa: E402
 from gpu_worker.kernels.triton_rope_store import _rope_store_kernel  # noqa: E402
@@ -171,6 +172,13 @@ CASES = {
             A_ROW_DIV=1, MUL_WEIGHT=True, SILU_AND_MUL=False, stride_bk=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64
         ),
         dict(num_warps=4, num_stages=3),
+    ),
+    # Qwen3-30B-A3B's router: top 8 of 128 experts, renormalized.
+    "MoE routing": (
+        _route_kernel,
+        dict(logits_ptr="*bf16", weights_ptr="*fp32", ids_ptr="*i64"),
+        dict(TOP_K=8, TOP_K_PAD=8, EXPERTS=128, RENORMALIZE=True),
+        dict(num_warps=1),
     ),
     # Qwen3-30B-A3B's routing at decode: 8 pairs over 128 experts, 16-row tiles.
     "MoE align by expert, decode": (
