@@ -9,7 +9,7 @@ scales[g, n] with g = g_idx[k].
 
 Few rows (decode) run the Triton kernel that dequantizes tiles as it multiplies, reading
 a quarter of bf16's bytes (where groups follow the input order, a form split along the
-input dimension; for one or two rows, one on the CUDA cores that opens each weight in two
+input dimension; for one row, one on the CUDA cores that opens each weight in two
 instructions: kernels/triton_int4_gemv.py); many rows dequantize the whole weight once
 (kernels/triton_int4_dequantize.py) and use cuBLAS, where the GEMM, not the bytes, is the
 cost. The PyTorch reference runs on CPU.
@@ -25,6 +25,10 @@ PACK_FACTOR = 8
 # H100 with Llama-3.1-8B's shapes a decode step of 32 rows took 24.0 ms in the fused
 # kernel against 8.5 ms in bf16: each tile of rows opens every weight again.
 MAX_FUSED_ROWS = 16
+# Rows that take the CUDA-core kernel (it takes up to two). At two rows it opens each
+# weight once but issues an fma per row and weight: on an H100 a Llama-3.1-8B decode step
+# of two rows took 6.56 ms that way, where 16 rows took 6.41 ms in the split-K form.
+GEMV_ROWS = 1
 
 
 def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -88,7 +92,7 @@ def int4_linear(
 
         x2 = x.reshape(rows, x.shape[-1])
         if (
-            rows <= gemv.MAX_GEMV_ROWS
+            rows <= GEMV_ROWS
             and group_size
             and gemv.int4_gemv_plan(qweight.shape[1], x.shape[-1], group_size)
         ):
