@@ -119,8 +119,10 @@ def _expert_gemm_kernel(
         activated = (gate / (1.0 + tl.exp(-gate))).to(c_ptr.dtype.element_ty)
         acc = activated.to(tl.float32) * up.to(c_ptr.dtype.element_ty).to(tl.float32)
     if MUL_WEIGHT:
-        weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
-        acc = acc * weights[:, None]
+        # Routing weights come in fp32; rounded to the activation dtype as the reference
+        # rounds them, here rather than by a launch of its own.
+        weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0).to(c_ptr.dtype.element_ty)
+        acc = acc * weights.to(tl.float32)[:, None]
     tl.store(
         c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + cols[None, :],
         acc.to(c_ptr.dtype.element_ty),
@@ -207,7 +209,7 @@ def fused_moe_triton(
     gate_up_plan, down_plan = plans or (moe_plan(num_pairs, w13.shape[0]),) * 2
     assert gate_up_plan["block_m"] == down_plan["block_m"], "both GEMMs read one alignment"
     alignment = align_by_expert(topk_ids, w13.shape[0], gate_up_plan["block_m"])
-    weights = topk_weights.flatten().to(x.dtype)
+    weights = topk_weights.contiguous().view(-1)
     if hidden_act == "silu":
         hidden = torch.empty(num_pairs, w13.shape[1] // 2, dtype=x.dtype, device=x.device)
         _expert_gemm(x, w13, hidden, weights, alignment, top_k, False, gate_up_plan, silu_and_mul=True)
