@@ -170,6 +170,7 @@ def main() -> None:
     target.add_argument("--model", type=Path, default=None, help="with --serve; default: the embedded model")
     target.add_argument("--model-config", type=Path, default=None, help="with --serve: random weights")
     target.add_argument("--serve-flag", action="append", default=[], help="with --serve: a flag for serve")
+    target.add_argument("--log-dir", type=Path, default=None, help="with --serve: keep the services' logs here")
     load = parser.add_argument_group("the load")
     load.add_argument("--dataset", choices=sorted(DATASETS), default="random")
     load.add_argument("--num-prompts", type=int, default=200)
@@ -197,7 +198,7 @@ def main() -> None:
 
     with ExitStack() as stack:
         if args.serve:
-            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            log_dir = args.log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
             served = stack.enter_context(local_server(args, log_dir))
             targets = {api: served[api] for api in args.api.split(",")}
         else:
