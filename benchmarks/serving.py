@@ -133,7 +133,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 @contextmanager
-def local_server(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, str]]:
+def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> Iterator[dict[str, str]]:
     """`pagedserve serve`'s services on free loopback ports; the targets of each API."""
     from services.launcher import free_port, loopback_service_commands, running_services
 
@@ -152,11 +152,15 @@ def local_server(args: argparse.Namespace, log_dir: Path) -> Iterator[dict[str, 
         commands = loopback_service_commands(
             Path(model_dir), ports, ["--device", args.device, *args.serve_flag]
         )
-        http_port = free_port()
-        commands["tokenizer"] += ["--http-port", str(http_port)]
         addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
+        targets = {"grpc": addresses["tokenizer"]}
+        # The HTTP API only when asked for: it needs the ASGI server's packages.
+        if "http" in apis:
+            http_port = free_port()
+            commands["tokenizer"] += ["--http-port", str(http_port)]
+            targets["http"] = f"http://127.0.0.1:{http_port}"
         stack.enter_context(running_services(commands, addresses, log_dir))
-        yield {"grpc": addresses["tokenizer"], "http": f"http://127.0.0.1:{http_port}"}
+        yield targets
 
 
 def main() -> None:
@@ -170,7 +174,9 @@ def main() -> None:
     target.add_argument("--model", type=Path, default=None, help="with --serve; default: the embedded model")
     target.add_argument("--model-config", type=Path, default=None, help="with --serve: random weights")
     target.add_argument("--serve-flag", action="append", default=[], help="with --serve: a flag for serve")
-    target.add_argument("--log-dir", type=Path, default=None, help="with --serve: keep the services' logs here")
+    target.add_argument(
+        "--log-dir", type=Path, default=None, help="with --serve: keep the services' logs here"
+    )
     load = parser.add_argument_group("the load")
     load.add_argument("--dataset", choices=sorted(DATASETS), default="random")
     load.add_argument("--num-prompts", type=int, default=200)
@@ -199,8 +205,9 @@ def main() -> None:
     with ExitStack() as stack:
         if args.serve:
             log_dir = args.log_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            served = stack.enter_context(local_server(args, log_dir))
-            targets = {api: served[api] for api in args.api.split(",")}
+            apis = args.api.split(",")
+            served = stack.enter_context(local_server(args, apis, log_dir))
+            targets = {api: served[api] for api in apis}
         else:
             targets = {api: t for api, t in (("grpc", args.grpc), ("http", args.http)) if t}
         if not targets:
