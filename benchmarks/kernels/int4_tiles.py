@@ -4,22 +4,24 @@
 
 For each projection (qkv, o_proj, gate_up, down; group size 128) and row count, every
 plan in a grid of tile sizes, input slices, warps and stages is timed with Triton's
-do_bench (L2 flushed before each call, median), beside bf16's F.linear on the same shape
-and the plan the worker picks today. Prints, per shape, the worker's plan and the best
+do_bench_cudagraph: a CUDA graph of launches, as the worker replays them, so that a
+kernel of a few microseconds is not hidden behind its Python launch. Each launch reads
+other weights than the last, from memory rather than the L2 cache. Beside it, bf16's
+F.linear on the same shape and the plan the worker picks today. Prints, per shape, the worker's plan and the best
 found, with the TB/s at which each read the 4-bit weights; the JSON holds the best few.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench_cudagraph
 
 from benchmarks.arguments import benchmark_parser
 from gpu_worker.kernels.triton_int4_gemv import int4_gemv_plan, int4_gemv_triton
@@ -33,13 +35,15 @@ KERNELS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., dict[str, in
     "split-k": (int4_linear_grouped_triton, int4_split_k_plan),
 }
 KEEP = 5
+# Bytes of weights each timed launch cycles through: over twice an H200's 60 MB L2.
+L2_FLUSH_BYTES = 256e6
 
 
 def _plans(in_features: int, out_features: int) -> list[dict[str, int]]:
     """The grid: tiles within one group, 1-16 input slices dividing the tiles, and only
     launches of at least one program per multiprocessor's worth (132) of work."""
     plans = []
-    for block_n, block_k, warps, stages in itertools.product((64, 128, 256), (64, 128), (4, 8), (1, 2, 4)):
+    for block_n, block_k, warps, stages in itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 4)):
         k_tiles = in_features // block_k
         for splits in (s for s in (1, 2, 4, 8, 16) if k_tiles % s == 0):
             if (out_features // block_n) * splits >= 132:
@@ -56,40 +60,55 @@ def _plans(in_features: int, out_features: int) -> list[dict[str, int]]:
 
 
 def _ms(fn: Callable[[], object]) -> float:
-    return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+    return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
 
 def sweep_shape(kernel: str, in_features: int, out_features: int, rows: int) -> dict[str, object]:
     launch, worker_plan = KERNELS[kernel]
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16, generator=generator)
-    qweight = torch.randint(
-        -(2**31),
-        2**31 - 1,
-        (in_features // 8, out_features),
-        device="cuda",
-        dtype=torch.int32,
-        generator=generator,
-    )
     groups = in_features // GROUP_SIZE
-    scales = torch.rand(groups, out_features, device="cuda", generator=generator).to(torch.bfloat16) * 0.01
-    zeros = torch.full((groups, out_features), 8.0, device="cuda", dtype=torch.bfloat16)
-    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16, generator=generator)
+    # The 4-bit weights and one bf16 scale and zero per group and column.
+    gigabytes = (in_features * out_features // 2 + groups * out_features * 4) / 1e9
+    # Enough copies of the weights that each launch reads them from memory, not from the
+    # L2 cache, as in a decode step where every layer's weights differ.
+    copies = max(1, math.ceil(L2_FLUSH_BYTES / (gigabytes * 1e9)))
+    quantized = [
+        (
+            torch.randint(
+                -(2**31), 2**31 - 1, (in_features // 8, out_features), device="cuda", dtype=torch.int32
+            ),
+            torch.rand(groups, out_features, device="cuda").to(torch.bfloat16) * 0.01,
+            torch.full((groups, out_features), 8.0, device="cuda", dtype=torch.bfloat16),
+        )
+        for _ in range(copies)
+    ]
+    bf16_weights = [
+        torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
+        for _ in range(max(1, copies // 4))
+    ]
+
+    def per_launch_ms(plan: dict[str, int] | None) -> float:
+        def every_copy() -> None:
+            for qweight, scales, zeros in quantized:
+                launch(x, qweight, scales, zeros, GROUP_SIZE, plan)
+
+        return _ms(every_copy) / copies
+
     timed: list[tuple[float, dict[str, int]]] = []
     for plan in _plans(in_features, out_features):
         try:
-            timed.append((_ms(functools.partial(launch, x, qweight, scales, zeros, GROUP_SIZE, plan)), plan))
+            timed.append((per_launch_ms(plan), plan))
         except (ValueError, triton.runtime.errors.OutOfResources):
             continue
     timed.sort(key=lambda entry: entry[0])
     default = worker_plan(out_features, in_features, GROUP_SIZE)
-    default_ms = _ms(lambda: launch(x, qweight, scales, zeros, GROUP_SIZE, default))
-    # The 4-bit weights and one bf16 scale and zero per group and column.
-    gigabytes = (qweight.numel() * 4 + scales.numel() * 4) / 1e9
+    default_ms = per_launch_ms(default)
+    bf16_ms = _ms(lambda: [F.linear(x, weight) for weight in bf16_weights]) / len(bf16_weights)
     return {
         "shape": [in_features, out_features],
         "rows": rows,
-        "bf16_ms": _ms(lambda: F.linear(x, weight)),
+        "bf16_ms": bf16_ms,
         "default_plan": default,
         "default_ms": default_ms,
         "default_tbps": gigabytes / default_ms,
