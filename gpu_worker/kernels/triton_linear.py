@@ -97,10 +97,42 @@ def scaled_linear_partial_sums(
     return _launch(x, weight, weight_scale, plan["num_splits"], plan["block_m"], plan["block_n"])
 
 
+@triton.jit
+def _sum_splits_kernel(
+    partials_ptr, out_ptr, numel, NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    wait_for_previous_kernel(PDL)
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offsets < numel
+    total = tl.zeros([BLOCK], tl.float32)
+    for split in tl.static_range(NUM_SPLITS):
+        total += tl.load(partials_ptr + split * numel + offsets, mask=valid, other=0.0)
+    tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+_SUM_BLOCK = 1024
+
+
 def total_of(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The sum of [splits, M, N] partial sums, in `dtype`, for a consumer that cannot read
-    partials itself."""
-    return (partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)).to(dtype)
+    partials itself. One launch: torch's sum and cast took two, which at a decode step of
+    a 4-bit model (four projections a layer) cost a tenth of the step."""
+    num_splits = partials.shape[0]
+    if num_splits == 1 and partials.dtype == dtype:
+        return partials[0]
+    partials = partials.contiguous()
+    out = torch.empty(partials.shape[1:], dtype=dtype, device=partials.device)
+    numel = out.numel()
+    _sum_splits_kernel[(triton.cdiv(numel, _SUM_BLOCK),)](
+        partials,
+        out,
+        numel,
+        NUM_SPLITS=num_splits,
+        BLOCK=_SUM_BLOCK,
+        num_warps=4,
+        **pdl_launch(partials.device),
+    )
+    return out
 
 
 def _launch(

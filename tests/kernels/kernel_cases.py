@@ -25,7 +25,7 @@ try:
     pytest.importorskip("triton")
     from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
     from gpu_worker.kernels.triton_elementwise import add_rms_norm_triton, silu_and_mul_triton
-    from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
+    from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan, total_of
     from gpu_worker.kernels.triton_prefill_attention import prefill_attention_triton
     from gpu_worker.kernels.triton_rope_store import rope_store_triton
 finally:
@@ -272,6 +272,22 @@ def test_linear_partial_sums_add_up_to_the_matmul(num_rows: int, num_splits: int
     assert partials.shape == (num_splits, num_rows, out_features) and partials.dtype == torch.float32
     expected = x.double() @ weight.double().T
     assert _relative_error(partials.sum(dim=0), expected) < (1e-2 if ON_GPU else 1e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 16])
+def test_total_of_partials_is_their_sum_in_the_asked_dtype(num_splits: int) -> None:
+    # 1,500 columns: not a multiple of the kernel's block, so its mask is exercised.
+    partials = torch.randn(num_splits, 3, 1500, device=DEVICE)
+    total = total_of(partials, DTYPE)
+    assert total.shape == (3, 1500) and total.dtype == DTYPE
+    expected = partials.double().sum(dim=0).to(DTYPE)
+    # fp32 sums in another order round differently only past bf16's precision.
+    assert torch.allclose(total.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    # In fp32 it adds the slices in order, as a loop over them does.
+    in_order = torch.zeros_like(partials[0])
+    for split in partials:
+        in_order += split
+    assert torch.equal(total_of(partials, torch.float32), in_order)
 
 
 def test_split_k_plans_divide_the_reduction_and_fill_the_device() -> None:
