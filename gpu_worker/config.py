@@ -67,8 +67,10 @@ class WorkerConfig:
     # Run every step eagerly: no CUDA graphs at all (CUDA only).
     enforce_eager: bool = False
     # Replay CUDA graphs for steps with prompt tokens too (up to 2,048 tokens; CUDA, one
-    # pipeline stage): gpu_worker/prefill_graphs.py.
-    prefill_graphs: bool = False
+    # pipeline stage): gpu_worker/prefill_graphs.py. On by default: launched eagerly, such
+    # a step holds every decoding sequence for its ~20 ms of host launches, which was the
+    # tail of time to first token and of inter-token latency below saturation.
+    prefill_graphs: bool = True
     # "safetensors": the model directory's weights; "dummy": random weights made on the
     # device with the architecture's shapes, only config.json read (benchmarks).
     load_format: str = "safetensors"

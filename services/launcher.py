@@ -227,7 +227,7 @@ def _worker_flags(args: argparse.Namespace, model_dir: Path) -> list[str]:
         "--gpu-memory-utilization",
         str(args.gpu_memory_utilization),
         *(["--enforce-eager"] if args.enforce_eager else []),
-        *(["--prefill-graphs"] if args.prefill_graphs else []),
+        "--prefill-graphs" if args.prefill_graphs else "--no-prefill-graphs",
         "--swap-space",
         str(args.swap_space),
         # The worker is built for steps this large; the scheduler adopts its limits.

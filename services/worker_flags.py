@@ -33,7 +33,8 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step eager")
     parser.add_argument(
         "--prefill-graphs",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=WorkerConfig.prefill_graphs,
         help="CUDA graphs for steps with prompt tokens too, up to 2,048 tokens (decode steps always have theirs)",
     )
     add_flags(

@@ -1,5 +1,6 @@
 """`pagedserve serve` hands each scheduling knob to the service that owns it."""
 
+import argparse
 from pathlib import Path
 
 from services.cli import build_parser
@@ -92,8 +93,13 @@ def test_every_serve_option_reaches_a_service() -> None:
     for action in serve_parser._actions:
         if action.dest in launcher_own:
             continue
-        if action.nargs == 0:  # a flag
-            flags, expected = [action.option_strings[0]], not action.default
+        if action.nargs == 0:  # a flag; a --x/--no-x pair is given the form that flips it
+            expected = not action.default
+            flags = [
+                action.option_strings[-1]
+                if isinstance(action, argparse.BooleanOptionalAction) and not expected
+                else action.option_strings[0]
+            ]
         else:
             expected = (
                 next(c for c in action.choices if c != action.default)

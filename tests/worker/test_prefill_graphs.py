@@ -54,7 +54,8 @@ def test_prefill_graphs_are_asked_for_and_reserve_their_activations() -> None:
     # 2,048 of the 8,192 tokens an eager step may take.
     assert share(config(device="cuda", prefill_graphs=True)) == 0.25
     assert share(config(device="cuda", prefill_graphs=True, max_num_batched_tokens=1024)) == 1.0
-    assert share(config(device="cuda")) == 0.0
+    assert share(config(device="cuda")) == 0.25
+    assert share(config(device="cuda", prefill_graphs=False)) == 0.0
     assert share(config(device="cuda", prefill_graphs=True, enforce_eager=True)) == 0.0
     assert share(config(device="cpu", prefill_graphs=True)) == 0.0
 
