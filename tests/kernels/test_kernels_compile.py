@@ -24,7 +24,7 @@ from gpu_worker.kernels.triton_elementwise import _add_rms_norm_kernel, _silu_an
 from gpu_worker.kernels.triton_int4_dequantize import _dequantize_int4_kernel  # noqa: E402
 from gpu_worker.kernels.triton_int4_gemv import _int4_gemv_kernel  # noqa: E402
 from gpu_worker.kernels.triton_int4_linear import _int4_split_k_kernel  # noqa: E402
-from gpu_worker.kernels.triton_linear import _partial_sums_kernel  # noqa: E402
+from gpu_worker.kernels.triton_linear import _partial_sums_kernel, _sum_splits_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe import _expert_gemm_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe_align import _align_kernel  # noqa: E402
 from gpu_worker.kernels.triton_moe_route import _route_kernel  # noqa: E402
@@ -216,6 +216,12 @@ CASES = {
         dict(x_ptr="*bf16", weight_ptr="*fp8e4nv", partials_ptr="*fp32", scale_ptr="*fp32"),
         dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, K_PER_SPLIT=1024, HAS_SCALE=True),
         dict(num_warps=4, num_stages=4),
+    ),
+    "sum of split-K partials into bf16": (
+        _sum_splits_kernel,
+        dict(partials_ptr="*fp32", out_ptr="*bf16"),
+        dict(NUM_SPLITS=16, BLOCK=1024),
+        dict(num_warps=4),
     ),
     "add + RMSNorm over partial sums": (
         _add_rms_norm_kernel,
