@@ -7,8 +7,9 @@ plan in a grid of tile sizes, input slices, warps and stages is timed with Trito
 do_bench_cudagraph: a CUDA graph of launches, as the worker replays them, so that a
 kernel of a few microseconds is not hidden behind its Python launch. Each launch reads
 other weights than the last, from memory rather than the L2 cache. Beside it, bf16's
-F.linear on the same shape and the plan the worker picks today. Prints, per shape, the worker's plan and the best
-found, with the TB/s at which each read the 4-bit weights; the JSON holds the best few.
+F.linear on the same shape and the plan the worker picks today. Prints, per shape, the
+worker's plan and the best found, with the TB/s at which each read the 4-bit weights;
+the JSON holds the best few.
 """
 
 from __future__ import annotations
