@@ -73,5 +73,8 @@ def test_served_architecture_matches_hf(model_type: str, tmp_path: Path) -> None
             rest = list(pool.map(lambda prompt: _generate(stack, prompt), prompts[1:]))
         stats = stack.scheduler.GetStats(scheduler_pb2.GetStatsRequest())
     assert [first, *rest] == expected
-    assert stats.prefix_cache_hits >= 2 * BLOCK_SIZE
+    # With every layer windowed the 6-block pool gives blocks back and preempts while the
+    # concurrent prompts run, which may evict part of the shared prefix before a later
+    # prompt looks: then at least one block of it is still found.
+    assert stats.prefix_cache_hits >= (1 if windowed_only else 2) * BLOCK_SIZE
     assert stats.num_preemptions_recompute + stats.num_preemptions_swap > 0
