@@ -177,4 +177,4 @@ def int4_gemv_triton(
         num_stages=plan["num_stages"],
         **pdl_launch(x.device),
     )
-    return partials[0] if num_splits == 1 else total_of(partials, x.dtype)
+    return total_of(partials, x.dtype)

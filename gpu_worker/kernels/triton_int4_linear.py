@@ -239,4 +239,4 @@ def int4_linear_grouped_triton(
         num_stages=plan["num_stages"],
         **pdl_launch(x.device),
     )
-    return partials[0] if num_splits == 1 else total_of(partials, x.dtype)
+    return total_of(partials, x.dtype)
