@@ -42,7 +42,7 @@ class EngineSettings:
     gpu_memory_utilization: float = WorkerConfig.gpu_memory_utilization
     max_model_len: int | None = None
     enforce_eager: bool = False
-    prefill_graphs: bool = False
+    prefill_graphs: bool = WorkerConfig.prefill_graphs
     block_size: int = WorkerConfig.block_size
     # The scheduler's max_steps_in_flight: 1, no overlap; by default the worker's depth.
     max_steps_in_flight: int = MAX_STEPS_LAUNCHED
@@ -66,6 +66,8 @@ class EngineSettings:
     kv_cache_dtype: str = WorkerConfig.kv_cache_dtype
     # The scheduler's --admission-batch-tokens (0: newcomers join as soon as they fit).
     admission_batch_tokens: int = SchedulerConfig.admission_batch_tokens
+    # The scheduler's --max-prompt-tokens-with-decodes (None: no cap).
+    max_prompt_tokens_with_decodes: int | None = SchedulerConfig.max_prompt_tokens_with_decodes
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineSettings:
@@ -93,6 +95,12 @@ def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None =
     help = "the scheduler's: a full batch lets newcomers in once they bring this many tokens (0: at once)"
     parser.add_argument(
         "--admission-batch-tokens", type=int, default=EngineSettings.admission_batch_tokens, help=help
+    )
+    parser.add_argument(
+        "--max-prompt-tokens-with-decodes",
+        type=int,
+        default=EngineSettings.max_prompt_tokens_with_decodes,
+        help="the scheduler's cap on prompt tokens in a step that decodes (default: none)",
     )
     parser.add_argument(
         "--step-timeline",
@@ -142,7 +150,7 @@ def run_in_process(
 
     # The worker that `pagedserve serve` with these settings starts.
     ports = dict.fromkeys(("worker", "scheduler", "tokenizer"), 0)
-    command = _service_commands(model_dir, settings, ports)["worker"]
+    command = serve_commands(model_dir, settings, ports)["worker"]
     config = worker_config(build_parser().parse_args(command[command.index("worker") :]))
     timeline = settings.step_timeline_dir / "inprocess.jsonl" if settings.step_timeline_dir else None
     runner = ModelRunner(replace(config, step_timeline_path=timeline))
@@ -168,6 +176,7 @@ def drive_runs(
                 max_num_batched_tokens=settings.max_num_batched_tokens,
                 max_steps_in_flight=max_steps_in_flight,
                 admission_batch_tokens=settings.admission_batch_tokens,
+                max_prompt_tokens_with_decodes=settings.max_prompt_tokens_with_decodes,
             ),
             num_blocks=info.num_kv_blocks,
             block_size=info.block_size,
@@ -266,49 +275,32 @@ def _empty_profile() -> dict[str, float]:
 # --- the three services -------------------------------------------------------------------
 
 
-def _service_commands(
-    model_dir: Path, settings: EngineSettings, ports: dict[str, int]
-) -> dict[str, list[str]]:
+def serve_commands(model_dir: Path, settings: EngineSettings, ports: dict[str, int]) -> dict[str, list[str]]:
     """What `pagedserve serve` with these settings runs, on these ports."""
-    flags = [
-        "--device",
-        settings.device,
-        "--block-size",
-        str(settings.block_size),
-        "--gpu-memory-utilization",
-        str(settings.gpu_memory_utilization),
-        "--swap-space",
-        str(settings.swap_space),
-        "--max-num-seqs",
-        str(settings.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(settings.max_num_batched_tokens),
-        "--max-steps-in-flight",
-        str(settings.max_steps_in_flight),
-        "--max-stream-messages-per-step",
-        str(settings.max_stream_messages_per_step),
-        "--admission-batch-tokens",
-        str(settings.admission_batch_tokens),
-    ]
-    if settings.max_model_len is not None:
-        flags += ["--max-model-len", str(settings.max_model_len)]
-    if settings.dtype is not None:
-        flags += ["--dtype", settings.dtype]
-    flags += ["--enforce-eager"] * settings.enforce_eager + ["--prefill-graphs"] * settings.prefill_graphs
+    valued = {
+        "--device": settings.device,
+        "--block-size": settings.block_size,
+        "--gpu-memory-utilization": settings.gpu_memory_utilization,
+        "--swap-space": settings.swap_space,
+        "--max-num-seqs": settings.max_num_seqs,
+        "--max-num-batched-tokens": settings.max_num_batched_tokens,
+        "--max-steps-in-flight": settings.max_steps_in_flight,
+        "--max-stream-messages-per-step": settings.max_stream_messages_per_step,
+        "--admission-batch-tokens": settings.admission_batch_tokens,
+        "--max-prompt-tokens-with-decodes": settings.max_prompt_tokens_with_decodes,
+        "--max-model-len": settings.max_model_len,
+        "--dtype": settings.dtype,
+        "--tensor-parallel-size": settings.tensor_parallel_size,
+        "--pipeline-parallel-size": settings.pipeline_parallel_size,
+        "--load-format": settings.load_format,
+        "--kv-cache-dtype": settings.kv_cache_dtype,
+        "--quantization": settings.quantization,
+    }
+    flags = [part for flag, value in valued.items() if value is not None for part in (flag, str(value))]
+    flags += ["--enforce-eager"] * settings.enforce_eager
+    flags.append("--prefill-graphs" if settings.prefill_graphs else "--no-prefill-graphs")
     if settings.max_steps_in_flight == 1:
         flags.append("--no-overlap-scheduling")
-    flags += [
-        "--tensor-parallel-size",
-        str(settings.tensor_parallel_size),
-        "--pipeline-parallel-size",
-        str(settings.pipeline_parallel_size),
-        "--load-format",
-        settings.load_format,
-        "--kv-cache-dtype",
-        settings.kv_cache_dtype,
-    ]
-    if settings.quantization is not None:
-        flags += ["--quantization", settings.quantization]
     return loopback_service_commands(model_dir, ports, flags)
 
 
@@ -324,7 +316,7 @@ def run_grpc(
     name) before they start; a worker must listen on ports["worker"] and serve its
     /metrics on ports["worker_metrics"]."""
     ports = {name: free_port() for name in ("worker", "scheduler", "tokenizer")}
-    commands = _service_commands(model_dir, settings, ports)
+    commands = serve_commands(model_dir, settings, ports)
     ports["worker_metrics"] = free_port()
     commands["worker"] += ["--metrics-port", str(ports["worker_metrics"])]
     timeline_path = None

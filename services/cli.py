@@ -162,6 +162,13 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
             SchedulerConfig.admission_max_delay_steps,
             "most steps that --admission-batch-tokens holds waiting requests back",
         ),
+        Flag(
+            "--max-prompt-tokens-with-decodes",
+            int,
+            SchedulerConfig.max_prompt_tokens_with_decodes,
+            "prompt tokens a step computes beside decoding sequences while the queued prompts fit "
+            "one step, so that a long prompt does not stall every stream; default: no cap",
+        ),
     )
 
 
@@ -200,6 +207,7 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         speculative_backoff_steps=args.speculative_backoff_steps,
         admission_batch_tokens=args.admission_batch_tokens,
         admission_max_delay_steps=args.admission_max_delay_steps,
+        max_prompt_tokens_with_decodes=args.max_prompt_tokens_with_decodes,
     )
 
 

@@ -193,6 +193,7 @@ def _scheduler_command(
         *("--speculative-backoff-steps", str(args.speculative_backoff_steps)),
         *("--admission-batch-tokens", str(args.admission_batch_tokens)),
         *("--admission-max-delay-steps", str(args.admission_max_delay_steps)),
+        *_optional("--max-prompt-tokens-with-decodes", args.max_prompt_tokens_with_decodes),
     ]
 
 

@@ -66,9 +66,20 @@ class SchedulerConfig:
     # admission_max_delay_steps steps. 0: whoever fits joins at once.
     admission_batch_tokens: int = 4096
     admission_max_delay_steps: int = 8
+    # Prompt tokens a step may compute beside sequences that decode, while the prompts
+    # queued to start fit within one step (services/scheduler/prompt_budget.py): a long
+    # prompt is spread over a few steps instead of stalling every stream for one long
+    # step. None: as many as the step's budget leaves.
+    max_prompt_tokens_with_decodes: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_steps_in_flight"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "num_kv_blocks",
+            "max_steps_in_flight",
+            "max_prompt_tokens_with_decodes",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")

@@ -39,6 +39,7 @@ from services.scheduler.in_flight import InFlightSteps
 from services.scheduler.outputs import PendingWorkerOps, RequestEvent, RequestOutput, SchedulerOutput
 from services.scheduler.preemption import NoRoom, Preemption
 from services.scheduler.prefix_cache import PrefixCache
+from services.scheduler.prompt_budget import PromptBudget
 from services.scheduler.queues import SequenceQueues
 from services.scheduler.request import Request, Sequence, SequenceStatus
 from services.scheduler.sliding_window import WindowedBlocks
@@ -107,6 +108,7 @@ class Scheduler:
         self.speculation = SpeculationPolicy(
             config, num_speculative_tokens, self.block_manager, self.prefix_cache
         )
+        self.prompt_budget = PromptBudget(config.max_prompt_tokens_with_decodes, self.limits, queues)
         self.batcher = StepBatcher()
         self._num_arrivals = 0
         self._next_step_id = 1
@@ -119,16 +121,8 @@ class Scheduler:
         return self.limits.max_steps_in_flight
 
     @property
-    def num_preemptions_recompute(self) -> int:
-        return self.preemption.num_recompute
-
-    @property
-    def num_preemptions_swap(self) -> int:
-        return self.preemption.num_swap
-
-    @property
     def num_preemptions(self) -> int:
-        return self.num_preemptions_recompute + self.num_preemptions_swap
+        return self.preemption.num_recompute + self.preemption.num_swap
 
     # --- requests in and out -------------------------------------------------------------
 
@@ -233,6 +227,7 @@ class Scheduler:
         if len(self.in_flight) >= self.max_steps_in_flight:
             raise RuntimeError(f"{len(self.in_flight)} steps in flight have no result yet")
         budget = self.limits.max_num_batched_tokens
+        prompt_budget = self.prompt_budget.for_step()
         output = SchedulerOutput(step_id=self._next_step_id)
 
         num_preemptions_before = self.num_preemptions
@@ -243,8 +238,10 @@ class Scheduler:
             sequence = self.running[index]
             index += 1
             num_new_tokens = min(sequence.num_tokens_to_schedule(self.max_model_len), budget)
+            if num_new_tokens > 1:  # a chunk of its prompt (or of a recompute)
+                num_new_tokens = min(num_new_tokens, prompt_budget)
             if not num_new_tokens:
-                continue  # a result in flight decides what it does next
+                continue  # a result in flight decides what it does next, or a later step
             self.windowed_blocks.release_outside(sequence)
             planned = self.speculation.plan(sequence, num_new_tokens, budget, self.max_model_len, speculates)
             if planned is None:
@@ -256,12 +253,14 @@ class Scheduler:
                 break
             self.batcher.add(output, sequence, num_new_tokens, granted, lookahead)
             budget -= num_new_tokens + lookahead
+            if num_new_tokens > 1:
+                prompt_budget -= num_new_tokens
 
         # Blocks just taken from a preempted sequence, or about to come back from steps in
         # flight, go to the running ones on the next steps, not to a newcomer that would
         # make the same shortage happen again.
         if not waits_for_blocks and (self.num_preemptions == num_preemptions_before or not output.scheduled):
-            self.admission.resume_and_admit(output, budget, self.batcher.add)
+            self.admission.resume_and_admit(output, min(budget, prompt_budget), self.batcher.add)
 
         if not output.scheduled:
             return None

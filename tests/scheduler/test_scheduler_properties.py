@@ -43,6 +43,7 @@ class Workload:
     ops: list[tuple]
     max_steps_in_flight: int
     worker_runs_ahead: bool
+    max_prompt_tokens_with_decodes: int | None
 
 
 @st.composite
@@ -84,6 +85,7 @@ def workloads(draw: st.DrawFn, tight_pool: bool) -> Workload:
         ops=draw(st.lists(any_op, min_size=10, max_size=50)),
         max_steps_in_flight=draw(st.sampled_from([1, 2, 2, 3])),
         worker_runs_ahead=draw(st.booleans()),
+        max_prompt_tokens_with_decodes=draw(st.sampled_from([None, None, 1, 2, 5])),
     )
 
 
@@ -112,6 +114,7 @@ def test_random_workloads_keep_the_books_and_match_each_completion_run_alone(wor
         enable_prefix_caching=w.enable_prefix_caching,
         max_steps_in_flight=w.max_steps_in_flight,
         worker_runs_ahead=w.worker_runs_ahead,
+        max_prompt_tokens_with_decodes=w.max_prompt_tokens_with_decodes,
     )
     usable_len = min(w.max_model_len, w.num_blocks * w.block_size)
     requests: dict[str, tuple[list[int], common_pb2.SamplingParams]] = {}

@@ -52,6 +52,7 @@ class Harness:
         max_steps_in_flight: int | None = None,
         admission_batch_tokens: int = SchedulerConfig.admission_batch_tokens,
         admission_max_delay_steps: int = SchedulerConfig.admission_max_delay_steps,
+        max_prompt_tokens_with_decodes: int | None = None,
     ) -> None:
         self.config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -63,6 +64,7 @@ class Harness:
             max_steps_in_flight=max_steps_in_flight or (2 if overlap else 1),
             admission_batch_tokens=admission_batch_tokens,
             admission_max_delay_steps=admission_max_delay_steps,
+            max_prompt_tokens_with_decodes=max_prompt_tokens_with_decodes,
         )
         self.worker_runs_ahead = worker_runs_ahead
         # Steps' entries computing a token whose sample was still in flight, and sampled

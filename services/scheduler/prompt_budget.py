@@ -1,0 +1,52 @@
+"""How many prompt tokens a step may carry beside sequences that decode.
+
+A step's time grows with its prompt tokens, and every sequence decoding in it waits for
+the whole step: a 1,024-token prompt makes its step several times a decode step, and that
+step is the inter-token latency's tail (benchmarks/RESULTS.md, online serving). Capping
+the prompt tokens of a step that decodes to `max_prompt_tokens_with_decodes` spreads a
+prompt over a few steps, each only somewhat longer than a decode step, at the price of a
+little time to that prompt's first token.
+
+The cap holds only while the prompt tokens queued to start fit within one full step. A
+deeper queue (a burst, a benchmark's requests sent all at once) is computed at the full
+step size: there the requests already wait in line, and throughput, not the pace of the
+running streams, decides how long.
+"""
+
+from itertools import chain
+
+from services.common.step_limits import StepLimits
+from services.scheduler.queues import SequenceQueues
+
+
+class PromptBudget:
+    def __init__(
+        self, max_prompt_tokens_with_decodes: int | None, limits: StepLimits, queues: SequenceQueues
+    ) -> None:
+        self.max_prompt_tokens_with_decodes = max_prompt_tokens_with_decodes
+        self.max_num_batched_tokens = limits.max_num_batched_tokens
+        self.queues = queues
+
+    def for_step(self) -> int:
+        """The prompt tokens the step being planned may compute, chunks of running prompts
+        and newcomers together."""
+        cap = self.max_prompt_tokens_with_decodes
+        full = self.max_num_batched_tokens
+        if cap is None or cap >= full or not self._some_sequence_decodes():
+            return full
+        if self._queued_prompt_tokens_exceed(full):
+            return full
+        return cap
+
+    def _some_sequence_decodes(self) -> bool:
+        # A running sequence past its prompt has at most its next token to compute (none
+        # while its sample is in flight); the first running one usually is one.
+        return any(s.num_tokens_to_compute <= 1 for s in self.queues.running)
+
+    def _queued_prompt_tokens_exceed(self, limit: int) -> bool:
+        total = 0
+        for sequence in chain(self.queues.swapped, self.queues.waiting):
+            total += sequence.num_tokens_to_compute
+            if total > limit:
+                return True
+        return False

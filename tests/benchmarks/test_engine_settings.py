@@ -1,0 +1,33 @@
+"""The benchmarks' engine settings reach the services a gRPC run starts (and so the
+in-process run too, whose worker is built from the same command line)."""
+
+from pathlib import Path
+
+from benchmarks.pagedserve_runs import EngineSettings, serve_commands
+from services.cli import build_parser
+
+
+def _parsed(settings: EngineSettings) -> dict:
+    commands = serve_commands(Path("/models/m"), settings, {"worker": 1, "scheduler": 2, "tokenizer": 3})
+    parser = build_parser()
+    return {
+        name: parser.parse_args(commands[name][commands[name].index(name) :])
+        for name in ("worker", "scheduler")
+    }
+
+
+def test_each_setting_reaches_its_service() -> None:
+    parsed = _parsed(
+        EngineSettings(
+            device="cpu", prefill_graphs=False, max_prompt_tokens_with_decodes=64, admission_batch_tokens=0
+        )
+    )
+    assert parsed["worker"].prefill_graphs is False
+    assert parsed["scheduler"].max_prompt_tokens_with_decodes == 64
+    assert parsed["scheduler"].admission_batch_tokens == 0
+
+
+def test_defaults_are_the_services_own() -> None:
+    parsed = _parsed(EngineSettings(device="cpu"))
+    assert parsed["worker"].prefill_graphs is True
+    assert parsed["scheduler"].max_prompt_tokens_with_decodes is None
