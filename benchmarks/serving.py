@@ -14,6 +14,8 @@ benchmarks/serving_metrics.py).
     # a local `pagedserve serve` started for the run (CPU: the embedded model)
     python -m benchmarks.serving --serve --api grpc,http --dataset short --num-prompts 16 \\
         --request-rates 4,inf --plot serving.png
+    # the services in front of a pretend device with the H200's step times (CPU)
+    python -m benchmarks.serving --serve --pretend-device --dataset nano-vllm --request-rates 10,20
     # on CUDA, Qwen3-0.6B's shapes with random weights
     python -m benchmarks.serving --serve --device cuda --model-config benchmarks/configs/qwen3-0.6b.json \\
         --dataset random --input-len 512 --output-len 256 --range-ratio 0.8 --num-prompts 300
@@ -152,6 +154,10 @@ def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> It
         commands = loopback_service_commands(
             Path(model_dir), ports, ["--device", args.device, *args.serve_flag]
         )
+        if args.pretend_device is not None:
+            from benchmarks.pretend_device import PretendCosts, use_pretend_workers
+
+            use_pretend_workers(commands, ports, PretendCosts.parse(args.pretend_device))
         addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
         targets = {"grpc": addresses["tokenizer"]}
         # The HTTP API only when asked for: it needs the ASGI server's packages.
@@ -176,6 +182,15 @@ def main() -> None:
     target.add_argument("--serve-flag", action="append", default=[], help="with --serve: a flag for serve")
     target.add_argument(
         "--log-dir", type=Path, default=None, help="with --serve: keep the services' logs here"
+    )
+    target.add_argument(
+        "--pretend-device",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="COSTS",
+        help="with --serve: a pretend worker of benchmarks/pretend_device.py in the worker's "
+        "place, its step costs as name=value,... (default: the H200's)",
     )
     load = parser.add_argument_group("the load")
     load.add_argument("--dataset", choices=sorted(DATASETS), default="random")

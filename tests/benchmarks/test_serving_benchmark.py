@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.pretend_device import PretendCosts
 from benchmarks.serving import arrival_offsets
 from benchmarks.serving_datasets import DatasetSpec, build_dataset
 from tests.benchmarks.test_benchmark_smoke import run_benchmark
@@ -86,3 +87,33 @@ def test_serving_sweep_on_both_apis(tmp_path: Path) -> None:
         assert result["ttft_ms"]["p50"] <= result["e2el_ms"]["p50"]
     assert printed.count("rate") == 4
     assert (tmp_path / "serving.png").stat().st_size > 1000
+
+
+def test_pretend_costs_read_back_and_price_mixed_steps() -> None:
+    costs = PretendCosts.parse("step_base_ms=2,step-us-per-prompt-token=10")
+    assert costs == PretendCosts(step_base_ms=2.0, step_us_per_prompt_token=10.0)
+    assert PretendCosts.parse(costs.text()) == costs
+    # Decoding sequences and prompt tokens of one step both add to its time.
+    decode_only = costs.step_seconds(num_decodes=4, num_prompt_tokens=0)
+    mixed = costs.step_seconds(num_decodes=4, num_prompt_tokens=100)
+    assert mixed - decode_only == pytest.approx(100 * 10e-6)
+    assert costs.step_seconds(0, 0) == 0.0
+
+
+@pytest.mark.e2e
+def test_serving_in_front_of_a_pretend_device(tmp_path: Path) -> None:
+    """--pretend-device puts benchmarks/pretend_device.py's worker in the real one's place:
+    every request still completes with its output length."""
+    summary, _ = run_benchmark(
+        "serving",
+        "--serve",
+        "--pretend-device",
+        "step_base_ms=0.5",
+        *("--dataset", "random", "--num-prompts", str(NUM_PROMPTS)),
+        *("--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN)),
+        *("--request-rates", "inf", "--warmup", "0"),
+        out=tmp_path / "serving.json",
+    )
+    [result] = summary["results"]
+    assert (result["completed"], result["failed"]) == (NUM_PROMPTS, 0), result
+    assert result["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
