@@ -21,7 +21,9 @@ benchmarks/serving_metrics.py).
         --dataset random --input-len 512 --output-len 256 --range-ratio 0.8 --num-prompts 300
 
 Each rate's summary goes to --json; --plot draws TTFT and ITL (p50, p99) against the
-achieved request rate.
+achieved request rate. With the scheduler's /metrics (--serve reads its own), each rate
+also says which share of the gaps between tokens were long at the scheduler and at the
+client: whether a latency tail comes from the steps or from what follows them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 import grpc
 import httpx
 
+from benchmarks import serving_server_side as server_side
 from benchmarks.arguments import benchmark_parser
 from benchmarks.serving_clients import grpc_sender, http_sender, run_open_loop, served_model_name
 from benchmarks.serving_datasets import DATASETS, DatasetSpec, ServingRequest, build_dataset
@@ -71,7 +74,12 @@ async def _run_rate(api: str, target: str, requests: Sequence[ServingRequest], o
         return await run_open_loop(requests, offsets, http_sender(client, await served_model_name(client)))
 
 
-def sweep(args: argparse.Namespace, targets: dict[str, str]) -> list[dict]:
+def sweep(
+    args: argparse.Namespace, targets: dict[str, str], scheduler_metrics: str | None = None
+) -> list[dict]:
+    """Each API's warm-up, then each rate. With `scheduler_metrics` (its /metrics URL), each
+    rate also reports which share of the gaps between tokens the scheduler saw long, beside
+    the client's (benchmarks/serving_server_side.py)."""
     spec = DatasetSpec(
         name=args.dataset,
         num_prompts=args.num_prompts,
@@ -90,11 +98,18 @@ def sweep(args: argparse.Namespace, targets: dict[str, str]) -> list[dict]:
         run_in_processes(_run_rate, api, target, warmup, [0.0] * len(warmup), 1)
         for rate in args.request_rates:
             offsets = arrival_offsets(len(requests), rate, args.burstiness, args.seed)
+            before = server_side.read_snapshot(scheduler_metrics) if scheduler_metrics else None
             records, duration = run_in_processes(
                 _run_rate, api, target, requests, offsets, args.client_processes
             )
             summary = {"api": api, "request_rate": rate, **summarize(records, duration, slo)}
             print(_row(summary), flush=True)
+            if scheduler_metrics and before is not None:
+                after = server_side.read_snapshot(scheduler_metrics)
+                gaps = [gap for r in records if r.error is None for gap in r.itls]
+                shares = {f"scheduler {k}": row for k, row in server_side.shares_above(before, after).items()}
+                summary["gap_shares"] = {**shares, "client": server_side.client_shares_above(gaps)}
+                print(server_side.describe(summary["gap_shares"]), flush=True)
             results.append(summary)
     return results
 
@@ -136,7 +151,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 @contextmanager
 def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> Iterator[dict[str, str]]:
-    """`pagedserve serve`'s services on free loopback ports; the targets of each API."""
+    """`pagedserve serve`'s services on free loopback ports; the targets of each API, and
+    the scheduler's /metrics URL as "scheduler_metrics"."""
     from services.launcher import free_port, loopback_service_commands, running_services
 
     with ExitStack() as stack:
@@ -160,6 +176,9 @@ def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> It
             use_pretend_workers(commands, ports, PretendCosts.parse(args.pretend_device))
         addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
         targets = {"grpc": addresses["tokenizer"]}
+        metrics_port = free_port()
+        commands["scheduler"] += ["--metrics-port", str(metrics_port)]
+        targets["scheduler_metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
         # The HTTP API only when asked for: it needs the ASGI server's packages.
         if "http" in apis:
             http_port = free_port()
@@ -174,6 +193,12 @@ def main() -> None:
     target = parser.add_argument_group("the server")
     target.add_argument("--grpc", metavar="ADDRESS", help="a running tokenizer's gRPC address")
     target.add_argument("--http", metavar="URL", help="a running HTTP API's base URL")
+    target.add_argument(
+        "--scheduler-metrics",
+        metavar="URL",
+        help="a running scheduler's /metrics, to tell the scheduler's share of the latency tail "
+        "(with --serve, its own)",
+    )
     target.add_argument("--serve", action="store_true", help="start `pagedserve serve` for the run")
     target.add_argument("--api", default="grpc", help="with --serve: grpc, http or grpc,http")
     target.add_argument("--device", default="cpu", help="with --serve")
@@ -223,11 +248,13 @@ def main() -> None:
             apis = args.api.split(",")
             served = stack.enter_context(local_server(args, apis, log_dir))
             targets = {api: served[api] for api in apis}
+            scheduler_metrics = served["scheduler_metrics"]
         else:
             targets = {api: t for api, t in (("grpc", args.grpc), ("http", args.http)) if t}
+            scheduler_metrics = args.scheduler_metrics
         if not targets:
             parser.error("give --grpc, --http or --serve")
-        results = sweep(args, targets)
+        results = sweep(args, targets, scheduler_metrics)
     args.json.write_text(json.dumps({"args": _plain(vars(args)), "results": results}, indent=2))
     if args.plot is not None:
         plot(results, args.plot)

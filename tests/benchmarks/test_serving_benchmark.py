@@ -103,7 +103,8 @@ def test_pretend_costs_read_back_and_price_mixed_steps() -> None:
 @pytest.mark.e2e
 def test_serving_in_front_of_a_pretend_device(tmp_path: Path) -> None:
     """--pretend-device puts benchmarks/pretend_device.py's worker in the real one's place:
-    every request still completes with its output length."""
+    every request still completes with its output length. The scheduler's own count of the
+    gaps between tokens, read from its /metrics around the rate, matches the client's."""
     summary, _ = run_benchmark(
         "serving",
         "--serve",
@@ -117,3 +118,10 @@ def test_serving_in_front_of_a_pretend_device(tmp_path: Path) -> None:
     [result] = summary["results"]
     assert (result["completed"], result["failed"]) == (NUM_PROMPTS, 0), result
     assert result["output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
+    shares = result["gap_shares"]
+    num_gaps = NUM_PROMPTS * (OUTPUT_LEN - 1)
+    assert shares["scheduler itl"]["count"] == shares["client"]["count"] == num_gaps, shares
+    assert shares["scheduler step"]["count"] >= OUTPUT_LEN, shares
+    assert all(
+        0.0 <= share <= 1.0 for row in shares.values() for name, share in row.items() if name != "count"
+    )

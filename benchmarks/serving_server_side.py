@@ -1,0 +1,76 @@
+"""Where a serving run's latency tail comes from: the scheduler's own histograms of the
+gaps between a request's tokens and of its steps (services/scheduler/metrics.py), read
+from its /metrics before and after each rate, beside the gaps the client saw. A tail the
+scheduler shows comes from the steps (the device, the worker, the scheduler's planning); a
+tail only the client shows comes later, in the tokenizer, the streams or the client.
+
+Histograms count by bucket, so the shares are of gaps above a bucket's bound."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Sequence
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common.metrics import PREFIX
+
+# Upper bounds of the scheduler's step buckets (services/common/metrics.py STEP_BUCKETS).
+THRESHOLDS_S = (0.0025, 0.005, 0.01, 0.02)
+HISTOGRAMS = {
+    "itl": PREFIX + "inter_token_latency_seconds",
+    "step": PREFIX + "step_duration_seconds",
+}
+
+# By histogram: cumulative count at each bucket's upper bound.
+Snapshot = dict[str, dict[float, float]]
+
+
+def read_snapshot(metrics_url: str) -> Snapshot:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    snapshot: Snapshot = {key: {} for key in HISTOGRAMS}
+    wanted = {name: key for key, name in HISTOGRAMS.items()}
+    for family in text_string_to_metric_families(text):
+        key = wanted.get(family.name)
+        if key is None:
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                snapshot[key][float(sample.labels["le"])] = sample.value
+    return snapshot
+
+
+def shares_above(before: Snapshot, after: Snapshot) -> dict[str, dict[str, float]]:
+    """Of what each histogram counted between the snapshots: the share above each
+    threshold, keyed "NAME" -> "> X ms", with "count" beside them."""
+    shares = {}
+    for key in HISTOGRAMS:
+        counted = {bound: after[key].get(bound, 0.0) - before[key].get(bound, 0.0) for bound in after[key]}
+        total = counted.get(float("inf"), 0.0)
+        row = {"count": total}
+        for threshold in THRESHOLDS_S:
+            row[f"> {threshold * 1e3:g} ms"] = (
+                (total - counted.get(threshold, total)) / total if total else 0.0
+            )
+        shares[key] = row
+    return shares
+
+
+def client_shares_above(gaps_s: Sequence[float]) -> dict[str, float]:
+    """The same shares of the gaps the client saw between a request's messages."""
+    row: dict[str, float] = {"count": float(len(gaps_s))}
+    for threshold in THRESHOLDS_S:
+        row[f"> {threshold * 1e3:g} ms"] = (
+            sum(gap > threshold for gap in gaps_s) / len(gaps_s) if gaps_s else 0.0
+        )
+    return row
+
+
+def describe(shares: dict[str, dict[str, float]]) -> str:
+    """One line: each side's shares of gaps over each threshold."""
+    parts = []
+    for side, row in shares.items():
+        over = "  ".join(f"{name} {share:6.2%}" for name, share in row.items() if name != "count")
+        parts.append(f"{side}: {over}")
+    return "    gaps " + " | ".join(parts)
