@@ -29,6 +29,7 @@ client: whether a latency tail comes from the steps or from what follows them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -43,7 +44,7 @@ import httpx
 from benchmarks import serving_server_side as server_side
 from benchmarks.arguments import benchmark_parser
 from benchmarks.serving_clients import grpc_sender, http_sender, run_open_loop, served_model_name
-from benchmarks.serving_datasets import DATASETS, DatasetSpec, ServingRequest, build_dataset
+from benchmarks.serving_datasets import DATASETS, DatasetSpec, ServingRequest, build_dataset, for_run
 from benchmarks.serving_metrics import Slo, summarize
 from benchmarks.serving_processes import run_in_processes
 
@@ -90,13 +91,18 @@ def sweep(
         prefix_len=args.prefix_len,
         seed=args.seed,
     )
-    requests = build_dataset(spec)
-    warmup = [ServingRequest(r.prompt_token_ids, min(r.output_len, 8)) for r in requests[: args.warmup]]
+    dataset = build_dataset(spec)
     slo = Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2el_ms)
     results = []
+    # Every run (warm-ups included) renames the prompts' ids its own way: a rate served
+    # from the prefix cache that an earlier rate filled would measure the cache, not the rate.
+    runs = itertools.count()
     for api, target in targets.items():
+        warmup = [ServingRequest(r.prompt_token_ids, min(r.output_len, 8)) for r in dataset[: args.warmup]]
+        warmup = for_run(warmup, next(runs))
         run_in_processes(_run_rate, api, target, warmup, [0.0] * len(warmup), 1)
         for rate in args.request_rates:
+            requests = for_run(dataset, next(runs))
             offsets = arrival_offsets(len(requests), rate, args.burstiness, args.seed)
             before = server_side.read_snapshot(scheduler_metrics) if scheduler_metrics else None
             records, duration = run_in_processes(

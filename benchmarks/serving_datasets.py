@@ -1,5 +1,7 @@
 """The online serving benchmark's request sets: token-id prompts and output lengths, drawn
-from a seed so that every run of a sweep sends the same requests."""
+from a seed so that every run of a sweep sends requests of the same lengths. Each run
+renames the ids its own way (`for_run`), so that no run finds another's prompts in the
+server's prefix cache."""
 
 from __future__ import annotations
 
@@ -86,3 +88,14 @@ def build_dataset(spec: DatasetSpec) -> list[ServingRequest]:
     if spec.name not in DATASETS:
         raise ValueError(f"unknown dataset {spec.name!r}; known: {', '.join(DATASETS)}")
     return DATASETS[spec.name](spec)
+
+
+def for_run(requests: list[ServingRequest], run_index: int) -> list[ServingRequest]:
+    """`requests` with every prompt id renamed by a permutation of the id range drawn for
+    run `run_index`: the lengths, and the prefixes requests share, stay as they were, and
+    a prompt of one run is no prefix-cache hit for another run's."""
+    ids = list(range(FIRST_TOKEN_ID, LAST_TOKEN_ID + 1))
+    renamed = ids.copy()
+    random.Random(f"run {run_index}").shuffle(renamed)
+    rename = dict(zip(ids, renamed))
+    return [ServingRequest([rename[t] for t in r.prompt_token_ids], r.output_len) for r in requests]

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.pretend_device import PretendCosts
 from benchmarks.serving import arrival_offsets
-from benchmarks.serving_datasets import DatasetSpec, build_dataset
+from benchmarks.serving_datasets import DatasetSpec, build_dataset, for_run
 from tests.benchmarks.test_benchmark_smoke import run_benchmark
 
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 4, 16, 4
@@ -37,6 +37,13 @@ def test_datasets_draw_their_lengths() -> None:
     shared = build_dataset(DatasetSpec("shared-prefix", 12, input_len=8, num_prefixes=2, prefix_len=32))
     assert len({tuple(r.prompt_token_ids[:32]) for r in shared}) == 2
     short = build_dataset(DatasetSpec("short", 50))
+    # Each run renames the ids: lengths and shared prefixes stay, nothing else is shared.
+    first, second = for_run(shared, 1), for_run(shared, 2)
+    assert [len(r.prompt_token_ids) for r in first] == [len(r.prompt_token_ids) for r in shared]
+    assert len({tuple(r.prompt_token_ids[:32]) for r in first}) == 2
+    assert not {tuple(r.prompt_token_ids[:16]) for r in first} & {
+        tuple(r.prompt_token_ids[:16]) for r in second
+    }
     assert all(20 <= len(r.prompt_token_ids) <= 200 and 20 <= r.output_len <= 200 for r in short)
 
 
