@@ -184,6 +184,8 @@ def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> It
         targets = {"grpc": addresses["tokenizer"]}
         metrics_port = free_port()
         commands["scheduler"] += ["--metrics-port", str(metrics_port)]
+        if args.step_timeline is not None and args.pretend_device is None:
+            commands["worker"] += ["--step-timeline", str(args.step_timeline)]
         targets["scheduler_metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
         # The HTTP API only when asked for: it needs the ASGI server's packages.
         if "http" in apis:
@@ -213,6 +215,14 @@ def main() -> None:
     target.add_argument("--serve-flag", action="append", default=[], help="with --serve: a flag for serve")
     target.add_argument(
         "--log-dir", type=Path, default=None, help="with --serve: keep the services' logs here"
+    )
+    target.add_argument(
+        "--step-timeline",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --serve: the worker's step timeline of the whole run (gpu_worker/step_timeline.py; "
+        "python -m benchmarks.step_timeline FILE sums it)",
     )
     target.add_argument(
         "--pretend-device",
