@@ -112,9 +112,16 @@ def main() -> None:
         if args.serve:
             from benchmarks.serving import local_server
 
-            serve_args = argparse.Namespace(device="cpu", model=None, model_config=None, serve_flag=[])
+            serve_args = argparse.Namespace(
+                device="cpu",
+                model=None,
+                model_config=None,
+                serve_flag=[],
+                pretend_device=None,
+                step_timeline=None,
+            )
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            url = stack.enter_context(local_server(serve_args, log_dir))["http"]
+            url = stack.enter_context(local_server(serve_args, ["http"], log_dir))["http"]
         if url is None:
             parser.error("give --http or --serve")
         result = asyncio.run(measure(url, args.batch, args.prompt_len, args.max_tokens, args.seed))
