@@ -180,3 +180,16 @@ def test_speculative_benchmark_compares_both_ways(tmp_path: Path) -> None:
     assert all(row["tokens_identical"] for row in summary["rows"])
     assert summary["rows"][0]["on"]["proposed"] > 0
     assert "speedup" in printed
+
+
+@pytest.mark.e2e
+def test_structured_output_benchmark_serves_its_own_stack(tmp_path: Path) -> None:
+    """benchmarks/structured_output.py --serve starts the HTTP API itself and runs the
+    same batch constrained and plain, each request as long in both runs."""
+    summary, _ = run_benchmark(
+        "structured_output",
+        *("--serve", "--batch", "2", "--max-tokens", "4", "--prompt-len", "8"),
+        out=tmp_path / "structured_output.json",
+    )
+    assert summary["output_tokens"] == 2 * 4, summary
+    assert summary["constrained_tokens_per_s"] > 0 and summary["plain_tokens_per_s"] > 0, summary
