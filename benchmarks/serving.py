@@ -110,7 +110,7 @@ def sweep(
             )
             summary = {"api": api, "request_rate": rate, **summarize(records, duration, slo)}
             print(_row(summary), flush=True)
-            if scheduler_metrics and before is not None:
+            if before is not None:
                 after = server_side.read_snapshot(scheduler_metrics)
                 gaps = [gap for r in records if r.error is None for gap in r.itls]
                 shares = {f"scheduler {k}": row for k, row in server_side.shares_above(before, after).items()}
@@ -184,9 +184,9 @@ def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> It
         targets = {"grpc": addresses["tokenizer"]}
         metrics_port = free_port()
         commands["scheduler"] += ["--metrics-port", str(metrics_port)]
+        targets["scheduler_metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
         if args.step_timeline is not None and args.pretend_device is None:
             commands["worker"] += ["--step-timeline", str(args.step_timeline)]
-        targets["scheduler_metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
         # The HTTP API only when asked for: it needs the ASGI server's packages.
         if "http" in apis:
             http_port = free_port()
