@@ -182,6 +182,7 @@ class NullRunner:
 async def serve_pretend_worker(
     port: int, metrics_port: int | None, costs: PretendCosts, rank: int, num_ranks: int
 ) -> None:
+    """The worker's gRPC service over a NullRunner, as `pagedserve worker` serves a model."""
     from gpu_worker.servicer import WorkerServicer
     from gpu_worker.step_telemetry import StepTelemetry
     from services.common.grpc_server import ServerConfig, ServiceHost
@@ -206,7 +207,8 @@ def use_pretend_workers(
     commands: dict[str, list[str]], ports: dict[str, int], costs: PretendCosts, num_ranks: int = 1
 ) -> None:
     """Puts `num_ranks` pretend workers in the place of the worker among `pagedserve serve`'s
-    service commands (services/launcher.py), on ports added to `ports`."""
+    service commands (services/launcher.py), on ports added to `ports`; rank 0 serves its
+    /metrics on ports["worker_metrics"] when there is one."""
     scheduler = commands["scheduler"]
     first_worker_flag = scheduler.index("--worker")
     del scheduler[first_worker_flag : first_worker_flag + 2]
