@@ -196,7 +196,8 @@ def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> It
         yield targets
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The serving benchmark's options; what `local_server` reads comes from here too."""
     parser = benchmark_parser(__doc__, json_default="serving.json")
     target = parser.add_argument_group("the server")
     target.add_argument("--grpc", metavar="ADDRESS", help="a running tokenizer's gRPC address")
@@ -256,6 +257,11 @@ def main() -> None:
     slo.add_argument("--slo-tpot-ms", type=float, default=None)
     slo.add_argument("--slo-e2el-ms", type=float, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="a PNG of latency against rate")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     with ExitStack() as stack:

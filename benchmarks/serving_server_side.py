@@ -9,7 +9,7 @@ Histograms count by bucket, so the shares are of gaps above a bucket's bound."""
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,22 +48,20 @@ def shares_above(before: Snapshot, after: Snapshot) -> dict[str, dict[str, float
     for key in HISTOGRAMS:
         counted = {bound: after[key].get(bound, 0.0) - before[key].get(bound, 0.0) for bound in after[key]}
         total = counted.get(float("inf"), 0.0)
-        row = {"count": total}
-        for threshold in THRESHOLDS_S:
-            row[f"> {threshold * 1e3:g} ms"] = (
-                (total - counted.get(threshold, total)) / total if total else 0.0
-            )
-        shares[key] = row
+        shares[key] = _row(total, lambda threshold: total - counted.get(threshold, total))
     return shares
 
 
 def client_shares_above(gaps_s: Sequence[float]) -> dict[str, float]:
     """The same shares of the gaps the client saw between a request's messages."""
-    row: dict[str, float] = {"count": float(len(gaps_s))}
+    return _row(len(gaps_s), lambda threshold: sum(gap > threshold for gap in gaps_s))
+
+
+def _row(total: float, num_above: Callable[[float], float]) -> dict[str, float]:
+    """ "count" and, for each threshold, the share of the `total` that lies above it."""
+    row = {"count": float(total)}
     for threshold in THRESHOLDS_S:
-        row[f"> {threshold * 1e3:g} ms"] = (
-            sum(gap > threshold for gap in gaps_s) / len(gaps_s) if gaps_s else 0.0
-        )
+        row[f"> {threshold * 1e3:g} ms"] = num_above(threshold) / total if total else 0.0
     return row
 
 

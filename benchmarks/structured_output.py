@@ -12,7 +12,6 @@ one; writes them to --json.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -110,16 +109,10 @@ def main() -> None:
     with ExitStack() as stack:
         url = args.http
         if args.serve:
-            from benchmarks.serving import local_server
+            from benchmarks.serving import build_parser, local_server
 
-            serve_args = argparse.Namespace(
-                device="cpu",
-                model=None,
-                model_config=None,
-                serve_flag=[],
-                pretend_device=None,
-                step_timeline=None,
-            )
+            # The serving benchmark's own defaults: a CPU stack of the embedded model.
+            serve_args = build_parser().parse_args(["--serve", "--api", "http"])
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             url = stack.enter_context(local_server(serve_args, ["http"], log_dir))["http"]
         if url is None:
