@@ -23,7 +23,7 @@ outputs are dropped.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,13 +46,18 @@ def capture_forward(
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """The model's forward on these buffers captured into `pool`; returns the graph and
     the output tensor its replays write."""
-    with attention_context(metadata):
-        # One eager run first: kernels compile and the allocator settles outside capture.
+    # One eager run first: kernels compile and the allocator settles outside capture.
+    # It and the capture each see a copy of the metadata of their own: what the layers
+    # derive from it once per forward (AttentionMetadata.derived, such as the prefill
+    # kernel's tile map) must be made inside the graph, so that every replay remakes it
+    # from the buffers it was given. Made by the warm-up, it would be a tensor outside
+    # the graph, frozen at the warm-up's batch and freed once capture is done.
+    with attention_context(replace(metadata)):
         model(input_ids, positions, intermediate)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            output = model(input_ids, positions, intermediate)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with attention_context(replace(metadata)), torch.cuda.graph(graph, pool=pool):
+        output = model(input_ids, positions, intermediate)
     return graph, output
 
 

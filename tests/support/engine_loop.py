@@ -1,5 +1,6 @@
 """The engine's loop in one process, for worker tests: the real scheduler driving a
-ModelRunner on CPU, with steps overlapped as the services overlap them."""
+ModelRunner (on CPU unless told otherwise), with steps overlapped as the services
+overlap them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pagedserve.v1 import common_pb2
 
@@ -41,12 +43,14 @@ def run_engine(
     max_num_batched_tokens: int = 24,
     block_size: int = 4,
     prepare_runner: Callable[[ModelRunner], None] | None = None,
+    **worker_options: Any,
 ) -> EngineRun:
-    """prepare_runner: called with the runner before the first step."""
+    """prepare_runner: called with the runner before the first step. worker_options:
+    WorkerConfig's other fields (device, dtype, enforce_eager, ...)."""
     runner = ModelRunner(
         WorkerConfig(
             model_path=model_dir,
-            device="cpu",
+            **{"device": "cpu", **worker_options},
             block_size=block_size,
             num_kv_blocks=num_kv_blocks,
             swap_space_bytes=1 << 20,
