@@ -8,7 +8,8 @@ chooses.
   kernel if it is installed, else PyTorch's FlashAttention-2 varlen kernel if this torch has
   it, over the step's own keys and values.
 - CUDA, anything else (chunked prefill over a cached prefix, prefix-cache hits, prefills
-  mixed with decodes): the Triton paged prefill kernel, which reads the cache.
+  mixed with decodes): the Triton paged prefill kernel, which reads the cache, for the
+  sequences with several query tokens, and the decode kernel for those with one.
 """
 
 from __future__ import annotations
@@ -140,13 +141,31 @@ def _paged_prefill(
     logit_softcap: float | None,
 ) -> torch.Tensor:
     from gpu_worker.kernels import triton_prefill_attention as prefill
+    from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
 
     block_m = prefill.prefill_block_m(query.shape[1], key_cache.shape[2])
     num_tiles = prefill.max_prefill_tiles(query.shape[0], metadata.seq_lens.shape[0], block_m)
     # Made by the step's first layer, read by the others.
     tile_map = metadata.derived(
         ("prefill_tiles", block_m),
-        lambda: prefill.prefill_tile_map(metadata.query_start_loc, block_m, num_tiles),
+        lambda: prefill.prefill_tile_map(
+            metadata.query_start_loc, block_m, num_tiles, single_token_queries=False
+        ),
+    )
+    output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    # Both kernels are launched whatever the batch (a graph serves any mix); each program
+    # of a sequence the other one computes returns at once.
+    decode_attention_triton(
+        query,
+        key_cache,
+        value_cache,
+        metadata.block_tables,
+        metadata.seq_lens,
+        scale,
+        sliding_window=sliding_window,
+        logit_softcap=logit_softcap,
+        query_start_loc=metadata.query_start_loc,
+        output=output,
     )
     return prefill.prefill_attention_triton(
         query,
@@ -160,6 +179,7 @@ def _paged_prefill(
         logit_softcap=logit_softcap,
         block_m=block_m,
         tile_map=tile_map,
+        output=output,
     )
 
 

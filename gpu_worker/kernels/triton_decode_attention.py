@@ -11,6 +11,12 @@ Everything that shapes the launch depends only on the batch size, never on conte
 lengths (each program reads its sequence's length from device memory), so a launch can be
 captured once in a CUDA graph and replayed for any contexts. A sequence of length 0 is a
 padding row: its output is zeros.
+
+In a mixed batch (query_start_loc given) the kernel computes the sequences with exactly one
+query token, reading each one's row from query_start_loc, and leaves every other row to
+the paged prefill kernel (kernels/triton_prefill_attention.py): there a decode would take
+a whole tile of query rows, serially over its context, which made the decodes of a step
+with a new prompt cost more than the prompt.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def _decode_kernel(
     value_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    query_start_loc_ptr,
     output_ptr,
     partial_output_ptr,
     partial_lse_ptr,
@@ -59,6 +66,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    MIXED: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     PDL: tl.constexpr,
@@ -67,6 +75,9 @@ def _decode_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    row = _query_row(query_start_loc_ptr, seq, MIXED)
+    if row < 0:
+        return
     seq_len = tl.load(seq_lens_ptr + seq)
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
@@ -77,7 +88,7 @@ def _decode_kernel(
     heads = kv_head * GROUP + group_rows
     dims = tl.arange(0, HEAD_DIM)
     query = tl.load(
-        query_ptr + seq * query_token_stride + heads[:, None] * query_head_stride + dims[None, :],
+        query_ptr + row * query_token_stride + heads[:, None] * query_head_stride + dims[None, :],
         mask=row_valid[:, None],
         other=0.0,
     )
@@ -125,7 +136,7 @@ def _decode_kernel(
     out = acc / safe_sum[:, None]
     if NUM_SPLITS == 1:
         tl.store(
-            output_ptr + seq * output_token_stride + heads[:, None] * output_head_stride + dims[None, :],
+            output_ptr + row * output_token_stride + heads[:, None] * output_head_stride + dims[None, :],
             out.to(output_ptr.dtype.element_ty),
             mask=row_valid[:, None],
         )
@@ -142,17 +153,35 @@ def _decode_kernel(
 
 
 @triton.jit
+def _query_row(query_start_loc_ptr, seq, MIXED: tl.constexpr):
+    """The sequence's query row; -1 in a mixed batch where it has other than one query
+    token (the prefill kernel's to compute)."""
+    if MIXED:
+        row = tl.load(query_start_loc_ptr + seq)
+        if tl.load(query_start_loc_ptr + seq + 1) - row != 1:
+            row = -1
+    else:
+        row = seq
+    return row
+
+
+@triton.jit
 def _merge_splits_kernel(
     partial_output_ptr,
     partial_lse_ptr,
+    query_start_loc_ptr,
     output_ptr,
     output_token_stride,
     output_head_stride,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    MIXED: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    query_row = _query_row(query_start_loc_ptr, seq, MIXED)
+    if query_row < 0:
+        return
     row = seq * tl.num_programs(1) + head
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM)
@@ -166,7 +195,7 @@ def _merge_splits_kernel(
     partial = tl.load(partial_output_ptr + (row * NUM_SPLITS + splits)[:, None] * HEAD_DIM + dims[None, :])
     out = tl.sum(partial * weights[:, None], axis=0)
     tl.store(
-        output_ptr + seq * output_token_stride + head * output_head_stride + dims,
+        output_ptr + query_row * output_token_stride + head * output_head_stride + dims,
         out.to(output_ptr.dtype.element_ty),
     )
 
@@ -189,12 +218,12 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int) -> int:
     return min(triton.next_power_of_2(splits), _MAX_SPLITS)
 
 
-def _split_buffers(output: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_buffers(output: torch.Tensor, num_seqs: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each split's fp32 partial output and log-sum-exp, merged by a second kernel; with one
     split the kernel writes the output directly and these are unused."""
     if num_splits == 1:
         return output, output
-    num_seqs, num_heads, head_dim = output.shape
+    _, num_heads, head_dim = output.shape
     partial_output = torch.empty(
         num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=output.device
     )
@@ -215,11 +244,18 @@ def decode_attention_triton(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    query_start_loc: torch.Tensor | None = None,
+    output: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query: [num_seqs, num_heads, head_dim], one token per sequence; the caches, block
     tables, seq_lens, sliding_window and logit_softcap as in kernels.paged_attention. Returns
-    [num_seqs, num_heads, head_dim]."""
-    num_seqs, num_heads, head_dim = query.shape
+    [num_seqs, num_heads, head_dim].
+
+    A mixed batch passes query_start_loc: query is then [num_tokens, num_heads, head_dim],
+    and only the rows of sequences with one query token are written, into `output` (made
+    if None) of query's shape."""
+    num_heads, head_dim = query.shape[1:]
+    num_seqs = seq_lens.shape[0]
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
     assert cache_head_dim == head_dim and num_heads % num_kv_heads == 0
     assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
@@ -230,16 +266,19 @@ def decode_attention_triton(
         num_splits = choose_num_splits(num_seqs, num_kv_heads)
     if block_n is None:
         block_n = choose_block_n(num_seqs)
-    output = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if output is None:
+        output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_seqs == 0:
         return output
-    partial_output, partial_lse = _split_buffers(output, num_splits)
+    mixed = query_start_loc is not None
+    partial_output, partial_lse = _split_buffers(output, num_seqs, num_splits)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
         key_cache,
         value_cache,
         block_tables,
         seq_lens,
+        query_start_loc if mixed else seq_lens,
         output,
         partial_output,
         partial_lse,
@@ -260,6 +299,7 @@ def decode_attention_triton(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        MIXED=mixed,
         num_warps=num_warps,
         num_stages=num_stages,
         USE_WINDOW=sliding_window is not None,
@@ -273,10 +313,12 @@ def decode_attention_triton(
         _merge_splits_kernel[(num_seqs, num_heads)](
             partial_output,
             partial_lse,
+            query_start_loc if mixed else seq_lens,
             output,
             output.stride(0),
             output.stride(1),
             HEAD_DIM=head_dim,
             NUM_SPLITS=num_splits,
+            MIXED=mixed,
         )
     return output

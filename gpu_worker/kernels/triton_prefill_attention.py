@@ -146,15 +146,21 @@ def _prefill_kernel(
     )
 
 
-def prefill_tile_map(query_start_loc: torch.Tensor, block_m: int, num_tiles: int) -> tuple[torch.Tensor, ...]:
+def prefill_tile_map(
+    query_start_loc: torch.Tensor, block_m: int, num_tiles: int, single_token_queries: bool = True
+) -> tuple[torch.Tensor, ...]:
     """(tile_seq, tile_first) [num_tiles]: each tile's sequence (num_seqs past the batch's
-    last tile) and its first query token. Device ops only: no host sync."""
+    last tile) and its first query token. Device ops only: no host sync.
+    single_token_queries False: sequences with one query token get no tile (the decode
+    kernel computes them)."""
     num_seqs = query_start_loc.shape[0] - 1
     tiles = torch.arange(num_tiles, dtype=torch.int32, device=query_start_loc.device)
     if num_seqs == 0:
         return torch.zeros_like(tiles), tiles
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     seq_tiles = (query_lens + block_m - 1) // block_m
+    if not single_token_queries:
+        seq_tiles = torch.where(query_lens > 1, seq_tiles, 0)
     tile_ends = torch.cumsum(seq_tiles, 0, dtype=torch.int32)
     tile_seq = torch.searchsorted(tile_ends, tiles, right=True, out_int32=True)
     first_tile = (tile_ends - seq_tiles)[tile_seq.clamp(max=num_seqs - 1)]
@@ -188,9 +194,11 @@ def prefill_attention_triton(
     num_warps: int | None = None,
     num_stages: int = 2,
     tile_map: tuple[torch.Tensor, ...] | None = None,
+    output: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as kernels.paged_attention.paged_attention. tile_map: prefill_tile_map
-    for this block_m (made here if None; a step's layers share one)."""
+    for this block_m (made here if None; a step's layers share one); rows of sequences it
+    gives no tile are left as they are in `output` (made if None)."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert num_heads % num_kv_heads == 0 and query.stride(2) == 1 and block_tables.stride(1) == 1
@@ -199,7 +207,8 @@ def prefill_attention_triton(
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_m = block_m or prefill_block_m(num_heads, num_kv_heads)
-    output = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if output is None:
+        output = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return output

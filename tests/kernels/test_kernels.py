@@ -1,5 +1,5 @@
 """Runs the kernel cases (tests/kernels/kernel_cases.py, moe_cases.py, int4_cases.py,
-fp8_cases.py, cache_layout_cases.py) in a fresh Python process.
+fp8_cases.py, cache_layout_cases.py, mixed_attention_cases.py) in a fresh Python process.
 
 Triton decides between its interpreter and its compiler per function when the function is
 defined, the functions of triton.language included. Other tests in the session import
@@ -21,7 +21,14 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CASES = [
     Path(__file__).with_name(name)
-    for name in ("kernel_cases.py", "moe_cases.py", "int4_cases.py", "fp8_cases.py", "cache_layout_cases.py")
+    for name in (
+        "kernel_cases.py",
+        "moe_cases.py",
+        "int4_cases.py",
+        "fp8_cases.py",
+        "cache_layout_cases.py",
+        "mixed_attention_cases.py",
+    )
 ]
 
 

@@ -46,6 +46,7 @@ DECODE_TYPES = dict(
     value_cache_ptr="*bf16",
     block_tables_ptr="*i32",
     seq_lens_ptr="*i32",
+    query_start_loc_ptr="*i32",
     output_ptr="*bf16",
     partial_output_ptr="*fp32",
     partial_lse_ptr="*fp32",
@@ -96,20 +97,27 @@ CASES = {
     "decode attention": (
         _decode_kernel,
         DECODE_TYPES,
-        dict(ATTENTION, BLOCK_N=64, NUM_SPLITS=4),
+        dict(ATTENTION, BLOCK_N=64, NUM_SPLITS=4, MIXED=False),
         dict(num_warps=4, num_stages=3),
     ),
     "decode attention, 128-key tiles": (
         _decode_kernel,
         DECODE_TYPES,
-        dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=1),
+        dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=1, MIXED=False),
+        dict(num_warps=4, num_stages=3),
+    ),
+    # The single-token sequences of a step with prompt tokens (rows from query_start_loc).
+    "decode attention, mixed batch": (
+        _decode_kernel,
+        DECODE_TYPES,
+        dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=1, MIXED=True),
         dict(num_warps=4, num_stages=3),
     ),
     # --kv-cache-dtype fp8: float8 e4m3 keys and values, multiplied in fp16.
     "decode attention, fp8 cache": (
         _decode_kernel,
         dict(DECODE_TYPES, key_cache_ptr="*fp8e4nv", value_cache_ptr="*fp8e4nv"),
-        dict(ATTENTION, BLOCK_N=64, NUM_SPLITS=4),
+        dict(ATTENTION, BLOCK_N=64, NUM_SPLITS=4, MIXED=False),
         dict(num_warps=4, num_stages=3),
     ),
     "prefill attention, fp8 cache": (
@@ -120,14 +128,19 @@ CASES = {
     ),
     "split merge": (
         _merge_splits_kernel,
-        dict(partial_output_ptr="*fp32", partial_lse_ptr="*fp32", output_ptr="*bf16"),
-        dict(HEAD_DIM=128, NUM_SPLITS=4),
+        dict(
+            partial_output_ptr="*fp32",
+            partial_lse_ptr="*fp32",
+            query_start_loc_ptr="*i32",
+            output_ptr="*bf16",
+        ),
+        dict(HEAD_DIM=128, NUM_SPLITS=4, MIXED=True),
         dict(num_warps=4),
     ),
     "decode attention, windowed and soft-capped": (
         _decode_kernel,
         DECODE_TYPES,
-        dict(WINDOWED_SOFTCAPPED, BLOCK_N=64, NUM_SPLITS=4),
+        dict(WINDOWED_SOFTCAPPED, BLOCK_N=64, NUM_SPLITS=4, MIXED=False),
         dict(num_warps=4, num_stages=3),
     ),
     "prefill attention": (
