@@ -201,7 +201,7 @@ class ModelRunner:
         else:
             batch = self._prepare_batch(step.scheduled)
         self.observer.on_device_start()
-        hidden_states = self._forward(batch)
+        hidden_states, launched.replayed_graph = self._forward(batch)
         if speculation is not None:
             speculation.proposer.after_forward(batch)
         if prompt_slices:
@@ -344,7 +344,8 @@ class ModelRunner:
         host.copy_(tokens, non_blocking=True)
         return host
 
-    def _forward(self, batch: _Batch) -> torch.Tensor:
+    def _forward(self, batch: _Batch) -> tuple[torch.Tensor, bool]:
+        """The batch's hidden states, and whether a captured graph computed them."""
         intermediate = self.stages.receive_activations(batch.input_ids.shape[0])
         graphs = next((g for g in self.step_graphs if g.can_run(batch.metadata)), None)
         if graphs is not None:
@@ -353,7 +354,7 @@ class ModelRunner:
             with attention_context(batch.metadata):
                 output = self.model(batch.input_ids, batch.positions, intermediate)
         self.stages.send_activations(output)
-        return output
+        return output, graphs is not None
 
     def _prepare_batch(self, scheduled: Sequence[worker_pb2.ScheduledSequence]) -> _Batch:
         return self.step_inputs.build(scheduled, self.sequences)

@@ -51,13 +51,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise UnavailableError("another scheduler already holds this worker's step stream")
         self._stream_open = True
         loop = asyncio.get_running_loop()
-        cuda_graphs = bool(runner.step_graphs)
         try:
             results = pipelined_steps(
                 runner,
                 request_iterator,
                 self._executor,
-                around_step=lambda step: self.telemetry.step(step, cuda_graphs=cuda_graphs),
+                around_step=self.telemetry.step,
             )
             async with aclosing(results):
                 async for result in results:

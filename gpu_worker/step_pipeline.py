@@ -29,9 +29,11 @@ from gpu_worker.step_state import LaunchedStep
 @dataclass
 class StepRecord:
     """What an around_step context manager may yield: the pipeline puts the step's
-    result in it before closing it, for what is known only then (speculation's counts)."""
+    result in it before closing it, for what is known only then (speculation's counts,
+    whether a graph ran the step)."""
 
     result: worker_pb2.StepResult | None = None
+    replayed_graph: bool = False
 
 
 class _StepScope:
@@ -44,9 +46,10 @@ class _StepScope:
         self._stack = ExitStack()
         self.entered = self._context.run(self._stack.enter_context, manager)
 
-    def took(self, result: worker_pb2.StepResult) -> None:
+    def took(self, result: worker_pb2.StepResult, replayed_graph: bool) -> None:
         if isinstance(self.entered, StepRecord):
             self.entered.result = result
+            self.entered.replayed_graph = replayed_graph
 
     def close(self) -> None:
         self._context.run(self._stack.close)
@@ -72,12 +75,12 @@ async def pipelined_steps(
     loop = asyncio.get_running_loop()
     device_waits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-wait")
 
-    def wait_then_finish(launch: Future[LaunchedStep]) -> worker_pb2.StepResult:
+    def wait_then_finish(launch: Future[LaunchedStep]) -> tuple[worker_pb2.StepResult, bool]:
         # Steps pass from thread to thread without a turn of the event loop in between:
         # each is finished on the model thread the moment the device is done with it.
         handle = launch.result()
         handle.wait()
-        return model_thread.submit(runner.finish_step, handle).result()
+        return model_thread.submit(runner.finish_step, handle).result(), handle.replayed_graph
 
     # (a launched step's result to come, the scope opened around it), oldest first.
     launched: deque[tuple[asyncio.Future, _StepScope]] = deque()
@@ -104,8 +107,8 @@ async def pipelined_steps(
                 continue
             launched.popleft()
             try:
-                result = finished.result()
-                scope.took(result)
+                result, replayed_graph = finished.result()
+                scope.took(result, replayed_graph)
                 yield result
             finally:
                 # Once the result has left: what the scope does then (telemetry) does not

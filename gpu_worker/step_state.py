@@ -45,6 +45,8 @@ class LaunchedStep:
     # when the step speculates, to merge both into the result in batch order.
     sample_index: list[int] = field(default_factory=list)
     verified: VerifiedStep | None = None
+    # Whether the forward replayed a captured CUDA graph (False: launched eagerly).
+    replayed_graph: bool = False
 
     def wait(self) -> None:
         """Blocks until the draws are in host memory; safe from any thread."""

@@ -25,8 +25,6 @@ class _StepContents:
     prefill_tokens: int = 0
     # A decode is one token of a sequence already known.
     decode_tokens: int = 0
-    # Whether any sequence verifies proposed tokens.
-    verifies: bool = False
     # The scheduled sequences, in order; only gathered for the step's span.
     seq_ids: list[int] = field(default_factory=list)
 
@@ -43,8 +41,6 @@ def _contents(step: worker_pb2.StepRequest, with_seq_ids: bool) -> _StepContents
         total += num_new_tokens
         if num_new_tokens == 1 and seq_id not in new_seq_ids:
             contents.decode_tokens += 1
-        if scheduled.num_lookahead_tokens:
-            contents.verifies = True
         if with_seq_ids:
             seq_ids.append(seq_id)
     contents.prefill_tokens = total - contents.decode_tokens
@@ -101,7 +97,7 @@ class StepTelemetry:
         self._device_seconds.timer = timer
 
     @contextmanager
-    def step(self, step: worker_pb2.StepRequest, cuda_graphs: bool) -> Iterator[StepRecord]:
+    def step(self, step: worker_pb2.StepRequest) -> Iterator[StepRecord]:
         """Around one step, from its arrival until its result has left. Nothing but the
         clock is read on arrival; the rest once the result is on its way, off the path from
         the scheduler to the device and back."""
@@ -121,15 +117,12 @@ class StepTelemetry:
         )
         if self._spans is None:
             return
-        # Decode-only steps replay a captured CUDA graph when the worker has them; verifying
-        # proposals and prompt tokens run eagerly.
-        graph = cuda_graphs and contents.prefill_tokens == 0 and not contents.verifies
         attributes: dict[str, AttributeValue] = {
             "pagedserve.step.id": step.step_id,
             "pagedserve.step.batch_size": len(step.scheduled),
             "pagedserve.step.prefill_tokens": contents.prefill_tokens,
             "pagedserve.step.decode_tokens": contents.decode_tokens,
-            "pagedserve.step.mode": "cuda_graph" if graph else "eager",
+            "pagedserve.step.mode": "cuda_graph" if record.replayed_graph else "eager",
             **speculation,
         }
         self._spans.write(

@@ -90,6 +90,7 @@ def test_overlapped_steps_give_each_completion_its_tokens(tiny_llama: Path) -> N
 class _FakeLaunched:
     step_id: int
     device_done: threading.Event = field(default_factory=threading.Event)
+    replayed_graph: bool = False
 
     def wait(self) -> None:
         assert self.device_done.wait(timeout=10)

@@ -128,6 +128,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 def test_runner_with_prefill_graphs_gives_the_eager_tokens(tiny_llama: Path) -> None:
     replays: list[_EagerReplay] = []
+    # Whether each launched step says it replayed a graph (its span's mode).
+    said_replayed: list[bool] = []
 
     def with_prefill_graphs(runner: ModelRunner) -> None:
         config = runner.config
@@ -137,6 +139,14 @@ def test_runner_with_prefill_graphs_gives_the_eager_tokens(tiny_llama: Path) -> 
             graphs.graphs[size] = _EagerReplay(graphs, size)  # type: ignore[assignment]
             replays.append(graphs.graphs[size])  # type: ignore[arg-type]
         runner.step_graphs = [graphs]
+        launch_step = runner.launch_step
+
+        def launch_and_note(step: Any) -> Any:
+            launched = launch_step(step)
+            said_replayed.append(launched.replayed_graph)
+            return launched
+
+        runner.launch_step = launch_and_note  # type: ignore[method-assign]
 
     short = ("short", [5, 6, 7, 8, 9], common_pb2.SamplingParams(max_tokens=6))
     requests = [*_requests(), short]
@@ -151,3 +161,5 @@ def test_runner_with_prefill_graphs_gives_the_eager_tokens(tiny_llama: Path) -> 
         assert runs[1].tokens == runs[0].tokens and runs[1].finish_reasons == runs[0].finish_reasons
     replays_by_size = {size: sum(r.replays for r in replays if r.size == size) for size in (8, 16, 24)}
     assert all(replays_by_size.values()), replays_by_size
+    # Decode steps run eagerly here (no decode graphs on CPU): only the replays say so.
+    assert sum(said_replayed) == sum(replays_by_size.values()) < len(said_replayed)
