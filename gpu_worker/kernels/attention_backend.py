@@ -99,18 +99,7 @@ def attention(
             logit_softcap,
         )
     if metadata.max_query_len == 1:
-        from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
-
-        return decode_attention_triton(
-            query,
-            key_cache,
-            value_cache,
-            metadata.block_tables,
-            metadata.seq_lens,
-            scale,
-            sliding_window=sliding_window,
-            logit_softcap=logit_softcap,
-        )
+        return _decode(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap)
     fresh_prefill = fresh_prefill_kernel()
     # The varlen kernels are called without window or soft-cap options: those steps go to
     # the paged prefill kernel, which has both.
@@ -131,6 +120,34 @@ def attention(
     return _paged_prefill(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap)
 
 
+def _decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    logit_softcap: float | None,
+    mixed_output: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decode kernel over a decode-only step, or, given a mixed step's output, over its
+    sequences with one query token, into their rows of it."""
+    from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
+
+    return decode_attention_triton(
+        query,
+        key_cache,
+        value_cache,
+        metadata.block_tables,
+        metadata.seq_lens,
+        scale,
+        sliding_window=sliding_window,
+        logit_softcap=logit_softcap,
+        query_start_loc=None if mixed_output is None else metadata.query_start_loc,
+        output=mixed_output,
+    )
+
+
 def _paged_prefill(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -141,7 +158,6 @@ def _paged_prefill(
     logit_softcap: float | None,
 ) -> torch.Tensor:
     from gpu_worker.kernels import triton_prefill_attention as prefill
-    from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
 
     block_m = prefill.prefill_block_m(query.shape[1], key_cache.shape[2])
     num_tiles = prefill.max_prefill_tiles(query.shape[0], metadata.seq_lens.shape[0], block_m)
@@ -155,18 +171,7 @@ def _paged_prefill(
     output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     # Both kernels are launched whatever the batch (a graph serves any mix); each program
     # of a sequence the other one computes returns at once.
-    decode_attention_triton(
-        query,
-        key_cache,
-        value_cache,
-        metadata.block_tables,
-        metadata.seq_lens,
-        scale,
-        sliding_window=sliding_window,
-        logit_softcap=logit_softcap,
-        query_start_loc=metadata.query_start_loc,
-        output=output,
-    )
+    _decode(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap, output)
     return prefill.prefill_attention_triton(
         query,
         key_cache,
