@@ -9,12 +9,15 @@ tail). So the forward is captured once per token count of a ladder (256, 512, ..
 holds its tokens; larger steps run eagerly. Asked for with `--prefill-graphs`
 (WorkerConfig.prefill_graphs); gpu_worker/step_graphs.py decides where they apply.
 
-Each graph is captured for max_num_seqs sequences. A batch with fewer leaves the rest
-empty (no query tokens, no context); the rows past the batch's tokens are padding, whose
-slot -1 keeps their KV out of the cache and which belong to no sequence, so no attention
-reads them. The attention kernels read query offsets and context lengths from device
-memory and number their tiles on the device (kernels/triton_prefill_attention.py), so one
-graph serves any mix of prompts, chunks and decodes of its size.
+Each token count is captured for a ladder of sequence slots too (16, 64, ... up to
+max_num_seqs): the attention kernels launch programs for every slot, and those of empty
+slots, though they return at once, take their turn on the multiprocessors behind the
+real ones. A batch takes the fewest slots that hold it and leaves the rest empty (no
+query tokens, no context); the rows past the batch's tokens are padding, whose slot -1
+keeps their KV out of the cache and which belong to no sequence, so no attention reads
+them. The attention kernels read query offsets and context lengths from device memory
+and number their tiles on the device (kernels/triton_prefill_attention.py), so one graph
+serves any mix of prompts, chunks and decodes of its size.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ SMALLEST_PREFILL_GRAPH = 256
 # is faster eagerly, where it may use a varlen FlashAttention kernel (whose launch depends
 # on the longest prompt) instead of the paged kernel.
 LARGEST_PREFILL_GRAPH = 2048
+# Sequence slots grow by this factor from the smallest: few graphs, none more than 4x the
+# slots its batch needs.
+SMALLEST_SEQ_SLOTS = 16
+SEQ_SLOTS_GROWTH = 4
 
 
 def prefill_capture_sizes(max_num_batched_tokens: int) -> list[int]:
@@ -53,6 +60,17 @@ def prefill_capture_sizes(max_num_batched_tokens: int) -> list[int]:
     return sizes
 
 
+def prefill_seq_slots(max_num_seqs: int) -> list[int]:
+    """16, 64, ... below max_num_seqs, and max_num_seqs itself."""
+    slots = []
+    count = SMALLEST_SEQ_SLOTS
+    while count < max_num_seqs:
+        slots.append(count)
+        count *= SEQ_SLOTS_GROWTH
+    slots.append(max_num_seqs)
+    return slots
+
+
 class PrefillGraphs:
     def __init__(
         self,
@@ -66,6 +84,7 @@ class PrefillGraphs:
         self.model = model
         self.max_model_len = max_model_len
         self.sizes = prefill_capture_sizes(max_num_batched_tokens)
+        self.seq_slots = prefill_seq_slots(max_num_seqs)
         num_tokens = self.sizes[-1]
         max_blocks_per_seq = -(-max_model_len // block_size)
         self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
@@ -74,29 +93,33 @@ class PrefillGraphs:
         self.query_start_loc = torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # By (tokens, sequence slots).
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _metadata(self, size: int) -> AttentionMetadata:
+    def _metadata(self, size: int, slots: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:size],
-            query_start_loc=self.query_start_loc,
-            seq_lens=self.seq_lens,
-            block_tables=self.block_tables,
+            query_start_loc=self.query_start_loc[: slots + 1],
+            seq_lens=self.seq_lens[:slots],
+            block_tables=self.block_tables[:slots],
             max_query_len=size,
             max_seq_len=self.max_model_len,
         )
 
     @torch.inference_mode()
     def capture(self, pool: _POOL_HANDLE | None = None) -> _POOL_HANDLE:
-        """Captures every size, largest first, into `pool` (a new one if None); returns it."""
+        """Captures every size and slot count, largest first, into `pool` (a new one if
+        None); returns it."""
         pool = torch.cuda.graph_pool_handle() if pool is None else pool
         for size in reversed(self.sizes):
             input_ids, positions = self.input_ids[:size], self.positions[:size]
-            graph, self.outputs[size] = capture_forward(
-                self.model, input_ids, positions, None, self._metadata(size), pool
-            )
-            self.graphs[size] = graph
+            for slots in reversed(self.seq_slots):
+                key = (size, slots)
+                metadata = self._metadata(size, slots)
+                self.graphs[key], self.outputs[key] = capture_forward(
+                    self.model, input_ids, positions, None, metadata, pool
+                )
         torch.cuda.synchronize()
         return pool
 
@@ -112,23 +135,25 @@ class PrefillGraphs:
     def stage(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> AttentionMetadata:
-        """Writes the batch into the buffers of the smallest graph that holds its tokens;
-        returns that graph's metadata (its size: max_query_len)."""
+        """Writes the batch into the buffers of the smallest graph that holds its tokens and
+        sequences; returns that graph's metadata (its size: max_query_len, its slots: the
+        length of seq_lens)."""
         num_tokens = input_ids.shape[0]
         num_seqs = metadata.seq_lens.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
+        slots = self.seq_slots[bisect.bisect_left(self.seq_slots, num_seqs)]
         self.input_ids[:num_tokens].copy_(input_ids, non_blocking=True)
         self.positions[:num_tokens].copy_(positions, non_blocking=True)
         self.slot_mapping[:num_tokens].copy_(metadata.slot_mapping, non_blocking=True)
         self.slot_mapping[num_tokens:size].fill_(PADDING_SLOT)
         # The empty sequences past the batch start and end at its last token.
         self.query_start_loc[: num_seqs + 1].copy_(metadata.query_start_loc, non_blocking=True)
-        self.query_start_loc[num_seqs + 1 :].fill_(num_tokens)
+        self.query_start_loc[num_seqs + 1 : slots + 1].fill_(num_tokens)
         self.seq_lens[:num_seqs].copy_(metadata.seq_lens, non_blocking=True)
-        self.seq_lens[num_seqs:].fill_(0)
+        self.seq_lens[num_seqs:slots].fill_(0)
         num_columns = metadata.block_tables.shape[1]
         self.block_tables[:num_seqs, :num_columns].copy_(metadata.block_tables, non_blocking=True)
-        return self._metadata(size)
+        return self._metadata(size, slots)
 
     def run(
         self,
@@ -139,6 +164,7 @@ class PrefillGraphs:
     ) -> torch.Tensor:
         """Replays the smallest graph that holds the batch's tokens; returns [num_tokens, hidden]."""
         assert intermediate is None, "prefill graphs run on a single pipeline stage"
-        size = self.stage(input_ids, positions, metadata).max_query_len
-        self.graphs[size].replay()
-        return self.outputs[size][: input_ids.shape[0]]
+        staged = self.stage(input_ids, positions, metadata)
+        key = (staged.max_query_len, staged.seq_lens.shape[0])
+        self.graphs[key].replay()
+        return self.outputs[key][: input_ids.shape[0]]

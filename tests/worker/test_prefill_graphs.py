@@ -24,7 +24,7 @@ from gpu_worker.kernels.paged_attention import PADDING_SLOT, paged_attention, st
 from gpu_worker.model.attention import attention_context
 from gpu_worker.model_runner import ModelRunner
 from gpu_worker.parallel.groups import ParallelContext
-from gpu_worker.prefill_graphs import PrefillGraphs, prefill_capture_sizes
+from gpu_worker.prefill_graphs import PrefillGraphs, prefill_capture_sizes, prefill_seq_slots
 from gpu_worker.step_graphs import prefill_graph_activation_share
 from tests.support.engine_loop import run_engine
 from tests.support.tiny_llama import EOS_TOKEN_ID, TINY_DIMS
@@ -70,8 +70,9 @@ def test_staged_batch_attends_as_the_packed_batch(cached: list[int], query_lens:
     num_tokens = positions.shape[0]
     step = PackedStep.random(metadata)
 
-    # A budget of 300 tokens: graphs of 256 and 300 tokens, for 6 sequences.
+    # A budget of 300 tokens: graphs of 256 and 300 tokens, for up to 6 sequences.
     graphs = PrefillGraphs(nn.Identity(), 6, 300, NUM_BLOCKS * BLOCK_SIZE, BLOCK_SIZE, torch.device("cpu"))
+    graphs.seq_slots = [2, 4, 6]
     # Rows of an earlier, larger step that the staging must overwrite or mark as padding.
     graphs.stage(torch.arange(290), torch.arange(290), _packed_batch([0, 0], [150, 140])[0])
     staged = graphs.stage(torch.randint(0, 1000, (num_tokens,)), positions, metadata)
@@ -80,6 +81,8 @@ def test_staged_batch_attends_as_the_packed_batch(cached: list[int], query_lens:
     assert torch.equal(graphs.positions[:num_tokens], positions)
     assert (staged.slot_mapping[num_tokens:] == PADDING_SLOT).all()
     num_seqs = len(cached)
+    # The fewest slots that hold the batch.
+    assert staged.seq_lens.shape[0] == {1: 2, 3: 4, 4: 4}[num_seqs]
     assert (staged.seq_lens[num_seqs:] == 0).all()
     assert (staged.query_start_loc[num_seqs:] == num_tokens).all()
 
@@ -106,15 +109,15 @@ class _EagerReplay:
     """Stands in for a captured graph, which cannot run here: the forward on the graph's
     buffers, its output written where the graph's output lives."""
 
-    def __init__(self, graphs: PrefillGraphs, size: int) -> None:
-        self.graphs, self.size = graphs, size
+    def __init__(self, graphs: PrefillGraphs, size: int, slots: int) -> None:
+        self.graphs, self.size, self.slots = graphs, size, slots
         self.replays = 0
 
     def replay(self) -> None:
         graphs, size = self.graphs, self.size
-        with attention_context(graphs._metadata(size)):
+        with attention_context(graphs._metadata(size, self.slots)):
             output = graphs.model(graphs.input_ids[:size], graphs.positions[:size], None)
-        graphs.outputs[size] = output
+        graphs.outputs[size, self.slots] = output
         self.replays += 1
 
 
@@ -135,9 +138,12 @@ def test_runner_with_prefill_graphs_gives_the_eager_tokens(tiny_llama: Path) -> 
         config = runner.config
         graphs = PrefillGraphs(runner.model, 8, 24, runner.max_model_len, config.block_size, runner.device)
         graphs.sizes = [8, 16, 24]  # several sizes under the 24-token budget
+        graphs.seq_slots = [2, 4, 8]
         for size in graphs.sizes:
-            graphs.graphs[size] = _EagerReplay(graphs, size)  # type: ignore[assignment]
-            replays.append(graphs.graphs[size])  # type: ignore[arg-type]
+            for slots in graphs.seq_slots:
+                replay = _EagerReplay(graphs, size, slots)
+                graphs.graphs[size, slots] = replay  # type: ignore[assignment]
+                replays.append(replay)
         runner.step_graphs = [graphs]
         launch_step = runner.launch_step
 
@@ -161,5 +167,14 @@ def test_runner_with_prefill_graphs_gives_the_eager_tokens(tiny_llama: Path) -> 
         assert runs[1].tokens == runs[0].tokens and runs[1].finish_reasons == runs[0].finish_reasons
     replays_by_size = {size: sum(r.replays for r in replays if r.size == size) for size in (8, 16, 24)}
     assert all(replays_by_size.values()), replays_by_size
+    replays_by_slots = {slots: sum(r.replays for r in replays if r.slots == slots) for slots in (2, 4, 8)}
+    assert all(replays_by_slots.values()), replays_by_slots
     # Decode steps run eagerly here (no decode graphs on CPU): only the replays say so.
     assert sum(said_replayed) == sum(replays_by_size.values()) < len(said_replayed)
+
+
+def test_sequence_slots_grow_fourfold_up_to_max_num_seqs() -> None:
+    assert prefill_seq_slots(256) == [16, 64, 256]
+    assert prefill_seq_slots(512) == [16, 64, 256, 512]
+    assert prefill_seq_slots(100) == [16, 64, 100]
+    assert prefill_seq_slots(8) == [8]
