@@ -128,6 +128,7 @@ def _row(s: dict) -> str:
         f"TTFT p50 {s['ttft_ms']['p50']:7.1f} p99 {s['ttft_ms']['p99']:7.1f}  "
         f"TPOT p50 {s['tpot_ms']['p50']:6.1f} p99 {s['tpot_ms']['p99']:6.1f}  "
         f"ITL p50 {s['itl_ms']['p50']:6.1f} p99 {s['itl_ms']['p99']:6.1f}  "
+        f"tok/msg {s['tokens_per_message']:4.2f}  "
         f"E2EL p50 {s['e2el_ms']['p50']:8.1f}  goodput {s['goodput']:.2f} req/s"
     )
 

@@ -8,6 +8,8 @@ vLLM's `bench serve` gives them:
   message may carry several tokens when the server merges them).
 - E2EL: from sending the request to its last token.
 - Goodput: completed requests per second that met every SLO given (TTFT, TPOT, E2EL).
+- Tokens per message: output tokens over streamed messages; above 1 the server merged
+  tokens (its per-step message budget), and each merged message counts as one long ITL.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: Slo) -> dict
     output_tokens = sum(r.output_tokens for r in done)
     input_tokens = sum(r.prompt_len for r in done)
     tpots = [t for r in done if (t := r.tpot) is not None]
+    messages = sum(len(r.token_times) for r in done)
     return {
         "completed": len(done),
         "failed": len(records) - len(done),
@@ -90,6 +93,7 @@ def summarize(records: list[RequestRecord], duration_s: float, slo: Slo) -> dict
         "output_throughput": output_tokens / duration_s,
         "total_token_throughput": (input_tokens + output_tokens) / duration_s,
         "goodput": sum(slo.met_by(r) for r in done) / duration_s,
+        "tokens_per_message": output_tokens / messages if messages else 0.0,
         "ttft_ms": _distribution_ms([r.ttft for r in done]),
         "tpot_ms": _distribution_ms(tpots),
         "itl_ms": _distribution_ms([gap for r in done for gap in r.itls]),

@@ -11,6 +11,7 @@ import pytest
 from benchmarks.pretend_device import PretendCosts
 from benchmarks.serving import arrival_offsets
 from benchmarks.serving_datasets import DatasetSpec, build_dataset, for_run
+from benchmarks.serving_metrics import RequestRecord, Slo, summarize
 from tests.benchmarks.test_benchmark_smoke import run_benchmark
 
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 4, 16, 4
@@ -92,6 +93,7 @@ def test_serving_sweep_on_both_apis(tmp_path: Path) -> None:
             stats = result[metric]
             assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (metric, stats)
         assert result["ttft_ms"]["p50"] <= result["e2el_ms"]["p50"]
+        assert result["tokens_per_message"] >= 1
     assert printed.count("rate") == 4
     assert (tmp_path / "serving.png").stat().st_size > 1000
 
@@ -132,3 +134,14 @@ def test_serving_in_front_of_a_pretend_device(tmp_path: Path) -> None:
     assert all(
         0.0 <= share <= 1.0 for row in shares.values() for name, share in row.items() if name != "count"
     )
+
+
+def test_merged_tokens_show_as_tokens_per_message_and_one_gap() -> None:
+    # Four tokens in three messages (two merged 20 ms after the first), two in two.
+    merged = RequestRecord(prompt_len=8, sent_at=0.0, token_times=[0.010, 0.030, 0.035], output_tokens=4)
+    plain = RequestRecord(prompt_len=8, sent_at=0.0, token_times=[0.010, 0.015], output_tokens=2)
+    summary = summarize([merged, plain], duration_s=1.0, slo=Slo())
+    assert summary["tokens_per_message"] == pytest.approx(6 / 5)
+    # The merged message is one gap of 20 ms, not two of 10.
+    assert summary["itl_ms"]["p99"] == pytest.approx(20.0)
+    assert summary["itl_ms"]["mean"] == pytest.approx((20 + 5 + 5) / 3)
