@@ -15,8 +15,7 @@ padding row: its output is zeros.
 In a mixed batch (query_start_loc given) the kernel computes the sequences with exactly one
 query token, reading each one's row from query_start_loc, and leaves every other row to
 the paged prefill kernel (kernels/triton_prefill_attention.py): there a decode would take
-a whole tile of query rows, serially over its context, which made the decodes of a step
-with a new prompt cost more than the prompt.
+a whole tile of query rows and walk its context alone, 32 keys at a time.
 """
 
 from __future__ import annotations
