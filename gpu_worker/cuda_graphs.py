@@ -105,6 +105,7 @@ class _StaticInputs:
             block_tables=self.block_tables[:size],
             max_query_len=self.query_len,
             max_seq_len=max_seq_len,
+            may_have_decodes=self.query_len == 1,
         )
 
     def tokens(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:

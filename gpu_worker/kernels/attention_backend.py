@@ -162,16 +162,18 @@ def _paged_prefill(
     block_m = prefill.prefill_block_m(query.shape[1], key_cache.shape[2])
     num_tiles = prefill.max_prefill_tiles(query.shape[0], metadata.seq_lens.shape[0], block_m)
     # Made by the step's first layer, read by the others.
+    decodes_apart = metadata.may_have_decodes
     tile_map = metadata.derived(
         ("prefill_tiles", block_m),
         lambda: prefill.prefill_tile_map(
-            metadata.query_start_loc, block_m, num_tiles, single_token_queries=False
+            metadata.query_start_loc, block_m, num_tiles, single_token_queries=not decodes_apart
         ),
     )
     output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    # Both kernels are launched whatever the batch (a graph serves any mix); each program
-    # of a sequence the other one computes returns at once.
-    _decode(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap, output)
+    if decodes_apart:
+        # Both kernels are launched whatever the batch (a graph serves any mix); each
+        # program of a sequence the other one computes returns at once.
+        _decode(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap, output)
     return prefill.prefill_attention_triton(
         query,
         key_cache,

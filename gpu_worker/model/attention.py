@@ -38,6 +38,9 @@ class AttentionMetadata:
     # Every sequence's context is exactly its new tokens (fresh prefills only), so attention
     # may read this step's keys and values directly instead of the cache.
     no_cached_context: bool = False
+    # Whether a sequence may have exactly one query token: a mixed step's such sequences
+    # go to the decode kernel. A verification graph's sequences never do.
+    may_have_decodes: bool = True
     # What kernels derive from the above once per step and every layer reads (derived()).
     _derived: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 

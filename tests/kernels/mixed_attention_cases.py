@@ -39,10 +39,11 @@ def _batch(seed: int) -> PagedBatch:
     return PagedBatch([s for s, _ in SHAPES], [q for _, q in SHAPES], 4, 2, seed=seed)
 
 
-def _metadata(batch: PagedBatch) -> AttentionMetadata:
+def _metadata(batch: PagedBatch, may_have_decodes: bool = True) -> AttentionMetadata:
     from gpu_worker.model.attention import AttentionMetadata
 
     return AttentionMetadata(
+        may_have_decodes=may_have_decodes,
         slot_mapping=batch.slots,
         query_start_loc=batch.query_start_loc,
         seq_lens=batch.seq_lens,
@@ -71,6 +72,19 @@ def test_mixed_batch_attention_matches_reference(
     assert not output.isnan().any()
     expected = batch.reference(sliding_window, logit_softcap)
     torch.testing.assert_close(output.float(), expected.float(), **TOLERANCE)
+
+
+def test_without_decodes_apart_the_prefill_kernel_computes_every_row() -> None:
+    # A verification graph's metadata says no sequence has one query token: then the
+    # prefill kernel alone must compute whatever the batch holds.
+    from gpu_worker.kernels.attention_backend import _paged_prefill
+
+    batch = _batch(seed=13)
+    metadata = _metadata(batch, may_have_decodes=False)
+    output = _paged_prefill(
+        batch.query, batch.key_cache, batch.value_cache, metadata, batch.scale, None, None
+    )
+    torch.testing.assert_close(output.float(), batch.reference().float(), **TOLERANCE)
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
