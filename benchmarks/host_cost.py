@@ -68,7 +68,8 @@ def stub_model_and_time_builds() -> dict[int, list[float]]:
         return inputs
 
     def zero_forward(self, batch):
-        return torch.zeros(batch.input_ids.shape[0], TINY["hidden_size"])
+        # As ModelRunner._forward: the hidden states, and whether a graph computed them.
+        return torch.zeros(batch.input_ids.shape[0], TINY["hidden_size"]), False
 
     def zero_logits(self, hidden_states):
         return torch.zeros(hidden_states.shape[0], 1)

@@ -65,6 +65,8 @@ class PretendCosts:
 class _PretendLaunch:
     def __init__(self, step_id: int, done_at: float, samples: list[tuple[int, int]]) -> None:
         self.step_id, self.done_at, self.samples = step_id, done_at, samples
+        # Read by the step pipeline, as from the runner's launched steps.
+        self.replayed_graph = False
 
     def wait(self) -> None:
         time.sleep(max(0.0, self.done_at - time.perf_counter()))

@@ -270,6 +270,8 @@ def decode_attention_triton(
     if num_seqs == 0:
         return output
     mixed = query_start_loc is not None
+    # Unread unless mixed; a tensor all the same, as the kernels take a pointer.
+    row_starts = query_start_loc if query_start_loc is not None else seq_lens
     partial_output, partial_lse = _split_buffers(output, num_seqs, num_splits)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query,
@@ -277,7 +279,7 @@ def decode_attention_triton(
         value_cache,
         block_tables,
         seq_lens,
-        query_start_loc if mixed else seq_lens,
+        row_starts,
         output,
         partial_output,
         partial_lse,
@@ -306,18 +308,29 @@ def decode_attention_triton(
         **pdl_launch(query.device),
     )
     if num_splits > 1:
-        # Launched in plain stream order: launched early (kernels/launch.py), its programs
-        # would wait beside the decode kernel's last wave, and 16-sequence decode steps
-        # took 8% longer so (H200).
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            partial_output,
-            partial_lse,
-            query_start_loc if mixed else seq_lens,
-            output,
-            output.stride(0),
-            output.stride(1),
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            MIXED=mixed,
-        )
+        _merge_splits(partial_output, partial_lse, row_starts, output, mixed)
     return output
+
+
+def _merge_splits(
+    partial_output: torch.Tensor,
+    partial_lse: torch.Tensor,
+    row_starts: torch.Tensor,
+    output: torch.Tensor,
+    mixed: bool,
+) -> None:
+    num_seqs, num_heads, num_splits, head_dim = partial_output.shape
+    # Launched in plain stream order: launched early (kernels/launch.py), its programs
+    # would wait beside the decode kernel's last wave, and 16-sequence decode steps took
+    # 8% longer so (H200).
+    _merge_splits_kernel[(num_seqs, num_heads)](
+        partial_output,
+        partial_lse,
+        row_starts,
+        output,
+        output.stride(0),
+        output.stride(1),
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=num_splits,
+        MIXED=mixed,
+    )
