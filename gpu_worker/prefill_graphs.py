@@ -162,7 +162,8 @@ class PrefillGraphs:
         metadata: AttentionMetadata,
         intermediate: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Replays the smallest graph that holds the batch's tokens; returns [num_tokens, hidden]."""
+        """Replays the smallest graph that holds the batch's tokens and sequences; returns
+        [num_tokens, hidden]."""
         assert intermediate is None, "prefill graphs run on a single pipeline stage"
         staged = self.stage(input_ids, positions, metadata)
         key = (staged.max_query_len, staged.seq_lens.shape[0])
