@@ -105,7 +105,14 @@ class PrefillGraphs:
             block_tables=self.block_tables[:slots],
             max_query_len=size,
             max_seq_len=self.max_model_len,
+            fewest_seqs=self.fewest_seqs(slots),
         )
+
+    def fewest_seqs(self, slots: int) -> int:
+        """How many sequences at least a batch replaying a graph of `slots` holds: more
+        than the next smaller slot count, which it would replay otherwise."""
+        smaller = [count for count in self.seq_slots if count < slots]
+        return smaller[-1] if smaller else 1
 
     @torch.inference_mode()
     def capture(self, pool: _POOL_HANDLE | None = None) -> _POOL_HANDLE:

@@ -132,8 +132,11 @@ def _decode(
 ) -> torch.Tensor:
     """The decode kernel over a decode-only step, or, given a mixed step's output, over its
     sequences with one query token, into their rows of it."""
-    from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
+    from gpu_worker.kernels.triton_decode_attention import choose_num_splits, decode_attention_triton
 
+    num_splits = None
+    if mixed_output is not None and metadata.fewest_seqs is not None:
+        num_splits = choose_num_splits(metadata.fewest_seqs, key_cache.shape[2])
     return decode_attention_triton(
         query,
         key_cache,
@@ -143,6 +146,7 @@ def _decode(
         scale,
         sliding_window=sliding_window,
         logit_softcap=logit_softcap,
+        num_splits=num_splits,
         query_start_loc=None if mixed_output is None else metadata.query_start_loc,
         output=mixed_output,
     )

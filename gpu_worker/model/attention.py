@@ -41,6 +41,11 @@ class AttentionMetadata:
     # Whether a sequence may have exactly one query token: a mixed step's such sequences
     # go to the decode kernel. A verification graph's sequences never do.
     may_have_decodes: bool = True
+    # Where seq_lens has rows to spare (a graph's sequence slots), how many sequences at
+    # least the batch holds; None: every row is a sequence. A mixed step's decode kernel
+    # splits contexts for this many: split for the slots, a batch filling a quarter of them
+    # left most multiprocessors idle while each program walked a whole context (H100).
+    fewest_seqs: int | None = None
     # What kernels derive from the above once per step and every layer reads (derived()).
     _derived: dict[Any, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 

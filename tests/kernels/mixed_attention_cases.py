@@ -39,11 +39,14 @@ def _batch(seed: int) -> PagedBatch:
     return PagedBatch([s for s, _ in SHAPES], [q for _, q in SHAPES], 4, 2, seed=seed)
 
 
-def _metadata(batch: PagedBatch, may_have_decodes: bool = True) -> AttentionMetadata:
+def _metadata(
+    batch: PagedBatch, may_have_decodes: bool = True, fewest_seqs: int | None = None
+) -> AttentionMetadata:
     from gpu_worker.model.attention import AttentionMetadata
 
     return AttentionMetadata(
         may_have_decodes=may_have_decodes,
+        fewest_seqs=fewest_seqs,
         slot_mapping=batch.slots,
         query_start_loc=batch.query_start_loc,
         seq_lens=batch.seq_lens,
@@ -53,9 +56,14 @@ def _metadata(batch: PagedBatch, may_have_decodes: bool = True) -> AttentionMeta
     )
 
 
-@pytest.mark.parametrize("sliding_window,logit_softcap", [(None, None), *WINDOW_SOFTCAP_CASES])
+# fewest_seqs 200: a graph for many sequences, whose decodes go unsplit (the batch's own
+# eight sequences would have them split).
+@pytest.mark.parametrize(
+    "sliding_window,logit_softcap,fewest_seqs",
+    [(None, None, None), (None, None, 200), *((w, c, None) for w, c in WINDOW_SOFTCAP_CASES)],
+)
 def test_mixed_batch_attention_matches_reference(
-    sliding_window: int | None, logit_softcap: float | None
+    sliding_window: int | None, logit_softcap: float | None, fewest_seqs: int | None
 ) -> None:
     from gpu_worker.kernels.attention_backend import _paged_prefill
 
@@ -64,7 +72,7 @@ def test_mixed_batch_attention_matches_reference(
         batch.query,
         batch.key_cache,
         batch.value_cache,
-        _metadata(batch),
+        _metadata(batch, fewest_seqs=fewest_seqs),
         batch.scale,
         sliding_window,
         logit_softcap,

@@ -173,6 +173,11 @@ def test_runner_with_prefill_graphs_gives_the_eager_tokens(tiny_llama: Path) -> 
     assert sum(said_replayed) == sum(replays_by_size.values()) < len(said_replayed)
 
 
+def test_a_graph_splits_decode_contexts_for_the_fewest_sequences_it_serves() -> None:
+    graphs = PrefillGraphs(nn.Identity(), 256, 512, NUM_BLOCKS * BLOCK_SIZE, BLOCK_SIZE, torch.device("cpu"))
+    assert [graphs._metadata(256, slots).fewest_seqs for slots in graphs.seq_slots] == [1, 16, 64]
+
+
 def test_sequence_slots_grow_fourfold_up_to_max_num_seqs() -> None:
     assert prefill_seq_slots(256) == [16, 64, 256]
     assert prefill_seq_slots(512) == [16, 64, 256, 512]
