@@ -194,6 +194,7 @@ def _scheduler_command(
         *("--admission-batch-tokens", str(args.admission_batch_tokens)),
         *("--admission-max-delay-steps", str(args.admission_max_delay_steps)),
         *_optional("--max-prompt-tokens-with-decodes", args.max_prompt_tokens_with_decodes),
+        *("--prompt-tokens-per-decode", str(args.prompt_tokens_per_decode)),
     ]
 
 

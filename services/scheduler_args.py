@@ -97,6 +97,12 @@ def _add_admission_args(parser: argparse.ArgumentParser) -> None:
             "prompt tokens a step computes beside decoding sequences while the queued prompts fit "
             "one step, so that a long prompt does not stall every stream; default: no cap",
         ),
+        Flag(
+            "--prompt-tokens-per-decode",
+            int,
+            SchedulerConfig.prompt_tokens_per_decode,
+            "with --max-prompt-tokens-with-decodes: prompt tokens the cap grows by per decoding sequence",
+        ),
     )
 
 
@@ -136,6 +142,7 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         admission_batch_tokens=args.admission_batch_tokens,
         admission_max_delay_steps=args.admission_max_delay_steps,
         max_prompt_tokens_with_decodes=args.max_prompt_tokens_with_decodes,
+        prompt_tokens_per_decode=args.prompt_tokens_per_decode,
     )
 
 

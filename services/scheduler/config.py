@@ -71,6 +71,10 @@ class SchedulerConfig:
     # prompt is spread over a few steps instead of stalling every stream for one long
     # step. None: as many as the step's budget leaves.
     max_prompt_tokens_with_decodes: int | None = None
+    # With that cap, prompt tokens it grows by per sequence decoding in the step: a step of
+    # few decodes is short, so its prompt tokens must be few to keep each stream's gap
+    # within about twice a decode step, while a step of many decodes can carry more.
+    prompt_tokens_per_decode: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -93,6 +97,7 @@ class SchedulerConfig:
             "speculative_backoff_steps",
             "admission_batch_tokens",
             "admission_max_delay_steps",
+            "prompt_tokens_per_decode",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

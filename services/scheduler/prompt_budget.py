@@ -11,6 +11,10 @@ The cap holds only while the prompt tokens queued to start fit within one full s
 deeper queue (a burst, a benchmark's requests sent all at once) is computed at the full
 step size: there the requests already wait in line, and throughput, not the pace of the
 running streams, decides how long.
+
+The cap grows by `prompt_tokens_per_decode` for each sequence that decodes in the step: a
+decode step's time grows with its sequences, and what keeps a mixed step within about
+twice a decode step of few sequences is a fraction of what one of many sequences allows.
 """
 
 from itertools import chain
@@ -21,27 +25,34 @@ from services.scheduler.queues import SequenceQueues
 
 class PromptBudget:
     def __init__(
-        self, max_prompt_tokens_with_decodes: int | None, limits: StepLimits, queues: SequenceQueues
+        self,
+        max_prompt_tokens_with_decodes: int | None,
+        prompt_tokens_per_decode: int,
+        limits: StepLimits,
+        queues: SequenceQueues,
     ) -> None:
         self.max_prompt_tokens_with_decodes = max_prompt_tokens_with_decodes
+        self.prompt_tokens_per_decode = prompt_tokens_per_decode
         self.max_num_batched_tokens = limits.max_num_batched_tokens
         self.queues = queues
 
     def for_step(self) -> int:
         """The prompt tokens the step being planned may compute, chunks of running prompts
         and newcomers together."""
-        cap = self.max_prompt_tokens_with_decodes
+        base = self.max_prompt_tokens_with_decodes
         full = self.max_num_batched_tokens
-        if cap is None or cap >= full or not self._some_sequence_decodes():
+        if base is None or base >= full:
             return full
-        if self._queued_prompt_tokens_exceed(full):
+        num_decodes = self._num_decoding()
+        cap = base + self.prompt_tokens_per_decode * num_decodes
+        if cap >= full or num_decodes == 0 or self._queued_prompt_tokens_exceed(full):
             return full
         return cap
 
-    def _some_sequence_decodes(self) -> bool:
+    def _num_decoding(self) -> int:
         # A running sequence past its prompt has at most its next token to compute (none
-        # while its sample is in flight); the first running one usually is one.
-        return any(s.num_tokens_to_compute <= 1 for s in self.queues.running)
+        # while its sample is in flight).
+        return sum(s.num_tokens_to_compute <= 1 for s in self.queues.running)
 
     def _queued_prompt_tokens_exceed(self, limit: int) -> bool:
         total = 0

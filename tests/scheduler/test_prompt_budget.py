@@ -9,7 +9,7 @@ CAP = 16
 BUDGET = 256
 
 
-def _harness(cap: int | None = CAP) -> Harness:
+def _harness(cap: int | None = CAP, per_decode: int = 0) -> Harness:
     return Harness(
         num_blocks=512,
         block_size=4,
@@ -17,6 +17,7 @@ def _harness(cap: int | None = CAP) -> Harness:
         max_num_batched_tokens=BUDGET,
         overlap=False,
         max_prompt_tokens_with_decodes=cap,
+        prompt_tokens_per_decode=per_decode,
     )
 
 
@@ -55,6 +56,20 @@ def test_a_long_prompt_beside_decodes_is_spread_over_capped_steps() -> None:
     for index in range(3):
         expected = reference_output(_prompt(index, 8), sampling(max_tokens=60, ignore_eos=True), 1024)
         assert h.tokens[f"d{index}", 0] == expected[0]
+
+
+def test_the_cap_grows_with_the_sequences_that_decode() -> None:
+    h = _harness(per_decode=4)
+    _start_decoding(h, 3)
+    long_prompt = _prompt(9, 100)
+    h.add("long", long_prompt, sampling(max_tokens=5, ignore_eos=True))
+    # 16 + 4 for each of the 3 decodes: 28 a step.
+    steps = [_step_tokens(h) for _ in range(4)]
+    assert steps == [(3, 28), (3, 28), (3, 28), (3, 16)]
+    h.drain()
+    assert (
+        h.tokens["long", 0] == reference_output(long_prompt, sampling(max_tokens=5, ignore_eos=True), 1024)[0]
+    )
 
 
 def test_chunks_and_newcomers_share_the_cap() -> None:

@@ -53,6 +53,7 @@ class Harness:
         admission_batch_tokens: int = SchedulerConfig.admission_batch_tokens,
         admission_max_delay_steps: int = SchedulerConfig.admission_max_delay_steps,
         max_prompt_tokens_with_decodes: int | None = None,
+        prompt_tokens_per_decode: int = 0,
     ) -> None:
         self.config = SchedulerConfig(
             max_num_seqs=max_num_seqs,
@@ -65,6 +66,7 @@ class Harness:
             admission_batch_tokens=admission_batch_tokens,
             admission_max_delay_steps=admission_max_delay_steps,
             max_prompt_tokens_with_decodes=max_prompt_tokens_with_decodes,
+            prompt_tokens_per_decode=prompt_tokens_per_decode,
         )
         self.worker_runs_ahead = worker_runs_ahead
         # Steps' entries computing a token whose sample was still in flight, and sampled
