@@ -20,19 +20,14 @@ twice a decode step of few sequences is a fraction of what one of many sequences
 from itertools import chain
 
 from services.common.step_limits import StepLimits
+from services.scheduler.config import SchedulerConfig
 from services.scheduler.queues import SequenceQueues
 
 
 class PromptBudget:
-    def __init__(
-        self,
-        max_prompt_tokens_with_decodes: int | None,
-        prompt_tokens_per_decode: int,
-        limits: StepLimits,
-        queues: SequenceQueues,
-    ) -> None:
-        self.max_prompt_tokens_with_decodes = max_prompt_tokens_with_decodes
-        self.prompt_tokens_per_decode = prompt_tokens_per_decode
+    def __init__(self, config: SchedulerConfig, limits: StepLimits, queues: SequenceQueues) -> None:
+        self.max_prompt_tokens_with_decodes = config.max_prompt_tokens_with_decodes
+        self.prompt_tokens_per_decode = config.prompt_tokens_per_decode
         self.max_num_batched_tokens = limits.max_num_batched_tokens
         self.queues = queues
 

@@ -108,9 +108,7 @@ class Scheduler:
         self.speculation = SpeculationPolicy(
             config, num_speculative_tokens, self.block_manager, self.prefix_cache
         )
-        self.prompt_budget = PromptBudget(
-            config.max_prompt_tokens_with_decodes, config.prompt_tokens_per_decode, self.limits, queues
-        )
+        self.prompt_budget = PromptBudget(config, self.limits, queues)
         self.batcher = StepBatcher()
         self._num_arrivals = 0
         self._next_step_id = 1
