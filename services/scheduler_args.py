@@ -46,8 +46,9 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
             "--max-stream-messages-per-step",
             int,
             SchedulerConfig.max_stream_messages_per_step,
-            "token messages streamed per step at most: beyond it, completions' tokens "
-            "wait merged for their turn (first tokens and last messages never wait); 0: no limit",
+            "token messages streamed per step at most to each tokenizer process: beyond it, "
+            "completions' tokens wait merged for their turn (first tokens and last messages never "
+            "wait); 0: no limit",
         ),
         Flag(
             "--speculative-max-batch-size",

@@ -1,26 +1,36 @@
-"""How many stream messages each engine step sends: each one costs the scheduler and the
-tokenizer tens of microseconds of gRPC work whatever it carries, so with hundreds of
-streams a message per token per step would take longer than the step itself.
+"""How many stream messages each engine step sends: each one costs the process that
+streams it to the client tens of microseconds of gRPC work whatever it carries, so with
+hundreds of streams a message per token per step would take longer than the step itself.
 
 A completion's tokens wait here, merged, until its turn: at most `max_messages_per_step`
-messages leave per step, the completions waiting longest first. A first token (time to
-first token) and a completion's last message always leave at once. With fewer streams
-than the budget, every token leaves with the step that sampled it.
+messages leave per step for each group of streams, the completions waiting longest first.
+A group is the streams one frontend (tokenizer process) carries, since that process pays
+for the messages: more tokenizer processes may take more messages per step. A first token
+(time to first token) and a completion's last message always leave at once. With fewer
+streams than the budget, every token leaves with the step that sampled it.
 """
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable
 
 from services.scheduler.outputs import RequestOutput
 
 _Key = tuple[str, int]
+# The group of a request's stream, by request_id.
+GroupOf = Callable[[str], Hashable]
+
+
+def _one_group(request_id: str) -> Hashable:
+    return None
 
 
 class OutputCoalescer:
-    def __init__(self, max_messages_per_step: int | None) -> None:
-        """max_messages_per_step: None, no limit."""
+    def __init__(self, max_messages_per_step: int | None, group_of: GroupOf = _one_group) -> None:
+        """max_messages_per_step: per group; None, no limit."""
         self.max_messages_per_step = max_messages_per_step
-        # Held outputs, the one held longest first.
-        self._held: OrderedDict[_Key, RequestOutput] = OrderedDict()
+        self._group_of = group_of
+        # Each group's held outputs, the one held longest first.
+        self._held: dict[Hashable, OrderedDict[_Key, RequestOutput]] = {}
 
     def add(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Takes a step's outputs (or an abort's); returns those that leave at once, in
@@ -28,39 +38,55 @@ class OutputCoalescer:
         leaving = []
         for output in outputs:
             key = (output.request_id, output.index)
-            held = self._held.get(key)
+            group = self._group_of(output.request_id)
+            held_of_group = self._held.get(group)
+            held = held_of_group.get(key) if held_of_group is not None else None
             if held is not None:
                 output = output.absorb_earlier(held)
             first_tokens = output.num_output_tokens == len(output.new_token_ids) and output.new_token_ids
             if self.max_messages_per_step is None or output.finished or first_tokens:
-                if held is not None:
-                    del self._held[key]
+                if held_of_group is not None and held is not None:
+                    del held_of_group[key]
+                    if not held_of_group:
+                        del self._held[group]
                 leaving.append(output)
-            else:
-                # A completion already waiting keeps its place in line.
-                self._held[key] = output
+                continue
+            if held_of_group is None:
+                held_of_group = self._held[group] = OrderedDict()
+            # A completion already waiting keeps its place in line.
+            held_of_group[key] = output
         return leaving
 
-    def take_due(self, num_sent: int = 0) -> list[RequestOutput]:
-        """Held outputs whose turn it is this step, num_sent messages having left already."""
+    def take_due(self, sent: Counter[Hashable] | None = None) -> list[RequestOutput]:
+        """Held outputs whose turn it is this step, `sent` messages having left already in
+        each group."""
         if self.max_messages_per_step is None:
             return []
-        count = min(len(self._held), max(0, self.max_messages_per_step - num_sent))
-        return [self._held.popitem(last=False)[1] for _ in range(count)]
+        sent = sent or Counter()
+        due: list[RequestOutput] = []
+        for group, held in list(self._held.items()):
+            count = min(len(held), max(0, self.max_messages_per_step - sent[group]))
+            due.extend(held.popitem(last=False)[1] for _ in range(count))
+            if not held:
+                del self._held[group]
+        return due
 
     def pace(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """One step's messages: add(outputs), then the held ones whose turn it is."""
         leaving = self.add(outputs)
-        return leaving + self.take_due(len(leaving))
+        if not self._held:
+            return leaving
+        sent = Counter(self._group_of(output.request_id) for output in leaving)
+        return leaving + self.take_due(sent)
 
     def clear(self) -> None:
         self._held.clear()
 
     def flush(self) -> list[RequestOutput]:
         """Every held output, at once (their requests' steps are over for now)."""
-        held = list(self._held.values())
+        held = [output for group in self._held.values() for output in group.values()]
         self._held.clear()
         return held
 
     def __len__(self) -> int:
-        return len(self._held)
+        return sum(len(held) for held in self._held.values())

@@ -5,7 +5,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,9 @@ class RequestStream:
     # W3C traceparent of that span, handed to the worker for its step spans; empty while
     # the request is not traced.
     traceparent: str = ""
+    # Whose stream-message budget the request's messages count against: the frontend
+    # that streams them (services/scheduler/coalescing.py).
+    group: Hashable = None
 
 
 # How often a scheduler whose workers failed asks whether they serve again, at most.
@@ -75,7 +78,7 @@ class Engine:
         self.worker_failure: UnavailableError | None = None
         self._streams: dict[str, RequestStream] = {}
         self._has_work = asyncio.Event()
-        self._coalescer = OutputCoalescer(scheduler.config.max_stream_messages_per_step)
+        self._coalescer = OutputCoalescer(scheduler.config.max_stream_messages_per_step, self._group_of)
         scheduler.on_event = self._on_event
 
     def add_request(
@@ -87,15 +90,16 @@ class Engine:
         deliver: Deliver,
         span: trace.Span = trace.INVALID_SPAN,
         num_resumed_tokens: int = 0,
+        group: Hashable = None,
     ) -> RequestStream:
-        """Queues a request whose outputs go to `deliver`; raises InvalidArgumentError or
-        ResourceExhaustedError when the scheduler refuses it, UnavailableError while the
-        workers are down."""
+        """Queues a request whose outputs go to `deliver`, counted against `group`'s
+        stream-message budget; raises InvalidArgumentError or ResourceExhaustedError when
+        the scheduler refuses it, UnavailableError while the workers are down."""
         if self.worker_failure is not None:
             raise UnavailableError(f"{self.worker_failure}; waiting for the workers to serve again")
         self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority, num_resumed_tokens)
         traceparent = traceparent_of(span) if span.is_recording() else ""
-        stream = RequestStream(deliver=deliver, span=span, traceparent=traceparent)
+        stream = RequestStream(deliver=deliver, span=span, traceparent=traceparent, group=group)
         self._streams[request_id] = stream
         span.add_event("queued")
         self._has_work.set()
@@ -108,6 +112,10 @@ class Engine:
         for output in self._coalescer.add(outputs):
             self._deliver(output)
         return True
+
+    def _group_of(self, request_id: str) -> Hashable:
+        stream = self._streams.get(request_id)
+        return stream.group if stream is not None else None
 
     def _on_event(self, event: RequestEvent) -> None:
         stream = self._streams.get(event.request_id)

@@ -82,6 +82,7 @@ class SchedulerSession:
                 deliver=partial(self._on_output, request_id, submit.handle),
                 span=span,
                 num_resumed_tokens=request.num_resumed_tokens,
+                group=self,
             )
         except (InvalidArgumentError, ResourceExhaustedError, UnavailableError) as error:
             self._end_span(span, error)

@@ -155,6 +155,33 @@ def test_a_draining_scheduler_finishes_its_requests_refuses_new_ones_and_ends_th
         assert stack.processes["scheduler"].wait(timeout=30) == 0
 
 
+def test_each_session_has_its_own_message_budget(embedded_model_dir: Path, tmp_path: Path) -> None:
+    # One message per step per session: two sessions of two decoding requests each get a
+    # message each a step, so a message carries about two tokens. Were the budget shared,
+    # one message a step would carry about four.
+    max_tokens = 40
+    with service_stack(
+        embedded_model_dir, tmp_path, scheduler_args=["--max-stream-messages-per-step", "1"]
+    ) as stack:
+        sessions = [_Session(stack), _Session(stack)]
+        for number, session in enumerate(sessions):
+            session.submit(f"s{number}a", [1, 2, 3, number + 4], max_tokens=max_tokens)
+            session.submit(f"s{number}b", [5, 6, 7, number + 8], max_tokens=max_tokens)
+        for session in sessions:
+            session.end()
+            assert session.error is None, session.error
+        messages = tokens = 0
+        for number, session in enumerate(sessions):
+            for request_id in (f"s{number}a", f"s{number}b"):
+                updates = session.updates(request_id)
+                assert sum(len(u.output.token_ids) for u in updates) == max_tokens
+                # The first and last messages leave at once, whatever the budget.
+                middle = updates[1:-1]
+                messages += len(middle)
+                tokens += sum(len(u.output.token_ids) for u in middle)
+        assert tokens / messages < 3, (tokens, messages)
+
+
 def test_a_request_id_sent_again_right_after_a_cancel_gets_only_its_own_tokens(stack: Stack) -> None:
     from pagedserve.v1 import generation_pb2
 

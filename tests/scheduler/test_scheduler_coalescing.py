@@ -51,6 +51,21 @@ def test_beyond_the_budget_tokens_wait_merged_oldest_first() -> None:
     assert len(coalescer) == 1 and coalescer.take_due() == [_output("c", [4], 4)]
 
 
+def test_each_group_of_streams_has_its_own_budget() -> None:
+    # Requests a and b stream through one frontend, c and d through another.
+    group_of = {"a": 1, "b": 1, "c": 2, "d": 2}.__getitem__
+    coalescer = OutputCoalescer(max_messages_per_step=1, group_of=group_of)
+    coalescer.pace([_output(r, [1], 1) for r in "abcd"])
+    second = coalescer.pace([_output(r, [2], 2) for r in "abcd"])
+    # One message per frontend, the longest waiting of each.
+    assert [o.request_id for o in second] == ["a", "c"] and len(coalescer) == 2
+    third = coalescer.pace([_output(r, [3], 3) for r in "abcd"])
+    assert [(o.request_id, o.new_token_ids) for o in third] == [("b", [2, 3]), ("d", [2, 3])]
+    # A last message leaving at once uses up its own frontend's budget only.
+    fourth = coalescer.pace([_output("a", [4], 4, LENGTH, request_finished=True), _output("c", [4], 4)])
+    assert [(o.request_id, o.new_token_ids) for o in fourth] == [("a", [3, 4]), ("c", [3, 4])]
+
+
 def test_no_budget_sends_every_output_at_once() -> None:
     coalescer = OutputCoalescer(max_messages_per_step=None)
     outputs = [_output(r, [2], 2) for r in "abc"]
