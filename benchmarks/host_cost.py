@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.arguments import benchmark_parser
-from benchmarks.pagedserve_runs import EngineSettings, run_in_process
+from benchmarks.engine_settings import EngineSettings
+from benchmarks.pagedserve_runs import run_in_process
 from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
 from gpu_worker.input_batch import StepInputBuilder
 from gpu_worker.model.llama import LlamaForCausalLM

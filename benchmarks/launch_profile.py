@@ -25,7 +25,8 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.arguments import benchmark_parser
-from benchmarks.pagedserve_runs import EngineSettings, run_in_process
+from benchmarks.engine_settings import EngineSettings
+from benchmarks.pagedserve_runs import run_in_process
 from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
 from gpu_worker.model_runner import ModelRunner
 

@@ -4,7 +4,6 @@ processes (benchmarks/clients.py)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import os
@@ -12,9 +11,9 @@ import time
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -22,95 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.clients import generate_all, greedy_sampling, run_clients
 from benchmarks.device import release_memory, synchronize
+from benchmarks.engine_settings import EngineSettings
 from benchmarks.step_timeline import read_steps, summarize_steps
 from benchmarks.workload import Workload
-from gpu_worker.config import MAX_STEPS_LAUNCHED, WorkerConfig
-from services.cli import GIB, add_worker_args, build_parser, worker_config
+from services.cli import build_parser, worker_config
 from services.launcher import free_port, loopback_service_commands, running_services
-from services.parallel_args import add_parallel_args
-from services.scheduler.config import SchedulerConfig
 
 if TYPE_CHECKING:
     from services.scheduler.scheduler import Scheduler
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    device: str
-    max_num_seqs: int = WorkerConfig.max_num_seqs
-    max_num_batched_tokens: int = WorkerConfig.max_num_batched_tokens
-    gpu_memory_utilization: float = WorkerConfig.gpu_memory_utilization
-    max_model_len: int | None = None
-    enforce_eager: bool = False
-    prefill_graphs: bool = WorkerConfig.prefill_graphs
-    block_size: int = WorkerConfig.block_size
-    # The scheduler's max_steps_in_flight: 1, no overlap; by default the worker's depth.
-    max_steps_in_flight: int = MAX_STEPS_LAUNCHED
-    # GiB, as `pagedserve worker --swap-space` takes it.
-    swap_space: float = WorkerConfig.swap_space_bytes / GIB
-    # The worker's --dtype; None: its default for the device.
-    dtype: str | None = None
-    # The scheduler service's --max-stream-messages-per-step (0: no limit).
-    max_stream_messages_per_step: int = SchedulerConfig.max_stream_messages_per_step
-    # Where the worker writes its step timeline (gpu_worker/step_timeline.py), one file per
-    # engine; None: no timeline.
-    step_timeline_dir: Path | None = None
-    # The engine's ranks (gRPC runs only: in-process runs hold one).
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    # The worker's --load-format ("dummy": random weights, no checkpoint read) and
-    # --quantization.
-    load_format: str = WorkerConfig.load_format
-    quantization: str | None = None
-    # The worker's --kv-cache-dtype ("fp8": a float8 cache).
-    kv_cache_dtype: str = WorkerConfig.kv_cache_dtype
-    # The scheduler's --admission-batch-tokens (0: newcomers join as soon as they fit).
-    admission_batch_tokens: int = SchedulerConfig.admission_batch_tokens
-    # The scheduler's --max-prompt-tokens-with-decodes (None: no cap).
-    max_prompt_tokens_with_decodes: int | None = SchedulerConfig.max_prompt_tokens_with_decodes
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> EngineSettings:
-        """The settings whose fields `args` carry (add_engine_args names them so), the
-        others at their defaults, then `overrides`."""
-        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**{**given, **overrides})
-
-
-def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None = None) -> None:
-    """The engine's options: the worker's own (`pagedserve worker`'s, with their defaults),
-    then the scheduler's that the benchmarks vary."""
-    add_worker_args(parser)
-    add_parallel_args(parser)
-    parser.set_defaults(device="cuda", max_model_len=max_model_len)
-    parser.add_argument(
-        "--max-steps-in-flight", type=int, default=EngineSettings.max_steps_in_flight, help="with overlap on"
-    )
-    parser.add_argument(
-        "--max-stream-messages-per-step",
-        type=int,
-        default=EngineSettings.max_stream_messages_per_step,
-        help="the scheduler service's limit in the gRPC runs (0: no limit)",
-    )
-    help = "the scheduler's: a full batch lets newcomers in once they bring this many tokens (0: at once)"
-    parser.add_argument(
-        "--admission-batch-tokens", type=int, default=EngineSettings.admission_batch_tokens, help=help
-    )
-    parser.add_argument(
-        "--max-prompt-tokens-with-decodes",
-        type=int,
-        default=EngineSettings.max_prompt_tokens_with_decodes,
-        help="the scheduler's cap on prompt tokens in a step that decodes (default: none)",
-    )
-    parser.add_argument(
-        "--step-timeline",
-        dest="step_timeline_dir",
-        metavar="DIR",
-        type=Path,
-        default=None,
-        help="directory for the pagedserve runs' worker step timelines; their summary goes "
-        "into the table and the JSON (benchmarks/step_timeline.py)",
-    )
 
 
 @dataclass
@@ -288,6 +206,8 @@ def serve_commands(model_dir: Path, settings: EngineSettings, ports: dict[str, i
         "--max-stream-messages-per-step": settings.max_stream_messages_per_step,
         "--admission-batch-tokens": settings.admission_batch_tokens,
         "--max-prompt-tokens-with-decodes": settings.max_prompt_tokens_with_decodes,
+        "--prompt-tokens-per-decode": settings.prompt_tokens_per_decode,
+        "--tokenizers": settings.tokenizers,
         "--max-model-len": settings.max_model_len,
         "--dtype": settings.dtype,
         "--tensor-parallel-size": settings.tensor_parallel_size,
@@ -352,7 +272,9 @@ def run_grpc(
                 for name, process in processes.items()
             }
         )
-    note = f"{num_clients} client processes"
+    note = f"{num_clients} client processes" + (
+        f", {settings.tokenizers} tokenizers" if settings.tokenizers > 1 else ""
+    )
     name = run_name("pagedserve gRPC (3 services)", settings.max_steps_in_flight)
     # The worker's file holds the warm-up too; the run's window cuts it off.
     timeline = _timeline_summary(timeline_path, window_start, window_end) if timeline_path else {}

@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from benchmarks.arguments import benchmark_parser
-from benchmarks.pagedserve_runs import EngineSettings, RunResult, drive_runs, run_grpc
+from benchmarks.engine_settings import EngineSettings
+from benchmarks.pagedserve_runs import RunResult, drive_runs, run_grpc
 from benchmarks.pretend_device import NullRunner, PretendCosts, use_pretend_workers
 from benchmarks.serving_datasets import DatasetSpec, build_dataset
 from benchmarks.workload import Workload, nano_vllm_workload

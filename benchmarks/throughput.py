@@ -31,7 +31,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.arguments import benchmark_parser
-from benchmarks.pagedserve_runs import EngineSettings, RunResult, add_engine_args, run_grpc, run_in_process
+from benchmarks.engine_settings import EngineSettings, add_engine_args
+from benchmarks.pagedserve_runs import RunResult, run_grpc, run_in_process
 from benchmarks.step_timeline import format_summary
 from benchmarks.workload import (
     QWEN3_CONFIG,

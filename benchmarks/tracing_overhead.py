@@ -28,7 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.arguments import benchmark_parser
-from benchmarks.pagedserve_runs import EngineSettings, add_engine_args, run_grpc
+from benchmarks.engine_settings import EngineSettings, add_engine_args
+from benchmarks.pagedserve_runs import run_grpc
 from benchmarks.workload import QWEN3_CONFIG, nano_vllm_workload, write_random_model
 from devtools.otlp_receiver import trace_receiver, tracing_to
 
