@@ -35,7 +35,12 @@ class OutputCoalescer:
     def add(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Takes a step's outputs (or an abort's); returns those that leave at once, in
         order: first tokens and last messages, merged with what their completion held."""
+        return self._add(outputs)[0]
+
+    def _add(self, outputs: list[RequestOutput]) -> tuple[list[RequestOutput], Counter[Hashable]]:
+        """add(outputs), and how many of those leaving belong to each group."""
         leaving = []
+        sent: Counter[Hashable] = Counter()
         for output in outputs:
             key = (output.request_id, output.index)
             group = self._group_of(output.request_id)
@@ -50,12 +55,13 @@ class OutputCoalescer:
                     if not held_of_group:
                         del self._held[group]
                 leaving.append(output)
+                sent[group] += 1
                 continue
             if held_of_group is None:
                 held_of_group = self._held[group] = OrderedDict()
             # A completion already waiting keeps its place in line.
             held_of_group[key] = output
-        return leaving
+        return leaving, sent
 
     def take_due(self, sent: Counter[Hashable] | None = None) -> list[RequestOutput]:
         """Held outputs whose turn it is this step, `sent` messages having left already in
@@ -73,10 +79,7 @@ class OutputCoalescer:
 
     def pace(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """One step's messages: add(outputs), then the held ones whose turn it is."""
-        leaving = self.add(outputs)
-        if not self._held:
-            return leaving
-        sent = Counter(self._group_of(output.request_id) for output in leaving)
+        leaving, sent = self._add(outputs)
         return leaving + self.take_due(sent)
 
     def clear(self) -> None:
