@@ -7,7 +7,9 @@ kernels.paged_attention.store_kv computes, with the same rounding points, so the
 agree to the last bit or two. One program handles one head of one token (decode) or of a
 block of tokens (prefill), and the programs of key heads also move their value heads: one
 kernel per layer for all of this. Padding tokens (slot -1) write nothing to the cache,
-which is what lets a CUDA graph captured for a larger batch run a smaller one.
+which is what lets a CUDA graph captured for a larger batch run a smaller one; their
+rotated queries and keys are left unwritten, as nothing reads them, so that the padding
+rows of a graph's step cost a slot load and no more.
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ def _rope_store_kernel(
     HALF: tl.constexpr = HEAD_DIM // 2
     ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     half = tl.arange(0, HALF)[None, :]
-    valid = (tokens < num_tokens)[:, None]
     rows = tokens.to(tl.int64)[:, None]
+    slots = tl.load(slot_mapping_ptr + rows, mask=(tokens < num_tokens)[:, None], other=-1).to(tl.int64)
+    if tl.max(slots) < 0:
+        return
+    valid = (tokens < num_tokens)[:, None]
     positions = tl.load(positions_ptr + rows, mask=valid, other=0).to(tl.int64)
     cos = tl.load(cos_sin_ptr + positions * HEAD_DIM + half, mask=valid, other=0.0)
     sin = tl.load(cos_sin_ptr + positions * HEAD_DIM + HALF + half, mask=valid, other=0.0)
@@ -102,7 +107,6 @@ def _rope_store_kernel(
         # Rounded to the cache's element: the model's dtype, or fp8 (--kv-cache-dtype).
         key1 = rotated1.to(key_cache_ptr.dtype.element_ty)
         key2 = rotated2.to(key_cache_ptr.dtype.element_ty)
-        slots = tl.load(slot_mapping_ptr + rows, mask=valid, other=-1).to(tl.int64)
         stored = valid & (slots >= 0)
         cache_slot = slots * ROW + kv_head * HEAD_DIM
         tl.store(key_cache_ptr + cache_slot + half, key1, mask=stored)
