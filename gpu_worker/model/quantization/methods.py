@@ -177,7 +177,11 @@ def load_quantized_tensor(
             f"checkpoint has {tuple(loaded.shape)}"
         )
     seen: set[str | None] = param.__dict__.setdefault("loaded_shards", set())
-    if spec.output_dim is None and seen and not torch.equal(destination, loaded.to(destination.dtype)):
+    if (
+        spec.output_dim is None
+        and seen
+        and not torch.equal(destination, loaded.to(destination.device, destination.dtype))
+    ):
         raise ValueError(f"{spec.name} of shard {shard_id!r} differs from the fused projections' others")
     destination.copy_(loaded)
     seen.add(shard_id)
