@@ -7,7 +7,11 @@ and the time the device waited before it, by kind and batch size.
 
 `benchmarks.throughput --step-timeline DIR` writes one file per engine (warm-ups and
 several runs in one file) and puts the summary of each run's own window into its JSON;
-given a file, this prints the summary of every step in it.
+given a file, this prints the summary of every step in it, and for each run in it (steps
+with no pause of a second between them: one rate of `benchmarks.serving --step-timeline`)
+the gaps between consecutive step results, which every sequence of the later step waited:
+the inter-token latency as the worker makes it, before the scheduler, the tokenizer and
+the network add theirs.
 """
 
 from __future__ import annotations
@@ -99,11 +103,74 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# A pause this long between two results ends a run: the server waited for requests.
+RUN_PAUSE_S = 1.0
+
+
+def split_runs(steps: list[dict]) -> list[list[dict]]:
+    """The steps in runs, by result time, a pause of RUN_PAUSE_S or more between runs."""
+    ordered = sorted(steps, key=lambda step: step["finished"])
+    runs: list[list[dict]] = []
+    for step in ordered:
+        if not runs or step["finished"] - runs[-1][-1]["finished"] >= RUN_PAUSE_S:
+            runs.append([])
+        runs[-1].append(step)
+    return runs
+
+
+def result_gaps(steps: list[dict]) -> dict:
+    """Gaps between consecutive results, each counted once per sequence of the later step
+    (each of them waited it): p50 and p99 in ms, and the share of the gaps over twice the
+    median that a step with prompt tokens ended."""
+    weighted = sorted(
+        (1e3 * (later["finished"] - earlier["finished"]), later["num_seqs"], later["kind"] != "decode")
+        for earlier, later in zip(steps, steps[1:])
+    )
+    total = sum(count for _, count, _ in weighted)
+    if not total:
+        return {"gaps": 0}
+
+    def percentile(share: float) -> float:
+        seen = 0
+        for gap, count, _ in weighted:
+            seen += count
+            if seen >= share * total:
+                return gap
+        return weighted[-1][0]
+
+    median = percentile(0.5)
+    long_gaps = [(count, prompt) for gap, count, prompt in weighted if gap > 2 * median]
+    long_total = sum(count for count, _ in long_gaps)
+    return {
+        "gaps": total,
+        "p50_ms": median,
+        "p99_ms": percentile(0.99),
+        "over_twice_median": long_total / total,
+        "over_twice_median_with_prompts": (
+            sum(count for count, prompt in long_gaps if prompt) / long_total if long_total else 0.0
+        ),
+    }
+
+
+def format_result_gaps(gaps: dict) -> str:
+    if not gaps["gaps"]:
+        return "run: no gaps"
+    return (
+        f"run: {gaps['gaps']} sequence gaps, p50 {gaps['p50_ms']:.2f} ms, p99 {gaps['p99_ms']:.2f} ms "
+        f"({gaps['p99_ms'] / gaps['p50_ms']:.2f}x); over twice the median "
+        f"{100 * gaps['over_twice_median']:.2f}%, {100 * gaps['over_twice_median_with_prompts']:.0f}% "
+        "of them ended by a step with prompt tokens"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("timeline", type=Path, help="a worker's --step-timeline file")
     args = parser.parse_args(argv)
-    print(format_summary(summarize_steps(read_steps(args.timeline))))
+    steps = read_steps(args.timeline)
+    print(format_summary(summarize_steps(steps)))
+    for run in split_runs(steps):
+        print(format_result_gaps(result_gaps(run)))
 
 
 if __name__ == "__main__":
