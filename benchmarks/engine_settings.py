@@ -46,7 +46,7 @@ class EngineSettings:
     kv_cache_dtype: str = WorkerConfig.kv_cache_dtype
     # The scheduler's --admission-batch-tokens (0: newcomers join as soon as they fit).
     admission_batch_tokens: int = SchedulerConfig.admission_batch_tokens
-    # The scheduler's --max-prompt-tokens-with-decodes (None: no cap) and what it grows by
+    # The scheduler's --max-prompt-tokens-with-decodes (0: no cap) and what it grows by
     # per decoding sequence.
     max_prompt_tokens_with_decodes: int | None = SchedulerConfig.max_prompt_tokens_with_decodes
     prompt_tokens_per_decode: int = SchedulerConfig.prompt_tokens_per_decode
@@ -84,7 +84,7 @@ def add_engine_args(parser: argparse.ArgumentParser, max_model_len: int | None =
         "--max-prompt-tokens-with-decodes",
         type=int,
         default=EngineSettings.max_prompt_tokens_with_decodes,
-        help="the scheduler's cap on prompt tokens in a step that decodes (default: none)",
+        help="the scheduler's cap on prompt tokens in a step that decodes (0: none)",
     )
     parser.add_argument(
         "--prompt-tokens-per-decode",

@@ -4,7 +4,7 @@ mixed with decodes.
 Launched eagerly, such a step costs the host about 20 ms of Python and kernel launches on
 a small model, more than its kernels take on the device: the device waits on the host,
 and every sequence decoding in the same step waits with it (the inter-token latency's
-tail). So the forward is captured once per token count of a ladder (256, 512, ... up to
+tail). So the forward is captured once per token count of a ladder (128, 256, ... up to
 2048, or max_num_batched_tokens if smaller) and a step replays the smallest graph that
 holds its tokens; larger steps run eagerly. Asked for with `--prefill-graphs`
 (WorkerConfig.prefill_graphs); gpu_worker/step_graphs.py decides where they apply.
@@ -35,8 +35,10 @@ from gpu_worker.model.attention import AttentionMetadata
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
 
-# Below this many tokens a step's graph would save little over the next size up.
-SMALLEST_PREFILL_GRAPH = 256
+# Below this many tokens a step's graph would save little over the next size up. A step
+# of a few decodes beside the scheduler's capped prompt tokens (64, and 2 more per decode)
+# holds some 70-150 tokens: padded to 256, its projections and MLPs did twice the work.
+SMALLEST_PREFILL_GRAPH = 128
 # Above it a step's kernels outlast its eager launches, and a step of fresh prompts only
 # is faster eagerly, where it may use a varlen FlashAttention kernel (whose launch depends
 # on the longest prompt) instead of the paged kernel.

@@ -96,7 +96,7 @@ def _add_admission_args(parser: argparse.ArgumentParser) -> None:
             int,
             SchedulerConfig.max_prompt_tokens_with_decodes,
             "prompt tokens a step computes beside decoding sequences while the queued prompts fit "
-            "one step, so that a long prompt does not stall every stream; default: no cap",
+            "one step, so that a long prompt does not stall every stream; 0: no cap",
         ),
         Flag(
             "--prompt-tokens-per-decode",
@@ -142,7 +142,7 @@ def scheduler_config(args: argparse.Namespace) -> SchedulerConfig:
         speculative_backoff_steps=args.speculative_backoff_steps,
         admission_batch_tokens=args.admission_batch_tokens,
         admission_max_delay_steps=args.admission_max_delay_steps,
-        max_prompt_tokens_with_decodes=args.max_prompt_tokens_with_decodes,
+        max_prompt_tokens_with_decodes=args.max_prompt_tokens_with_decodes or None,
         prompt_tokens_per_decode=args.prompt_tokens_per_decode,
     )
 

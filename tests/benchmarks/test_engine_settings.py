@@ -6,6 +6,7 @@ from pathlib import Path
 from benchmarks.engine_settings import EngineSettings
 from benchmarks.pagedserve_runs import serve_commands
 from services.cli import build_parser
+from services.scheduler.config import SchedulerConfig
 
 
 def _parsed(settings: EngineSettings) -> dict:
@@ -36,7 +37,10 @@ def test_each_setting_reaches_its_service() -> None:
 def test_defaults_are_the_services_own() -> None:
     parsed = _parsed(EngineSettings(device="cpu"))
     assert parsed["worker"].prefill_graphs is True
-    assert parsed["scheduler"].max_prompt_tokens_with_decodes is None
+    assert (
+        parsed["scheduler"].max_prompt_tokens_with_decodes == SchedulerConfig.max_prompt_tokens_with_decodes
+    )
+    assert parsed["scheduler"].prompt_tokens_per_decode == SchedulerConfig.prompt_tokens_per_decode
 
 
 def test_several_tokenizers_share_the_public_port() -> None:

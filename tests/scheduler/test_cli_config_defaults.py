@@ -32,3 +32,11 @@ def test_serve_defaults_reach_each_service_unchanged() -> None:
     worker, scheduler = commands["worker"], commands["scheduler"]
     assert worker_config(_parse(worker[worker.index("worker") :])) == WorkerConfig(model_path=MODEL)
     assert scheduler_config(_parse(scheduler[scheduler.index("scheduler") :])) == SchedulerConfig()
+
+
+def test_zero_turns_off_the_prompt_token_cap() -> None:
+    config = scheduler_config(
+        _parse(["scheduler", "--worker", "w:1", "--max-prompt-tokens-with-decodes", "0"])
+    )
+    assert config.max_prompt_tokens_with_decodes is None
+    assert SchedulerConfig().max_prompt_tokens_with_decodes is not None

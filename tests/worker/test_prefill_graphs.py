@@ -39,8 +39,8 @@ from tests.worker.test_verification_graph_layout import (
 
 
 def test_capture_sizes_double_up_to_the_step_budget_or_the_largest_graph() -> None:
-    assert prefill_capture_sizes(8192) == [256, 512, 1024, 2048]
-    assert prefill_capture_sizes(1500) == [256, 512, 1024, 1500]
+    assert prefill_capture_sizes(8192) == [128, 256, 512, 1024, 2048]
+    assert prefill_capture_sizes(1500) == [128, 256, 512, 1024, 1500]
     assert prefill_capture_sizes(100) == [100]
 
 
@@ -70,14 +70,14 @@ def test_staged_batch_attends_as_the_packed_batch(cached: list[int], query_lens:
     num_tokens = positions.shape[0]
     step = PackedStep.random(metadata)
 
-    # A budget of 300 tokens: graphs of 256 and 300 tokens, for up to 6 sequences.
+    # A budget of 300 tokens: graphs of 128, 256 and 300 tokens, for up to 6 sequences.
     graphs = PrefillGraphs(nn.Identity(), 6, 300, NUM_BLOCKS * BLOCK_SIZE, BLOCK_SIZE, torch.device("cpu"))
     graphs.seq_slots = [2, 4, 6]
     # Rows of an earlier, larger step that the staging must overwrite or mark as padding.
     graphs.stage(torch.arange(290), torch.arange(290), _packed_batch([0, 0], [150, 140])[0])
     staged = graphs.stage(torch.randint(0, 1000, (num_tokens,)), positions, metadata)
     size = staged.max_query_len
-    assert size == 256 and staged.slot_mapping.shape[0] == size
+    assert size == 128 and staged.slot_mapping.shape[0] == size
     assert torch.equal(graphs.positions[:num_tokens], positions)
     assert (staged.slot_mapping[num_tokens:] == PADDING_SLOT).all()
     num_seqs = len(cached)
