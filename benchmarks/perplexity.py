@@ -77,6 +77,7 @@ def parse_args(argv: list[str] | None) -> Any:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--window", type=int, default=256, help="tokens per request")
     parser.add_argument("--group-size", type=int, default=64, help="inputs per 4-bit group")
+    parser.add_argument("--chunk", type=int, default=64, help="prompt tokens per step")
     return parser.parse_args(argv)
 
 
@@ -88,9 +89,13 @@ def text_windows(model_dir: Path, window: int) -> list[list[int]]:
     return [w for w in windows if len(w) > 8]
 
 
-def prompt_logprobs(runner: Any, windows: list[list[int]]) -> list[float]:
-    """The logprob of every token each window predicts (all but its first), in order."""
-    scheduler = build_scheduler(SchedulerConfig(max_steps_in_flight=1), runner.info())
+def prompt_logprobs(runner: Any, windows: list[list[int]], chunk: int) -> list[float]:
+    """The logprob of every token each window predicts (all but its first), in order.
+    Each step computes at most `chunk` prompt tokens, so that all but a window's first
+    chunk attend to keys read back from the KV cache, in its dtype, as a long prompt's
+    later chunks and every decode step do."""
+    config = SchedulerConfig(max_steps_in_flight=1, max_num_batched_tokens=chunk)
+    scheduler = build_scheduler(config, runner.info())
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     for index, window in enumerate(windows):
         scheduler.add_request(str(index), window, sampling)
@@ -143,7 +148,7 @@ def measure(mode: Mode, args: Any, windows: list[list[int]]) -> dict:
         )
         runner = ModelRunner(config)
         start = time.perf_counter()
-        logprobs = prompt_logprobs(runner, windows)
+        logprobs = prompt_logprobs(runner, windows, args.chunk)
         seconds = time.perf_counter() - start
         del runner
     release_memory(args.device)
