@@ -80,11 +80,11 @@ def _rope_store_kernel(
     HALF: tl.constexpr = HEAD_DIM // 2
     ROW: tl.constexpr = NUM_KV_HEADS * HEAD_DIM
     half = tl.arange(0, HALF)[None, :]
+    valid = (tokens < num_tokens)[:, None]
     rows = tokens.to(tl.int64)[:, None]
-    slots = tl.load(slot_mapping_ptr + rows, mask=(tokens < num_tokens)[:, None], other=-1).to(tl.int64)
+    slots = tl.load(slot_mapping_ptr + rows, mask=valid, other=-1).to(tl.int64)
     if tl.max(slots) < 0:
         return
-    valid = (tokens < num_tokens)[:, None]
     positions = tl.load(positions_ptr + rows, mask=valid, other=0).to(tl.int64)
     cos = tl.load(cos_sin_ptr + positions * HEAD_DIM + half, mask=valid, other=0.0)
     sin = tl.load(cos_sin_ptr + positions * HEAD_DIM + HALF + half, mask=valid, other=0.0)

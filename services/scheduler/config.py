@@ -69,9 +69,9 @@ class SchedulerConfig:
     # Prompt tokens a step may compute beside sequences that decode, while the prompts
     # queued to start fit within one step (services/scheduler/prompt_budget.py): a long
     # prompt is spread over a few steps instead of stalling every stream for one long
-    # step. None: as many as the step's budget leaves. 64 and 2 below kept the inter-token
-    # p99 under twice its median where no cap did, at no cost to full batches
-    # (benchmarks/RESULTS.md, 2026-12-06).
+    # step. None: as many as the step's budget leaves. 64 and 2 below kept the p99 of the
+    # gaps between a worker's step results under twice their median where no cap did, at
+    # no cost to full batches (benchmarks/RESULTS.md, 2026-12-06).
     max_prompt_tokens_with_decodes: int | None = 64
     # With that cap, prompt tokens it grows by per sequence decoding in the step: a step of
     # few decodes is short, so its prompt tokens must be few to keep each stream's gap
