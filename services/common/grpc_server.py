@@ -23,6 +23,7 @@ from services.common.channels import (
     message_size_options,
 )
 from services.common.errors import UnavailableError
+from services.common.gc_pauses import GcPauses
 from services.common.metrics import serve_metrics
 from services.common.peer_access import PeerAccess
 from services.common.tls import TlsConfig, server_credentials
@@ -77,6 +78,7 @@ class ServiceHost:
     ) -> None:
         self.config = config
         self.registry = CollectorRegistry()
+        self.gc_pauses = GcPauses(self.registry)
         self.callers = callers if callers is not None else config.internal_callers()
         self.server = grpc.aio.server(
             # The frame is outermost, so that refused calls are counted too.
@@ -160,6 +162,7 @@ class ServiceHost:
                 # process: out of the collector's generations, no collection walks it again,
                 # and the pauses that stall the steps in flight stay short.
                 gc.freeze()
+                self.gc_pauses.install()
                 await self.set_serving()
                 if self.config.watchdog_timeout_s > 0:
                     watchdog = LoopWatchdog(self.config.watchdog_timeout_s)
@@ -176,6 +179,7 @@ class ServiceHost:
         finally:
             preparing.cancel()
             stopping.cancel()
+            self.gc_pauses.uninstall()
             if watchdog is not None:
                 watchdog.stop()
             await self.server.stop(self.config.shutdown_grace_s)
