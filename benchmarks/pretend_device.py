@@ -170,6 +170,9 @@ class NullRunner:
         self.observer.device_timer.seconds[PREFILL if num_prompt_tokens else DECODE] += seconds
         return _PretendLaunch(step.step_id, self._device_free_at, samples)
 
+    def read_result(self, launched: _PretendLaunch) -> worker_pb2.StepResult:
+        return self.finish_step(launched)
+
     def finish_step(self, launched: _PretendLaunch) -> worker_pb2.StepResult:
         launched.wait()
         result = worker_pb2.StepResult(step_id=launched.step_id)

@@ -76,11 +76,14 @@ async def _run_rate(api: str, target: str, requests: Sequence[ServingRequest], o
 
 
 def sweep(
-    args: argparse.Namespace, targets: dict[str, str], scheduler_metrics: str | None = None
+    args: argparse.Namespace, targets: dict[str, str], service_metrics: dict[str, str] | None = None
 ) -> list[dict]:
-    """Each API's warm-up, then each rate. With `scheduler_metrics` (its /metrics URL), each
+    """Each API's warm-up, then each rate. With the services' /metrics URLs by name, each
     rate also reports which share of the gaps between tokens the scheduler saw long, beside
-    the client's (benchmarks/serving_server_side.py)."""
+    the client's, and each service's garbage collector pauses
+    (benchmarks/serving_server_side.py)."""
+    service_metrics = service_metrics or {}
+    scheduler_metrics = service_metrics.get("scheduler")
     spec = DatasetSpec(
         name=args.dataset,
         num_prompts=args.num_prompts,
@@ -105,6 +108,7 @@ def sweep(
             requests = for_run(dataset, next(runs))
             offsets = arrival_offsets(len(requests), rate, args.burstiness, args.seed)
             before = server_side.read_snapshot(scheduler_metrics) if scheduler_metrics else None
+            gc_before = {name: server_side.read_gc_pauses(url) for name, url in service_metrics.items()}
             records, duration = run_in_processes(
                 _run_rate, api, target, requests, offsets, args.client_processes
             )
@@ -116,6 +120,12 @@ def sweep(
                 shares = {f"scheduler {k}": row for k, row in server_side.shares_above(before, after).items()}
                 summary["gap_shares"] = {**shares, "client": server_side.client_shares_above(gaps)}
                 print(server_side.describe(summary["gap_shares"]), flush=True)
+            if gc_before:
+                summary["gc_pauses"] = {
+                    name: server_side.gc_pauses_between(gc_before[name], server_side.read_gc_pauses(url))
+                    for name, url in service_metrics.items()
+                }
+                print(server_side.describe_gc_pauses(summary["gc_pauses"]), flush=True)
             results.append(summary)
     return results
 
@@ -159,7 +169,7 @@ def plot(results: list[dict], path: Path) -> None:
 @contextmanager
 def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> Iterator[dict[str, str]]:
     """`pagedserve serve`'s services on free loopback ports; the targets of each API, and
-    the scheduler's /metrics URL as "scheduler_metrics"."""
+    each service's /metrics URL as "metrics NAME"."""
     from services.launcher import free_port, loopback_service_commands, running_services
 
     with ExitStack() as stack:
@@ -177,15 +187,18 @@ def local_server(args: argparse.Namespace, apis: list[str], log_dir: Path) -> It
         commands = loopback_service_commands(
             Path(model_dir), ports, ["--device", args.device, *args.serve_flag]
         )
+        metrics_ports = {name: free_port() for name in ("scheduler", "tokenizer", "worker")}
+        for name, port in metrics_ports.items():
+            commands[name] += ["--metrics-port", str(port)]
         if args.pretend_device is not None:
             from benchmarks.pretend_device import PretendCosts, use_pretend_workers
 
+            ports["worker_metrics"] = metrics_ports["worker"]
             use_pretend_workers(commands, ports, PretendCosts.parse(args.pretend_device))
         addresses = {name: f"127.0.0.1:{ports[name]}" for name in commands}
         targets = {"grpc": addresses["tokenizer"]}
-        metrics_port = free_port()
-        commands["scheduler"] += ["--metrics-port", str(metrics_port)]
-        targets["scheduler_metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
+        for name, port in metrics_ports.items():
+            targets[f"metrics {name}"] = f"http://127.0.0.1:{port}/metrics"
         if args.step_timeline is not None and args.pretend_device is None:
             commands["worker"] += ["--step-timeline", str(args.step_timeline)]
         # The HTTP API only when asked for: it needs the ASGI server's packages.
@@ -271,13 +284,17 @@ def main() -> None:
             apis = args.api.split(",")
             served = stack.enter_context(local_server(args, apis, log_dir))
             targets = {api: served[api] for api in apis}
-            scheduler_metrics = served["scheduler_metrics"]
+            metrics = {
+                name.removeprefix("metrics "): url
+                for name, url in served.items()
+                if name.startswith("metrics ")
+            }
         else:
             targets = {api: t for api, t in (("grpc", args.grpc), ("http", args.http)) if t}
-            scheduler_metrics = args.scheduler_metrics
+            metrics = {"scheduler": args.scheduler_metrics} if args.scheduler_metrics else {}
         if not targets:
             parser.error("give --grpc, --http or --serve")
-        results = sweep(args, targets, scheduler_metrics)
+        results = sweep(args, targets, metrics)
     args.json.write_text(json.dumps({"args": _plain(vars(args)), "results": results}, indent=2))
     if args.plot is not None:
         plot(results, args.plot)

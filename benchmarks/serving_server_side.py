@@ -21,17 +21,21 @@ HISTOGRAMS = {
     "itl": PREFIX + "inter_token_latency_seconds",
     "step": PREFIX + "step_duration_seconds",
 }
+GC_PAUSES = PREFIX + "gc_pause_seconds"
 
 # By histogram: cumulative count at each bucket's upper bound.
 Snapshot = dict[str, dict[float, float]]
 
 
-def read_snapshot(metrics_url: str) -> Snapshot:
+def _families(metrics_url: str) -> list:
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        text = response.read().decode()
+        return list(text_string_to_metric_families(response.read().decode()))
+
+
+def read_snapshot(metrics_url: str) -> Snapshot:
     snapshot: Snapshot = {key: {} for key in HISTOGRAMS}
     wanted = {name: key for key, name in HISTOGRAMS.items()}
-    for family in text_string_to_metric_families(text):
+    for family in _families(metrics_url):
         key = wanted.get(family.name)
         if key is None:
             continue
@@ -39,6 +43,35 @@ def read_snapshot(metrics_url: str) -> Snapshot:
             if sample.name.endswith("_bucket"):
                 snapshot[key][float(sample.labels["le"])] = sample.value
     return snapshot
+
+
+def read_gc_pauses(metrics_url: str) -> dict[str, dict[str, float]]:
+    """A service's garbage collector pauses so far (services/common/gc_pauses.py), by
+    generation: how many, their seconds, and how many lasted over 5 ms."""
+    pauses: dict[str, dict[str, float]] = {}
+    for family in _families(metrics_url):
+        if family.name != GC_PAUSES:
+            continue
+        for sample in family.samples:
+            row = pauses.setdefault(
+                sample.labels["generation"], {"count": 0.0, "seconds": 0.0, "> 5 ms": 0.0}
+            )
+            if sample.name.endswith("_count"):
+                row["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                row["seconds"] = sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == 0.005:
+                row["> 5 ms"] = -sample.value
+    for row in pauses.values():
+        row["> 5 ms"] += row["count"]
+    return pauses
+
+
+def gc_pauses_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict:
+    return {
+        generation: {name: value - before.get(generation, {}).get(name, 0.0) for name, value in row.items()}
+        for generation, row in after.items()
+    }
 
 
 def shares_above(before: Snapshot, after: Snapshot) -> dict[str, dict[str, float]]:
@@ -72,3 +105,13 @@ def describe(shares: dict[str, dict[str, float]]) -> str:
         over = "  ".join(f"{name} {share:6.2%}" for name, share in row.items() if name != "count")
         parts.append(f"{side}: {over}")
     return "    gaps " + " | ".join(parts)
+
+
+def describe_gc_pauses(pauses: dict[str, dict[str, dict[str, float]]]) -> str:
+    """One line: each service's collections of each generation, their total and long ones."""
+    parts = [
+        f"{name} gen{generation} {row['count']:.0f}× {row['seconds'] * 1e3:.1f} ms ({row['> 5 ms']:.0f} > 5 ms)"
+        for name, by_generation in pauses.items()
+        for generation, row in sorted(by_generation.items())
+    ]
+    return "    gc " + " | ".join(parts)

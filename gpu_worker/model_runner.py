@@ -293,24 +293,27 @@ class ModelRunner:
             )
         launched.host_tokens = self._copy_to_host(tokens)
 
+    def read_result(self, launched: LaunchedStep) -> worker_pb2.StepResult | None:
+        """The result of a step whose draws are on the host (`launched.wait()` returned),
+        built from what the step kept at its launch alone, so that another thread may
+        build it while the model thread launches the next step; finish_step then returns
+        it. None for a step that speculated: its verification is merged with the
+        sequences' state, on the model thread."""
+        if launched.verified is not None:
+            return None
+        launched.result = self._drawn_result(launched)
+        return launched.result
+
     def finish_step(self, launched: LaunchedStep) -> worker_pb2.StepResult:
-        """Waits for a launched step's tokens (the oldest launched and not finished) and
-        returns its result."""
+        """Waits for a launched step's tokens (the oldest launched and not finished),
+        gives them to their sequences and returns the step's result."""
         launched.wait()
         self.observer.on_device_done()
-        result = worker_pb2.StepResult(step_id=launched.step_id)
+        result = launched.result if launched.result is not None else self.read_result(launched)
         if launched.host_tokens is not None:
             tokens = launched.host_tokens.tolist()
             sequences = self.sequences
-            samples = launched.samples
-            if len(tokens) == len(samples):
-                # Every sequence drew one token (the usual case): token i is sample i's.
-                firsts: Iterable[int] = range(len(samples))
-                seq_ids = [seq_id for seq_id, _, _ in samples]
-            else:
-                firsts = accumulate((count for _, _, count in samples[:-1]), initial=0)
-                seq_ids = [seq_id for seq_id, _, count in samples for _ in range(count)]
-            for (seq_id, state, _), first in zip(samples, firsts):
+            for (seq_id, state, _), first in zip(launched.samples, _first_draws(launched.samples, tokens)):
                 # A sequence finished or preempted since has no state left to update; the
                 # scheduler still expects its tokens.
                 if sequences.get(seq_id) is state:
@@ -318,22 +321,35 @@ class ModelRunner:
                     state.num_pending_tokens -= 1
                     if not state.num_pending_tokens:
                         state.newest_pending_token = None
-            # Every rank holds the same draws; one answers for the engine.
-            if self.parallel.answers:
-                result.seq_ids.extend(seq_ids)
-                result.token_ids.extend(tokens)
-                if launched.host_logprobs is not None:
-                    result.logprobs.extend(token_logprobs(*launched.host_logprobs))
-        if launched.prompt_scores and self.parallel.answers:
-            result.prompt_logprobs.extend(scored.to_proto() for scored in launched.prompt_scores)
-        if launched.verified is not None and self.speculation is not None:
+        if result is None:
+            assert launched.verified is not None and self.speculation is not None
             gained = self.speculation.finish(launched.verified, self.sequences)
+            result = self._drawn_result(launched)
             if self.parallel.answers:
                 merge_gained(result, gained, launched.sample_index)
+        self.observer.on_result(launched.step_id, launched.result_at_s)
+        return result
+
+    def _drawn_result(self, launched: LaunchedStep) -> worker_pb2.StepResult:
+        result = worker_pb2.StepResult(step_id=launched.step_id)
+        # Every rank holds the same draws; one answers for the engine.
+        if self.parallel.answers:
+            if launched.host_tokens is not None:
+                tokens = launched.host_tokens.tolist()
+                samples = launched.samples
+                result.token_ids.extend(tokens)
+                if len(tokens) == len(samples):
+                    result.seq_ids.extend(seq_id for seq_id, _, _ in samples)
+                else:
+                    result.seq_ids.extend(seq_id for seq_id, _, count in samples for _ in range(count))
+                if launched.host_logprobs is not None:
+                    result.logprobs.extend(token_logprobs(*launched.host_logprobs))
+            if launched.prompt_scores:
+                result.prompt_logprobs.extend(scored.to_proto() for scored in launched.prompt_scores)
         # From the step's arrival to its tokens on the host, so a step launched behind
         # another counts the wait for it too.
         result.execute_ns = time.perf_counter_ns() - launched.start_ns
-        self.observer.on_result(launched.step_id)
+        launched.result_at_s = time.perf_counter()
         return result
 
     def _copy_to_host(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -368,3 +384,11 @@ def token_logprobs(
         common_pb2.TokenLogprobs(logprob=logprob, top_token_ids=ids, top_logprobs=values)
         for logprob, ids, values in zip(sampled.tolist(), top_ids.tolist(), top_values.tolist())
     ]
+
+
+def _first_draws(samples: list[tuple[int, SequenceState, int]], tokens: list[int]) -> Iterable[int]:
+    """Where each sample's draws start among the step's tokens."""
+    if len(tokens) == len(samples):
+        # Every sequence drew one token (the usual case): token i is sample i's.
+        return range(len(samples))
+    return accumulate((count for _, _, count in samples[:-1]), initial=0)

@@ -66,7 +66,7 @@ class StepObserver:
         whose work has completed, without waiting for any."""
         self.device_timer.resolve()
 
-    def on_result(self, step_id: int) -> None:
-        """Once a step's result is ready."""
+    def on_result(self, step_id: int, ready_at_s: float) -> None:
+        """Once a step's result is ready (since ready_at_s, a time.perf_counter())."""
         if self.timeline is not None:
-            self.timeline.finished(step_id, time.perf_counter())
+            self.timeline.finished(step_id, ready_at_s)

@@ -70,17 +70,39 @@ async def pipelined_steps(
 ) -> AsyncGenerator[worker_pb2.StepResult, None]:
     """Yields one result per step, in order. Launching and finishing run on model_thread
     (one thread, so that they keep their order); waiting for the device runs on a thread
-    of its own, so that a step can be launched meanwhile. around_step(step) is entered
-    when the step arrives and exited once its result has been taken."""
+    of its own, so that a step can be launched meanwhile, and builds the result there, so
+    that it need not wait for that launch. around_step(step) is entered when the step
+    arrives and exited once its result has been taken."""
     loop = asyncio.get_running_loop()
     device_waits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-wait")
 
+    # A step whose result has left but whose draws failed to reach their sequences:
+    # the next launch raises it, since that step would build on them.
+    failures: list[BaseException] = []
+
+    def finish_after_result(handle: LaunchedStep) -> None:
+        try:
+            runner.finish_step(handle)
+        except BaseException as error:
+            failures.append(error)
+
+    def launch(step: worker_pb2.StepRequest) -> LaunchedStep:
+        if failures:
+            raise failures[0]
+        return runner.launch_step(step)
+
     def wait_then_finish(launch: Future[LaunchedStep]) -> tuple[worker_pb2.StepResult, bool]:
-        # Steps pass from thread to thread without a turn of the event loop in between:
-        # each is finished on the model thread the moment the device is done with it.
+        # Steps pass from thread to thread without a turn of the event loop in between.
+        # The result is built here the moment the device is done with the step, without
+        # queueing behind the next step's launch on the model thread, which gives the
+        # draws to their sequences after. A step that speculated is finished there.
         handle = launch.result()
         handle.wait()
-        return model_thread.submit(runner.finish_step, handle).result(), handle.replayed_graph
+        result = runner.read_result(handle)
+        if result is None:
+            return model_thread.submit(runner.finish_step, handle).result(), handle.replayed_graph
+        model_thread.submit(finish_after_result, handle)
+        return result, handle.replayed_graph
 
     # (a launched step's result to come, the scope opened around it), oldest first.
     launched: deque[tuple[asyncio.Future, _StepScope]] = deque()
@@ -98,8 +120,10 @@ async def pipelined_steps(
                 next_step = None
                 if step is not None:
                     scope = _StepScope(around_step(step))
-                    launch = model_thread.submit(runner.launch_step, step)
-                    launched.append((loop.run_in_executor(device_waits, wait_then_finish, launch), scope))
+                    launched_step = model_thread.submit(launch, step)
+                    launched.append(
+                        (loop.run_in_executor(device_waits, wait_then_finish, launched_step), scope)
+                    )
                     next_step = asyncio.ensure_future(_next_or_none(steps))
                 continue
             finished, scope = launched[0]

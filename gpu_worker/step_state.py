@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pagedserve.v1 import worker_pb2
 
 from gpu_worker.input_batch import DeviceToken
 from gpu_worker.prompt_logprobs import ScoredPrompt
@@ -47,6 +48,9 @@ class LaunchedStep:
     verified: VerifiedStep | None = None
     # Whether the forward replayed a captured CUDA graph (False: launched eagerly).
     replayed_graph: bool = False
+    # The step's result once built, and when (time.perf_counter()).
+    result: worker_pb2.StepResult | None = None
+    result_at_s: float = 0.0
 
     def wait(self) -> None:
         """Blocks until the draws are in host memory; safe from any thread."""

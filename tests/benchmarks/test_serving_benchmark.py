@@ -113,7 +113,8 @@ def test_pretend_costs_read_back_and_price_mixed_steps() -> None:
 def test_serving_in_front_of_a_pretend_device(tmp_path: Path) -> None:
     """--pretend-device puts benchmarks/pretend_device.py's worker in the real one's place:
     every request still completes with its output length. The scheduler's own count of the
-    gaps between tokens, read from its /metrics around the rate, matches the client's."""
+    gaps between tokens, read from its /metrics around the rate, matches the client's; every
+    service's garbage collector pauses are read the same way."""
     summary, _ = run_benchmark(
         "serving",
         "--serve",
@@ -134,6 +135,12 @@ def test_serving_in_front_of_a_pretend_device(tmp_path: Path) -> None:
     assert all(
         0.0 <= share <= 1.0 for row in shares.values() for name, share in row.items() if name != "count"
     )
+    # Each service's garbage collector pauses over the rate, by generation (a run this
+    # short may see none: objects freed as they go leave the collector little to do).
+    pauses = result["gc_pauses"]
+    assert set(pauses) == {"scheduler", "tokenizer", "worker"}, pauses
+    rows = [row for by_generation in pauses.values() for row in by_generation.values()]
+    assert all(0 <= row["> 5 ms"] <= row["count"] and row["seconds"] >= 0 for row in rows), pauses
 
 
 def test_merged_tokens_show_as_tokens_per_message_and_one_gap() -> None:
@@ -145,3 +152,31 @@ def test_merged_tokens_show_as_tokens_per_message_and_one_gap() -> None:
     # The merged message is one gap of 20 ms, not two of 10.
     assert summary["itl_ms"]["p99"] == pytest.approx(20.0)
     assert summary["itl_ms"]["mean"] == pytest.approx((20 + 5 + 5) / 3)
+
+
+def test_gc_pauses_read_from_a_services_metrics() -> None:
+    """A service's /metrics (services/common/gc_pauses.py's histogram) read back by
+    generation: the count, the seconds and how many pauses lasted over 5 ms, and the
+    difference between two readings."""
+    from prometheus_client import CollectorRegistry
+
+    from benchmarks.serving_server_side import gc_pauses_between, read_gc_pauses
+    from services.common.gc_pauses import GcPauses
+    from services.common.metrics import serve_metrics
+    from services.launcher import free_port
+
+    registry = CollectorRegistry()
+    pauses = GcPauses(registry)
+    port = free_port()
+    serve_metrics(registry, port, "127.0.0.1")
+    url = f"http://127.0.0.1:{port}/metrics"
+    pauses.histogram.labels("1").observe(0.0002)
+    before = read_gc_pauses(url)
+    for seconds in (0.001, 0.003, 0.007, 0.02):
+        pauses.histogram.labels("2").observe(seconds)
+    after = read_gc_pauses(url)
+    assert before == {"1": {"count": 1.0, "seconds": pytest.approx(0.0002), "> 5 ms": 0.0}}
+    assert gc_pauses_between(before, after) == {
+        "1": {"count": 0.0, "seconds": 0.0, "> 5 ms": 0.0},
+        "2": {"count": 4.0, "seconds": pytest.approx(0.031), "> 5 ms": 2.0},
+    }

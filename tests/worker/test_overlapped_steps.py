@@ -98,13 +98,19 @@ class _FakeLaunched:
 
 class _FakeRunner:
     def __init__(self) -> None:
+        # What the model thread ran, in order; results read on the device-wait thread.
         self.events: list[tuple[str, int]] = []
+        self.read: list[int] = []
         self.launched: dict[int, _FakeLaunched] = {}
 
     def launch_step(self, step: worker_pb2.StepRequest) -> _FakeLaunched:
         self.events.append(("launch", step.step_id))
         self.launched[step.step_id] = _FakeLaunched(step.step_id)
         return self.launched[step.step_id]
+
+    def read_result(self, launched: _FakeLaunched) -> worker_pb2.StepResult:
+        self.read.append(launched.step_id)
+        return worker_pb2.StepResult(step_id=launched.step_id)
 
     def finish_step(self, launched: _FakeLaunched) -> worker_pb2.StepResult:
         self.events.append(("finish", launched.step_id))
@@ -165,7 +171,8 @@ def test_a_step_that_arrives_while_one_runs_is_launched_before_that_one_finishes
         await arriving.put(None)
         await asyncio.wait_for(consumer, timeout=10)
         steps = range(1, limit + 2)
-        assert received == list(steps)
+        assert received == list(steps) and runner.read == list(steps)
+        await until(lambda: len(runner.events) == 2 * len(steps))
         launches = [("launch", i) for i in steps]
         assert runner.events == [*launches[:limit], ("finish", 1), launches[limit]] + [
             ("finish", i) for i in steps[1:]
@@ -211,3 +218,78 @@ def test_a_step_that_fails_to_launch_ends_the_stream_after_the_steps_before_it()
     assert received == [1]
     # Every step's scope closes, the failed one's and any launched after it too.
     assert closed[:2] == ["close 1", "close 2"] and len(closed) == len(set(closed)) <= 3
+
+
+def test_a_result_leaves_while_the_next_step_is_being_launched() -> None:
+    """The model thread launching step 2 does not hold back step 1's result; step 1's
+    draws reach its sequences (finish_step) on the model thread after that launch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    launching = threading.Event()
+    release_launch = threading.Event()
+
+    class SlowLaunchRunner(_FakeRunner):
+        def launch_step(self, step: worker_pb2.StepRequest) -> _FakeLaunched:
+            if step.step_id == 2:
+                launching.set()
+                assert release_launch.wait(timeout=10)
+            launched = super().launch_step(step)
+            if step.step_id == 2:
+                launched.device_done.set()
+            return launched
+
+    async def scenario() -> SlowLaunchRunner:
+        runner = SlowLaunchRunner()
+
+        async def steps():
+            for step_id in (1, 2):
+                yield worker_pb2.StepRequest(step_id=step_id)
+
+        results = pipelined_steps(runner, steps(), ThreadPoolExecutor(1))
+        first_result = asyncio.ensure_future(anext(results))
+        # The device finishes step 1 while the model thread is launching step 2.
+        assert await asyncio.to_thread(launching.wait, 10)
+        runner.launched[1].device_done.set()
+        first = await asyncio.wait_for(first_result, timeout=10)
+        assert first.step_id == 1 and launching.is_set() and not release_launch.is_set()
+        assert runner.events == [("launch", 1)]
+        release_launch.set()
+        assert [result.step_id async for result in results] == [2]
+        return runner
+
+    runner = asyncio.run(scenario())
+    assert runner.events == [("launch", 1), ("launch", 2), ("finish", 1), ("finish", 2)]
+
+
+def test_a_step_whose_draws_fail_to_reach_their_sequences_fails_the_next_launch() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    class FailingFinishRunner(_FakeRunner):
+        def launch_step(self, step: worker_pb2.StepRequest) -> _FakeLaunched:
+            launched = super().launch_step(step)
+            launched.device_done.set()
+            return launched
+
+        def finish_step(self, launched: _FakeLaunched) -> worker_pb2.StepResult:
+            if launched.step_id == 1:
+                raise RuntimeError("step 1: sequence state lost")
+            return super().finish_step(launched)
+
+    async def scenario() -> list[int]:
+        arriving: asyncio.Queue = asyncio.Queue()
+
+        async def steps():
+            while (step := await arriving.get()) is not None:
+                yield step
+
+        received: list[int] = []
+        await arriving.put(worker_pb2.StepRequest(step_id=1))
+        with pytest.raises(RuntimeError, match="step 1"):
+            async for result in pipelined_steps(FailingFinishRunner(), steps(), ThreadPoolExecutor(1)):
+                received.append(result.step_id)
+                # Step 2 arrives once step 1's result has left (and its finish failed).
+                await arriving.put(worker_pb2.StepRequest(step_id=2))
+                await arriving.put(None)
+        return received
+
+    assert asyncio.run(scenario()) == [1]
