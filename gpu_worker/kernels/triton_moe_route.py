@@ -47,7 +47,9 @@ def _route_kernel(
     chosen_ids = tl.zeros([TOP_K_PAD], tl.int64)
     remaining = probs
     for slot in tl.static_range(TOP_K):
-        expert = tl.argmax(remaining, axis=0, tie_break_left=True)
+        # A row of NaN logits (a graph's padding row, whose values are whatever its
+        # buffers held) compares with nothing: the clamp keeps the id an expert's.
+        expert = tl.minimum(tl.argmax(remaining, axis=0, tie_break_left=True), num_experts - 1)
         prob = tl.max(remaining, axis=0)
         chosen_probs = tl.where(slots == slot, prob, chosen_probs)
         chosen_ids = tl.where(slots == slot, expert.to(tl.int64), chosen_ids)

@@ -102,3 +102,16 @@ def test_route_in_one_kernel_matches_pytorch(
     assert ids.dtype == torch.int64 and weights.dtype == torch.float32
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(60, 4), (6, 2), (128, 8)])
+def test_route_of_a_nan_row_chooses_experts_that_exist(num_experts: int, top_k: int) -> None:
+    # A CUDA graph's padding rows hold whatever their buffers held, NaN included; their
+    # ids index the experts' weights all the same.
+    from gpu_worker.kernels.triton_moe_route import route_triton
+
+    logits = torch.randn(4, num_experts, generator=torch.Generator().manual_seed(0)).to(DEVICE, DTYPE)
+    logits[1] = float("nan")
+    logits[2, 3] = float("nan")
+    _, ids = route_triton(logits, top_k, renormalize=True)
+    assert 0 <= int(ids.min()) and int(ids.max()) < num_experts, ids
