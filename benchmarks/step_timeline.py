@@ -121,7 +121,9 @@ def split_runs(steps: list[dict]) -> list[list[dict]]:
 def result_gaps(steps: list[dict]) -> dict:
     """Gaps between consecutive results, each counted once per sequence of the later step
     (each of them waited it): p50 and p99 in ms, and the share of the gaps over twice the
-    median that a step with prompt tokens ended."""
+    median that a step with prompt tokens ended. Beside them, how long results took to be
+    ready after the device was done with their step (p50, p99 over steps): host time
+    that the gaps carry on top of the device's."""
     weighted = sorted(
         (1e3 * (later["finished"] - earlier["finished"]), later["num_seqs"], later["kind"] != "decode")
         for earlier, later in zip(steps, steps[1:])
@@ -139,6 +141,7 @@ def result_gaps(steps: list[dict]) -> dict:
         return weighted[-1][0]
 
     median = percentile(0.5)
+    after_device = sorted(1e3 * (step["finished"] - step["device"][1]) for step in steps if step.get("device"))
     long_gaps = [(count, prompt) for gap, count, prompt in weighted if gap > 2 * median]
     long_total = sum(count for count, _ in long_gaps)
     return {
@@ -149,7 +152,13 @@ def result_gaps(steps: list[dict]) -> dict:
         "over_twice_median_with_prompts": (
             sum(count for count, prompt in long_gaps if prompt) / long_total if long_total else 0.0
         ),
+        "ready_after_device_p50_ms": _at(after_device, 0.5),
+        "ready_after_device_p99_ms": _at(after_device, 0.99),
     }
+
+
+def _at(ordered: list[float], share: float) -> float:
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
 
 
 def format_result_gaps(gaps: dict) -> str:
@@ -159,7 +168,8 @@ def format_result_gaps(gaps: dict) -> str:
         f"run: {gaps['gaps']} sequence gaps, p50 {gaps['p50_ms']:.2f} ms, p99 {gaps['p99_ms']:.2f} ms "
         f"({gaps['p99_ms'] / gaps['p50_ms']:.2f}x); over twice the median "
         f"{100 * gaps['over_twice_median']:.2f}%, {100 * gaps['over_twice_median_with_prompts']:.0f}% "
-        "of them ended by a step with prompt tokens"
+        "of them ended by a step with prompt tokens; results ready after the device "
+        f"p50 {gaps['ready_after_device_p50_ms']:.2f} ms, p99 {gaps['ready_after_device_p99_ms']:.2f} ms"
     )
 
 
