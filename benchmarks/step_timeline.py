@@ -141,7 +141,9 @@ def result_gaps(steps: list[dict]) -> dict:
         return weighted[-1][0]
 
     median = percentile(0.5)
-    after_device = sorted(1e3 * (step["finished"] - step["device"][1]) for step in steps if step.get("device"))
+    after_device = sorted(
+        1e3 * (step["finished"] - step["device"][1]) for step in steps if step.get("device")
+    )
     long_gaps = [(count, prompt) for gap, count, prompt in weighted if gap > 2 * median]
     long_total = sum(count for count, _ in long_gaps)
     return {
