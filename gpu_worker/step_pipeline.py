@@ -91,12 +91,12 @@ async def pipelined_steps(
             raise failures[0]
         return runner.launch_step(step)
 
-    def wait_then_finish(launch: Future[LaunchedStep]) -> tuple[worker_pb2.StepResult, bool]:
+    def wait_then_finish(launched_step: Future[LaunchedStep]) -> tuple[worker_pb2.StepResult, bool]:
         # Steps pass from thread to thread without a turn of the event loop in between.
         # The result is built here the moment the device is done with the step, without
         # queueing behind the next step's launch on the model thread, which gives the
         # draws to their sequences after. A step that speculated is finished there.
-        handle = launch.result()
+        handle = launched_step.result()
         handle.wait()
         result = runner.read_result(handle)
         if result is None:
