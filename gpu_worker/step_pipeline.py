@@ -62,6 +62,41 @@ async def _next_or_none(steps: AsyncIterator[worker_pb2.StepRequest]) -> worker_
         return None
 
 
+class _StepThreads:
+    """What the model thread and the device-wait thread run for each step."""
+
+    def __init__(self, runner: ModelRunner, model_thread: ThreadPoolExecutor) -> None:
+        self.runner = runner
+        self.model_thread = model_thread
+        # A step whose result has left but whose draws failed to reach their sequences:
+        # the next launch raises it, since that step would build on them.
+        self.failures: list[BaseException] = []
+
+    def launch(self, step: worker_pb2.StepRequest) -> LaunchedStep:
+        if self.failures:
+            raise self.failures[0]
+        return self.runner.launch_step(step)
+
+    def wait_then_finish(self, launched_step: Future[LaunchedStep]) -> tuple[worker_pb2.StepResult, bool]:
+        # Steps pass from thread to thread without a turn of the event loop in between.
+        # The result is built here the moment the device is done with the step, without
+        # queueing behind the next step's launch on the model thread, which gives the
+        # draws to their sequences after. A step that speculated is finished there.
+        handle = launched_step.result()
+        handle.wait()
+        result = self.runner.read_result(handle)
+        if result is None:
+            return self.model_thread.submit(self.runner.finish_step, handle).result(), handle.replayed_graph
+        self.model_thread.submit(self._finish_after_result, handle)
+        return result, handle.replayed_graph
+
+    def _finish_after_result(self, handle: LaunchedStep) -> None:
+        try:
+            self.runner.finish_step(handle)
+        except BaseException as error:
+            self.failures.append(error)
+
+
 async def pipelined_steps(
     runner: ModelRunner,
     steps: AsyncIterator[worker_pb2.StepRequest],
@@ -76,33 +111,7 @@ async def pipelined_steps(
     loop = asyncio.get_running_loop()
     device_waits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device-wait")
 
-    # A step whose result has left but whose draws failed to reach their sequences:
-    # the next launch raises it, since that step would build on them.
-    failures: list[BaseException] = []
-
-    def finish_after_result(handle: LaunchedStep) -> None:
-        try:
-            runner.finish_step(handle)
-        except BaseException as error:
-            failures.append(error)
-
-    def launch(step: worker_pb2.StepRequest) -> LaunchedStep:
-        if failures:
-            raise failures[0]
-        return runner.launch_step(step)
-
-    def wait_then_finish(launched_step: Future[LaunchedStep]) -> tuple[worker_pb2.StepResult, bool]:
-        # Steps pass from thread to thread without a turn of the event loop in between.
-        # The result is built here the moment the device is done with the step, without
-        # queueing behind the next step's launch on the model thread, which gives the
-        # draws to their sequences after. A step that speculated is finished there.
-        handle = launched_step.result()
-        handle.wait()
-        result = runner.read_result(handle)
-        if result is None:
-            return model_thread.submit(runner.finish_step, handle).result(), handle.replayed_graph
-        model_thread.submit(finish_after_result, handle)
-        return result, handle.replayed_graph
+    threads = _StepThreads(runner, model_thread)
 
     # (a launched step's result to come, the scope opened around it), oldest first.
     launched: deque[tuple[asyncio.Future, _StepScope]] = deque()
@@ -120,9 +129,9 @@ async def pipelined_steps(
                 next_step = None
                 if step is not None:
                     scope = _StepScope(around_step(step))
-                    launched_step = model_thread.submit(launch, step)
+                    launched_step = model_thread.submit(threads.launch, step)
                     launched.append(
-                        (loop.run_in_executor(device_waits, wait_then_finish, launched_step), scope)
+                        (loop.run_in_executor(device_waits, threads.wait_then_finish, launched_step), scope)
                     )
                     next_step = asyncio.ensure_future(_next_or_none(steps))
                 continue
