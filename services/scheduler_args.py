@@ -46,9 +46,9 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
             "--max-stream-messages-per-step",
             int,
             SchedulerConfig.max_stream_messages_per_step,
-            "token messages streamed per step at most to each tokenizer process: beyond it, "
-            "completions' tokens wait merged for their turn (first tokens and last messages never "
-            "wait); 0: no limit",
+            "token messages streamed per step to each tokenizer process: beyond it, completions' "
+            "tokens wait merged for their turn (first tokens and last messages never wait); a "
+            "step's unused messages are saved for later steps, up to 7 steps' worth; 0: no limit",
         ),
         Flag(
             "--speculative-max-batch-size",

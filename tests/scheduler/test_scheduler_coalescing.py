@@ -1,10 +1,10 @@
 """Stream messages per step: beyond the budget, completions' tokens wait merged, the
-longest-waiting first; first tokens and last messages never wait; nothing is lost or
-reordered."""
+longest-waiting first; first tokens and last messages never wait; a step's unused budget
+is saved for later steps, up to a limit; nothing is lost or reordered."""
 
 from pagedserve.v1 import common_pb2
 
-from services.scheduler.coalescing import OutputCoalescer
+from services.scheduler.coalescing import SAVED_STEPS, OutputCoalescer
 from services.scheduler.outputs import RequestOutput
 from tests.support.fake_worker import reference_output
 from tests.support.scheduler_harness import Harness, sampling
@@ -66,6 +66,27 @@ def test_each_group_of_streams_has_its_own_budget() -> None:
     assert [(o.request_id, o.new_token_ids) for o in fourth] == [("a", [3, 4]), ("c", [3, 4])]
 
 
+def test_a_step_spends_the_budget_earlier_steps_left() -> None:
+    coalescer = OutputCoalescer(max_messages_per_step=2)
+    coalescer.pace([_output(r, [1], 1) for r in "abcd"])
+    # Four streams, two messages a step: two wait.
+    assert [o.request_id for o in coalescer.pace([_output(r, [2], 2) for r in "abcd"])] == ["a", "b"]
+    # A step where only c's and d's held tokens are due sends them and saves nothing.
+    assert [o.request_id for o in coalescer.take_due()] == ["c", "d"]
+    # Steps with one stream left save one message each ...
+    for step in range(3):
+        assert len(coalescer.pace([_output("a", [3 + step], 3 + step)])) == 1
+    # ... which a step of four streams then spends: all four leave at once.
+    fourth = coalescer.pace([_output(r, [6], 6) for r in "abcd"])
+    assert [o.request_id for o in fourth] == ["a", "b", "c", "d"] and len(coalescer) == 0
+    # Savings stop at SAVED_STEPS steps' budget.
+    many = [_output(f"r{i}", [2], 2) for i in range(2 * (SAVED_STEPS + 1) + 3)]
+    coalescer.pace([_output(o.request_id, [1], 1) for o in many])
+    for _ in range(SAVED_STEPS + 5):
+        coalescer.take_due()
+    assert len(coalescer.pace(many)) == 2 * (SAVED_STEPS + 1) and len(coalescer) == 3
+
+
 def test_no_budget_sends_every_output_at_once() -> None:
     coalescer = OutputCoalescer(max_messages_per_step=None)
     outputs = [_output(r, [2], 2) for r in "abc"]
@@ -80,13 +101,15 @@ def test_streams_carry_every_token_once_in_order() -> None:
         h.add(request_id, prompt, params[request_id])
     coalescer = OutputCoalescer(max_messages_per_step=2)
     streamed: dict[str, list[int]] = {request_id: [] for request_id in prompts}
-    num_messages = 0
+    num_messages = num_steps = num_must_go = 0
     # As the engine does: each step's outputs go through the coalescer.
     while (outputs := h.pipeline_step()) is not None:
         sent = coalescer.pace(outputs)
-        must_go = sum(1 for o in outputs if o.finished or o.num_output_tokens == 1)
-        assert len(sent) <= max(2, must_go)
+        num_steps += 1
+        num_must_go += sum(1 for o in outputs if o.finished or o.num_output_tokens == len(o.new_token_ids))
         num_messages += len(sent)
+        # Over any run of steps: two messages a step, and those that may not wait.
+        assert num_messages <= 2 * num_steps + num_must_go
         for output in sent:
             assert output.num_output_tokens == len(streamed[output.request_id]) + len(output.new_token_ids)
             streamed[output.request_id].extend(output.new_token_ids)
