@@ -2,6 +2,7 @@
 longest-waiting first; first tokens and last messages never wait; a step's unused budget
 is saved for later steps, up to a limit; nothing is lost or reordered."""
 
+import pytest
 from pagedserve.v1 import common_pb2
 
 from services.scheduler.coalescing import SAVED_STEPS, OutputCoalescer
@@ -117,3 +118,18 @@ def test_streams_carry_every_token_once_in_order() -> None:
     for request_id, prompt in prompts.items():
         assert streamed[request_id] == reference_output(prompt, params[request_id], 1024)[0]
     assert num_messages < sum(len(tokens) for tokens in streamed.values())
+
+
+def test_under_a_load_over_the_budget_nothing_is_saved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full batches send what they sent without savings: once every step has more streams
+    than the budget, each step sends its budget exactly, with or without SAVED_STEPS."""
+    from services.scheduler import coalescing
+
+    def messages_per_step(saved_steps: int) -> list[int]:
+        monkeypatch.setattr(coalescing, "SAVED_STEPS", saved_steps)
+        coalescer = OutputCoalescer(max_messages_per_step=4)
+        streams = [f"r{i}" for i in range(10)]
+        coalescer.pace([_output(r, [1], 1) for r in streams])
+        return [len(coalescer.pace([_output(r, [n], n) for r in streams])) for n in range(2, 30)]
+
+    assert messages_per_step(SAVED_STEPS) == messages_per_step(0) == [4] * 28
