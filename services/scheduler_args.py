@@ -3,6 +3,7 @@
 import argparse
 
 from services.flag_table import Flag, add_flags
+from services.scheduler.coalescing import SAVED_STEPS
 from services.scheduler.config import SchedulerConfig
 
 
@@ -48,7 +49,8 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
             SchedulerConfig.max_stream_messages_per_step,
             "token messages streamed per step to each tokenizer process: beyond it, completions' "
             "tokens wait merged for their turn (first tokens and last messages never wait); a "
-            "step's unused messages are saved for later steps, up to 7 steps' worth; 0: no limit",
+            f"step's unused messages are saved for later steps, up to {SAVED_STEPS} steps' worth; "
+            "0: no limit",
         ),
         Flag(
             "--speculative-max-batch-size",
