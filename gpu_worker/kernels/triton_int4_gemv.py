@@ -139,6 +139,19 @@ def int4_gemv_triton(
 ) -> torch.Tensor:
     """x [rows <= MAX_GEMV_ROWS, in] times the 4-bit weight; returns [rows, out] in x's
     dtype. plan: int4_gemv_plan's parameters, or others (benchmarks sweep them)."""
+    return total_of(int4_gemv_partial_sums(x, qweight, scales, zeros, group_size, plan), x.dtype)
+
+
+def int4_gemv_partial_sums(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    plan: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """int4_gemv_triton's [splits, rows, out] partial sums before they are added up (fp32;
+    x's dtype in one slice), for a consumer that sums them as it loads them."""
     x = x.contiguous()
     num_rows, in_features = x.shape
     out_features = qweight.shape[1]
@@ -150,7 +163,7 @@ def int4_gemv_triton(
         or scales.stride(1) != 1
         or zeros.stride(0) != scales.stride(0)
     ):
-        raise ValueError("int4_gemv_triton: rows, groups or layout it cannot tile")
+        raise ValueError("int4_gemv_partial_sums: rows, groups or layout it cannot tile")
     num_splits = plan["num_splits"]
     # One slice writes the result itself; several write fp32 partials, summed after.
     out_dtype = x.dtype if num_splits == 1 else torch.float32
@@ -177,4 +190,4 @@ def int4_gemv_triton(
         num_stages=plan["num_stages"],
         **pdl_launch(x.device),
     )
-    return total_of(partials, x.dtype)
+    return partials

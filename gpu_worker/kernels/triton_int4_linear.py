@@ -203,7 +203,20 @@ def int4_linear_grouped_triton(
     group_size: int,
     plan: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """int4_linear_triton for groups in input order (g_idx = k // group_size: AWQ, and
+    """int4_linear_grouped_partial_sums, summed in x's dtype."""
+    return total_of(int4_linear_grouped_partial_sums(x, qweight, scales, zeros, group_size, plan), x.dtype)
+
+
+def int4_linear_grouped_partial_sums(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    plan: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """[splits, rows, out] partial sums (fp32; x's dtype in one slice) of int4_linear_triton
+    for groups in input order (g_idx = k // group_size: AWQ, and
     GPTQ without act_order), split along the input dimension as the bf16 and fp8 decode
     projections are (kernels/triton_linear.py), so that a few rows keep every
     multiprocessor loading; each tile takes its group's scale and zero once per column.
@@ -213,7 +226,7 @@ def int4_linear_grouped_triton(
     out_features = qweight.shape[1]
     plan = plan or int4_split_k_plan(out_features, in_features, group_size)
     if plan is None or qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(0) != scales.stride(0):
-        raise ValueError("int4_linear_grouped_triton: groups or layout it cannot tile")
+        raise ValueError("int4_linear_grouped_partial_sums: groups or layout it cannot tile")
     num_splits = plan["num_splits"]
     # One slice writes the result itself; several write fp32 partials, summed after.
     out_dtype = x.dtype if num_splits == 1 else torch.float32
@@ -239,4 +252,4 @@ def int4_linear_grouped_triton(
         num_stages=plan["num_stages"],
         **pdl_launch(x.device),
     )
-    return total_of(partials, x.dtype)
+    return partials

@@ -102,12 +102,17 @@ class PartialSumLinear(Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.bias is None and self.quant_method is None:
-            from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
+        if x.is_cuda and self.bias is None:
+            if self.quant_method is not None:
+                partials = self.quant_method.partial_sums(self, x)
+                if partials is not None:
+                    return partials
+            else:
+                from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
 
-            plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
-            if plan is not None:
-                return linear_partial_sums(x, self.weight, **plan)
+                plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
+                if plan is not None:
+                    return linear_partial_sums(x, self.weight, **plan)
         return super().forward(x)
 
 

@@ -68,7 +68,11 @@ def test_int4_dequantization_equals_the_reference(act_order: bool) -> None:
 def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: int, one_slice: bool) -> None:
     # Groups in input order (AWQ, GPTQ without act_order): the split-K form, split as
     # planned, or in one slice that writes the result directly.
-    from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_triton, int4_split_k_plan
+    from gpu_worker.kernels.triton_int4_linear import (
+        int4_linear_grouped_partial_sums,
+        int4_linear_grouped_triton,
+        int4_split_k_plan,
+    )
 
     in_features, out_features = (4096, 1536) if ON_GPU else (1024, 96)
     generator = torch.Generator().manual_seed(100 + num_rows)
@@ -87,6 +91,9 @@ def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: 
     expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
     assert actual.shape == (num_rows, out_features) and actual.dtype == DTYPE
     assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)
+    partials = int4_linear_grouped_partial_sums(x, qweight, scales, zeros, group_size, plan)
+    assert partials.shape == (plan["num_splits"], num_rows, out_features)
+    assert _relative_error(partials.float().sum(dim=0), expected) < (2e-2 if ON_GPU else 1e-5)
 
 
 @pytest.mark.parametrize("num_rows", [1, 2])
@@ -96,7 +103,7 @@ def test_int4_gemv_matches_reference(num_rows: int, group_size: int, one_slice: 
     # The CUDA-core form for one and two rows. Values span every nibble, and zeros far from
     # the middle, so that a nibble opened in the wrong place or a zero applied to the
     # wrong sum shows.
-    from gpu_worker.kernels.triton_int4_gemv import int4_gemv_plan, int4_gemv_triton
+    from gpu_worker.kernels.triton_int4_gemv import int4_gemv_partial_sums, int4_gemv_plan, int4_gemv_triton
 
     in_features, out_features = (4096, 1536) if ON_GPU else (1024, 256)
     generator = torch.Generator().manual_seed(200 + num_rows)
@@ -115,6 +122,10 @@ def test_int4_gemv_matches_reference(num_rows: int, group_size: int, one_slice: 
     expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
     assert actual.shape == (num_rows, out_features) and actual.dtype == DTYPE
     assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)
+    # The partial sums an add + RMSNorm reads instead: one per slice, adding up to the same.
+    partials = int4_gemv_partial_sums(x, qweight, scales, zeros, group_size, plan)
+    assert partials.shape == (plan["num_splits"], num_rows, out_features)
+    assert _relative_error(partials.float().sum(dim=0), expected) < (2e-2 if ON_GPU else 1e-5)
 
 
 def test_int4_gemv_refuses_what_it_cannot_tile() -> None:
