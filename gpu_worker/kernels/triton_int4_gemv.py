@@ -25,7 +25,6 @@ import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 from gpu_worker.kernels.triton_int4_linear import int4_split_k_plan
-from gpu_worker.kernels.triton_linear import total_of
 
 # The bits of float32 2^23. Passed in as an argument rather than written as a constant:
 # the compiler then keeps it in a register, and the and with the nibble's mask and the or
@@ -120,26 +119,13 @@ def _int4_gemv_kernel(
 
 
 def int4_gemv_plan(out_features: int, in_features: int, group_size: int) -> dict[str, int] | None:
-    """Launch parameters of int4_gemv_triton for this shape, or None where it cannot tile
+    """Launch parameters of int4_gemv_partial_sums for this shape, or None where it cannot tile
     it (columns not a multiple of the tile: the kernel reads whole tiles). The split of
     the input is the split-K kernel's (int4_split_k_plan)."""
     plan = int4_split_k_plan(out_features, in_features, group_size)
     if plan is None or out_features % plan["block_n"]:
         return None
     return plan
-
-
-def int4_gemv_triton(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    plan: dict[str, int] | None = None,
-) -> torch.Tensor:
-    """x [rows <= MAX_GEMV_ROWS, in] times the 4-bit weight; returns [rows, out] in x's
-    dtype. plan: int4_gemv_plan's parameters, or others (benchmarks sweep them)."""
-    return total_of(int4_gemv_partial_sums(x, qweight, scales, zeros, group_size, plan), x.dtype)
 
 
 def int4_gemv_partial_sums(
@@ -150,8 +136,10 @@ def int4_gemv_partial_sums(
     group_size: int,
     plan: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """int4_gemv_triton's [splits, rows, out] partial sums before they are added up (fp32;
-    x's dtype in one slice), for a consumer that sums them as it loads them."""
+    """x [rows <= MAX_GEMV_ROWS, in] times the 4-bit weight, as [splits, rows, out] partial
+    sums over slices of the input (fp32; x's dtype in one slice) that the consumer adds up
+    (kernels/triton_linear.py: total_of, or a kernel that sums them as it loads them).
+    plan: int4_gemv_plan's parameters, or others (benchmarks sweep them)."""
     x = x.contiguous()
     num_rows, in_features = x.shape
     out_features = qweight.shape[1]

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
-from gpu_worker.kernels.triton_linear import total_of
 
 
 @triton.jit
@@ -163,7 +162,7 @@ def _int4_split_k_kernel(
     )
 
 
-# Rows up to which int4_linear_grouped_triton is meant to run (decode at small batches).
+# Rows up to which int4_linear_grouped_partial_sums is meant to run (decode at small batches).
 MAX_SPLIT_K_ROWS = 16
 # Programs that keep an H200's 132 multiprocessors loading (a few per multiprocessor).
 _TARGET_PROGRAMS = 528
@@ -180,7 +179,7 @@ def grouped_split_k_block(in_features: int, group_size: int) -> int | None:
 
 
 def int4_split_k_plan(out_features: int, in_features: int, group_size: int) -> dict[str, int] | None:
-    """Launch parameters of int4_linear_grouped_triton for this shape (None: it cannot tile
+    """Launch parameters of int4_linear_grouped_partial_sums for this shape (None: it cannot tile
     it): the input split into the fewest slices that make programs enough. Depends on the
     shape alone, so CUDA graphs stay valid. Chosen by a sweep on an H200 with
     Llama-3.1-8B's projections, where it is within 10% of each shape's best."""
@@ -195,18 +194,6 @@ def int4_split_k_plan(out_features: int, in_features: int, group_size: int) -> d
     return {"block_k": block_k, "block_n": block_n, "num_splits": num_splits, "num_warps": 4, "num_stages": 4}
 
 
-def int4_linear_grouped_triton(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    plan: dict[str, int] | None = None,
-) -> torch.Tensor:
-    """int4_linear_grouped_partial_sums, summed in x's dtype."""
-    return total_of(int4_linear_grouped_partial_sums(x, qweight, scales, zeros, group_size, plan), x.dtype)
-
-
 def int4_linear_grouped_partial_sums(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -215,12 +202,13 @@ def int4_linear_grouped_partial_sums(
     group_size: int,
     plan: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """[splits, rows, out] partial sums (fp32; x's dtype in one slice) of int4_linear_triton
-    for groups in input order (g_idx = k // group_size: AWQ, and
-    GPTQ without act_order), split along the input dimension as the bf16 and fp8 decode
+    """int4_linear_triton for groups in input order (g_idx = k // group_size: AWQ, and GPTQ
+    without act_order), split along the input dimension as the bf16 and fp8 decode
     projections are (kernels/triton_linear.py), so that a few rows keep every
     multiprocessor loading; each tile takes its group's scale and zero once per column.
-    plan: int4_split_k_plan's parameters, or others (benchmarks sweep them)."""
+    Returns [splits, rows, out] partial sums (fp32; x's dtype in one slice) that the
+    consumer adds up. plan: int4_split_k_plan's parameters, or others (benchmarks sweep
+    them)."""
     x = x.contiguous()
     num_rows, in_features = x.shape
     out_features = qweight.shape[1]
