@@ -104,9 +104,10 @@ class Linear(nn.Module):
 class PartialSumLinear(Linear):
     """A projection read only by an add + RMSNorm (attention's o_proj, the MLP's down_proj).
 
-    With few rows on CUDA it returns fp32 split-K partial sums, [splits, T, output_size],
-    which the norm adds up as it loads them: narrow projections then keep every
-    multiprocessor streaming weights (kernels/triton_linear.py). Otherwise [T, output_size].
+    With few rows on CUDA it returns split-K partial sums, [splits, T, output_size] (fp32,
+    or the activation dtype where a quantized kernel took one slice), which the norm adds
+    up as it loads them: narrow projections then keep every multiprocessor streaming
+    weights (kernels/triton_linear.py), and no launch sums them. Otherwise [T, output_size].
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
