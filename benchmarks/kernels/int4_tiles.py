@@ -5,9 +5,8 @@
 For each projection (qkv, o_proj, gate_up, down; group size 128) and row count, every
 plan in a grid of tile sizes, input slices, warps and stages is timed with Triton's
 do_bench_cudagraph: a CUDA graph of launches, as the worker replays them, so that a
-kernel of a few microseconds is not hidden behind its Python launch. The kernel's partial
-sums alone: the kernels that read them add them up (qkv's pay a sum's launch besides).
-Each launch reads other weights than the last, from memory rather than the L2 cache. Beside it, bf16's
+kernel of a few microseconds is not hidden behind its Python launch. Each launch reads
+other weights than the last, from memory rather than the L2 cache. Beside it, bf16's
 F.linear on the same shape and the plan the worker picks today. Prints, per shape, the
 worker's plan and the best found, with the TB/s at which each read the 4-bit weights;
 the JSON holds the best few.
@@ -26,15 +25,15 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 from benchmarks.arguments import benchmark_parser
-from gpu_worker.kernels.triton_int4_gemv import int4_gemv_partial_sums, int4_gemv_plan
-from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_partial_sums, int4_split_k_plan
+from gpu_worker.kernels.triton_int4_gemv import int4_gemv_plan, int4_gemv_triton
+from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_triton, int4_split_k_plan
 
 # (in_features, out_features) of Llama-3.1-8B's four projections.
 LLAMA_8B_PROJECTIONS = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
 GROUP_SIZE = 128
 KERNELS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., dict[str, int] | None]]] = {
-    "gemv": (int4_gemv_partial_sums, int4_gemv_plan),
-    "split-k": (int4_linear_grouped_partial_sums, int4_split_k_plan),
+    "gemv": (int4_gemv_triton, int4_gemv_plan),
+    "split-k": (int4_linear_grouped_triton, int4_split_k_plan),
 }
 KEEP = 5
 # Bytes of weights each timed launch cycles through: over twice an H200's 60 MB L2.

@@ -90,15 +90,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_reference(x)
 
 
-def silu_and_mul_of_partial_sums(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """silu_and_mul of a gate/up projection given as split-K partial sums [splits, T, 2 * I]
-    (which only CUDA kernels return), their totals rounded to `dtype` first: one launch
-    where summing them first took two."""
-    from gpu_worker.kernels.triton_elementwise import silu_and_mul_triton
-
-    return silu_and_mul_triton(partials, dtype)
-
-
 # A config's hidden_act: its gated MLP's activation, act(gate) * up of [..., 2 * I].
 GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": silu_and_mul,

@@ -84,44 +84,32 @@ def int4_linear(
 ) -> torch.Tensor:
     """x [..., in] times the 4-bit weight, chosen by row count (see the module doc).
     group_size: when g_idx is k // group_size (AWQ, GPTQ without act_order), its size,
-    which lets the fewest rows take the split-K kernels; 0: g_idx says."""
+    which lets the fewest rows take the split-K kernel; 0: g_idx says."""
     rows = x.numel() // x.shape[-1]
-    if not x.is_cuda:
-        return int4_linear_reference(x, qweight, scales, zeros, g_idx, bias)
-    if rows > MAX_FUSED_ROWS:
+    if x.is_cuda and rows <= MAX_FUSED_ROWS:
+        from gpu_worker.kernels import triton_int4_gemv as gemv
+        from gpu_worker.kernels import triton_int4_linear as kernels
+
+        x2 = x.reshape(rows, x.shape[-1])
+        if (
+            rows <= GEMV_ROWS
+            and group_size
+            and gemv.int4_gemv_plan(qweight.shape[1], x.shape[-1], group_size)
+        ):
+            out = gemv.int4_gemv_triton(x2, qweight, scales, zeros, group_size)
+        elif (
+            rows <= kernels.MAX_SPLIT_K_ROWS
+            and group_size
+            and kernels.grouped_split_k_block(x.shape[-1], group_size)
+        ):
+            out = kernels.int4_linear_grouped_triton(x2, qweight, scales, zeros, group_size)
+        else:
+            out = kernels.int4_linear_triton(x2, qweight, scales, zeros, g_idx)
+        out = out.reshape(*x.shape[:-1], qweight.shape[1])
+        return out + bias if bias is not None else out
+    if x.is_cuda:
         from gpu_worker.kernels.triton_int4_dequantize import dequantize_int4_triton
 
         weight = dequantize_int4_triton(qweight, scales, zeros, g_idx, x.dtype)
         return F.linear(x, weight.t(), bias)
-    x2 = x.reshape(rows, x.shape[-1])
-    partials = int4_linear_partial_sums(x2, qweight, scales, zeros, group_size)
-    if partials is not None:
-        from gpu_worker.kernels.triton_linear import total_of
-
-        out = total_of(partials, x.dtype)
-    else:
-        from gpu_worker.kernels.triton_int4_linear import int4_linear_triton
-
-        out = int4_linear_triton(x2, qweight, scales, zeros, g_idx)
-    out = out.reshape(*x.shape[:-1], qweight.shape[1])
-    return out + bias if bias is not None else out
-
-
-def int4_linear_partial_sums(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
-) -> torch.Tensor | None:
-    """[splits, rows, out] partial sums of x [rows, in] times the 4-bit weight, where a
-    split-K kernel takes these rows (on CUDA, few rows, groups in input order); else None.
-    A consumer that adds them up as it loads them (the add + RMSNorm) saves the launch
-    that would sum them."""
-    rows, in_features = x.shape
-    if not (x.is_cuda and group_size and rows <= MAX_FUSED_ROWS):
-        return None
-    from gpu_worker.kernels import triton_int4_gemv as gemv
-    from gpu_worker.kernels import triton_int4_linear as kernels
-
-    if rows <= GEMV_ROWS and gemv.int4_gemv_plan(qweight.shape[1], in_features, group_size):
-        return gemv.int4_gemv_partial_sums(x, qweight, scales, zeros, group_size)
-    if rows <= kernels.MAX_SPLIT_K_ROWS and kernels.grouped_split_k_block(in_features, group_size):
-        return kernels.int4_linear_grouped_partial_sums(x, qweight, scales, zeros, group_size)
-    return None
+    return int4_linear_reference(x, qweight, scales, zeros, g_idx, bias)

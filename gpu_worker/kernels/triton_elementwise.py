@@ -96,59 +96,29 @@ def add_rms_norm_triton(
 
 @triton.jit
 def _silu_and_mul_kernel(
-    x_ptr,
-    out_ptr,
-    x_stride,
-    partial_stride,
-    INTERMEDIATE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    NUM_PARTIALS: tl.constexpr,
-    PDL: tl.constexpr,
+    x_ptr, out_ptr, x_stride, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTERMEDIATE
-    if NUM_PARTIALS > 0:
-        # Split-K partial sums of the gate/up projection: their totals, rounded to the
-        # activation dtype, are what the unsplit matmul would have returned.
-        gate_total = tl.zeros([BLOCK], tl.float32)
-        up_total = tl.zeros([BLOCK], tl.float32)
-        for split in range(NUM_PARTIALS):
-            base = x_ptr + split * partial_stride + row * x_stride
-            gate_total += tl.load(base + cols, mask=mask, other=0.0)
-            up_total += tl.load(base + INTERMEDIATE + cols, mask=mask, other=0.0)
-        gate = gate_total.to(out_ptr.dtype.element_ty).to(tl.float32)
-        up = up_total.to(out_ptr.dtype.element_ty)
-    else:
-        gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + row * x_stride + INTERMEDIATE + cols, mask=mask, other=0.0)
+    gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_stride + INTERMEDIATE + cols, mask=mask, other=0.0)
     activated = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
     out = activated.to(tl.float32) * up.to(tl.float32)
     tl.store(out_ptr + row * INTERMEDIATE + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x: [T, 2 * I] with gate then up, or the gate/up projection's split-K partial sums
-    [splits, T, 2 * I] (kernels/triton_linear.py). Returns silu(gate) * up, [T, I], in
-    `dtype` (x's by default; partial sums need the activation dtype named)."""
-    num_partials = x.shape[0] if x.dim() == 3 else 0
-    num_tokens, width = x.shape[-2:]
+def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2 * I] with gate then up. Returns silu(gate) * up, [T, I]."""
+    num_tokens, width = x.shape
     intermediate = width // 2
-    assert x.stride(-1) == 1 and (num_partials == 0 or dtype is not None)
-    out = torch.empty(num_tokens, intermediate, dtype=dtype or x.dtype, device=x.device)
+    assert x.stride(1) == 1
+    out = torch.empty(num_tokens, intermediate, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
     block = min(1024, triton.next_power_of_2(intermediate))
     _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
-        x,
-        out,
-        x.stride(-2),
-        x.stride(0) if num_partials else 0,
-        INTERMEDIATE=intermediate,
-        BLOCK=block,
-        NUM_PARTIALS=num_partials,
-        num_warps=4,
-        **pdl_launch(x.device),
+        x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4, **pdl_launch(x.device)
     )
     return out

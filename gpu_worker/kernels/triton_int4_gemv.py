@@ -25,6 +25,7 @@ import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 from gpu_worker.kernels.triton_int4_linear import int4_split_k_plan
+from gpu_worker.kernels.triton_linear import total_of
 
 # The bits of float32 2^23. Passed in as an argument rather than written as a constant:
 # the compiler then keeps it in a register, and the and with the nibble's mask and the or
@@ -119,7 +120,7 @@ def _int4_gemv_kernel(
 
 
 def int4_gemv_plan(out_features: int, in_features: int, group_size: int) -> dict[str, int] | None:
-    """Launch parameters of int4_gemv_partial_sums for this shape, or None where it cannot tile
+    """Launch parameters of int4_gemv_triton for this shape, or None where it cannot tile
     it (columns not a multiple of the tile: the kernel reads whole tiles). The split of
     the input is the split-K kernel's (int4_split_k_plan)."""
     plan = int4_split_k_plan(out_features, in_features, group_size)
@@ -128,7 +129,7 @@ def int4_gemv_plan(out_features: int, in_features: int, group_size: int) -> dict
     return plan
 
 
-def int4_gemv_partial_sums(
+def int4_gemv_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -136,10 +137,8 @@ def int4_gemv_partial_sums(
     group_size: int,
     plan: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """x [rows <= MAX_GEMV_ROWS, in] times the 4-bit weight, as [splits, rows, out] partial
-    sums over slices of the input (fp32; x's dtype in one slice) that the consumer adds up
-    (kernels/triton_linear.py: total_of, or a kernel that sums them as it loads them).
-    plan: int4_gemv_plan's parameters, or others (benchmarks sweep them)."""
+    """x [rows <= MAX_GEMV_ROWS, in] times the 4-bit weight; returns [rows, out] in x's
+    dtype. plan: int4_gemv_plan's parameters, or others (benchmarks sweep them)."""
     x = x.contiguous()
     num_rows, in_features = x.shape
     out_features = qweight.shape[1]
@@ -151,7 +150,7 @@ def int4_gemv_partial_sums(
         or scales.stride(1) != 1
         or zeros.stride(0) != scales.stride(0)
     ):
-        raise ValueError("int4_gemv_partial_sums: rows, groups or layout it cannot tile")
+        raise ValueError("int4_gemv_triton: rows, groups or layout it cannot tile")
     num_splits = plan["num_splits"]
     # One slice writes the result itself; several write fp32 partials, summed after.
     out_dtype = x.dtype if num_splits == 1 else torch.float32
@@ -178,4 +177,4 @@ def int4_gemv_partial_sums(
         num_stages=plan["num_stages"],
         **pdl_launch(x.device),
     )
-    return partials
+    return total_of(partials, x.dtype)

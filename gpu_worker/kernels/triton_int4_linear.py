@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.triton_linear import total_of
 
 
 @triton.jit
@@ -162,7 +163,7 @@ def _int4_split_k_kernel(
     )
 
 
-# Rows up to which int4_linear_grouped_partial_sums is meant to run (decode at small batches).
+# Rows up to which int4_linear_grouped_triton is meant to run (decode at small batches).
 MAX_SPLIT_K_ROWS = 16
 # Programs that keep an H200's 132 multiprocessors loading (a few per multiprocessor).
 _TARGET_PROGRAMS = 528
@@ -179,7 +180,7 @@ def grouped_split_k_block(in_features: int, group_size: int) -> int | None:
 
 
 def int4_split_k_plan(out_features: int, in_features: int, group_size: int) -> dict[str, int] | None:
-    """Launch parameters of int4_linear_grouped_partial_sums for this shape (None: it cannot tile
+    """Launch parameters of int4_linear_grouped_triton for this shape (None: it cannot tile
     it): the input split into the fewest slices that make programs enough. Depends on the
     shape alone, so CUDA graphs stay valid. Chosen by a sweep on an H200 with
     Llama-3.1-8B's projections, where it is within 10% of each shape's best."""
@@ -194,7 +195,7 @@ def int4_split_k_plan(out_features: int, in_features: int, group_size: int) -> d
     return {"block_k": block_k, "block_n": block_n, "num_splits": num_splits, "num_warps": 4, "num_stages": 4}
 
 
-def int4_linear_grouped_partial_sums(
+def int4_linear_grouped_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -202,19 +203,17 @@ def int4_linear_grouped_partial_sums(
     group_size: int,
     plan: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """int4_linear_triton for groups in input order (g_idx = k // group_size: AWQ, and GPTQ
-    without act_order), split along the input dimension as the bf16 and fp8 decode
+    """int4_linear_triton for groups in input order (g_idx = k // group_size: AWQ, and
+    GPTQ without act_order), split along the input dimension as the bf16 and fp8 decode
     projections are (kernels/triton_linear.py), so that a few rows keep every
     multiprocessor loading; each tile takes its group's scale and zero once per column.
-    Returns [splits, rows, out] partial sums (fp32; x's dtype in one slice) that the
-    consumer adds up. plan: int4_split_k_plan's parameters, or others (benchmarks sweep
-    them)."""
+    plan: int4_split_k_plan's parameters, or others (benchmarks sweep them)."""
     x = x.contiguous()
     num_rows, in_features = x.shape
     out_features = qweight.shape[1]
     plan = plan or int4_split_k_plan(out_features, in_features, group_size)
     if plan is None or qweight.stride(1) != 1 or scales.stride(1) != 1 or zeros.stride(0) != scales.stride(0):
-        raise ValueError("int4_linear_grouped_partial_sums: groups or layout it cannot tile")
+        raise ValueError("int4_linear_grouped_triton: groups or layout it cannot tile")
     num_splits = plan["num_splits"]
     # One slice writes the result itself; several write fp32 partials, summed after.
     out_dtype = x.dtype if num_splits == 1 else torch.float32
@@ -240,4 +239,4 @@ def int4_linear_grouped_partial_sums(
         num_stages=plan["num_stages"],
         **pdl_launch(x.device),
     )
-    return partials
+    return total_of(partials, x.dtype)

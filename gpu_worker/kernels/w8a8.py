@@ -66,10 +66,10 @@ def w8a8_linear(
     if not x.is_cuda:
         return w8a8_linear_reference(x, weight, weight_scale, bias, kind)
     x2 = x.reshape(-1, x.shape[-1])
-    if (partials := w8a8_partial_sums(x2, weight, weight_scale, kind)) is not None:
-        from gpu_worker.kernels.triton_linear import total_of
+    if kind == "fp8" and (plan := _fp8_weight_only_plan(x2, weight)) is not None:
+        from gpu_worker.kernels.triton_linear import scaled_linear_partial_sums, total_of
 
-        out = total_of(partials, x.dtype)
+        out = total_of(scaled_linear_partial_sums(x2, weight, weight_scale, plan), x.dtype)
         if bias is not None:
             out = out + bias
     elif kind == "fp8":
@@ -82,20 +82,6 @@ def w8a8_linear(
     else:
         return w8a8_linear_reference(x, weight, weight_scale, bias, kind)
     return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def w8a8_partial_sums(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, kind: str
-) -> torch.Tensor | None:
-    """fp32 [splits, rows, out] partial sums of x [rows, in] by the weight, where fp8
-    weights meet unquantized activations (CUDA, a few rows: see the module's docstring);
-    else None. A consumer that adds them up as it loads them (the add + RMSNorm) saves the
-    launch that would sum them."""
-    if kind != "fp8" or not x.is_cuda or (plan := _fp8_weight_only_plan(x, weight)) is None:
-        return None
-    from gpu_worker.kernels.triton_linear import scaled_linear_partial_sums
-
-    return scaled_linear_partial_sums(x, weight, weight_scale, plan)
 
 
 # Rows up to which fp8 weights meet unquantized activations (see the module's docstring):

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS, silu_and_mul_of_partial_sums
+from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.layers import RMSNorm, RotaryEmbedding
@@ -111,13 +111,8 @@ class GatedMLP(nn.Module):
             size, config.hidden_size, bias=config.mlp_bias, tp=tp, quant_method=make_quant_method(quant)
         )
         self.act_and_mul = GATED_ACTIVATIONS[config.hidden_act]
-        # SiLU's kernel can add up a quantized gate/up projection's split-K partial sums.
-        self.act_reads_partial_sums = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partials = self.gate_up_proj.quantized_partial_sums(x) if self.act_reads_partial_sums else None
-        if partials is not None:
-            return self.down_proj(silu_and_mul_of_partial_sums(partials, x.dtype))
         return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 

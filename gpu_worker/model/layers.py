@@ -92,35 +92,23 @@ class Linear(nn.Module):
             return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def quantized_partial_sums(self, x: torch.Tensor) -> torch.Tensor | None:
-        """This projection as its quantization method's [splits, T, out] partial sums, for
-        a consumer that adds them up as it loads them; None without a method or a CUDA
-        input, with a bias, or where the method's kernel for x's rows does not split."""
-        if self.quant_method is None or self.bias is not None or not x.is_cuda:
-            return None
-        return self.quant_method.partial_sums(self, x)
-
 
 class PartialSumLinear(Linear):
     """A projection read only by an add + RMSNorm (attention's o_proj, the MLP's down_proj).
 
-    With few rows on CUDA it returns split-K partial sums, [splits, T, output_size] (fp32,
-    or the activation dtype where a quantized kernel took one slice), which the norm adds
-    up as it loads them: narrow projections then keep every multiprocessor streaming
-    weights (kernels/triton_linear.py), and no launch sums them. Otherwise [T, output_size].
+    With few rows on CUDA it returns fp32 split-K partial sums, [splits, T, output_size],
+    which the norm adds up as it loads them: narrow projections then keep every
+    multiprocessor streaming weights (kernels/triton_linear.py). Otherwise [T, output_size].
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant_method is not None:
-            partials = self.quantized_partial_sums(x)
-        elif x.is_cuda and self.bias is None:
+        if x.is_cuda and self.bias is None and self.quant_method is None:
             from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
 
             plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
-            partials = linear_partial_sums(x, self.weight, **plan) if plan is not None else None
-        else:
-            partials = None
-        return partials if partials is not None else super().forward(x)
+            if plan is not None:
+                return linear_partial_sums(x, self.weight, **plan)
+        return super().forward(x)
 
 
 class MergedLinear(Linear):

@@ -68,8 +68,7 @@ def test_int4_dequantization_equals_the_reference(act_order: bool) -> None:
 def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: int, one_slice: bool) -> None:
     # Groups in input order (AWQ, GPTQ without act_order): the split-K form, split as
     # planned, or in one slice that writes the result directly.
-    from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_partial_sums, int4_split_k_plan
-    from gpu_worker.kernels.triton_linear import total_of
+    from gpu_worker.kernels.triton_int4_linear import int4_linear_grouped_triton, int4_split_k_plan
 
     in_features, out_features = (4096, 1536) if ON_GPU else (1024, 96)
     generator = torch.Generator().manual_seed(100 + num_rows)
@@ -84,10 +83,9 @@ def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: 
     assert plan is not None and plan["num_splits"] > 1
     if one_slice:
         plan = dict(plan, num_splits=1, block_n=64)
-    partials = int4_linear_grouped_partial_sums(x, qweight, scales, zeros, group_size, plan)
-    assert partials.shape == (plan["num_splits"], num_rows, out_features)
-    actual = total_of(partials, DTYPE)
+    actual = int4_linear_grouped_triton(x, qweight, scales, zeros, group_size, plan)
     expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
+    assert actual.shape == (num_rows, out_features) and actual.dtype == DTYPE
     assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)
 
 
@@ -98,8 +96,7 @@ def test_int4_gemv_matches_reference(num_rows: int, group_size: int, one_slice: 
     # The CUDA-core form for one and two rows. Values span every nibble, and zeros far from
     # the middle, so that a nibble opened in the wrong place or a zero applied to the
     # wrong sum shows.
-    from gpu_worker.kernels.triton_int4_gemv import int4_gemv_partial_sums, int4_gemv_plan
-    from gpu_worker.kernels.triton_linear import total_of
+    from gpu_worker.kernels.triton_int4_gemv import int4_gemv_plan, int4_gemv_triton
 
     in_features, out_features = (4096, 1536) if ON_GPU else (1024, 256)
     generator = torch.Generator().manual_seed(200 + num_rows)
@@ -114,15 +111,14 @@ def test_int4_gemv_matches_reference(num_rows: int, group_size: int, one_slice: 
     assert plan is not None and plan["num_splits"] > 1
     if one_slice:
         plan = dict(plan, num_splits=1)
-    partials = int4_gemv_partial_sums(x, qweight, scales, zeros, group_size, plan)
-    assert partials.shape == (plan["num_splits"], num_rows, out_features)
-    actual = total_of(partials, DTYPE)
+    actual = int4_gemv_triton(x, qweight, scales, zeros, group_size, plan)
     expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
+    assert actual.shape == (num_rows, out_features) and actual.dtype == DTYPE
     assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)
 
 
 def test_int4_gemv_refuses_what_it_cannot_tile() -> None:
-    from gpu_worker.kernels.triton_int4_gemv import MAX_GEMV_ROWS, int4_gemv_partial_sums, int4_gemv_plan
+    from gpu_worker.kernels.triton_int4_gemv import MAX_GEMV_ROWS, int4_gemv_plan, int4_gemv_triton
 
     # Columns that do not fill whole tiles, and groups the split-K tiling refuses.
     assert int4_gemv_plan(out_features=200, in_features=1024, group_size=128) is None
@@ -131,4 +127,4 @@ def test_int4_gemv_refuses_what_it_cannot_tile() -> None:
     scales = torch.ones(8, 256, dtype=DTYPE, device=DEVICE)
     x = torch.zeros(MAX_GEMV_ROWS + 1, 1024, dtype=DTYPE, device=DEVICE)
     with pytest.raises(ValueError, match="rows"):
-        int4_gemv_partial_sums(x, qweight, scales, scales, 128)
+        int4_gemv_triton(x, qweight, scales, scales, 128)

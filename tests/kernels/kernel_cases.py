@@ -384,16 +384,6 @@ def test_silu_and_mul_matches_reference() -> None:
     torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_reference(x), **TOLERANCE)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_silu_and_mul_of_partial_sums_equals_it_after_their_total(num_splits: int) -> None:
-    # A quantized gate/up projection's split-K partial sums, added up by the kernel itself:
-    # bit for bit what summing them to the activation dtype first gives.
-    partials = torch.randn(num_splits, 6, 2 * (3072 if ON_GPU else 40), device=DEVICE)
-    actual = silu_and_mul_triton(partials, DTYPE)
-    assert actual.dtype == DTYPE
-    assert torch.equal(actual, silu_and_mul_triton(total_of(partials, DTYPE)))
-
-
 @pytest.mark.skipif(not ON_GPU, reason="flash-attn / PyTorch varlen attention need CUDA")
 def test_fresh_prefill_kernel_matches_reference() -> None:
     kernel = fresh_prefill_kernel()

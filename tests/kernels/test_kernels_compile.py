@@ -279,13 +279,7 @@ CASES = {
     "SiLU and mul": (
         _silu_and_mul_kernel,
         dict(x_ptr="*bf16", out_ptr="*bf16"),
-        dict(INTERMEDIATE=3072, BLOCK=1024, NUM_PARTIALS=0),
-        dict(num_warps=4),
-    ),
-    "SiLU and mul of split-K partial sums": (
-        _silu_and_mul_kernel,
-        dict(x_ptr="*fp32", out_ptr="*bf16"),
-        dict(INTERMEDIATE=14336, BLOCK=1024, NUM_PARTIALS=4),
+        dict(INTERMEDIATE=3072, BLOCK=1024),
         dict(num_warps=4),
     ),
 }

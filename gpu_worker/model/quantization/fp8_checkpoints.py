@@ -127,13 +127,6 @@ class Fp8BlockCheckpointMethod(QuantMethod):
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
 
-    def partial_sums(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-        # The weight is the model's dtype once loaded: the unquantized split-K form.
-        from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
-
-        plan = split_k_plan(x.shape[0], layer.output_size, layer.input_size)
-        return linear_partial_sums(x, layer.weight, **plan) if plan is not None else None
-
 
 def _block_scale_loader(layer: QuantizedLayer, block: tuple[int, int]):
     block_out, block_in = block

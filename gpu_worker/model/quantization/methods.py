@@ -15,8 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gpu_worker.kernels.int4_linear import PACK_FACTOR, int4_linear, int4_linear_partial_sums
-from gpu_worker.kernels.w8a8 import quantize_rows, w8a8_linear, w8a8_partial_sums
+from gpu_worker.kernels.int4_linear import PACK_FACTOR, int4_linear
+from gpu_worker.kernels.w8a8 import quantize_rows, w8a8_linear
 from gpu_worker.model.quantization.config import QuantizationConfig
 from gpu_worker.model.quantization.int4_formats import (
     awq_to_common,
@@ -51,12 +51,6 @@ class QuantMethod:
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def partial_sums(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-        """apply()'s product without a bias as [splits, T, out] partial sums, for a
-        projection read only by an add + RMSNorm (layers.PartialSumLinear), where this
-        method's kernel for x's rows splits the reduction; None: call apply()."""
-        return None
-
 
 class W8A8Method(QuantMethod):
     """int8 or fp8 weights with per-output-channel scales, computed from the loaded
@@ -76,9 +70,6 @@ class W8A8Method(QuantMethod):
 
     def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return w8a8_linear(x, layer.weight_q, layer.weight_scale, bias, self.kind)
-
-    def partial_sums(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-        return w8a8_partial_sums(x, layer.weight_q, layer.weight_scale, self.kind)
 
 
 class Int4Method(QuantMethod):
@@ -145,9 +136,6 @@ class Int4Method(QuantMethod):
         return int4_linear(
             x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, bias, layer.int4_group_size
         )
-
-    def partial_sums(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
-        return int4_linear_partial_sums(x, layer.qweight, layer.scales, layer.zeros, layer.int4_group_size)
 
 
 def _positional_g_idx(group_size: int):
