@@ -1,6 +1,6 @@
 """The 4-bit decode kernels' launch parameters, swept on Llama-3.1-8B's projections.
 
-    python -m benchmarks.kernels.int4_tiles --kernel gemv --rows 1,2 --json int4_tiles.json
+    python -m benchmarks.kernels.int4_tiles --kernel gemv --json int4_tiles.json
 
 For each projection (qkv, o_proj, gate_up, down; group size 128) and row count, every
 plan in a grid of tile sizes, input slices, warps and stages is timed with Triton's
@@ -121,7 +121,7 @@ def sweep_shape(kernel: str, in_features: int, out_features: int, rows: int) -> 
 def main() -> None:
     parser = benchmark_parser(__doc__, "int4_tiles.json")
     parser.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
-    parser.add_argument("--rows", default="1,2", help="comma-separated row counts")
+    parser.add_argument("--rows", default="1", help="comma-separated row counts (gemv: 1 only)")
     args = parser.parse_args()
     results = []
     print("| shape | rows | bf16 ms | worker's plan ms | TB/s | best ms | TB/s | best plan |")

@@ -25,10 +25,6 @@ PACK_FACTOR = 8
 # H100 with Llama-3.1-8B's shapes a decode step of 32 rows took 24.0 ms in the fused
 # kernel against 8.5 ms in bf16: each tile of rows opens every weight again.
 MAX_FUSED_ROWS = 16
-# Rows that take the CUDA-core kernel (it takes up to two). At two rows it opens each
-# weight once but issues an fma per row and weight: on an H100 a Llama-3.1-8B decode step
-# of two rows took 6.56 ms that way, where 16 rows took 6.41 ms in the split-K form.
-GEMV_ROWS = 1
 
 
 def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -91,11 +87,7 @@ def int4_linear(
         from gpu_worker.kernels import triton_int4_linear as kernels
 
         x2 = x.reshape(rows, x.shape[-1])
-        if (
-            rows <= GEMV_ROWS
-            and group_size
-            and gemv.int4_gemv_plan(qweight.shape[1], x.shape[-1], group_size)
-        ):
+        if rows == 1 and group_size and gemv.int4_gemv_plan(qweight.shape[1], x.shape[-1], group_size):
             out = gemv.int4_gemv_triton(x2, qweight, scales, zeros, group_size)
         elif (
             rows <= kernels.MAX_SPLIT_K_ROWS

@@ -255,15 +255,12 @@ CASES = {
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=512, GROUP_SIZE=128),
         dict(num_warps=4, num_stages=4),
     ),
-    **{
-        f"4-bit matrix-vector product, {rows} row(s)": (
-            _int4_gemv_kernel,
-            dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", out_ptr="*fp32"),
-            dict(BLOCK_M=rows, BLOCK_N=128, BLOCK_K=128, K_PER_SPLIT=512, GROUP_SIZE=128),
-            dict(num_warps=4, num_stages=4),
-        )
-        for rows in (1, 2)
-    },
+    "4-bit matrix-vector product": (
+        _int4_gemv_kernel,
+        dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", out_ptr="*fp32"),
+        dict(BLOCK_N=128, BLOCK_K=128, K_PER_SPLIT=512, GROUP_SIZE=128),
+        dict(num_warps=4, num_stages=4),
+    ),
     "4-bit dequantization": (
         _dequantize_int4_kernel,
         dict(qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", g_idx_ptr="*i32", out_ptr="*bf16"),
