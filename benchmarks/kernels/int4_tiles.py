@@ -123,10 +123,13 @@ def main() -> None:
     parser.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
     parser.add_argument("--rows", default="1", help="comma-separated row counts (gemv: 1 only)")
     args = parser.parse_args()
+    row_counts = [int(r) for r in args.rows.split(",")]
+    if args.kernel == "gemv" and row_counts != [1]:
+        raise SystemExit(f"--rows {args.rows}: the gemv kernel takes one row only")
     results = []
     print("| shape | rows | bf16 ms | worker's plan ms | TB/s | best ms | TB/s | best plan |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in row_counts:
         for in_features, out_features in LLAMA_8B_PROJECTIONS:
             result = sweep_shape(args.kernel, in_features, out_features, rows)
             results.append(result)
