@@ -126,6 +126,25 @@ def model_weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
     return (config.num_hidden_layers * per_layer + lm_head + hidden) * dtype_bytes
 
 
+def prefill_flops(workload: Workload, model_dir: Path) -> float:
+    """Floating-point operations of the workload's prompts: every layer's projections
+    per prompt token, and causal attention's scores and weighted values (the LM head runs
+    on each prompt's last token only, left out). A decode step's projections are left
+    out of any bound here: below about 230 rows bf16 GEMMs on an H200 read their weights
+    in more time than they multiply them, so roofline_seconds covers them."""
+    config = ModelConfig.from_model_dir(model_dir)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    projection_params = config.num_hidden_layers * (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter)
+    # Per layer, QK^T and PV: 2 flops a multiply-add, 2 products, n(n+1)/2 visible pairs.
+    attention_per_pair = config.num_hidden_layers * 2 * 2 * q
+    return sum(
+        2 * projection_params * len(prompt) + attention_per_pair * len(prompt) * (len(prompt) + 1) / 2
+        for prompt in workload.prompts
+    )
+
+
 def kv_bytes_per_token(model_dir: Path, dtype_bytes: int) -> int:
     config = ModelConfig.from_model_dir(model_dir)
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
