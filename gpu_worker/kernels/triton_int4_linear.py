@@ -188,11 +188,15 @@ def int4_split_k_plan(out_features: int, in_features: int, group_size: int) -> d
     if block_k is None:
         return None
     block_n = 128
-    col_tiles = triton.cdiv(out_features, block_n)
-    k_tiles = in_features // block_k
-    splits = [s for s in range(1, min(k_tiles, _MAX_SPLITS) + 1) if k_tiles % s == 0]
-    num_splits = next((s for s in splits if col_tiles * s >= _TARGET_PROGRAMS), splits[-1])
+    num_splits = fewest_splits(triton.cdiv(out_features, block_n), in_features // block_k, _TARGET_PROGRAMS)
     return {"block_k": block_k, "block_n": block_n, "num_splits": num_splits, "num_warps": 4, "num_stages": 4}
+
+
+def fewest_splits(col_tiles: int, k_tiles: int, target_programs: int) -> int:
+    """The fewest slices of the input (a divisor of its tiles, at most _MAX_SPLITS) that
+    make target_programs programs with col_tiles column tiles; the most where none does."""
+    splits = [s for s in range(1, min(k_tiles, _MAX_SPLITS) + 1) if k_tiles % s == 0]
+    return next((s for s in splits if col_tiles * s >= target_programs), splits[-1])
 
 
 def int4_linear_grouped_triton(
