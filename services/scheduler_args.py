@@ -3,7 +3,7 @@
 import argparse
 
 from services.flag_table import Flag, add_flags
-from services.scheduler.coalescing import SAVED_STEPS
+from services.scheduler.coalescing import KEEPING_UP_FACTOR, SAVED_STEPS
 from services.scheduler.config import SchedulerConfig
 
 
@@ -50,7 +50,8 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
             "token messages streamed per step to each tokenizer process: beyond it, completions' "
             "tokens wait merged for their turn (first tokens and last messages never wait); a "
             f"step's unused messages are saved for later steps, up to {SAVED_STEPS} steps' worth; "
-            "0: no limit",
+            f"a tokenizer that says it keeps up gets every token at once up to {KEEPING_UP_FACTOR}x "
+            "the limit; 0: no limit",
         ),
         Flag(
             "--speculative-max-batch-size",

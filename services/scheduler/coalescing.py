@@ -14,10 +14,18 @@ streams than the budget: the number of streams wanders around its mean under ste
 and a step a little over the budget would otherwise hold a token back a step (a gap of
 twice the step time in that stream). Under a load that keeps the frontend busy every
 step uses its whole budget, nothing is saved, and the budget holds as before.
+
+A frontend that says it keeps up (scheduler.proto's FrontendLoad: nothing waiting to be
+taken in or streamed on) gets every held token at once where that is at most
+KEEPING_UP_FACTOR times the budget: the budget protects a busy frontend's intake, and one
+with time to spare only delays tokens by holding them. Beyond that many streams tokens
+must wait anyway, and more messages would only cost the frontend and the scheduler time
+(full batches were slower so), so there the budget holds.
 """
 
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 from services.scheduler.outputs import RequestOutput
 
@@ -28,6 +36,17 @@ GroupOf = Callable[[str], Hashable]
 
 # How many steps' unused budget a group may save for later steps.
 SAVED_STEPS = 7
+# Up to how many times its budget a group sends everything at once while its frontend
+# keeps up.
+KEEPING_UP_FACTOR = 2
+
+
+@dataclass(eq=False)
+class Frontend:
+    """The group of the streams one frontend process carries, and whether it last said
+    that it keeps up; until it says so it is taken to be behind."""
+
+    keeps_up: bool = False
 
 
 def _one_group(request_id: str) -> Hashable:
@@ -85,7 +104,8 @@ class OutputCoalescer:
         saved = self._saved
         due: list[RequestOutput] = []
         for group, held in list(self._held.items()):
-            count = max(0, min(len(held), budget + saved.get(group, 0) - sent[group]))
+            allowed = len(held) if _clears_at_once(group, budget, len(held) + sent[group]) else 0
+            count = max(0, min(len(held), max(allowed, budget + saved.get(group, 0) - sent[group])))
             due.extend(held.popitem(last=False)[1] for _ in range(count))
             if not held:
                 del self._held[group]
@@ -111,3 +131,8 @@ class OutputCoalescer:
 
     def __len__(self) -> int:
         return sum(len(held) for held in self._held.values())
+
+
+def _clears_at_once(group: Hashable, budget: int, messages: int) -> bool:
+    """Whether a group whose step would send `messages` with nothing held sends them all."""
+    return isinstance(group, Frontend) and group.keeps_up and messages <= budget * KEEPING_UP_FACTOR

@@ -49,8 +49,9 @@ class SchedulerConfig:
     max_steps_in_flight: int | None = None
     # Stream messages sent per step to each frontend, the one process that streams them on
     # (first tokens and last messages always go at once); the other completions' tokens
-    # wait, merged, for their turn, and a step's unused messages are saved for later ones
-    # (services/scheduler/coalescing.py). None: no limit, a message per completion per step.
+    # wait, merged, for their turn, and a step's unused messages are saved for later ones; a
+    # frontend that says it keeps up gets more (services/scheduler/coalescing.py). None: no
+    # limit, a message per completion per step.
     max_stream_messages_per_step: int | None = 32
     # Speculative decoding, when the worker proposes tokens (its num_speculative_tokens):
     # no sequence speculates in a step while more than this many run or wait to run (a

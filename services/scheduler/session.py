@@ -17,6 +17,7 @@ from pagedserve.v1 import common_pb2, scheduler_pb2
 from services.common.call_frame import status_of
 from services.common.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from services.common.telemetry import span_context_of, tracer
+from services.scheduler.coalescing import Frontend
 from services.scheduler.engine import Engine
 from services.scheduler.outputs import RequestOutput
 from services.scheduler.submit_checks import checked_prompt
@@ -49,6 +50,8 @@ class SchedulerSession:
         self._wake = asyncio.Event()
         # The scheduler is shutting down: no new requests; the stream ends with its last.
         self._draining = False
+        # The group whose stream-message budget the stream's requests share.
+        self.frontend = Frontend()
 
     def handle(self, message: scheduler_pb2.SessionRequest) -> None:
         action = message.WhichOneof("action")
@@ -58,8 +61,10 @@ class SchedulerSession:
             # Only this stream's requests: another frontend's ids are not its to abort.
             if message.abort.request_id in self._spans:
                 self._engine.abort_request(message.abort.request_id)
+        elif action == "load":
+            self.frontend.keeps_up = message.load.keeps_up
         else:
-            raise InvalidArgumentError("action", "a session message must hold a submit or an abort")
+            raise InvalidArgumentError("action", "a session message must hold a submit, an abort or a load")
 
     def _submit(self, submit: scheduler_pb2.SessionSubmit) -> None:
         request = submit.request
@@ -82,7 +87,7 @@ class SchedulerSession:
                 deliver=partial(self._on_output, request_id, submit.handle),
                 span=span,
                 num_resumed_tokens=request.num_resumed_tokens,
-                group=self,
+                group=self.frontend,
             )
         except (InvalidArgumentError, ResourceExhaustedError, UnavailableError) as error:
             self._end_span(span, error)

@@ -11,6 +11,7 @@ from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from services.common.peer_access import PeerAccess
 from services.tokenizer.engine_health import EngineLiveness
+from services.tokenizer.intake import Intake
 from services.tokenizer.migration import EngineStoppedServing
 from services.tokenizer.routing import EngineView
 from services.tokenizer.scheduler_session import SessionClient
@@ -28,6 +29,7 @@ class EngineClient:
         suspend_after_failure_s: float = 2.0,
         health_timeout_s: float = 10.0,
         access: PeerAccess | None = None,
+        intake: Intake | None = None,
     ) -> None:
         self.address = address
         access = access or PeerAccess()
@@ -36,7 +38,7 @@ class EngineClient:
         self._liveness = EngineLiveness(self._channel, address, health_timeout_s)
         self._tasks: list[asyncio.Task[None]] = []
         self.stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
-        self.session = SessionClient(self.stub, self._metadata)
+        self.session = SessionClient(self.stub, self._metadata, intake)
         # The engine's latest report; None until one comes, and while its stream is down.
         self.load: scheduler_pb2.EngineLoad | None = None
         # The keys the engine's reports have built up (whole, then changes).

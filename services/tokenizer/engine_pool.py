@@ -15,6 +15,7 @@ from services.common.block_hash import chained_hashes, hash_block, routing_key
 from services.common.errors import UnavailableError
 from services.common.peer_access import PeerAccess
 from services.tokenizer.engine_client import EngineClient
+from services.tokenizer.intake import Intake
 from services.tokenizer.routing import RouteDecision, RoutingConfig, route
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class EnginePool:
     def __init__(self, config: EnginePoolConfig) -> None:
         self._config = config
         self.engines: dict[str, EngineClient] = {}
+        # Requests being taken in, which every engine's session reports on.
+        self.intake = Intake()
         self._resolver: asyncio.Task[None] | None = None
         self._num_routed = 0
 
@@ -75,6 +78,7 @@ class EnginePool:
                 self._config.suspend_after_failure_s,
                 self._config.health_timeout_s,
                 self._config.access,
+                self.intake,
             )
             self.engines[address] = engine
             engine.start()

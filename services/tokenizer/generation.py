@@ -69,7 +69,7 @@ class GenerationCore:
         finish reason and usage. Raises InvalidArgumentError before anything is sent, and
         what the scheduler refused or failed the request with."""
         frontend = self.ready_frontend
-        with tracer().start_as_current_span("tokenize"):
+        with tracer().start_as_current_span("tokenize"), self._engines.intake.taking_in():
             prepared = await self._off_loop(frontend.prepare_generate, request)
         request_trace = RequestTrace(trace.get_current_span(), self.model, request, prepared)
         completions = frontend.new_completions(prepared)

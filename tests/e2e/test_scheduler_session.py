@@ -54,6 +54,10 @@ class _Session:
             scheduler_pb2.SessionRequest(abort=scheduler_pb2.AbortRequest(request_id=request_id))
         )
 
+    def say_keeps_up(self, keeps_up: bool) -> None:
+        load = scheduler_pb2.FrontendLoad(keeps_up=keeps_up)
+        self._outgoing.put(scheduler_pb2.SessionRequest(load=load))
+
     def end(self) -> None:
         """Half-closes: the stream ends once its requests have."""
         self._outgoing.put(None)
@@ -180,6 +184,69 @@ def test_each_session_has_its_own_message_budget(embedded_model_dir: Path, tmp_p
                 messages += len(middle)
                 tokens += sum(len(u.output.token_ids) for u in middle)
         assert tokens / messages < 3, (tokens, messages)
+
+
+def _middle_tokens_and_messages(updates: list[scheduler_pb2.RequestUpdate]) -> tuple[int, int]:
+    # The first and last messages leave at once, whatever the budget.
+    middle = updates[1:-1]
+    return sum(len(u.output.token_ids) for u in middle), len(middle)
+
+
+def test_a_session_that_keeps_up_takes_more_messages_a_step(embedded_model_dir: Path, tmp_path: Path) -> None:
+    # One message a step, but the frontend says it keeps up: its two decoding requests get
+    # a message each a step, every token with the step that sampled it. A session that
+    # says nothing carries about two tokens a message (the test above).
+    max_tokens = 30
+    with service_stack(
+        embedded_model_dir, tmp_path, scheduler_args=["--max-stream-messages-per-step", "1"]
+    ) as stack:
+        session = _Session(stack)
+        session.say_keeps_up(True)
+        session.submit("a", [1, 2, 3, 4], max_tokens=max_tokens)
+        session.submit("b", [5, 6, 7, 8], max_tokens=max_tokens)
+        session.end()
+        assert session.error is None, session.error
+        for request_id in ("a", "b"):
+            updates = session.updates(request_id)
+            assert sum(len(u.output.token_ids) for u in updates) == max_tokens
+            tokens, messages = _middle_tokens_and_messages(updates)
+            assert tokens == messages, (request_id, tokens, messages)
+
+
+def test_the_tokenizer_says_it_keeps_up_under_a_light_load(embedded_model_dir: Path, tmp_path: Path) -> None:
+    # Through the tokenizer: two streams and a budget of one message a step. Nothing waits
+    # in its intake and it reads each step's tokens before the next come, so it says it
+    # keeps up and the scheduler sends both streams' tokens each step.
+    from pagedserve.v1 import generation_pb2
+
+    max_tokens = 30
+
+    def token_counts(prompt: str) -> list[int]:
+        request = generation_pb2.GenerateRequest(
+            prompt=prompt,
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+        )
+        return [len(response.token_ids) for response in stack.generation.Generate(request, timeout=120)]
+
+    with service_stack(
+        embedded_model_dir, tmp_path, scheduler_args=["--max-stream-messages-per-step", "1"]
+    ) as stack:
+        token_counts("Warm up.")
+        counts: dict[str, list[int]] = {}
+        threads = [
+            threading.Thread(target=lambda p=prompt: counts.__setitem__(p, token_counts(p)))
+            for prompt in ("The capital of France is", "Once upon a time")
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+    assert len(counts) == 2, counts
+    for prompt, per_message in counts.items():
+        assert sum(per_message) == max_tokens, (prompt, per_message)
+        middle = per_message[1:-1]
+        # Held to one message a step the two would carry about two tokens a message.
+        assert sum(middle) / len(middle) < 1.3, (prompt, per_message)
 
 
 def test_a_request_id_sent_again_right_after_a_cancel_gets_only_its_own_tokens(stack: Stack) -> None:

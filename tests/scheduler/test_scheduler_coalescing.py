@@ -1,11 +1,12 @@
 """Stream messages per step: beyond the budget, completions' tokens wait merged, the
 longest-waiting first; first tokens and last messages never wait; a step's unused budget
-is saved for later steps, up to a limit; nothing is lost or reordered."""
+is saved for later steps, up to a limit; a frontend that keeps up takes more; nothing is
+lost or reordered."""
 
 import pytest
 from pagedserve.v1 import common_pb2
 
-from services.scheduler.coalescing import SAVED_STEPS, OutputCoalescer
+from services.scheduler.coalescing import KEEPING_UP_FACTOR, SAVED_STEPS, Frontend, OutputCoalescer
 from services.scheduler.outputs import RequestOutput
 from tests.support.fake_worker import reference_output
 from tests.support.scheduler_harness import Harness, sampling
@@ -65,6 +66,33 @@ def test_each_group_of_streams_has_its_own_budget() -> None:
     # A last message leaving at once uses up its own frontend's budget only.
     fourth = coalescer.pace([_output("a", [4], 4, LENGTH, request_finished=True), _output("c", [4], 4)])
     assert [(o.request_id, o.new_token_ids) for o in fourth] == [("a", [3, 4]), ("c", [3, 4])]
+
+
+def test_a_frontend_that_keeps_up_gets_its_tokens_at_once_up_to_a_limit() -> None:
+    budget = 2
+    busy, idle = Frontend(), Frontend(keeps_up=True)
+
+    def sent_per_frontend(num_streams: int) -> tuple[int, int]:
+        # A step of num_streams decoding streams on each frontend, after their first tokens.
+        streams = {
+            f"{name}{i}": frontend
+            for name, frontend in (("b", busy), ("i", idle))
+            for i in range(num_streams)
+        }
+        coalescer = OutputCoalescer(max_messages_per_step=budget, group_of=streams.__getitem__)
+        coalescer.pace([_output(r, [1], 1) for r in streams])
+        sent = coalescer.pace([_output(r, [2], 2) for r in streams])
+        return sum(streams[o.request_id] is busy for o in sent), sum(
+            streams[o.request_id] is idle for o in sent
+        )
+
+    # Up to KEEPING_UP_FACTOR times the budget, the frontend that keeps up gets every token.
+    assert sent_per_frontend(budget * KEEPING_UP_FACTOR) == (budget, budget * KEEPING_UP_FACTOR)
+    # Beyond it tokens wait anyway: the budget holds for both.
+    assert sent_per_frontend(budget * KEEPING_UP_FACTOR + 1) == (budget, budget)
+    # Until it says otherwise: then it is held to the budget like the other.
+    idle.keeps_up = False
+    assert sent_per_frontend(budget * KEEPING_UP_FACTOR) == (budget, budget)
 
 
 def test_a_step_spends_the_budget_earlier_steps_left() -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pagedserve.v1 import common_pb2 as pagedserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\x9c\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x1a\n\x12num_resumed_tokens\x18\x05 \x01(\x05\"\xf2\x01\n\x0eSubmitResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12\r\n\x05index\x18\x04 \x01(\x05\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x35\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\"x\n\x0eSessionRequest\x12.\n\x06submit\x18\x01 \x01(\x0b\x32\x1c.pagedserve.v1.SessionSubmitH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.AbortRequestH\x00\x42\x08\n\x06\x61\x63tion\"c\n\rSessionSubmit\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.pagedserve.v1.SubmitRequest\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12\x0e\n\x06handle\x18\x03 \x01(\x04\"@\n\x0fSessionResponse\x12-\n\x07updates\x18\x01 \x03(\x0b\x32\x1c.pagedserve.v1.RequestUpdate\"\x8e\x01\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x04 \x01(\x04\x12-\n\x06output\x18\x02 \x01(\x0b\x32\x1d.pagedserve.v1.SubmitResponse\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.pagedserve.v1.RequestError\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x9d\x03\n\x0eSchedulerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x03\x12\x11\n\tnum_steps\x18\x06 \x01(\x03\x12\x13\n\x0bnum_swapped\x18\x07 \x01(\x05\x12!\n\x19num_preemptions_recompute\x18\x08 \x01(\x03\x12\x1c\n\x14num_preemptions_swap\x18\t \x01(\x03\x12\x1c\n\x14prefix_cache_queries\x18\n \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\x0b \x01(\x03\x12\x1c\n\x14num_total_cpu_blocks\x18\x0c \x01(\x05\x12\x1b\n\x13num_free_cpu_blocks\x18\r \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x0e \x01(\x03\x12\x1d\n\x15num_generation_tokens\x18\x0f \x01(\x03\"\x12\n\x10WatchLoadRequest\"\xe2\x01\n\nEngineLoad\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x19\n\x11\x63\x61\x63hed_block_keys\x18\x07 \x03(\x06\x12\x1b\n\x13\x63\x61\x63hed_keys_changed\x18\x08 \x01(\x08\x12\x1a\n\x12removed_block_keys\x18\t \x03(\x06\x32\xca\x03\n\tScheduler\x12G\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x1d.pagedserve.v1.SubmitResponse0\x01\x12L\n\x07Session\x12\x1d.pagedserve.v1.SessionRequest\x1a\x1e.pagedserve.v1.SessionResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfo\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12I\n\tWatchLoad\x12\x1f.pagedserve.v1.WatchLoadRequest\x1a\x19.pagedserve.v1.EngineLoad0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dpagedserve/v1/scheduler.proto\x12\rpagedserve.v1\x1a\x1apagedserve/v1/common.proto\"\x9c\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.pagedserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x1a\n\x12num_resumed_tokens\x18\x05 \x01(\x05\"\xf2\x01\n\x0eSubmitResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.pagedserve.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.pagedserve.v1.Usage\x12\r\n\x05index\x18\x04 \x01(\x05\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\x12\x35\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1c.pagedserve.v1.TokenLogprobs\"\xa5\x01\n\x0eSessionRequest\x12.\n\x06submit\x18\x01 \x01(\x0b\x32\x1c.pagedserve.v1.SessionSubmitH\x00\x12,\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\x1b.pagedserve.v1.AbortRequestH\x00\x12+\n\x04load\x18\x03 \x01(\x0b\x32\x1b.pagedserve.v1.FrontendLoadH\x00\x42\x08\n\x06\x61\x63tion\" \n\x0c\x46rontendLoad\x12\x10\n\x08keeps_up\x18\x01 \x01(\x08\"c\n\rSessionSubmit\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1c.pagedserve.v1.SubmitRequest\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12\x0e\n\x06handle\x18\x03 \x01(\x04\"@\n\x0fSessionResponse\x12-\n\x07updates\x18\x01 \x03(\x0b\x32\x1c.pagedserve.v1.RequestUpdate\"\x8e\x01\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x04 \x01(\x04\x12-\n\x06output\x18\x02 \x01(\x0b\x32\x1d.pagedserve.v1.SubmitResponse\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.pagedserve.v1.RequestError\"-\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x9d\x03\n\x0eSchedulerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x03\x12\x11\n\tnum_steps\x18\x06 \x01(\x03\x12\x13\n\x0bnum_swapped\x18\x07 \x01(\x05\x12!\n\x19num_preemptions_recompute\x18\x08 \x01(\x03\x12\x1c\n\x14num_preemptions_swap\x18\t \x01(\x03\x12\x1c\n\x14prefix_cache_queries\x18\n \x01(\x03\x12\x19\n\x11prefix_cache_hits\x18\x0b \x01(\x03\x12\x1c\n\x14num_total_cpu_blocks\x18\x0c \x01(\x05\x12\x1b\n\x13num_free_cpu_blocks\x18\r \x01(\x05\x12\x19\n\x11num_prompt_tokens\x18\x0e \x01(\x03\x12\x1d\n\x15num_generation_tokens\x18\x0f \x01(\x03\"\x12\n\x10WatchLoadRequest\"\xe2\x01\n\nEngineLoad\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x19\n\x11\x63\x61\x63hed_block_keys\x18\x07 \x03(\x06\x12\x1b\n\x13\x63\x61\x63hed_keys_changed\x18\x08 \x01(\x08\x12\x1a\n\x12removed_block_keys\x18\t \x03(\x06\x32\xca\x03\n\tScheduler\x12G\n\x06Submit\x12\x1c.pagedserve.v1.SubmitRequest\x1a\x1d.pagedserve.v1.SubmitResponse0\x01\x12L\n\x07Session\x12\x1d.pagedserve.v1.SessionRequest\x1a\x1e.pagedserve.v1.SessionResponse(\x01\x30\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.pagedserve.v1.AbortRequest\x1a\x1c.pagedserve.v1.AbortResponse\x12L\n\x0cGetModelInfo\x12\".pagedserve.v1.GetModelInfoRequest\x1a\x18.pagedserve.v1.ModelInfo\x12I\n\x08GetStats\x12\x1e.pagedserve.v1.GetStatsRequest\x1a\x1d.pagedserve.v1.SchedulerStats\x12I\n\tWatchLoad\x12\x1f.pagedserve.v1.WatchLoadRequest\x1a\x19.pagedserve.v1.EngineLoad0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,28 +36,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST']._serialized_end=233
   _globals['_SUBMITRESPONSE']._serialized_start=236
   _globals['_SUBMITRESPONSE']._serialized_end=478
-  _globals['_SESSIONREQUEST']._serialized_start=480
-  _globals['_SESSIONREQUEST']._serialized_end=600
-  _globals['_SESSIONSUBMIT']._serialized_start=602
-  _globals['_SESSIONSUBMIT']._serialized_end=701
-  _globals['_SESSIONRESPONSE']._serialized_start=703
-  _globals['_SESSIONRESPONSE']._serialized_end=767
-  _globals['_REQUESTUPDATE']._serialized_start=770
-  _globals['_REQUESTUPDATE']._serialized_end=912
-  _globals['_REQUESTERROR']._serialized_start=914
-  _globals['_REQUESTERROR']._serialized_end=959
-  _globals['_ABORTREQUEST']._serialized_start=961
-  _globals['_ABORTREQUEST']._serialized_end=995
-  _globals['_ABORTRESPONSE']._serialized_start=997
-  _globals['_ABORTRESPONSE']._serialized_end=1027
-  _globals['_GETSTATSREQUEST']._serialized_start=1029
-  _globals['_GETSTATSREQUEST']._serialized_end=1046
-  _globals['_SCHEDULERSTATS']._serialized_start=1049
-  _globals['_SCHEDULERSTATS']._serialized_end=1462
-  _globals['_WATCHLOADREQUEST']._serialized_start=1464
-  _globals['_WATCHLOADREQUEST']._serialized_end=1482
-  _globals['_ENGINELOAD']._serialized_start=1485
-  _globals['_ENGINELOAD']._serialized_end=1711
-  _globals['_SCHEDULER']._serialized_start=1714
-  _globals['_SCHEDULER']._serialized_end=2172
+  _globals['_SESSIONREQUEST']._serialized_start=481
+  _globals['_SESSIONREQUEST']._serialized_end=646
+  _globals['_FRONTENDLOAD']._serialized_start=648
+  _globals['_FRONTENDLOAD']._serialized_end=680
+  _globals['_SESSIONSUBMIT']._serialized_start=682
+  _globals['_SESSIONSUBMIT']._serialized_end=781
+  _globals['_SESSIONRESPONSE']._serialized_start=783
+  _globals['_SESSIONRESPONSE']._serialized_end=847
+  _globals['_REQUESTUPDATE']._serialized_start=850
+  _globals['_REQUESTUPDATE']._serialized_end=992
+  _globals['_REQUESTERROR']._serialized_start=994
+  _globals['_REQUESTERROR']._serialized_end=1039
+  _globals['_ABORTREQUEST']._serialized_start=1041
+  _globals['_ABORTREQUEST']._serialized_end=1075
+  _globals['_ABORTRESPONSE']._serialized_start=1077
+  _globals['_ABORTRESPONSE']._serialized_end=1107
+  _globals['_GETSTATSREQUEST']._serialized_start=1109
+  _globals['_GETSTATSREQUEST']._serialized_end=1126
+  _globals['_SCHEDULERSTATS']._serialized_start=1129
+  _globals['_SCHEDULERSTATS']._serialized_end=1542
+  _globals['_WATCHLOADREQUEST']._serialized_start=1544
+  _globals['_WATCHLOADREQUEST']._serialized_end=1562
+  _globals['_ENGINELOAD']._serialized_start=1565
+  _globals['_ENGINELOAD']._serialized_end=1791
+  _globals['_SCHEDULER']._serialized_start=1794
+  _globals['_SCHEDULER']._serialized_end=2252
 # @@protoc_insertion_point(module_scope)

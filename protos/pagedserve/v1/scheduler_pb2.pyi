@@ -38,12 +38,20 @@ class SubmitResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("submit", "abort")
+    __slots__ = ("submit", "abort", "load")
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     submit: SessionSubmit
     abort: AbortRequest
-    def __init__(self, submit: _Optional[_Union[SessionSubmit, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
+    load: FrontendLoad
+    def __init__(self, submit: _Optional[_Union[SessionSubmit, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ..., load: _Optional[_Union[FrontendLoad, _Mapping]] = ...) -> None: ...
+
+class FrontendLoad(_message.Message):
+    __slots__ = ("keeps_up",)
+    KEEPS_UP_FIELD_NUMBER: _ClassVar[int]
+    keeps_up: bool
+    def __init__(self, keeps_up: _Optional[bool] = ...) -> None: ...
 
 class SessionSubmit(_message.Message):
     __slots__ = ("request", "traceparent", "handle")
