@@ -116,14 +116,20 @@ def model_weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
     """Bytes of weights a decode step reads: every parameter once (the embedding as the
     tied LM head; the lookup itself reads only a few rows)."""
     config = ModelConfig.from_model_dir(model_dir)
-    hidden, inter = config.hidden_size, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden
+    hidden = config.hidden_size
+    per_layer = _projection_params(config) + 2 * hidden
     if config.use_qk_norm:
         per_layer += 2 * config.head_dim
     lm_head = config.vocab_size * hidden
     return (config.num_hidden_layers * per_layer + lm_head + hidden) * dtype_bytes
+
+
+def _projection_params(config: ModelConfig) -> int:
+    """Weights of one layer's projections: q, k, v, o and the gated MLP's three."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter
 
 
 def prefill_flops(workload: Workload, model_dir: Path) -> float:
@@ -133,12 +139,9 @@ def prefill_flops(workload: Workload, model_dir: Path) -> float:
     out of any bound here: below about 230 rows bf16 GEMMs on an H200 read their weights
     in more time than they multiply them, so roofline_seconds covers them."""
     config = ModelConfig.from_model_dir(model_dir)
-    hidden, inter = config.hidden_size, config.intermediate_size
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
-    projection_params = config.num_hidden_layers * (hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter)
+    projection_params = config.num_hidden_layers * _projection_params(config)
     # Per layer, QK^T and PV: 2 flops a multiply-add, 2 products, n(n+1)/2 visible pairs.
-    attention_per_pair = config.num_hidden_layers * 2 * 2 * q
+    attention_per_pair = config.num_hidden_layers * 2 * 2 * config.num_attention_heads * config.head_dim
     return sum(
         2 * projection_params * len(prompt) + attention_per_pair * len(prompt) * (len(prompt) + 1) / 2
         for prompt in workload.prompts

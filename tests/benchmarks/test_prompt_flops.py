@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks.workload import Workload, prefill_flops
+from tests.support.tiny_llama import TINY_DIMS
 
 
 @pytest.mark.hf
@@ -17,16 +18,7 @@ def test_prefill_flops_count_every_projection_and_causal_attention(tmp_path: Pat
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=64,
-        attn_implementation="eager",
-    )
+    config = LlamaConfig(**TINY_DIMS, attn_implementation="eager")
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path)
     prompt = list(range(1, 12))
