@@ -56,6 +56,12 @@ def _nibble_times(words, shift: tl.constexpr, float_bits, x):
 
 
 @triton.jit
+def _tile_offsets(first_word, words, cols, qweight_stride):
+    """[WORDS, N]: where the weight tile of the words from first_word on lies."""
+    return (first_word + words)[:, None].to(tl.int64) * qweight_stride + cols[None, :]
+
+
+@triton.jit
 def _tile_sums(
     packed, x_ptr, scales_ptr, zeros_ptr, k_start, words, cols, float_bits, group_stride, GROUP_SIZE
 ):
@@ -120,7 +126,7 @@ def _int4_gemv_kernel(
     # Two weight tiles a loop step, both loaded before either is opened: twice the bytes
     # in flight (the compiler does not pipeline loads that feed no tl.dot).
     for step in range(0, STEPS - 1, 2):
-        offsets = (first_word + step * WORDS + words)[:, None].to(tl.int64) * qweight_stride + cols[None, :]
+        offsets = _tile_offsets(first_word + step * WORDS, words, cols, qweight_stride)
         packed = tl.load(qweight_ptr + offsets).to(tl.uint32, bitcast=True)
         packed_next = tl.load(qweight_ptr + offsets + WORDS * qweight_stride).to(tl.uint32, bitcast=True)
         k_start = split * K_PER_SPLIT + step * BLOCK_K
@@ -140,9 +146,7 @@ def _int4_gemv_kernel(
             GROUP_SIZE,
         )
     if STEPS % 2 == 1:
-        offsets = (first_word + (STEPS - 1) * WORDS + words)[:, None].to(tl.int64) * qweight_stride + cols[
-            None, :
-        ]
+        offsets = _tile_offsets(first_word + (STEPS - 1) * WORDS, words, cols, qweight_stride)
         packed = tl.load(qweight_ptr + offsets).to(tl.uint32, bitcast=True)
         k_start = split * K_PER_SPLIT + (STEPS - 1) * BLOCK_K
         acc += _tile_sums(
