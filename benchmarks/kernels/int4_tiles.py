@@ -44,7 +44,7 @@ def _plans(in_features: int, out_features: int) -> list[dict[str, int]]:
     """The grid: tiles within one group, 1-16 input slices dividing the tiles, and only
     launches of at least one program per multiprocessor's worth (132) of work."""
     plans = []
-    for block_n, block_k, warps, stages in itertools.product((64, 128, 256), (64, 128), (4, 8), (2, 4)):
+    for block_n, block_k, warps, stages in itertools.product((64, 128, 256), (64, 128), (2, 4, 8), (2, 4)):
         k_tiles = in_features // block_k
         for splits in (s for s in (1, 2, 4, 8, 16) if k_tiles % s == 0):
             if (out_features // block_n) * splits >= 132:
