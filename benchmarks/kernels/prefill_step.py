@@ -108,12 +108,16 @@ def attention_results(
     return results
 
 
-def forward_results(model_config: Path, metadata: AttentionMetadata) -> dict:
-    """The whole model's eager forward over the mixed batch: its time and its kernels."""
+def forward_results(model_config: Path, metadata: AttentionMetadata, **worker_options: object) -> dict:
+    """The whole model's eager forward over the mixed batch: its time and its kernels.
+    worker_options: WorkerConfig's quantization, kv_cache_dtype and load_format."""
     num_tokens = int(metadata.query_start_loc[-1])
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = write_random_model(model_config, Path(scratch) / "model")
-        runner = build_cuda_runner(model_dir, gpu_memory_utilization=0.3, enforce_eager=True)
+        with_weights = worker_options.get("load_format") != "dummy"
+        model_dir = write_random_model(model_config, Path(scratch) / "model", with_weights=with_weights)
+        runner = build_cuda_runner(
+            model_dir, gpu_memory_utilization=0.5, enforce_eager=True, **worker_options
+        )
     runner.kv_cache.storage.normal_()
     input_ids = torch.randint(0, 10000, (num_tokens,), device="cuda")
     positions = torch.cat(
@@ -139,7 +143,17 @@ def forward_results(model_config: Path, metadata: AttentionMetadata) -> dict:
 def main() -> None:
     parser = benchmark_parser(__doc__, "prefill_step.json")
     parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
+    parser.add_argument("--quantization", default=None, help="as serve's, for the whole forward")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="as serve's, for the whole forward")
+    parser.add_argument(
+        "--load-format", default="safetensors", help="dummy: random weights made on the device"
+    )
     args = parser.parse_args()
+    worker_options = {
+        "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "load_format": args.load_format,
+    }
     rng = random.Random(0)
     prompt_lens = []
     while sum(prompt_lens) < 8192 - 1024:
@@ -152,7 +166,7 @@ def main() -> None:
         "num_prompts": len(prompt_lens),
         "num_decodes": len(decode_contexts),
         **attention_results(metadata, num_blocks, prompt_lens, len(decode_contexts)),
-        **forward_results(args.model_config, metadata),
+        **forward_results(args.model_config, metadata, **worker_options),
     }
     args.json.write_text(json.dumps(results, indent=2))
     print(f"mixed step: {num_tokens} tokens ({len(prompt_lens)} prompts, {len(decode_contexts)} decodes)")
