@@ -62,7 +62,8 @@ def test_int4_dequantization_equals_the_reference(act_order: bool) -> None:
     assert torch.equal(actual.t(), dequantize_int4(qweight, scales, zeros, g_idx).to(DTYPE))
 
 
-@pytest.mark.parametrize("num_rows", [1, 5, 16])
+# 40 rows: one 64-row tile, most of it padding.
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 40])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("one_slice", [False, True])
 def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: int, one_slice: bool) -> None:
@@ -79,8 +80,9 @@ def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: 
     zeros = torch.randint(0, 16, (groups, out_features), generator=generator).to(DEVICE, DTYPE)
     qweight = pack_int4(values, dim=0).to(DEVICE)
     x = torch.randn(num_rows, in_features, generator=generator).to(DEVICE, DTYPE)
-    plan = int4_split_k_plan(out_features, in_features, group_size)
+    plan = int4_split_k_plan(out_features, in_features, group_size, num_rows)
     assert plan is not None and plan["num_splits"] > 1
+    assert plan["block_m"] >= num_rows, "one tile of rows opens each weight once"
     if one_slice:
         plan = dict(plan, num_splits=1, block_n=64)
     actual = int4_linear_grouped_triton(x, qweight, scales, zeros, group_size, plan)

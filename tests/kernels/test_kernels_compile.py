@@ -255,6 +255,12 @@ CASES = {
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=512, GROUP_SIZE=128),
         dict(num_warps=4, num_stages=4),
     ),
+    "4-bit dequantize-GEMM, split-K, 64-row tiles": (
+        _int4_split_k_kernel,
+        dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", partials_ptr="*fp32"),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, K_PER_SPLIT=512, GROUP_SIZE=128),
+        dict(num_warps=4, num_stages=4),
+    ),
     "4-bit matrix-vector product": (
         _int4_gemv_kernel,
         dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", out_ptr="*fp32"),
