@@ -1,8 +1,11 @@
 """One decode step at a large batch against the memory roofline, and where its time goes.
 
     python -m benchmarks.kernels.decode_step --batch 256 --context 1000 --json decode_step.json
+    python -m benchmarks.kernels.decode_step --model-config benchmarks/configs/llama-3.1-8b.json \
+        --load-format dummy --quantization fp8 --kv-cache-dtype fp8
 
-Builds the worker's model runner on Qwen3-0.6B's architecture with random weights, fills
+Builds the worker's model runner on Qwen3-0.6B's architecture (or --model-config's), with
+random weights, quantized as serve's flags say, fills
 the KV cache of `batch` sequences of `context` tokens with random values, and times the
 decode forward (CUDA graph replay and eager), the LM head, and the attention kernel alone.
 A decode step must read every weight once and every sequence's whole KV; that byte count
@@ -102,17 +105,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    parser.add_argument("--quantization", default=None, help="as serve's: int8 or fp8 (W8A8)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="as serve's")
+    parser.add_argument(
+        "--load-format", default="safetensors", help="dummy: random weights made on the device"
+    )
     args = parser.parse_args()
+    weight_element_bytes = 1 if args.quantization in ("int8", "fp8") else 2
+    kv_element_bytes = 1 if args.kv_cache_dtype == "fp8" else 2
 
     results: dict = {"batch": args.batch, "context": args.context, "device": torch.cuda.get_device_name()}
     results["copy_bandwidth"] = bandwidth = copy_bandwidth()
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = write_random_model(args.model_config, Path(scratch) / "model")
+        with_weights = args.load_format != "dummy"
+        model_dir = write_random_model(args.model_config, Path(scratch) / "model", with_weights=with_weights)
         runner = build_cuda_runner(
-            model_dir, max_num_seqs=args.batch, gpu_memory_utilization=args.gpu_memory_utilization
+            model_dir,
+            max_num_seqs=args.batch,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
+            load_format=args.load_format,
         )
-        weight_bytes = model_weight_bytes(model_dir, 2)
-        kv_token_bytes = kv_bytes_per_token(model_dir, 2)
+        weight_bytes = model_weight_bytes(model_dir, weight_element_bytes)
+        kv_token_bytes = kv_bytes_per_token(model_dir, kv_element_bytes)
     input_ids, positions, metadata = build_decode_batch(runner, args.batch, args.context)
     model = runner.model
 
@@ -132,11 +148,19 @@ def main() -> None:
             "eager_forward_ms": time_ms(eager_forward),
             "lm_head_ms": time_ms(lambda: model.compute_logits(hidden)),
         }
-        query = torch.randn(args.batch, 16, 128, dtype=torch.bfloat16, device="cuda")
+        config = runner.model_config
+        query = torch.randn(
+            args.batch, config.num_attention_heads, config.head_dim, dtype=torch.bfloat16, device="cuda"
+        )
         layer = runner.model.attention_layers()[0]
         timings["attention_one_layer_ms"] = time_ms(
             lambda: decode_attention_triton(
-                query, layer.key_cache, layer.value_cache, metadata.block_tables, metadata.seq_lens, 128**-0.5
+                query,
+                layer.key_cache,
+                layer.value_cache,
+                metadata.block_tables,
+                metadata.seq_lens,
+                config.head_dim**-0.5,
             )
         )
         results["eager_kernels"] = kernel_table(eager_forward)
