@@ -21,7 +21,7 @@ import triton.testing
 
 from benchmarks.arguments import benchmark_parser
 from benchmarks.kernels.cuda_runner import build_cuda_runner
-from benchmarks.kernels.decode_step import kernel_table
+from benchmarks.kernels.decode_step import fill_normal, kernel_table
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
 from gpu_worker.kernels.attention_backend import fresh_prefill_kernel
 from gpu_worker.kernels.triton_prefill_attention import prefill_attention_triton
@@ -118,7 +118,7 @@ def forward_results(model_config: Path, metadata: AttentionMetadata, **worker_op
         runner = build_cuda_runner(
             model_dir, gpu_memory_utilization=0.5, enforce_eager=True, **worker_options
         )
-    runner.kv_cache.storage.normal_()
+    fill_normal(runner.kv_cache.storage, torch.Generator(device="cuda").manual_seed(0))
     input_ids = torch.randint(0, 10000, (num_tokens,), device="cuda")
     positions = torch.cat(
         [

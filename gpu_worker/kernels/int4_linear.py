@@ -7,12 +7,13 @@ activation dtype; g_idx int32 [in], the group of each input feature (k // group_
 or GPTQ act_order's own order). The weight is W[n, k] = (q[k, n] - zeros[g, n]) *
 scales[g, n] with g = g_idx[k].
 
-Few rows (decode) run the Triton kernel that dequantizes tiles as it multiplies, reading
-a quarter of bf16's bytes (where groups follow the input order, a form split along the
-input dimension; for one row, one on the CUDA cores that opens each weight in two
-instructions: kernels/triton_int4_gemv.py); many rows dequantize the whole weight once
-(kernels/triton_int4_dequantize.py) and use cuBLAS, where the GEMM, not the bytes, is the
-cost. The PyTorch reference runs on CPU.
+Few rows (decode) run Triton kernels that dequantize tiles as they multiply, reading a
+quarter of bf16's bytes: for one row, one on the CUDA cores that opens each weight in two
+instructions (kernels/triton_int4_gemv.py); up to 64 rows, where groups follow the input
+order, a form split along the input dimension whose one tile of rows opens each weight
+once; up to 16 rows of GPTQ act_order, a form that gathers each weight's group. More rows
+dequantize the whole weight once (kernels/triton_int4_dequantize.py) and use cuBLAS, where
+the GEMM, not the bytes, is the cost. The PyTorch reference runs on CPU.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 PACK_FACTOR = 8
-# Most rows the Triton dequantize-GEMM kernels take; more run dequantize-then-GEMM. On an
-# H100 with Llama-3.1-8B's shapes a decode step of 32 rows took 24.0 ms in the fused
-# kernel against 8.5 ms in bf16: each tile of rows opens every weight again.
-MAX_FUSED_ROWS = 16
+# Most rows the act_order kernel takes; more run dequantize-then-GEMM. On an H100 with
+# Llama-3.1-8B's shapes a decode step of 32 rows took 24.0 ms in it against 8.5 ms in bf16:
+# each tile of 16 rows opens every weight again.
+MAX_GATHERED_ROWS = 16
 
 
 def unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -81,23 +82,7 @@ def int4_linear(
     """x [..., in] times the 4-bit weight, chosen by row count (see the module doc).
     group_size: when g_idx is k // group_size (AWQ, GPTQ without act_order), its size,
     which lets the fewest rows take the split-K kernel; 0: g_idx says."""
-    rows = x.numel() // x.shape[-1]
-    if x.is_cuda and rows <= MAX_FUSED_ROWS:
-        from gpu_worker.kernels import triton_int4_gemv as gemv
-        from gpu_worker.kernels import triton_int4_linear as kernels
-
-        x2 = x.reshape(rows, x.shape[-1])
-        if rows == 1 and group_size and gemv.int4_gemv_plan(qweight.shape[1], x.shape[-1], group_size):
-            out = gemv.int4_gemv_triton(x2, qweight, scales, zeros, group_size)
-        elif (
-            rows <= kernels.MAX_SPLIT_K_ROWS
-            and group_size
-            and kernels.grouped_split_k_block(x.shape[-1], group_size)
-        ):
-            out = kernels.int4_linear_grouped_triton(x2, qweight, scales, zeros, group_size)
-        else:
-            out = kernels.int4_linear_triton(x2, qweight, scales, zeros, g_idx)
-        out = out.reshape(*x.shape[:-1], qweight.shape[1])
+    if x.is_cuda and (out := _fused_int4_linear(x, qweight, scales, zeros, g_idx, group_size)) is not None:
         return out + bias if bias is not None else out
     if x.is_cuda:
         from gpu_worker.kernels.triton_int4_dequantize import dequantize_int4_triton
@@ -105,3 +90,34 @@ def int4_linear(
         weight = dequantize_int4_triton(qweight, scales, zeros, g_idx, x.dtype)
         return F.linear(x, weight.t(), bias)
     return int4_linear_reference(x, qweight, scales, zeros, g_idx, bias)
+
+
+def _fused_int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor | None:
+    """x times the weight by the dequantize-as-it-multiplies kernel that fits the row
+    count and the groups (see the module doc), or None where dequantize-then-GEMM is
+    faster."""
+    from gpu_worker.kernels import triton_int4_gemv as gemv
+    from gpu_worker.kernels import triton_int4_linear as kernels
+
+    rows, in_features = x.numel() // x.shape[-1], x.shape[-1]
+    x2 = x.reshape(rows, in_features)
+    if rows == 1 and group_size and gemv.int4_gemv_plan(qweight.shape[1], in_features, group_size):
+        out = gemv.int4_gemv_triton(x2, qweight, scales, zeros, group_size)
+    elif (
+        rows <= kernels.MAX_SPLIT_K_ROWS
+        and group_size
+        and kernels.grouped_split_k_block(in_features, group_size)
+    ):
+        out = kernels.int4_linear_grouped_triton(x2, qweight, scales, zeros, group_size)
+    elif rows <= MAX_GATHERED_ROWS:
+        out = kernels.int4_linear_triton(x2, qweight, scales, zeros, g_idx)
+    else:
+        return None
+    return out.reshape(*x.shape[:-1], qweight.shape[1])

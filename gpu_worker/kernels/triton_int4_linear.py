@@ -163,12 +163,13 @@ def _int4_split_k_kernel(
     )
 
 
-# Rows up to which int4_linear_grouped_triton is meant to run (decode at small batches).
-MAX_SPLIT_K_ROWS = 16
+# Rows up to which int4_linear_grouped_triton runs: one tile of rows. On an
+# H200 with Llama-3.1-8B's projections, a layer's four took 0.19 ms at 32 rows and 0.26 at
+# 64 against 0.32 dequantized for cuBLAS; at 128 rows, two tiles, 0.49 against 0.38.
+MAX_SPLIT_K_ROWS = 64
 # Programs that keep an H200's 132 multiprocessors loading (a few per multiprocessor).
 _TARGET_PROGRAMS = 528
 _MAX_SPLITS = 16
-_MAX_BLOCK_M = 64
 
 
 def grouped_split_k_block(in_features: int, group_size: int) -> int | None:
@@ -192,7 +193,7 @@ def int4_split_k_plan(
     if block_k is None:
         return None
     # tl.dot needs 16 rows at least; fewer are padded inside the tile.
-    block_m = min(_MAX_BLOCK_M, max(16, triton.next_power_of_2(num_rows)))
+    block_m = min(MAX_SPLIT_K_ROWS, max(16, triton.next_power_of_2(num_rows)))
     block_n = 128
     num_splits = fewest_splits(triton.cdiv(out_features, block_n), in_features // block_k, _TARGET_PROGRAMS)
     return {
