@@ -23,6 +23,7 @@ from pagedserve.v1 import common_pb2, worker_pb2
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.input_batch import DeviceToken, StepInputBuilder, StepInputs
+from gpu_worker.kernel_warmup import warm_up_mixed_decode
 from gpu_worker.kv_cache import (
     KVCacheLayout,
     allocate_kv_cache,
@@ -103,6 +104,8 @@ class ModelRunner:
         self.step_graphs = capture_step_graphs(
             self.model, config, self.parallel, self.max_model_len, self.model_config.hidden_size, self.dtype
         )
+        if self.device.type == "cuda":
+            warm_up_mixed_decode(self.model.attention_layers(), config.max_num_seqs, self.dtype)
         self.sampler = Sampler(self.device, config.seed, self.model_config.eos_token_ids)
         self.penalties = PenaltyTable(self.model_config.vocab_size, self.device)
         self.grammars = GrammarMasks(
