@@ -38,10 +38,10 @@ from benchmarks.workload import (
     QWEN3_CONFIG,
     Workload,
     kv_bytes_per_token,
-    model_weight_bytes,
     nano_vllm_workload,
     prefill_flops,
     roofline_seconds,
+    step_weight_bytes,
     write_random_model,
 )
 
@@ -173,7 +173,7 @@ def summarize(
 ) -> dict:
     on_cuda = args.device.startswith("cuda")
     dtype_bytes = 2 if on_cuda else 4
-    weight_bytes = model_weight_bytes(model_dir, dtype_bytes)
+    weight_bytes = step_weight_bytes(model_dir, dtype_bytes)
     kv_token_bytes = kv_bytes_per_token(model_dir, dtype_bytes)
     reference = next((r for r in results if r.name == "pagedserve in-process"), None)
     inprocess_outputs = reference.outputs if reference else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,23 +114,41 @@ def _write_word_level_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
 
 def model_weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
-    """Bytes of weights a decode step reads: every parameter once (the embedding as the
-    tied LM head; the lookup itself reads only a few rows)."""
+    """Bytes of every weight, each once (the embedding as the tied LM head; the lookup
+    itself reads only a few rows): what a decode step of a large batch reads."""
+    return round(step_weight_bytes(model_dir, dtype_bytes)(None))
+
+
+def step_weight_bytes(model_dir: Path, dtype_bytes: int) -> Callable[[int | None], float]:
+    """Bytes of weights a decode step of a given number of sequences reads (None: every
+    weight). Dense models read all of them at any batch; a mixture of experts reads the
+    experts its tokens are routed to, on average E (1 - (1 - k/E)^batch) of E experts
+    with k per token (routing spread evenly, as random weights spread it)."""
     config = ModelConfig.from_model_dir(model_dir)
     hidden = config.hidden_size
-    per_layer = _projection_params(config) + 2 * hidden
-    if config.use_qk_norm:
-        per_layer += 2 * config.head_dim
-    lm_head = config.vocab_size * hidden
-    return (config.num_hidden_layers * per_layer + lm_head + hidden) * dtype_bytes
+    norms = 2 * hidden + (2 * config.head_dim if config.use_qk_norm else 0)
+    outside_layers = config.vocab_size * hidden + hidden
+
+    def bytes_read(batch: int | None) -> float:
+        experts = float(config.num_experts)
+        if batch is not None and config.num_experts:
+            experts *= 1 - (1 - config.num_experts_per_tok / config.num_experts) ** batch
+        layers = sum(_layer_params(config, i, experts) + norms for i in range(config.num_hidden_layers))
+        return (layers + outside_layers) * dtype_bytes
+
+    return bytes_read
 
 
-def _projection_params(config: ModelConfig) -> int:
-    """Weights of one layer's projections: q, k, v, o and the gated MLP's three."""
-    hidden, inter = config.hidden_size, config.intermediate_size
+def _layer_params(config: ModelConfig, layer_index: int, experts: float) -> float:
+    """Weights of one layer's projections: q, k, v, o and its MLP's three, a dense MLP's
+    or `experts` routed experts' with the router."""
+    hidden = config.hidden_size
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
-    return hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter
+    attention = hidden * (q + 2 * kv) + q * hidden
+    if config.is_moe_layer(layer_index):
+        return attention + experts * 3 * hidden * config.moe_intermediate_size + hidden * config.num_experts
+    return attention + 3 * hidden * config.intermediate_size
 
 
 def prefill_flops(workload: Workload, model_dir: Path) -> float:
@@ -139,7 +158,10 @@ def prefill_flops(workload: Workload, model_dir: Path) -> float:
     out of any bound here: below about 230 rows bf16 GEMMs on an H200 read their weights
     in more time than they multiply them, so roofline_seconds covers them."""
     config = ModelConfig.from_model_dir(model_dir)
-    projection_params = config.num_hidden_layers * _projection_params(config)
+    # A token passes through its k experts only.
+    projection_params = sum(
+        _layer_params(config, i, config.num_experts_per_tok) for i in range(config.num_hidden_layers)
+    )
     # Per layer, QK^T and PV: 2 flops a multiply-add, 2 products, n(n+1)/2 visible pairs.
     attention_per_pair = config.num_hidden_layers * 2 * 2 * config.num_attention_heads * config.head_dim
     return sum(
@@ -153,13 +175,23 @@ def kv_bytes_per_token(model_dir: Path, dtype_bytes: int) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
 
 
-def roofline_seconds(workload: Workload, weight_bytes: int, kv_token_bytes: int, bandwidth: float) -> float:
+def roofline_seconds(
+    workload: Workload, weight_bytes: Callable[[int | None], float], kv_token_bytes: int, bandwidth: float
+) -> float:
     """Time to read what the workload's decode must read at `bandwidth` bytes/s, with every
-    sequence in the batch from the start: each step reads the weights once, and each
-    running sequence's whole context (prompt + tokens so far) from the KV cache."""
+    sequence in the batch from the start: each step reads the weights its batch needs
+    (step_weight_bytes), and each running sequence's whole context (prompt + tokens so
+    far) from the KV cache."""
     num_steps = max(workload.output_lengths)
+    # Step s runs every sequence with more than s tokens to produce.
+    remaining = sorted(workload.output_lengths)
+    weight_reads, running = 0.0, len(remaining)
+    for step in range(num_steps):
+        while remaining[len(remaining) - running] <= step:
+            running -= 1
+        weight_reads += weight_bytes(running)
     kv_token_reads = 0
     for prompt, num_out in zip(workload.prompts, workload.output_lengths):
         # Token k (k >= 1) is sampled from a forward over a context of len(prompt) + k.
         kv_token_reads += sum(len(prompt) + k for k in range(1, num_out))
-    return (num_steps * weight_bytes + kv_token_reads * kv_token_bytes) / bandwidth
+    return (weight_reads + kv_token_reads * kv_token_bytes) / bandwidth
