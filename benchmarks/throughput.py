@@ -219,7 +219,8 @@ def summarize(
             "prompt_tokens": workload.num_prompt_tokens,
             "output_tokens": workload.num_output_tokens,
         },
-        "weight_bytes": weight_bytes,
+        # Every weight once: what a full batch's step reads.
+        "weight_bytes": weight_bytes(None),
         "kv_bytes_per_token": kv_token_bytes,
         "bandwidth": args.bandwidth,
         "peak_flops": args.peak_flops,
