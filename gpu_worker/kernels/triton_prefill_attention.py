@@ -25,9 +25,10 @@ from gpu_worker.kernels.triton_paged_kv import in_operand_dtype, load_kv_tile
 _LOG2E = 1.4426950408889634
 
 
-# The block table's width changes from step to step; specializing on it would compile a
-# new variant mid-run.
-@triton.jit(do_not_specialize=["block_table_stride"])
+# The block table's width and the batch's sequence count change from step to step;
+# specializing on them (1, divisible by 16, or neither) would compile a new variant
+# mid-run: the graphs capture sequence slots of multiples of 16, eager steps any count.
+@triton.jit(do_not_specialize=["block_table_stride", "num_seqs"])
 def _prefill_kernel(
     query_ptr,
     key_cache_ptr,

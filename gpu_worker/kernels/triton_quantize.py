@@ -17,7 +17,9 @@ import triton.language as tl
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 
 
-@triton.jit
+# A step's row count changes from step to step; specializing on it would compile a new
+# variant mid-run (as in kernels/triton_rope_store.py).
+@triton.jit(do_not_specialize=["num_rows"])
 def _quantize_rows_kernel(
     x_ptr,
     out_ptr,
