@@ -127,7 +127,11 @@ def main() -> None:
             kv_cache_dtype=args.kv_cache_dtype,
             load_format=args.load_format,
         )
-        weight_bytes = model_weight_bytes(model_dir, weight_element_bytes)
+        # The LM head stays in bf16 whatever the projections' quantization.
+        lm_head_params = runner.model_config.vocab_size * runner.model_config.hidden_size
+        weight_bytes = model_weight_bytes(model_dir, weight_element_bytes) + lm_head_params * (
+            2 - weight_element_bytes
+        )
         kv_token_bytes = kv_bytes_per_token(model_dir, kv_element_bytes)
     input_ids, positions, metadata = build_decode_batch(runner, args.batch, args.context)
     model = runner.model
