@@ -113,13 +113,13 @@ def _write_word_level_tokenizer(out_dir: Path, vocab_size: int) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
 
 
-def model_weight_bytes(model_dir: Path, dtype_bytes: int) -> int:
+def model_weight_bytes(model_dir: Path, dtype_bytes: float) -> int:
     """Bytes of every weight, each once (the embedding as the tied LM head; the lookup
     itself reads only a few rows): what a decode step of a large batch reads."""
     return round(step_weight_bytes(model_dir, dtype_bytes)(None))
 
 
-def step_weight_bytes(model_dir: Path, dtype_bytes: int) -> Callable[[int | None], float]:
+def step_weight_bytes(model_dir: Path, dtype_bytes: float) -> Callable[[int | None], float]:
     """Bytes of weights a decode step of a given number of sequences reads (None: every
     weight). Dense models read all of them at any batch; a mixture of experts reads the
     experts its tokens are routed to, on average E (1 - (1 - k/E)^batch) of E experts

@@ -23,7 +23,7 @@ import torch
 import triton.testing
 
 from benchmarks.arguments import benchmark_parser
-from benchmarks.kernels.cuda_runner import build_cuda_runner
+from benchmarks.kernels.cuda_runner import add_model_options, build_cuda_runner, model_options
 from benchmarks.workload import QWEN3_CONFIG, kv_bytes_per_token, model_weight_bytes, write_random_model
 from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
 from gpu_worker.model.attention import AttentionMetadata, attention_context
@@ -105,13 +105,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
-    parser.add_argument("--quantization", default=None, help="as serve's: int8 or fp8 (W8A8)")
-    parser.add_argument("--kv-cache-dtype", default="auto", help="as serve's")
-    parser.add_argument(
-        "--load-format", default="safetensors", help="dummy: random weights made on the device"
-    )
+    add_model_options(parser)
     args = parser.parse_args()
-    weight_element_bytes = 1 if args.quantization in ("int8", "fp8") else 2
+    # Bytes per projection weight; a 4-bit format's group scales and zeros left out.
+    weight_element_bytes = {"int8": 1.0, "fp8": 1.0, "awq": 0.5, "gptq": 0.5}.get(args.quantization, 2.0)
     kv_element_bytes = 1 if args.kv_cache_dtype == "fp8" else 2
 
     results: dict = {"batch": args.batch, "context": args.context, "device": torch.cuda.get_device_name()}
@@ -123,9 +120,7 @@ def main() -> None:
             model_dir,
             max_num_seqs=args.batch,
             gpu_memory_utilization=args.gpu_memory_utilization,
-            quantization=args.quantization,
-            kv_cache_dtype=args.kv_cache_dtype,
-            load_format=args.load_format,
+            **model_options(args),
         )
         # The LM head stays in bf16 whatever the projections' quantization.
         lm_head_params = runner.model_config.vocab_size * runner.model_config.hidden_size

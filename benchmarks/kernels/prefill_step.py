@@ -20,7 +20,7 @@ import torch
 import triton.testing
 
 from benchmarks.arguments import benchmark_parser
-from benchmarks.kernels.cuda_runner import build_cuda_runner
+from benchmarks.kernels.cuda_runner import add_model_options, build_cuda_runner, model_options
 from benchmarks.kernels.decode_step import fill_normal, kernel_table
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
 from gpu_worker.kernels.attention_backend import fresh_prefill_kernel
@@ -143,17 +143,9 @@ def forward_results(model_config: Path, metadata: AttentionMetadata, **worker_op
 def main() -> None:
     parser = benchmark_parser(__doc__, "prefill_step.json")
     parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
-    parser.add_argument("--quantization", default=None, help="as serve's, for the whole forward")
-    parser.add_argument("--kv-cache-dtype", default="auto", help="as serve's, for the whole forward")
-    parser.add_argument(
-        "--load-format", default="safetensors", help="dummy: random weights made on the device"
-    )
+    # For the whole forward; the attention sweep keeps bf16.
+    add_model_options(parser)
     args = parser.parse_args()
-    worker_options = {
-        "quantization": args.quantization,
-        "kv_cache_dtype": args.kv_cache_dtype,
-        "load_format": args.load_format,
-    }
     rng = random.Random(0)
     prompt_lens = []
     while sum(prompt_lens) < 8192 - 1024:
@@ -166,7 +158,7 @@ def main() -> None:
         "num_prompts": len(prompt_lens),
         "num_decodes": len(decode_contexts),
         **attention_results(metadata, num_blocks, prompt_lens, len(decode_contexts)),
-        **forward_results(args.model_config, metadata, **worker_options),
+        **forward_results(args.model_config, metadata, **model_options(args)),
     }
     args.json.write_text(json.dumps(results, indent=2))
     print(f"mixed step: {num_tokens} tokens ({len(prompt_lens)} prompts, {len(decode_contexts)} decodes)")
