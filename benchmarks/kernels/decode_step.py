@@ -15,6 +15,7 @@ table of one eager step lists the kernels by GPU time.
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -99,20 +100,12 @@ def kernel_table(fn, top: int = 15) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = benchmark_parser(__doc__, "decode_step.json")
-    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--context", type=int, default=1000)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
-    add_model_options(parser)
-    args = parser.parse_args()
+def _build_runner(args: argparse.Namespace) -> tuple[ModelRunner, float, int]:
+    """The runner for the arguments' model, the bytes of its weights and its KV bytes per
+    token."""
     # Bytes per projection weight; a 4-bit format's group scales and zeros left out.
     weight_element_bytes = {"int8": 1.0, "fp8": 1.0, "awq": 0.5, "gptq": 0.5}.get(args.quantization, 2.0)
     kv_element_bytes = 1 if args.kv_cache_dtype == "fp8" else 2
-
-    results: dict = {"batch": args.batch, "context": args.context, "device": torch.cuda.get_device_name()}
-    results["copy_bandwidth"] = bandwidth = copy_bandwidth()
     with tempfile.TemporaryDirectory() as scratch:
         with_weights = args.load_format != "dummy"
         model_dir = write_random_model(args.model_config, Path(scratch) / "model", with_weights=with_weights)
@@ -127,7 +120,21 @@ def main() -> None:
         weight_bytes = model_weight_bytes(model_dir, weight_element_bytes) + lm_head_params * (
             2 - weight_element_bytes
         )
-        kv_token_bytes = kv_bytes_per_token(model_dir, kv_element_bytes)
+        return runner, weight_bytes, kv_bytes_per_token(model_dir, kv_element_bytes)
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, "decode_step.json")
+    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--context", type=int, default=1000)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    add_model_options(parser)
+    args = parser.parse_args()
+
+    results: dict = {"batch": args.batch, "context": args.context, "device": torch.cuda.get_device_name()}
+    results["copy_bandwidth"] = bandwidth = copy_bandwidth()
+    runner, weight_bytes, kv_token_bytes = _build_runner(args)
     input_ids, positions, metadata = build_decode_batch(runner, args.batch, args.context)
     model = runner.model
 
