@@ -92,6 +92,25 @@ def int4_linear(
     return int4_linear_reference(x, qweight, scales, zeros, g_idx, bias)
 
 
+def fused_int4_kernel(rows: int, in_features: int, out_features: int, group_size: int) -> str | None:
+    """Which dequantize-as-it-multiplies kernel takes `rows` rows (see the module doc):
+    "gemv", "split-k" or "gathered"; None where dequantize-then-GEMM is faster."""
+    from gpu_worker.kernels import triton_int4_gemv as gemv
+    from gpu_worker.kernels import triton_int4_linear as kernels
+
+    if rows == 1 and group_size and gemv.int4_gemv_plan(out_features, in_features, group_size):
+        return "gemv"
+    if (
+        rows <= kernels.MAX_SPLIT_K_ROWS
+        and group_size
+        and kernels.grouped_split_k_block(in_features, group_size)
+    ):
+        return "split-k"
+    if rows <= MAX_GATHERED_ROWS:
+        return "gathered"
+    return None
+
+
 def _fused_int4_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -100,23 +119,18 @@ def _fused_int4_linear(
     g_idx: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor | None:
-    """x times the weight by the dequantize-as-it-multiplies kernel that fits the row
-    count and the groups (see the module doc), or None where dequantize-then-GEMM is
-    faster."""
+    """x times the weight by fused_int4_kernel's choice, or None where it has none."""
     from gpu_worker.kernels import triton_int4_gemv as gemv
     from gpu_worker.kernels import triton_int4_linear as kernels
 
     rows, in_features = x.numel() // x.shape[-1], x.shape[-1]
     x2 = x.reshape(rows, in_features)
-    if rows == 1 and group_size and gemv.int4_gemv_plan(qweight.shape[1], in_features, group_size):
+    kernel = fused_int4_kernel(rows, in_features, qweight.shape[1], group_size)
+    if kernel == "gemv":
         out = gemv.int4_gemv_triton(x2, qweight, scales, zeros, group_size)
-    elif (
-        rows <= kernels.MAX_SPLIT_K_ROWS
-        and group_size
-        and kernels.grouped_split_k_block(in_features, group_size)
-    ):
+    elif kernel == "split-k":
         out = kernels.int4_linear_grouped_triton(x2, qweight, scales, zeros, group_size)
-    elif rows <= MAX_GATHERED_ROWS:
+    elif kernel == "gathered":
         out = kernels.int4_linear_triton(x2, qweight, scales, zeros, g_idx)
     else:
         return None

@@ -166,3 +166,16 @@ def test_unsupported_combinations_are_refused_by_name() -> None:
         _model_config(quantization_config={"quant_method": "awq", "bits": 8, "group_size": 128})
     with pytest.raises(ValueError, match="group_size 128"):
         Linear(64, 32, quant_method=make_quant_method(QuantizationConfig("awq", 4, 128)))
+
+
+def test_each_row_count_takes_the_4bit_kernel_that_opens_each_weight_fewest_times() -> None:
+    from gpu_worker.kernels.int4_linear import fused_int4_kernel
+
+    # Llama-3.1-8B's qkv: AWQ / GPTQ groups of 128 in input order, then act_order (no
+    # group size: g_idx says).
+    shape = {"in_features": 4096, "out_features": 6144}
+    assert fused_int4_kernel(1, **shape, group_size=128) == "gemv"
+    assert [fused_int4_kernel(rows, **shape, group_size=128) for rows in (2, 16, 17, 64)] == ["split-k"] * 4
+    assert fused_int4_kernel(65, **shape, group_size=128) is None
+    assert [fused_int4_kernel(rows, **shape, group_size=0) for rows in (1, 16)] == ["gathered"] * 2
+    assert fused_int4_kernel(17, **shape, group_size=0) is None
