@@ -104,8 +104,10 @@ class OutputCoalescer:
         saved = self._saved
         due: list[RequestOutput] = []
         for group, held in list(self._held.items()):
-            allowed = len(held) if _clears_at_once(group, budget, len(held) + sent[group]) else 0
-            count = max(0, min(len(held), max(allowed, budget + saved.get(group, 0) - sent[group])))
+            if _clears_at_once(group, budget, len(held) + sent[group]):
+                count = len(held)
+            else:
+                count = max(0, min(len(held), budget + saved.get(group, 0) - sent[group]))
             due.extend(held.popitem(last=False)[1] for _ in range(count))
             if not held:
                 del self._held[group]
