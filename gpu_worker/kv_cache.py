@@ -2,8 +2,8 @@
 
 One allocation holds every layer's keys and values, shaped
 [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; each layer's key and value
-caches are contiguous views [num_blocks, block_size, num_kv_heads, head_dim] of it (the
-layout kernels/paged_attention.py documents). Block ids are shared by all layers: block b
+caches are contiguous views of it in the layout kernels/paged_attention.py documents (the
+values of a block ordered [head, dim, slot] within the same bytes). Block ids are shared by all layers: block b
 of a sequence holds its tokens' KV in every layer.
 
 The CPU swap pool has the same layout in host memory (pinned when the cache is on CUDA).
@@ -26,7 +26,7 @@ import torch
 from pagedserve.v1 import worker_pb2
 
 from gpu_worker.config import WorkerConfig
-from gpu_worker.kernels.paged_attention import as_bytes
+from gpu_worker.kernels.paged_attention import as_bytes, value_cache_shape
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
 
@@ -70,7 +70,8 @@ class KVCache:
         return self.storage[layer, 0]
 
     def value_cache(self, layer: int) -> torch.Tensor:
-        return self.storage[layer, 1]
+        num_blocks, block_size, num_kv_heads, head_dim = self.storage.shape[2:]
+        return self.storage[layer, 1].view(value_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
 
 
 def bytes_per_block(model_config: ModelConfig | KVCacheLayout, block_size: int, dtype: torch.dtype) -> int:

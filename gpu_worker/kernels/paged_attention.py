@@ -3,14 +3,18 @@
 These functions define what the fused kernels must compute; they favour clarity over
 speed and are the CPU path.
 
-KV cache layout, per layer and separately for keys and values:
+KV cache layout, per layer:
 
-    [num_blocks, block_size, num_kv_heads, head_dim]
+    keys   [num_blocks, block_size, num_kv_heads, head_dim]
+    values [num_blocks, num_kv_heads, head_dim, block_size]
 
-Token slot s lives at block s // block_size, offset s % block_size, so a flat view
-[num_blocks * block_size, num_kv_heads, head_dim] is indexed directly by slot. One token's
-heads are contiguous, which suits both the per-token store and kernels that load a whole
-block of keys for one head group at a time.
+Token slot s lives at block s // block_size, offset s % block_size. One token's key heads
+are contiguous, which suits the per-token store and the first dot product (query by keys),
+whose operand wants each key's dims side by side. The second (probabilities by values)
+wants the opposite: each dim's values for neighbouring keys side by side, which values
+stored per block as [head, dim, slot] give. For an fp8 cache this is what lets the kernels
+copy value tiles in 16-byte pieces and feed them to the dot without a byte-wise transpose.
+values_by_slot gives the values as the keys are laid out.
 
 A batch is flattened: the query tokens of all sequences are concatenated, and
 `query_start_loc` (length num_seqs + 1, starting at 0) marks where each sequence's tokens
@@ -37,18 +41,37 @@ def store_kv(
     """Writes each token's key and value into its cache slot.
 
     key, value: [num_tokens, num_kv_heads, head_dim].
-    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+    key_cache, value_cache: in the module's layout, contiguous.
     slot_mapping: [num_tokens] integer slots; PADDING_SLOT entries are skipped.
     """
-    num_kv_heads, head_dim = key_cache.shape[-2:]
+    check_cache_layout(key_cache, value_cache)
+    block_size, num_kv_heads, head_dim = key_cache.shape[1:]
     flat_key_cache = key_cache.view(-1, num_kv_heads, head_dim)
-    flat_value_cache = value_cache.view(-1, num_kv_heads, head_dim)
     slots = slot_mapping.long()
     valid = slots != PADDING_SLOT
     if not bool(valid.all()):
         slots, key, value = slots[valid], key[valid], value[valid]
     as_bytes(flat_key_cache).index_copy_(0, slots, as_bytes(key.to(key_cache.dtype)))
-    as_bytes(flat_value_cache).index_copy_(0, slots, as_bytes(value.to(value_cache.dtype)))
+    # Attention reads values a whole block at a time and gives the slots past a sequence's
+    # end no weight, which a non-finite value there would turn into NaN: none is stored.
+    value = torch.where(value.isfinite(), value, 0.0).to(value_cache.dtype)
+    value_slots = as_bytes(values_by_slot(value_cache))
+    value_slots[slots // block_size, slots % block_size] = as_bytes(value)
+
+
+def value_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    return (num_blocks, num_kv_heads, head_dim, block_size)
+
+
+def check_cache_layout(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """Offsets are computed from the layout: both caches contiguous, in the module's shapes."""
+    assert key_cache.is_contiguous() and value_cache.is_contiguous(), "caches must be contiguous"
+    assert value_cache.shape == value_cache_shape(*key_cache.shape), "values must be [block, head, dim, slot]"
+
+
+def values_by_slot(value_cache: torch.Tensor) -> torch.Tensor:
+    """The value cache as a view [num_blocks, block_size, num_kv_heads, head_dim]."""
+    return value_cache.permute(0, 3, 1, 2)
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -74,8 +97,8 @@ def paged_attention(
 
     query: [num_tokens, num_heads, head_dim]; num_heads is a multiple of num_kv_heads
         (grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads)).
-    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]; the keys and
-        values of the query tokens themselves must already be stored.
+    key_cache, value_cache: in the module's layout; the keys and values of the query tokens
+        themselves must already be stored.
     block_tables: [num_seqs, max_blocks_per_seq] block ids; entries past a sequence's
         last block are padding and never read.
     query_start_loc: [num_seqs + 1] offsets of each sequence's query tokens in `query`.
@@ -88,6 +111,7 @@ def paged_attention(
     logit_softcap: scores (after scaling) become cap * tanh(score / cap) before softmax.
     Returns [num_tokens, num_heads, head_dim] in the query's dtype; the arithmetic is fp32.
     """
+    check_cache_layout(key_cache, value_cache)
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
@@ -103,7 +127,7 @@ def paged_attention(
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = block_tables[seq_index, :num_blocks].long()
         keys = key_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        values = value_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        values = values_by_slot(value_cache[blocks]).reshape(-1, num_kv_heads, head_dim)[:seq_len]
         keys = keys.float().repeat_interleave(group_size, dim=1)
         values = values.float().repeat_interleave(group_size, dim=1)
 

@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.paged_attention import check_cache_layout
 from gpu_worker.kernels.triton_attention_options import soft_cap
-from gpu_worker.kernels.triton_paged_kv import in_operand_dtype, load_kv_tile
+from gpu_worker.kernels.triton_paged_kv import in_operand_dtype, load_kv_tile, slot_run
 
 # Enough programs to occupy every multiprocessor about twice is where splitting stops
 # paying; more splits only add merge work.
@@ -64,6 +65,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SLOT_RUN: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     MIXED: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -97,32 +99,38 @@ def _decode_kernel(
     row_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     block_table = block_tables_ptr + seq.to(tl.int64) * block_table_stride
+    window_start = 0
     if USE_WINDOW:
         # The query sits at seq_len - 1 and sees the `window` positions up to it; the
-        # splits before the window stay empty.
-        start = tl.maximum(start, seq_len - window)
+        # splits before the window stay empty, and tiles keep starting at multiples of
+        # BLOCK_N (load_kv_tile's promise), so the window's first tile is masked.
+        window_start = tl.maximum(seq_len - window, 0)
+        start = tl.maximum(start, window_start // BLOCK_N * BLOCK_N)
     for tile_start in range(start, end, BLOCK_N):
-        positions = tile_start + tl.arange(0, BLOCK_N)
-        valid = positions < end
-        keys, values = load_kv_tile(
+        keys, values, positions, visible = load_kv_tile(
             key_cache_ptr,
             value_cache_ptr,
             block_table,
-            positions,
-            valid,
+            tile_start,
+            end,
             kv_head,
             dims,
             cache_block_stride,
             cache_slot_stride,
             cache_head_stride,
+            BLOCK_N,
             BLOCK_SIZE,
+            HEAD_DIM,
+            SLOT_RUN,
         )
+        if USE_WINDOW:
+            visible &= positions >= window_start
         # In the dtype of in_operand_dtype's query (a no-op for a cache of the model's dtype).
         keys, values = keys.to(query.dtype), values.to(query.dtype)
         scores = tl.dot(query, tl.trans(keys)).to(tl.float32) * scale_log2
         if USE_SOFTCAP:
             scores = soft_cap(scores, softcap_log2)
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+        scores = tl.where(visible[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         probs = tl.exp2(scores - new_max[:, None])
         correction = tl.exp2(row_max - new_max)
@@ -259,7 +267,7 @@ def decode_attention_triton(
     assert cache_head_dim == head_dim and num_heads % num_kv_heads == 0
     assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
     assert query.stride(2) == 1 and block_tables.stride(1) == 1
-    assert key_cache.stride() == value_cache.stride()
+    check_cache_layout(key_cache, value_cache)
     group = num_heads // num_kv_heads
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads)
@@ -299,6 +307,7 @@ def decode_attention_triton(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
+        SLOT_RUN=slot_run(block_size, block_n),
         NUM_SPLITS=num_splits,
         MIXED=mixed,
         num_warps=num_warps,

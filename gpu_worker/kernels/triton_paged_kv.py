@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
+
+
+def slot_run(block_size: int, block_n: int) -> int:
+    """Slots that lie side by side in a value tile of block_n keys starting at a multiple of
+    block_n: load_kv_tile's promise to the compiler, which copies runs in one piece."""
+    return math.gcd(block_size, block_n)
 
 
 @triton.jit
@@ -11,27 +19,44 @@ def load_kv_tile(
     key_cache_ptr,
     value_cache_ptr,
     block_table,
-    positions,
-    valid,
+    tile_start,
+    end,
     kv_head,
     dims,
     cache_block_stride,
     cache_slot_stride,
     cache_head_stride,
+    BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SLOT_RUN: tl.constexpr,
 ):
-    """Keys and values [len(positions), len(dims)] of one KV head at the context
-    `positions` of the sequence whose block-table row starts at `block_table`; rows that
-    are not `valid` read no memory and are zero."""
-    block_ids = tl.load(block_table + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    offsets = (
-        block_ids * cache_block_stride
-        + (positions % BLOCK_SIZE) * cache_slot_stride
-        + kv_head * cache_head_stride
+    """Keys and values [BLOCK_N, len(dims)] of one KV head at the context positions
+    tile_start + [0, BLOCK_N) of the sequence whose block-table row starts at
+    `block_table`, tile_start a multiple of BLOCK_N, and the mask of those before `end`.
+    Keys at or past `end` read no memory and are zero. Values are read a whole block at a
+    time, so those past `end` in its last block hold whatever the block held (finite: the
+    cache starts zeroed and its stores write finite values only); the caller gives them no
+    weight."""
+    positions = tile_start + tl.arange(0, BLOCK_N)
+    valid = positions < end
+    # One value per run of SLOT_RUN slots (which never crosses a block's edge), so that
+    # value offsets are contiguous across each run, the partial last block's included.
+    in_valid_block = tl.max_constancy(positions // BLOCK_SIZE < tl.cdiv(end, BLOCK_SIZE), SLOT_RUN)
+    block_ids = tl.load(block_table + positions // BLOCK_SIZE, mask=in_valid_block, other=0).to(tl.int64)
+    slots = positions % BLOCK_SIZE
+    key_offsets = block_ids * cache_block_stride + slots * cache_slot_stride + kv_head * cache_head_stride
+    keys = tl.load(key_cache_ptr + key_offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+    # A value block is [head, dim, slot]: the tile is read as [dim, key], in runs of
+    # SLOT_RUN slots that start at multiples of it.
+    value_offsets = block_ids * cache_block_stride + kv_head * (HEAD_DIM * BLOCK_SIZE) + slots
+    value_offsets = tl.max_contiguous(tl.multiple_of(value_offsets, SLOT_RUN), SLOT_RUN)
+    values = tl.load(
+        value_cache_ptr + value_offsets[None, :] + dims[:, None] * BLOCK_SIZE,
+        mask=in_valid_block[None, :],
+        other=0.0,
     )
-    keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-    values = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-    return keys, values
+    return keys, tl.trans(values), positions, valid
 
 
 @triton.jit

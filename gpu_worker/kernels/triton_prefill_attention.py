@@ -19,8 +19,9 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.paged_attention import check_cache_layout
 from gpu_worker.kernels.triton_attention_options import soft_cap
-from gpu_worker.kernels.triton_paged_kv import in_operand_dtype, load_kv_tile
+from gpu_worker.kernels.triton_paged_kv import in_operand_dtype, load_kv_tile, slot_run
 
 _LOG2E = 1.4426950408889634
 
@@ -57,6 +58,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SLOT_RUN: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     PDL: tl.constexpr,
@@ -100,23 +102,25 @@ def _prefill_kernel(
     key_end = tl.minimum(seq_len, context_len + first_token + BLOCK_M)
     key_start = 0
     if USE_WINDOW:
-        # The tile's first query sees no key before its own position - window + 1.
-        key_start = tl.maximum(context_len + first_token - window + 1, 0)
+        # The tile's first query sees no key before its own position - window + 1; tiles
+        # start at multiples of BLOCK_N (load_kv_tile's promise), the rest is masked below.
+        key_start = tl.maximum(context_len + first_token - window + 1, 0) // BLOCK_N * BLOCK_N
     for tile_start in range(key_start, key_end, BLOCK_N):
-        key_positions = tile_start + tl.arange(0, BLOCK_N)
-        key_valid = key_positions < key_end
-        keys, values = load_kv_tile(
+        keys, values, key_positions, key_valid = load_kv_tile(
             key_cache_ptr,
             value_cache_ptr,
             block_table,
-            key_positions,
-            key_valid,
+            tile_start,
+            key_end,
             kv_head,
             dims,
             cache_block_stride,
             cache_slot_stride,
             cache_head_stride,
+            BLOCK_N,
             BLOCK_SIZE,
+            HEAD_DIM,
+            SLOT_RUN,
         )
         # In the dtype of in_operand_dtype's query (a no-op for a cache of the model's dtype).
         keys, values = keys.to(query.dtype), values.to(query.dtype)
@@ -204,7 +208,7 @@ def prefill_attention_triton(
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert num_heads % num_kv_heads == 0 and query.stride(2) == 1 and block_tables.stride(1) == 1
     assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
-    assert key_cache.stride() == value_cache.stride()
+    check_cache_layout(key_cache, value_cache)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_m = block_m or prefill_block_m(num_heads, num_kv_heads)
@@ -247,6 +251,7 @@ def prefill_attention_triton(
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        SLOT_RUN=slot_run(block_size, block_n),
         num_warps=num_warps or (4 if block_m * group_pad <= 64 else 8),
         num_stages=num_stages,
         USE_WINDOW=sliding_window is not None,

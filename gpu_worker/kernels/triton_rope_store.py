@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.paged_attention import check_cache_layout
 
 
 @triton.jit
@@ -69,6 +70,7 @@ def _rope_store_kernel(
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     HAS_NORM: tl.constexpr,
     KEEP_KEY: tl.constexpr,
@@ -113,7 +115,18 @@ def _rope_store_kernel(
         tl.store(key_cache_ptr + cache_slot + HALF + half, key2, mask=stored)
         dims = tl.arange(0, HEAD_DIM)[None, :]
         value = tl.load(value_ptr + rows * value_token_stride + kv_head * HEAD_DIM + dims, mask=stored)
-        tl.store(value_cache_ptr + cache_slot + dims, value.to(value_cache_ptr.dtype.element_ty), mask=stored)
+        # The attention kernels read values a whole block at a time, weighting the slots
+        # past a sequence's end by zero: a non-finite value left there by an earlier
+        # owner of the block would turn that zero into NaN, so none is stored.
+        finite = tl.abs(value.to(tl.float32)) < float("inf")
+        value = tl.where(finite, value, 0.0).to(value_cache_ptr.dtype.element_ty)
+        # Values are [block, head, dim, slot] (kernels/paged_attention.py).
+        value_slot = (
+            (slots // BLOCK_SIZE) * (BLOCK_SIZE * ROW)
+            + kv_head * (HEAD_DIM * BLOCK_SIZE)
+            + slots % BLOCK_SIZE
+        )
+        tl.store(value_cache_ptr + value_slot + dims * BLOCK_SIZE, value, mask=stored)
 
 
 # Tokens per program: one in decode steps, so that a small batch still spreads over many
@@ -138,14 +151,14 @@ def rope_store_triton(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """query: [T, H, D]; key, value: [T, H_kv, D] (token rows may be strided, as views of
     a fused qkv projection; heads contiguous); cos_sin_cache: [max_position, D] fp32, cos
-    then sin; caches [num_blocks, block_size, H_kv, D], contiguous. Returns the rotated
+    then sin; caches in kernels/paged_attention.py's layout, contiguous. Returns the rotated
     queries, contiguous, and the rotated keys if keep_key (else None)."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     for tensor in (query, key, value):
         assert tensor.stride(2) == 1 and tensor.stride(1) == head_dim, "heads must be contiguous"
     assert cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous()
-    assert key_cache.is_contiguous() and value_cache.is_contiguous()
+    check_cache_layout(key_cache, value_cache)
     assert key.dtype == key_cache.dtype or key_cache.dtype == torch.float8_e4m3fn, (
         "the store casts to fp8 caches only: project in the cache dtype"
     )
@@ -180,6 +193,7 @@ def rope_store_triton(
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
+        BLOCK_SIZE=key_cache.shape[1],
         BLOCK_T=block_t,
         HAS_NORM=has_norm,
         KEEP_KEY=keep_key,

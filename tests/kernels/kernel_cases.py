@@ -40,7 +40,13 @@ from gpu_worker.kernels.elementwise import (  # noqa: E402
     qk_norm_rope_reference,
     silu_and_mul_reference,
 )
-from gpu_worker.kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv  # noqa: E402
+from gpu_worker.kernels.paged_attention import (  # noqa: E402
+    PADDING_SLOT,
+    paged_attention,
+    store_kv,
+    value_cache_shape,
+    values_by_slot,
+)
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -98,9 +104,11 @@ class PagedBatch:
         generator = torch.Generator().manual_seed(seed)
         num_blocks = sum(-(-n // BLOCK_SIZE) for n in seq_lens) + 3
         shape = (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
-        # NaN in every slot nobody writes: a kernel reading one poisons its output.
+        # NaN in every key slot nobody writes: a kernel reading one poisons its output.
+        # Values are read a block at a time, past a sequence's end too, and must be finite
+        # there (kernels/triton_paged_kv.py): a large one shows any weight given to it.
         self.key_cache = torch.full(shape, float("nan"), dtype=DTYPE, device=DEVICE)
-        self.value_cache = torch.full(shape, float("nan"), dtype=DTYPE, device=DEVICE)
+        self.value_cache = torch.full(value_cache_shape(*shape), 400.0, dtype=DTYPE, device=DEVICE)
         free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(free_blocks)
         tables, slots = [], []
@@ -336,6 +344,9 @@ def test_rope_store_matches_reference_and_skips_padding(
             [num_heads * HEAD_DIM, num_kv_heads * HEAD_DIM, num_kv_heads * HEAD_DIM], dim=1
         )
     )
+    # A non-finite value is stored as zero: attention reads slots past a sequence's end.
+    value[1, 0, :2] = float("nan")
+    value[2, 1, 3] = float("inf")
     generator = torch.Generator().manual_seed(num_tokens)
     positions = torch.randint(0, 4096, (num_tokens,), generator=generator).to(DEVICE)
     # Distinct slots, every third token a padding one.
@@ -354,7 +365,8 @@ def test_rope_store_matches_reference_and_skips_padding(
     shape = (num_slots // BLOCK_SIZE, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
     # An fp8 cache (--kv-cache-dtype fp8) stores each value rounded to float8 e4m3.
     cache_dtype = torch.float8_e4m3fn if fp8_cache else DTYPE
-    expected_k, expected_v = (torch.randn(shape, device=DEVICE).to(cache_dtype) for _ in range(2))
+    expected_k = torch.randn(shape, device=DEVICE).to(cache_dtype)
+    expected_v = torch.randn(value_cache_shape(*shape), device=DEVICE).to(cache_dtype)
     actual_k, actual_v = expected_k.clone(), expected_v.clone()
 
     query_out, key_out = rope_store_triton(
@@ -368,6 +380,10 @@ def test_rope_store_matches_reference_and_skips_padding(
     assert (key_out is not None) == keep_key
     if keep_key:
         torch.testing.assert_close(key_out[real], expected_key[real], **TOLERANCE)
+    for token, head, dims in ((1, 0, slice(0, 2)), (2, 1, slice(3, 4))):
+        slot = int(slots[token])
+        stored = values_by_slot(actual_v)[slot // BLOCK_SIZE, slot % BLOCK_SIZE, head, dims]
+        assert (stored.float() == 0).all()
     # Padding tokens leave the cache alone; the others land in their slots. In an fp8 cache
     # a key may round to the neighbouring float8 (the reference's keys are rounded to bf16
     # first, the kernel's once): a step is at most 1/8 of the value, 2**-9 below normals.
@@ -393,6 +409,6 @@ def test_fresh_prefill_kernel_matches_reference() -> None:
     batch = PagedBatch(query_lens, query_lens, 16, 8, seed=5)
     # Every token is a query: the whole context is this step's keys and values.
     key = batch.key_cache.view(-1, 8, HEAD_DIM)[batch.slots]
-    value = batch.value_cache.view(-1, 8, HEAD_DIM)[batch.slots]
+    value = values_by_slot(batch.value_cache).reshape(-1, 8, HEAD_DIM)[batch.slots]
     output = kernel(batch.query, key, value, batch.query_start_loc, max(query_lens), batch.scale)
     assert _relative_error(output, batch.reference()) < 2e-2

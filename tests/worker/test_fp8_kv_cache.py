@@ -14,7 +14,7 @@ from pagedserve.v1 import common_pb2
 from tokenizers import Tokenizer
 
 from gpu_worker.config import WorkerConfig
-from gpu_worker.kernels.paged_attention import paged_attention, store_kv
+from gpu_worker.kernels.paged_attention import paged_attention, store_kv, value_cache_shape
 from services.common.speculative import SpeculativeConfig
 from services.scheduler.config import SchedulerConfig
 from tests.support.speculative_runs import generate, make_runner
@@ -42,7 +42,8 @@ def test_attention_over_an_fp8_cache_is_attention_over_its_rounded_values() -> N
     shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
 
     def attend(cache_dtype: torch.dtype, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        key_cache, value_cache = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
+        key_cache = torch.zeros(shape, dtype=cache_dtype)
+        value_cache = torch.zeros(value_cache_shape(*shape), dtype=cache_dtype)
         store_kv(keys, values, key_cache, value_cache, slots)
         return paged_attention(query, key_cache, value_cache, tables, start_loc, lens, HEAD_DIM**-0.5)
 
