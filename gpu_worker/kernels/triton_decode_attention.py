@@ -112,6 +112,7 @@ def _decode_kernel(
             value_cache_ptr,
             block_table,
             tile_start,
+            window_start,
             end,
             kv_head,
             dims,

@@ -20,6 +20,7 @@ def load_kv_tile(
     value_cache_ptr,
     block_table,
     tile_start,
+    begin,
     end,
     kv_head,
     dims,
@@ -33,17 +34,21 @@ def load_kv_tile(
 ):
     """Keys and values [BLOCK_N, len(dims)] of one KV head at the context positions
     tile_start + [0, BLOCK_N) of the sequence whose block-table row starts at
-    `block_table`, tile_start a multiple of BLOCK_N, and the mask of those before `end`.
-    Keys at or past `end` read no memory and are zero. Values are read a whole block at a
-    time, so those past `end` in its last block hold whatever the block held (finite: the
-    cache starts zeroed and its stores write finite values only); the caller gives them no
-    weight."""
+    `block_table`, tile_start a multiple of BLOCK_N, their positions, and the mask of those
+    before `end`. Only blocks holding a position in [begin, end) are read: a block wholly
+    before `begin` (the first position a query of the tile may see) may have left the
+    table (a sliding window's FREED_BLOCK): block 0 stands in for it. Keys at or past `end`
+    are zero. Values are read a whole block at a time, so those outside [begin, end) in its
+    first and last blocks hold whatever the block held (finite: the cache starts zeroed and its stores write finite
+    values only); the caller gives them no weight."""
     positions = tile_start + tl.arange(0, BLOCK_N)
     valid = positions < end
     # One value per run of SLOT_RUN slots (which never crosses a block's edge), so that
     # value offsets are contiguous across each run, the partial last block's included.
-    in_valid_block = tl.max_constancy(positions // BLOCK_SIZE < tl.cdiv(end, BLOCK_SIZE), SLOT_RUN)
-    block_ids = tl.load(block_table + positions // BLOCK_SIZE, mask=in_valid_block, other=0).to(tl.int64)
+    block_index = positions // BLOCK_SIZE
+    in_read_block = (block_index >= begin // BLOCK_SIZE) & (block_index < tl.cdiv(end, BLOCK_SIZE))
+    in_read_block = tl.max_constancy(in_read_block, SLOT_RUN)
+    block_ids = tl.load(block_table + block_index, mask=in_read_block, other=0).to(tl.int64)
     slots = positions % BLOCK_SIZE
     key_offsets = block_ids * cache_block_stride + slots * cache_slot_stride + kv_head * cache_head_stride
     keys = tl.load(key_cache_ptr + key_offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
@@ -53,7 +58,7 @@ def load_kv_tile(
     value_offsets = tl.max_contiguous(tl.multiple_of(value_offsets, SLOT_RUN), SLOT_RUN)
     values = tl.load(
         value_cache_ptr + value_offsets[None, :] + dims[:, None] * BLOCK_SIZE,
-        mask=in_valid_block[None, :],
+        mask=in_read_block[None, :],
         other=0.0,
     )
     return keys, tl.trans(values), positions, valid

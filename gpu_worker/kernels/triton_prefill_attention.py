@@ -104,13 +104,14 @@ def _prefill_kernel(
     if USE_WINDOW:
         # The tile's first query sees no key before its own position - window + 1; tiles
         # start at multiples of BLOCK_N (load_kv_tile's promise), the rest is masked below.
-        key_start = tl.maximum(context_len + first_token - window + 1, 0) // BLOCK_N * BLOCK_N
-    for tile_start in range(key_start, key_end, BLOCK_N):
+        key_start = tl.maximum(context_len + first_token - window + 1, 0)
+    for tile_start in range(key_start // BLOCK_N * BLOCK_N, key_end, BLOCK_N):
         keys, values, key_positions, key_valid = load_kv_tile(
             key_cache_ptr,
             value_cache_ptr,
             block_table,
             tile_start,
+            key_start,
             key_end,
             kv_head,
             dims,

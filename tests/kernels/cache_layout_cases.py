@@ -8,6 +8,7 @@ import torch
 
 # First: importing the cases sets TRITON_INTERPRET before triton is imported.
 from tests.kernels.kernel_cases import (
+    BLOCK_SIZE,
     ON_GPU,
     TOLERANCE,
     PagedBatch,
@@ -16,6 +17,9 @@ from tests.kernels.kernel_cases import (
 )
 
 __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
+
+# services/scheduler/block_manager.py's placeholder for a block that left the table.
+FREED_BLOCK = -1
 
 
 def test_prefill_attention_on_a_verification_graphs_layout() -> None:
@@ -101,3 +105,36 @@ def test_prefill_attention_on_a_prefill_graphs_layout() -> None:
     )
     assert output.shape[0] == graph_tokens and not output[:num_tokens].isnan().any()
     torch.testing.assert_close(output[:num_tokens].float(), expected.float(), **TOLERANCE)
+
+
+def _after_a_block_of_nan(cache: torch.Tensor) -> torch.Tensor:
+    """The cache as a view that starts one block into a NaN-filled allocation: a kernel that
+    reads block -1 reads NaN."""
+    padded = torch.full(
+        (cache.shape[0] + 1, *cache.shape[1:]), float("nan"), dtype=cache.dtype, device=cache.device
+    )
+    padded[1:] = cache
+    return padded[1:]
+
+
+def test_windowed_attention_reads_no_block_that_left_the_table() -> None:
+    # A windowed-only model's scheduler replaces the blocks wholly before every query's
+    # window with FREED_BLOCK; the kernels' tiles start at multiples of their width, so
+    # such blocks can lie inside a tile and must be left unread.
+    window = 3 * BLOCK_SIZE
+    block_n = 16 if not ON_GPU else 64
+    seq_lens = [70, 33, 9] if not ON_GPU else [700, 333, 90]
+    for query_lens in ([1, 1, 1], [20, 5, 9]):
+        batch = PagedBatch(seq_lens, query_lens, num_heads=4, num_kv_heads=2, seed=11)
+        expected = batch.reference(sliding_window=window).float()
+        for row, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
+            first_visible = seq_len - query_len - window + 1
+            batch.block_tables[row, : max(first_visible, 0) // BLOCK_SIZE] = FREED_BLOCK
+        batch.key_cache = _after_a_block_of_nan(batch.key_cache)
+        batch.value_cache = _after_a_block_of_nan(batch.value_cache)
+        output = batch.prefill(sliding_window=window, block_n=block_n)
+        torch.testing.assert_close(output.float(), expected, **TOLERANCE)
+        if query_lens[0] == 1:
+            for num_splits in (1, 4):
+                output = batch.decode(sliding_window=window, num_splits=num_splits, block_n=block_n)
+                torch.testing.assert_close(output.float(), expected, **TOLERANCE)
