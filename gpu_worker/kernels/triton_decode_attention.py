@@ -270,10 +270,8 @@ def decode_attention_triton(
     assert query.stride(2) == 1 and block_tables.stride(1) == 1
     check_cache_layout(key_cache, value_cache)
     group = num_heads // num_kv_heads
-    if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads)
-    if block_n is None:
-        block_n = choose_block_n(num_seqs)
+    num_splits = num_splits or choose_num_splits(num_seqs, num_kv_heads)
+    block_n = block_n or choose_block_n(num_seqs)
     if output is None:
         output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_seqs == 0:
