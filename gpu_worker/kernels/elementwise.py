@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.kernels.w8a8 import Fp8Rows
+
 
 def _use_triton(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda
@@ -43,6 +45,16 @@ def add_rms_norm(
 
         return add_rms_norm_triton(x, residual, weight, eps)
     return add_rms_norm_reference(x, residual, weight, eps)
+
+
+def add_rms_norm_fp8(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[Fp8Rows, torch.Tensor | None]:
+    """add_rms_norm with the normed rows quantized per token for an fp8 projection, in the
+    same kernel (CUDA only: where w8a8.takes_fp8_rows says so)."""
+    from gpu_worker.kernels.triton_elementwise import add_rms_norm_fp8_triton
+
+    return add_rms_norm_fp8_triton(x, residual, weight, eps)
 
 
 def qk_norm_rope_reference(
@@ -88,6 +100,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
         return silu_and_mul_triton(x)
     return silu_and_mul_reference(x)
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> Fp8Rows:
+    """silu_and_mul quantized per token for an fp8 projection, in the same kernel (CUDA
+    only: where w8a8.takes_fp8_rows says so)."""
+    from gpu_worker.kernels.triton_elementwise import silu_and_mul_fp8_triton
+
+    return silu_and_mul_fp8_triton(x)
 
 
 # A config's hidden_act: its gated MLP's activation, act(gate) * up of [..., 2 * I].

@@ -13,15 +13,25 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.triton_quantize import store_fp8_row
+from gpu_worker.kernels.w8a8 import _MIN_SCALE, FP8_MAX, Fp8Rows
+
+# As constants of the kernels (FP8_OUT): the fp8 range and the scale of an all-zero row.
+_FP8 = tl.constexpr(FP8_MAX)
+_MIN = tl.constexpr(_MIN_SCALE)
 
 
-@triton.jit
+# With FP8_OUT the grid covers the padding rows of the fp8 output, whose count changes
+# from step to step; specializing on it would compile a new variant mid-run.
+@triton.jit(do_not_specialize=["num_rows"])
 def _add_rms_norm_kernel(
     x_ptr,
     residual_ptr,
     weight_ptr,
     out_ptr,
+    scale_ptr,
     residual_out_ptr,
+    num_rows,
     x_stride,
     partial_stride,
     residual_stride,
@@ -30,13 +40,17 @@ def _add_rms_norm_kernel(
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     NUM_PARTIALS: tl.constexpr,
+    FP8_OUT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < HIDDEN
-    dtype = out_ptr.dtype.element_ty
+    row_mask = cols < HIDDEN
+    # Rows past num_rows are the fp8 output's padding: zeros.
+    mask = row_mask & (row < num_rows)
+    # The activation dtype: x's, or with partial sums the residual's (x's without one).
+    dtype = residual_ptr.dtype.element_ty
     if NUM_PARTIALS > 0:
         # fp32 split-K partial sums of a projection: their total, rounded to the
         # activation dtype, is what the unsplit matmul would have returned.
@@ -54,9 +68,12 @@ def _add_rms_norm_kernel(
     x32 = x.to(tl.float32)
     variance = tl.sum(x32 * x32, axis=0) / HIDDEN
     normed = (x32 * tl.rsqrt(variance + eps)).to(dtype)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    out = normed.to(tl.float32) * weight.to(tl.float32)
-    tl.store(out_ptr + row * HIDDEN + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    weight = tl.load(weight_ptr + cols, mask=row_mask, other=0.0)
+    out = (normed.to(tl.float32) * weight.to(tl.float32)).to(dtype)
+    if FP8_OUT:
+        store_fp8_row(out_ptr + row * HIDDEN, scale_ptr, row, cols, row_mask, out.to(tl.float32), _FP8, _MIN)
+    else:
+        tl.store(out_ptr + row * HIDDEN + cols, out, mask=mask)
 
 
 def add_rms_norm_triton(
@@ -65,21 +82,52 @@ def add_rms_norm_triton(
     """x, residual: [T, hidden], or x fp32 partial sums [splits, T, hidden] of a projection
     (kernels/triton_linear.py) with a residual. Returns (rms_norm(x + residual) * weight,
     x + residual) in the activation dtype."""
+    out = torch.empty(x.shape[-2:], dtype=_activation_dtype(x, residual), device=x.device)
+    return out, _add_rms_norm(x, residual, weight, eps, out, None)
+
+
+def add_rms_norm_fp8_triton(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[Fp8Rows, torch.Tensor | None]:
+    """add_rms_norm_triton with the normed rows quantized per token for an fp8 projection."""
+    num_tokens, hidden = x.shape[-2:]
+    rows = Fp8Rows.empty(num_tokens, hidden, _activation_dtype(x, residual), x.device)
+    return rows, _add_rms_norm(x, residual, weight, eps, rows.values, rows.scales)
+
+
+def _activation_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    return residual.dtype if residual is not None else x.dtype
+
+
+def _add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    fp8_scales: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Launches the kernel into `out` (fp8 values with fp8_scales, their rows padded);
+    returns x + residual, or None without a residual."""
     num_partials = x.shape[0] if x.dim() == 3 else 0
     num_tokens, hidden = x.shape[-2:]
     assert x.stride(-1) == 1 and (num_partials == 0 or residual is not None)
-    dtype = residual.dtype if residual is not None else x.dtype
-    out = torch.empty(num_tokens, hidden, dtype=dtype, device=x.device)
-    residual_out = torch.empty_like(out) if residual is not None else None
+    residual_out = (
+        torch.empty(num_tokens, hidden, dtype=residual.dtype, device=x.device)
+        if residual is not None
+        else None
+    )
     if num_tokens == 0:
-        return out, residual_out
+        return residual_out
     block = triton.next_power_of_2(hidden)
-    _add_rms_norm_kernel[(num_tokens,)](
+    _add_rms_norm_kernel[(out.shape[0],)](
         x,
         residual if residual is not None else x,
         weight,
         out,
+        fp8_scales if fp8_scales is not None else out,
         residual_out if residual_out is not None else out,
+        num_tokens,
         x.stride(-2),
         x.stride(0) if num_partials else 0,
         residual.stride(0) if residual is not None else 0,
@@ -88,37 +136,77 @@ def add_rms_norm_triton(
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
         NUM_PARTIALS=num_partials,
+        FP8_OUT=fp8_scales is not None,
         num_warps=max(1, min(8, block // 256)),
         **pdl_launch(x.device),
     )
-    return out, residual_out
+    return residual_out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _silu_and_mul_kernel(
-    x_ptr, out_ptr, x_stride, INTERMEDIATE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+    x_ptr,
+    out_ptr,
+    scale_ptr,
+    num_rows,
+    x_stride,
+    INTERMEDIATE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FP8_OUT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < INTERMEDIATE
+    row_mask = cols < INTERMEDIATE
+    mask = row_mask & (row < num_rows)
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + INTERMEDIATE + cols, mask=mask, other=0.0)
     activated = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    out = activated.to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + row * INTERMEDIATE + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = (activated.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+    if FP8_OUT:
+        store_fp8_row(
+            out_ptr + row * INTERMEDIATE, scale_ptr, row, cols, row_mask, out.to(tl.float32), _FP8, _MIN
+        )
+    else:
+        tl.store(out_ptr + row * INTERMEDIATE + cols, out, mask=mask)
 
 
 def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2 * I] with gate then up. Returns silu(gate) * up, [T, I]."""
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
+    _silu_and_mul(x, out, None)
+    return out
+
+
+def silu_and_mul_fp8_triton(x: torch.Tensor) -> Fp8Rows:
+    """silu_and_mul_triton quantized per token for an fp8 projection."""
+    rows = Fp8Rows.empty(x.shape[0], x.shape[1] // 2, x.dtype, x.device)
+    _silu_and_mul(x, rows.values, rows.scales)
+    return rows
+
+
+def _silu_and_mul(x: torch.Tensor, out: torch.Tensor, fp8_scales: torch.Tensor | None) -> None:
     num_tokens, width = x.shape
     intermediate = width // 2
     assert x.stride(1) == 1
-    out = torch.empty(num_tokens, intermediate, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
-        return out
-    block = min(1024, triton.next_power_of_2(intermediate))
-    _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
-        x, out, x.stride(0), INTERMEDIATE=intermediate, BLOCK=block, num_warps=4, **pdl_launch(x.device)
+        return
+    if fp8_scales is None:
+        block, num_warps = min(1024, triton.next_power_of_2(intermediate)), 4
+    else:
+        # A whole row a program: its scale needs it all.
+        block = triton.next_power_of_2(intermediate)
+        num_warps = min(16, max(4, block // 1024))
+    _silu_and_mul_kernel[(out.shape[0], triton.cdiv(intermediate, block))](
+        x,
+        out,
+        fp8_scales if fp8_scales is not None else out,
+        num_tokens,
+        x.stride(0),
+        INTERMEDIATE=intermediate,
+        BLOCK=block,
+        FP8_OUT=fp8_scales is not None,
+        num_warps=num_warps,
+        **pdl_launch(x.device),
     )
-    return out

@@ -15,6 +15,18 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
+from gpu_worker.kernels.w8a8 import Fp8Rows
+
+
+@triton.jit
+def store_fp8_row(out_ptr, scale_ptr, row, cols, mask, x, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+    """Row `row` of out_ptr, at `cols` (mask), as x (fp32, zero past the mask) quantized
+    to e4m3 with one scale, which goes to scale_ptr[row]; as kernels/w8a8.py's
+    quantize_rows gives it."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, MIN_SCALE)
+    quantized = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+    tl.store(out_ptr + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
 
 
 # A step's row count changes from step to step; specializing on it would compile a new
@@ -37,26 +49,20 @@ def _quantize_rows_kernel(
     cols = tl.arange(0, BLOCK)
     mask = (cols < COLS) & (row < num_rows)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, MIN_SCALE)
-    quantized = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
-    tl.store(out_ptr + row * COLS + cols, quantized.to(out_ptr.dtype.element_ty), mask=cols < COLS)
-    tl.store(scale_ptr + row, scale)
+    store_fp8_row(out_ptr + row * COLS, scale_ptr, row, cols, cols < COLS, x, FP8_MAX, MIN_SCALE)
 
 
-def quantize_rows_fp8_triton(
-    x: torch.Tensor, padded_rows: int, fp8_max: float, min_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [rows, cols] -> (e4m3 values [padded_rows, cols], fp32 scales [padded_rows, 1]),
-    as quantize_rows gives them, with zero rows (scale min_scale) past x's."""
+def quantize_rows_fp8_triton(x: torch.Tensor, fp8_max: float, min_scale: float) -> Fp8Rows:
+    """x [rows, cols] quantized as quantize_rows does it, the padding rows zero (scale
+    min_scale)."""
     num_rows, cols = x.shape
-    assert x.stride(1) == 1 and padded_rows >= num_rows
-    out = torch.empty(padded_rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(padded_rows, 1, dtype=torch.float32, device=x.device)
+    assert x.stride(1) == 1
+    rows = Fp8Rows.empty(num_rows, cols, x.dtype, x.device)
     block = triton.next_power_of_2(cols)
-    _quantize_rows_kernel[(padded_rows,)](
+    _quantize_rows_kernel[(rows.values.shape[0],)](
         x,
-        out,
-        scale,
+        rows.values,
+        rows.scales,
         num_rows,
         x.stride(0),
         COLS=cols,
@@ -66,4 +72,4 @@ def quantize_rows_fp8_triton(
         num_warps=min(16, max(4, block // 1024)),
         **pdl_launch(x.device),
     )
-    return out, scale
+    return rows

@@ -13,6 +13,8 @@ kernel of gpu_worker/kernels/triton_linear.py (W8A16: the same weights, fewer ro
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 INT8_MAX = 127.0
@@ -20,6 +22,25 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 # A zero row would divide by zero; any scale quantizes it to zeros.
 _MIN_SCALE = 1e-12
+
+
+class Fp8Rows(NamedTuple):
+    """Activations quantized per token by the kernel that made them (add + RMSNorm,
+    SiLU-and-mul), for an fp8 projection: e4m3 values [padded_rows, cols] (the rows past
+    num_rows zero, padded as cuBLASLt wants), fp32 scales [padded_rows, 1], and the
+    activation dtype the projection returns."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    num_rows: int
+    dtype: torch.dtype
+
+    @classmethod
+    def empty(cls, num_rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Fp8Rows:
+        padded_rows = -(-num_rows // 16) * 16
+        values = torch.empty(padded_rows, cols, dtype=FP8_DTYPE, device=device)
+        scales = torch.empty(padded_rows, 1, dtype=torch.float32, device=device)
+        return cls(values, scales, num_rows, dtype)
 
 
 def quant_dtype(kind: str) -> torch.dtype:
@@ -60,9 +81,16 @@ def w8a8_linear_reference(
 
 
 def w8a8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, kind: str
+    x: torch.Tensor | Fp8Rows,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    kind: str,
 ) -> torch.Tensor:
-    """x [..., in] by weight [out, in] (int8 or fp8) with weight_scale [out] (fp32)."""
+    """x [..., in] (or rows already in fp8, on CUDA) by weight [out, in] (int8 or fp8) with
+    weight_scale [out] (fp32)."""
+    if isinstance(x, Fp8Rows):
+        return _fp8_scaled_mm(x, weight, weight_scale, bias)
     if not x.is_cuda:
         return w8a8_linear_reference(x, weight, weight_scale, bias, kind)
     x2 = x.reshape(-1, x.shape[-1])
@@ -73,7 +101,11 @@ def w8a8_linear(
         if bias is not None:
             out = out + bias
     elif kind == "fp8":
-        out = _fp8_scaled_mm(x2, weight, weight_scale, bias)
+        from gpu_worker.kernels.triton_quantize import quantize_rows_fp8_triton
+
+        out = _fp8_scaled_mm(
+            quantize_rows_fp8_triton(x2.contiguous(), FP8_MAX, _MIN_SCALE), weight, weight_scale, bias
+        )
     elif _int_mm_fits(x2.shape[0], weight.shape[0], weight.shape[1]):
         xq, x_scale = quantize_rows(x2, kind)
         out = (torch._int_mm(xq, weight.t()).float() * x_scale * weight_scale.view(1, -1)).to(x.dtype)
@@ -82,6 +114,17 @@ def w8a8_linear(
     else:
         return w8a8_linear_reference(x, weight, weight_scale, bias, kind)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def takes_fp8_rows(kind: str, num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether w8a8_linear would quantize these activations per token for an fp8 GEMM: the
+    kernel that makes them can then hand them over as Fp8Rows instead."""
+    return (
+        kind == "fp8"
+        and device.type == "cuda"
+        and num_rows > FP8_WEIGHT_ONLY_MAX_ROWS
+        and dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 # Rows up to which fp8 weights meet unquantized activations (see the module's docstring):
@@ -111,23 +154,17 @@ def _int_mm_fits(rows: int, out_features: int, in_features: int) -> bool:
 
 
 def _fp8_scaled_mm(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    rows: Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Row-wise scaled fp8 GEMM: weight [out, in] row-major is the column-major [in, out]
-    operand cuBLASLt wants. Its dims must be multiples of 16, so the rows are padded; the
-    rows are quantized in one kernel (kernels/triton_quantize.py)."""
-    from gpu_worker.kernels.triton_quantize import quantize_rows_fp8_triton
-
-    rows = x.shape[0]
-    # The padding rows come out of the quantization as zeros.
-    xq, x_scale = quantize_rows_fp8_triton(x.contiguous(), -(-rows // 16) * 16, FP8_MAX, _MIN_SCALE)
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    operand cuBLASLt wants; its output in bf16 unless the activations are fp16."""
+    out_dtype = rows.dtype if rows.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     out = torch._scaled_mm(
-        xq,
+        rows.values,
         weight.t(),
-        scale_a=x_scale,
+        scale_a=rows.scales,
         scale_b=weight_scale.view(1, -1).float(),
         bias=bias.to(out_dtype) if bias is not None else None,
         out_dtype=out_dtype,
     )
-    return out[:rows].to(x.dtype)
+    return out[: rows.num_rows].to(rows.dtype)

@@ -23,7 +23,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
+from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS, silu_and_mul_fp8
+from gpu_worker.kernels.w8a8 import Fp8Rows
 from gpu_worker.model.attention import PagedAttention
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.layers import RMSNorm, RotaryEmbedding
@@ -84,9 +85,10 @@ class DecoderAttention(nn.Module):
             logit_softcap=config.attn_logit_softcapping,
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden_states.shape[0]
-        query, key, value = self.qkv_proj.split(self.qkv_proj(hidden_states))
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)
+        num_tokens = qkv.shape[0]
+        query, key, value = self.qkv_proj.split(qkv)
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -111,9 +113,13 @@ class GatedMLP(nn.Module):
             size, config.hidden_size, bias=config.mlp_bias, tp=tp, quant_method=make_quant_method(quant)
         )
         self.act_and_mul = GATED_ACTIVATIONS[config.hidden_act]
+        self.silu = config.hidden_act == "silu"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        if self.silu and self.down_proj.takes_fp8_rows(gate_up.shape[0], gate_up.dtype, gate_up.device):
+            return self.down_proj(silu_and_mul_fp8(gate_up))
+        return self.down_proj(self.act_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -140,19 +146,13 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it). The residual
         add is deferred into the next norm, so that each add and norm is one pass."""
-        hidden_states, residual = self.add_and_input_norm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm.add_and_norm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
-
-    def add_and_input_norm(
-        self, hidden_states: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The previous layer's deferred residual add, then this layer's input norm; the
-        first layer of a stage starts the residual stream instead. Returns (normed, residual)."""
-        if residual is None:
-            return self.input_layernorm(hidden_states), hidden_states
-        return self.input_layernorm.add_and_norm(hidden_states, residual)
+        # The previous layer's deferred residual add, then this layer's input norm; the
+        # first layer of a stage starts the residual stream instead.
+        normed, residual = self.input_layernorm.norm_for(self.self_attn.qkv_proj, hidden_states, residual)
+        hidden_states = self.self_attn(positions, normed)
+        mlp_input = self.mlp.gate_up_proj if isinstance(self.mlp, GatedMLP) else None
+        normed, residual = self.post_attention_layernorm.norm_for(mlp_input, hidden_states, residual)
+        return self.mlp(normed), residual
 
 
 class OtherStageLayer(nn.Module):

@@ -56,9 +56,9 @@ class GemmaDecoderLayer(DecoderLayer):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_states, residual = self.add_and_input_norm(hidden_states, residual)
+        normed, residual = self.input_layernorm.norm_for(self.self_attn.qkv_proj, hidden_states, residual)
         dtype = residual.dtype
-        hidden_states = self.post_attention_layernorm(whole(self.self_attn(positions, hidden_states), dtype))
+        hidden_states = self.post_attention_layernorm(whole(self.self_attn(positions, normed), dtype))
         hidden_states, residual = self.pre_feedforward_layernorm.add_and_norm(hidden_states, residual)
         hidden_states = self.post_feedforward_layernorm(whole(self.mlp(hidden_states), dtype))
         return hidden_states, residual

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker.kernels.elementwise import add_rms_norm
+from gpu_worker.kernels.elementwise import add_rms_norm, add_rms_norm_fp8
+from gpu_worker.kernels.w8a8 import Fp8Rows
 from gpu_worker.model.config import RopeScaling
 
 if TYPE_CHECKING:
@@ -87,10 +88,18 @@ class Linear(nn.Module):
             raise ValueError(f"projection of {self.output_size} outputs is not sharded, got {shard_id!r}")
         return 0, self.output_size, 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        """x: Fp8Rows only where takes_fp8_rows said so."""
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
+        assert isinstance(x, torch.Tensor)
         return F.linear(x, self.weight, self.bias)
+
+    def takes_fp8_rows(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this many rows of activations are best handed over already quantized to
+        fp8 by the kernel that makes them (an fp8 projection's per-token quantization,
+        fused into the norm or activation before it)."""
+        return self.quant_method is not None and self.quant_method.takes_fp8_rows(num_rows, dtype, device)
 
 
 class PartialSumLinear(Linear):
@@ -101,8 +110,8 @@ class PartialSumLinear(Linear):
     multiprocessor streaming weights (kernels/triton_linear.py). Otherwise [T, output_size].
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.bias is None and self.quant_method is None:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.is_cuda and self.bias is None and self.quant_method is None:
             from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
 
             plan = split_k_plan(x.shape[0], self.output_size, self.input_size)
@@ -176,6 +185,19 @@ class RMSNorm(nn.Module):
         out, summed = add_rms_norm(x, residual, self.weight, self.eps)
         assert summed is not None, "add_rms_norm returns the sum whenever a residual is given"
         return out, summed
+
+    def norm_for(
+        self, projection: Linear | None, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        """(norm(x + residual), x + residual) as the input of `projection` (None: of no single
+        projection): as Fp8Rows where it takes them. Without a residual, x starts the
+        stream: (norm(x), x)."""
+        if projection is None or not projection.takes_fp8_rows(x.shape[-2], self.weight.dtype, x.device):
+            if residual is None:
+                return self(x), x
+            return self.add_and_norm(x, residual)
+        rows, summed = add_rms_norm_fp8(x, residual, self.weight, self.eps)
+        return rows, x if summed is None else summed
 
 
 def rope_inverse_frequencies(head_dim: int, base: float, scaling: RopeScaling | None) -> torch.Tensor:

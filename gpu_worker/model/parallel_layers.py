@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.kernels.w8a8 import Fp8Rows
 from gpu_worker.model.layers import (
     Linear,
     LMHead,
@@ -165,12 +166,13 @@ class RowParallelLinear(PartialSumLinear):
         if self.weight is not None:
             self.weight.weight_loader = functools.partial(load_slice, dim=1, index=tp.rank)  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
         bias = self.bias if self.tp.rank == 0 else None
         if self.quant_method is not None:
             return self.tp.all_reduce(self.quant_method.apply(self, x, bias))
+        assert isinstance(x, torch.Tensor), "fp8 rows only reach an fp8 projection"
         if x.is_cuda and self.bias is None:
             from gpu_worker.kernels.triton_linear import linear_partial_sums, split_k_plan
 

@@ -8,12 +8,24 @@ import pytest
 import torch
 
 # First: importing the cases sets TRITON_INTERPRET before triton is imported.
-from tests.kernels.kernel_cases import DEVICE, DTYPE, ON_GPU, _relative_error, _triton_interpreter_on_cpu
+from tests.kernels.kernel_cases import (
+    DEVICE,
+    DTYPE,
+    ON_GPU,
+    _relative_error,
+    _triton_interpreter_on_cpu,
+)
 
 # isort: split
+from gpu_worker.kernels.triton_elementwise import (
+    add_rms_norm_fp8_triton,
+    add_rms_norm_triton,
+    silu_and_mul_fp8_triton,
+    silu_and_mul_triton,
+)
 from gpu_worker.kernels.triton_linear import scaled_linear_partial_sums
 from gpu_worker.kernels.triton_quantize import quantize_rows_fp8_triton
-from gpu_worker.kernels.w8a8 import _MIN_SCALE, FP8_MAX, quantize_rows
+from gpu_worker.kernels.w8a8 import _MIN_SCALE, FP8_MAX, Fp8Rows, quantize_rows
 
 __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
 
@@ -31,28 +43,69 @@ def test_fp8_weights_with_channel_scales_widen_as_they_load(num_rows: int, num_s
     assert _relative_error(partials.sum(dim=0), expected) < (1e-2 if ON_GPU else 1e-5)
 
 
-@pytest.mark.parametrize("num_rows, padded_rows", [(1, 16), (16, 16), (37, 48)])
-def test_fp8_row_quantization_matches_the_reference_and_zeroes_the_padding(
-    num_rows: int, padded_rows: int
-) -> None:
-    cols = 4096 if ON_GPU else 200
-    generator = torch.Generator().manual_seed(num_rows)
-    x = torch.randn(num_rows, cols, generator=generator) * torch.rand(num_rows, 1, generator=generator) * 10
-    x = x.to(DEVICE, DTYPE)
-    values, scale = quantize_rows_fp8_triton(x, padded_rows, FP8_MAX, _MIN_SCALE)
-    expected_values, expected_scale = quantize_rows(x, "fp8")
-    assert values.shape == (padded_rows, cols) and scale.shape == (padded_rows, 1)
-    torch.testing.assert_close(scale[:num_rows], expected_scale, rtol=0, atol=0)
-    actual, expected = values[:num_rows].float(), expected_values.float()
+def _assert_fp8_rows_equal(rows: Fp8Rows, expected: torch.Tensor) -> None:
+    """rows hold `expected` (the reference's output in the activation dtype) quantized as
+    quantize_rows does it, and zero padding rows up to a multiple of 16."""
+    num_rows, cols = expected.shape
+    assert rows.num_rows == num_rows and rows.dtype == expected.dtype
+    assert rows.values.shape == (-(-num_rows // 16) * 16, cols) and rows.scales.shape == (
+        rows.values.shape[0],
+        1,
+    )
+    expected_values, expected_scale = quantize_rows(expected, "fp8")
+    torch.testing.assert_close(rows.scales[:num_rows], expected_scale, rtol=0, atol=0)
+    actual, wanted = rows.values[:num_rows].float(), expected_values.float()
     if ON_GPU:
-        assert torch.equal(actual, expected)
+        assert torch.equal(actual, wanted)
     else:
         # Triton 3.6's interpreter rounds to float8 in its own way in two places (see the
         # fp8 KV-store case): a value that should round up to 2^k can come out as 2^(k-1)
         # (a lost carry), and subnormals can land one step (2^-9) off. Every other value
         # must be exact.
-        lost_carry = (actual == expected / 2) & (expected.abs().log2() == expected.abs().log2().round())
-        subnormal_step = (expected.abs() < 2**-6) & ((actual - expected).abs() <= 2**-9)
-        assert ((actual == expected) | lost_carry | subnormal_step).all()
+        lost_carry = (actual == wanted / 2) & (wanted.abs().log2() == wanted.abs().log2().round())
+        subnormal_step = (wanted.abs() < 2**-6) & ((actual - wanted).abs() <= 2**-9)
+        assert ((actual == wanted) | lost_carry | subnormal_step).all()
         assert (lost_carry | subnormal_step).float().mean() < 0.05
-    assert not values[num_rows:].float().any()
+    assert not rows.values[num_rows:].float().any()
+
+
+def _scaled_rows(num_rows: int, cols: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, cols, generator=generator) * torch.rand(num_rows, 1, generator=generator) * 10
+    return x.to(DEVICE, DTYPE)
+
+
+@pytest.mark.parametrize("num_rows", [1, 16, 37])
+def test_fp8_row_quantization_matches_the_reference_and_zeroes_the_padding(num_rows: int) -> None:
+    x = _scaled_rows(num_rows, 4096 if ON_GPU else 200)
+    _assert_fp8_rows_equal(quantize_rows_fp8_triton(x, FP8_MAX, _MIN_SCALE), x)
+
+
+@pytest.mark.parametrize(
+    "num_rows, with_residual, num_partials", [(1, False, 0), (37, True, 0), (17, True, 3)]
+)
+def test_add_rms_norm_quantizes_its_rows_as_the_projection_would(
+    num_rows: int, with_residual: bool, num_partials: int
+) -> None:
+    # An fp8 projection's input made by the norm before it, in the same kernel.
+    hidden = 4096 if ON_GPU else 200
+    residual = _scaled_rows(num_rows, hidden) if with_residual else None
+    x = _scaled_rows(num_rows + 1, hidden)[1:]
+    if num_partials:
+        x = torch.randn(num_partials, num_rows, hidden, device=DEVICE)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(DTYPE)
+    rows, summed = add_rms_norm_fp8_triton(x, residual, weight, 1e-6)
+    # The fused quantization is the projection's of the unfused kernel's rows.
+    expected, expected_sum = add_rms_norm_triton(x, residual, weight, 1e-6)
+    _assert_fp8_rows_equal(rows, expected)
+    if with_residual:
+        assert summed is not None and expected_sum is not None
+        assert torch.equal(summed, expected_sum)
+    else:
+        assert summed is None
+
+
+@pytest.mark.parametrize("num_rows", [1, 37])
+def test_silu_and_mul_quantizes_its_rows_as_the_projection_would(num_rows: int) -> None:
+    x = _scaled_rows(num_rows, 2 * (3072 if ON_GPU else 200)) / 3
+    _assert_fp8_rows_equal(silu_and_mul_fp8_triton(x), silu_and_mul_triton(x))

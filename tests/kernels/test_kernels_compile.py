@@ -68,6 +68,15 @@ PREFILL_TYPES = dict(
     scale_log2="fp32",
     softcap_log2="fp32",
 )
+ADD_RMS_NORM_TYPES = dict(
+    x_ptr="*fp32",
+    residual_ptr="*bf16",
+    weight_ptr="*bf16",
+    out_ptr="*bf16",
+    scale_ptr="*bf16",
+    residual_out_ptr="*bf16",
+    eps="fp32",
+)
 EXPERT_GEMM_TYPES = dict(
     a_ptr="*bf16",
     b_ptr="*bf16",
@@ -241,16 +250,16 @@ CASES = {
     ),
     "add + RMSNorm over partial sums": (
         _add_rms_norm_kernel,
-        dict(
-            x_ptr="*fp32",
-            residual_ptr="*bf16",
-            weight_ptr="*bf16",
-            out_ptr="*bf16",
-            residual_out_ptr="*bf16",
-            eps="fp32",
-        ),
-        dict(HIDDEN=1024, BLOCK=1024, HAS_RESIDUAL=True, NUM_PARTIALS=4),
+        ADD_RMS_NORM_TYPES,
+        dict(HIDDEN=1024, BLOCK=1024, HAS_RESIDUAL=True, NUM_PARTIALS=4, FP8_OUT=False),
         dict(num_warps=4),
+    ),
+    # An fp8 projection's input, quantized per token by the norm before it (Llama-3.1-8B).
+    "add + RMSNorm into fp8 rows": (
+        _add_rms_norm_kernel,
+        dict(ADD_RMS_NORM_TYPES, x_ptr="*bf16", out_ptr="*fp8e4nv", scale_ptr="*fp32"),
+        dict(HIDDEN=4096, BLOCK=4096, HAS_RESIDUAL=True, NUM_PARTIALS=0, FP8_OUT=True),
+        dict(num_warps=8),
     ),
     "4-bit dequantize-GEMM, split-K, groups in input order": (
         _int4_split_k_kernel,
@@ -286,8 +295,14 @@ CASES = {
     "SiLU and mul": (
         _silu_and_mul_kernel,
         dict(x_ptr="*bf16", out_ptr="*bf16"),
-        dict(INTERMEDIATE=3072, BLOCK=1024),
+        dict(INTERMEDIATE=3072, BLOCK=1024, FP8_OUT=False),
         dict(num_warps=4),
+    ),
+    "SiLU and mul into fp8 rows": (
+        _silu_and_mul_kernel,
+        dict(x_ptr="*bf16", out_ptr="*fp8e4nv", scale_ptr="*fp32"),
+        dict(INTERMEDIATE=14336, BLOCK=16384, FP8_OUT=True),
+        dict(num_warps=16),
     ),
 }
 

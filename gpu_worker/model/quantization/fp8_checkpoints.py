@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpu_worker.kernels.w8a8 import FP8_DTYPE
+from gpu_worker.kernels.w8a8 import FP8_DTYPE, Fp8Rows
 from gpu_worker.model.quantization.config import QuantizationConfig
 from gpu_worker.model.quantization.int4_formats import QuantTensorSpec
 from gpu_worker.model.quantization.methods import (
@@ -124,7 +124,8 @@ class Fp8BlockCheckpointMethod(QuantMethod):
         dequantized = (blocks * scale[:, None, :, None]).view(rows, columns)
         layer.weight = nn.Parameter(dequantized.to(layer.dequantized_dtype), requires_grad=False)
 
-    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+        assert isinstance(x, torch.Tensor), "dequantized projections take no fp8 rows"
         return F.linear(x, layer.weight, bias)
 
 

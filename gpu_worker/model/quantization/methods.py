@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gpu_worker.kernels.int4_linear import PACK_FACTOR, int4_linear
-from gpu_worker.kernels.w8a8 import quantize_rows, w8a8_linear
+from gpu_worker.kernels.w8a8 import Fp8Rows, quantize_rows, takes_fp8_rows, w8a8_linear
 from gpu_worker.model.quantization.config import QuantizationConfig
 from gpu_worker.model.quantization.int4_formats import (
     awq_to_common,
@@ -48,8 +48,13 @@ class QuantMethod:
     def process_after_loading(self, layer: Any) -> None:
         """Turns the loaded tensors into what apply() reads, once, after loading."""
 
-    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: Fp8Rows only where takes_fp8_rows said so."""
         raise NotImplementedError
+
+    def takes_fp8_rows(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether apply() takes these activations as Fp8Rows (kernels/w8a8.py)."""
+        return False
 
 
 class W8A8Method(QuantMethod):
@@ -68,8 +73,11 @@ class W8A8Method(QuantMethod):
         layer.weight_q = nn.Parameter(weight, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale.view(-1), requires_grad=False)
 
-    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
         return w8a8_linear(x, layer.weight_q, layer.weight_scale, bias, self.kind)
+
+    def takes_fp8_rows(self, num_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return takes_fp8_rows(self.kind, num_rows, dtype, device)
 
 
 class Int4Method(QuantMethod):
@@ -132,7 +140,8 @@ class Int4Method(QuantMethod):
         in_order = group_size > 0 and torch.equal(common.g_idx.long(), positional)
         layer.int4_group_size = group_size if in_order else 0
 
-    def apply(self, layer: Any, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+        assert isinstance(x, torch.Tensor), "4-bit projections take no fp8 rows"
         return int4_linear(
             x, layer.qweight, layer.scales, layer.zeros, layer.g_idx, bias, layer.int4_group_size
         )
