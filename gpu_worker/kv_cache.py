@@ -2,8 +2,8 @@
 
 One allocation holds every layer's keys and values, shaped
 [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; each layer's key and value
-caches are contiguous views of it in the layout kernels/paged_attention.py documents (the
-values of a block ordered [head, dim, slot] within the same bytes). Block ids are shared by all layers: block b
+caches are contiguous views of it in the layout kernels/paged_attention.py documents (an
+fp8 cache's values ordered [head, dim, slot] within the same bytes of each block). Block ids are shared by all layers: block b
 of a sequence holds its tokens' KV in every layer.
 
 The CPU swap pool has the same layout in host memory (pinned when the cache is on CUDA).
@@ -71,7 +71,8 @@ class KVCache:
 
     def value_cache(self, layer: int) -> torch.Tensor:
         num_blocks, block_size, num_kv_heads, head_dim = self.storage.shape[2:]
-        return self.storage[layer, 1].view(value_cache_shape(num_blocks, block_size, num_kv_heads, head_dim))
+        shape = value_cache_shape(num_blocks, block_size, num_kv_heads, head_dim, self.storage.dtype)
+        return self.storage[layer, 1].view(shape)
 
 
 def bytes_per_block(model_config: ModelConfig | KVCacheLayout, block_size: int, dtype: torch.dtype) -> int:

@@ -30,7 +30,6 @@ from benchmarks.kernels.cuda_runner import build_cuda_runner
 from benchmarks.kernels.decode_step import build_decode_batch, copy_bandwidth
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
 from gpu_worker.kernels import triton_linear
-from gpu_worker.kernels.paged_attention import value_cache_shape
 from gpu_worker.kernels.triton_decode_attention import decode_attention_triton
 from gpu_worker.model.attention import attention_context
 
@@ -65,16 +64,12 @@ def attention_cases() -> dict[str, list[int]]:
     }
 
 
-def random_caches(num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    key_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    return key_cache, torch.randn(value_cache_shape(*shape), dtype=torch.bfloat16, device="cuda")
-
-
 def attention_sweep(bandwidth_read: float) -> list[dict]:
     cases = attention_cases()
     max_blocks = max(len(contexts) * -(-max(contexts) // BLOCK_SIZE) for contexts in cases.values())
-    key_cache, value_cache = random_caches(max_blocks)
+    shape = (max_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    key_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    value_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     rows = []
     for case, contexts in cases.items():
         width = max(-(-n // BLOCK_SIZE) for n in contexts)
@@ -116,7 +111,9 @@ def split_sweep(bandwidth_read: float) -> list[dict]:
     rng = random.Random(1)
     batches = (1, 4, 16, 32, 64, 128)
     max_blocks = max(batches) * -(-2000 // BLOCK_SIZE)
-    key_cache, value_cache = random_caches(max_blocks)
+    shape = (max_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    key_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    value_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     rows = []
     for batch in batches:
         contexts = [rng.randint(600, 2000) for _ in range(batch)]

@@ -24,7 +24,6 @@ from benchmarks.kernels.cuda_runner import add_model_options, build_cuda_runner,
 from benchmarks.kernels.decode_step import fill_normal, kernel_table
 from benchmarks.workload import QWEN3_CONFIG, write_random_model
 from gpu_worker.kernels.attention_backend import fresh_prefill_kernel
-from gpu_worker.kernels.paged_attention import value_cache_shape
 from gpu_worker.kernels.triton_prefill_attention import prefill_attention_triton
 from gpu_worker.model.attention import AttentionMetadata, attention_context
 
@@ -70,7 +69,7 @@ def attention_results(
     num_tokens = int(metadata.query_start_loc[-1])
     cache_shape = (num_blocks, BLOCK_SIZE, 8, 128)
     key_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda")
-    value_cache = torch.randn(value_cache_shape(*cache_shape), dtype=torch.bfloat16, device="cuda")
+    value_cache = torch.randn(cache_shape, dtype=torch.bfloat16, device="cuda")
     query = torch.randn(num_tokens, 16, 128, dtype=torch.bfloat16, device="cuda")
     results: dict = {}
 

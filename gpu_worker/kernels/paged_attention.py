@@ -5,16 +5,18 @@ speed and are the CPU path.
 
 KV cache layout, per layer:
 
-    keys   [num_blocks, block_size, num_kv_heads, head_dim]
-    values [num_blocks, num_kv_heads, head_dim, block_size]
+    keys                [num_blocks, block_size, num_kv_heads, head_dim]
+    values              the same, except
+    values of fp8 cache [num_blocks, num_kv_heads, head_dim, block_size]
 
-Token slot s lives at block s // block_size, offset s % block_size. One token's key heads
-are contiguous, which suits the per-token store and the first dot product (query by keys),
+Token slot s lives at block s // block_size, offset s % block_size. One token's heads are
+contiguous, which suits the per-token store and the first dot product (query by keys),
 whose operand wants each key's dims side by side. The second (probabilities by values)
-wants the opposite: each dim's values for neighbouring keys side by side, which values
-stored per block as [head, dim, slot] give. For an fp8 cache this is what lets the kernels
-copy value tiles in 16-byte pieces and feed them to the dot without a byte-wise transpose.
-values_by_slot gives the values as the keys are laid out.
+wants each dim's values for neighbouring keys side by side: a 16-bit tile gets there
+through the transposing form of ldmatrix, an 8-bit one has none, and was gathered byte by
+byte (half the bytes of bf16 in 91% of its time on the H200). So an fp8 cache stores its
+values [head, dim, slot] within each block; a bf16 cache does not, as its attention took
+4-8% longer so on the H100. values_by_slot gives either as the keys are laid out.
 
 A batch is flattened: the query tokens of all sequences are concatenated, and
 `query_start_loc` (length num_seqs + 1, starting at 0) marks where each sequence's tokens
@@ -52,26 +54,38 @@ def store_kv(
     if not bool(valid.all()):
         slots, key, value = slots[valid], key[valid], value[valid]
     as_bytes(flat_key_cache).index_copy_(0, slots, as_bytes(key.to(key_cache.dtype)))
-    # Attention reads values a whole block at a time and gives the slots past a sequence's
-    # end no weight, which a non-finite value there would turn into NaN: none is stored.
+    # Attention reads an fp8 cache's values a whole block at a time and gives the slots
+    # past a sequence's end no weight, which a non-finite value there would turn into NaN:
+    # none is stored (in any cache, as the kernel does).
     value = torch.where(value.isfinite(), value, 0.0).to(value_cache.dtype)
     value_slots = as_bytes(values_by_slot(value_cache))
     value_slots[slots // block_size, slots % block_size] = as_bytes(value)
 
 
-def value_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
-    return (num_blocks, num_kv_heads, head_dim, block_size)
+def values_by_dim(dtype: torch.dtype) -> bool:
+    """Whether a value cache of this dtype holds its blocks [head, dim, slot] (fp8)."""
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def value_cache_shape(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[int, ...]:
+    if values_by_dim(dtype):
+        return (num_blocks, num_kv_heads, head_dim, block_size)
+    return (num_blocks, block_size, num_kv_heads, head_dim)
 
 
 def check_cache_layout(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     """Offsets are computed from the layout: both caches contiguous, in the module's shapes."""
     assert key_cache.is_contiguous() and value_cache.is_contiguous(), "caches must be contiguous"
-    assert value_cache.shape == value_cache_shape(*key_cache.shape), "values must be [block, head, dim, slot]"
+    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    expected = value_cache_shape(num_blocks, block_size, num_kv_heads, head_dim, value_cache.dtype)
+    assert value_cache.shape == expected, f"values of {value_cache.dtype} must be {expected}"
 
 
 def values_by_slot(value_cache: torch.Tensor) -> torch.Tensor:
-    """The value cache as a view [num_blocks, block_size, num_kv_heads, head_dim]."""
-    return value_cache.permute(0, 3, 1, 2)
+    """The value cache as [num_blocks, block_size, num_kv_heads, head_dim] (a view)."""
+    return value_cache.permute(0, 3, 1, 2) if values_by_dim(value_cache.dtype) else value_cache
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ import triton.language as tl
 
 
 def slot_run(block_size: int, block_n: int) -> int:
-    """Slots that lie side by side in a value tile of block_n keys starting at a multiple of
-    block_n: load_kv_tile's promise to the compiler, which copies runs in one piece."""
+    """Slots that lie side by side in an fp8 value tile of block_n keys starting at a
+    multiple of block_n: load_kv_tile's promise to the compiler, which copies runs in one
+    piece."""
     return math.gcd(block_size, block_n)
 
 
@@ -37,10 +38,11 @@ def load_kv_tile(
     `block_table`, tile_start a multiple of BLOCK_N, their positions, and the mask of those
     before `end`. Only blocks holding a position in [begin, end) are read: a block wholly
     before `begin` (the first position a query of the tile may see) may have left the
-    table (a sliding window's FREED_BLOCK): block 0 stands in for it. Keys at or past `end`
-    are zero. Values are read a whole block at a time, so those outside [begin, end) in its
-    first and last blocks hold whatever the block held (finite: the cache starts zeroed and its stores write finite
-    values only); the caller gives them no weight."""
+    table (a sliding window's FREED_BLOCK): block 0 stands in for it. Keys, and values of
+    a 16-bit cache, at or past `end` are zero. An fp8 cache's values are read a whole block
+    at a time, so those outside [begin, end) in its first and last blocks hold whatever the
+    block held (finite: the cache starts zeroed and its stores write finite values only);
+    the caller gives them no weight."""
     positions = tile_start + tl.arange(0, BLOCK_N)
     valid = positions < end
     # One value per run of SLOT_RUN slots (which never crosses a block's edge), so that
@@ -50,18 +52,22 @@ def load_kv_tile(
     in_read_block = tl.max_constancy(in_read_block, SLOT_RUN)
     block_ids = tl.load(block_table + block_index, mask=in_read_block, other=0).to(tl.int64)
     slots = positions % BLOCK_SIZE
-    key_offsets = block_ids * cache_block_stride + slots * cache_slot_stride + kv_head * cache_head_stride
-    keys = tl.load(key_cache_ptr + key_offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-    # A value block is [head, dim, slot]: the tile is read as [dim, key], in runs of
-    # SLOT_RUN slots that start at multiples of it.
-    value_offsets = block_ids * cache_block_stride + kv_head * (HEAD_DIM * BLOCK_SIZE) + slots
-    value_offsets = tl.max_contiguous(tl.multiple_of(value_offsets, SLOT_RUN), SLOT_RUN)
-    values = tl.load(
-        value_cache_ptr + value_offsets[None, :] + dims[:, None] * BLOCK_SIZE,
-        mask=in_read_block[None, :],
-        other=0.0,
-    )
-    return keys, tl.trans(values), positions, valid
+    offsets = block_ids * cache_block_stride + slots * cache_slot_stride + kv_head * cache_head_stride
+    keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+    if value_cache_ptr.dtype.element_ty.is_fp8():
+        # A value block is [head, dim, slot]: the tile is read as [dim, key], in runs of
+        # SLOT_RUN slots that start at multiples of it.
+        value_offsets = block_ids * cache_block_stride + kv_head * (HEAD_DIM * BLOCK_SIZE) + slots
+        value_offsets = tl.max_contiguous(tl.multiple_of(value_offsets, SLOT_RUN), SLOT_RUN)
+        values_by_dim = tl.load(
+            value_cache_ptr + value_offsets[None, :] + dims[:, None] * BLOCK_SIZE,
+            mask=in_read_block[None, :],
+            other=0.0,
+        )
+        values = tl.trans(values_by_dim)
+    else:
+        values = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+    return keys, values, positions, valid
 
 
 @triton.jit

@@ -115,18 +115,22 @@ def _rope_store_kernel(
         tl.store(key_cache_ptr + cache_slot + HALF + half, key2, mask=stored)
         dims = tl.arange(0, HEAD_DIM)[None, :]
         value = tl.load(value_ptr + rows * value_token_stride + kv_head * HEAD_DIM + dims, mask=stored)
-        # The attention kernels read values a whole block at a time, weighting the slots
-        # past a sequence's end by zero: a non-finite value left there by an earlier
-        # owner of the block would turn that zero into NaN, so none is stored.
+        # The attention kernels read an fp8 cache's values a whole block at a time,
+        # weighting the slots past a sequence's end by zero: a non-finite value left there
+        # by an earlier owner of the block would turn that zero into NaN, so none is stored
+        # (in any cache: one rule for every store).
         finite = tl.abs(value.to(tl.float32)) < float("inf")
         value = tl.where(finite, value, 0.0).to(value_cache_ptr.dtype.element_ty)
-        # Values are [block, head, dim, slot] (kernels/paged_attention.py).
-        value_slot = (
-            (slots // BLOCK_SIZE) * (BLOCK_SIZE * ROW)
-            + kv_head * (HEAD_DIM * BLOCK_SIZE)
-            + slots % BLOCK_SIZE
-        )
-        tl.store(value_cache_ptr + value_slot + dims * BLOCK_SIZE, value, mask=stored)
+        if value_cache_ptr.dtype.element_ty.is_fp8():
+            # An fp8 cache's values are [block, head, dim, slot] (kernels/paged_attention.py).
+            value_slot = (
+                (slots // BLOCK_SIZE) * (BLOCK_SIZE * ROW)
+                + kv_head * (HEAD_DIM * BLOCK_SIZE)
+                + slots % BLOCK_SIZE
+            )
+            tl.store(value_cache_ptr + value_slot + dims * BLOCK_SIZE, value, mask=stored)
+        else:
+            tl.store(value_cache_ptr + cache_slot + dims, value, mask=stored)
 
 
 # Tokens per program: one in decode steps, so that a small batch still spreads over many

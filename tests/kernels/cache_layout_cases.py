@@ -44,12 +44,17 @@ def test_prefill_attention_on_a_verification_graphs_layout() -> None:
     assert not output[:2].any() and not output[10:14].any() and not output[15:].any()
 
 
+def _to_fp8(batch: PagedBatch) -> None:
+    """The batch's cache as an fp8 one: values [block, head, dim, slot] within each block."""
+    batch.key_cache = batch.key_cache.to(torch.float8_e4m3fn)
+    batch.value_cache = batch.value_cache.to(torch.float8_e4m3fn).permute(0, 2, 3, 1).contiguous()
+
+
 def test_attention_kernels_read_an_fp8_cache() -> None:
     # --kv-cache-dtype fp8: the kernels read float8 e4m3 keys and values in the query's
     # dtype; the reference reads the same rounded values.
     batch = PagedBatch([37, 9, 20], [1, 1, 1], num_heads=4, num_kv_heads=2, seed=3)
-    batch.key_cache = batch.key_cache.to(torch.float8_e4m3fn)
-    batch.value_cache = batch.value_cache.to(torch.float8_e4m3fn)
+    _to_fp8(batch)
     expected = batch.reference()
     torch.testing.assert_close(batch.decode().float(), expected.float(), **TOLERANCE)
     torch.testing.assert_close(
@@ -61,8 +66,7 @@ def test_attention_kernels_read_an_fp8_cache_under_a_bf16_model() -> None:
     # A bf16 model's queries over an fp8 cache are multiplied in fp16 (in_operand_dtype):
     # the outputs stay within bf16's precision of the reference's over the same values.
     batch = PagedBatch([37, 9, 20], [1, 1, 1], num_heads=4, num_kv_heads=2, seed=5)
-    batch.key_cache = batch.key_cache.to(torch.float8_e4m3fn)
-    batch.value_cache = batch.value_cache.to(torch.float8_e4m3fn)
+    _to_fp8(batch)
     expected = batch.reference().float()
     batch.query = batch.query.to(torch.bfloat16)
     for output in (batch.decode(), batch.prefill(block_n=16 if not ON_GPU else 64)):
@@ -120,14 +124,14 @@ def test_prefill_attention_on_a_prefill_graphs_layout() -> None:
 def _after_a_block_of_nan(cache: torch.Tensor) -> torch.Tensor:
     """The cache as a view that starts one block into a NaN-filled allocation: a kernel that
     reads block -1 reads NaN."""
-    padded = torch.full(
-        (cache.shape[0] + 1, *cache.shape[1:]), float("nan"), dtype=cache.dtype, device=cache.device
-    )
+    padded = torch.full((cache.shape[0] + 1, *cache.shape[1:]), float("nan"), device=cache.device)
+    padded = padded.to(cache.dtype)
     padded[1:] = cache
     return padded[1:]
 
 
-def test_windowed_attention_reads_no_block_that_left_the_table() -> None:
+@pytest.mark.parametrize("fp8_cache", [False, True])
+def test_windowed_attention_reads_no_block_that_left_the_table(fp8_cache: bool) -> None:
     # A windowed-only model's scheduler replaces the blocks wholly before every query's
     # window with FREED_BLOCK; the kernels' tiles start at multiples of their width, so
     # such blocks can lie inside a tile and must be left unread.
@@ -136,6 +140,8 @@ def test_windowed_attention_reads_no_block_that_left_the_table() -> None:
     seq_lens = [70, 33, 9] if not ON_GPU else [700, 333, 90]
     for query_lens in ([1, 1, 1], [20, 5, 9]):
         batch = PagedBatch(seq_lens, query_lens, num_heads=4, num_kv_heads=2, seed=11)
+        if fp8_cache:
+            _to_fp8(batch)
         expected = batch.reference(sliding_window=window).float()
         for row, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
             first_visible = seq_len - query_len - window + 1
@@ -193,7 +199,7 @@ def test_rope_store_matches_reference_and_skips_padding(
     # An fp8 cache (--kv-cache-dtype fp8) stores each value rounded to float8 e4m3.
     cache_dtype = torch.float8_e4m3fn if fp8_cache else DTYPE
     expected_k = torch.randn(shape, device=DEVICE).to(cache_dtype)
-    expected_v = torch.randn(value_cache_shape(*shape), device=DEVICE).to(cache_dtype)
+    expected_v = torch.randn(value_cache_shape(*shape, cache_dtype), device=DEVICE).to(cache_dtype)
     actual_k, actual_v = expected_k.clone(), expected_v.clone()
 
     query_out, key_out = rope_store_triton(

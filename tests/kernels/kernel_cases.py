@@ -41,8 +41,6 @@ from gpu_worker.kernels.elementwise import (  # noqa: E402
 from gpu_worker.kernels.paged_attention import (  # noqa: E402
     paged_attention,
     store_kv,
-    value_cache_shape,
-    values_by_slot,
 )
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -102,10 +100,11 @@ class PagedBatch:
         num_blocks = sum(-(-n // BLOCK_SIZE) for n in seq_lens) + 3
         shape = (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
         # NaN in every key slot nobody writes: a kernel reading one poisons its output.
-        # Values are read a block at a time, past a sequence's end too, and must be finite
-        # there (kernels/triton_paged_kv.py): a large one shows any weight given to it.
+        # An fp8 cache's values (cache_layout_cases.py) are read a block at a time, past a
+        # sequence's end too, and must be finite there (kernels/triton_paged_kv.py): a
+        # large one shows any weight given to it.
         self.key_cache = torch.full(shape, float("nan"), dtype=DTYPE, device=DEVICE)
-        self.value_cache = torch.full(value_cache_shape(*shape), 400.0, dtype=DTYPE, device=DEVICE)
+        self.value_cache = torch.full(shape, 400.0, dtype=DTYPE, device=DEVICE)
         free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(free_blocks)
         tables, slots = [], []
@@ -334,6 +333,6 @@ def test_fresh_prefill_kernel_matches_reference() -> None:
     batch = PagedBatch(query_lens, query_lens, 16, 8, seed=5)
     # Every token is a query: the whole context is this step's keys and values.
     key = batch.key_cache.view(-1, 8, HEAD_DIM)[batch.slots]
-    value = values_by_slot(batch.value_cache).reshape(-1, 8, HEAD_DIM)[batch.slots]
+    value = batch.value_cache.view(-1, 8, HEAD_DIM)[batch.slots]
     output = kernel(batch.query, key, value, batch.query_start_loc, max(query_lens), batch.scale)
     assert _relative_error(output, batch.reference()) < 2e-2

@@ -8,13 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.kernels.paged_attention import (
-    PADDING_SLOT,
-    paged_attention,
-    store_kv,
-    value_cache_shape,
-    values_by_slot,
-)
+from gpu_worker.kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 32
@@ -61,7 +55,7 @@ def test_mixed_batch_matches_dense_causal_attention(window: int | None, softcap:
     # over a cached prefix, decodes at and across block boundaries.
     shapes = [(7, 7), (13, 5), (9, 1), (16, 1), (1, 1)]
     key_cache = torch.full((NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), float("nan"))
-    value_cache = torch.full(value_cache_shape(NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM), float("nan"))
+    value_cache = torch.full_like(key_cache, float("nan"))
     free_blocks = list(range(NUM_BLOCKS))
     random.Random(0).shuffle(free_blocks)
 
@@ -102,12 +96,12 @@ def test_mixed_batch_matches_dense_causal_attention(window: int | None, softcap:
 
 def test_store_kv_skips_padding_slots() -> None:
     key_cache = torch.zeros(2, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    value_cache = torch.zeros(value_cache_shape(2, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM))
+    value_cache = torch.zeros_like(key_cache)
     key = torch.randn(3, NUM_KV_HEADS, HEAD_DIM)
     value = torch.randn(3, NUM_KV_HEADS, HEAD_DIM)
     store_kv(key, value, key_cache, value_cache, torch.tensor([5, PADDING_SLOT, 0]))
     torch.testing.assert_close(key_cache[1, 1], key[0])
-    torch.testing.assert_close(values_by_slot(value_cache)[0, 0], value[2])
+    torch.testing.assert_close(value_cache[0, 0], value[2])
     written = torch.zeros(2, BLOCK_SIZE, dtype=torch.bool)
     written[1, 1] = written[0, 0] = True
-    assert (key_cache[~written] == 0).all() and (values_by_slot(value_cache)[~written] == 0).all()
+    assert (key_cache[~written] == 0).all() and (value_cache[~written] == 0).all()

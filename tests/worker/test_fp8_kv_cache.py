@@ -43,7 +43,7 @@ def test_attention_over_an_fp8_cache_is_attention_over_its_rounded_values() -> N
 
     def attend(cache_dtype: torch.dtype, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         key_cache = torch.zeros(shape, dtype=cache_dtype)
-        value_cache = torch.zeros(value_cache_shape(*shape), dtype=cache_dtype)
+        value_cache = torch.zeros(value_cache_shape(*shape, cache_dtype), dtype=cache_dtype)
         store_kv(keys, values, key_cache, value_cache, slots)
         return paged_attention(query, key_cache, value_cache, tables, start_loc, lens, HEAD_DIM**-0.5)
 

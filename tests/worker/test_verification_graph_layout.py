@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpu_worker.cuda_graphs import _StaticInputs
-from gpu_worker.kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv, value_cache_shape
+from gpu_worker.kernels.paged_attention import PADDING_SLOT, paged_attention, store_kv
 from gpu_worker.model.attention import AttentionMetadata
 
 BLOCK_SIZE = 4
@@ -68,7 +68,7 @@ class PackedStep:
     def random(cls, metadata: AttentionMetadata) -> PackedStep:
         num_tokens = metadata.slot_mapping.shape[0]
         cache_shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-        key_cache, value_cache = torch.randn(cache_shape), torch.randn(value_cache_shape(*cache_shape))
+        key_cache, value_cache = torch.randn(cache_shape), torch.randn(cache_shape)
         query = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM)
         key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
         value = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
