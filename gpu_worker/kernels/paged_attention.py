@@ -15,7 +15,7 @@ whose operand wants each key's dims side by side. The second (probabilities by v
 wants each dim's values for neighbouring keys side by side: a 16-bit tile gets there
 through the transposing form of ldmatrix, an 8-bit one has none, and was gathered byte by
 byte (half the bytes of bf16 in 91% of its time on the H200). So an fp8 cache stores its
-values [head, dim, slot] within each block; a bf16 cache does not, as its attention took
+values [head, dim, slot] within each block; other caches do not: bf16 attention took
 4-8% longer so on the H100. values_by_slot gives either as the keys are laid out.
 
 A batch is flattened: the query tokens of all sequences are concatenated, and
