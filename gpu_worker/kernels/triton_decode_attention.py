@@ -123,6 +123,7 @@ def _decode_kernel(
             BLOCK_SIZE,
             HEAD_DIM,
             SLOT_RUN,
+            USE_WINDOW,
         )
         if USE_WINDOW:
             visible &= positions >= window_start

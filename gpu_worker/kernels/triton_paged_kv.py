@@ -32,29 +32,34 @@ def load_kv_tile(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SLOT_RUN: tl.constexpr,
+    WINDOWED: tl.constexpr,
 ):
     """Keys and values [BLOCK_N, len(dims)] of one KV head at the context positions
     tile_start + [0, BLOCK_N) of the sequence whose block-table row starts at
     `block_table`, tile_start a multiple of BLOCK_N, their positions, and the mask of those
     before `end`. Only blocks holding a position in [begin, end) are read: a block wholly
-    before `begin` (the first position a query of the tile may see) may have left the
-    table (a sliding window's FREED_BLOCK): block 0 stands in for it. Keys, and values of
+    before `begin` (WINDOWED: the first position a query of the tile may see) may have left
+    the table (a sliding window's FREED_BLOCK): block 0 stands in for it. Keys, and values of
     a 16-bit cache, at or past `end` are zero. An fp8 cache's values are read a whole block
     at a time, so those outside [begin, end) in its first and last blocks hold whatever the
     block held (finite: the cache starts zeroed and its stores write finite values only);
     the caller gives them no weight."""
     positions = tile_start + tl.arange(0, BLOCK_N)
     valid = positions < end
-    # One value per run of SLOT_RUN slots (which never crosses a block's edge), so that
-    # value offsets are contiguous across each run, the partial last block's included.
     block_index = positions // BLOCK_SIZE
-    in_read_block = (block_index >= begin // BLOCK_SIZE) & (block_index < tl.cdiv(end, BLOCK_SIZE))
-    in_read_block = tl.max_constancy(in_read_block, SLOT_RUN)
+    fp8_values = value_cache_ptr.dtype.element_ty.is_fp8()
+    in_read_block = block_index < tl.cdiv(end, BLOCK_SIZE) if fp8_values else valid
+    if WINDOWED:
+        in_read_block &= block_index >= begin // BLOCK_SIZE
+    if fp8_values:
+        # One value per run of SLOT_RUN slots (which never crosses a block's edge), so that
+        # value offsets are contiguous across each run, the partial last block's included.
+        in_read_block = tl.max_constancy(in_read_block, SLOT_RUN)
     block_ids = tl.load(block_table + block_index, mask=in_read_block, other=0).to(tl.int64)
     slots = positions % BLOCK_SIZE
     offsets = block_ids * cache_block_stride + slots * cache_slot_stride + kv_head * cache_head_stride
     keys = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-    if value_cache_ptr.dtype.element_ty.is_fp8():
+    if fp8_values:
         # A value block is [head, dim, slot]: the tile is read as [dim, key], in runs of
         # SLOT_RUN slots that start at multiples of it.
         value_offsets = block_ids * cache_block_stride + kv_head * (HEAD_DIM * BLOCK_SIZE) + slots

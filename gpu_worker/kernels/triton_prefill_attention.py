@@ -122,6 +122,7 @@ def _prefill_kernel(
             BLOCK_SIZE,
             HEAD_DIM,
             SLOT_RUN,
+            USE_WINDOW,
         )
         # In the dtype of in_operand_dtype's query (a no-op for a cache of the model's dtype).
         keys, values = keys.to(query.dtype), values.to(query.dtype)
