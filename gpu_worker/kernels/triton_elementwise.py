@@ -14,11 +14,7 @@ import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 from gpu_worker.kernels.triton_quantize import store_fp8_row
-from gpu_worker.kernels.w8a8 import _MIN_SCALE, FP8_MAX, Fp8Rows
-
-# As constants of the kernels (FP8_OUT): the fp8 range and the scale of an all-zero row.
-_FP8 = tl.constexpr(FP8_MAX)
-_MIN = tl.constexpr(_MIN_SCALE)
+from gpu_worker.kernels.w8a8 import Fp8Rows
 
 
 # With FP8_OUT the grid covers the padding rows of the fp8 output, whose count changes
@@ -71,7 +67,7 @@ def _add_rms_norm_kernel(
     weight = tl.load(weight_ptr + cols, mask=row_mask, other=0.0)
     out = (normed.to(tl.float32) * weight.to(tl.float32)).to(dtype)
     if FP8_OUT:
-        store_fp8_row(out_ptr + row * HIDDEN, scale_ptr, row, cols, row_mask, out.to(tl.float32), _FP8, _MIN)
+        store_fp8_row(out_ptr + row * HIDDEN, scale_ptr, row, cols, row_mask, out.to(tl.float32))
     else:
         tl.store(out_ptr + row * HIDDEN + cols, out, mask=mask)
 
@@ -165,9 +161,7 @@ def _silu_and_mul_kernel(
     activated = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
     out = (activated.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
     if FP8_OUT:
-        store_fp8_row(
-            out_ptr + row * INTERMEDIATE, scale_ptr, row, cols, row_mask, out.to(tl.float32), _FP8, _MIN
-        )
+        store_fp8_row(out_ptr + row * INTERMEDIATE, scale_ptr, row, cols, row_mask, out.to(tl.float32))
     else:
         tl.store(out_ptr + row * INTERMEDIATE + cols, out, mask=mask)
 

@@ -15,16 +15,20 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
-from gpu_worker.kernels.w8a8 import Fp8Rows
+from gpu_worker.kernels.w8a8 import _MIN_SCALE, FP8_MAX, Fp8Rows
+
+# kernels/w8a8.py's fp8 range and the scale of an all-zero row, as constants of the kernels.
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_MIN = tl.constexpr(_MIN_SCALE)
 
 
 @triton.jit
-def store_fp8_row(out_ptr, scale_ptr, row, cols, mask, x, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
+def store_fp8_row(out_ptr, scale_ptr, row, cols, mask, x):
     """Row `row` of out_ptr, at `cols` (mask), as x (fp32, zero past the mask) quantized
     to e4m3 with one scale, which goes to scale_ptr[row]; as kernels/w8a8.py's
     quantize_rows gives it."""
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FP8_MAX, MIN_SCALE)
-    quantized = tl.clamp(x / scale, -FP8_MAX, FP8_MAX)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / _FP8_MAX, _MIN)
+    quantized = tl.clamp(x / scale, -_FP8_MAX, _FP8_MAX)
     tl.store(out_ptr + cols, quantized.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -40,8 +44,6 @@ def _quantize_rows_kernel(
     x_stride,
     COLS: tl.constexpr,
     BLOCK: tl.constexpr,
-    FP8_MAX: tl.constexpr,
-    MIN_SCALE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -49,12 +51,11 @@ def _quantize_rows_kernel(
     cols = tl.arange(0, BLOCK)
     mask = (cols < COLS) & (row < num_rows)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    store_fp8_row(out_ptr + row * COLS, scale_ptr, row, cols, cols < COLS, x, FP8_MAX, MIN_SCALE)
+    store_fp8_row(out_ptr + row * COLS, scale_ptr, row, cols, cols < COLS, x)
 
 
-def quantize_rows_fp8_triton(x: torch.Tensor, fp8_max: float, min_scale: float) -> Fp8Rows:
-    """x [rows, cols] quantized as quantize_rows does it, the padding rows zero (scale
-    min_scale)."""
+def quantize_rows_fp8_triton(x: torch.Tensor) -> Fp8Rows:
+    """x [rows, cols] quantized as quantize_rows does it, the padding rows zero."""
     num_rows, cols = x.shape
     assert x.stride(1) == 1
     rows = Fp8Rows.empty(num_rows, cols, x.dtype, x.device)
@@ -67,8 +68,6 @@ def quantize_rows_fp8_triton(x: torch.Tensor, fp8_max: float, min_scale: float) 
         x.stride(0),
         COLS=cols,
         BLOCK=block,
-        FP8_MAX=fp8_max,
-        MIN_SCALE=min_scale,
         num_warps=min(16, max(4, block // 1024)),
         **pdl_launch(x.device),
     )

@@ -103,9 +103,7 @@ def w8a8_linear(
     elif kind == "fp8":
         from gpu_worker.kernels.triton_quantize import quantize_rows_fp8_triton
 
-        out = _fp8_scaled_mm(
-            quantize_rows_fp8_triton(x2.contiguous(), FP8_MAX, _MIN_SCALE), weight, weight_scale, bias
-        )
+        out = _fp8_scaled_mm(quantize_rows_fp8_triton(x2.contiguous()), weight, weight_scale, bias)
     elif _int_mm_fits(x2.shape[0], weight.shape[0], weight.shape[1]):
         xq, x_scale = quantize_rows(x2, kind)
         out = (torch._int_mm(xq, weight.t()).float() * x_scale * weight_scale.view(1, -1)).to(x.dtype)

@@ -25,7 +25,7 @@ from gpu_worker.kernels.triton_elementwise import (
 )
 from gpu_worker.kernels.triton_linear import scaled_linear_partial_sums
 from gpu_worker.kernels.triton_quantize import quantize_rows_fp8_triton
-from gpu_worker.kernels.w8a8 import _MIN_SCALE, FP8_MAX, Fp8Rows, quantize_rows
+from gpu_worker.kernels.w8a8 import Fp8Rows, quantize_rows
 
 __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
 
@@ -78,7 +78,7 @@ def _scaled_rows(num_rows: int, cols: int) -> torch.Tensor:
 @pytest.mark.parametrize("num_rows", [1, 16, 37])
 def test_fp8_row_quantization_matches_the_reference_and_zeroes_the_padding(num_rows: int) -> None:
     x = _scaled_rows(num_rows, 4096 if ON_GPU else 200)
-    _assert_fp8_rows_equal(quantize_rows_fp8_triton(x, FP8_MAX, _MIN_SCALE), x)
+    _assert_fp8_rows_equal(quantize_rows_fp8_triton(x), x)
 
 
 @pytest.mark.parametrize(
