@@ -8,12 +8,13 @@ or GPTQ act_order's own order). The weight is W[n, k] = (q[k, n] - zeros[g, n]) 
 scales[g, n] with g = g_idx[k].
 
 Few rows (decode) run Triton kernels that dequantize tiles as they multiply, reading a
-quarter of bf16's bytes: for one row, one on the CUDA cores that opens each weight in two
-instructions (kernels/triton_int4_gemv.py); up to 64 rows, where groups follow the input
-order, a form split along the input dimension whose one tile of rows opens each weight
-once; up to 16 rows of GPTQ act_order, a form that gathers each weight's group. More rows
-dequantize the whole weight once (kernels/triton_int4_dequantize.py) and use cuBLAS, where
-the GEMM, not the bytes, is the cost. The PyTorch reference runs on CPU.
+quarter of bf16's bytes: for one row, one on the CUDA cores that opens and multiplies
+weights two at a time in fp16 pairs (kernels/triton_int4_gemv.py); up to 64 rows, where
+groups follow the input order, a form split along the input dimension whose one tile of
+rows opens each weight once; up to 16 rows of GPTQ act_order, a form that gathers each
+weight's group. More rows dequantize the whole weight once
+(kernels/triton_int4_dequantize.py) and use cuBLAS, where the GEMM, not the bytes, is the
+cost. The PyTorch reference runs on CPU.
 """
 
 from __future__ import annotations

@@ -4,28 +4,33 @@ order (AWQ, GPTQ without act_order), in kernels/int4_linear.py's layout.
 The tensor-core kernels of triton_int4_linear.py spend their time opening the weights:
 an int-to-float conversion per weight (a quarter-rate instruction), a reshape through
 shared memory, a float-to-bf16 conversion per weight for the MMA. With one row there is
-nothing for tensor cores to do, so this kernel multiplies on the CUDA cores and opens
-each weight with two full-rate instructions:
+nothing for tensor cores to do, so this kernel multiplies on the CUDA cores, two weights
+at a time in fp16 pairs, with one instruction per two weights to open them and two to
+dequantize and multiply them:
 
-- Nibble j of a word is kept where it lies and or-ed under the exponent of 2^23: the
-  float32 whose bits are 0x4B000000 | (q << 4j) is exactly 2^23 + q * 16^j (for 4j + 4 <=
-  23; nibbles 5-7 are shifted down by 20 first, once per word). One and-or instruction,
-  one exact subtraction of 2^23, and the 16^j goes into the activation instead (scaled
-  once per tile, exactly: a power of two).
-- The zero point and scale come out of the sum: within a group, sum_k (q_k - z) s x_k =
-  s (sum_k q_k x_k - z sum_k x_k), so per weight only q x is accumulated, and the
-  group's scale and zero are applied once per word.
+- A word's two 16-bit halves hold nibbles 0-3 and 4-7, so nibbles j and j + 4 lie at the
+  same place in each half. Shifted down by 4j and or-ed under the exponent of 1024 (one
+  and-or instruction on the word), they are the fp16 pair 1024 + q, exactly.
+- One fp16-pair fma takes that to (q - z) / 16, exactly: times 1/16, plus
+  -(1024 + z) / 16 (z, the group's zero point, is an integer: every term is exact in
+  fp16). A second multiplies by the pair of inputs (x_j, x_j+4) and adds, so each word's
+  eight products are summed in one pair, whose two halves go to fp32 once per word with
+  the group's scale (times the 16 taken out, once, at the end). The sixteenth keeps each
+  half's sum of four products (at most 15/16 of their inputs each) within fp16's range
+  for inputs up to about 17,000 in magnitude.
 
 Its tiles are 2-D, [words, columns], and everything the loop reads is loaded straight
-into the weight tile's layout: each activation plane j as its own load of every eighth
-input, the group's scales and zeros once per word (all L1 hits: every program reads the
-same activations and each tile's row of scales). Loaded whole and then split, or
-broadcast from one row, they were exchanged between threads through shared memory, with
-barriers in every loop step; a third tile dimension for rows moved the weights the same
-way. Each loop step loads two weight tiles before it opens either (Triton does not
-pipeline loads that feed no tl.dot, so this is how more bytes are in flight), and column
-tiles are narrow, 64 columns, so that a slice of the input makes programs enough. A
-second row would add an fma per weight, which measured no faster than the split-K form.
+into the weight tile's layout: each input plane j as its own load of every eighth input,
+the group's scales and zeros once per word (all L1 hits: every program reads the same
+activations and each tile's row of scales). Loaded whole and then split, or broadcast
+from one row, they were exchanged between threads through shared memory, with barriers in
+every loop step. Each loop step loads two weight tiles before it opens either (Triton
+does not pipeline loads that feed no tl.dot, so this is how more bytes are in flight),
+and column tiles are narrow, 64 columns, so that a slice of the input makes programs
+enough.
+
+The fp16-pair instructions are inline PTX on the device (Triton has no type for an fp16
+pair); the interpreter runs the same arithmetic on each half.
 """
 
 from __future__ import annotations
@@ -38,21 +43,76 @@ from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
 from gpu_worker.kernels.triton_int4_linear import fewest_splits, grouped_split_k_block
 from gpu_worker.kernels.triton_linear import total_of
 
-# The bits of float32 2^23. Passed in as an argument rather than written as a constant:
-# the compiler then keeps it in a register, and the and with the nibble's mask and the or
+# The fp16 pair (1024, 1024). Passed in as an argument rather than written as a constant:
+# the compiler then keeps it in a register, and the and with the nibbles' mask and the or
 # with these bits become one instruction (with both as constants it emits two).
-_FLOAT_2_POW_23_BITS = 0x4B000000
+_FP16_PAIR_1024_BITS = 0x64006400
+# The fp16 pair (1/16, 1/16), as its difference from the above.
+_FP16_PAIR_SIXTEENTH_OFFSET = tl.constexpr(0x64006400 - 0x2C002C00)
 # Columns a program takes, and programs a launch aims at (about four per multiprocessor).
 _BLOCK_N = 64
 _TARGET_PROGRAMS = 512
 
 
 @triton.jit
-def _nibble_times(words, shift: tl.constexpr, float_bits, x):
-    """[WORDS, N]: the nibble at `shift` of each word [WORDS, N], times 16^(shift/4),
-    times x [WORDS]."""
-    q = ((words & (0xF << shift)) | float_bits).to(tl.float32, bitcast=True) - 8388608.0
-    return q * x[:, None]
+def _half_pair(low, high, PTX: tl.constexpr):
+    """uint32 holding fp32 `low` and `high` rounded to fp16, `low` in the low half."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [high, low], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        low_bits = low.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        high_bits = high.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        return low_bits | (high_bits << 16)
+
+
+@triton.jit
+def _halves(pair):
+    """The two fp16 of a pair, as fp32."""
+    low = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    high = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def _dequantize_multiply_add(weights, sixteenth, zero, x, acc, PTX: tl.constexpr):
+    """acc + (weights * sixteenth + zero) * x, on fp16 pairs."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; fma.rn.f16x2 t, $1, $2, $3; fma.rn.f16x2 $0, t, $4, $5; }",
+            "=r,r,r,r,r,r",
+            [weights, sixteenth, zero, x, acc],
+            dtype=tl.uint32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        w_low, w_high = _halves(weights)
+        s_low, s_high = _halves(sixteenth)
+        z_low, z_high = _halves(zero)
+        x_low, x_high = _halves(x)
+        a_low, a_high = _halves(acc)
+        d_low = (w_low * s_low + z_low).to(tl.float16).to(tl.float32)
+        d_high = (w_high * s_high + z_high).to(tl.float16).to(tl.float32)
+        return _half_pair(a_low + d_low * x_low, a_high + d_high * x_high, False)
+
+
+@triton.jit
+def _pair_sum(pair, PTX: tl.constexpr):
+    """The sum of an fp16 pair's halves, as fp32."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f16 l, h, s; mov.b32 {l, h}, $1; add.rn.f16 s, l, h; cvt.f32.f16 $0, s; }",
+            "=r,r",
+            [pair],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        low, high = _halves(pair)
+        return (low + high).to(tl.float16).to(tl.float32)
 
 
 @triton.jit
@@ -62,38 +122,34 @@ def _tile_offsets(first_word, words, cols, qweight_stride):
 
 
 @triton.jit
+def _input_pair(x_word, j, PTX: tl.constexpr):
+    """[WORDS, 1]: the inputs of nibbles j and j + 4 of each word, as an fp16 pair."""
+    low = tl.load(x_word + j).to(tl.float32)
+    high = tl.load(x_word + j + 4).to(tl.float32)
+    return _half_pair(low, high, PTX)[:, None]
+
+
+@triton.jit
 def _tile_sums(
-    packed, x_ptr, scales_ptr, zeros_ptr, k_start, words, cols, float_bits, group_stride, GROUP_SIZE
+    packed, x_ptr, scales_ptr, zeros_ptr, k_start, words, cols, magic, group_stride, GROUP_SIZE, PTX
 ):
     """[WORDS, N]: each word's share of the product for one weight tile, packed
-    [WORDS, N], whose inputs start at k_start."""
-    # Each plane j loaded straight into the layout of the tile's words: no exchange
-    # between threads (the loads hit in L1, every program reads the same x).
+    [WORDS, N], whose inputs start at k_start, over 16."""
+    # Each plane loaded straight into the layout of the tile's words: no exchange between
+    # threads (the loads hit in L1, every program reads the same x).
     x_word = x_ptr + k_start + words * 8
-    x0 = tl.load(x_word).to(tl.float32)
-    x1 = tl.load(x_word + 1).to(tl.float32)
-    x2 = tl.load(x_word + 2).to(tl.float32)
-    x3 = tl.load(x_word + 3).to(tl.float32)
-    x4 = tl.load(x_word + 4).to(tl.float32)
-    x5 = tl.load(x_word + 5).to(tl.float32)
-    x6 = tl.load(x_word + 6).to(tl.float32)
-    x7 = tl.load(x_word + 7).to(tl.float32)
-    high = packed >> 20
-    products = _nibble_times(packed, 0, float_bits, x0)
-    products += _nibble_times(packed, 4, float_bits, x1 * 0.0625)
-    products += _nibble_times(packed, 8, float_bits, x2 * 0.00390625)
-    products += _nibble_times(packed, 12, float_bits, x3 * 0.000244140625)
-    products += _nibble_times(packed, 16, float_bits, x4 * 0.0000152587890625)
-    products += _nibble_times(high, 0, float_bits, x5)
-    products += _nibble_times(high, 4, float_bits, x6 * 0.0625)
-    products += _nibble_times(high, 8, float_bits, x7 * 0.00390625)
     # The tile lies within one group: one scale and one zero per column, loaded for each
     # word (the same row: L1 hits) so that they too come in the tile's layout.
     group_offsets = (k_start // GROUP_SIZE) * group_stride + cols[None, :] + 0 * words[:, None]
     scales = tl.load(scales_ptr + group_offsets).to(tl.float32)
-    zeros = tl.load(zeros_ptr + group_offsets).to(tl.float32)
-    word_x = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
-    return scales * (products - zeros * word_x[:, None])
+    zero = tl.load(zeros_ptr + group_offsets).to(tl.float32) * -0.0625 - 64.0
+    zero = _half_pair(zero, zero, PTX)
+    sixteenth = magic - _FP16_PAIR_SIXTEENTH_OFFSET
+    sums = tl.zeros_like(packed)
+    for j in tl.static_range(4):
+        nibbles = ((packed >> (4 * j)) & 0x000F000F) | magic
+        sums = _dequantize_multiply_add(nibbles, sixteenth, zero, _input_pair(x_word, j, PTX), sums, PTX)
+    return scales * _pair_sum(sums, PTX)
 
 
 @triton.jit
@@ -103,7 +159,7 @@ def _int4_gemv_kernel(
     scales_ptr,
     zeros_ptr,
     out_ptr,
-    float_bits,
+    magic,
     out_features,
     qweight_stride,
     group_stride,
@@ -111,6 +167,7 @@ def _int4_gemv_kernel(
     BLOCK_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    PTX: tl.constexpr,
     PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -131,7 +188,7 @@ def _int4_gemv_kernel(
         packed_next = tl.load(qweight_ptr + offsets + WORDS * qweight_stride).to(tl.uint32, bitcast=True)
         k_start = split * K_PER_SPLIT + step * BLOCK_K
         acc += _tile_sums(
-            packed, x_ptr, scales_ptr, zeros_ptr, k_start, words, cols, float_bits, group_stride, GROUP_SIZE
+            packed, x_ptr, scales_ptr, zeros_ptr, k_start, words, cols, magic, group_stride, GROUP_SIZE, PTX
         )
         acc += _tile_sums(
             packed_next,
@@ -141,18 +198,20 @@ def _int4_gemv_kernel(
             k_start + BLOCK_K,
             words,
             cols,
-            float_bits,
+            magic,
             group_stride,
             GROUP_SIZE,
+            PTX,
         )
     if STEPS % 2 == 1:
         offsets = _tile_offsets(first_word + (STEPS - 1) * WORDS, words, cols, qweight_stride)
         packed = tl.load(qweight_ptr + offsets).to(tl.uint32, bitcast=True)
         k_start = split * K_PER_SPLIT + (STEPS - 1) * BLOCK_K
         acc += _tile_sums(
-            packed, x_ptr, scales_ptr, zeros_ptr, k_start, words, cols, float_bits, group_stride, GROUP_SIZE
+            packed, x_ptr, scales_ptr, zeros_ptr, k_start, words, cols, magic, group_stride, GROUP_SIZE, PTX
         )
-    tl.store(out_ptr + split * out_features + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
+    # _tile_sums gives sums over 16.
+    tl.store(out_ptr + split * out_features + cols, (16.0 * tl.sum(acc, axis=0)).to(out_ptr.dtype.element_ty))
 
 
 def int4_gemv_plan(out_features: int, in_features: int, group_size: int) -> dict[str, int] | None:
@@ -206,7 +265,7 @@ def int4_gemv_triton(
         scales,
         zeros,
         partials,
-        _FLOAT_2_POW_23_BITS,
+        _FP16_PAIR_1024_BITS,
         out_features,
         qweight.stride(0),
         scales.stride(0),
@@ -214,6 +273,7 @@ def int4_gemv_triton(
         BLOCK_K=plan["block_k"],
         K_PER_SPLIT=in_features // num_splits,
         GROUP_SIZE=group_size,
+        PTX=x.device.type == "cuda",
         num_warps=plan["num_warps"],
         num_stages=plan["num_stages"],
         **pdl_launch(x.device),

@@ -117,7 +117,8 @@ def test_int4_gemv_matches_reference(group_size: int, num_splits: int | None) ->
     actual = int4_gemv_triton(x, qweight, scales, zeros, group_size, plan)
     expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
     assert actual.shape == (1, out_features) and actual.dtype == DTYPE
-    assert _relative_error(actual, expected) < (2e-2 if ON_GPU else 1e-5)
+    # It multiplies and sums each word in fp16, whatever x's dtype (0.4% here).
+    assert _relative_error(actual, expected) < 2e-2
 
 
 def test_int4_gemv_refuses_what_it_cannot_tile() -> None:

@@ -277,7 +277,7 @@ CASES = {
         _int4_gemv_kernel,
         dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", out_ptr="*fp32"),
         # Three tiles a slice: a pair and one more.
-        dict(BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=384, GROUP_SIZE=128),
+        dict(BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=384, GROUP_SIZE=128, PTX=True),
         dict(num_warps=4, num_stages=1),
     ),
     "4-bit dequantization": (
