@@ -3,8 +3,8 @@
 One allocation holds every layer's keys and values, shaped
 [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; each layer's key and value
 caches are contiguous views of it in the layout kernels/paged_attention.py documents (an
-fp8 cache's values ordered [head, dim, slot] within the same bytes of each block). Block ids are shared by all layers: block b
-of a sequence holds its tokens' KV in every layer.
+fp8 cache's values ordered [head, dim, slot] within the same bytes of each block). Block
+ids are shared by all layers: block b of a sequence holds its tokens' KV in every layer.
 
 The CPU swap pool has the same layout in host memory (pinned when the cache is on CUDA).
 A step's block operations move whole blocks, all layers at once: swap-out (device -> CPU),

@@ -47,7 +47,8 @@ from gpu_worker.kernels.triton_linear import total_of
 # the compiler then keeps it in a register, and the and with the nibbles' mask and the or
 # with these bits become one instruction (with both as constants it emits two).
 _FP16_PAIR_1024_BITS = 0x64006400
-# The fp16 pair (1/16, 1/16), as its difference from the above.
+# The fp16 pair (1/16, 1/16), as its difference from the above: derived from that
+# register, it stays in one too.
 _FP16_PAIR_SIXTEENTH_OFFSET = tl.constexpr(0x64006400 - 0x2C002C00)
 # Columns a program takes, and programs a launch aims at (about four per multiprocessor).
 _BLOCK_N = 64

@@ -48,10 +48,8 @@ def _assert_fp8_rows_equal(rows: Fp8Rows, expected: torch.Tensor) -> None:
     quantize_rows does it, and zero padding rows up to a multiple of 16."""
     num_rows, cols = expected.shape
     assert rows.num_rows == num_rows and rows.dtype == expected.dtype
-    assert rows.values.shape == (-(-num_rows // 16) * 16, cols) and rows.scales.shape == (
-        rows.values.shape[0],
-        1,
-    )
+    padded_rows = -(-num_rows // 16) * 16
+    assert rows.values.shape == (padded_rows, cols) and rows.scales.shape == (padded_rows, 1)
     expected_values, expected_scale = quantize_rows(expected, "fp8")
     torch.testing.assert_close(rows.scales[:num_rows], expected_scale, rtol=0, atol=0)
     actual, wanted = rows.values[:num_rows].float(), expected_values.float()
