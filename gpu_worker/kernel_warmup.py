@@ -19,7 +19,7 @@ import torch
 from gpu_worker.model.attention import PagedAttention
 
 
-def mixed_decode_batch_sizes(max_num_seqs: int, num_kv_heads: int) -> list[int]:
+def mixed_decode_batch_sizes(max_num_seqs: int, num_kv_heads: int, cache_dtype: torch.dtype) -> list[int]:
     """For each launch variant (context splits, keys per tile) that the decode kernel can
     choose for a mixed batch of 1 to max_num_seqs sequences, the fewest sequences that
     choose it."""
@@ -27,7 +27,7 @@ def mixed_decode_batch_sizes(max_num_seqs: int, num_kv_heads: int) -> list[int]:
 
     first_count: dict[tuple[int, int], int] = {}
     for num_seqs in range(1, max_num_seqs + 1):
-        variant = (choose_num_splits(num_seqs, num_kv_heads), choose_block_n(num_seqs))
+        variant = (choose_num_splits(num_seqs, num_kv_heads), choose_block_n(num_seqs, cache_dtype))
         first_count.setdefault(variant, num_seqs)
     return sorted(first_count.values())
 
@@ -54,7 +54,7 @@ def warm_up_mixed_decode(layers: Sequence[PagedAttention], max_num_seqs: int, dt
             continue
         seen.add(kind)
         device = key_cache.device
-        for num_seqs in mixed_decode_batch_sizes(max_num_seqs, layer.num_kv_heads):
+        for num_seqs in mixed_decode_batch_sizes(max_num_seqs, layer.num_kv_heads, key_cache.dtype):
             query = torch.zeros(num_seqs, layer.num_heads, layer.head_dim, dtype=dtype, device=device)
             decode_attention_triton(
                 query,
