@@ -54,24 +54,12 @@ RUN_NAMES = ("inprocess", "grpc", "hf_cb", "hf_static")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = benchmark_parser(__doc__, "throughput.json")
-    add_engine_args(parser, max_model_len=4096)
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        help="model directory; default: random weights for --model-config on CUDA, the embedded model on CPU",
-    )
-    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
-    parser.add_argument("--num-seqs", type=int, default=256)
-    parser.add_argument("--min-len", type=int, default=100)
-    parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--max-token-id", type=int, default=10000)
+    add_workload_args(parser)
     parser.add_argument("--runs", default=",".join(RUN_NAMES), help=f"comma-separated subset of {RUN_NAMES}")
     parser.add_argument(
         "--hf-num-seqs", type=int, default=None, help="sequences for the HF runs; default: all"
     )
     parser.add_argument("--hf-static-batch", type=int, default=64)
-    parser.add_argument("--grpc-clients", type=int, default=4, help="client processes for the gRPC run")
     parser.add_argument(
         "--overlap",
         choices=["on", "off", "both"],
@@ -90,8 +78,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=H200_BF16_PEAK_FLOPS,
         help="the device's dense tensor-core peak (operations/s) for the bound with the prompts' compute",
     )
-    parser.add_argument("--log-dir", type=Path, default=None, help="service logs of the gRPC run")
     return parser.parse_args(argv)
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's options, the model's, the workload's and the gRPC run's."""
+    add_engine_args(parser, max_model_len=4096)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model directory; default: random weights for --model-config on CUDA, the embedded model on CPU",
+    )
+    parser.add_argument("--model-config", type=Path, default=QWEN3_CONFIG)
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--max-token-id", type=int, default=10000)
+    parser.add_argument("--grpc-clients", type=int, default=4, help="client processes for the gRPC run")
+    parser.add_argument("--log-dir", type=Path, default=None, help="service logs of the gRPC runs")
 
 
 def resolve_model(args: argparse.Namespace, scratch: Path) -> Path:
@@ -211,7 +216,7 @@ def summarize(
         runs[result.name] = entry
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "device": _device_name(args.device),
+        "device": device_name(args.device),
         "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]]),
         "model_dir": str(model_dir),
         "workload": {
@@ -246,7 +251,7 @@ def _prefix_match(expected: list[list[int]], actual: list[list[int]]) -> dict:
     }
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     if device.startswith("cuda"):
         import torch
 
