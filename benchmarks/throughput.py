@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--bandwidth",
         type=float,
-        default=H200_COPY_BANDWIDTH,
-        help="measured copy bandwidth (bytes/s) for the roofline",
+        default=None,
+        help="copy bandwidth (bytes/s) for the roofline; default: the H200's measured one on an H200 "
+        "(what the targets are set against), else one measured after the runs",
     )
     parser.add_argument(
         "--peak-flops",
@@ -97,6 +99,27 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-token-id", type=int, default=10000)
     parser.add_argument("--grpc-clients", type=int, default=4, help="client processes for the gRPC run")
     parser.add_argument("--log-dir", type=Path, default=None, help="service logs of the gRPC runs")
+
+
+def roofline_bandwidth(given: float | None, device_label: str, measure: Callable[[], float]) -> float:
+    """The bandwidth the roofline is taken at: `given`, else the H200's measured copy
+    bandwidth on an H200 or on CPU (where no roofline is printed), else `measure()` on this
+    device, so that fractions on another GPU are of its own bandwidth."""
+    if given is not None:
+        return given
+    if "H200" in device_label or not device_label.startswith("NVIDIA"):
+        return H200_COPY_BANDWIDTH
+    return measure()
+
+
+def _measure_copy_bandwidth() -> float:
+    from benchmarks.kernels.decode_step import copy_bandwidth
+
+    try:
+        return copy_bandwidth(1 << 30)
+    except RuntimeError as error:  # out of memory, say: the runs' numbers must still be written
+        print(f"copy bandwidth not measured ({error}); the roofline is the H200's", file=sys.stderr)
+        return H200_COPY_BANDWIDTH
 
 
 def resolve_model(args: argparse.Namespace, scratch: Path) -> Path:
@@ -262,7 +285,8 @@ def device_name(device: str) -> str:
 def print_table(summary: dict) -> None:
     print(
         f"\n{summary['device']}: {summary['workload']['num_seqs']} seqs, "
-        f"{summary['workload']['prompt_tokens']:,} prompt / {summary['workload']['output_tokens']:,} output tokens"
+        f"{summary['workload']['prompt_tokens']:,} prompt / {summary['workload']['output_tokens']:,} output tokens, "
+        f"roofline at {summary['bandwidth'] / 1e12:.2f} TB/s"
     )
     # Device busy: the share of the run's seconds the device spent computing steps; the
     # rest it waited for the host (or, through gRPC, for the services and the clients).
@@ -295,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         scratch = Path(scratch_name)
         model_dir = resolve_model(args, scratch)
         results = run_all(args, model_dir, workload, scratch)
+        # After the runs, so that they start on a device as they always have.
+        args.bandwidth = roofline_bandwidth(args.bandwidth, device_name(args.device), _measure_copy_bandwidth)
         summary = summarize(args, model_dir, workload, results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2))
