@@ -283,10 +283,11 @@ def device_name(device: str) -> str:
 
 
 def print_table(summary: dict) -> None:
+    with_roofline = any(entry["roofline_fraction"] is not None for entry in summary["runs"].values())
     print(
         f"\n{summary['device']}: {summary['workload']['num_seqs']} seqs, "
-        f"{summary['workload']['prompt_tokens']:,} prompt / {summary['workload']['output_tokens']:,} output tokens, "
-        f"roofline at {summary['bandwidth'] / 1e12:.2f} TB/s"
+        f"{summary['workload']['prompt_tokens']:,} prompt / {summary['workload']['output_tokens']:,} output tokens"
+        + (f", roofline at {summary['bandwidth'] / 1e12:.2f} TB/s" if with_roofline else "")
     )
     # Device busy: the share of the run's seconds the device spent computing steps; the
     # rest it waited for the host (or, through gRPC, for the services and the clients).
