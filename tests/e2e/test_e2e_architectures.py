@@ -69,10 +69,13 @@ def test_served_architecture_matches_hf(model_type: str, tmp_path: Path) -> None
     with service_stack(model_dir, tmp_path / "logs", scheduler_args=scheduler_args) as stack:
         # The shared prefix is computed first, then found in the cache by the second.
         first = _generate(stack, prompts[0])
-        with ThreadPoolExecutor(len(prompts) - 1) as pool:
-            rest = list(pool.map(lambda prompt: _generate(stack, prompt), prompts[1:]))
+        # Every other prompt twice at once: more requests than the pool holds keep it full
+        # while they run, so that one needing a block preempts however they arrive.
+        together = prompts[1:] * 2
+        with ThreadPoolExecutor(len(together)) as pool:
+            rest = list(pool.map(lambda prompt: _generate(stack, prompt), together))
         stats = stack.scheduler.GetStats(scheduler_pb2.GetStatsRequest())
-    assert [first, *rest] == expected
+    assert [first, *rest] == expected[:1] + expected[1:] * 2
     # With every layer windowed the 6-block pool gives blocks back and preempts while the
     # concurrent prompts run, which may evict part of the shared prefix before a later
     # prompt looks: then at least one block of it is still found.
