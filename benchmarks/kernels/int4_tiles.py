@@ -1,6 +1,7 @@
 """The 4-bit decode kernels' launch parameters, swept on Llama-3.1-8B's projections.
 
     python -m benchmarks.kernels.int4_tiles --kernel gemv --json int4_tiles.json
+    python -m benchmarks.kernels.int4_tiles --kernel gemv --block-n 64 --warps 4 --stages 1,2,3,4
     python -m benchmarks.kernels.int4_tiles --kernel split-k --rows 16,32,64 --no-sweep
 
 For each projection (qkv, o_proj, gate_up, down; group size 128) and row count, every
@@ -9,7 +10,9 @@ do_bench_cudagraph: a CUDA graph of launches, as the worker replays them, so tha
 kernel of a few microseconds is not hidden behind its Python launch. Each launch reads
 other weights than the last, from memory rather than the L2 cache. Beside it, bf16's
 F.linear on the same shape, the dequantize-then-GEMM path that takes many rows, and the
-plan the worker picks today (alone with --no-sweep). Prints, per shape, the
+plan the worker picks today (alone with --no-sweep); --block-n, --warps and --stages
+narrow the grid (the gemv kernel's stages pipeline its loop's loads; 1: none). Prints,
+per shape, the
 worker's plan and the best found, with the TB/s at which each read the 4-bit weights;
 the JSON holds the best few.
 """
@@ -20,6 +23,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,13 +50,24 @@ KEEP = 5
 L2_FLUSH_BYTES = 256e6
 
 
-def _plans(in_features: int, out_features: int, rows: int) -> list[dict[str, int]]:
+@dataclass(frozen=True)
+class Grid:
+    """The launch parameters a sweep tries, each in every combination."""
+
+    block_n: tuple[int, ...] = (64, 128, 256)
+    warps: tuple[int, ...] = (2, 4, 8)
+    stages: tuple[int, ...] = (2, 4)
+
+
+def _plans(in_features: int, out_features: int, rows: int, grid: Grid) -> list[dict[str, int]]:
     """The grid: tiles within one group, 1-16 input slices dividing the tiles, and only
     launches of at least one program per multiprocessor's worth (132) of work; one tile of
     rows (the split-K kernel's; the gemv kernel takes one row and ignores it)."""
     block_m = max(16, triton.next_power_of_2(rows))
     plans = []
-    for block_n, block_k, warps, stages in itertools.product((64, 128, 256), (64, 128), (2, 4, 8), (2, 4)):
+    for block_n, block_k, warps, stages in itertools.product(
+        grid.block_n, (64, 128), grid.warps, grid.stages
+    ):
         k_tiles = in_features // block_k
         for splits in (s for s in (1, 2, 4, 8, 16) if k_tiles % s == 0):
             if (out_features // block_n) * splits >= 132:
@@ -74,10 +89,10 @@ def _ms(fn: Callable[[], object]) -> float:
 
 
 def sweep_shape(
-    kernel: str, in_features: int, out_features: int, rows: int, sweep: bool
+    kernel: str, in_features: int, out_features: int, rows: int, grid: Grid | None
 ) -> dict[str, object]:
     """The worker's plan, bf16's F.linear and the dequantize-then-GEMM path on one shape;
-    with sweep, every plan of the grid too."""
+    with a grid, every plan of it too."""
     launch, worker_plan = KERNELS[kernel]
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -110,7 +125,7 @@ def sweep_shape(
         return _ms(every_copy) / copies
 
     timed: list[tuple[float, dict[str, int]]] = []
-    for plan in _plans(in_features, out_features, rows) if sweep else []:
+    for plan in _plans(in_features, out_features, rows, grid) if grid else []:
         try:
             timed.append((per_launch_ms(plan), plan))
         except (ValueError, triton.runtime.errors.OutOfResources):
@@ -140,12 +155,20 @@ def sweep_shape(
     }
 
 
+def _numbers(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
 def main() -> None:
     parser = benchmark_parser(__doc__, "int4_tiles.json")
     parser.add_argument("--kernel", choices=sorted(KERNELS), default="gemv")
     parser.add_argument("--rows", default="1", help="comma-separated row counts (gemv: 1 only)")
     parser.add_argument("--no-sweep", action="store_true", help="time the worker's plan only")
+    parser.add_argument("--block-n", type=_numbers, default=Grid.block_n, help="column tiles to try")
+    parser.add_argument("--warps", type=_numbers, default=Grid.warps, help="warps a program to try")
+    parser.add_argument("--stages", type=_numbers, default=Grid.stages, help="pipeline stages to try")
     args = parser.parse_args()
+    grid = None if args.no_sweep else Grid(args.block_n, args.warps, args.stages)
     row_counts = [int(r) for r in args.rows.split(",")]
     if args.kernel == "gemv" and row_counts != [1]:
         raise SystemExit(f"--rows {args.rows}: the gemv kernel takes one row only")
@@ -156,7 +179,7 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for rows in row_counts:
         for in_features, out_features in LLAMA_8B_PROJECTIONS:
-            result = sweep_shape(args.kernel, in_features, out_features, rows, not args.no_sweep)
+            result = sweep_shape(args.kernel, in_features, out_features, rows, grid)
             results.append(result)
             best_ms, best_plan = result["top"][0]  # type: ignore[index]
             print(

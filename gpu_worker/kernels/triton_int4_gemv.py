@@ -24,10 +24,12 @@ into the weight tile's layout: each input plane j as its own load of every eight
 the group's scales and zeros once per word (all L1 hits: every program reads the same
 activations and each tile's row of scales). Loaded whole and then split, or broadcast
 from one row, they were exchanged between threads through shared memory, with barriers in
-every loop step. Each loop step loads two weight tiles before it opens either (Triton
-does not pipeline loads that feed no tl.dot, so this is how more bytes are in flight),
-and column tiles are narrow, 64 columns, so that a slice of the input makes programs
-enough.
+every loop step. Each loop step loads two weight tiles before it opens either, so that
+more bytes are in flight; the plan's num_stages > 1 also has Triton pipeline the loop's
+loads through shared memory (asynchronous copies of later steps' tiles while this one is
+opened: its launch option of that name pipelines only loads that feed a tl.dot, so the
+kernel takes it as LOAD_STAGES on its loop). Column tiles are narrow, 64 columns, so that
+a slice of the input makes programs enough.
 
 The fp16-pair instructions are inline PTX on the device (Triton has no type for an fp16
 pair); the interpreter runs the same arithmetic on each half.
@@ -168,6 +170,7 @@ def _int4_gemv_kernel(
     BLOCK_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    LOAD_STAGES: tl.constexpr,
     PTX: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -183,7 +186,7 @@ def _int4_gemv_kernel(
     acc = tl.zeros([WORDS, BLOCK_N], tl.float32)
     # Two weight tiles a loop step, both loaded before either is opened: twice the bytes
     # in flight (the compiler does not pipeline loads that feed no tl.dot).
-    for step in range(0, STEPS - 1, 2):
+    for step in tl.range(0, STEPS - 1, 2, num_stages=LOAD_STAGES):
         offsets = _tile_offsets(first_word + step * WORDS, words, cols, qweight_stride)
         packed = tl.load(qweight_ptr + offsets).to(tl.uint32, bitcast=True)
         packed_next = tl.load(qweight_ptr + offsets + WORDS * qweight_stride).to(tl.uint32, bitcast=True)
@@ -274,9 +277,9 @@ def int4_gemv_triton(
         BLOCK_K=plan["block_k"],
         K_PER_SPLIT=in_features // num_splits,
         GROUP_SIZE=group_size,
+        LOAD_STAGES=plan["num_stages"],
         PTX=x.device.type == "cuda",
         num_warps=plan["num_warps"],
-        num_stages=plan["num_stages"],
         **pdl_launch(x.device),
     )
     return total_of(partials, x.dtype)

@@ -93,9 +93,9 @@ def test_grouped_split_k_int4_gemm_matches_reference(num_rows: int, group_size: 
 
 @pytest.mark.parametrize("group_size", [64, 128])
 # Slices of the planned count, one slice (many tiles, an even count), and four (with
-# groups of 128: three tiles, a pair and one more).
-@pytest.mark.parametrize("num_splits", [None, 1, 4])
-def test_int4_gemv_matches_reference(group_size: int, num_splits: int | None) -> None:
+# groups of 128: three tiles, a pair and one more); loads pipelined in three stages or not.
+@pytest.mark.parametrize(("num_splits", "load_stages"), [(None, 1), (1, 1), (1, 3), (4, 3)])
+def test_int4_gemv_matches_reference(group_size: int, num_splits: int | None, load_stages: int) -> None:
     # The CUDA-core form for one row. Values span every nibble, and zeros far from the
     # middle, so that a nibble opened in the wrong place or a zero applied to the wrong
     # sum shows.
@@ -112,8 +112,9 @@ def test_int4_gemv_matches_reference(group_size: int, num_splits: int | None) ->
     x = torch.randn(1, in_features, generator=generator).to(DEVICE, DTYPE)
     plan = int4_gemv_plan(out_features, in_features, group_size)
     assert plan is not None and plan["num_splits"] > 1
+    plan = dict(plan, num_stages=load_stages)
     if num_splits is not None:
-        plan = dict(plan, num_splits=num_splits)
+        plan["num_splits"] = num_splits
     actual = int4_gemv_triton(x, qweight, scales, zeros, group_size, plan)
     expected = int4_linear_reference(x.float(), qweight, scales.float(), zeros.float(), g_idx, None)
     assert actual.shape == (1, out_features) and actual.dtype == DTYPE

@@ -278,8 +278,15 @@ CASES = {
         _int4_gemv_kernel,
         dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", out_ptr="*fp32"),
         # Three tiles a slice: a pair and one more.
-        dict(BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=384, GROUP_SIZE=128, PTX=True),
-        dict(num_warps=4, num_stages=1),
+        dict(BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=384, GROUP_SIZE=128, LOAD_STAGES=1, PTX=True),
+        dict(num_warps=4),
+    ),
+    "4-bit matrix-vector product, loads pipelined": (
+        _int4_gemv_kernel,
+        dict(x_ptr="*bf16", qweight_ptr="*i32", scales_ptr="*bf16", zeros_ptr="*bf16", out_ptr="*fp32"),
+        # Eight tiles a slice: four loop steps to pipeline.
+        dict(BLOCK_N=64, BLOCK_K=128, K_PER_SPLIT=1024, GROUP_SIZE=128, LOAD_STAGES=3, PTX=True),
+        dict(num_warps=4),
     ),
     "4-bit dequantization": (
         _dequantize_int4_kernel,
@@ -384,3 +391,18 @@ def test_fp8_cache_decode_attention_reads_no_single_bytes_from_shared_memory() -
     sass = _cuobjdump(compiled.asm["cubin"], "--dump-sass")
     assert "LDS.U8" not in sass
     assert "LDGSTS.E.BYPASS.128" in sass, "tiles are no longer copied in 16-byte pieces"
+
+
+def test_pipelined_gemv_copies_its_tiles_asynchronously() -> None:
+    """The one-row 4-bit kernel's LOAD_STAGES pipelines its loop's loads through shared
+    memory (Triton does so for loads that feed no tl.dot only when the loop itself asks),
+    so that later steps' weights are on their way while this one's are opened; with one
+    stage every load is a plain one into registers."""
+    pipelined = _compile("4-bit matrix-vector product, loads pipelined")
+    plain = _compile("4-bit matrix-vector product")
+    if not CUOBJDUMP.exists():
+        pytest.skip("Triton's wheel carries no cuobjdump here")
+    assert "LDGSTS" in _cuobjdump(pipelined.asm["cubin"], "--dump-sass")
+    assert "LDGSTS" not in _cuobjdump(plain.asm["cubin"], "--dump-sass")
+    # Its shared memory leaves room for six programs a multiprocessor (registers: eight).
+    assert 228 * 1024 // (pipelined.metadata.shared + 1024) >= 6, f"{pipelined.metadata.shared} bytes"
