@@ -30,6 +30,12 @@ from services.launcher import free_port, loopback_service_commands, running_serv
 if TYPE_CHECKING:
     from services.scheduler.scheduler import Scheduler
 
+DEVICE_SECONDS = "pagedserve:worker_device_seconds_total"
+LATE_COMPILES = "pagedserve:worker_late_kernel_compiles_total"
+# A run's profile holds, under this prefix and a kernel's name, how many of its variants
+# were first compiled during the run (gpu_worker/late_compiles.py).
+LATE_COMPILES_KEY = "late_kernel_compiles."
+
 
 @dataclass
 class RunResult:
@@ -83,6 +89,9 @@ def drive_runs(
 ) -> list[RunResult]:
     """The in-process runs on `runner` (a ModelRunner, or anything with its step methods
     and an observer with a device_timer)."""
+    from prometheus_client import CollectorRegistry
+
+    from gpu_worker.late_compiles import LateCompiles
     from services.scheduler.scheduler import Scheduler, SchedulerConfig
 
     info = runner.info()
@@ -114,10 +123,19 @@ def drive_runs(
         profile = _empty_profile()
         synchronize(settings.device)
         device_before = _device_seconds(runner)
+        late_compiles = LateCompiles(CollectorRegistry())
+        on_gpu = settings.device.startswith("cuda")
+        if on_gpu:
+            late_compiles.start()
         start = time.perf_counter()
-        outputs = drive_engine(runner, scheduler, workload, profile)
-        synchronize(settings.device)
+        try:
+            outputs = drive_engine(runner, scheduler, workload, profile)
+            synchronize(settings.device)
+        finally:
+            if on_gpu:
+                late_compiles.stop()
         seconds = time.perf_counter() - start
+        profile.update({LATE_COMPILES_KEY + kernel: n for kernel, n in late_compiles.counts.items()})
         # What the device spent on the run's steps (gpu_worker/device_time.py); the rest of
         # the run it waited for the host.
         for kind, busy in _device_seconds(runner).items():
@@ -256,16 +274,21 @@ def run_grpc(
             for i, (prompt, num_out) in enumerate(zip(workload.prompts, workload.output_lengths))
         ]
         cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
-        device_before = worker_device_seconds(ports["worker_metrics"])
+        device_before = worker_counter(ports["worker_metrics"], DEVICE_SECONDS, "kind")
+        compiles_before = worker_counter(ports["worker_metrics"], LATE_COMPILES, "kernel")
         outputs, window_start, window_end = run_clients(address, requests, num_clients)
         seconds = window_end - window_start
-        device_after = worker_device_seconds(ports["worker_metrics"])
+        device_after = worker_counter(ports["worker_metrics"], DEVICE_SECONDS, "kind")
+        compiles_after = worker_counter(ports["worker_metrics"], LATE_COMPILES, "kernel")
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
         profile = _scheduler_stats(addresses["scheduler"])
         # The worker's device time over the run, as the in-process runs report theirs.
         for kind, busy in device_after.items():
             profile[f"device_busy_{kind}_s"] = busy - device_before.get(kind, 0.0)
         profile["device_busy_s"] = sum(profile[f"device_busy_{kind}_s"] for kind in device_after)
+        for kernel, count in compiles_after.items():
+            if count > compiles_before.get(kernel, 0.0):
+                profile[LATE_COMPILES_KEY + kernel] = count - compiles_before.get(kernel, 0.0)
         # What each service spent on the run, the scheduler's stats call aside.
         profile.update(
             {
@@ -284,14 +307,14 @@ def run_grpc(
     )
 
 
-def worker_device_seconds(metrics_port: int) -> dict[str, float]:
-    """The worker's pagedserve:worker_device_seconds_total by kind, from its /metrics."""
+def worker_counter(metrics_port: int, sample_name: str, label: str) -> dict[str, float]:
+    """One of the worker's counters by one label, from its /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
     return {
-        sample.labels["kind"]: sample.value
+        sample.labels[label]: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
-        if sample.name == "pagedserve:worker_device_seconds_total"
+        if sample.name == sample_name
     }
 
 

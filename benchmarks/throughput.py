@@ -33,7 +33,7 @@ from pathlib import Path
 
 from benchmarks.arguments import benchmark_parser
 from benchmarks.engine_settings import EngineSettings, add_engine_args
-from benchmarks.pagedserve_runs import RunResult, run_grpc, run_in_process
+from benchmarks.pagedserve_runs import LATE_COMPILES_KEY, RunResult, run_grpc, run_in_process
 from benchmarks.step_timeline import format_summary
 from benchmarks.workload import (
     QWEN3_CONFIG,
@@ -309,6 +309,14 @@ def print_table(summary: dict) -> None:
             f"{entry['seconds']:>8.2f} {busy:>6}  {entry['note']}"
         )
     for entry in summary["runs"].values():
+        compiles = {
+            key.removeprefix(LATE_COMPILES_KEY): count
+            for key, count in entry.get("profile", {}).items()
+            if key.startswith(LATE_COMPILES_KEY)
+        }
+        if compiles:
+            listed = ", ".join(f"{kernel} ×{count:.0f}" for kernel, count in sorted(compiles.items()))
+            print(f"\n{entry['name']}: kernel variants first compiled during the run: {listed}")
         if "step_timeline" in entry:
             print(f"\n{entry['name']}, worker step timeline: {format_summary(entry['step_timeline'])}")
 

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from gpu_worker.device_time import DeviceTimer
+from gpu_worker.late_compiles import LateCompiles
 from gpu_worker.speculative.metrics import SpeculationMetrics
 from gpu_worker.step_pipeline import StepRecord
 from gpu_worker.step_spans import StepSpanRecord, StepSpanWriter, tracing_installed
@@ -91,6 +92,7 @@ class StepTelemetry:
         self._prefill_tokens = tokens.labels("prefill", str(rank))
         self._decode_tokens = tokens.labels("decode", str(rank))
         self._speculation = SpeculationMetrics(registry, rank)
+        self.late_compiles = LateCompiles(registry, rank)
 
     def watch_device(self, timer: DeviceTimer) -> None:
         """Exports the timer's totals from now on (the worker has one once its model loaded)."""
