@@ -39,6 +39,9 @@ async def serve_worker(server_config: ServerConfig, worker_config: WorkerConfig)
 
     async def load_model() -> None:
         runner = await servicer.load(lambda: ModelRunner(worker_config))
+        if runner.device.type == "cuda":
+            # Start-up has compiled what it warms; Triton compiles for the GPU only.
+            telemetry.late_compiles.start()
         info = runner.info()
         log.info(
             "worker ready: %d KV blocks of %d tokens on %s", info.num_kv_blocks, info.block_size, info.device

@@ -30,8 +30,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         runner = await asyncio.get_running_loop().run_in_executor(self._executor, load_runner)
         self.runner = runner
         self.telemetry.watch_device(runner.observer.device_timer)
-        if runner.device.type == "cuda":
-            self.telemetry.late_compiles.start()
         return runner
 
     def _ready_runner(self) -> ModelRunner:
