@@ -131,6 +131,8 @@ def sweep_shape(
         except (ValueError, triton.runtime.errors.OutOfResources):
             continue
     default = worker_plan(out_features, in_features, GROUP_SIZE, rows)
+    if default is None:
+        raise SystemExit(f"{kernel}: no plan for {in_features}x{out_features} at {rows} rows")
     default_ms = per_launch_ms(default)
     timed.append((default_ms, default))
     timed.sort(key=lambda entry: entry[0])
