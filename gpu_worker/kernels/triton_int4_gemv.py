@@ -185,7 +185,7 @@ def _int4_gemv_kernel(
     # Per word, not per column: the sum over words is taken once, after the loop.
     acc = tl.zeros([WORDS, BLOCK_N], tl.float32)
     # Two weight tiles a loop step, both loaded before either is opened: twice the bytes
-    # in flight (the compiler does not pipeline loads that feed no tl.dot).
+    # in flight (more with LOAD_STAGES > 1, which has later steps' loads issued early).
     for step in tl.range(0, STEPS - 1, 2, num_stages=LOAD_STAGES):
         offsets = _tile_offsets(first_word + step * WORDS, words, cols, qweight_stride)
         packed = tl.load(qweight_ptr + offsets).to(tl.uint32, bitcast=True)
