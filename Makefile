@@ -34,7 +34,7 @@ tools:
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gpu_worker
+	$(VENV)/bin/mypy services gpu_worker benchmarks
 
 test: model tools lint
 	$(VENV)/bin/pytest

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from gpu_worker.config import MAX_STEPS_LAUNCHED, WorkerConfig
-from services.cli import GIB, add_worker_args
 from services.parallel_args import add_parallel_args
 from services.scheduler.config import SchedulerConfig
+from services.worker_flags import GIB, add_worker_args
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class EngineSettings:
     # The worker's --dtype; None: its default for the device.
     dtype: str | None = None
     # The scheduler service's --max-stream-messages-per-step (0: no limit).
-    max_stream_messages_per_step: int = SchedulerConfig.max_stream_messages_per_step
+    max_stream_messages_per_step: int | None = SchedulerConfig.max_stream_messages_per_step
     # Where the worker writes its step timeline (gpu_worker/step_timeline.py), one file per
     # engine; None: no timeline.
     step_timeline_dir: Path | None = None

@@ -18,7 +18,8 @@ def load_hf_model(model_dir: Path, device: str, dtype: torch.dtype, attn_impleme
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, attn_implementation=attn_implementation
     )
-    return model.to(device).eval()
+    # transformers wraps PreTrainedModel.to in a decorator that mypy reads as unbound.
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def run_hf_continuous_batching(

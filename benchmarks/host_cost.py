@@ -62,9 +62,9 @@ def stub_model_and_time_builds() -> dict[int, list[float]]:
     builds: dict[int, list[float]] = defaultdict(list)
     build = StepInputBuilder.build
 
-    def timed_build(self, scheduled, sequences):
+    def timed_build(self, scheduled, sequences, *args, **kwargs):
         start = time.perf_counter()
-        inputs = build(self, scheduled, sequences)
+        inputs = build(self, scheduled, sequences, *args, **kwargs)
         builds[len(scheduled)].append(time.perf_counter() - start)
         return inputs
 
@@ -75,9 +75,10 @@ def stub_model_and_time_builds() -> dict[int, list[float]]:
     def zero_logits(self, hidden_states):
         return torch.zeros(hidden_states.shape[0], 1)
 
-    StepInputBuilder.build = timed_build
-    ModelRunner._forward = zero_forward
-    LlamaForCausalLM.compute_logits = zero_logits
+    # Replaced for the rest of this process, on purpose.
+    StepInputBuilder.build = timed_build  # type: ignore[method-assign]
+    ModelRunner._forward = zero_forward  # type: ignore[method-assign]
+    LlamaForCausalLM.compute_logits = zero_logits  # type: ignore[method-assign]
     return builds
 
 

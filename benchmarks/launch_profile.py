@@ -64,7 +64,8 @@ class WindowedLaunchProfiler:
                 self._profiler = None
             return launched
 
-        ModelRunner.launch_step = profiled_launch
+        # Replaced for the rest of this process, on purpose.
+        ModelRunner.launch_step = profiled_launch  # type: ignore[method-assign, assignment]
 
     def summary(self) -> dict[str, dict]:
         return {

@@ -28,6 +28,8 @@ from services.cli import build_parser, worker_config
 from services.launcher import free_port, loopback_service_commands, running_services
 
 if TYPE_CHECKING:
+    from gpu_worker.step_state import LaunchedStep
+    from services.scheduler.outputs import SchedulerOutput
     from services.scheduler.scheduler import Scheduler
 
 DEVICE_SECONDS = "pagedserve:worker_device_seconds_total"
@@ -164,7 +166,7 @@ def drive_engine(
     for index, (prompt, num_out) in enumerate(zip(requests.prompts, requests.output_lengths)):
         scheduler.add_request(f"r{index}", prompt, greedy_sampling(num_out))
         outputs[f"r{index}"] = []
-    in_flight = deque()
+    in_flight: deque[tuple[SchedulerOutput, LaunchedStep]] = deque()
     while scheduler.has_unfinished_requests() or in_flight:
         while len(in_flight) < scheduler.max_steps_in_flight:
             t0 = time.perf_counter()

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from pagedserve.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -25,6 +26,9 @@ from gpu_worker.device_time import DECODE, PREFILL
 from services.common.step_limits import StepLimits
 from services.launcher import free_port
 from services.serve_layout import worker_name
+
+if TYPE_CHECKING:
+    from gpu_worker.model_runner import ModelRunner
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,8 @@ async def serve_pretend_worker(
     await host.start()
 
     async def load() -> None:
-        await servicer.load(lambda: NullRunner(costs, rank=rank, num_ranks=num_ranks))
+        # The runner's step methods, for the servicer that serves a ModelRunner's.
+        await servicer.load(lambda: cast("ModelRunner", NullRunner(costs, rank=rank, num_ranks=num_ranks)))
 
     await host.run(prepare=load)
 

@@ -114,7 +114,7 @@ def sweep(
             )
             summary = {"api": api, "request_rate": rate, **summarize(records, duration, slo)}
             print(_row(summary), flush=True)
-            if before is not None:
+            if before is not None and scheduler_metrics:
                 after = server_side.read_snapshot(scheduler_metrics)
                 gaps = [gap for r in records if r.error is None for gap in r.itls]
                 shares = {f"scheduler {k}": row for k, row in server_side.shares_above(before, after).items()}

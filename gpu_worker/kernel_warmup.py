@@ -40,8 +40,7 @@ def warm_up_mixed_decode(layers: Sequence[PagedAttention], max_num_seqs: int, dt
 
     seen: set[tuple] = set()
     for layer in layers:
-        key_cache, value_cache = layer.key_cache, layer.value_cache
-        assert key_cache is not None and value_cache is not None, "bind the KV cache first"
+        key_cache, value_cache = layer.bound_kv_cache()
         kind = (
             layer.num_heads,
             layer.num_kv_heads,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from gpu_worker.config import WorkerConfig
 from gpu_worker.model_runner import ModelRunner
@@ -12,7 +13,7 @@ from gpu_worker.model_runner import ModelRunner
 MAX_MODEL_LEN = 4096
 
 
-def build_cuda_runner(model_dir: Path, **worker_options: object) -> ModelRunner:
+def build_cuda_runner(model_dir: Path, **worker_options: Any) -> ModelRunner:
     """A ModelRunner on CUDA for `model_dir`; `worker_options` are WorkerConfig's other
     fields (gpu_memory_utilization, max_num_seqs, enforce_eager, quantization,
     kv_cache_dtype, load_format, ...)."""
@@ -31,7 +32,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def model_options(args: argparse.Namespace) -> dict[str, object]:
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
     """add_model_options' values as build_cuda_runner's worker options."""
     return {
         "quantization": args.quantization,

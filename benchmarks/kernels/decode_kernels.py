@@ -21,6 +21,7 @@ import json
 import random
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton.testing
@@ -78,7 +79,7 @@ def attention_sweep(bandwidth_read: float) -> list[dict]:
         seq_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
         query = torch.randn(len(contexts), NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         kv_bytes = sum(contexts) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
-        configs = [
+        configs: list[dict[str, Any]] = [
             dict(block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
             for block_n, warps, stages, splits in itertools.product(
                 (32, 64, 128), (4, 8), (2, 3, 4), (None, 2)
@@ -124,7 +125,7 @@ def split_sweep(bandwidth_read: float) -> list[dict]:
         seq_lens = torch.tensor(contexts, dtype=torch.int32, device="cuda")
         query = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
         kv_bytes = sum(contexts) * NUM_KV_HEADS * HEAD_DIM * 2 * 2
-        configs = [
+        configs: list[dict[str, Any]] = [
             dict(block_n=block_n, num_splits=splits)
             for splits, block_n in itertools.product((None, 1, 2, 4, 8, 16, 32), (32, 64))
         ]
@@ -163,7 +164,7 @@ def projection_table() -> list[dict]:
                 for weight in weights:
                     add_rms_norm_triton(project(x, weight), residual, norm_weight, 1e-6)
 
-            row = {
+            row: dict[str, Any] = {
                 "projection": name,
                 "batch": batch,
                 "cublas_ms": graph_ms(lambda: layers(torch.nn.functional.linear)),
@@ -210,8 +211,7 @@ def step_by_batch(model_config: Path) -> list[dict]:
             attention = graph_ms(
                 lambda: decode_attention_triton(
                     query,
-                    layer.key_cache,
-                    layer.value_cache,
+                    *layer.bound_kv_cache(),
                     metadata.block_tables,
                     metadata.seq_lens,
                     HEAD_DIM**-0.5,

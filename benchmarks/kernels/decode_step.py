@@ -162,8 +162,7 @@ def main() -> None:
         timings["attention_one_layer_ms"] = time_ms(
             lambda: decode_attention_triton(
                 query,
-                layer.key_cache,
-                layer.value_cache,
+                *layer.bound_kv_cache(),
                 metadata.block_tables,
                 metadata.seq_lens,
                 config.head_dim**-0.5,

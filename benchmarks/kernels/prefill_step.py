@@ -37,7 +37,9 @@ def mixed_batch(prompt_lens: list[int], decode_contexts: list[int], num_kv_heads
     blocks_needed = [-(-n // BLOCK_SIZE) for n in seq_lens]
     order = list(range(sum(blocks_needed)))
     random.Random(0).shuffle(order)
-    tables, slots, offset = [], [], 0
+    tables: list[list[int]] = []
+    slots: list[int] = []
+    offset = 0
     for seq_len, query_len, count in zip(seq_lens, query_lens, blocks_needed):
         table = order[offset : offset + count]
         offset += count
@@ -87,7 +89,9 @@ def attention_results(
 
     sweep = []
     for block_m, block_n, warps, stages in itertools.product((32, 64), (32, 64, 128), (4, 8), (1, 2, 3)):
-        config = dict(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        config: dict[str, int | str] = dict(
+            block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages
+        )
         try:
             ms = triton.testing.do_bench(lambda: run(**config), warmup=10, rep=50, return_mode="median")
         except Exception as error:  # a configuration that does not fit is just skipped
@@ -147,7 +151,7 @@ def main() -> None:
     add_model_options(parser)
     args = parser.parse_args()
     rng = random.Random(0)
-    prompt_lens = []
+    prompt_lens: list[int] = []
     while sum(prompt_lens) < 8192 - 1024:
         prompt_lens.append(rng.randint(100, 1024))
     decode_contexts = [rng.randint(100, 1024) for _ in range(128)]

@@ -110,6 +110,12 @@ class PagedAttention(nn.Module):
         self.key_cache = key_cache
         self.value_cache = value_cache
 
+    def bound_kv_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's key and value caches, once bound."""
+        if self.key_cache is None or self.value_cache is None:
+            raise RuntimeError("no KV cache bound to this attention layer")
+        return self.key_cache, self.value_cache
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -121,8 +127,7 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """positions: [T]; query: [T, num_heads, head_dim]; key, value: [T, num_kv_heads,
         head_dim]; q_norm and k_norm: Qwen3's per-head norms, or None. Returns [T, num_heads * head_dim]."""
-        if self.key_cache is None or self.value_cache is None:
-            raise RuntimeError("no KV cache bound to this attention layer")
+        key_cache, value_cache = self.bound_kv_cache()
         metadata = get_attention_metadata()
         if q_norm is not None and k_norm is not None:
             q_norm_weight, k_norm_weight, norm_eps = q_norm.weight, k_norm.weight, q_norm.eps
@@ -137,8 +142,8 @@ class PagedAttention(nn.Module):
             q_norm_weight,
             k_norm_weight,
             norm_eps,
-            self.key_cache,
-            self.value_cache,
+            key_cache,
+            value_cache,
             metadata.slot_mapping,
             keep_key=metadata.no_cached_context,
         )
@@ -146,8 +151,8 @@ class PagedAttention(nn.Module):
             query,
             rotated_key,
             value,
-            self.key_cache,
-            self.value_cache,
+            key_cache,
+            value_cache,
             metadata,
             self.scale,
             self.sliding_window,
