@@ -1,7 +1,7 @@
 """The 4-bit decode kernels' launch parameters, swept on Llama-3.1-8B's projections.
 
     python -m benchmarks.kernels.int4_tiles --kernel gemv --json int4_tiles.json
-    python -m benchmarks.kernels.int4_tiles --kernel gemv --block-n 64 --warps 4 --stages 1,2,3,4
+    python -m benchmarks.kernels.int4_tiles --kernel gemv --block-n 64 --block-k 128 --warps 4 --stages 1,2,3,4
     python -m benchmarks.kernels.int4_tiles --kernel split-k --rows 16,32,64 --no-sweep
 
 For each projection (qkv, o_proj, gate_up, down; group size 128) and row count, every
@@ -10,11 +10,10 @@ do_bench_cudagraph: a CUDA graph of launches, as the worker replays them, so tha
 kernel of a few microseconds is not hidden behind its Python launch. Each launch reads
 other weights than the last, from memory rather than the L2 cache. Beside it, bf16's
 F.linear on the same shape, the dequantize-then-GEMM path that takes many rows, and the
-plan the worker picks today (alone with --no-sweep); --block-n, --warps and --stages
-narrow the grid (the gemv kernel's stages pipeline its loop's loads; 1: none). Prints,
-per shape, the
-worker's plan and the best found, with the TB/s at which each read the 4-bit weights;
-the JSON holds the best few.
+plan the worker picks today (alone with --no-sweep); --block-n, --block-k, --warps and
+--stages narrow the grid (the gemv kernel's stages pipeline its loop's loads; 1: none).
+Prints, per shape, the worker's plan and the best found, with the TB/s at which each read
+the 4-bit weights; the JSON holds the best few.
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ class Grid:
     """The launch parameters a sweep tries, each in every combination."""
 
     block_n: tuple[int, ...] = (64, 128, 256)
+    block_k: tuple[int, ...] = (64, 128)
     warps: tuple[int, ...] = (2, 4, 8)
     stages: tuple[int, ...] = (2, 4)
 
@@ -66,7 +66,7 @@ def _plans(in_features: int, out_features: int, rows: int, grid: Grid) -> list[d
     block_m = max(16, triton.next_power_of_2(rows))
     plans = []
     for block_n, block_k, warps, stages in itertools.product(
-        grid.block_n, (64, 128), grid.warps, grid.stages
+        grid.block_n, grid.block_k, grid.warps, grid.stages
     ):
         k_tiles = in_features // block_k
         for splits in (s for s in (1, 2, 4, 8, 16) if k_tiles % s == 0):
@@ -167,10 +167,11 @@ def main() -> None:
     parser.add_argument("--rows", default="1", help="comma-separated row counts (gemv: 1 only)")
     parser.add_argument("--no-sweep", action="store_true", help="time the worker's plan only")
     parser.add_argument("--block-n", type=_numbers, default=Grid.block_n, help="column tiles to try")
+    parser.add_argument("--block-k", type=_numbers, default=Grid.block_k, help="input tiles to try")
     parser.add_argument("--warps", type=_numbers, default=Grid.warps, help="warps a program to try")
     parser.add_argument("--stages", type=_numbers, default=Grid.stages, help="pipeline stages to try")
     args = parser.parse_args()
-    grid = None if args.no_sweep else Grid(args.block_n, args.warps, args.stages)
+    grid = None if args.no_sweep else Grid(args.block_n, args.block_k, args.warps, args.stages)
     row_counts = [int(r) for r in args.rows.split(",")]
     if args.kernel == "gemv" and row_counts != [1]:
         raise SystemExit(f"--rows {args.rows}: the gemv kernel takes one row only")
