@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 DEVICE_SECONDS = "pagedserve:worker_device_seconds_total"
 LATE_COMPILES = "pagedserve:worker_late_kernel_compiles_total"
+# The worker's counters a gRPC run reads before and after, each by the label it is split by.
+WORKER_COUNTERS = {DEVICE_SECONDS: "kind", LATE_COMPILES: "kernel"}
 # A run's profile holds, under this prefix and a kernel's name, how many of its variants
 # were first compiled during the run (gpu_worker/late_compiles.py).
 LATE_COMPILES_KEY = "late_kernel_compiles."
@@ -276,12 +278,12 @@ def run_grpc(
             for i, (prompt, num_out) in enumerate(zip(workload.prompts, workload.output_lengths))
         ]
         cpu_before = {name: cpu_seconds(process.pid) for name, process in processes.items()}
-        device_before = worker_counter(ports["worker_metrics"], DEVICE_SECONDS, "kind")
-        compiles_before = worker_counter(ports["worker_metrics"], LATE_COMPILES, "kernel")
+        counters_before = worker_counters(ports["worker_metrics"])
         outputs, window_start, window_end = run_clients(address, requests, num_clients)
         seconds = window_end - window_start
-        device_after = worker_counter(ports["worker_metrics"], DEVICE_SECONDS, "kind")
-        compiles_after = worker_counter(ports["worker_metrics"], LATE_COMPILES, "kernel")
+        counters_after = worker_counters(ports["worker_metrics"])
+        device_before, device_after = counters_before[DEVICE_SECONDS], counters_after[DEVICE_SECONDS]
+        compiles_before, compiles_after = counters_before[LATE_COMPILES], counters_after[LATE_COMPILES]
         ordered = [outputs[f"r{i}"] for i in range(len(requests))]
         profile = _scheduler_stats(addresses["scheduler"])
         # The worker's device time over the run, as the in-process runs report theirs.
@@ -309,15 +311,15 @@ def run_grpc(
     )
 
 
-def worker_counter(metrics_port: int, sample_name: str, label: str) -> dict[str, float]:
-    """One of the worker's counters by one label, from its /metrics."""
+def worker_counters(metrics_port: int) -> dict[str, dict[str, float]]:
+    """The worker's WORKER_COUNTERS, each by its label, from one read of its /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
-    return {
-        sample.labels[label]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == sample_name
-    }
+    counters: dict[str, dict[str, float]] = {name: {} for name in WORKER_COUNTERS}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in WORKER_COUNTERS:
+                counters[sample.name][sample.labels[WORKER_COUNTERS[sample.name]]] = sample.value
+    return counters
 
 
 def cpu_seconds(pid: int) -> float:
