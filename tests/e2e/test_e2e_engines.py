@@ -1,9 +1,9 @@
 """Two engines behind two tokenizer processes on one port (`pagedserve serve --engines 2
 --tokenizers 2 --http-port`), on CPU with the embedded model: repeats of a long prompt
 meet their cached prefix whichever tokenizer serves them, distinct concurrent prompts
-spread over both engines, HTTP connections reach both tokenizers, and when one engine's worker is killed mid-stream its requests move to the
-other and finish with exactly the tokens of an undisturbed run; so do a killed
-scheduler's, and a restarted engine rejoins."""
+spread over both engines, HTTP connections reach both tokenizers, and when an engine's
+worker is killed mid-stream its requests move to the other and finish with exactly the
+tokens of an undisturbed run; so do a killed scheduler's, and a restarted engine rejoins."""
 
 import contextlib
 import os
@@ -20,6 +20,7 @@ import pytest
 from pagedserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from services.launcher import is_serving
+from services.serve_layout import ServeLayout, tokenizer_name
 from tests.support.service_stack import Stack, service_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -130,9 +131,20 @@ def _requests(prefix: str) -> list[generation_pb2.GenerateRequest]:
     ]
 
 
-def _kill_mid_stream(stack: Stack, requests: list[generation_pb2.GenerateRequest], service: str) -> None:
-    """Runs the requests undisturbed, then again, killing `service` with SIGKILL once every
-    stream has its first tokens: every stream must come out the same, whole."""
+LAYOUT = ServeLayout(num_engines=2, num_tokenizers=2)
+
+
+def _busiest_engine(stack: Stack) -> int:
+    """The engine holding the most requests now. Routing spreads them by load and hash,
+    which the tests do not steer (all may land on one engine), so they kill that one."""
+    stats = [_stats(address) for address in stack.scheduler_addresses]
+    return max(range(len(stats)), key=lambda e: stats[e].num_running + stats[e].num_waiting)
+
+
+def _kill_mid_stream(stack: Stack, requests: list[generation_pb2.GenerateRequest], kill: str) -> None:
+    """Runs the requests undisturbed, then again, killing with SIGKILL the `kill` service
+    ("worker" or "scheduler") of the engine holding the most of them once every stream has
+    its first tokens: every stream must come out the same, whole."""
     with ThreadPoolExecutor(len(requests)) as pool:
         undisturbed = list(pool.map(lambda r: _collect_tokens(stack, r), requests))
     assert all(len(tokens) == MAX_TOKENS for tokens in undisturbed)
@@ -141,6 +153,8 @@ def _kill_mid_stream(stack: Stack, requests: list[generation_pb2.GenerateRequest
     with ThreadPoolExecutor(len(requests)) as pool:
         streams = [pool.submit(_stream, stack, request, started) for request in requests]
         started.wait(timeout=120)
+        engine = _busiest_engine(stack)
+        service = LAYOUT.scheduler(engine) if kill == "scheduler" else LAYOUT.workers(engine)[0]
         stack.processes[service].kill()
         disturbed = [stream.result() for stream in streams]
     assert disturbed == undisturbed
@@ -149,7 +163,10 @@ def _kill_mid_stream(stack: Stack, requests: list[generation_pb2.GenerateRequest
 
 def _count_engine_failures(stack: Stack) -> int:
     """Requests that left a failed engine, as the tokenizers logged them."""
-    logs = [(stack.log_dir / f"{name}.log").read_text() for name in ("tokenizer", "tokenizer1")]
+    logs = [
+        (stack.log_dir / f"{name}.log").read_text()
+        for name in map(tokenizer_name, range(LAYOUT.num_tokenizers))
+    ]
     return sum(log.count(" failed: ") for log in logs)
 
 
@@ -157,29 +174,33 @@ MAX_TOKENS = 32
 
 
 def test_a_killed_worker_moves_its_requests_to_the_other_engine(engines_stack: Stack):
-    _kill_mid_stream(engines_stack, _requests("Story"), "engine1-worker")
+    _kill_mid_stream(engines_stack, _requests("Story"), "worker")
 
 
 def test_the_engine_rejoins_once_its_worker_is_back(engines_stack: Stack):
-    killed = engines_stack.processes["engine1-worker"]
-    assert killed.poll() is not None, "the previous test killed it"
-    with open(engines_stack.log_dir / "engine1-worker-again.log", "w") as log:
+    killed_engine = next(
+        engine
+        for engine in range(LAYOUT.num_engines)
+        if engines_stack.processes[LAYOUT.workers(engine)[0]].poll() is not None
+    )
+    worker = LAYOUT.workers(killed_engine)[0]
+    with open(engines_stack.log_dir / f"{worker}-again.log", "w") as log:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        engines_stack.processes["engine1-worker"] = subprocess.Popen(
-            killed.args, stdout=log, stderr=subprocess.STDOUT, env=env
+        engines_stack.processes[worker] = subprocess.Popen(
+            engines_stack.processes[worker].args, stdout=log, stderr=subprocess.STDOUT, env=env
         )
-    engine1 = engines_stack.scheduler_addresses[1]
+    rejoined = engines_stack.scheduler_addresses[killed_engine]
     deadline = time.monotonic() + 180
-    while not is_serving(engine1):
+    while not is_serving(rejoined):
         assert time.monotonic() < deadline, "the engine did not serve again"
         time.sleep(0.5)
     time.sleep(2.5)  # past the pause after a failure
-    before = _stats(engine1).num_prompt_tokens
+    before = _stats(rejoined).num_prompt_tokens
     requests = [_greedy(4, prompt=f"Question {i}: what is {i} times {i + 3}?") for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda r: _collect_tokens(engines_stack, r), requests))
-    assert _stats(engine1).num_prompt_tokens > before
+    assert _stats(rejoined).num_prompt_tokens > before
 
 
 def test_a_killed_scheduler_moves_its_requests_to_the_other_engine(engines_stack: Stack):
-    _kill_mid_stream(engines_stack, _requests("Legend"), "engine1-scheduler")
+    _kill_mid_stream(engines_stack, _requests("Legend"), "scheduler")
