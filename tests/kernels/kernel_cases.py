@@ -68,12 +68,35 @@ def _patch_interpreter_scalar_index() -> None:
     interpreter._patch_lang_tensor = patch_lang_tensor
 
 
+def _patch_interpreter_fp8_rounding() -> None:
+    """Triton 3.6's interpreter rounds to float8 by hand and loses the carry of a mantissa
+    that rounds up into the exponent (1.95 becomes 1.0 where the device gives 2.0). Here
+    PyTorch rounds instead, to nearest even, as the device's conversion does."""
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+    if getattr(original, "fp8_rounding_patched", False):
+        return
+    float8 = {"fp8e4nv": torch.float8_e4m3fn, "fp8e5": torch.float8_e5m2}
+    wide = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+    def convert_float(input, input_dtype, output_dtype, rounding_mode):
+        if output_dtype.name not in float8 or input_dtype.name not in wide:
+            return original(input, input_dtype, output_dtype, rounding_mode)
+        values = torch.from_numpy(input.copy()).view(wide[input_dtype.name])
+        return values.to(float8[output_dtype.name]).view(torch.uint8).numpy().reshape(input.shape)
+
+    convert_float.fp8_rounding_patched = True
+    interpreter._convert_float = convert_float
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _triton_interpreter_on_cpu():
     if ON_GPU:
         yield
         return
     _patch_interpreter_scalar_index()
+    _patch_interpreter_fp8_rounding()
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
