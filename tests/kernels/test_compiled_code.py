@@ -38,6 +38,22 @@ def test_fp8_cache_decode_attention_reads_no_single_bytes_from_shared_memory() -
     assert "LDGSTS.E.BYPASS.128" in sass, "tiles are no longer copied in 16-byte pieces"
 
 
+def test_fp8_cache_decode_attention_multiplies_in_fp8_when_told() -> None:
+    """With fp8_products the decode over an fp8 cache gives the tensor cores e4m3 operands
+    (QGMMA), its keys and values as they were copied: widening each to fp16 takes 136 of
+    the 802 instructions a warp runs per 128-key tile, and placing the fp16 probabilities
+    into the second product's operands 130 more. Its only conversions left pack the query
+    and the probabilities into e4m3."""
+    compiled = _compile("decode attention, fp8 cache, e4m3 products")
+    if not CUOBJDUMP.exists():
+        pytest.skip("Triton's wheel carries no cuobjdump here")
+    sass = _cuobjdump(compiled.asm["cubin"], "--dump-sass")
+    assert "QGMMA" in sass and ".E4M3.E4M3" in sass
+    assert "HMMA" not in sass and "HGMMA" not in sass
+    conversions = {line.split()[1] for line in sass.splitlines() if "F2FP" in line}
+    assert conversions == {"F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C"}, conversions
+
+
 def test_pipelined_gemv_copies_its_tiles_asynchronously() -> None:
     """The one-row 4-bit kernel's LOAD_STAGES pipelines its loop's loads through shared
     memory (Triton does so for loads that feed no tl.dot only when the loop itself asks),

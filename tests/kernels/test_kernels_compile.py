@@ -42,6 +42,7 @@ ATTENTION = dict(
 PREFILL_ATTENTION = dict(ATTENTION, GROUP_PAD=2)
 # Gemma 2's options: a sliding window and soft-capped scores.
 WINDOWED_SOFTCAPPED = dict(ATTENTION, USE_WINDOW=True, USE_SOFTCAP=True)
+DECODE_ATTENTION = dict(ATTENTION, FP8_PRODUCTS=False)
 DECODE_TYPES = dict(
     query_ptr="*bf16",
     key_cache_ptr="*bf16",
@@ -109,20 +110,20 @@ CASES = {
     "decode attention": (
         _decode_kernel,
         DECODE_TYPES,
-        dict(ATTENTION, BLOCK_N=64, NUM_SPLITS=4, MIXED=False),
+        dict(DECODE_ATTENTION, BLOCK_N=64, NUM_SPLITS=4, MIXED=False),
         dict(num_warps=4, num_stages=3),
     ),
     "decode attention, 128-key tiles": (
         _decode_kernel,
         DECODE_TYPES,
-        dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=1, MIXED=False),
+        dict(DECODE_ATTENTION, BLOCK_N=128, NUM_SPLITS=1, MIXED=False),
         dict(num_warps=4, num_stages=3),
     ),
     # The single-token sequences of a step with prompt tokens (rows from query_start_loc).
     "decode attention, mixed batch": (
         _decode_kernel,
         DECODE_TYPES,
-        dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=1, MIXED=True),
+        dict(DECODE_ATTENTION, BLOCK_N=128, NUM_SPLITS=1, MIXED=True),
         dict(num_warps=4, num_stages=3),
     ),
     # --kv-cache-dtype fp8: float8 e4m3 keys and values, multiplied in fp16, 128 keys a
@@ -130,7 +131,14 @@ CASES = {
     "decode attention, fp8 cache": (
         _decode_kernel,
         dict(DECODE_TYPES, key_cache_ptr="*fp8e4nv", value_cache_ptr="*fp8e4nv"),
-        dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=4, MIXED=False),
+        dict(DECODE_ATTENTION, BLOCK_N=128, NUM_SPLITS=4, MIXED=False),
+        dict(num_warps=4, num_stages=3),
+    ),
+    # The same multiplied in e4m3 (decode_attention_triton's fp8_products).
+    "decode attention, fp8 cache, e4m3 products": (
+        _decode_kernel,
+        dict(DECODE_TYPES, key_cache_ptr="*fp8e4nv", value_cache_ptr="*fp8e4nv"),
+        dict(ATTENTION, BLOCK_N=128, NUM_SPLITS=4, MIXED=False, FP8_PRODUCTS=True),
         dict(num_warps=4, num_stages=3),
     ),
     "prefill attention, fp8 cache": (
@@ -153,7 +161,7 @@ CASES = {
     "decode attention, windowed and soft-capped": (
         _decode_kernel,
         DECODE_TYPES,
-        dict(WINDOWED_SOFTCAPPED, BLOCK_N=64, NUM_SPLITS=4, MIXED=False),
+        dict(WINDOWED_SOFTCAPPED, BLOCK_N=64, NUM_SPLITS=4, MIXED=False, FP8_PRODUCTS=False),
         dict(num_warps=4, num_stages=3),
     ),
     "prefill attention": (
