@@ -26,6 +26,8 @@ from tests.support.service_stack import Stack, service_stack
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BLOCK_SIZE = 16
+# The stack's processes, as `pagedserve serve` names them for its flags below.
+LAYOUT = ServeLayout(num_engines=2, num_tokenizers=2)
 LONG_TEXT = (
     "Paged attention stores the key and value vectors of every sequence in fixed-size "
     "blocks, so that memory is allocated on demand and shared between sequences. " * 3
@@ -34,7 +36,7 @@ LONG_TEXT = (
 
 @pytest.fixture(scope="module")
 def engines_stack(embedded_model_dir: Path, tmp_path_factory):
-    flags = ["--engines", "2", "--tokenizers", "2"]
+    flags = ["--engines", str(LAYOUT.num_engines), "--tokenizers", str(LAYOUT.num_tokenizers)]
     log_dir = tmp_path_factory.mktemp("engines")
     with service_stack(embedded_model_dir, log_dir, serve_flags=flags, http_api=True) as stack:
         yield stack
@@ -129,9 +131,6 @@ def _requests(prefix: str) -> list[generation_pb2.GenerateRequest]:
         _greedy(MAX_TOKENS, prompt=f"{prefix} {i}: once upon a time, a {word}")
         for i, word in enumerate(words)
     ]
-
-
-LAYOUT = ServeLayout(num_engines=2, num_tokenizers=2)
 
 
 def _busiest_engine(stack: Stack) -> int:
