@@ -182,12 +182,21 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
     }
 
 
+def _generate_calls_answered(metrics: dict[str, dict[tuple[str, tuple], float]]) -> float:
+    return sum(
+        value
+        for (name, labels), value in metrics["tokenizer"].items()
+        if name == "pagedserve:grpc_server_handled_total" and ("method", "Generate") in labels
+    )
+
+
 def _settled_metrics(
-    ports: dict[str, int], timeout_s: float = 120.0
+    ports: dict[str, int], generate_calls: float = 0, timeout_s: float = 120.0
 ) -> dict[str, dict[tuple[str, tuple], float]]:
     """Every service's metrics once the worker has recorded each step whose result the
-    scheduler has: the worker records a step after its result has left, so just after a
-    request ends, under load, its last steps may not be counted yet."""
+    scheduler has, and the tokenizer has counted `generate_calls` Generate calls in all:
+    the worker records a step after its result has left, and the tokenizer counts a call
+    once its answer has left, so just after a request ends either may lag."""
     deadline = time.monotonic() + timeout_s
     while True:
         metrics = {name: _scrape(port) for name, port in ports.items()}
@@ -195,10 +204,12 @@ def _settled_metrics(
             ("pagedserve:worker_step_duration_seconds_count", (("rank", "0"),))
         )
         scheduler_steps = metrics["scheduler"].get(("pagedserve:step_duration_seconds_count", ()))
-        if worker_steps == scheduler_steps:
+        answered = _generate_calls_answered(metrics)
+        if worker_steps == scheduler_steps and answered >= generate_calls:
             return metrics
         assert time.monotonic() < deadline, (
-            f"worker recorded {worker_steps} steps, scheduler {scheduler_steps}"
+            f"worker recorded {worker_steps} steps, scheduler {scheduler_steps}; "
+            f"tokenizer counted {answered} of {generate_calls} Generate calls"
         )
         time.sleep(0.05)
 
@@ -217,7 +228,7 @@ def test_metrics_move_by_the_right_amounts(observed) -> None:
     with pytest.raises(grpc.RpcError):
         list(stack.generation.Generate(generation_pb2.GenerateRequest(), timeout=30))
     elapsed = time.monotonic() - started
-    after = _settled_metrics(ports)
+    after = _settled_metrics(ports, generate_calls=_generate_calls_answered(before) + 4)
 
     scheduler_before, scheduler_after = before["scheduler"], after["scheduler"]
     assert (
