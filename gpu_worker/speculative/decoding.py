@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from pagedserve.v1 import common_pb2, worker_pb2
 
-from gpu_worker.input_batch import BlockTables, StepInputs
+from gpu_worker.block_tables import BlockTables
+from gpu_worker.input_batch import StepInputs
 from gpu_worker.sampler import Sampler, SequenceSampling
 from gpu_worker.speculative.proposer import ProposalRequest, Proposals, Proposer
 from gpu_worker.speculative.rejection import verify

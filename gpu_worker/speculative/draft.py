@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from pagedserve.v1 import worker_pb2
 
-from gpu_worker.input_batch import BlockTables, StepInputs
+from gpu_worker.block_tables import BlockTables
+from gpu_worker.input_batch import StepInputs
 from gpu_worker.kv_cache import (
     KVCache,
     KVCacheLayout,

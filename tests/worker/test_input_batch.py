@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from pagedserve.v1 import worker_pb2
 
-from gpu_worker.input_batch import BlockTables, DeviceToken, StepInputBuilder
+from gpu_worker.block_tables import BlockTables
+from gpu_worker.input_batch import DeviceToken, StepInputBuilder
 
 BLOCK_SIZE = 4
 
