@@ -14,7 +14,9 @@ so each weight tile comes from memory once and from L2 after.
 The weight may also be fp8 (e4m3) with one scale per output channel: its tiles are widened
 to the activations' dtype as they load, and the scale applied to each partial sum. At a
 few rows a step is bound by reading weights, and fp8 weights are half the bytes; this is
-how an fp8 model decodes small batches (gpu_worker/kernels/w8a8.py).
+how an fp8 model decodes small batches (gpu_worker/kernels/w8a8.py). With a scale per
+block of [block_out, block_in] instead (gpu_worker/kernels/block_fp8.py), each tile's
+product is scaled before it joins the sum, a tile lying within one block of inputs.
 """
 
 from __future__ import annotations
@@ -39,13 +41,18 @@ def _partial_sums_kernel(
     x_stride,
     weight_stride,
     scale_ptr,
+    scale_stride,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     K_PER_SPLIT: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """HAS_SCALE: one scale per output column; SCALE_BLOCK_N > 0: one per block of
+    [SCALE_BLOCK_N, SCALE_BLOCK_K] weights, scale_stride apart by rows of blocks."""
     wait_for_previous_kernel(PDL)
     row_tile = tl.program_id(0)
     col_tile = tl.program_id(1)
@@ -58,10 +65,16 @@ def _partial_sums_kernel(
     x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_stride + ks[None, :]
     w_ptrs = weight_ptr + cols[:, None].to(tl.int64) * weight_stride + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for _ in range(0, K_PER_SPLIT // BLOCK_K):
+    for step in range(0, K_PER_SPLIT // BLOCK_K):
         x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0)
         w = tl.load(w_ptrs, mask=col_valid[:, None], other=0.0).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc)
+        if SCALE_BLOCK_N > 0:
+            k_block = (split * K_PER_SPLIT + step * BLOCK_K) // SCALE_BLOCK_K
+            block_offsets = (cols // SCALE_BLOCK_N) * scale_stride + k_block
+            block_scale = tl.load(scale_ptr + block_offsets, mask=col_valid, other=0.0)
+            acc += tl.dot(x, tl.trans(w)) * block_scale[None, :]
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_SCALE:
@@ -95,6 +108,26 @@ def scaled_linear_partial_sums(
     """linear_partial_sums for a weight of another dtype (fp8) with weight_scale [N]
     (fp32): the partials sum to x (W * scale)^T."""
     return _launch(x, weight, weight_scale, plan["num_splits"], plan["block_m"], plan["block_n"])
+
+
+def block_scaled_linear_partial_sums(
+    x: torch.Tensor, weight: torch.Tensor, block_scale: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """linear_partial_sums for an fp8 weight [N, K] with block_scale [N / bn, K / bk] (fp32),
+    block = (bn, bk): the partials sum to x (W * the scales over their blocks)^T."""
+    plan = block_scaled_plan(x.shape[0], weight.shape[0], weight.shape[1], block[1])
+    return _launch(
+        x,
+        weight,
+        block_scale,
+        plan["num_splits"],
+        plan["block_m"],
+        plan["block_n"],
+        plan["block_k"],
+        plan["num_warps"],
+        plan["num_stages"],
+        scale_block=block,
+    )
 
 
 @triton.jit
@@ -145,7 +178,9 @@ def _launch(
     block_k: int = _BLOCK_K,
     num_warps: int = 4,
     num_stages: int = 4,
+    scale_block: tuple[int, int] | None = None,
 ) -> torch.Tensor:
+    """scale_block: weight_scale holds a scale per block of that shape, not per column."""
     num_rows, in_features = x.shape
     out_features = weight.shape[0]
     assert weight.shape[1] == in_features and in_features % (num_splits * block_k) == 0
@@ -161,11 +196,14 @@ def _launch(
         x.stride(0),
         weight.stride(0),
         weight_scale if weight_scale is not None else partials,
+        weight_scale.stride(0) if scale_block is not None and weight_scale is not None else 0,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         K_PER_SPLIT=in_features // num_splits,
-        HAS_SCALE=weight_scale is not None,
+        HAS_SCALE=weight_scale is not None and scale_block is None,
+        SCALE_BLOCK_N=scale_block[0] if scale_block is not None else 0,
+        SCALE_BLOCK_K=scale_block[1] if scale_block is not None else 0,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl_launch(x.device),
@@ -192,3 +230,26 @@ def split_k_plan(num_rows: int, out_features: int, in_features: int) -> dict[str
     splits = [s for s in range(1, min(k_tiles, _MAX_SPLITS) + 1) if k_tiles % s == 0]
     num_splits = next((s for s in splits if tiles * s >= _TARGET_PROGRAMS), splits[-1])
     return {"num_splits": num_splits, "block_m": block_m, "block_n": block_n}
+
+
+def block_scaled_plan(num_rows: int, out_features: int, in_features: int, block_in: int) -> dict[str, int]:
+    """Launch parameters of block_scaled_linear_partial_sums: split_k_plan's at few rows,
+    one slice of wide tiles past them; tiles of at most 128 inputs that lie within one
+    block. Depends on the shape alone, so CUDA graphs stay valid. The wide tiles' warps
+    and stages are chosen from their sm_90 code (147 registers, 112 KB of shared memory:
+    two programs a multiprocessor), not yet from timings."""
+    block_k = min(_BLOCK_K, block_in)
+    assert block_in % block_k == 0 and in_features % block_k == 0, "inputs in whole blocks"
+    narrow = {"block_k": block_k, "num_warps": 4, "num_stages": 4}
+    if block_k == _BLOCK_K and (plan := split_k_plan(num_rows, out_features, in_features)) is not None:
+        return {**plan, **narrow}
+    if num_rows <= MAX_SPLIT_K_ROWS:
+        return {"num_splits": 1, "block_m": 16, "block_n": 64, **narrow}
+    return {
+        "num_splits": 1,
+        "block_m": 64,
+        "block_n": 128,
+        "block_k": block_k,
+        "num_warps": 8,
+        "num_stages": 3,
+    }

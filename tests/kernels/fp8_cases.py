@@ -1,5 +1,6 @@
 """The fp8 linear kernels against their PyTorch references: fp8 weights widened inside the
-split-K kernel, and the per-token activation quantization (run with kernel_cases.py by
+split-K kernel (a scale per output channel, or per block), and the per-token activation
+quantization (run with kernel_cases.py by
 tests/kernels/test_kernels.py, whose import sets up the interpreter)."""
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from tests.kernels.kernel_cases import (
 )
 
 # isort: split
+from gpu_worker.kernels.block_fp8 import block_fp8_linear_reference
 from gpu_worker.kernels.triton_elementwise import (
     add_rms_norm_fp8_triton,
     add_rms_norm_triton,
     silu_and_mul_fp8_triton,
     silu_and_mul_triton,
 )
-from gpu_worker.kernels.triton_linear import scaled_linear_partial_sums
+from gpu_worker.kernels.triton_linear import (
+    block_scaled_linear_partial_sums,
+    block_scaled_plan,
+    scaled_linear_partial_sums,
+)
 from gpu_worker.kernels.triton_quantize import quantize_rows_fp8_triton
 from gpu_worker.kernels.w8a8 import Fp8Rows, quantize_rows
 
@@ -41,6 +47,37 @@ def test_fp8_weights_with_channel_scales_widen_as_they_load(num_rows: int, num_s
     assert partials.shape == (num_splits, num_rows, out_features)
     expected = x.double() @ (weight.double() * scale.double()).T
     assert _relative_error(partials.sum(dim=0), expected) < (1e-2 if ON_GPU else 1e-5)
+
+
+def _block_fp8_weight(
+    out_features: int, in_features: int, block: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 weights and their [out / bn, in / bk] scales, blocks of very different sizes."""
+    grid = (-(-out_features // block[0]), in_features // block[1])
+    scale = torch.rand(grid, device=DEVICE) * 1e-3 + 1e-5
+    values = torch.randn(out_features, in_features, device=DEVICE).clamp(-4, 4) * 100
+    return values.to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize(
+    "num_rows, out_features, in_features, block",
+    # One row split over the inputs; rows past the split-K sizes; blocks narrower than a
+    # tile; outputs that end within a block (a scale grid that rounds up).
+    [(1, 256, 1024, (128, 128)), (5, 96, 256, (16, 16)), (130, 80, 256, (32, 64)), (7, 200, 512, (128, 128))],
+)
+def test_fp8_weights_with_block_scales_match_the_dequantized_linear(
+    num_rows: int, out_features: int, in_features: int, block: tuple[int, int]
+) -> None:
+    x = torch.randn(num_rows, in_features, device=DEVICE).to(DTYPE)
+    weight, scale = _block_fp8_weight(out_features, in_features, block)
+    partials = block_scaled_linear_partial_sums(x, weight, scale, block)
+    plan = block_scaled_plan(num_rows, out_features, in_features, block[1])
+    assert partials.shape == (plan["num_splits"], num_rows, out_features)
+    expected = block_fp8_linear_reference(x.double(), weight, scale, block, None)
+    assert _relative_error(partials.sum(dim=0), expected) < (1e-2 if ON_GPU else 1e-5)
+    # Each block's own scale counts: the same weights under one scale give another product.
+    uniform = block_scaled_linear_partial_sums(x, weight, torch.full_like(scale, scale.mean().item()), block)
+    assert _relative_error(uniform.sum(dim=0), expected) > 0.1
 
 
 def _assert_fp8_rows_equal(rows: Fp8Rows, expected: torch.Tensor) -> None:

@@ -87,6 +87,8 @@ EXPERT_GEMM_TYPES = dict(
     expert_of_block_ptr="*i64",
     num_padded_ptr="*i64",
 )
+PARTIAL_SUMS = dict(BLOCK_K=128, HAS_SCALE=False, SCALE_BLOCK_N=0, SCALE_BLOCK_K=0)
+FP8_PARTIAL_SUMS_TYPES = dict(x_ptr="*bf16", weight_ptr="*fp8e4nv", partials_ptr="*fp32", scale_ptr="*fp32")
 ROPE_STORE = dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, BLOCK_SIZE=16, HAS_NORM=True)
 ROPE_STORE_TYPES = dict(
     query_ptr="*bf16",
@@ -242,14 +244,28 @@ CASES = {
     "split-K partial sums": (
         _partial_sums_kernel,
         dict(x_ptr="*bf16", weight_ptr="*bf16", partials_ptr="*fp32"),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, K_PER_SPLIT=768, HAS_SCALE=False),
+        dict(PARTIAL_SUMS, BLOCK_M=16, BLOCK_N=32, K_PER_SPLIT=768),
         dict(num_warps=4, num_stages=4),
     ),
     "split-K partial sums, fp8 weights with channel scales": (
         _partial_sums_kernel,
-        dict(x_ptr="*bf16", weight_ptr="*fp8e4nv", partials_ptr="*fp32", scale_ptr="*fp32"),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, K_PER_SPLIT=1024, HAS_SCALE=True),
+        FP8_PARTIAL_SUMS_TYPES,
+        dict(PARTIAL_SUMS, BLOCK_M=16, BLOCK_N=32, K_PER_SPLIT=1024, HAS_SCALE=True),
         dict(num_warps=4, num_stages=4),
+    ),
+    # Fine-grained fp8 checkpoints (128 x 128 blocks): a decode's few rows, and a prompt
+    # step's many (block_scaled_plan).
+    "split-K partial sums, fp8 weights with block scales": (
+        _partial_sums_kernel,
+        FP8_PARTIAL_SUMS_TYPES,
+        dict(PARTIAL_SUMS, BLOCK_M=16, BLOCK_N=32, K_PER_SPLIT=1024, SCALE_BLOCK_N=128, SCALE_BLOCK_K=128),
+        dict(num_warps=4, num_stages=4),
+    ),
+    "fp8 weights with block scales, wide tiles": (
+        _partial_sums_kernel,
+        FP8_PARTIAL_SUMS_TYPES,
+        dict(PARTIAL_SUMS, BLOCK_M=64, BLOCK_N=128, K_PER_SPLIT=1024, SCALE_BLOCK_N=128, SCALE_BLOCK_K=128),
+        dict(num_warps=8, num_stages=3),
     ),
     "sum of split-K partials into bf16": (
         _sum_splits_kernel,

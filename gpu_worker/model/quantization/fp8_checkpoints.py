@@ -6,9 +6,9 @@ fused layer brings its own, spread over its channels); run as load-time fp8 is, 
 dynamic per-token activation scales.
 
 HF's fine-grained fp8 (`quant_method: fp8`, `weight_block_size` [bn, bk]): `weight` and
-`weight_scale_inv` [out / bn, in / bk], one scale per block. Dequantized once after
-loading into the model's dtype and served with its GEMMs, so the weights take that
-dtype's memory: a block-scaled fp8 GEMM is not written yet.
+`weight_scale_inv` [out / bn, in / bk], one scale per block. On CUDA kept as stored and
+multiplied by gpu_worker/kernels/block_fp8.py with unquantized activations; elsewhere
+dequantized once after loading into the model's dtype.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpu_worker.kernels.block_fp8 import block_fp8_linear, dequantize_blocks
 from gpu_worker.kernels.w8a8 import FP8_DTYPE, Fp8Rows
 from gpu_worker.model.quantization.config import QuantizationConfig
 from gpu_worker.model.quantization.int4_formats import QuantTensorSpec
@@ -119,14 +120,19 @@ class Fp8BlockCheckpointMethod(QuantMethod):
     def process_after_loading(self, layer: Any) -> None:
         weight = layer._parameters.pop("weight").data
         scale = layer._parameters.pop("weight_scale_inv").data
-        (rows, columns), (block_out, block_in) = weight.shape, self.block
-        blocks = weight.float().view(rows // block_out, block_out, columns // block_in, block_in)
-        dequantized = (blocks * scale[:, None, :, None]).view(rows, columns)
-        layer.weight = nn.Parameter(dequantized.to(layer.dequantized_dtype), requires_grad=False)
+        if weight.is_cuda:
+            layer.weight = None
+            layer.weight_q = nn.Parameter(weight, requires_grad=False)
+            layer.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
+        else:
+            dequantized = dequantize_blocks(weight, scale, self.block).to(layer.dequantized_dtype)
+            layer.weight = nn.Parameter(dequantized, requires_grad=False)
 
     def apply(self, layer: Any, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
-        assert isinstance(x, torch.Tensor), "dequantized projections take no fp8 rows"
-        return F.linear(x, layer.weight, bias)
+        assert isinstance(x, torch.Tensor), "block-scaled projections take no fp8 rows"
+        if layer.weight is not None:
+            return F.linear(x, layer.weight, bias)
+        return block_fp8_linear(x, layer.weight_q, layer.weight_scale_inv, self.block, bias)
 
 
 def _block_scale_loader(layer: QuantizedLayer, block: tuple[int, int]):
