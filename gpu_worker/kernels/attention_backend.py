@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gpu_worker.kernels.elementwise import qk_norm_rope_reference
-from gpu_worker.kernels.paged_attention import paged_attention, store_kv
+from gpu_worker.kernels.paged_attention import UNSCALED, KVScales, paged_attention, store_kv
 
 if TYPE_CHECKING:
     from gpu_worker.model.attention import AttentionMetadata
@@ -46,10 +46,12 @@ def rotate_and_store(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     keep_key: bool,
+    kv_scales: KVScales = UNSCALED,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-head RMSNorm of queries and keys when weights are given (Qwen3), rotary
-    embedding of both, and keys and values into their cache slots. Returns the rotated
-    queries, and the rotated keys if keep_key (a fresh prefill attends to them directly)."""
+    embedding of both, and keys and values into their cache slots, divided by kv_scales.
+    Returns the rotated queries, and the rotated keys if keep_key (a fresh prefill attends
+    to them directly, unscaled)."""
     if query.is_cuda:
         from gpu_worker.kernels.triton_rope_store import rope_store_triton
 
@@ -66,9 +68,10 @@ def rotate_and_store(
             value_cache,
             slot_mapping,
             keep_key,
+            kv_scales,
         )
     query, key = qk_norm_rope_reference(positions, query, key, cos_sin_cache, q_weight, k_weight, eps)
-    store_kv(key, value, key_cache, value_cache, slot_mapping)
+    store_kv(key / kv_scales.key, value / kv_scales.value, key_cache, value_cache, slot_mapping)
     return query, key if keep_key else None
 
 
@@ -82,24 +85,32 @@ def attention(
     scale: float,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
+    kv_scales: KVScales = UNSCALED,
 ) -> torch.Tensor:
     """query: [T, H, D]; key, value: this step's [T, H_kv, D], already stored in the cache
     (key may be None unless metadata.no_cached_context). sliding_window and logit_softcap
-    as in kernels.paged_attention. Returns [T, H, D]."""
+    as in kernels.paged_attention; the cache holds keys and values divided by kv_scales.
+    Returns [T, H, D]."""
+    # The cache's keys times kv_scales.key are the keys: their factor joins the softmax's.
+    cache_scale = scale * kv_scales.key
     if not query.is_cuda:
-        return paged_attention(
+        output = paged_attention(
             query,
             key_cache,
             value_cache,
             metadata.block_tables,
             metadata.query_start_loc,
             metadata.seq_lens,
-            scale,
+            cache_scale,
             sliding_window,
             logit_softcap,
         )
+        return output if kv_scales.value == 1.0 else output * kv_scales.value
+    value_scale = kv_scales.value
     if metadata.max_query_len == 1:
-        return _decode(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap)
+        return _decode(
+            query, key_cache, value_cache, metadata, cache_scale, sliding_window, logit_softcap, value_scale
+        )
     fresh_prefill = fresh_prefill_kernel()
     # The varlen kernels are called without window or soft-cap options: those steps go to
     # the paged prefill kernel, which has both.
@@ -117,7 +128,9 @@ def attention(
             # A varlen kernel that rejects this build's arguments or dtypes is not worth a
             # failed step: the paged kernel computes the same thing.
             _disable_fresh_prefill(error)
-    return _paged_prefill(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap)
+    return _paged_prefill(
+        query, key_cache, value_cache, metadata, cache_scale, sliding_window, logit_softcap, value_scale
+    )
 
 
 def _decode(
@@ -128,6 +141,7 @@ def _decode(
     scale: float,
     sliding_window: int | None,
     logit_softcap: float | None,
+    value_scale: float,
     mixed_output: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decode kernel over a decode-only step, or, given a mixed step's output, over its
@@ -149,6 +163,7 @@ def _decode(
         num_splits=num_splits,
         query_start_loc=None if mixed_output is None else metadata.query_start_loc,
         output=mixed_output,
+        value_scale=value_scale,
     )
 
 
@@ -160,6 +175,7 @@ def _paged_prefill(
     scale: float,
     sliding_window: int | None,
     logit_softcap: float | None,
+    value_scale: float = 1.0,
 ) -> torch.Tensor:
     from gpu_worker.kernels import triton_prefill_attention as prefill
 
@@ -177,7 +193,9 @@ def _paged_prefill(
     if decodes_apart:
         # Both kernels are launched whatever the batch (a graph serves any mix); each
         # program of a sequence the other one computes returns at once.
-        _decode(query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap, output)
+        _decode(
+            query, key_cache, value_cache, metadata, scale, sliding_window, logit_softcap, value_scale, output
+        )
     return prefill.prefill_attention_triton(
         query,
         key_cache,
@@ -191,6 +209,7 @@ def _paged_prefill(
         block_m=block_m,
         tile_map=tile_map,
         output=output,
+        value_scale=value_scale,
     )
 
 

@@ -27,10 +27,24 @@ decode (q_len == 1) are the same case.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # Slot value marking a padding token whose key and value must not be stored.
 PADDING_SLOT = -1
+
+
+class KVScales(NamedTuple):
+    """What a layer's keys and values are divided by as they are stored, and multiplied by
+    as attention reads them: an fp8 cache's calibrated scales (a checkpoint's k_scale and
+    v_scale), which keep large keys and values within e4m3's range; 1 otherwise."""
+
+    key: float = 1.0
+    value: float = 1.0
+
+
+UNSCALED = KVScales()
 
 
 def store_kv(

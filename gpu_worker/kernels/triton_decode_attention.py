@@ -57,6 +57,7 @@ def _decode_kernel(
     scale_log2,
     window,
     softcap_log2,
+    value_scale,
     query_token_stride,
     query_head_stride,
     block_table_stride,
@@ -164,7 +165,8 @@ def _decode_kernel(
         acc = tl.trans(acc) * (1.0 / _PROBS_SCALE)
     # An empty split (or a padding row) leaves row_sum at 0: its output is 0, its weight 0.
     safe_sum = tl.where(row_sum > 0, row_sum, 1.0)
-    out = acc / safe_sum[:, None]
+    # value_scale: what the cache's values were divided by as they were stored.
+    out = acc / safe_sum[:, None] * value_scale
     if NUM_SPLITS == 1:
         tl.store(
             output_ptr + row * output_token_stride + heads[:, None] * output_head_stride + dims[None, :],
@@ -297,10 +299,12 @@ def decode_attention_triton(
     query_start_loc: torch.Tensor | None = None,
     output: torch.Tensor | None = None,
     fp8_products: bool = False,
+    value_scale: float = 1.0,
 ) -> torch.Tensor:
     """query: [num_seqs, num_heads, head_dim], one token per sequence; the caches, block tables,
     seq_lens, sliding_window and logit_softcap as in kernels.paged_attention. Returns [num_seqs,
-    num_heads, head_dim]. fp8_products: over an fp8 cache, multiply in e4m3 (_fp8_query). A
+    num_heads, head_dim]. fp8_products: over an fp8 cache, multiply in e4m3 (_fp8_query).
+    value_scale: the factor of the cache's values (kernels.paged_attention.KVScales). A
     mixed batch passes query_start_loc: query is then [num_tokens, num_heads, head_dim], and
     only the rows of sequences with one query token are written, into `output` (made if None)."""
     num_heads, head_dim = query.shape[1:]
@@ -335,6 +339,7 @@ def decode_attention_triton(
         scale * _LOG2E,
         sliding_window or 0,
         (logit_softcap or 1.0) * _LOG2E,
+        value_scale,
         query.stride(0),
         query.stride(1),
         block_tables.stride(0),

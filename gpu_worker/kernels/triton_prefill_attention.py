@@ -44,6 +44,7 @@ def _prefill_kernel(
     scale_log2,
     window,
     softcap_log2,
+    value_scale,
     query_token_stride,
     query_head_stride,
     output_token_stride,
@@ -142,7 +143,8 @@ def _prefill_kernel(
         acc = acc * correction[:, None] + tl.dot(probs.to(values.dtype), values).to(tl.float32)
         row_max = new_max
 
-    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    # value_scale: what the cache's values were divided by as they were stored.
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None] * value_scale
     tl.store(
         output_ptr
         + token_rows[:, None] * output_token_stride
@@ -202,10 +204,12 @@ def prefill_attention_triton(
     num_stages: int = 2,
     tile_map: tuple[torch.Tensor, ...] | None = None,
     output: torch.Tensor | None = None,
+    value_scale: float = 1.0,
 ) -> torch.Tensor:
     """Same contract as kernels.paged_attention.paged_attention. tile_map: prefill_tile_map
     for this block_m (made here if None; a step's layers share one); rows of sequences it
-    gives no tile are left as they are in `output` (made if None)."""
+    gives no tile are left as they are in `output` (made if None). value_scale: the factor
+    of the cache's values (kernels.paged_attention.KVScales)."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     assert num_heads % num_kv_heads == 0 and query.stride(2) == 1 and block_tables.stride(1) == 1
@@ -239,6 +243,7 @@ def prefill_attention_triton(
         scale * _LOG2E,
         sliding_window or 0,
         (logit_softcap or 1.0) * _LOG2E,
+        value_scale,
         query.stride(0),
         query.stride(1),
         output.stride(0),

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.launch import pdl_launch, wait_for_previous_kernel
-from gpu_worker.kernels.paged_attention import check_cache_layout
+from gpu_worker.kernels.paged_attention import UNSCALED, KVScales, check_cache_layout
 
 
 @triton.jit
@@ -67,6 +67,8 @@ def _rope_store_kernel(
     key_token_stride,
     value_token_stride,
     eps,
+    key_scale_inv,
+    value_scale_inv,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -106,6 +108,11 @@ def _rope_store_kernel(
             key_target = key_out_ptr + (rows * NUM_KV_HEADS + kv_head) * HEAD_DIM + half
             tl.store(key_target, rotated1.to(key_out_ptr.dtype.element_ty), mask=valid)
             tl.store(key_target + HALF, rotated2.to(key_out_ptr.dtype.element_ty), mask=valid)
+        fp8_cache = value_cache_ptr.dtype.element_ty.is_fp8()
+        if fp8_cache:
+            # Over the layer's scales (kernels/paged_attention.py's KVScales).
+            rotated1 *= key_scale_inv
+            rotated2 *= key_scale_inv
         # Rounded to the cache's element: the model's dtype, or fp8 (--kv-cache-dtype).
         key1 = rotated1.to(key_cache_ptr.dtype.element_ty)
         key2 = rotated2.to(key_cache_ptr.dtype.element_ty)
@@ -120,8 +127,11 @@ def _rope_store_kernel(
         # by an earlier owner of the block would turn that zero into NaN, so none is stored
         # (in any cache: one rule for every store).
         finite = tl.abs(value.to(tl.float32)) < float("inf")
-        value = tl.where(finite, value, 0.0).to(value_cache_ptr.dtype.element_ty)
-        if value_cache_ptr.dtype.element_ty.is_fp8():
+        value = tl.where(finite, value, 0.0).to(tl.float32)
+        if fp8_cache:
+            value *= value_scale_inv
+        value = value.to(value_cache_ptr.dtype.element_ty)
+        if fp8_cache:
             # An fp8 cache's values are [block, head, dim, slot] (kernels/paged_attention.py).
             value_slot = (
                 (slots // BLOCK_SIZE) * (BLOCK_SIZE * ROW)
@@ -152,11 +162,13 @@ def rope_store_triton(
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     keep_key: bool,
+    kv_scales: KVScales = UNSCALED,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """query: [T, H, D]; key, value: [T, H_kv, D] (token rows may be strided, as views of
     a fused qkv projection; heads contiguous); cos_sin_cache: [max_position, D] fp32, cos
-    then sin; caches in kernels/paged_attention.py's layout, contiguous. Returns the rotated
-    queries, contiguous, and the rotated keys if keep_key (else None)."""
+    then sin; caches in kernels/paged_attention.py's layout, contiguous; an fp8 cache takes
+    keys and values divided by kv_scales. Returns the rotated queries, contiguous, and the
+    rotated keys if keep_key (else None), unscaled."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     for tensor in (query, key, value):
@@ -194,6 +206,8 @@ def rope_store_triton(
         key.stride(0),
         value.stride(0),
         eps,
+        1.0 / kv_scales.key,
+        1.0 / kv_scales.value,
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from gpu_worker.kernels.attention_backend import attention, rotate_and_store
+from gpu_worker.kernels.paged_attention import UNSCALED, KVScales
 from gpu_worker.model.layers import RMSNorm, RotaryEmbedding
 
 
@@ -105,10 +106,19 @@ class PagedAttention(nn.Module):
         # Plain attributes rather than buffers: the cache is not part of the weights.
         self.key_cache: torch.Tensor | None = None
         self.value_cache: torch.Tensor | None = None
+        # A checkpoint's calibrated scales for an fp8 cache, if it has them (1 if not).
+        self.k_scale: torch.Tensor
+        self.v_scale: torch.Tensor
+        self.register_buffer("k_scale", _kv_scale(), persistent=False)
+        self.register_buffer("v_scale", _kv_scale(), persistent=False)
+        self.kv_scales = UNSCALED
 
     def bind_kv_cache(self, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
         self.key_cache = key_cache
         self.value_cache = value_cache
+        # A cache in the model's dtype holds keys and values as they are.
+        fp8 = key_cache.dtype.itemsize == 1
+        self.kv_scales = KVScales(float(self.k_scale), float(self.v_scale)) if fp8 else UNSCALED
 
     def bound_kv_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's key and value caches, once bound."""
@@ -146,6 +156,7 @@ class PagedAttention(nn.Module):
             value_cache,
             metadata.slot_mapping,
             keep_key=metadata.no_cached_context,
+            kv_scales=self.kv_scales,
         )
         output = attention(
             query,
@@ -157,5 +168,28 @@ class PagedAttention(nn.Module):
             self.scale,
             self.sliding_window,
             self.logit_softcap,
+            self.kv_scales,
         )
         return output.reshape(output.shape[0], self.num_heads * self.head_dim)
+
+
+def _kv_scale() -> torch.Tensor:
+    """One fp32 scale for a whole layer's keys (or values), as llm-compressor's
+    kv_cache_scheme writes `self_attn.k_scale` and `self_attn.v_scale`: a buffer, not a
+    weight (random weights leave it at 1), that the loader fills where the checkpoint has
+    it and leaves at 1 where not."""
+    scale = torch.ones((), dtype=torch.float32)
+    scale.weight_loader = _load_kv_scale  # type: ignore[attr-defined]  # a loader hook
+    scale.optional = True  # type: ignore[attr-defined]  # read by the loader
+    return scale
+
+
+def _load_kv_scale(param: torch.Tensor, loaded: torch.Tensor, shard_id: str | None = None) -> None:
+    if loaded.numel() != 1:
+        raise ValueError(
+            f"KV cache scales of shape {tuple(loaded.shape)}: only one scale per layer (per tensor) "
+            "is supported, not one per head or channel"
+        )
+    if not float(loaded) > 0:
+        raise ValueError(f"KV cache scale {float(loaded)} must be positive")
+    param.data.fill_(float(loaded))

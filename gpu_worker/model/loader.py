@@ -100,7 +100,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     """Routes each checkpoint tensor to its parameter's weight_loader, then checks that every
     parameter (and every shard of a fused one) was filled exactly once. Tensors that another
     pipeline stage holds (the model's stage_checkpoint_name says None) are skipped."""
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    # Buffers a checkpoint may fill too (an fp8 cache's scales), which are no weights.
+    params.update((name, b) for name, b in model.named_buffers() if hasattr(b, "weight_loader"))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     stage_name = getattr(model, "stage_checkpoint_name", None)
     split = getattr(model, "split_checkpoint_tensor", None)
@@ -131,17 +133,25 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
 
     missing: list[str] = []
     for name, param in params.items():
+        if getattr(param, "optional", False):
+            continue
         expected = set(getattr(param, "shard_ids", (None,)))
         missing.extend(f"{name}[{shard}]" if shard else name for shard in expected - loaded[name])
     if missing:
         raise ValueError(f"checkpoint lacks weights for: {', '.join(sorted(missing))}")
 
 
+# An fp8 KV cache's calibrated scales (gpu_worker/model/attention.py).
+_KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")
 # One expert's projection: loads into its rows of the layer's stacked expert weights.
 _EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
 def _map_name(checkpoint_name: str) -> tuple[str, str | None]:
+    if checkpoint_name.endswith(_KV_SCALES):
+        # The attention layer that keeps them sits below the checkpoint's self_attn.
+        prefix, _, scale = checkpoint_name.rpartition(".")
+        return f"{prefix}.attn.{scale}", None
     expert = _EXPERT_TENSOR.match(checkpoint_name)
     if expert is not None:
         prefix, index, part = expert.groups()

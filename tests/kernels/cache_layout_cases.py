@@ -23,7 +23,14 @@ from tests.kernels.kernel_cases import (
 
 # isort: split
 from gpu_worker.kernels.elementwise import qk_norm_rope_reference
-from gpu_worker.kernels.paged_attention import PADDING_SLOT, store_kv, value_cache_shape, values_by_slot
+from gpu_worker.kernels.paged_attention import (
+    PADDING_SLOT,
+    UNSCALED,
+    KVScales,
+    store_kv,
+    value_cache_shape,
+    values_by_slot,
+)
 from gpu_worker.kernels.triton_rope_store import rope_store_triton
 
 __all__ = ["_triton_interpreter_on_cpu"]  # the autouse fixture, used here by pytest
@@ -60,6 +67,22 @@ def test_attention_kernels_read_an_fp8_cache() -> None:
     torch.testing.assert_close(
         batch.prefill(block_n=16 if not ON_GPU else 64).float(), expected.float(), **TOLERANCE
     )
+
+
+def test_attention_kernels_scale_back_an_fp8_caches_values() -> None:
+    # A checkpoint's KV scales: the cache holds values divided by them. The key's factor
+    # joins the softmax's scale (attention_backend folds it in), and the kernels multiply
+    # their output by the value's, whole or merged from context splits.
+    batch = PagedBatch([37, 9, 20], [1, 1, 1], num_heads=4, num_kv_heads=2, seed=13)
+    _to_fp8(batch)
+    value_scale = 1024.0
+    expected = batch.reference().float() * value_scale
+    outputs = [batch.decode(num_splits=splits, value_scale=value_scale) for splits in (1, 4)]
+    outputs.append(batch.prefill(block_n=16 if not ON_GPU else 64, value_scale=value_scale))
+    for output in outputs:
+        torch.testing.assert_close(
+            output.float(), expected, rtol=TOLERANCE["rtol"], atol=TOLERANCE["atol"] * 1024
+        )
 
 
 def _fp8_products_reference(batch: PagedBatch) -> torch.Tensor:
@@ -188,12 +211,18 @@ def test_windowed_attention_reads_no_block_that_left_the_table(fp8_cache: bool) 
 
 
 @pytest.mark.parametrize(
-    "num_tokens, with_norm, keep_key, fp8_cache",
-    [(6, False, True, False), (6, True, False, False), (6, True, True, False), (530, True, True, False)]
-    + [(6, True, True, True), (530, False, False, True)],
+    "num_tokens, with_norm, keep_key, fp8_cache, kv_scales",
+    [(6, False, True, False, UNSCALED), (6, True, False, False, UNSCALED), (6, True, True, False, UNSCALED)]
+    + [
+        (530, True, True, False, UNSCALED),
+        (6, True, True, True, UNSCALED),
+        (530, False, False, True, UNSCALED),
+    ]
+    # A checkpoint's scales divide what an fp8 cache stores (a bf16 cache takes none).
+    + [(6, True, True, True, KVScales(64.0, 0.25))],
 )
 def test_rope_store_matches_reference_and_skips_padding(
-    num_tokens: int, with_norm: bool, keep_key: bool, fp8_cache: bool
+    num_tokens: int, with_norm: bool, keep_key: bool, fp8_cache: bool, kv_scales: KVScales
 ) -> None:
     num_heads, num_kv_heads = 6, 2
     # Strided views, as the q, k and v slices of a fused qkv projection are.
@@ -230,10 +259,10 @@ def test_rope_store_matches_reference_and_skips_padding(
     actual_k, actual_v = expected_k.clone(), expected_v.clone()
 
     query_out, key_out = rope_store_triton(
-        positions, query, key, value, cos_sin, *weights, 1e-6, actual_k, actual_v, slots, keep_key
+        positions, query, key, value, cos_sin, *weights, 1e-6, actual_k, actual_v, slots, keep_key, kv_scales
     )
     expected_query, expected_key = qk_norm_rope_reference(positions, query, key, cos_sin, *weights, 1e-6)
-    store_kv(expected_key, value, expected_k, expected_v, slots)
+    store_kv(expected_key / kv_scales.key, value / kv_scales.value, expected_k, expected_v, slots)
     # A padding token's rotated query and key are left unwritten: nothing reads them.
     real = slots != PADDING_SLOT
     torch.testing.assert_close(query_out[real], expected_query[real], **TOLERANCE)

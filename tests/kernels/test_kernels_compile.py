@@ -55,6 +55,7 @@ DECODE_TYPES = dict(
     partial_lse_ptr="*fp32",
     scale_log2="fp32",
     softcap_log2="fp32",
+    value_scale="fp32",
 )
 PREFILL_TYPES = dict(
     query_ptr="*bf16",
@@ -68,6 +69,7 @@ PREFILL_TYPES = dict(
     output_ptr="*bf16",
     scale_log2="fp32",
     softcap_log2="fp32",
+    value_scale="fp32",
 )
 ADD_RMS_NORM_TYPES = dict(
     x_ptr="*fp32",
@@ -104,6 +106,8 @@ ROPE_STORE_TYPES = dict(
     key_cache_ptr="*bf16",
     value_cache_ptr="*bf16",
     eps="fp32",
+    key_scale_inv="fp32",
+    value_scale_inv="fp32",
 )
 
 # (kernel, argument types other than i32, constexprs, launch options): what the wrappers
