@@ -3,14 +3,34 @@
 Expert weights are stacked per layer: w13 [E, 2 * I, H] holds each expert's gate rows then
 its up rows, w2 [E, H, I] its down projection. A token's output is the sum over its top-k
 experts of weight * down(act(gate(x)) * up(x)). The references are the CPU path and what
-the fused Triton kernel (kernels/triton_moe.py) must compute.
+the fused Triton kernel (kernels/triton_moe.py) must compute. Experts from a fine-grained
+fp8 checkpoint are fp8 with one scale per block of weights (ExpertScales): the reference
+dequantizes them, the kernel scales each tile's product by its block's scale.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
+
+
+class ExpertScales(NamedTuple):
+    """Block scales of fp8 experts: w13 [E, 2 * I / bn, H / bk], w2 [E, H / bn, I / bk],
+    block = (bn, bk)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    block: tuple[int, int]
+
+
+def dequantize_experts(weights: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp32 [E, rows, columns] from fp8 weights and their [E, rows / bn, columns / bk] scales."""
+    _, rows, columns = weights.shape
+    expanded = scales.float().repeat_interleave(block[0], 1)[:, :rows].repeat_interleave(block[1], 2)
+    return weights.float() * expanded[:, :, :columns]
 
 
 def route_reference(
@@ -64,9 +84,14 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     hidden_act: str,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
+    """scales: w13 and w2 are fp8 with these block scales."""
     if x.is_cuda:
         from gpu_worker.kernels.triton_moe import fused_moe_triton
 
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, hidden_act)
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, hidden_act, scales=scales)
+    if scales is not None:
+        w13 = dequantize_experts(w13, scales.w13, scales.block).to(x.dtype)
+        w2 = dequantize_experts(w2, scales.w2, scales.block).to(x.dtype)
     return fused_moe_reference(x, w13, w2, topk_weights, topk_ids, hidden_act)

@@ -12,6 +12,10 @@ read back; other activations run as a separate kernel between the two.
 
 Every buffer is sized for the worst case (each expert's run padded by BLOCK_M - 1), so
 the launch depends only on the batch size and the shapes: CUDA-graph safe.
+
+fp8 experts (a fine-grained fp8 checkpoint's, kernels.moe.ExpertScales) are widened as
+their tiles load, and each tile's product is scaled by its block's scale before it joins
+the sum: the activations are not quantized.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import triton
 import triton.language as tl
 
 from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
+from gpu_worker.kernels.moe import ExpertScales
 from gpu_worker.kernels.triton_moe_align import align_by_expert_triton, fits_one_program
 
 
@@ -69,16 +74,22 @@ def _expert_gemm_kernel(
     stride_bn,
     stride_bk,
     stride_cm,
+    b_scale_ptr,
+    stride_scale_e,
+    stride_scale_n,
     A_ROW_DIV: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
     SILU_AND_MUL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr,
+    SCALE_BLOCK_K: tl.constexpr,
 ):
     """C[pair] = A[pair // A_ROW_DIV] @ B[expert]^T (times the pair's weight), for the
     pairs of one tile of sorted rows and one tile of output columns. SILU_AND_MUL: B has
-    2 * N rows, gate then up, and C[pair] = silu(A B_gate^T) * (A B_up^T)."""
+    2 * N rows, gate then up, and C[pair] = silu(A B_gate^T) * (A B_up^T). SCALE_BLOCK_N
+    > 0: B is fp8 with one scale per block of [SCALE_BLOCK_N, SCALE_BLOCK_K] weights."""
     tile_m = tl.program_id(0)
     tile_n = tl.program_id(1)
     if tile_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -110,7 +121,14 @@ def _expert_gemm_kernel(
             mask=b_col_valid[None, :] & k_valid[:, None],
             other=0.0,
         )
-        acc += tl.dot(a, b)
+        if SCALE_BLOCK_N > 0:
+            scale_offsets = (b_cols // SCALE_BLOCK_N) * stride_scale_n + k_start // SCALE_BLOCK_K
+            block_scale = tl.load(
+                b_scale_ptr + expert * stride_scale_e + scale_offsets, mask=b_col_valid, other=0.0
+            )
+            acc += tl.dot(a, b.to(a.dtype)) * block_scale[None, :]
+        else:
+            acc += tl.dot(a, b)
     if SILU_AND_MUL:
         gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
         # Rounded where the separate kernels round: the product to the activation dtype,
@@ -154,7 +172,10 @@ def _expert_gemm(
     mul_weight: bool,
     plan: dict[str, int],
     silu_and_mul: bool = False,
+    scale: torch.Tensor | None = None,
+    scale_block: tuple[int, int] = (0, 0),
 ) -> None:
+    """scale: b's block scales [E, rows / bn, K / bk], scale_block = (bn, bk)."""
     sorted_ids, expert_of_block, num_padded = alignment
     k = b.shape[2]
     n = b.shape[1] // 2 if silu_and_mul else b.shape[1]
@@ -164,6 +185,10 @@ def _expert_gemm(
         # tiles of the plan's width, and as many programs.
         block_n //= 2
     block_k = plan["block_k"] if k >= plan["block_k"] else max(16, triton.next_power_of_2(k))
+    if scale is not None:
+        # A tile of inputs within one block; under SiLU the up rows start a block of their own.
+        block_k = min(block_k, scale_block[1])
+        assert scale_block[1] % block_k == 0 and not (silu_and_mul and n % scale_block[0])
     grid = (triton.cdiv(sorted_ids.numel(), block_m), triton.cdiv(n, block_n))
     _expert_gemm_kernel[grid](
         a,
@@ -181,12 +206,17 @@ def _expert_gemm(
         b.stride(1),
         b.stride(2),
         out.stride(0),
+        scale if scale is not None else weights,
+        scale.stride(0) if scale is not None else 0,
+        scale.stride(1) if scale is not None else 0,
         A_ROW_DIV=a_row_div,
         MUL_WEIGHT=mul_weight,
         SILU_AND_MUL=silu_and_mul,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        SCALE_BLOCK_N=scale_block[0] if scale is not None else 0,
+        SCALE_BLOCK_K=scale_block[1] if scale is not None else 0,
         num_warps=plan["num_warps"],
         num_stages=plan["num_stages"],
     )
@@ -200,9 +230,11 @@ def fused_moe_triton(
     topk_ids: torch.Tensor,
     hidden_act: str,
     plans: tuple[dict[str, int], dict[str, int]] | None = None,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
     """Same contract as kernels.moe.fused_moe_reference. plans: the gate/up and the down
-    GEMM's tiles (one block_m for both), moe_plan's unless given (benchmarks sweep them)."""
+    GEMM's tiles (one block_m for both), moe_plan's unless given (benchmarks sweep them).
+    scales: w13 and w2 are fp8 with these block scales."""
     num_tokens, top_k = topk_ids.shape
     assert x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
     num_pairs = num_tokens * top_k
@@ -210,13 +242,14 @@ def fused_moe_triton(
     assert gate_up_plan["block_m"] == down_plan["block_m"], "both GEMMs read one alignment"
     alignment = align_by_expert(topk_ids, w13.shape[0], gate_up_plan["block_m"])
     weights = topk_weights.contiguous().view(-1)
+    w13_scale, w2_scale = ((scales.w13, scales.block), (scales.w2, scales.block)) if scales else ((), ())
     if hidden_act == "silu":
         hidden = torch.empty(num_pairs, w13.shape[1] // 2, dtype=x.dtype, device=x.device)
-        _expert_gemm(x, w13, hidden, weights, alignment, top_k, False, gate_up_plan, silu_and_mul=True)
+        _expert_gemm(x, w13, hidden, weights, alignment, top_k, False, gate_up_plan, True, *w13_scale)
     else:
         gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-        _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, gate_up_plan)
+        _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, gate_up_plan, False, *w13_scale)
         hidden = GATED_ACTIVATIONS[hidden_act](gate_up)
     down = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
-    _expert_gemm(hidden, w2, down, weights, alignment, 1, True, down_plan)
+    _expert_gemm(hidden, w2, down, weights, alignment, 1, True, down_plan, False, *w2_scale)
     return down.view(num_tokens, top_k, -1).sum(dim=1)

@@ -144,7 +144,7 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
 # An fp8 KV cache's calibrated scales (gpu_worker/model/attention.py).
 _KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")
 # One expert's projection: loads into its rows of the layer's stacked expert weights.
-_EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight(_scale_inv)?$")
 
 
 def _map_name(checkpoint_name: str) -> tuple[str, str | None]:
@@ -154,9 +154,9 @@ def _map_name(checkpoint_name: str) -> tuple[str, str | None]:
         return f"{prefix}.attn.{scale}", None
     expert = _EXPERT_TENSOR.match(checkpoint_name)
     if expert is not None:
-        prefix, index, part = expert.groups()
+        prefix, index, part, scales = expert.groups()
         fused = "down_proj" if part == "down" else "gate_up_proj"
-        return f"{prefix}.{fused}", f"{index}.{part}"
+        return f"{prefix}.{fused}{scales or ''}", f"{index}.{part}"
     parts = checkpoint_name.split(".")
     for index, part in enumerate(parts):
         if part in STACKED_PARAMS:

@@ -10,7 +10,7 @@ import torch
 from tests.kernels.kernel_cases import DEVICE, DTYPE, ON_GPU, _relative_error, _triton_interpreter_on_cpu
 
 # isort: split
-from gpu_worker.kernels.moe import fused_moe_reference, route
+from gpu_worker.kernels.moe import ExpertScales, dequantize_experts, fused_moe_reference, route
 from gpu_worker.kernels.triton_moe import align_by_expert, fused_moe_triton, moe_plan
 from gpu_worker.kernels.triton_moe_align import align_by_expert_triton
 
@@ -42,6 +42,38 @@ def test_fused_moe_matches_reference(
         assert plans[0]["block_m"] == 128
     output = fused_moe_triton(x, w13, w2, weights, ids, hidden_act, plans)
     expected = fused_moe_reference(x, w13, w2, weights, ids, hidden_act)
+    assert _relative_error(output, expected) < (2e-2 if ON_GPU else 1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,tiles", [(3, "planned"), (37, "large")])
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu_pytorch_tanh"])
+def test_fused_moe_over_fp8_experts_matches_the_dequantized_reference(
+    num_tokens: int, tiles: str, hidden_act: str
+) -> None:
+    # A fine-grained fp8 checkpoint's experts: fp8 weights, a scale per block, blocks of
+    # inputs narrower than the plan's tiles on CPU (the tile shrinks to one block).
+    num_experts, top_k = 4, 2
+    hidden, intermediate, block = (1024, 768, (128, 128)) if ON_GPU else (64, 32, (16, 32))
+    generator = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, hidden, generator=generator).to(DEVICE, DTYPE)
+
+    def fp8_experts(rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+        values = (torch.randn(num_experts, rows, columns, generator=generator) * 64).to(torch.float8_e4m3fn)
+        grid = (num_experts, -(-rows // block[0]), columns // block[1])
+        return values.to(DEVICE), (torch.rand(grid, generator=generator) * columns**-0.5 / 32).to(DEVICE)
+
+    (w13, w13_scale), (w2, w2_scale) = (
+        fp8_experts(2 * intermediate, hidden),
+        fp8_experts(hidden, intermediate),
+    )
+    scales = ExpertScales(w13_scale, w2_scale, block)
+    weights, ids = route(torch.randn(num_tokens, num_experts, generator=generator).to(DEVICE), top_k, True)
+    plans = (moe_plan(1 << 20, num_experts),) * 2 if tiles == "large" else None
+    output = fused_moe_triton(x, w13, w2, weights, ids, hidden_act, plans, scales)
+    dequantized = [
+        dequantize_experts(w, scale, block).to(DTYPE) for w, scale in ((w13, w13_scale), (w2, w2_scale))
+    ]
+    expected = fused_moe_reference(x, *dequantized, weights, ids, hidden_act)
     assert _relative_error(output, expected) < (2e-2 if ON_GPU else 1e-5)
 
 

@@ -24,6 +24,7 @@ from gpu_worker.config import WorkerConfig
 from gpu_worker.kernels.w8a8 import dequantize_rows, quantize_rows
 from gpu_worker.model_runner import ModelRunner
 from tests.support.greedy_runs import hf_greedy, runner_greedy
+from tests.support.tiny_architectures import build_tiny_model
 from tests.support.tiny_llama import TINY_DIMS, VOCAB_SIZE
 
 # Every architecture and format against its reference: the full suite's, not the quick round's.
@@ -187,6 +188,28 @@ def test_fp8_block_checkpoint_generates_the_dequantized_models_tokens(tmp_path: 
     expected = hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
     assert runner_greedy(runner, _prompts(), MAX_NEW_TOKENS) == expected
     assert expected != unquantized  # the blocks' rounding reaches the tokens
+
+
+@pytest.mark.hf
+def test_fp8_block_checkpoint_of_experts_generates_the_dequantized_models_tokens(tmp_path: Path) -> None:
+    # Qwen3-MoE's fine-grained fp8 release quantizes every expert's projections as the
+    # attention's, in blocks; the router stays in the model's dtype.
+    torch.manual_seed(0)
+    model = build_tiny_model("qwen3_moe")
+    reference_dir = tmp_path / "dequantized"
+    for model_dir in (tmp_path / "fp8", reference_dir):
+        model.save_pretrained(model_dir)
+    dequantized = _write_fp8_block_checkpoint(tmp_path / "fp8", block=16)
+    assert any(".experts." in name for name in dequantized)
+    tensors = load_file(str(reference_dir / "model.safetensors"))
+    save_file({**tensors, **dequantized}, str(reference_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
+    hf_model.generation_config.eos_token_id = None
+    runner = _runner(tmp_path / "fp8", None)
+    assert runner.model_config.quantization.weight_block == (16, 16)
+    assert runner_greedy(runner, _prompts(), MAX_NEW_TOKENS) == hf_greedy(
+        hf_model, _prompts(), MAX_NEW_TOKENS
+    )
 
 
 def test_unsupported_fp8_checkpoints_are_refused_naming_the_field(tmp_path: Path) -> None:

@@ -25,10 +25,10 @@ def check_quantization_supported(
     if quantization is None:
         return
     method = quantization.method
-    if model_config.num_experts:
+    if model_config.num_experts and quantization.weight_block is None:
         raise ValueError(
             f"quantization {method} with model_type {model_config.model_type}: "
-            "quantized mixture-of-experts layers are not implemented"
+            "quantized mixture-of-experts layers are implemented for fine-grained fp8 checkpoints only"
         )
     if (quantization.weight_only or quantization.prequantized) and model_config.model_type == "phi3":
         # Phi-3 stores q/k/v and gate/up fused; splitting packed 4-bit tensors, or scales
