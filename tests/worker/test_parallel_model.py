@@ -17,6 +17,7 @@ import torch
 from parallel_harness import run_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from devtools.fp8_checkpoints import write_fp8_block_checkpoint
 from devtools.int4_checkpoints import write_int4_checkpoint
 from gpu_worker.kv_cache import KVCacheLayout, allocate_kv_cache, bind_kv_cache
 from gpu_worker.model.attention import AttentionMetadata, attention_context
@@ -200,6 +201,20 @@ def test_int4_checkpoints_split_over_tensor_parallel_ranks(
     write_int4_checkpoint(model_dir, method, group_size=16)
     expected = _run_rank(SINGLE_RANK_CONTEXT, model_dir)
     ranks = run_ranks(_run_rank, 2, 1, args=(model_dir,))
+    for rank in ranks:
+        for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
+            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+            assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+
+
+def test_fp8_block_checkpoint_of_experts_splits_over_tensor_parallel_ranks(tmp_path: Path) -> None:
+    """Each rank takes its blocks of every fp8 projection and expert, and their scales, and
+    gives the single rank's logits of the same checkpoint."""
+    torch.manual_seed(0)
+    build_tiny_model("qwen3_moe").save_pretrained(tmp_path)
+    write_fp8_block_checkpoint(tmp_path, block=16)
+    expected = _run_rank(SINGLE_RANK_CONTEXT, tmp_path)
+    ranks = run_ranks(_run_rank, 2, 1, args=(tmp_path,))
     for rank in ranks:
         for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
             torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)

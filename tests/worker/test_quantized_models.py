@@ -19,6 +19,11 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from devtools.fp8_checkpoints import (
+    fine_grained_fp8_config,
+    set_quantization_config,
+    write_fp8_block_checkpoint,
+)
 from devtools.int4_checkpoints import QUANTIZED_PROJECTIONS, write_int4_checkpoint
 from gpu_worker.config import WorkerConfig
 from gpu_worker.kernels.w8a8 import dequantize_rows, quantize_rows
@@ -94,7 +99,7 @@ def _write_fp8_checkpoint(model_dir: Path, per_tensor: bool) -> None:
         tensors[name] = values
         tensors[name + "_scale"] = scale[:1, 0].clone() if per_tensor else scale
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _set_quantization_config(model_dir, _compressed_tensors_config(per_tensor))
+    set_quantization_config(model_dir, _compressed_tensors_config(per_tensor))
 
 
 def _compressed_tensors_config(per_tensor: bool) -> dict:
@@ -111,16 +116,6 @@ def _compressed_tensors_config(per_tensor: bool) -> dict:
         },
         "ignore": ["lm_head"],
     }
-
-
-def _fine_grained_fp8_config(block: int) -> dict:
-    return {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [block, block]}
-
-
-def _set_quantization_config(model_dir: Path, quantization_config: dict) -> None:
-    config = json.loads((model_dir / "config.json").read_text())
-    config["quantization_config"] = quantization_config
-    (model_dir / "config.json").write_text(json.dumps(config))
 
 
 @pytest.mark.hf
@@ -156,29 +151,10 @@ def test_fp8_checkpoint_generates_the_dequantized_models_tokens(tmp_path: Path, 
     assert runner_greedy(_runner(tmp_path, "fp8"), _prompts(), MAX_NEW_TOKENS) == expected
 
 
-def _write_fp8_block_checkpoint(model_dir: Path, block: int) -> dict[str, torch.Tensor]:
-    """The projections as HF's fine-grained fp8 stores them: `weight` in float8 e4m3 and
-    `weight_scale_inv`, one scale per block x block tile. Returns the dequantized weights."""
-    path = model_dir / "model.safetensors"
-    tensors = load_file(str(path))
-    dequantized = {}
-    for name in [n for n in tensors if n.rsplit(".", 2)[-2] in QUANTIZED_PROJECTIONS]:
-        rows, columns = tensors[name].shape
-        tiles = tensors[name].view(rows // block, block, columns // block, block)
-        scale = tiles.abs().amax(dim=(1, 3)) / 448.0
-        values = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-        dequantized[name] = (values.float() * scale[:, None, :, None]).view(rows, columns)
-        tensors[name] = values.view(rows, columns)
-        tensors[name + "_scale_inv"] = scale
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    _set_quantization_config(model_dir, _fine_grained_fp8_config(block))
-    return dequantized
-
-
 @pytest.mark.hf
 def test_fp8_block_checkpoint_generates_the_dequantized_models_tokens(tmp_path: Path) -> None:
     hf_model = _tiny_llama(tmp_path)
-    dequantized = _write_fp8_block_checkpoint(tmp_path, block=16)
+    dequantized = write_fp8_block_checkpoint(tmp_path, block=16)
     runner = _runner(tmp_path, None)
     assert runner.model_config.quantization.weight_block == (16, 16)
     unquantized = hf_greedy(hf_model, _prompts(), MAX_NEW_TOKENS)
@@ -199,7 +175,7 @@ def test_fp8_block_checkpoint_of_experts_generates_the_dequantized_models_tokens
     reference_dir = tmp_path / "dequantized"
     for model_dir in (tmp_path / "fp8", reference_dir):
         model.save_pretrained(model_dir)
-    dequantized = _write_fp8_block_checkpoint(tmp_path / "fp8", block=16)
+    dequantized = write_fp8_block_checkpoint(tmp_path / "fp8", block=16)
     assert any(".experts." in name for name in dequantized)
     tensors = load_file(str(reference_dir / "model.safetensors"))
     save_file({**tensors, **dequantized}, str(reference_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -280,8 +256,8 @@ def test_dummy_weights_of_an_fp8_checkpoints_config(tmp_path: Path, block: int |
     at random in their checkpoint layouts (compressed-tensors, or block-wise)."""
     dims = {**TINY_DIMS, "hidden_size": 128, "intermediate_size": 256}
     transformers.LlamaConfig(**dims).save_pretrained(tmp_path)
-    quantization = _compressed_tensors_config(False) if block is None else _fine_grained_fp8_config(block)
-    _set_quantization_config(tmp_path, quantization)
+    quantization = _compressed_tensors_config(False) if block is None else fine_grained_fp8_config(block)
+    set_quantization_config(tmp_path, quantization)
     config = WorkerConfig(model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="dummy")
     runner = ModelRunner(config)
     assert runner.model_config.quantization.prequantized
@@ -290,7 +266,7 @@ def test_dummy_weights_of_an_fp8_checkpoints_config(tmp_path: Path, block: int |
 
 def test_fp8_checkpoints_of_fused_phi3_projections_are_refused(tmp_path: Path) -> None:
     transformers.Phi3Config(**TINY_DIMS).save_pretrained(tmp_path)
-    _set_quantization_config(tmp_path, _fine_grained_fp8_config(16))
+    set_quantization_config(tmp_path, fine_grained_fp8_config(16))
     config = WorkerConfig(model_path=tmp_path, device="cpu", num_kv_blocks=8, load_format="dummy")
     with pytest.raises(ValueError, match="fp8 checkpoints of model_type phi3 are not implemented"):
         ModelRunner(config)
