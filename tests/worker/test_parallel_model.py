@@ -152,6 +152,13 @@ def test_tiny_llama_logits_match_single_rank(tiny_llama_dir, single_rank, tp: in
         assert ("model.norm.weight" in rank["params"]) == (stage == pp - 1)
 
 
+def _assert_same_logits(rank: dict[str, Any], expected: dict[str, Any], atol: float = 1e-4) -> None:
+    """A last stage's logits are the single rank's, within fp32 rounding, argmax exactly."""
+    for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
+        torch.testing.assert_close(logits, reference, atol=atol, rtol=1e-4)
+        assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+
+
 @pytest.fixture(scope="module")
 def embedded_single_rank(embedded_model_dir: Path) -> dict[str, Any]:
     return _run_rank(SINGLE_RANK_CONTEXT, embedded_model_dir)
@@ -166,10 +173,8 @@ def test_embedded_model_splits(embedded_model_dir, embedded_single_rank, tp: int
     for rank in ranks:
         assert rank["layout"] == KVCacheLayout(num_layers=30 // pp, num_kv_heads=3 // tp, head_dim=64)
     for rank in ranks[(pp - 1) * tp :]:
-        for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
-            # Thirty layers summed in another order: fp32 rounding, far below the logits' spread.
-            torch.testing.assert_close(logits, reference, atol=1e-3, rtol=1e-4)
-            assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+        # Thirty layers summed in another order: fp32 rounding, far below the logits' spread.
+        _assert_same_logits(rank, expected, atol=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -184,9 +189,7 @@ def test_every_architecture_splits(tmp_path, model_type: str) -> None:
     expected = _run_rank(SINGLE_RANK_CONTEXT, tmp_path)
     ranks = run_ranks(_run_rank, 2, 2, args=(tmp_path,))
     for rank in ranks[2:]:
-        for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
-            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
-            assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+        _assert_same_logits(rank, expected)
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
@@ -202,9 +205,7 @@ def test_int4_checkpoints_split_over_tensor_parallel_ranks(
     expected = _run_rank(SINGLE_RANK_CONTEXT, model_dir)
     ranks = run_ranks(_run_rank, 2, 1, args=(model_dir,))
     for rank in ranks:
-        for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
-            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
-            assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+        _assert_same_logits(rank, expected)
 
 
 def test_fp8_block_checkpoint_of_experts_splits_over_tensor_parallel_ranks(tmp_path: Path) -> None:
@@ -216,6 +217,4 @@ def test_fp8_block_checkpoint_of_experts_splits_over_tensor_parallel_ranks(tmp_p
     expected = _run_rank(SINGLE_RANK_CONTEXT, tmp_path)
     ranks = run_ranks(_run_rank, 2, 1, args=(tmp_path,))
     for rank in ranks:
-        for logits, reference in zip(rank["logits"], expected["logits"], strict=True):
-            torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
-            assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+        _assert_same_logits(rank, expected)
