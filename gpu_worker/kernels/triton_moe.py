@@ -242,14 +242,14 @@ def fused_moe_triton(
     assert gate_up_plan["block_m"] == down_plan["block_m"], "both GEMMs read one alignment"
     alignment = align_by_expert(topk_ids, w13.shape[0], gate_up_plan["block_m"])
     weights = topk_weights.contiguous().view(-1)
-    w13_scale, w2_scale = ((scales.w13, scales.block), (scales.w2, scales.block)) if scales else ((), ())
+    w13_scale, w2_scale, block = scales if scales is not None else (None, None, (0, 0))
     if hidden_act == "silu":
         hidden = torch.empty(num_pairs, w13.shape[1] // 2, dtype=x.dtype, device=x.device)
-        _expert_gemm(x, w13, hidden, weights, alignment, top_k, False, gate_up_plan, True, *w13_scale)
+        _expert_gemm(x, w13, hidden, weights, alignment, top_k, False, gate_up_plan, True, w13_scale, block)
     else:
         gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-        _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, gate_up_plan, False, *w13_scale)
+        _expert_gemm(x, w13, gate_up, weights, alignment, top_k, False, gate_up_plan, False, w13_scale, block)
         hidden = GATED_ACTIVATIONS[hidden_act](gate_up)
     down = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
-    _expert_gemm(hidden, w2, down, weights, alignment, 1, True, down_plan, False, *w2_scale)
+    _expert_gemm(hidden, w2, down, weights, alignment, 1, True, down_plan, False, w2_scale, block)
     return down.view(num_tokens, top_k, -1).sum(dim=1)
