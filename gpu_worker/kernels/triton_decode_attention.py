@@ -301,28 +301,25 @@ def decode_attention_triton(
     fp8_products: bool = False,
     value_scale: float = 1.0,
 ) -> torch.Tensor:
-    """query: [num_seqs, num_heads, head_dim], one token per sequence; the caches, block tables,
-    seq_lens, sliding_window and logit_softcap as in kernels.paged_attention. Returns [num_seqs,
-    num_heads, head_dim]. fp8_products: over an fp8 cache, multiply in e4m3 (_fp8_query).
-    value_scale: the factor of the cache's values (kernels.paged_attention.KVScales). A
-    mixed batch passes query_start_loc: query is then [num_tokens, num_heads, head_dim], and
-    only the rows of sequences with one query token are written, into `output` (made if None)."""
+    """query: [num_seqs, num_heads, head_dim], one token per sequence; the caches, block tables, seq_lens,
+    sliding_window and logit_softcap as in kernels.paged_attention. Returns [num_seqs, num_heads, head_dim].
+    fp8_products: over an fp8 cache, multiply in e4m3 (_fp8_query); value_scale: the factor of the cache's
+    values (kernels.paged_attention.KVScales). A mixed batch passes query_start_loc: query is then
+    [num_tokens, num_heads, head_dim], and only its single-token sequences' rows are written, into output."""
     num_heads, head_dim = query.shape[1:]
     num_seqs = seq_lens.shape[0]
     _, block_size, num_kv_heads, cache_head_dim = key_cache.shape
     assert cache_head_dim == head_dim and num_heads % num_kv_heads == 0
     assert head_dim == triton.next_power_of_2(head_dim), "head_dim must be a power of two"
     assert query.stride(2) == 1 and block_tables.stride(1) == 1
+    assert key_cache.dtype.itemsize == 1 or not fp8_products, "fp8 products need an fp8 cache"
     check_cache_layout(key_cache, value_cache)
     group = num_heads // num_kv_heads
     num_splits = num_splits or choose_num_splits(num_seqs, num_kv_heads)
     block_n = block_n or choose_block_n(num_seqs, key_cache.dtype)
-    assert key_cache.dtype.itemsize == 1 or not fp8_products, "fp8 products need an fp8 cache"
-    if output is None:
-        output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    output = torch.empty_like(query) if output is None else output
     if num_seqs == 0:
         return output
-    mixed = query_start_loc is not None
     # Unread unless mixed; a tensor all the same, as the kernels take a pointer.
     row_starts = query_start_loc if query_start_loc is not None else seq_lens
     partial_output, partial_lse = _split_buffers(output, num_seqs, num_splits)
@@ -355,7 +352,7 @@ def decode_attention_triton(
         BLOCK_N=block_n,
         SLOT_RUN=slot_run(block_size, block_n),
         NUM_SPLITS=num_splits,
-        MIXED=mixed,
+        MIXED=query_start_loc is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         USE_WINDOW=sliding_window is not None,
@@ -364,7 +361,7 @@ def decode_attention_triton(
         **pdl_launch(query.device),
     )
     if num_splits > 1:
-        _merge_splits(partial_output, partial_lse, row_starts, output, mixed)
+        _merge_splits(partial_output, partial_lse, row_starts, output, query_start_loc is not None)
     return output
 
 
