@@ -20,11 +20,11 @@ import torch.nn.functional as F
 def dequantize_blocks(
     weight: torch.Tensor, block_scale: torch.Tensor, block: tuple[int, int]
 ) -> torch.Tensor:
-    """fp32 weights [out, in] from fp8 `weight` and block_scale [out / bn, in / bk] (the
-    last row or column of blocks may be cut short)."""
-    (rows, columns), (block_out, block_in) = weight.shape, block
-    scales = block_scale.float().repeat_interleave(block_out, 0)[:rows]
-    return weight.float() * scales.repeat_interleave(block_in, 1)[:, :columns]
+    """fp32 weights [..., out, in] from fp8 `weight` and block_scale [..., out / bn, in / bk]
+    (stacked experts too; the last row or column of blocks may be cut short)."""
+    (rows, columns), (block_out, block_in) = weight.shape[-2:], block
+    scales = block_scale.float().repeat_interleave(block_out, -2)[..., :rows, :]
+    return weight.float() * scales.repeat_interleave(block_in, -1)[..., :columns]
 
 
 def block_fp8_linear_reference(

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from gpu_worker.kernels.block_fp8 import dequantize_blocks
 from gpu_worker.kernels.elementwise import GATED_ACTIVATIONS
 
 
@@ -24,13 +25,6 @@ class ExpertScales(NamedTuple):
     w13: torch.Tensor
     w2: torch.Tensor
     block: tuple[int, int]
-
-
-def dequantize_experts(weights: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """fp32 [E, rows, columns] from fp8 weights and their [E, rows / bn, columns / bk] scales."""
-    _, rows, columns = weights.shape
-    expanded = scales.float().repeat_interleave(block[0], 1)[:, :rows].repeat_interleave(block[1], 2)
-    return weights.float() * expanded[:, :, :columns]
 
 
 def route_reference(
@@ -92,6 +86,6 @@ def fused_moe(
 
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, hidden_act, scales=scales)
     if scales is not None:
-        w13 = dequantize_experts(w13, scales.w13, scales.block).to(x.dtype)
-        w2 = dequantize_experts(w2, scales.w2, scales.block).to(x.dtype)
+        w13 = dequantize_blocks(w13, scales.w13, scales.block).to(x.dtype)
+        w2 = dequantize_blocks(w2, scales.w2, scales.block).to(x.dtype)
     return fused_moe_reference(x, w13, w2, topk_weights, topk_ids, hidden_act)

@@ -19,11 +19,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from gpu_worker.kernels.moe import ExpertScales, dequantize_experts, fused_moe, route
+from gpu_worker.kernels.block_fp8 import dequantize_blocks
+from gpu_worker.kernels.moe import ExpertScales, fused_moe, route
 from gpu_worker.kernels.w8a8 import FP8_DTYPE
 from gpu_worker.model.config import ModelConfig
 from gpu_worker.model.decoder import DecoderForCausalLM, DecoderLayer, GatedMLP
 from gpu_worker.model.layers import Linear, WeightLoader, new_parameter
+from gpu_worker.model.quantization.fp8_checkpoints import fill_dummy_fp8, fill_dummy_scale
 from gpu_worker.parallel.groups import SINGLE_RANK, RankGroup
 
 
@@ -32,9 +34,7 @@ class ExpertWeights(nn.Module):
     expert's checkpoint tensors to: gate_up_proj [E, 2 * I, H] (gate rows, then up rows)
     and down_proj [E, H, I], I being this rank's slice of the intermediate features."""
 
-    def __init__(
-        self, config: ModelConfig, local_size: int, weight_loader: WeightLoader, scale_loader: WeightLoader
-    ) -> None:
+    def __init__(self, config: ModelConfig, local_size: int, weight_loader: WeightLoader) -> None:
         super().__init__()
         experts = range(config.num_experts)
         gate_up_ids = tuple(f"{e}.{p}" for e in experts for p in ("gate", "up"))
@@ -52,8 +52,8 @@ class ExpertWeights(nn.Module):
             self.quant_method = _Fp8BlockExperts()
             self.gate_up_proj = _fp8_parameter(gate_up_shape, weight_loader)
             self.down_proj = _fp8_parameter(down_shape, weight_loader)
-            self.gate_up_proj_scale_inv = _block_scales(gate_up_shape, self.block, scale_loader, gate_up_ids)
-            self.down_proj_scale_inv = _block_scales(down_shape, self.block, scale_loader, down_ids)
+            self.gate_up_proj_scale_inv = _block_scales(gate_up_shape, self.block, weight_loader, gate_up_ids)
+            self.down_proj_scale_inv = _block_scales(down_shape, self.block, weight_loader, down_ids)
         self.gate_up_proj.shard_ids = gate_up_ids  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
         self.down_proj.shard_ids = down_ids  # type: ignore[attr-defined]  # a loader hook, not an nn.Parameter field
 
@@ -67,14 +67,14 @@ class ExpertWeights(nn.Module):
 def _fp8_parameter(shape: tuple[int, int, int], weight_loader: WeightLoader) -> nn.Parameter:
     param = nn.Parameter(torch.empty(shape, dtype=FP8_DTYPE), requires_grad=False)
     param.weight_loader = weight_loader  # type: ignore[attr-defined]  # a loader hook
-    param.dummy_fill = _dummy_fp8  # type: ignore[attr-defined]  # random weights
+    param.dummy_fill = fill_dummy_fp8  # type: ignore[attr-defined]  # random weights
     return param
 
 
 def _block_scales(
     shape: tuple[int, int, int],
     block: tuple[int, int],
-    scale_loader: WeightLoader,
+    weight_loader: WeightLoader,
     shard_ids: tuple[str, ...],
 ) -> nn.Parameter:
     """[E, rows / bn, columns / bk]: a rank's rows and columns must hold whole blocks."""
@@ -88,14 +88,10 @@ def _block_scales(
         torch.empty(num_experts, rows // block[0], columns // block[1], dtype=torch.float32),
         requires_grad=False,
     )
-    param.weight_loader = scale_loader  # type: ignore[attr-defined]  # a loader hook
+    param.weight_loader = weight_loader  # type: ignore[attr-defined]  # a loader hook
     param.shard_ids = shard_ids  # type: ignore[attr-defined]  # a loader hook
-    param.dummy_fill = lambda p: p.data.fill_(1e-3 / 448.0)  # type: ignore[attr-defined]  # random weights
+    param.dummy_fill = fill_dummy_scale  # type: ignore[attr-defined]  # random weights
     return param
-
-
-def _dummy_fp8(param: nn.Parameter) -> None:
-    param.data.copy_(torch.empty(param.shape, device=param.device).uniform_(-448.0, 448.0).to(FP8_DTYPE))
 
 
 class _Fp8BlockExperts:
@@ -108,7 +104,7 @@ class _Fp8BlockExperts:
         for name in ("gate_up_proj", "down_proj"):
             scales = experts._parameters.pop(f"{name}_scale_inv")
             assert scales is not None
-            weight = dequantize_experts(getattr(experts, name).data, scales.data, experts.block)
+            weight = dequantize_blocks(getattr(experts, name).data, scales.data, experts.block)
             setattr(experts, name, nn.Parameter(weight.to(experts.dtype), requires_grad=False))
         experts.block = None
 
@@ -123,49 +119,29 @@ class FusedMoE(nn.Module):
         self.local_size = tp.share_of("moe_intermediate_size", config.moe_intermediate_size)
         self.hidden_act = config.hidden_act
         self.gate = Linear(config.hidden_size, config.num_experts)
-        self.experts = ExpertWeights(config, self.local_size, self._load_expert, self._load_expert_scales)
+        self.experts = ExpertWeights(config, self.local_size, self._load_expert)
 
     def _load_expert(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
     ) -> None:
-        """shard_id "E.gate", "E.up" or "E.down": expert E's [I, H] or [H, I] tensor, of
-        which this rank keeps its slice of the intermediate features."""
-        if shard_id is None or shard_id not in param.shard_ids:  # type: ignore[attr-defined]
-            raise ValueError(f"expected an expert shard id like '0.gate', got {shard_id!r}")
-        expert, part = shard_id.split(".")
-        size, start = self.local_size, self.tp.rank * self.local_size
-        if part == "down":
-            source, destination = loaded_weight[:, start : start + size], param.data[int(expert)]
-        else:
-            offset = 0 if part == "gate" else size
-            source = loaded_weight[start : start + size]
-            destination = param.data[int(expert), offset : offset + size]
-        if source.shape != destination.shape:
-            raise ValueError(
-                f"expert shard {shard_id!r}: expected {tuple(destination.shape)} of the checkpoint's "
-                f"{tuple(loaded_weight.shape)}"
-            )
-        destination.copy_(source)
-
-    def _load_expert_scales(
-        self, param: nn.Parameter, loaded_scales: torch.Tensor, shard_id: str | None = None
-    ) -> None:
-        """An expert's block scales, cut as _load_expert cuts its weights, in blocks."""
+        """shard_id "E.gate", "E.up" or "E.down": expert E's [I, H] or [H, I] tensor (or
+        its block scales), of which this rank keeps its slice of the intermediate features:
+        as many rows or columns as the rank's destination holds, weights or blocks."""
         if shard_id is None or shard_id not in param.shard_ids:  # type: ignore[attr-defined]
             raise ValueError(f"expected an expert shard id like '0.gate', got {shard_id!r}")
         expert, part = shard_id.split(".")
         destination = param.data[int(expert)]
         if part == "down":
             size = destination.shape[1]
-            source = loaded_scales[:, self.tp.rank * size : (self.tp.rank + 1) * size]
+            source = loaded_weight[:, self.tp.rank * size : (self.tp.rank + 1) * size]
         else:
             size = destination.shape[0] // 2
-            source = loaded_scales[self.tp.rank * size : (self.tp.rank + 1) * size]
+            source = loaded_weight[self.tp.rank * size : (self.tp.rank + 1) * size]
             destination = destination[0 if part == "gate" else size :][:size]
         if source.shape != destination.shape:
             raise ValueError(
-                f"expert shard {shard_id!r} scales: expected {tuple(destination.shape)} of the "
-                f"checkpoint's {tuple(loaded_scales.shape)}"
+                f"expert shard {shard_id!r}: expected {tuple(destination.shape)} of the checkpoint's "
+                f"{tuple(loaded_weight.shape)}"
             )
         destination.copy_(source)
 

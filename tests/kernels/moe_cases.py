@@ -10,7 +10,8 @@ import torch
 from tests.kernels.kernel_cases import DEVICE, DTYPE, ON_GPU, _relative_error, _triton_interpreter_on_cpu
 
 # isort: split
-from gpu_worker.kernels.moe import ExpertScales, dequantize_experts, fused_moe_reference, route
+from gpu_worker.kernels.block_fp8 import dequantize_blocks
+from gpu_worker.kernels.moe import ExpertScales, fused_moe_reference, route
 from gpu_worker.kernels.triton_moe import align_by_expert, fused_moe_triton, moe_plan
 from gpu_worker.kernels.triton_moe_align import align_by_expert_triton
 
@@ -71,7 +72,7 @@ def test_fused_moe_over_fp8_experts_matches_the_dequantized_reference(
     plans = (moe_plan(1 << 20, num_experts),) * 2 if tiles == "large" else None
     output = fused_moe_triton(x, w13, w2, weights, ids, hidden_act, plans, scales)
     dequantized = [
-        dequantize_experts(w, scale, block).to(DTYPE) for w, scale in ((w13, w13_scale), (w2, w2_scale))
+        dequantize_blocks(w, scale, block).to(DTYPE) for w, scale in ((w13, w13_scale), (w2, w2_scale))
     ]
     expected = fused_moe_reference(x, *dequantized, weights, ids, hidden_act)
     assert _relative_error(output, expected) < (2e-2 if ON_GPU else 1e-5)

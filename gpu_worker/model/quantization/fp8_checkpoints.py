@@ -46,18 +46,18 @@ def _register(layer: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype,
     param.weight_loader = loader  # type: ignore[attr-defined]  # a loader hook
     if dtype == FP8_DTYPE:
         param.spec = QuantTensorSpec(name, False, 0, 1)  # type: ignore[attr-defined]  # read by the loader
-        param.dummy_fill = _dummy_fp8  # type: ignore[attr-defined]  # random weights
+        param.dummy_fill = fill_dummy_fp8  # type: ignore[attr-defined]  # random weights
     else:
         param.spec = QuantTensorSpec(name, False, 0, None)  # type: ignore[attr-defined]  # read by the loader
-        param.dummy_fill = _dummy_scale  # type: ignore[attr-defined]  # random weights
+        param.dummy_fill = fill_dummy_scale  # type: ignore[attr-defined]  # random weights
     layer.register_parameter(name, param)
 
 
-def _dummy_fp8(param: nn.Parameter) -> None:
+def fill_dummy_fp8(param: nn.Parameter) -> None:
     param.data.copy_(torch.empty(param.shape, device=param.device).uniform_(-448.0, 448.0).to(FP8_DTYPE))
 
 
-def _dummy_scale(param: nn.Parameter) -> None:
+def fill_dummy_scale(param: nn.Parameter) -> None:
     param.data.fill_(_DUMMY_SCALE)
 
 
